@@ -1,0 +1,61 @@
+"""Command line: `python -m pipeline {train,predict} ...` (see README.md).
+
+`train` is what every rank runs under the `deepspeed` launcher (./launch.sh); `predict` is a plain
+single process on an exported model.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from . import dist
+from .config import ConfigError, TrainConfig
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train, evaluate, checkpoint and export (run under the deepspeed launcher)")
+    p.add_argument("--config", help="JSON file of training-config fields (command-line options override it)")
+    for f in dataclasses.fields(TrainConfig):
+        kind = {"str": str, "int": int, "float": float}[f.type]
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                       help=f"{f.metadata['help']} (default: {f.default!r})")
+
+
+def _predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="labels and probabilities from an exported model")
+    p.add_argument("--model", required=True, help="export directory (RUN_DIR/export)")
+    p.add_argument("--input", help=".jsonl/.csv (with a text column) or .txt (one text per line); default: stdin")
+    p.add_argument("--output", help="write JSON lines here instead of stdout")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--batch-size", type=int, default=32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # The deepspeed launcher may insert --local_rank=N anywhere; the rank comes from the environment.
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _predict_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            from .train import run
+
+            overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+            run(TrainConfig.from_sources(args.config, overrides))
+        else:
+            from .predict import main as predict_main
+
+            predict_main(args)
+    except ConfigError as e:
+        if dist.is_main():
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Rank helpers: who this process is, the one rank-aware logger, and small collectives.
+
+Nothing else in the package reads RANK or WORLD_SIZE. The launcher (deepspeed's pdsh/local
+runner, or OpenMPI) sets them before Python starts, so rank and world size are known before the
+process group exists, which is what lets configs be checked before any rank waits on another.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import timedelta
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def rank() -> int:
+    return _env_int("RANK", "OMPI_COMM_WORLD_RANK", default=0)
+
+
+def world_size() -> int:
+    return _env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", default=1)
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def get_logger() -> logging.Logger:
+    """INFO on rank 0, warnings and errors only on the others, so console lines are not repeated."""
+    logger = logging.getLogger("pipeline")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s" if is_main() else f"[rank {rank()}] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO if is_main() else logging.WARNING)
+        logger.propagate = False
+    return logger
+
+
+def init(timeout_minutes: float) -> None:
+    """Start the process group (gloo on the CPU, NCCL on GPUs) with a bounded collective timeout."""
+    import deepspeed
+
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), verbose=False)
+
+
+def barrier() -> None:
+    import torch.distributed as td
+
+    td.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's value of `obj` on every rank."""
+    import torch.distributed as td
+
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    import torch.distributed as td
+
+    out = [None] * td.get_world_size()
+    td.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(tensor):
+    import torch.distributed as td
+
+    td.all_reduce(tensor, op=td.ReduceOp.SUM)
+    return tensor
+
+
+def main_first(fn):
+    """Run `fn` on rank 0 while the other ranks wait; every rank gets its result or its error.
+
+    Used for work that must happen once (data checks and caching, writing the export). A failure
+    on rank 0 becomes an error on every rank instead of leaving the others waiting.
+    """
+    from .config import ConfigError
+
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below on every rank
+            error = e
+    shared = broadcast_object((result, None if error is None else (isinstance(error, ConfigError), f"{error}")))
+    if error is not None:
+        raise error
+    result, failure = shared
+    if failure is not None:
+        is_config_error, message = failure
+        raise (ConfigError(message) if is_config_error else RuntimeError(f"rank 0 failed: {message}"))
+    return result

@@ -1,0 +1,98 @@
+"""Model and tokenizer builders.
+
+A model directory is anything `AutoModelForSequenceClassification` and `AutoTokenizer` load. With
+weight files it is fine-tuned; with only `config.json` (like the shipped `models/tiny-bert`) it is
+randomly initialised. Without tokenizer files, a BERT WordPiece vocabulary is trained from the
+training texts, which works offline (Chinese BERT vocabularies are one token per character).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from .config import ConfigError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDPIECE_VOCAB_SIZE = 8000
+
+
+def check_model_dir(model_dir: str) -> None:
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ConfigError(f"model: {model_dir} is not a model directory (no config.json); give a local directory "
+                          "that AutoModelForSequenceClassification loads, e.g. a downloaded chinese-roberta-wwm-ext-large")
+
+
+def has_weights(model_dir: str) -> bool:
+    return any((Path(model_dir) / name).is_file() for name in WEIGHT_FILES)
+
+
+def has_tokenizer(model_dir: str) -> bool:
+    return any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(tokenizer_dir: str, max_length: int):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if not tokenizer.is_fast:
+        raise ConfigError(f"tokenizer {tokenizer_dir}: only fast (Rust) tokenizers are supported; add a tokenizer.json")
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def build_wordpiece_tokenizer(texts: list[str], train_digest: str, cache_dir: str):
+    """Train a BERT WordPiece vocabulary on the training texts (cached by their content).
+
+    Loaded back with `from_pretrained(dir)`: in transformers 5, `BertTokenizerFast(vocab_file=...)`
+    ignores the file and maps every character to [UNK].
+    """
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    key = hashlib.sha256(f"{train_digest}:{WORDPIECE_VOCAB_SIZE}".encode()).hexdigest()[:20]
+    target = Path(cache_dir) / f"tokenizer-{key}"
+    if not (target / "tokenizer_config.json").is_file():
+        trainer = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
+        trainer.train_from_iterator(texts, vocab_size=WORDPIECE_VOCAB_SIZE, min_frequency=1, special_tokens=SPECIAL_TOKENS,
+                                    show_progress=False)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trainer.save_model(str(tmp))
+        BertTokenizerFast.from_pretrained(str(tmp)).save_pretrained(str(tmp))
+        os.replace(tmp, target)
+    return target
+
+
+def build_model(model_dir: str, label_names: list[str], vocab_size: int, ds_config: dict, seed: int):
+    """The classifier, partitioned while it is built under ZeRO-3.
+
+    Under stage 3, transformers' DeepSpeed integration (an `HfDeepSpeedConfig` alive during the
+    call) builds or loads the model inside `deepspeed.zero.Init`, so no rank ever holds the whole
+    model. The integration is switched off again afterwards, so later plain loads (export
+    verification) are not partitioned by accident.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    config = AutoConfig.from_pretrained(model_dir, num_labels=len(label_names),
+                                        id2label=dict(enumerate(label_names)),
+                                        label2id={name: i for i, name in enumerate(label_names)})
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
+    torch.manual_seed(seed)
+    try:
+        if has_weights(model_dir):
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config)
+        else:
+            config.vocab_size = vocab_size
+            model = AutoModelForSequenceClassification.from_config(config)
+    finally:
+        del hf_ds_config
+        unset_hf_deepspeed_config()
+    return model

@@ -1,0 +1,634 @@
+"""Generate the synthetic Chinese EMR disease-classification sample data.
+
+Run from the repository root:
+
+    python -m pipeline.sample_data.generate          # (re)writes train/dev/test.jsonl next to this file
+    python -m pipeline.sample_data.generate --check  # same, then prints counts, lengths and two baselines
+
+Each output line is ``{"text": "...", "label": "..."}`` (UTF-8, ``ensure_ascii=False``).
+``text`` is an electronic-medical-record style note made of the sections
+主诉 / 现病史 / 既往史 / 体格检查 / 辅助检查, in that order, some omitted in short
+records.  ``label`` is one of the ten Chinese disease names in ``CLASSES``.
+No 初步诊断 / 诊断 section is ever written, because it would leak the label.
+
+Everything here is invented: no real patient data.  The findings (symptoms,
+signs, history items, lab values, imaging results) are shared between classes
+with class-specific probabilities and overlapping numeric ranges, and every
+record also gets a few findings borrowed from other classes, so no single
+keyword decides the label.
+
+Label noise: about 3% of *train* labels are replaced by a random other class
+(deterministically).  dev and test are noise-free, so evaluation measures
+accuracy against the generating class.
+
+Determinism: one ``random.Random(seed)`` per split (plus one for the train
+noise), all tables are lists or are only used for key lookup, so two runs give
+byte-identical files.  Files are written atomically (temp file + os.replace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+OUT_DIR = Path(__file__).resolve().parent
+SEED = 20240611
+# (split name, number of records, apply label noise?)
+SPLITS = [("train", 4000, True), ("dev", 500, False), ("test", 500, False)]
+TRAIN_LABEL_NOISE = 0.03
+
+# Short class keys keep the probability tables below readable.
+# (key, label, sampling weight) -- weights make the balance roughly even, not exact.
+CLASSES = [
+    ("P", "社区获得性肺炎", 1.10),
+    ("B", "急性支气管炎", 1.00),
+    ("C", "慢性阻塞性肺疾病急性加重", 0.95),
+    ("A", "支气管哮喘", 0.90),
+    ("M", "急性心肌梗死", 1.05),
+    ("H", "心力衰竭", 1.00),
+    ("D", "2型糖尿病", 0.95),
+    ("G", "急性胃肠炎", 1.10),
+    ("Y", "急性胰腺炎", 0.95),
+    ("S", "缺血性脑卒中", 1.00),
+]
+KEYS = [key for key, _, _ in CLASSES]
+LABEL_OF = {key: label for key, label, _ in CLASSES}
+
+
+# ---------------------------------------------------------------------------
+# Findings tables.  Each entry: (short name or text, ..., {class key: probability}).
+# A class not listed in the dict never produces the finding on its own, but it
+# can still appear as a distractor borrowed from another class.
+# ---------------------------------------------------------------------------
+
+# (name used in 主诉, phrasing variants used in 现病史, per-class probability)
+SYMPTOMS = [
+    ("发热", ["发热，体温最高{temp}℃", "发热，伴畏寒、寒战", "低热，体温波动于37.5～38.0℃"],
+     dict(P=.80, B=.40, C=.25, A=.08, M=.04, H=.08, D=.04, G=.40, Y=.35, S=.04)),
+    ("咳嗽", ["咳嗽，呈阵发性", "咳嗽，以夜间为甚", "刺激性干咳", "咳嗽"],
+     dict(P=.85, B=.95, C=.80, A=.60, M=.04, H=.30, D=.03, G=.03, Y=.03, S=.04)),
+    ("咳痰", ["咳黄色脓痰", "咳白色黏痰，量中等", "咳少量白痰，不易咳出", "咳铁锈色痰"],
+     dict(P=.70, B=.60, C=.80, A=.25, H=.15)),
+    ("气促", ["活动后气促", "气促，稍活动即加重", "气促，爬一层楼即需休息"],
+     dict(P=.35, B=.06, C=.80, A=.40, M=.10, H=.75, D=.03, Y=.05)),
+    ("呼吸困难", ["呼吸困难", "夜间阵发性呼吸困难", "呼吸困难，不能平卧"],
+     dict(P=.15, C=.40, A=.50, M=.15, H=.60, Y=.06)),
+    ("喘息", ["喘息，呼气时明显", "喘息，伴喉中哮鸣音", "喘息"],
+     dict(B=.10, C=.50, A=.85, H=.12)),
+    ("胸闷", ["胸闷", "胸闷，休息后可稍缓解", "胸闷、憋气"],
+     dict(B=.15, C=.40, A=.60, M=.55, H=.45, Y=.05, S=.03)),
+    ("胸痛", ["胸骨后压榨样疼痛，向左肩部放射", "胸痛，咳嗽及深呼吸时加重", "心前区闷痛，持续约{minutes}分钟",
+             "胸痛"],
+     dict(P=.20, B=.08, M=.80, H=.08, Y=.04)),
+    ("心悸", ["心悸", "阵发性心悸"], dict(C=.10, A=.10, M=.25, H=.40, D=.04, S=.04)),
+    ("乏力", ["乏力", "全身乏力，活动耐力下降"],
+     dict(P=.40, B=.30, C=.30, M=.20, H=.50, D=.55, G=.30, Y=.10, S=.10)),
+    ("大汗", ["大汗淋漓", "出冷汗"], dict(M=.50, Y=.08, H=.05)),
+    ("双下肢水肿", ["双下肢水肿，以午后为甚", "双下肢凹陷性水肿"], dict(C=.15, H=.60, D=.05)),
+    ("多饮多尿", ["口干、多饮、多尿", "多饮、多尿，每日饮水约{liters}L"], dict(D=.75, S=.03)),
+    ("体重下降", ["体重下降约{kg}kg", "消瘦"], dict(D=.50, C=.08, P=.03)),
+    ("视物模糊", ["视物模糊"], dict(D=.25, S=.10)),
+    ("肢体麻木", ["双足麻木", "肢体麻木", "{side}侧肢体麻木"], dict(D=.30, S=.40)),
+    ("恶心", ["恶心"], dict(P=.08, M=.25, D=.12, G=.55, Y=.60, S=.10)),
+    ("呕吐", ["呕吐胃内容物{times}次", "呕吐，呈非喷射性"], dict(M=.10, D=.06, G=.55, Y=.60, S=.08)),
+    ("腹痛", ["上腹部持续性胀痛，向腰背部放射", "脐周阵发性绞痛", "腹痛", "上腹部疼痛"],
+     dict(M=.08, D=.06, G=.65, Y=.95)),
+    ("腹泻", ["腹泻，为黄色稀水样便，每日{times}次", "解稀便{times}次"], dict(G=.85, Y=.08)),
+    ("腹胀", ["腹胀"], dict(H=.20, G=.20, Y=.50)),
+    ("食欲下降", ["食欲下降", "纳差"], dict(P=.25, B=.10, H=.20, D=.10, G=.30, Y=.20)),
+    ("头晕", ["头晕", "头晕，伴视物旋转"], dict(M=.15, D=.15, G=.10, S=.40)),
+    ("头痛", ["头痛", "头部胀痛"], dict(P=.10, B=.15, S=.20)),
+    ("肢体无力", ["{side}侧肢体无力", "{side}侧肢体活动不利，持物不稳"], dict(S=.80, D=.03)),
+    ("言语不清", ["言语含糊", "言语不清"], dict(S=.55)),
+    ("口角歪斜", ["口角歪斜"], dict(S=.40)),
+    ("意识障碍", ["意识模糊", "嗜睡"], dict(P=.05, C=.05, D=.04, S=.15)),
+]
+SYMPTOM_NAMES = [name for name, _, _ in SYMPTOMS]
+
+# (duration unit, min, max) choices per class for the current episode.
+DURATIONS = dict(
+    P=[("天", 2, 10)], B=[("天", 2, 14), ("周", 1, 3)], C=[("天", 2, 10)],
+    A=[("小时", 3, 23), ("天", 1, 5)], M=[("小时", 1, 12), ("天", 1, 2)],
+    H=[("天", 3, 14), ("周", 1, 4)], D=[("周", 2, 8), ("个月", 1, 6)],
+    G=[("小时", 6, 23), ("天", 1, 3)], Y=[("小时", 4, 23), ("天", 1, 3)],
+    S=[("小时", 2, 23), ("天", 1, 3)],
+)
+# Chance that the episode is described as an exacerbation of a chronic problem.
+CHRONIC = dict(B=.05, C=.90, A=.60, H=.55, D=.20, S=.05, G=.03, Y=.10, M=.10, P=.05)
+
+TRIGGERS = [
+    ("受凉后", dict(P=.35, B=.45, C=.35, A=.20, H=.15)),
+    ("劳累后", dict(P=.10, B=.05, C=.05, M=.15, H=.30, S=.05)),
+    ("活动后", dict(M=.20, H=.20, A=.10, S=.05)),
+    ("接触刺激性气体后", dict(A=.30, B=.08, C=.05)),
+    ("进食不洁食物后", dict(G=.55, Y=.05)),
+    ("饱餐、饮酒后", dict(Y=.55, G=.15, M=.08)),
+    ("情绪激动后", dict(M=.15, S=.15, H=.05)),
+    ("晨起时", dict(S=.30, M=.10, A=.05)),
+]
+
+# (history text, per-class probability)
+HISTORY = [
+    ("高血压病史{years}年，最高血压{sbp}/{dbp}mmHg，规律服用{antihypertensive}",
+     dict(P=.20, B=.12, C=.25, A=.10, M=.55, H=.60, D=.40, G=.10, Y=.20, S=.65)),
+    ("2型糖尿病病史{years}年，口服二甲双胍治疗", dict(P=.10, C=.08, M=.30, H=.30, D=.30, Y=.08, S=.35, G=.04)),
+    ("发现血糖升高{years}年，未规律治疗", dict(D=.45, S=.08, M=.05)),
+    ("冠心病病史{years}年", dict(C=.08, M=.30, H=.45, D=.10, S=.15, P=.05)),
+    ("慢性阻塞性肺疾病病史{years}年", dict(C=.60, H=.10, P=.08)),
+    ("支气管哮喘病史{years}年", dict(A=.55, C=.08, B=.05)),
+    ("过敏性鼻炎病史", dict(A=.30, B=.08)),
+    ("胆囊结石病史{years}年", dict(Y=.45, G=.08, D=.05)),
+    ("高脂血症病史", dict(M=.30, S=.30, Y=.25, D=.25, H=.15)),
+    ("心房颤动病史{years}年", dict(H=.30, S=.25)),
+    ("脑梗死病史{years}年，遗留轻度肢体无力", dict(S=.20, H=.05, D=.04)),
+    ("慢性胃炎病史", dict(G=.20, Y=.10)),
+    ("吸烟史{years}年，每日约{cigs}支", dict(P=.30, B=.30, C=.75, A=.10, M=.50, H=.25, D=.15, G=.10, Y=.20, S=.35)),
+    ("饮酒史{years}年，每日饮白酒约{liquor}两", dict(Y=.50, M=.15, S=.15, G=.10, D=.10, H=.10)),
+]
+ALLERGY = ["否认药物过敏史", "否认药物过敏史", "否认食物、药物过敏史", "青霉素过敏史", "磺胺类药物过敏史"]
+
+# (exam sign text, per-class probability)
+SIGNS = [
+    ("急性病容", dict(P=.30, A=.30, M=.40, G=.20, Y=.50, S=.10, C=.20, H=.20)),
+    ("口唇发绀", dict(P=.15, C=.40, A=.30, H=.30)),
+    ("桶状胸", dict(C=.55, A=.08)),
+    ("双肺呼吸音粗", dict(P=.30, B=.60, C=.30, A=.20, H=.10)),
+    ("{side}下肺可闻及湿啰音", dict(P=.60, B=.10, C=.15)),
+    ("双肺可闻及散在干湿啰音", dict(P=.20, B=.30, C=.40)),
+    ("双肺底可闻及湿啰音", dict(P=.10, C=.10, M=.15, H=.60)),
+    ("双肺可闻及哮鸣音", dict(B=.12, C=.45, A=.80, H=.10)),
+    ("呼气相延长", dict(C=.40, A=.50)),
+    ("颈静脉怒张", dict(C=.10, H=.45)),
+    ("心界向左下扩大", dict(M=.05, H=.40)),
+    ("心律绝对不齐", dict(H=.20, S=.20)),
+    ("心音低钝", dict(M=.35, H=.20)),
+    ("双下肢凹陷性水肿", dict(C=.15, H=.60, D=.05)),
+    ("上腹部压痛", dict(M=.05, G=.35, Y=.80)),
+    ("腹肌紧张，反跳痛阳性", dict(Y=.35, G=.05)),
+    ("肠鸣音活跃", dict(G=.60)),
+    ("肠鸣音减弱", dict(Y=.40, G=.05)),
+    ("皮肤弹性差", dict(G=.30, D=.20)),
+    ("{side}侧肢体肌力{muscle}级", dict(S=.75)),
+    ("{side}侧巴氏征阳性", dict(S=.50)),
+    ("伸舌偏{side}", dict(S=.30)),
+    ("双足背动脉搏动减弱", dict(D=.20, S=.05)),
+    ("双足针刺觉减退", dict(D=.25)),
+]
+
+# Imaging / ECG / other study results, (text, per-class probability).
+STUDIES = [
+    ("胸部CT示{side}下肺斑片状渗出影", dict(P=.60, C=.10)),
+    ("胸部CT示双肺纹理增粗", dict(P=.10, B=.45, C=.30, A=.15)),
+    ("胸部CT示双肺透亮度增高，肺气肿改变", dict(C=.50, A=.10)),
+    ("胸部X线示心影增大，双侧少量胸腔积液", dict(H=.45)),
+    ("胸部CT未见明显异常", dict(B=.30, A=.35, M=.10, D=.05, G=.03)),
+    ("心电图示窦性心动过速", dict(P=.20, A=.15, M=.10, H=.20, G=.10, Y=.15)),
+    ("心电图示V1～V4导联ST段抬高", dict(M=.45)),
+    ("心电图示Ⅱ、Ⅲ、aVF导联ST段弓背向上抬高", dict(M=.30)),
+    ("心电图示ST-T改变", dict(M=.20, H=.30, D=.10, S=.15)),
+    ("心电图示心房颤动", dict(H=.25, S=.20)),
+    ("心电图大致正常", dict(B=.10, D=.20, G=.10, Y=.05)),
+    ("心脏彩超示左室射血分数{ef}%", dict(H=.60, M=.30)),
+    ("心脏彩超示节段性室壁运动异常", dict(M=.35, H=.05)),
+    ("肺功能示FEV1/FVC {fev}%，支气管舒张试验阳性", dict(A=.45)),
+    ("肺功能示FEV1/FVC {fev}%，支气管舒张试验阴性", dict(C=.40)),
+    ("腹部CT示胰腺肿大，胰周渗出", dict(Y=.55)),
+    ("腹部超声示胆囊结石", dict(Y=.30, G=.05)),
+    ("腹部超声未见明显异常", dict(G=.35, D=.10, M=.05)),
+    ("腹部立位平片示肠管积气", dict(G=.15, Y=.15)),
+    ("头颅MRI示{lesion_side}侧基底节区急性脑梗死", dict(S=.55)),
+    ("头颅CT未见出血", dict(S=.50)),
+    ("头颅CT示腔隙性脑梗死", dict(S=.20, D=.08, H=.05, M=.05)),
+    ("尿常规示尿糖(+++)，尿酮体(+)", dict(D=.45)),
+    ("便常规示白细胞(+)", dict(G=.40)),
+    ("颈部血管超声示颈动脉斑块形成", dict(S=.40, D=.10, M=.10)),
+]
+
+
+@dataclass(frozen=True)
+class Lab:
+    name: str
+    unit: str
+    decimals: int
+    normal: tuple[float, float]
+    abnormal: dict  # class key -> (low, high); ranges deliberately overlap
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str  # "" for a single test reported on its own
+    labs: list
+    prob: dict  # class key -> chance the panel is reported; "*" = default
+
+
+PANELS = [
+    Panel("血常规", [
+        Lab("白细胞计数", "×10^9/L", 1, (4.0, 9.5),
+            dict(P=(9, 18), B=(5, 12), C=(6, 14), A=(5, 11), M=(7, 14), G=(7, 15), Y=(9, 19))),
+        Lab("中性粒细胞百分比", "%", 1, (50, 72),
+            dict(P=(75, 92), B=(60, 80), C=(65, 85), M=(65, 82), G=(70, 88), Y=(75, 92))),
+        Lab("血红蛋白", "g/L", 0, (115, 160), dict(H=(95, 140), G=(130, 170))),
+    ], dict(P=.95, B=.85, C=.85, A=.75, G=.90, Y=.90, **{"*": .70})),
+    Panel("", [
+        Lab("C反应蛋白", "mg/L", 1, (0.5, 8),
+            dict(P=(30, 180), B=(5, 40), C=(10, 60), M=(5, 30), H=(3, 20), G=(10, 60), Y=(40, 200))),
+    ], dict(P=.75, B=.60, C=.60, G=.55, Y=.65, **{"*": .35})),
+    Panel("", [
+        Lab("降钙素原", "ng/mL", 2, (0.02, 0.08), dict(P=(0.1, 2.5), Y=(0.1, 1.5), G=(0.05, 0.5), C=(0.05, 0.3))),
+    ], dict(P=.45, Y=.35, **{"*": .12})),
+    Panel("心肌损伤标志物", [
+        Lab("肌钙蛋白I", "ng/mL", 3, (0.001, 0.03), dict(M=(0.5, 25), H=(0.02, 0.15), C=(0.01, 0.05), S=(0.005, 0.06))),
+        Lab("CK-MB", "U/L", 1, (8, 22), dict(M=(40, 250), H=(12, 30))),
+    ], dict(M=.90, H=.55, **{"*": .20})),
+    Panel("", [
+        Lab("NT-proBNP", "pg/mL", 0, (30, 300), dict(H=(1800, 15000), M=(300, 3000), C=(100, 900), A=(50, 400))),
+    ], dict(H=.85, M=.45, C=.35, **{"*": .10})),
+    Panel("", [
+        Lab("随机血糖", "mmol/L", 1, (4.4, 7.8), dict(D=(11, 28), M=(6, 12), S=(5.5, 11), Y=(6, 12), H=(5, 9))),
+    ], dict(D=.95, S=.50, M=.40, Y=.40, **{"*": .30})),
+    Panel("", [
+        Lab("糖化血红蛋白", "%", 1, (4.8, 6.0), dict(D=(7.5, 13), S=(5.5, 8), M=(5.5, 8))),
+    ], dict(D=.70, S=.25, M=.15, **{"*": .05})),
+    Panel("", [
+        Lab("血淀粉酶", "U/L", 0, (40, 110), dict(Y=(400, 2500), G=(50, 180))),
+        Lab("脂肪酶", "U/L", 0, (10, 60), dict(Y=(300, 3000), G=(20, 90))),
+    ], dict(Y=.90, G=.30, M=.05, **{"*": .05})),
+    Panel("电解质", [
+        Lab("血钾", "mmol/L", 2, (3.5, 5.0), dict(G=(2.9, 4.0), H=(3.3, 5.4), D=(3.4, 5.3), Y=(3.2, 4.6))),
+        Lab("血钠", "mmol/L", 0, (136, 145), dict(G=(130, 140), H=(128, 140))),
+    ], dict(G=.60, H=.50, D=.40, **{"*": .25})),
+    Panel("肾功能", [
+        Lab("肌酐", "μmol/L", 0, (50, 100), dict(H=(80, 180), D=(60, 130), G=(60, 140))),
+        Lab("尿素氮", "mmol/L", 1, (3.0, 7.5), dict(H=(6, 15), G=(5, 10))),
+    ], dict(H=.50, D=.40, G=.30, **{"*": .25})),
+    Panel("血气分析", [
+        Lab("pH", "", 2, (7.36, 7.44), dict(C=(7.25, 7.38), A=(7.38, 7.48), D=(7.20, 7.38))),
+        Lab("PaO2", "mmHg", 0, (80, 98), dict(P=(55, 80), C=(45, 65), A=(55, 80), H=(55, 80))),
+        Lab("PaCO2", "mmHg", 0, (35, 45), dict(C=(48, 75), A=(30, 45))),
+    ], dict(C=.70, A=.45, P=.30, H=.25, **{"*": .05})),
+    Panel("血脂", [
+        Lab("总胆固醇", "mmol/L", 2, (3.0, 5.2), dict(M=(4.5, 7.0), S=(4.5, 7.0), D=(4.5, 6.8))),
+        Lab("甘油三酯", "mmol/L", 2, (0.6, 1.7), dict(Y=(2.0, 15.0), D=(1.5, 4.0), M=(1.2, 3.0))),
+    ], dict(M=.30, S=.35, D=.30, Y=.25, **{"*": .08})),
+    Panel("", [
+        Lab("D-二聚体", "mg/L", 2, (0.05, 0.5), dict(P=(0.3, 1.5), M=(0.3, 1.2), H=(0.3, 1.5), S=(0.3, 1.2))),
+    ], dict(P=.20, M=.25, H=.25, S=.20, **{"*": .08})),
+]
+
+# Vital signs: class -> (low, high); the default applies to unlisted classes.
+PULSE = dict(P=(88, 120), C=(90, 118), A=(95, 125), M=(58, 115), H=(90, 125), G=(80, 110), Y=(90, 120),
+             **{"*": (64, 98)})
+RESP = dict(P=(20, 28), C=(22, 30), A=(22, 30), H=(22, 30), **{"*": (16, 20)})
+SYSTOLIC = dict(S=(150, 195), M=(90, 165), H=(105, 170), D=(120, 150), G=(95, 125), **{"*": (105, 140)})
+SPO2 = dict(P=(88, 96), C=(82, 92), A=(88, 96), H=(86, 95), **{"*": (95, 99)})
+AGES = dict(P=(18, 88), B=(16, 75), C=(55, 88), A=(14, 70), M=(40, 85), H=(50, 90), D=(28, 78), G=(16, 70),
+            Y=(25, 75), S=(45, 88))
+
+DRUGS = ["阿莫西林", "头孢类抗生素", "止咳化痰药物", "布洛芬", "硝酸甘油", "雾化吸入", "蒙脱石散", "奥美拉唑",
+         "静脉输液", "中药"]
+EFFECTS = ["症状无明显缓解", "症状稍缓解后再发", "效果欠佳", "症状持续加重"]
+ANTIHYPERTENSIVES = ["氨氯地平", "缬沙坦", "硝苯地平控释片", "厄贝沙坦"]
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+def fill(text: str, rng: random.Random, ctx: dict) -> str:
+    """Replace {placeholders} with random but plausible values.
+
+    ``ctx`` carries per-record values (e.g. the affected body side) so that the
+    same record stays internally consistent.
+    """
+    # A list, not a dict comprehension over the text, so the rng call order is fixed.
+    fillers = [
+        ("{temp}", lambda: f"{rng.uniform(38.0, 40.2):.1f}"),
+        ("{minutes}", lambda: str(rng.randint(15, 90))),
+        ("{liters}", lambda: str(rng.randint(2, 5))),
+        ("{kg}", lambda: str(rng.randint(2, 10))),
+        ("{times}", lambda: str(rng.randint(3, 10))),
+        ("{years}", lambda: str(rng.randint(1, 25))),
+        ("{cigs}", lambda: str(rng.choice([5, 10, 20, 30, 40]))),
+        ("{liquor}", lambda: str(rng.randint(2, 8))),
+        ("{sbp}", lambda: str(rng.randint(150, 200))),
+        ("{dbp}", lambda: str(rng.randint(90, 115))),
+        ("{antihypertensive}", lambda: rng.choice(ANTIHYPERTENSIVES)),
+        ("{muscle}", lambda: str(rng.randint(2, 4))),
+        ("{ef}", lambda: str(rng.randint(28, 52))),
+        ("{fev}", lambda: str(rng.randint(42, 69))),
+        ("{side}", lambda: ctx["side"]),
+        ("{lesion_side}", lambda: ctx["lesion_side"]),
+    ]
+    for token, make in fillers:
+        while token in text:
+            text = text.replace(token, make(), 1)
+    return text
+
+
+def class_prob(table: dict, key: str) -> float:
+    return table.get(key, table.get("*", 0.0))
+
+
+def pick_findings(rng: random.Random, key: str, table: list, n_distractors: int) -> list:
+    """Indices of table rows chosen for this record.
+
+    Each row is kept with its class-specific probability; then a few rows that
+    this class would rarely produce are added as distractors.
+    """
+    chosen = [i for i, row in enumerate(table) if rng.random() < class_prob(row[-1], key)]
+    others = [i for i in range(len(table)) if i not in chosen]
+    for i in rng.sample(others, min(n_distractors, len(others))):
+        chosen.append(i)
+    return chosen
+
+
+def rand_range(rng: random.Random, lo_hi: tuple, decimals: int = 0) -> str:
+    value = rng.uniform(*lo_hi)
+    return f"{value:.{decimals}f}" if decimals else str(round(value))
+
+
+# ---------------------------------------------------------------------------
+# Record assembly
+# ---------------------------------------------------------------------------
+
+def make_record(rng: random.Random, key: str) -> str:
+    style = rng.choices(["short", "normal", "long"], weights=[15, 67, 18])[0]
+    side = rng.choice(["左", "右"])
+    # Motor symptoms are on the side opposite to the brain lesion.
+    ctx = {"side": side, "lesion_side": "右" if side == "左" else "左"}
+    age = rng.randint(*AGES[key])
+    sex = rng.choice(["男", "女"])
+
+    # --- symptoms: class pool + distractors; the strongest ones go first.
+    sym_idx = pick_findings(rng, key, SYMPTOMS, rng.choice([0, 1, 1, 2]))
+    own = [i for i in sym_idx if class_prob(SYMPTOMS[i][2], key) > 0]
+    own.sort(key=lambda i: -class_prob(SYMPTOMS[i][2], key))
+    extra = [i for i in sym_idx if i not in own]
+    if not own:  # every patient presents with something typical of the class
+        pool = SYMPTOMS
+        weights = [class_prob(row[2], key) for row in pool]
+        own = [rng.choices(range(len(pool)), weights=weights)[0]]
+    ordered = own + extra
+    names = [SYMPTOMS[i][0] for i in ordered]
+    details = [fill(rng.choice(SYMPTOMS[i][1]), rng, ctx) for i in ordered]
+
+    unit, lo, hi = rng.choice(DURATIONS[key])
+    duration = f"{rng.randint(lo, hi)}{unit}"
+    chronic = rng.random() < CHRONIC[key]
+    chronic_years = rng.randint(2, 20)
+
+    # --- 主诉: 1-3 leading symptoms plus duration.
+    n_cc = min(len(names), rng.randint(1, 3))
+    cc_names = names[:n_cc]
+    if chronic and n_cc > 1:
+        complaint = f"反复{cc_names[0]}{chronic_years}年，加重伴{'、'.join(cc_names[1:])}{duration}"
+    elif chronic:
+        complaint = f"反复{cc_names[0]}{chronic_years}年，加重{duration}"
+    elif n_cc > 1 and rng.random() < 0.4:
+        complaint = f"{'、'.join(cc_names[:-1])}伴{cc_names[-1]}{duration}"
+    else:
+        complaint = f"{'、'.join(cc_names)}{duration}"
+
+    # --- 现病史
+    trig_weights = [class_prob(t[1], key) for t in TRIGGERS]
+    if rng.random() < 0.5 and sum(trig_weights) > 0:
+        trigger = rng.choices([t[0] for t in TRIGGERS], weights=trig_weights)[0]
+    else:
+        trigger = "无明显诱因"
+    patient = f"患者，{sex}，{age}岁，" if rng.random() < 0.5 else "患者"
+    parts = []
+    if chronic:
+        parts.append(f"{patient}{chronic_years}年前起反复出现{details[0]}，"
+                     f"{rng.choice(['每年发作数次', '冬春季节多发', '经治疗后可缓解'])}，"
+                     f"{duration}前{trigger}上述症状加重")
+        rest = details[1:]
+    else:
+        parts.append(f"{patient}{duration}前{trigger}出现{details[0]}")
+        rest = details[1:]
+    if rest:
+        parts.append("伴" + "，".join(rest))
+    negatives = [n for n in SYMPTOM_NAMES if n not in names]
+    n_neg = {"short": rng.randint(1, 2), "normal": rng.randint(1, 3), "long": rng.randint(2, 4)}[style]
+    negated = rng.sample(negatives, n_neg)
+    parts.append("无" + "、".join(negated))
+    if style != "short" and rng.random() < 0.5:
+        parts.append(f"曾{rng.choice(['自服', '于当地诊所予', '于社区医院予'])}{rng.choice(DRUGS)}治疗，"
+                     f"{rng.choice(EFFECTS)}")
+    if style == "long":
+        parts.extend(long_narrative(rng, key, ctx, names, negated))
+    if style == "long" or (style == "normal" and rng.random() < 0.6):
+        weight = "减轻" if "体重下降" in names else "无明显变化"  # agree with the symptoms above
+        parts.append(f"病程中精神{rng.choice(['可', '欠佳', '差'])}，饮食{rng.choice(['可', '差', '减少'])}，"
+                     f"睡眠{rng.choice(['可', '欠佳'])}，大小便{rng.choice(['正常', '无明显异常'])}，体重{weight}")
+    present_illness = "，".join(parts)
+
+    sections = [("主诉", complaint), ("现病史", present_illness)]
+
+    # --- 既往史 (skipped in short records: they read like a brief triage note)
+    if style != "short" and rng.random() < 0.85:
+        hist = [fill(HISTORY[i][0], rng, ctx) for i in pick_findings(rng, key, HISTORY, rng.choice([0, 0, 1]))]
+        hist = hist or ["既往体健"]
+        hist.append(rng.choice(ALLERGY))
+        sections.append(("既往史", "；".join(hist)))
+
+    # --- 体格检查
+    if style != "short" or rng.random() < 0.6:
+        sections.append(("体格检查", physical_exam(rng, key, ctx, "发热" in names, "意识障碍" in names, style)))
+
+    # --- 辅助检查
+    if style == "long" or (style == "normal" and rng.random() < 0.85) or (style == "short" and rng.random() < 0.3):
+        aux = aux_exams(rng, key, ctx, style)
+        if aux:
+            sections.append(("辅助检查", aux))
+
+    return "".join(f"{title}：{body}。" for title, body in sections)
+
+
+def long_narrative(rng: random.Random, key: str, ctx: dict, present: list, negated: list) -> list:
+    """Extra course-of-illness sentences that push long records past 512 chars.
+
+    ``present`` / ``negated`` are the symptom names already stated, so the
+    narrative never contradicts an earlier "无…".
+    """
+    out = []
+    more = [i for i, row in enumerate(SYMPTOMS) if class_prob(row[2], key) > 0 and row[0] not in negated]
+    steps = rng.sample(["此后症状进一步加重", "其间症状反复", "近期夜间症状明显", "活动后症状加重"], rng.randint(2, 4))
+    for step, i in zip(steps, rng.sample(more, min(len(steps), len(more)))):
+        present = present + [SYMPTOMS[i][0]]
+        out.append(f"{step}，{fill(rng.choice(SYMPTOMS[i][1]), rng, ctx)}")
+    visits = ["入院前曾于外院就诊", "今日于我院急诊就诊"][:rng.randint(1, 2)]
+    for visit in visits:
+        panel = rng.choice(PANELS)
+        drugs = rng.sample(DRUGS, 2)
+        out.append(f"{visit}，查{panel_text(rng, key, panel)}，予{drugs[0]}、{drugs[1]}等治疗，{rng.choice(EFFECTS)}")
+    out.append(f"为求进一步诊治，门诊以“{present[0]}待查”收入我科")
+    absent = [n for n in SYMPTOM_NAMES if n not in present and n not in negated]
+    out.append("发病以来无" + "、".join(rng.sample(absent, rng.randint(2, 5))) + "等不适")
+    return out
+
+
+def physical_exam(rng: random.Random, key: str, ctx: dict, fever: bool, drowsy: bool, style: str) -> str:
+    temp = rng.uniform(37.6, 39.8) if fever else rng.uniform(36.2, 37.3)
+    sbp = rng.randint(*class_prob(SYSTOLIC, key))
+    dbp = max(50, round(sbp * rng.uniform(0.55, 0.68)))
+    items = [f"T {temp:.1f}℃，P {rng.randint(*class_prob(PULSE, key))}次/分，"
+             f"R {rng.randint(*class_prob(RESP, key))}次/分，BP {sbp}/{dbp}mmHg"]
+    if rng.random() < 0.4:
+        items.append(f"SpO2 {rng.randint(*class_prob(SPO2, key))}%")
+    items.append("嗜睡" if drowsy else "神志清楚")
+    signs = pick_findings(rng, key, SIGNS, rng.choice([0, 1, 1, 2]))
+    if style == "short":
+        signs = signs[:1]
+    items.extend(fill(SIGNS[i][0], rng, ctx) for i in signs)
+    return "，".join(items)
+
+
+def panel_text(rng: random.Random, key: str, panel: Panel) -> str:
+    values = []
+    for lab in panel.labs:
+        # ~15% of patients in an "abnormal" class still have a normal value (mild cases).
+        lo_hi = lab.abnormal.get(key, lab.normal)
+        if rng.random() < 0.15:
+            lo_hi = lab.normal
+        # "PaO2 66mmHg" rather than "PaO266mmHg": separate Latin names from the number.
+        sep = " " if lab.name[-1].isascii() else ""
+        values.append(f"{lab.name}{sep}{rand_range(rng, lo_hi, lab.decimals)}{lab.unit}")
+    body = "，".join(values)
+    return f"{panel.title}：{body}" if panel.title else body
+
+
+def aux_exams(rng: random.Random, key: str, ctx: dict, style: str) -> str:
+    # Long records report more tests; short ones at most one.
+    boost = {"short": -0.3, "normal": 0.0, "long": 0.35}[style]
+    items = [panel_text(rng, key, p) for p in PANELS if rng.random() < class_prob(p.prob, key) + boost]
+    studies = pick_findings(rng, key, STUDIES, rng.choice([0, 1, 1, 2]))
+    items.extend(fill(STUDIES[i][0], rng, ctx) for i in studies)
+    if style == "short":
+        items = items[:1]
+    return "；".join(items)
+
+
+# ---------------------------------------------------------------------------
+# Splits, noise, output
+# ---------------------------------------------------------------------------
+
+def class_sequence(rng: random.Random, size: int) -> list:
+    """Class keys for one split: counts follow CLASSES weights, order is shuffled.
+
+    Fixed counts (largest-remainder rounding) instead of independent draws, so
+    even the 500-record splits are roughly, but not exactly, balanced.
+    """
+    total = sum(w for _, _, w in CLASSES)
+    shares = [size * w / total for _, _, w in CLASSES]
+    counts = [int(s) for s in shares]
+    by_remainder = sorted(range(len(shares)), key=lambda i: (-(shares[i] - counts[i]), i))
+    for i in by_remainder[:size - sum(counts)]:
+        counts[i] += 1
+    keys = [key for key, n in zip(KEYS, counts) for _ in range(n)]
+    rng.shuffle(keys)
+    return keys
+
+
+def make_split(index: int, size: int, noisy: bool) -> list:
+    rng = random.Random(SEED + index)  # independent stream per split
+    rows = [{"text": make_record(rng, key), "label": LABEL_OF[key]} for key in class_sequence(rng, size)]
+    if noisy:
+        # Separate stream so the noise rate can change without changing the texts.
+        noise_rng = random.Random(SEED + 1000 + index)
+        labels = [label for _, label, _ in CLASSES]
+        for row in rows:
+            if noise_rng.random() < TRAIN_LABEL_NOISE:
+                row["label"] = noise_rng.choice([lab for lab in labels if lab != row["label"]])
+    return rows
+
+
+def write_jsonl_atomic(path: Path, rows: list) -> None:
+    # Temp file in the same directory so os.replace is an atomic rename.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files should be world-readable
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check(data: dict) -> None:
+    """Print counts, length stats and two naive baselines (for tuning the overlap)."""
+    labels = [label for _, label, _ in CLASSES]
+    for name, rows in data.items():
+        lengths = sorted(len(r["text"]) for r in rows)
+        counts = Counter(r["label"] for r in rows)
+        print(f"{name}: n={len(rows)} len min/median/max={lengths[0]}/{statistics.median(lengths):.0f}/"
+              f"{lengths[-1]} >512={sum(n > 512 for n in lengths)}")
+        print("  " + ", ".join(f"{lab}={counts[lab]}" for lab in labels))
+    train, dev = data["train"], data["dev"]
+
+    # Baseline 1: bag-of-characters nearest centroid (cosine).
+    def vec(text: str) -> dict:
+        c = Counter(text)
+        norm = sum(v * v for v in c.values()) ** 0.5
+        return {ch: v / norm for ch, v in c.items()}
+
+    centroids = {lab: Counter() for lab in labels}
+    for r in train:
+        centroids[r["label"]].update(vec(r["text"]))
+    for lab in labels:
+        norm = sum(v * v for v in centroids[lab].values()) ** 0.5
+        centroids[lab] = {ch: v / norm for ch, v in centroids[lab].items()}
+    correct = 0
+    for r in dev:
+        v = vec(r["text"])
+        scores = [(sum(w * centroids[lab].get(ch, 0.0) for ch, w in v.items()), lab) for lab in labels]
+        correct += max(scores)[1] == r["label"]
+    print(f"dev accuracy, bag-of-characters nearest centroid: {correct / len(dev):.3f}")
+
+    # Baseline 2: best single character-bigram keyword per class (max F1 on train).
+    doc_bigrams = [sorted({r["text"][i:i + 2] for i in range(len(r["text"]) - 1)}) for r in train]
+    df, df_class = Counter(), Counter()
+    for r, grams in zip(train, doc_bigrams):
+        df.update(grams)
+        df_class.update((g, r["label"]) for g in grams)
+    class_n = Counter(r["label"] for r in train)
+    rules = []  # (precision, keyword, label)
+    for lab in labels:
+        best = max((2 * df_class[(g, lab)] / (df[g] + class_n[lab]), g) for g in sorted(df))
+        kw = best[1]
+        rules.append((df_class[(kw, lab)] / df[kw], kw, lab))
+    rules.sort(reverse=True)
+    fallback = class_n.most_common(1)[0][0]
+    correct = 0
+    for r in dev:
+        pred = next((lab for _, kw, lab in rules if kw in r["text"]), fallback)
+        correct += pred == r["label"]
+    print("keywords: " + ", ".join(f"{lab}:{kw}({p:.2f})" for p, kw, lab in rules))
+    print(f"dev accuracy, best single keyword per class: {correct / len(dev):.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="print counts, lengths and naive baselines")
+    args = parser.parse_args()
+    data = {}
+    for index, (name, size, noisy) in enumerate(SPLITS):
+        rows = make_split(index, size, noisy)
+        write_jsonl_atomic(OUT_DIR / f"{name}.jsonl", rows)
+        data[name] = rows
+        print(f"wrote {OUT_DIR / f'{name}.jsonl'} ({len(rows)} records)")
+    if args.check:
+        check(data)
+
+
+if __name__ == "__main__":
+    main()
