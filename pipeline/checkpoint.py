@@ -34,7 +34,7 @@ def consolidated_fp32_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # zero_to_fp32 prints its progress unconditionally; keep the console to our own lines.
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
     return {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
 

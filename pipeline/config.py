@@ -248,11 +248,15 @@ def resolve_precision(path: str, ds: dict, requested: str, hw: Hardware) -> str:
     return choice
 
 
-def resolve_ds_config(path: str, raw: dict, world_size: int, precision: str, hw: Hardware, steps_total: int | None = None) -> dict:
-    """Return the DeepSpeed config exactly as the engine will use it ("auto" values filled in)."""
-    for key in raw:
+def check_top_level_keys(path: str, ds: dict) -> None:
+    for key in ds:
         if key not in DEEPSPEED_TOP_LEVEL_KEYS:
             raise _unknown_key_error(path, key, DEEPSPEED_TOP_LEVEL_KEYS)
+
+
+def resolve_ds_config(path: str, raw: dict, world_size: int, precision: str, hw: Hardware, steps_total: int | None = None) -> dict:
+    """Return the DeepSpeed config exactly as the engine will use it ("auto" values filled in)."""
+    check_top_level_keys(path, raw)
     ds = copy.deepcopy(raw)
     total, micro, accum = resolve_batch(path, ds, world_size)
     ds.update(train_batch_size=total, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)

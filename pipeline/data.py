@@ -117,7 +117,10 @@ def label_names_from(train: Split, others: list[Split]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    """Hash of vocabulary, normalizer and pre-tokenizer; not of the truncation state a call leaves behind."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None), spec.pop("padding", None)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def unknown_fraction(tokenizer, input_ids: list[list[int]]) -> float:

@@ -1,0 +1,153 @@
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.data import (RankMicroBatches, epoch_global_batches, label_names_from, load_tokenized, prepare_splits,
+                           read_split, tokenize_cached, unknown_fraction)
+from pipeline.model import build_wordpiece_tokenizer, load_tokenizer
+
+from conftest import SAMPLE, read_jsonl, write_jsonl
+
+ROWS = [{"text": "主诉：发热3天，咳嗽。", "label": "肺炎"}, {"text": "主诉：胸痛2小时。", "label": "心梗"},
+        {"text": "主诉：腹痛，呕吐。", "label": "胃肠炎"}]
+
+
+@pytest.fixture()
+def files(tmp_path):
+    return {"train": write_jsonl(tmp_path / "train.jsonl", ROWS * 4), "dev": write_jsonl(tmp_path / "dev.jsonl", ROWS[:2])}
+
+
+def test_jsonl_and_csv_load_with_configurable_columns(tmp_path):
+    jsonl = write_jsonl(tmp_path / "a.jsonl", [{"record": r["text"], "dx": r["label"]} for r in ROWS])
+    csv = tmp_path / "a.csv"
+    csv.write_text("record,dx\n" + "".join(f"{r['text']},{r['label']}\n" for r in ROWS), encoding="utf-8")
+    for path in (jsonl, csv):
+        split = read_split(str(path), "record", "dx", str(tmp_path / "cache"))
+        assert split.texts == [r["text"] for r in ROWS] and split.labels == [r["label"] for r in ROWS]
+
+
+def test_numeric_labels_become_strings(tmp_path):
+    path = write_jsonl(tmp_path / "n.jsonl", [{"text": "a", "label": 3}, {"text": "b", "label": 10}])
+    assert read_split(str(path), "text", "label", str(tmp_path)).labels == ["3", "10"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "data file not found"),
+    (b"", "data file is empty"),
+    (b'{"text": "ok", "label": "a"}\n{"text": "bad \xff\xfe", "label": "b"}\n', r"line 2, column 15: not UTF-8"),
+    (b'{"text": "ok", "label": "a"}\n{"text": "x", "label": }\n', r"line 2, column \d+: invalid JSON"),
+    (b'{"body": "ok", "label": "a"}\n', "no column 'text'"),
+    (b'{"text": "ok", "diagnosis": "a"}\n', "no column 'label'"),
+    (b'{"text": "ok", "label": "a"}\n{"text": "", "label": "a"}\n', "record 2: 'text' is empty"),
+    (b'{"text": "ok", "label": "a"}\n{"text": "b", "label": null}\n', "record 2: 'label' is empty"),
+])
+def test_bad_data_files_name_file_and_place(tmp_path, content, message):
+    path = tmp_path / "train.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as e:
+        read_split(str(path), "text", "label", str(tmp_path / "cache"))
+    assert str(path) in str(e.value)
+
+
+def test_unsupported_format(tmp_path):
+    (tmp_path / "a.parquet").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="unsupported data format '.parquet'"):
+        read_split(str(tmp_path / "a.parquet"), "text", "label", str(tmp_path))
+
+
+def test_label_seen_only_in_dev_is_an_error(tmp_path, files):
+    train = read_split(str(files["train"]), "text", "label", str(tmp_path))
+    dev = read_split(str(write_jsonl(tmp_path / "d.jsonl", ROWS + [{"text": "头痛", "label": "偏头痛"}])), "text", "label", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"d\.jsonl: record 4: label '偏头痛' never appears in the training file"):
+        label_names_from(train, [dev])
+    assert label_names_from(train, []) == sorted({r["label"] for r in ROWS})
+
+
+def test_wordpiece_tokenizer_is_character_level_for_chinese_and_cached(tmp_path, files):
+    split = read_split(str(files["train"]), "text", "label", str(tmp_path))
+    first = build_wordpiece_tokenizer(split.texts, "digest", str(tmp_path))
+    again = build_wordpiece_tokenizer(["other texts"], "digest", str(tmp_path))
+    assert first == again  # same training-file digest: reused, not retrained
+    tokenizer = load_tokenizer(str(first), 64)
+    assert tokenizer.tokenize("发热咳嗽")[:4] == ["发", "热", "咳", "嗽"]
+    assert unknown_fraction(tokenizer, tokenizer(split.texts)["input_ids"]) == 0.0
+
+
+def test_tokenized_cache_is_reused_and_keyed_by_content_and_max_length(tmp_path, files):
+    split = read_split(str(files["train"]), "text", "label", str(tmp_path))
+    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", str(tmp_path))), 64)
+    names = label_names_from(split, [])
+    path, reused = tokenize_cached(split, names, tokenizer, 64, str(tmp_path / "cache"))
+    assert not reused
+    again, reused = tokenize_cached(split, names, tokenizer, 64, str(tmp_path / "cache"))
+    assert reused and again == path
+    shorter, reused = tokenize_cached(split, names, tokenizer, 8, str(tmp_path / "cache"))
+    assert not reused and shorter != path
+    assert max(len(ids) for ids in load_tokenized(shorter)["input_ids"]) == 8
+    write_jsonl(files["train"], ROWS * 5)
+    changed = read_split(str(files["train"]), "text", "label", str(tmp_path))
+    assert tokenize_cached(changed, names, tokenizer, 64, str(tmp_path / "cache"))[0] != path
+    assert load_tokenized(path)["labels"] == [names.index(r["label"]) for r in ROWS * 4]
+
+
+def test_tokenizer_that_maps_text_to_unk_is_refused(tmp_path, files):
+    """transformers 5 ignores BertTokenizerFast(vocab_file=...): every character becomes [UNK]."""
+    from transformers import BertTokenizerFast
+
+    split = read_split(str(files["train"]), "text", "label", str(tmp_path))
+    vocab = build_wordpiece_tokenizer(split.texts, "d", str(tmp_path)) / "vocab.txt"
+    broken = BertTokenizerFast(vocab_file=str(vocab))
+    broken_dir = tmp_path / "broken"
+    broken.save_pretrained(broken_dir)
+    (broken_dir / "config.json").write_text("{}")
+    cfg = TrainConfig(train_file=str(files["train"]), dev_file=str(files["dev"]), model=str(broken_dir))
+
+    class Log:
+        def info(self, _):
+            pass
+
+    with pytest.raises(ConfigError, match=r"of the training tokens .* are '\[UNK\]'"):
+        prepare_splits(cfg, lambda train: (load_tokenizer(str(broken_dir), 32), broken_dir), str(tmp_path / "c"), Log())
+
+
+def _step_samples(num, micro, accum, world, step, seed=5, epoch=0):
+    """All samples of optimizer step `step`, gathered over ranks, with the per-micro-batch sizes."""
+    samples, sizes = [], []
+    for rank in range(world):
+        batches = list(RankMicroBatches(num, micro, accum, world, rank, seed, epoch))
+        mine = batches[step * accum:(step + 1) * accum]
+        samples += [i for b in mine for i in b]
+        sizes += [len(b) for b in mine]
+    return sorted(samples), sizes
+
+
+def test_optimizer_step_samples_do_not_depend_on_world_size():
+    for step in range(6):
+        reference, _ = _step_samples(100, 16, 1, 1, step)
+        for micro, accum, world in [(4, 2, 2), (4, 4, 1), (2, 2, 4), (1, 2, 8)]:
+            samples, sizes = _step_samples(100, micro, accum, world, step)
+            assert samples == reference
+            assert set(sizes) == {micro}  # every micro-batch full: equal weights under DeepSpeed's 1/accum
+
+
+def test_epoch_order_is_seeded_and_drops_the_short_last_window():
+    a = epoch_global_batches(100, 16, seed=1, epoch=0)
+    assert a.shape == (6, 16) and len(set(a.ravel())) == 96
+    assert np.array_equal(a, epoch_global_batches(100, 16, seed=1, epoch=0))
+    assert not np.array_equal(a, epoch_global_batches(100, 16, seed=1, epoch=1))
+    assert len(RankMicroBatches(100, 4, 2, 2, 0, 1, 0)) == 6 * 2
+    resumed = list(RankMicroBatches(100, 4, 2, 2, 1, 1, 0, start_step=2))
+    assert resumed == list(RankMicroBatches(100, 4, 2, 2, 1, 1, 0))[4:]
+
+
+def test_bundled_sample_data_shape():
+    splits = {name: read_jsonl(SAMPLE / f"{name}.jsonl") for name in ("train", "dev", "test")}
+    assert len(splits["train"]) >= 3000 and len(splits["dev"]) >= 300 and len(splits["test"]) >= 300
+    labels = {r["label"] for r in splits["train"]}
+    assert len(labels) >= 8
+    lengths = [len(r["text"]) for r in splits["train"]]
+    assert min(lengths) < 128 and max(lengths) > 512
+    assert all(r["text"].startswith("主诉") or "现病史" in r["text"] for r in splits["train"][:50])

@@ -1,0 +1,127 @@
+"""Integration tests: real ranks through the real `deepspeed` launcher on DeepSpeed's CPU accelerator."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from pipeline.evaluate import compute_metrics
+
+from conftest import REPO, cpu_env, ds_config, launch, read_jsonl, train, write_jsonl
+
+SHORT = ["--max-length", "64", "--eval-batch-size", "8"]
+TRAIN_ARGS = [*SHORT, "--epochs", "3", "--eval-every", "16", "--log-every", "4"]
+
+
+def scheduled_config(tmp, stage):
+    sched = {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 3e-3, "warmup_num_steps": "auto", "total_num_steps": "auto"}}
+    return ds_config(tmp / "ds.json", stage, micro=4, accum=2, lr=3e-3, scheduler=sched)
+
+
+def losses(run_dir):
+    return [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row]
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory, small_data):
+    """One 2-rank run per ZeRO stage of the default tiny model on 256 records (3 epochs, 48 steps)."""
+    runs = {}
+
+    def get(stage):
+        if stage not in runs:
+            tmp = tmp_path_factory.mktemp(f"zero{stage}")
+            runs[stage] = train(tmp, "run", small_data, scheduled_config(tmp, stage), extra=TRAIN_ARGS)
+        return runs[stage]
+
+    return get
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small_data, stage, tmp_path):
+    run = stage_runs(stage)
+    curve = losses(run)
+    assert len(curve) == 48  # 256 records / global batch 16 x 3 epochs
+    assert np.mean(curve[-8:]) < curve[0] - 0.15, curve  # from ln(10) = 2.30 at random init
+
+    resolved = json.loads((run / "ds_config.json").read_text())
+    assert (resolved["train_batch_size"], resolved["world_size"], resolved["zero_optimization"]["stage"]) == (16, 2, stage)
+    assert resolved["scheduler"]["params"]["total_num_steps"] == 48
+    assert json.loads((run / "train_config.json").read_text())["max_length"] == 64
+    assert (run / "checkpoints" / "step-48").is_dir()
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["dev-step-16.json", "dev-step-32.json", "dev-step-48.json"]
+
+    # The metrics cover exactly the 37 dev records (odd: not divisible by 2 ranks) ...
+    results = json.loads((run / "eval_results.json").read_text())["dev"]
+    dev = read_jsonl(small_data["dev"])
+    names = sorted({r["label"] for r in read_jsonl(small_data["train"])})
+    trained_predictions = [r["label"] for r in read_jsonl(run / "predictions-dev.jsonl")]
+    assert results["num_records"] == len(trained_predictions) == 37
+    single_process = compute_metrics([names.index(r["label"]) for r in dev], [names.index(p) for p in trained_predictions], names)
+    assert results == single_process
+
+    # ... and the export, loaded in a plain process by `predict`, reproduces those predictions.
+    export = run / "export"
+    assert {"model.safetensors", "config.json", "label_map.json", "tokenizer.json"} <= {p.name for p in export.iterdir()}
+    assert json.loads((export / "label_map.json").read_text(encoding="utf-8")) == {n: i for i, n in enumerate(names)}
+    out = tmp_path / "pred.jsonl"
+    subprocess.run([sys.executable, "-m", "pipeline", "predict", "--model", str(export), "--input", str(small_data["dev"]),
+                    "--output", str(out)], cwd=REPO, env=cpu_env(), check=True, capture_output=True)
+    predicted = read_jsonl(out)
+    assert [r["label"] for r in predicted] == trained_predictions
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in predicted)
+
+
+def test_console_shows_each_line_once(stage_runs):
+    run = stage_runs(2)
+    console = (run.parent / "run.console.txt").read_text(encoding="utf-8")
+    for line in ("run directory:", "device: CPU", "eval dev @ step 16:", "step     4  loss", "final dev:", "export (verified):"):
+        assert console.count(line) == 1, line
+    assert "[rank 1]" not in console
+
+
+def test_same_seed_same_config_gives_identical_loss_curve(stage_runs, small_data, tmp_path):
+    again = train(tmp_path, "again", small_data, scheduled_config(tmp_path, 2), extra=TRAIN_ARGS)
+    assert losses(again) == losses(stage_runs(2))
+
+
+def test_accumulation_equals_the_big_batch(initial_model, small_data, tmp_path):
+    """2 ranks x micro 4 x accum 2 == 1 rank x micro 4 x accum 4 == 1 rank x micro 16 x accum 1, on ZeRO-2
+    and ZeRO-3: the same weights after 5 optimizer steps from the same initial weights (fp32, no dropout)."""
+    layouts = {"2x4x2": (2, 4, 2), "1x4x4": (1, 4, 4), "1x16x1": (1, 16, 1)}
+    weights, curves = {}, {}
+    for stage in (2, 3):
+        for name, (ranks, micro, accum) in layouts.items():
+            config = ds_config(tmp_path / f"z{stage}-{name}.json", stage, micro, accum)
+            run = train(tmp_path, f"z{stage}-{name}", small_data, config, ranks=ranks,
+                        extra=[*SHORT, "--model", str(initial_model), "--max-steps", "5", "--eval-every", "0"])
+            weights[stage, name], curves[stage, name] = load_file(run / "export" / "model.safetensors"), losses(run)
+    reference = weights[2, "1x16x1"]
+    initial = load_file(initial_model / "model.safetensors")
+    assert max(np.abs(reference[k] - initial[k]).max() for k in initial) > 1e-3  # the runs did train
+    for key, run_weights in weights.items():
+        diff = max(np.abs(run_weights[k] - reference[k]).max() for k in reference)
+        assert diff < 2e-5, f"ZeRO-{key[0]} {key[1]}: max |weight diff| {diff:.3g} vs ZeRO-2 1x16x1"
+        assert np.allclose(curves[key], curves[2, "1x16x1"], rtol=0, atol=1e-5), (key, curves[key], curves[2, "1x16x1"])
+
+
+def test_bad_input_stops_every_rank_before_training(small_data, tmp_path):
+    dev = write_jsonl(tmp_path / "dev.jsonl", read_jsonl(small_data["dev"])[:3] + [{"text": "头痛三天", "label": "偏头痛"}])
+    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
+    result = launch(["train", "--ds-config", str(config), "--train-file", str(small_data["train"]), "--dev-file", str(dev),
+                     "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), *SHORT])
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count("label '偏头痛' never appears in the training file") == 1, output[-3000:]
+    assert "step " not in result.stdout and "Traceback" not in output
+
+
+def test_config_syntax_error_stops_before_the_process_group(small_data, tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text('{\n  "train_micro_batch_size_per_gpu": 4\n  "zero_optimization": {"stage": 2}\n}\n')
+    result = launch(["train", "--ds-config", str(config), "--train-file", str(small_data["train"]),
+                     "--dev-file", str(small_data["dev"]), "--output-dir", str(tmp_path)])
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count(f"{config}: JSON syntax error at line 3") == 1, output[-3000:]
