@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
             overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
             run(TrainConfig.from_sources(args.config, overrides))
+            dist.shutdown()
         else:
             from .predict import main as predict_main
 

@@ -50,10 +50,13 @@ def init(timeout_minutes: float) -> None:
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), verbose=False)
 
 
-def barrier() -> None:
+def shutdown() -> None:
+    """Leave the process group cleanly; exiting with it alive can abort in gloo's threads."""
     import torch.distributed as td
 
-    td.barrier()
+    if td.is_initialized():
+        td.barrier()
+        td.destroy_process_group()
 
 
 def broadcast_object(obj):

@@ -62,7 +62,10 @@ def build_wordpiece_tokenizer(texts: list[str], train_digest: str, cache_dir: st
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        trainer.save_model(str(tmp))
+        # The trainer's token ids depend on hash-map order; sorted ids make the vocabulary, and so
+        # the model's initial embeddings, the same on every run.
+        learned = sorted(set(trainer.get_vocab()) - set(SPECIAL_TOKENS))
+        (tmp / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + learned) + "\n", encoding="utf-8")
         BertTokenizerFast.from_pretrained(str(tmp)).save_pretrained(str(tmp))
         os.replace(tmp, target)
     return target

@@ -74,6 +74,8 @@ def test_wordpiece_tokenizer_is_character_level_for_chinese_and_cached(tmp_path,
     tokenizer = load_tokenizer(str(first), 64)
     assert tokenizer.tokenize("发热咳嗽")[:4] == ["发", "热", "咳", "嗽"]
     assert unknown_fraction(tokenizer, tokenizer(split.texts)["input_ids"]) == 0.0
+    rebuilt = build_wordpiece_tokenizer(split.texts, "digest", str(tmp_path / "elsewhere"))
+    assert (rebuilt / "vocab.txt").read_text() == (first / "vocab.txt").read_text()  # same ids every time
 
 
 def test_tokenized_cache_is_reused_and_keyed_by_content_and_max_length(tmp_path, files):

@@ -102,7 +102,7 @@ def test_accumulation_equals_the_big_batch(initial_model, small_data, tmp_path):
     assert max(np.abs(reference[k] - initial[k]).max() for k in initial) > 1e-3  # the runs did train
     for key, run_weights in weights.items():
         diff = max(np.abs(run_weights[k] - reference[k]).max() for k in reference)
-        assert diff < 2e-5, f"ZeRO-{key[0]} {key[1]}: max |weight diff| {diff:.3g} vs ZeRO-2 1x16x1"
+        assert diff < 5e-6, f"ZeRO-{key[0]} {key[1]}: max |weight diff| {diff:.3g} vs ZeRO-2 1x16x1"
         assert np.allclose(curves[key], curves[2, "1x16x1"], rtol=0, atol=1e-5), (key, curves[key], curves[2, "1x16x1"])
 
 
