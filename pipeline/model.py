@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 import shutil
 from pathlib import Path
 
@@ -44,28 +45,42 @@ def load_tokenizer(tokenizer_dir: str, max_length: int):
     return tokenizer
 
 
+def wordpiece_vocabulary(texts: list[str]) -> list[str]:
+    """A BERT vocabulary learned from `texts`, the same list on every run.
+
+    Every character seen (alone and as a ##continuation, so any word of the data can be spelled)
+    plus the most frequent longer words (numbers, Latin terms), ties broken alphabetically.
+    Uses BERT's own normalizer and pre-tokenizer, so CJK characters are single tokens. (The
+    `tokenizers` WordPiece trainer was not used: its vocabulary changes from run to run.)
+    """
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    budget = WORDPIECE_VOCAB_SIZE - len(SPECIAL_TOKENS) - 2 * len(chars)
+    words = sorted((w for w, n in counts.items() if len(w) > 1 and n >= 2), key=lambda w: (-counts[w], w))[:max(budget, 0)]
+    return SPECIAL_TOKENS + chars + ["##" + c for c in chars] + words
+
+
 def build_wordpiece_tokenizer(texts: list[str], train_digest: str, cache_dir: str):
-    """Train a BERT WordPiece vocabulary on the training texts (cached by their content).
+    """Build (or reuse, keyed by the training file's content) a BERT tokenizer for `texts`.
 
     Loaded back with `from_pretrained(dir)`: in transformers 5, `BertTokenizerFast(vocab_file=...)`
     ignores the file and maps every character to [UNK].
     """
-    from tokenizers import BertWordPieceTokenizer
     from transformers import BertTokenizerFast
 
     key = hashlib.sha256(f"{train_digest}:{WORDPIECE_VOCAB_SIZE}".encode()).hexdigest()[:20]
     target = Path(cache_dir) / f"tokenizer-{key}"
     if not (target / "tokenizer_config.json").is_file():
-        trainer = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
-        trainer.train_from_iterator(texts, vocab_size=WORDPIECE_VOCAB_SIZE, min_frequency=1, special_tokens=SPECIAL_TOKENS,
-                                    show_progress=False)
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        # The trainer's token ids depend on hash-map order; sorted ids make the vocabulary, and so
-        # the model's initial embeddings, the same on every run.
-        learned = sorted(set(trainer.get_vocab()) - set(SPECIAL_TOKENS))
-        (tmp / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + learned) + "\n", encoding="utf-8")
+        (tmp / "vocab.txt").write_text("\n".join(wordpiece_vocabulary(texts)) + "\n", encoding="utf-8")
         BertTokenizerFast.from_pretrained(str(tmp)).save_pretrained(str(tmp))
         os.replace(tmp, target)
     return target

@@ -1,11 +1,10 @@
-import json
 
 import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.data import (RankMicroBatches, epoch_global_batches, label_names_from, load_tokenized, prepare_splits,
-                           read_split, tokenize_cached, unknown_fraction)
+                           read_split, tokenize_cached)
 from pipeline.model import build_wordpiece_tokenizer, load_tokenizer
 
 from conftest import SAMPLE, read_jsonl, write_jsonl
@@ -64,18 +63,6 @@ def test_label_seen_only_in_dev_is_an_error(tmp_path, files):
     with pytest.raises(ConfigError, match=r"d\.jsonl: record 4: label '偏头痛' never appears in the training file"):
         label_names_from(train, [dev])
     assert label_names_from(train, []) == sorted({r["label"] for r in ROWS})
-
-
-def test_wordpiece_tokenizer_is_character_level_for_chinese_and_cached(tmp_path, files):
-    split = read_split(str(files["train"]), "text", "label", str(tmp_path))
-    first = build_wordpiece_tokenizer(split.texts, "digest", str(tmp_path))
-    again = build_wordpiece_tokenizer(["other texts"], "digest", str(tmp_path))
-    assert first == again  # same training-file digest: reused, not retrained
-    tokenizer = load_tokenizer(str(first), 64)
-    assert tokenizer.tokenize("发热咳嗽")[:4] == ["发", "热", "咳", "嗽"]
-    assert unknown_fraction(tokenizer, tokenizer(split.texts)["input_ids"]) == 0.0
-    rebuilt = build_wordpiece_tokenizer(split.texts, "digest", str(tmp_path / "elsewhere"))
-    assert (rebuilt / "vocab.txt").read_text() == (first / "vocab.txt").read_text()  # same ids every time
 
 
 def test_tokenized_cache_is_reused_and_keyed_by_content_and_max_length(tmp_path, files):

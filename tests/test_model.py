@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.data import read_split, unknown_fraction
+from pipeline.model import build_model, build_wordpiece_tokenizer, check_model_dir, has_tokenizer, has_weights, load_tokenizer
+
+from conftest import REPO, write_jsonl
+
+ROWS = [{"text": "主诉：发热3天，咳嗽。WBC 12.3", "label": "肺炎"}, {"text": "主诉：胸痛2小时。cTnI 2.1", "label": "心梗"}]
+
+
+@pytest.fixture()
+def split(tmp_path):
+    return read_split(str(write_jsonl(tmp_path / "train.jsonl", ROWS * 3)), "text", "label", str(tmp_path))
+
+
+def test_wordpiece_tokenizer_is_character_level_for_chinese_and_cached(tmp_path, split):
+    first = build_wordpiece_tokenizer(split.texts, "digest", str(tmp_path))
+    again = build_wordpiece_tokenizer(["other texts"], "digest", str(tmp_path))
+    assert first == again  # same training-file digest: reused, not retrained
+    tokenizer = load_tokenizer(str(first), 64)
+    assert tokenizer.tokenize("发热咳嗽")[:4] == ["发", "热", "咳", "嗽"]
+    assert unknown_fraction(tokenizer, tokenizer(split.texts)["input_ids"]) == 0.0
+    rebuilt = build_wordpiece_tokenizer(split.texts, "digest", str(tmp_path / "elsewhere"))
+    assert (rebuilt / "vocab.txt").read_text() == (first / "vocab.txt").read_text()  # same ids every time
+
+
+def test_every_training_word_is_spelled_without_unk(tmp_path, split):
+    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts + ["Xylophone 987654"], "d2", str(tmp_path))), 64)
+    assert "[UNK]" not in tokenizer.tokenize("xylophone 987654 发热")
+
+
+def test_model_directory_checks(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        check_model_dir(str(tmp_path))
+    tiny = REPO / "pipeline" / "models" / "tiny-bert"
+    check_model_dir(str(tiny))
+    assert not has_weights(str(tiny)) and not has_tokenizer(str(tiny))
+
+
+def test_random_init_takes_labels_and_vocabulary_from_the_data():
+    ds_config = {"zero_optimization": {"stage": 2}}
+    model = build_model(str(REPO / "pipeline" / "models" / "tiny-bert"), ["a", "b", "c"], 321, ds_config, seed=1)
+    again = build_model(str(REPO / "pipeline" / "models" / "tiny-bert"), ["a", "b", "c"], 321, ds_config, seed=1)
+    assert model.config.num_labels == 3 and model.config.id2label == {0: "a", 1: "b", 2: "c"}
+    assert model.bert.embeddings.word_embeddings.weight.shape[0] == 321
+    assert all((p == q).all() for p, q in zip(model.parameters(), again.parameters()))  # seeded
+
+
+def test_pretrained_directory_is_fine_tuned_not_reinitialised(initial_model):
+    from safetensors.torch import load_file
+
+    names = json.loads((initial_model / "config.json").read_text())["id2label"]
+    model = build_model(str(initial_model), [f"l{i}" for i in range(len(names))], 0, {"zero_optimization": {"stage": 2}}, seed=9)
+    saved = load_file(initial_model / "model.safetensors")
+    assert (model.state_dict()["bert.embeddings.word_embeddings.weight"] == saved["bert.embeddings.word_embeddings.weight"]).all()
