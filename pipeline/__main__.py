@@ -31,14 +31,32 @@ def _predict_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="consolidate a checkpoint's ZeRO shards into a Hugging Face model (any world size)")
+    p.add_argument("checkpoint", help="checkpoint directory, e.g. RUN_DIR/checkpoints/step-500")
+    p.add_argument("output", help="export directory to write (written as OUTPUT.tmp, renamed when verified)")
+
+
+def _doctor_parser(sub) -> None:
+    from .doctor import add_arguments
+
+    add_arguments(sub.add_parser("doctor", help="check every host of a hostfile before launching (ssh, versions, disk, port)"))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The deepspeed launcher may insert --local_rank=N anywhere; the rank comes from the environment.
     argv = [a for a in argv if not a.startswith("--local_rank")]
+    if argv[:1] == ["launch"]:  # ./launch.sh: its own options, then training options passed on to `train`
+        from .launcher import main as launch_main
+
+        return launch_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _predict_parser(sub)
+    _doctor_parser(sub)
+    _export_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -47,6 +65,16 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
             run(TrainConfig.from_sources(args.config, overrides))
             dist.shutdown()
+        elif args.command == "export":
+            from pathlib import Path
+
+            from .checkpoint import export_checkpoint
+
+            print(f"export (verified): {export_checkpoint(Path(args.checkpoint), Path(args.output))}")
+        elif args.command == "doctor":
+            from .doctor import main as doctor_main
+
+            return doctor_main(args)
         else:
             from .predict import main as predict_main
 

@@ -1,46 +1,267 @@
-"""Checkpoints and export.
+"""Checkpoints users can trust: complete-or-ignored saves, exact resume, and verified export.
 
-`save` writes a DeepSpeed checkpoint (model, optimizer, scheduler, ZeRO shards) plus our client
-state; it must run on every rank. `export_checkpoint` consolidates the fp32 master weights from
-the ZeRO shards of any stage 1-3 checkpoint, whatever world size wrote it, into a Hugging Face
-model directory (safetensors, config with the label map, tokenizer). An export is written to a
-temporary directory and renamed only after it passed its checks, so a directory named `export`
-is always complete.
+A checkpoint is `RUN_DIR/checkpoints/step-N/`: DeepSpeed's own files (model, optimizer, scheduler,
+ZeRO shards) plus ours, all JSON, none unpickled by us:
+
+    trainer_state.json  epoch, position in the epoch's data order, optimizer step, best metric, configs
+    rng-rankR.json      Python, NumPy and torch RNG states of rank R (dropout continues exactly)
+    hf/                 model config (with label map) and tokenizer: the checkpoint exports on its own
+    probe.json          a few dev records and the logits the live engine gave them
+    manifest.json       every file's size and SHA-256, written last by rank 0 after all ranks finished
+
+Only a checkpoint with a manifest that matches its files is ever loaded; anything else is a partial
+save (a crash or kill mid-write) and is reported and skipped. DeepSpeed's own `latest` file is not
+written or used: it is written by rank 0 without waiting for the other ranks' shards.
+
+Loading a DeepSpeed checkpoint unpickles it (`torch.load(weights_only=False)`), which can run code:
+load only checkpoints you trust. The manifest check happens before anything is unpickled.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
+import random
+import re
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from . import dist
+from .config import ConfigError
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+HF_DIR = "hf"
+PROBE = "probe.json"
 EXPORT_WEIGHTS = "model.safetensors"
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict) -> Path:
-    """Save on every rank (DeepSpeed's save is collective); returns the checkpoint directory."""
-    root = run_dir / "checkpoints"
-    tag = f"step-{step}"
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
-    return root / tag
+class CheckpointError(ConfigError):
+    """A checkpoint that is incomplete, corrupted, or does not fit the run that wants to load it."""
 
 
-def consolidated_fp32_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+class ExportError(Exception):
+    """An export that is incomplete or does not reproduce the trained model."""
+
+
+@dataclass
+class TrainerState:
+    """Where training stands; saved in every checkpoint and restored on resume."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps already taken in `epoch` (its data order is seeded)
+    optimizer_step: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    world_size: int = 1
+    train_batch_size: int = 0
+    label_names: list[str] = field(default_factory=list)
+    train_config: dict = field(default_factory=dict)
+    ds_config: dict = field(default_factory=dict)
+
+    def advance(self, steps_per_epoch: int) -> None:
+        self.optimizer_step += 1
+        self.step_in_epoch += 1
+        if self.step_in_epoch == steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state, per rank, as JSON
+# ----------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest
+# ----------------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(ckpt: Path) -> list[str]:
+    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(ckpt: Path) -> None:
+    files = {name: {"size": (ckpt / name).stat().st_size, "sha256": _sha256(ckpt / name)} for name in _files(ckpt)}
+    write_json(ckpt / MANIFEST, {"files": files})
+
+
+def verify_manifest(ckpt: Path) -> None:
+    """Every file listed, with its size and checksum, and nothing else; checked before unpickling."""
+    if not (ckpt / MANIFEST).is_file():
+        raise CheckpointError(f"{ckpt}: incomplete checkpoint (no {MANIFEST}: its save was interrupted)")
+    listed = read_json(ckpt / MANIFEST)["files"]
+    present = set(_files(ckpt))
+    problems = [f"missing {name}" for name in sorted(set(listed) - present)]
+    problems += [f"unexpected {name}" for name in sorted(present - set(listed))]
+    for name in sorted(set(listed) & present):
+        if (ckpt / name).stat().st_size != listed[name]["size"] or _sha256(ckpt / name) != listed[name]["sha256"]:
+            problems.append(f"{name} does not match its checksum")
+    if problems:
+        raise CheckpointError(f"{ckpt}: corrupted checkpoint, refused before loading: {'; '.join(problems)}")
+
+
+def step_of(ckpt: Path) -> int:
+    match = re.fullmatch(r"step-(\d+)", ckpt.name)
+    return int(match.group(1)) if match else -1
+
+
+def scan(root: Path) -> tuple[list[Path], list[Path]]:
+    """(complete, partial) checkpoint directories under `root`, newest first."""
+    dirs = sorted((p for p in root.glob("step-*") if p.is_dir() and step_of(p) >= 0), key=step_of, reverse=True)
+    return [p for p in dirs if (p / MANIFEST).is_file()], [p for p in dirs if not (p / MANIFEST).is_file()]
+
+
+def find_resume_checkpoint(spec: str, output_dir: str, run_name: str, log) -> Path | None:
+    """The checkpoint `--resume` names: a path, or 'auto'/'if-present' for the newest complete one.
+
+    'auto' with nothing to resume is an error (DeepSpeed alone would silently start from scratch);
+    'if-present' then starts a fresh run.
+    """
+    if spec not in ("auto", "if-present"):
+        ckpt = Path(spec)
+        if not ckpt.is_dir():
+            raise CheckpointError(f"--resume {spec}: no such checkpoint directory")
+        verify_manifest(ckpt)
+        return ckpt
+    runs = [Path(output_dir) / run_name] if run_name else sorted(Path(output_dir).glob("*"))
+    complete, partial = [], []
+    for run in runs:
+        found = scan(run / CHECKPOINTS)
+        complete += found[0]
+        partial += found[1]
+    for p in partial:
+        log.warning(f"ignoring incomplete checkpoint {p} (no manifest: its save was interrupted)")
+    if complete:
+        return max(complete, key=lambda p: (p / MANIFEST).stat().st_mtime)
+    if spec == "auto":
+        where = Path(output_dir) / run_name if run_name else Path(output_dir)
+        raise CheckpointError(f"--resume auto: no complete checkpoint under {where}"
+                              f"{f' ({len(partial)} incomplete ones ignored)' if partial else ''}; "
+                              "use --resume if-present to start fresh when there is none")
+    return None
+
+
+def check_compatible(ckpt: Path, label_names: list[str], model_config) -> TrainerState:
+    """The checkpoint's state, after checking it belongs to this model and label set (JSON only)."""
+    state = TrainerState(**read_json(ckpt / STATE))
+    if state.label_names != label_names:
+        raise CheckpointError(f"{ckpt}: trained with labels {state.label_names}, but the data has {label_names}")
+    saved = read_json(ckpt / HF_DIR / "config.json")
+    current = model_config.to_dict()
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    differ = [f"{k}: checkpoint {saved.get(k)} vs model {current.get(k)}" for k in keys if saved.get(k) != current.get(k)]
+    if differ:
+        raise CheckpointError(f"{ckpt}: checkpoint is of a different model ({'; '.join(differ)})")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Save and load (every rank)
+# ----------------------------------------------------------------------------------------------
+
+def save(engine, run_dir: Path, state: TrainerState, tokenizer, probe: dict, precision: str, keep: int) -> Path:
+    """Save a checkpoint on every rank; it becomes visible to resume only when complete."""
+    from .evaluate import forward_logits
+
+    root = run_dir / CHECKPOINTS
+    ckpt = root / f"step-{state.optimizer_step}"
+    was_training = engine.training
+    engine.eval()
+    logits = forward_logits(engine, probe)  # every rank: a ZeRO-3 forward is collective
+    engine.train(was_training)
+    dist.main_first(lambda: shutil.rmtree(ckpt, ignore_errors=True))  # a partial left by a crash
+    engine.save_checkpoint(str(root), tag=ckpt.name, save_latest=False)
+    write_json(ckpt / f"rng-rank{dist.rank()}.json", rng_state())
+    dist.barrier()  # every rank's files are on disk before rank 0 declares the checkpoint complete
+
+    def finish():
+        write_json(ckpt / STATE, asdict(state))
+        engine.module.config.save_pretrained(ckpt / HF_DIR)
+        tokenizer.save_pretrained(ckpt / HF_DIR)
+        write_json(ckpt / PROBE, {"precision": precision, "logits": logits.tolist(),
+                                  "inputs": {k: v.tolist() for k, v in probe.items() if k != "labels"}})
+        write_manifest(ckpt)
+        prune(root, keep, state.best_step)
+
+    dist.main_first(finish)
+    return ckpt
+
+
+def prune(root: Path, keep: int, best_step: int | None) -> None:
+    """Keep the newest `keep` complete checkpoints (and the best one); drop older partial ones."""
+    complete, partial = scan(root)
+    newest = step_of(complete[0])
+    for ckpt in complete[keep:] + [p for p in partial if step_of(p) < newest]:
+        if step_of(ckpt) != best_step:
+            shutil.rmtree(ckpt)
+
+
+def load(engine, ckpt: Path) -> None:
+    """Restore DeepSpeed state and this rank's RNG from a verified checkpoint."""
+    dist.main_first(lambda: verify_manifest(ckpt))
+    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    if path is None:  # DeepSpeed only warns when it finds nothing
+        raise CheckpointError(f"{ckpt}: DeepSpeed found no checkpoint to load")
+    rng_file = ckpt / f"rng-rank{dist.rank()}.json"
+    set_rng_state(read_json(rng_file))
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------
+
+def consolidated_fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a ZeRO checkpoint directory (one tag), any original world size."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # zero_to_fp32 prints its progress unconditionally; keep the console to our own lines.
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     return {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
-
-
-class ExportError(Exception):
-    """An export that is incomplete or does not reproduce the trained model."""
 
 
 def check_export_weights(export_dir: Path) -> None:
@@ -69,27 +290,6 @@ def load_export(export_dir: str | os.PathLike):
     return tokenizer, model.eval()
 
 
-def write_export(checkpoint_dir: Path, model_config, tokenizer, export_dir: Path, verify=None) -> Path:
-    """Consolidate `checkpoint_dir` into `export_dir`; `verify(tmp_dir)` may reject the result."""
-    from safetensors.torch import save_file
-
-    tmp = export_dir.with_name(export_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(consolidated_fp32_state_dict(checkpoint_dir), str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
-    model_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    labels = [model_config.id2label[i] for i in range(model_config.num_labels)]
-    (tmp / "label_map.json").write_text(json.dumps({name: i for i, name in enumerate(labels)}, ensure_ascii=False, indent=2),
-                                        encoding="utf-8")
-    check_export_weights(tmp)
-    if verify is not None:
-        verify(tmp)
-    shutil.rmtree(export_dir, ignore_errors=True)
-    os.replace(tmp, export_dir)
-    return export_dir
-
-
 def logits_tolerance(precision: str) -> float:
     """How far the reloaded fp32 export may be from the live engine's logits.
 
@@ -99,17 +299,40 @@ def logits_tolerance(precision: str) -> float:
     return 1e-4 if precision == "fp32" else 5e-2
 
 
-def verify_against_live(probe: dict, live_logits: torch.Tensor, precision: str):
-    """A `verify` callback: the reloaded export must reproduce the live engine's probe logits."""
+def verify_probe(export_dir: Path, probe: dict) -> None:
+    """The reloaded export must reproduce the logits the live engine gave the probe records."""
+    _, model = load_export(export_dir)
+    with torch.no_grad():
+        logits = model(**{k: torch.tensor(v) for k, v in probe["inputs"].items()}).logits
+    live = torch.tensor(probe["logits"])
+    bound = logits_tolerance(probe["precision"]) * max(1.0, live.abs().max().item())
+    diff = (logits - live).abs().max().item()
+    if diff > bound:
+        raise ExportError(f"{export_dir}: reloaded export differs from the live model on the probe batch "
+                          f"(max |logit diff| {diff:.3g} > {bound:.3g})")
 
-    def verify(export_dir: Path) -> None:
-        _, model = load_export(export_dir)
-        with torch.no_grad():
-            logits = model(**{k: v for k, v in probe.items() if k != "labels"}).logits
-        scale = max(1.0, live_logits.abs().max().item())
-        diff = (logits - live_logits).abs().max().item()
-        if diff > logits_tolerance(precision) * scale:
-            raise ExportError(f"{export_dir}: reloaded export differs from the live model on the probe batch "
-                              f"(max |logit diff| {diff:.3g} > {logits_tolerance(precision) * scale:.3g})")
 
-    return verify
+def export_checkpoint(ckpt: Path, export_dir: Path) -> Path:
+    """Consolidate a complete checkpoint into a Hugging Face model directory, verified, atomically.
+
+    Works from the ZeRO-2 or ZeRO-3 shards of any world size. The result is written to
+    EXPORT.tmp and renamed only after its checks pass, so a directory named EXPORT is complete.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    verify_manifest(ckpt)
+    config = AutoConfig.from_pretrained(ckpt / HF_DIR)
+    tmp = export_dir.with_name(export_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(consolidated_fp32_state_dict(ckpt), str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
+    config.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(ckpt / HF_DIR).save_pretrained(tmp)
+    labels = [config.id2label[i] for i in range(config.num_labels)]
+    write_json(tmp / "label_map.json", {name: i for i, name in enumerate(labels)})
+    check_export_weights(tmp)
+    verify_probe(tmp, read_json(ckpt / PROBE))
+    shutil.rmtree(export_dir, ignore_errors=True)
+    os.replace(tmp, export_dir)
+    return export_dir

@@ -41,10 +41,9 @@ def load_json(path: str | os.PathLike) -> dict:
     return data
 
 
-def _unknown_key_error(where: str, key: str, known) -> ConfigError:
-    hint = difflib.get_close_matches(key, list(known), n=1)
-    suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-    return ConfigError(f"{where}: unknown key '{key}'{suggestion}")
+def unknown_key_message(where: str, key: str, known) -> str:
+    hint = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"{where}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,6 +51,7 @@ def _unknown_key_error(where: str, key: str, known) -> ConfigError:
 # ----------------------------------------------------------------------------------------------
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+LR_SCALING = ("none", "linear", "sqrt")
 
 
 @dataclass
@@ -76,12 +76,19 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "log training metrics every N optimizer steps"})
     eval_every: int = field(default=50, metadata={"help": "evaluate on dev every N optimizer steps (0: only at the end)"})
     save_every: int = field(default=0, metadata={"help": "save a checkpoint every N optimizer steps (0: only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N complete checkpoints (plus the best one with best_metric)"})
+    best_metric: str = field(default="", metadata={"help": "also keep the checkpoint with the best dev value of this metric (accuracy, macro_f1, weighted_f1)"})
+    resume: str = field(default="", metadata={"help": "auto (newest complete checkpoint, error if none), if-present (same, else start fresh) or a checkpoint directory"})
     eval_batch_size: int = field(default=32, metadata={"help": "per-rank batch size for evaluation"})
     output_dir: str = field(default="runs", metadata={"help": "parent directory of run directories"})
     run_name: str = field(default="", metadata={"help": "run directory name (default: chosen by rank 0 from the clock)"})
     cache_dir: str = field(default="", metadata={"help": "tokenized-data cache (default: OUTPUT_DIR/cache)"})
     max_unk_fraction: float = field(default=0.02, metadata={"help": "refuse to train when more of the training tokens than this are the unknown token"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "warmup share of all steps, used where the scheduler's warmup_num_steps is \"auto\""})
+    global_batch: int = field(default=0, metadata={"help": "examples per optimizer step where the DeepSpeed JSON's train_batch_size is \"auto\" or absent; accumulation is then derived from the world size (0: the JSON decides)"})
+    micro_batch: int = field(default=0, metadata={"help": "per-rank micro batch where the JSON's train_micro_batch_size_per_gpu is \"auto\" (0: derived; with accumulation also \"auto\", the largest divisor of the per-rank batch up to 8)"})
+    lr_scaling: str = field(default="none", metadata={"help": "none|linear|sqrt: multiply the JSON's learning rates by (global batch / reference_batch) or its square root"})
+    reference_batch: int = field(default=0, metadata={"help": "global batch the JSON's learning rate was tuned for (needed by --lr-scaling linear|sqrt)"})
     dist_timeout_minutes: float = field(default=10.0, metadata={"help": "collective timeout: a rank waiting longer than this fails the job"})
 
     def __post_init__(self):
@@ -101,9 +108,17 @@ class TrainConfig:
         need(self.log_every >= 1, "log_every", "at least 1")
         need(self.eval_every >= 0, "eval_every", ">= 0")
         need(self.save_every >= 0, "save_every", ">= 0")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints", "at least 1")
+        need(self.best_metric in ("", "accuracy", "macro_f1", "weighted_f1"), "best_metric", "accuracy, macro_f1 or weighted_f1")
+        need(not self.best_metric or (self.eval_every and self.save_every and self.save_every % self.eval_every == 0),
+             "save_every", "a multiple of eval_every (both > 0) when best_metric is set, so the best step has a checkpoint")
         need(self.eval_batch_size >= 1, "eval_batch_size", "at least 1")
         need(0.0 <= self.max_unk_fraction <= 1.0, "max_unk_fraction", "between 0 and 1")
         need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "in [0, 1)")
+        need(self.global_batch >= 0, "global_batch", ">= 0")
+        need(self.micro_batch >= 0, "micro_batch", ">= 0")
+        need(self.lr_scaling in LR_SCALING, "lr_scaling", " or ".join(LR_SCALING))
+        need(self.lr_scaling == "none" or self.reference_batch >= 1, "reference_batch", "at least 1 with lr_scaling linear or sqrt")
         need(self.dist_timeout_minutes > 0, "dist_timeout_minutes", "> 0")
         need(bool(self.train_file), "train_file", "a file path")
         need(bool(self.dev_file), "dev_file", "a file path")
@@ -119,7 +134,7 @@ class TrainConfig:
             known = {f.name for f in dataclasses.fields(cls)}
             for key in values:
                 if key not in known:
-                    raise _unknown_key_error(json_file, key, known)
+                    raise ConfigError(unknown_key_message(json_file, key, known))
         values.update(overrides or {})
         return cls(**values)
 
@@ -128,26 +143,13 @@ class TrainConfig:
 # The DeepSpeed config
 # ----------------------------------------------------------------------------------------------
 
-# Top-level keys DeepSpeed 0.19 reads (deepspeed/runtime/config.py and its sub-configs). DeepSpeed
-# itself ignores unknown keys, which turns a typo into a silently different run.
-DEEPSPEED_TOP_LEVEL_KEYS = {
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-    "optimizer", "scheduler", "fp16", "bf16", "bfloat16", "amp", "torch_autocast", "gradient_clipping",
-    "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
-    "communication_data_type", "seq_parallel_communication_data_type", "prescale_gradients",
-    "gradient_predivide_factor", "gradient_allreduce_op", "sparse_gradients", "steps_per_print",
-    "wall_clock_breakdown", "memory_breakdown", "dump_state", "log_level", "disable_allgather",
-    "dataloader_drop_last", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb",
-    "csv_monitor", "comet", "monitor_config", "comms_logger", "comms_config", "autotuning", "elasticity",
-    "data_efficiency", "curriculum_learning", "compression_training", "sparse_attention", "eigenvalue",
-    "progressive_layer_drop", "pipeline", "checkpoint", "data_types", "aio", "nebula",
-    "quantize_training", "weight_quantization", "hybrid_engine", "compile", "timers",
-    "tensor_parallel", "expert_parallel", "use_data_before_expert_parallelism", "graph_harvesting",
-    "disable_python_gc", "managed_gradient_accumulation", "vocabulary_size", "zenflow",
-    "sequence_parallel_size", "mics_shard_size", "mics_hierarchical_params_gather",
-}
-
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+MAX_AUTO_MICRO = 8  # HF Trainer's default per_device_train_batch_size: the cap where micro and accumulation are both "auto"
+# Absolute learning rates in optimizer.params and scheduler.params (WarmupLR, WarmupDecayLR, OneCycle,
+# LRRangeTest). Scaling all of them keeps the schedule's shape; WarmupCosineLR's ratios follow the lr.
+LR_KEYS = ("lr", "warmup_min_lr", "warmup_max_lr", "cycle_min_lr", "cycle_max_lr", "lr_range_test_min_lr")
+# Compute capability of GPUs people name on the command line (bf16 needs 8.0+).
+GPU_CAPABILITY = {"v100": 7.0, "t4": 7.5, "a100": 8.0, "a10": 8.6, "a40": 8.6, "l4": 8.9, "h100": 9.0, "h200": 9.0}
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,25 @@ class Hardware:
             return cls("cuda", fp16=True, bf16=major >= 8, name=torch.cuda.get_device_name(0))
         return cls("cpu", fp16=False, bf16=True, name="CPU (DeepSpeed CPU accelerator, gloo)")
 
+    @classmethod
+    def named(cls, name: str) -> "Hardware":
+        """The hardware of a cluster this machine is not: "cpu" or a GPU of GPU_CAPABILITY."""
+        if name.lower() == "cpu":
+            return cls("cpu", fp16=False, bf16=True, name="CPU (DeepSpeed CPU accelerator, gloo)")
+        if name.lower() not in GPU_CAPABILITY:
+            raise ConfigError(f"--gpu {name}: unknown GPU; expected cpu or one of {', '.join(GPU_CAPABILITY)}")
+        capability = GPU_CAPABILITY[name.lower()]
+        return cls("cuda", fp16=True, bf16=capability >= 8.0, name=f"{name.upper()} (compute capability {capability})")
+
+
+@dataclass
+class ResolvedConfig:
+    """The DeepSpeed config as the engine will use it, what was derived, and what may hurt."""
+
+    ds: dict
+    notes: list[str]
+    warnings: list[str]
+
 
 def _is_auto(value) -> bool:
     return value is None or value == "auto"
@@ -179,26 +200,60 @@ def _positive_int(path: str, key: str, value) -> int:
     return value
 
 
-def resolve_batch(path: str, ds: dict, world_size: int) -> tuple[int, int, int]:
+def _indivisible(path: str, total: int, name: str | None, fixed: int, world: int, shown: str) -> ConfigError:
+    """train_batch_size not divisible by `fixed` (the value of `name`) x world size, with the nearest
+    valid batch sizes and, where the batch divides by the world size, other values for `name`."""
+    unit = fixed * world
+    factor = f"{name} ({fixed}) x world size ({world})" if name else f"world size ({world})"
+    choices = [t for t in (total // unit * unit, (total // unit + 1) * unit) if t > 0]
+    options = " or ".join(f"train_batch_size {t}" + (f" ({t // unit} x {fixed} x {world})" if name else "") for t in choices)
+    if name and total % world == 0:
+        per_rank = total // world
+        others = sorted(sorted((d for d in range(1, per_rank + 1) if per_rank % d == 0), key=lambda d: abs(d - fixed))[:3])
+        options += f", or keep {total} with {name} " + " or ".join(map(str, others))
+    return ConfigError(f"{path}: train_batch_size {total} is not divisible by {factor} ({shown}); nearest valid: {options}")
+
+
+def _from_option(path: str, json_value, key: str, option: int, flag: str):
+    """HF Trainer's rule: an "auto" value is filled from the run's option; a number must agree with it."""
+    if not option:
+        return json_value
+    if json_value is not None and json_value != option:
+        raise ConfigError(f"{path}: {key}={json_value} contradicts {flag} {option}; set it to \"auto\" in the JSON or drop {flag}")
+    return option
+
+
+def resolve_batch(path: str, ds: dict, world_size: int, global_batch: int = 0, micro_batch: int = 0) -> tuple[int, int, int]:
     """Resolve (train_batch_size, micro_batch_per_gpu, accumulation) against the real world size.
 
-    Two of the three determine the third (as DeepSpeed does); all three must agree.
+    Two of the three determine the third (as DeepSpeed does); all three must agree. `global_batch`
+    and `micro_batch` (0: unset) fill "auto" values. With only the global batch known, the micro
+    batch is the largest divisor of the per-rank batch up to MAX_AUTO_MICRO.
     """
     given = {k: _positive_int(path, k, ds[k]) for k in BATCH_KEYS if not _is_auto(ds.get(k))}
     total, micro, accum = (given.get(k) for k in BATCH_KEYS)
     shown = ", ".join(f"{k}={ds.get(k, 'missing')}" for k in BATCH_KEYS) + f", world size={world_size}"
+    total = _from_option(path, total, "train_batch_size", global_batch, "--global-batch")
+    micro = _from_option(path, micro, "train_micro_batch_size_per_gpu", micro_batch, "--micro-batch")
     if total is None and micro is not None:
         total = micro * (accum or 1) * world_size
     if micro is None and total is not None:
-        micro, rest = divmod(total, (accum or 1) * world_size)
-        if rest or micro == 0:
-            raise ConfigError(f"{path}: train_batch_size is not divisible by gradient_accumulation_steps x world size ({shown})")
+        if accum is None:
+            if total % world_size:
+                raise _indivisible(path, total, None, 1, world_size, shown)
+            per_rank = total // world_size
+            micro = max(d for d in range(1, min(MAX_AUTO_MICRO, per_rank) + 1) if per_rank % d == 0)
+        elif total % (accum * world_size):
+            raise _indivisible(path, total, "gradient_accumulation_steps", accum, world_size, shown)
+        else:
+            micro = total // (accum * world_size)
     if micro is None:
-        raise ConfigError(f"{path}: set train_micro_batch_size_per_gpu or train_batch_size ({shown})")
+        raise ConfigError(f"{path}: set train_micro_batch_size_per_gpu or train_batch_size, in the JSON or with "
+                          f"--micro-batch / --global-batch ({shown})")
     if accum is None:
-        accum, rest = divmod(total, micro * world_size)
-        if rest or accum == 0:
-            raise ConfigError(f"{path}: train_batch_size must be a multiple of train_micro_batch_size_per_gpu x world size ({shown})")
+        if total % (micro * world_size):
+            raise _indivisible(path, total, "train_micro_batch_size_per_gpu", micro, world_size, shown)
+        accum = total // (micro * world_size)
     if total != micro * accum * world_size:
         raise ConfigError(
             f"{path}: inconsistent batch sizes: train_batch_size ({total}) must equal "
@@ -248,39 +303,107 @@ def resolve_precision(path: str, ds: dict, requested: str, hw: Hardware) -> str:
     return choice
 
 
-def check_top_level_keys(path: str, ds: dict) -> None:
-    for key in ds:
-        if key not in DEEPSPEED_TOP_LEVEL_KEYS:
-            raise _unknown_key_error(path, key, DEEPSPEED_TOP_LEVEL_KEYS)
+def _offload_device(zero: dict, key: str) -> str:
+    section = zero.get(key)
+    return section.get("device", "none") if isinstance(section, dict) else "none"
 
 
-def resolve_ds_config(path: str, raw: dict, world_size: int, precision: str, hw: Hardware, steps_total: int | None = None) -> dict:
-    """Return the DeepSpeed config exactly as the engine will use it ("auto" values filled in)."""
-    check_top_level_keys(path, raw)
-    ds = copy.deepcopy(raw)
-    total, micro, accum = resolve_batch(path, ds, world_size)
-    ds.update(train_batch_size=total, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
+def check_stage_settings(path: str, ds: dict) -> list[str]:
+    """Settings that the chosen ZeRO stage silently ignores: offload is an error (the user expects
+    the memory saving and would not get it), stage3_* tuning a warning. Returns the warnings."""
+    zero = ds.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    if _offload_device(zero, "offload_param") != "none" and stage != 3:
+        raise ConfigError(f"{path}: zero_optimization.offload_param only works at stage 3, and stage {stage} ignores it; "
+                          "use stage 3 or remove it")
+    if (_offload_device(zero, "offload_optimizer") != "none" or zero.get("cpu_offload") is True) and stage == 0:
+        raise ConfigError(f"{path}: optimizer offload needs ZeRO stage 1, 2 or 3; stage 0 ignores it")
+    warnings = [f"{path}: zero_optimization.{key} is ignored at stage {stage} (a stage-3 setting)"
+                for key in zero if key.startswith("stage3_") and stage != 3]
+    fp16 = ds.get("fp16") or {}
+    power = fp16.get("initial_scale_power", 16)
+    if _enabled(fp16) and fp16.get("loss_scale", 0) == 0 and isinstance(power, int) and power > 16:
+        warnings.append(f"{path}: fp16.initial_scale_power={power} starts the loss scale at 2^{power}; each overflow skips "
+                        f"an optimizer step and halves it, so a short fine-tune loses about {power - 16} or more of its first "
+                        "steps before reaching DeepSpeed's default 2^16; use 16")
+    return warnings
 
-    zero = ds.get("zero_optimization", {})
-    if not isinstance(zero, dict) or zero.get("stage", 0) not in (1, 2, 3):
-        raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (got {zero.get('stage') if isinstance(zero, dict) else zero!r}); this pipeline exports from ZeRO shards")
+
+def _check_pipeline_rules(path: str, ds: dict) -> None:
+    """What this pipeline needs beyond DeepSpeed: a sharded stage to export from, and a named optimizer
+    whose values are given (HF Trainer would fill "auto" from its own arguments; nothing here does)."""
+    zero = ds.get("zero_optimization") or {}
+    if zero.get("stage", 0) not in (1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (got {zero.get('stage')!r}); this pipeline exports from ZeRO shards")
     if not isinstance(ds.get("optimizer"), dict) or "type" not in ds["optimizer"]:
         raise ConfigError(f"{path}: 'optimizer' with a 'type' (e.g. AdamW) is required")
-
-    choice = resolve_precision(path, ds, precision, hw)
-    ds.pop("bfloat16", None)
-    ds["fp16"] = {**(ds.get("fp16") or {}), "enabled": choice == "fp16"}
-    ds["bf16"] = {**(ds.get("bf16") or raw.get("bfloat16") or {}), "enabled": choice == "bf16"}
-
-    clip = ds.get("gradient_clipping", 0.0)
-    if _is_auto(clip):
-        ds["gradient_clipping"] = 1.0
     auto_steps = ("total_num_steps", "warmup_num_steps")  # filled by fill_schedule once the data is known
     for where in ("optimizer", "scheduler"):
         for key, value in ((ds.get(where) or {}).get("params") or {}).items():
             if value == "auto" and not (where == "scheduler" and key in auto_steps):
                 raise ConfigError(f"{path}: {where}.params.{key} is \"auto\" but this pipeline cannot derive it; give a value")
-    return ds
+
+
+def scale_learning_rates(path: str, ds: dict, rule: str, reference_batch: int) -> str | None:
+    """Scale every absolute learning rate by the global batch relative to `reference_batch`
+    (linear: Goyal et al. 2017; sqrt: for Adam-type optimizers), once: the factor is recorded in
+    ds["pipeline_resolved"], and a config that already carries one is refused."""
+    if rule == "none":
+        return None
+    record = ds.setdefault("pipeline_resolved", {})
+    if "lr_scaling" in record:
+        raise ConfigError(f"{path}: learning rates were already scaled (x{record['lr_scaling']['factor']:.4g}) when this config "
+                          "was resolved; start from the original JSON or use --lr-scaling none")
+    ratio = ds["train_batch_size"] / reference_batch
+    factor = ratio if rule == "linear" else math.sqrt(ratio)
+    scaled = {}
+    for where in ("optimizer", "scheduler"):
+        params = (ds.get(where) or {}).get("params") or {}
+        for key in LR_KEYS:
+            if isinstance(params.get(key), (int, float)) and not isinstance(params[key], bool):
+                scaled[f"{where}.params.{key}"] = [params[key], params[key] * factor]
+                params[key] *= factor
+    if not scaled:
+        raise ConfigError(f"{path}: --lr-scaling {rule} but the JSON gives no learning rate to scale (optimizer.params.lr)")
+    record["lr_scaling"] = {"rule": rule, "reference_batch": reference_batch, "global_batch": ds["train_batch_size"],
+                            "factor": factor, "scaled": scaled}
+    changes = ", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in scaled.items())
+    return f"learning rate scaled {rule} for global batch {ds['train_batch_size']} vs reference {reference_batch} (x{factor:.4g}): {changes}"
+
+
+def resolve_ds_config(path: str, raw: dict, world_size: int, hw: Hardware, cfg: TrainConfig,
+                      pipeline_rules: bool = True) -> ResolvedConfig:
+    """Return the DeepSpeed config exactly as the engine will use it ("auto" values filled in), with
+    notes on what was derived and warnings. Keys and types are checked at every level first, and
+    every such error is reported at once. `pipeline_rules=False` checks only what DeepSpeed needs
+    (for configs meant for other trainers)."""
+    from .ds_schema import validate
+
+    errors, warnings = validate(path, raw)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    ds = copy.deepcopy(raw)
+    notes = []
+    total, micro, accum = resolve_batch(path, ds, world_size, cfg.global_batch, cfg.micro_batch)
+    derived = [k for k in BATCH_KEYS if _is_auto(raw.get(k))]
+    notes.append(f"batch: {micro} per rank x {accum} accumulation x {world_size} ranks = {total} per optimizer step"
+                 + (f" (derived: {', '.join(derived)})" if derived else ""))
+    ds.update(train_batch_size=total, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
+    if pipeline_rules:
+        _check_pipeline_rules(path, ds)
+    warnings += check_stage_settings(path, ds)
+
+    choice = resolve_precision(path, ds, cfg.precision, hw)
+    ds.pop("bfloat16", None)
+    ds["fp16"] = {**(ds.get("fp16") or {}), "enabled": choice == "fp16"}
+    ds["bf16"] = {**(ds.get("bf16") or raw.get("bfloat16") or {}), "enabled": choice == "bf16"}
+    if _is_auto(ds.get("gradient_clipping", 0.0)):
+        ds["gradient_clipping"] = 1.0
+        notes.append("gradient_clipping \"auto\" -> 1.0 (HF Trainer's max_grad_norm default)")
+    lr_note = scale_learning_rates(path, ds, cfg.lr_scaling, cfg.reference_batch)
+    if lr_note:
+        notes.append(lr_note)
+    return ResolvedConfig(ds, notes, warnings)
 
 
 def fill_schedule(path: str, ds: dict, total_steps: int, warmup_ratio: float) -> dict:

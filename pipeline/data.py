@@ -204,10 +204,13 @@ class RankMicroBatches:
 
 def train_loader(dataset, collate, micro: int, accum: int, world: int, rank: int, seed: int, epoch: int,
                  start_step: int = 0):
+    import torch
     from torch.utils.data import DataLoader
 
     sampler = RankMicroBatches(len(dataset), micro, accum, world, rank, seed, epoch, start_step)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+    # Its own generator: a DataLoader otherwise draws a seed from the global torch RNG, which
+    # would shift the dropout masks of a resumed run against the uninterrupted one.
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator())
 
 
 def make_collate(tokenizer):

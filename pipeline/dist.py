@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from datetime import timedelta
 
@@ -47,7 +48,21 @@ def init(timeout_minutes: float) -> None:
     """Start the process group (gloo on the CPU, NCCL on GPUs) with a bounded collective timeout."""
     import deepspeed
 
+    if "OMPI_COMM_WORLD_RANK" in os.environ and "RANK" not in os.environ:
+        _mpi_discovery()
+    # One line per rank (in its rank log when the launcher keeps them): where each rank runs.
+    print(f"rank {rank()} of {world_size()}: host {socket.gethostname()}, pid {os.getpid()}", flush=True)
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), verbose=False)
+
+
+def _mpi_discovery() -> None:
+    """Under OpenMPI, DeepSpeed's discovery (mpi4py) sets rank, world size and local rank, but takes
+    the master address from rank 0's `hostname -I` and port 29500: keep those launch.sh exported."""
+    from deepspeed.comm.comm import mpi_discovery
+
+    chosen = {key: os.environ[key] for key in ("MASTER_ADDR", "MASTER_PORT") if key in os.environ}
+    mpi_discovery(verbose=False)
+    os.environ.update(chosen)
 
 
 def shutdown() -> None:
@@ -57,6 +72,12 @@ def shutdown() -> None:
     if td.is_initialized():
         td.barrier()
         td.destroy_process_group()
+
+
+def barrier() -> None:
+    import torch.distributed as td
+
+    td.barrier()
 
 
 def broadcast_object(obj):

@@ -19,9 +19,10 @@ import torch
 
 from . import checkpoint, dist
 from .config import ConfigError, Hardware, TrainConfig, ds_precision, fill_schedule, load_json, resolve_ds_config
-from .data import load_tokenized, make_collate, prepare_splits, steps_per_epoch, train_loader, file_digest
+from .checkpoint import TrainerState, write_json
+from .data import file_digest, load_tokenized, make_collate, prepare_splits, steps_per_epoch, train_loader
 from .engine import build_engine
-from .evaluate import evaluate, forward_logits, to_device
+from .evaluate import evaluate, to_device
 from .model import build_model, build_wordpiece_tokenizer, check_model_dir, has_tokenizer, load_tokenizer
 
 PROBE_SIZE = 8  # dev records whose logits the export must reproduce
@@ -37,9 +38,9 @@ def new_run_dir(cfg: TrainConfig) -> str:
     return str(run_dir)
 
 
-def write_json(path: Path, obj) -> None:
+def write_lines(path: Path, lines: list[str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
+    tmp.write_text("".join(lines), encoding="utf-8")
     tmp.replace(path)
 
 
@@ -59,15 +60,21 @@ def timed(iterable, stats: dict):
 class RunLog:
     """Rank 0's record of the run: metrics.jsonl, eval JSON files and the console."""
 
-    def __init__(self, run_dir: Path, total_steps: int):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int):
         from tqdm import tqdm
 
         self.run_dir, self.log = run_dir, dist.get_logger()
-        self.bar = tqdm(total=total_steps, desc="train", unit="step", disable=not dist.is_main(), dynamic_ncols=True,
-                        mininterval=0.5 if sys.stderr.isatty() else 60)  # a log file gets few bar lines
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not dist.is_main(),
+                        dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 60)  # a log file gets few bar lines
         if dist.is_main():
             (run_dir / "eval").mkdir(exist_ok=True)
-            self.metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            path = run_dir / "metrics.jsonl"
+            # A resumed run drops what the interrupted one logged after its checkpoint: the file
+            # then reads as one uninterrupted run.
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if json.loads(line)["step"] <= start_step] if path.exists() else []
+            write_lines(path, kept)
+            self.metrics = open(path, "a", encoding="utf-8")
 
     def record(self, row: dict) -> None:
         if dist.is_main():
@@ -94,8 +101,9 @@ class RunLog:
             self.metrics.close()
 
 
-def train_loop(engine, cfg: TrainConfig, data: dict, collate, label_names, total_steps: int, run: RunLog) -> int:
-    """Train until `total_steps` optimizer steps; returns the number done.
+def train_loop(engine, cfg: TrainConfig, data: dict, collate, label_names, state: TrainerState, total_steps: int,
+               per_epoch: int, run: RunLog, save) -> None:
+    """Train from `state` until `total_steps` optimizer steps, evaluating and saving on the way.
 
     Every micro-batch goes through engine.backward and engine.step; DeepSpeed scales the loss by
     1/accumulation and applies the update at the window's boundary, so the loss is not divided
@@ -103,11 +111,12 @@ def train_loop(engine, cfg: TrainConfig, data: dict, collate, label_names, total
     """
     micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     world, global_batch = dist.world_size(), engine.train_batch_size()
-    step, window = 0, torch.zeros(2, device=engine.device)  # [sum of micro-batch losses, tokens]
+    window = torch.zeros(2, device=engine.device)  # [sum of micro-batch losses, tokens]
     stats, started = {"data_wait": 0.0}, time.perf_counter()
     engine.train()
-    for epoch in range(cfg.epochs):
-        loader = train_loader(data["train"], collate, micro, accum, world, dist.rank(), cfg.seed, epoch)
+    while state.optimizer_step < total_steps:
+        epoch = state.epoch
+        loader = train_loader(data["train"], collate, micro, accum, world, dist.rank(), cfg.seed, epoch, state.step_in_epoch)
         for batch in timed(loader, stats):
             batch = to_device(batch, engine.device)
             loss = engine(**batch).loss
@@ -117,7 +126,8 @@ def train_loop(engine, cfg: TrainConfig, data: dict, collate, label_names, total
             window += torch.stack([loss.detach().float(), batch["attention_mask"].sum().float()])
             if not boundary:
                 continue
-            step += 1
+            state.advance(per_epoch)
+            step = state.optimizer_step
             loss_sum, tokens = dist.all_reduce_sum(window).tolist()
             elapsed = time.perf_counter() - started
             run.step({"step": step, "epoch": epoch, "loss": loss_sum / (accum * world), "lr": engine.get_lr()[0],
@@ -125,13 +135,16 @@ def train_loop(engine, cfg: TrainConfig, data: dict, collate, label_names, total
                       "step_time_s": elapsed, "data_wait_s": stats["data_wait"]}, show=step % cfg.log_every == 0)
             window.zero_()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                run.eval(step, "dev", evaluate(engine, data["dev"], collate, cfg.eval_batch_size, label_names)[0])
+                metrics = evaluate(engine, data["dev"], collate, cfg.eval_batch_size, label_names)[0]
+                run.eval(step, "dev", metrics)
+                saving = cfg.save_every and step % cfg.save_every == 0  # the best must have a checkpoint
+                if saving and cfg.best_metric and (state.best_metric is None or metrics[cfg.best_metric] > state.best_metric):
+                    state.best_metric, state.best_step = metrics[cfg.best_metric], step
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                checkpoint.save(engine, run.run_dir, step, {"epoch": epoch, "optimizer_step": step})
+                save()
             if step == total_steps:
-                return step
+                return
             stats["data_wait"], started = 0.0, time.perf_counter()
-    return step
 
 
 def quiet_libraries() -> None:
@@ -141,22 +154,11 @@ def quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")  # inside DeepSpeed's ZeRO-2
+    warnings.filterwarnings("ignore", message=".*_tensor.* is deprecated")  # torch collectives inside DeepSpeed's ZeRO
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Train, evaluate, checkpoint and export; returns the final metrics (on every rank)."""
-    quiet_libraries()
-    log = dist.get_logger()
-    hardware = Hardware.detect()
-    # Everything checkable without data is checked before the process group starts.
-    ds_config = resolve_ds_config(cfg.ds_config, load_json(cfg.ds_config), dist.world_size(), cfg.precision, hardware)
-    check_model_dir(cfg.model)
-    dist.init(cfg.dist_timeout_minutes)
-    torch.manual_seed(cfg.seed)
-
-    run_dir = Path(dist.main_first(lambda: new_run_dir(cfg)))
-    cache_dir = cfg.cache_dir or str(Path(cfg.output_dir) / "cache")
+def prepare_data(cfg: TrainConfig, cache_dir: str, log):
+    """Rank 0 reads, checks and tokenizes into the cache while the others wait; all load the cache."""
 
     def tokenizer_for(train_split):
         if has_tokenizer(cfg.model):
@@ -167,8 +169,40 @@ def run(cfg: TrainConfig) -> dict:
     info = dist.main_first(lambda: prepare_splits(cfg, tokenizer_for, cache_dir, log))
     tokenizer = load_tokenizer(info["tokenizer_dir"], cfg.max_length)
     data = {name: load_tokenized(path) for name, path in info["splits"].items()}
-    label_names, collate = info["label_names"], make_collate(tokenizer)
+    return data, tokenizer, info["label_names"]
 
+
+def start_or_resume(cfg: TrainConfig, log) -> tuple[Path, Path | None]:
+    """Rank 0 picks the run directory (new, or the resumed checkpoint's) once; all ranks get it."""
+
+    def decide():
+        ckpt = checkpoint.find_resume_checkpoint(cfg.resume, cfg.output_dir, cfg.run_name, log) if cfg.resume else None
+        if ckpt is None:
+            return new_run_dir(cfg), None
+        checkpoint.verify_manifest(ckpt)
+        return str(ckpt.parent.parent), str(ckpt)
+
+    run_dir, ckpt = dist.main_first(decide)
+    return Path(run_dir), (Path(ckpt) if ckpt else None)
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train, evaluate, checkpoint and export; returns the final metrics (on every rank)."""
+    quiet_libraries()
+    log = dist.get_logger()
+    hardware = Hardware.detect()
+    # Everything checkable without data is checked before the process group starts.
+    resolved = resolve_ds_config(cfg.ds_config, load_json(cfg.ds_config), dist.world_size(), hardware, cfg)
+    ds_config = resolved.ds
+    for line in resolved.notes + [f"warning: {w}" for w in resolved.warnings]:
+        log.info(line)  # rank 0 only: every rank resolves the same config
+    check_model_dir(cfg.model)
+    dist.init(cfg.dist_timeout_minutes)
+    torch.manual_seed(cfg.seed)
+
+    run_dir, resume_from = start_or_resume(cfg, log)
+    data, tokenizer, label_names = prepare_data(cfg, cfg.cache_dir or str(Path(cfg.output_dir) / "cache"), log)
+    collate = make_collate(tokenizer)
     per_epoch = steps_per_epoch(len(data["train"]), ds_config["train_batch_size"])
     if per_epoch == 0:
         raise ConfigError(f"{cfg.train_file}: {len(data['train'])} records, fewer than one global batch "
@@ -177,7 +211,17 @@ def run(cfg: TrainConfig) -> dict:
     ds_config = fill_schedule(cfg.ds_config, ds_config, total_steps, cfg.warmup_ratio)
 
     model = build_model(cfg.model, label_names, len(tokenizer), ds_config, cfg.seed)
+    state = TrainerState(world_size=dist.world_size(), train_batch_size=ds_config["train_batch_size"],
+                         label_names=label_names, train_config=asdict(cfg), ds_config=ds_config)
+    if resume_from is not None:
+        saved = checkpoint.check_compatible(resume_from, label_names, model.config)
+        state.epoch, state.step_in_epoch, state.optimizer_step = saved.epoch, saved.step_in_epoch, saved.optimizer_step
+        state.best_metric, state.best_step = saved.best_metric, saved.best_step
     engine = build_engine(model, ds_config)
+    if resume_from is not None:
+        checkpoint.load(engine, resume_from)
+        log.info(f"resumed from {resume_from}: epoch {state.epoch}, {state.step_in_epoch} steps into it, "
+                 f"optimizer step {state.optimizer_step}")
     if dist.is_main():
         write_json(run_dir / "train_config.json", asdict(cfg))
         write_json(run_dir / "ds_config.json", {**ds_config, "world_size": dist.world_size()})
@@ -189,29 +233,29 @@ def run(cfg: TrainConfig) -> dict:
              f"{per_epoch} steps per epoch ({len(data['train']) % ds_config['train_batch_size']} records left out each epoch), "
              f"{total_steps} steps in all")
 
-    runlog = RunLog(run_dir, total_steps)
-    steps = train_loop(engine, cfg, data, collate, label_names, total_steps, runlog)
+    probe = collate([data["dev"][i] for i in range(min(PROBE_SIZE, len(data["dev"])))])
+
+    def save():
+        return checkpoint.save(engine, run_dir, state, tokenizer, probe, ds_precision(ds_config), cfg.keep_checkpoints)
+
+    runlog = RunLog(run_dir, total_steps, state.optimizer_step)
+    train_loop(engine, cfg, data, collate, label_names, state, total_steps, per_epoch, runlog, save)
 
     results = {}
     for split in [name for name in ("dev", "test") if name in data]:
         results[split], predictions = evaluate(engine, data[split], collate, cfg.eval_batch_size, label_names)
-        runlog.eval(steps, split, results[split])
+        runlog.eval(state.optimizer_step, split, results[split])
         if dist.is_main():
             (run_dir / f"predictions-{split}.jsonl").write_text(
                 "".join(json.dumps({"label": label_names[p]}, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
     runlog.close()
     if dist.is_main():
-        write_json(run_dir / "eval_results.json", {"step": steps, **results})
+        write_json(run_dir / "eval_results.json", {"step": state.optimizer_step, **results})
 
-    checkpoint_dir = checkpoint.save(engine, run_dir, steps, {"epoch": cfg.epochs, "optimizer_step": steps})
-    probe = collate([data["dev"][i] for i in range(min(PROBE_SIZE, len(data["dev"])))])
-    engine.eval()
-    live_logits = forward_logits(engine, probe)  # every rank: a ZeRO-3 forward is collective
-    verify = checkpoint.verify_against_live(probe, live_logits, ds_precision(ds_config))
-    export_dir = dist.main_first(lambda: checkpoint.write_export(checkpoint_dir, engine.module.config, tokenizer,
-                                                                  run_dir / "export", verify))
+    final = save()
+    export_dir = dist.main_first(lambda: checkpoint.export_checkpoint(final, run_dir / "export"))
     log.info(f"final dev: accuracy {results['dev']['accuracy']:.4f}  macro-F1 {results['dev']['macro_f1']:.4f}  "
              f"weighted-F1 {results['dev']['weighted_f1']:.4f}")
-    log.info(f"checkpoint: {checkpoint_dir}\nexport (verified): {export_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\n"
+    log.info(f"checkpoint: {final}\nexport (verified): {export_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\n"
              f"eval results: {run_dir / 'eval_results.json'}")
     return results

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoint import ExportError, check_export_weights, load_export, verify_against_live
+from pipeline.checkpoint import ExportError, check_export_weights, load_export, verify_probe
 
 
 @pytest.fixture()
@@ -37,10 +37,14 @@ def test_export_with_an_empty_tensor_is_refused(export):
 
 def test_export_must_reproduce_live_logits(export):
     tokenizer, model = load_export(export)
-    probe = tokenizer(["主诉：发热", "胸痛两小时"], padding=True, return_tensors="pt")
+    inputs = tokenizer(["主诉：发热", "胸痛两小时"], padding=True, return_tensors="pt")
     with torch.no_grad():
-        live = model(**probe).logits
-    verify_against_live(dict(probe), live, "fp32")(export)
+        live = model(**inputs).logits
+
+    def probe(logits, precision):
+        return {"precision": precision, "logits": logits.tolist(), "inputs": {k: v.tolist() for k, v in inputs.items()}}
+
+    verify_probe(export, probe(live, "fp32"))
     with pytest.raises(ExportError, match="differs from the live model"):
-        verify_against_live(dict(probe), live + 1e-2, "fp32")(export)
-    verify_against_live(dict(probe), live + 1e-2, "bf16")(export)  # 16-bit engines get a looser bound
+        verify_probe(export, probe(live + 1e-2, "fp32"))
+    verify_probe(export, probe(live + 1e-2, "bf16"))  # 16-bit engines get a looser bound
