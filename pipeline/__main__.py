@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import sys
 
-from . import dist
+from . import check, dist, plan
 from .config import ConfigError, TrainConfig
 
 
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     _predict_parser(sub)
     _doctor_parser(sub)
     _export_parser(sub)
+    check.add_parser(sub)
+    plan.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -71,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             from .checkpoint import export_checkpoint
 
             print(f"export (verified): {export_checkpoint(Path(args.checkpoint), Path(args.output))}")
+        elif args.command == "check-config":
+            return check.check_config(args)
+        elif args.command == "plan":
+            return plan.run_plan(args)
         elif args.command == "doctor":
             from .doctor import main as doctor_main
 

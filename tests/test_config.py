@@ -11,6 +11,7 @@ V100 = Hardware("cuda", fp16=True, bf16=False, name="Tesla V100-SXM2-16GB")
 A100 = Hardware("cuda", fp16=True, bf16=True, name="A100")
 REPO = Path(__file__).resolve().parent.parent
 WILD = REPO.parent / "shared" / "wild_ds_configs"
+AUTO = TrainConfig()  # precision auto, no global/micro batch options, no lr scaling
 
 
 def base(**kw) -> dict:
@@ -40,8 +41,10 @@ def test_inconsistent_batch_names_all_three_numbers_and_world_size():
 
 
 def test_indivisible_and_missing_batch_sizes_are_errors():
-    with pytest.raises(ConfigError, match="multiple of"):
+    with pytest.raises(ConfigError) as e:
         resolve_batch("c.json", {"train_batch_size": 100, "train_micro_batch_size_per_gpu": 8}, 2)
+    assert "nearest valid: train_batch_size 96 (6 x 8 x 2) or train_batch_size 112 (7 x 8 x 2)" in str(e.value)
+    assert "keep 100 with train_micro_batch_size_per_gpu 2 or 5 or 10" in str(e.value)
     with pytest.raises(ConfigError, match="set train_micro_batch_size_per_gpu"):
         resolve_batch("c.json", {"gradient_accumulation_steps": 2}, 2)
     with pytest.raises(ConfigError, match="positive integer"):
@@ -60,14 +63,14 @@ def test_json_syntax_error_reports_line_and_column(tmp_path):
 def test_unknown_top_level_key_suggests_the_right_one():
     ds = base(train_micro_batch_size_per_gpu=4, gradient_acumulation_steps=2)
     with pytest.raises(ConfigError, match=r"cfg\.json: unknown key 'gradient_acumulation_steps' \(did you mean 'gradient_accumulation_steps'\?\)"):
-        resolve_ds_config("cfg.json", ds, 2, "auto", CPU)
+        resolve_ds_config("cfg.json", ds, 2, CPU, AUTO)
 
 
 def test_stage_zero_and_missing_optimizer_are_refused():
     with pytest.raises(ConfigError, match="zero_optimization.stage must be 1, 2 or 3"):
-        resolve_ds_config("c.json", base(train_micro_batch_size_per_gpu=4, zero_optimization={"stage": 0}), 1, "auto", CPU)
+        resolve_ds_config("c.json", base(train_micro_batch_size_per_gpu=4, zero_optimization={"stage": 0}), 1, CPU, AUTO)
     with pytest.raises(ConfigError, match="'optimizer'"):
-        resolve_ds_config("c.json", {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}, 1, "auto", CPU)
+        resolve_ds_config("c.json", {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}, 1, CPU, AUTO)
 
 
 @pytest.mark.parametrize("ds, requested, hw, expected", [
@@ -98,7 +101,7 @@ def test_precision_that_cannot_run_is_refused_not_swapped(ds, requested, hw, mes
 def test_resolved_config_fills_batch_precision_and_schedule():
     ds = base(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2, fp16={"enabled": "auto", "loss_scale": 0},
               scheduler={"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto", "total_num_steps": "auto"}})
-    resolved = resolve_ds_config("c.json", ds, 2, "auto", V100)
+    resolved = resolve_ds_config("c.json", ds, 2, V100, AUTO).ds
     assert resolved["train_batch_size"] == 16 and resolved["fp16"] == {"enabled": True, "loss_scale": 0}
     assert resolved["bf16"] == {"enabled": False}
     filled = fill_schedule("c.json", resolved, total_steps=95, warmup_ratio=0.1)
@@ -112,14 +115,14 @@ def test_auto_optimizer_values_are_refused():
     ds = base(train_micro_batch_size_per_gpu=4)
     ds["optimizer"]["params"]["lr"] = "auto"
     with pytest.raises(ConfigError, match="optimizer.params.lr is \"auto\""):
-        resolve_ds_config("c.json", ds, 1, "auto", CPU)
+        resolve_ds_config("c.json", ds, 1, CPU, AUTO)
 
 
 def test_shipped_configs_resolve_on_their_target(tmp_path):
     for path in sorted((REPO / "ds_configs").glob("*.json")):
         raw = load_json(path)
         world, hw = (2, CPU) if path.name.startswith("small") else (8, V100)
-        resolved = resolve_ds_config(str(path), raw, world, "auto", hw)
+        resolved = resolve_ds_config(str(path), raw, world, hw, AUTO).ds
         if not path.name.startswith("small"):
             assert resolved["train_batch_size"] == 256, path
             assert resolved["fp16"]["enabled"], path
@@ -127,10 +130,10 @@ def test_shipped_configs_resolve_on_their_target(tmp_path):
 
 @pytest.mark.skipif(not WILD.is_dir(), reason="shared/wild_ds_configs is not next to this checkout")
 def test_real_world_configs_have_no_false_unknown_keys():
-    from pipeline.config import check_top_level_keys
+    from pipeline.ds_schema import validate
 
     for path in sorted(WILD.glob("*.json")):
-        check_top_level_keys(str(path), load_json(path))
+        assert validate(str(path), load_json(path))[0] == [], path
 
 
 def test_train_config_checks_types_and_unknown_keys(tmp_path):
