@@ -1,10 +1,13 @@
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoint import ExportError, check_export_weights, load_export, verify_probe
+from pipeline.checkpoint import (MANIFEST, CheckpointError, ExportError, TrainerState, check_compatible, check_export_weights,
+                                 find_resume_checkpoint, load_export, prune, scan, verify_manifest, verify_probe, write_json,
+                                 write_manifest)
 
 
 @pytest.fixture()
@@ -48,3 +51,88 @@ def test_export_must_reproduce_live_logits(export):
     with pytest.raises(ExportError, match="differs from the live model"):
         verify_probe(export, probe(live + 1e-2, "fp32"))
     verify_probe(export, probe(live + 1e-2, "bf16"))  # 16-bit engines get a looser bound
+
+
+# ---- manifests, resume selection and compatibility (our own JSON files; no DeepSpeed needed) ----
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, line):
+        self.lines.append(line)
+
+
+def fake_checkpoint(root, step, complete=True, labels=("a", "b")):
+    ckpt = root / "checkpoints" / f"step-{step}"
+    (ckpt / "hf").mkdir(parents=True)
+    (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"shard" * 100)
+    write_json(ckpt / "trainer_state.json", asdict(TrainerState(optimizer_step=step, label_names=list(labels))))
+    write_json(ckpt / "hf" / "config.json", {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
+                                             "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100})
+    if complete:
+        write_manifest(ckpt)
+    return ckpt
+
+
+def test_manifest_refuses_missing_changed_and_unexpected_files(tmp_path):
+    ckpt = fake_checkpoint(tmp_path, 4)
+    verify_manifest(ckpt)
+    shard = ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(b"shard" * 99 + b"shaRd")  # same size, different content
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        verify_manifest(ckpt)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match="missing zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        verify_manifest(ckpt)
+    ckpt2 = fake_checkpoint(tmp_path, 6)
+    (ckpt2 / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="unexpected zero_pp_rank_1"):
+        verify_manifest(ckpt2)
+    (ckpt2 / MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        verify_manifest(ckpt2)
+
+
+def test_resume_auto_takes_the_newest_complete_and_reports_partials(tmp_path):
+    run = tmp_path / "run"
+    fake_checkpoint(run, 4)
+    newest = fake_checkpoint(run, 8)
+    partial = fake_checkpoint(run, 10, complete=False)
+    log = Log()
+    assert find_resume_checkpoint("auto", str(tmp_path), "run", log) == newest
+    assert any(str(partial) in line for line in log.lines)
+    assert scan(run / "checkpoints") == ([newest, run / "checkpoints" / "step-4"], [partial])
+
+
+def test_resume_with_nothing_to_resume(tmp_path):
+    fake_checkpoint(tmp_path / "run", 2, complete=False)
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint under .*run \(1 incomplete ones ignored\)"):
+        find_resume_checkpoint("auto", str(tmp_path), "run", Log())
+    assert find_resume_checkpoint("if-present", str(tmp_path), "run", Log()) is None
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        find_resume_checkpoint(str(tmp_path / "run" / "checkpoints" / "step-2"), str(tmp_path), "", Log())
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        find_resume_checkpoint(str(tmp_path / "nowhere"), str(tmp_path), "", Log())
+
+
+def test_checkpoint_of_another_label_set_or_model_is_refused(tmp_path):
+    from transformers import BertConfig
+
+    ckpt = fake_checkpoint(tmp_path, 2, labels=("a", "b"))
+    model = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    assert check_compatible(ckpt, ["a", "b"], model).optimizer_step == 2
+    with pytest.raises(CheckpointError, match=r"trained with labels \['a', 'b'\], but the data has \['a', 'c'\]"):
+        check_compatible(ckpt, ["a", "c"], model)
+    model.hidden_size = 64
+    with pytest.raises(CheckpointError, match="different model .*hidden_size: checkpoint 32 vs model 64"):
+        check_compatible(ckpt, ["a", "b"], model)
+
+
+def test_prune_keeps_newest_and_best(tmp_path):
+    run = tmp_path / "run"
+    for step in (2, 4, 6, 8):
+        fake_checkpoint(run, step)
+    fake_checkpoint(run, 3, complete=False)
+    prune(run / "checkpoints", keep=2, best_step=2)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-6", "step-8"]

@@ -1,0 +1,121 @@
+"""Checkpoints and resume with real ranks: a resumed run equals the uninterrupted one, bit for bit."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import REPO, cpu_env, ds_config, free_port, launch, read_jsonl, train
+
+# 256 records / (4 x 2 x 2 ranks) = 16 optimizer steps per epoch, 2 epochs; dropout on (tiny-bert).
+RUN_ARGS = ["--max-length", "64", "--eval-batch-size", "8", "--epochs", "2", "--eval-every", "0",
+            "--save-every", "2", "--keep-checkpoints", "20"]
+
+
+def train_args(config, data, tmp_path, *extra):
+    return ["train", "--ds-config", str(config), "--train-file", str(data["train"]), "--dev-file", str(data["dev"]),
+            "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), *RUN_ARGS, *extra]
+
+
+def losses(run):
+    return [row["loss"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row]
+
+
+def assert_same_run(run, reference):
+    assert losses(run) == losses(reference)
+    mine, theirs = load_file(run / "export" / "model.safetensors"), load_file(reference / "export" / "model.safetensors")
+    assert all((mine[k] == theirs[k]).all() for k in theirs)
+    assert (run / "predictions-dev.jsonl").read_text() == (reference / "predictions-dev.jsonl").read_text()
+
+
+def interrupted_copy(reference, target, last_step):
+    """The reference run as it would be if it had died right after saving step `last_step`."""
+    shutil.copytree(reference, target)
+    shutil.rmtree(target / "export")
+    for ckpt in (target / "checkpoints").glob("step-*"):
+        if int(ckpt.name.split("-")[1]) > last_step:
+            shutil.rmtree(ckpt)
+    return target
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, small_data):
+    runs = {}
+
+    def get(stage):
+        if stage not in runs:
+            tmp = tmp_path_factory.mktemp(f"ref-zero{stage}")
+            config = ds_config(tmp / "ds.json", stage, micro=4, accum=2, lr=3e-3)
+            result = launch(train_args(config, small_data, tmp, "--run-name", "ref"))
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            runs[stage] = (tmp / "ref", config)
+        return runs[stage]
+
+    return get
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("last_step", [6, 16], ids=["mid-epoch", "epoch-boundary"])
+def test_resume_equals_uninterrupted(reference, small_data, tmp_path, stage, last_step):
+    ref, config = reference(stage)
+    copy = interrupted_copy(ref, tmp_path / "interrupted", last_step)
+    result = launch(train_args(config, small_data, tmp_path, "--resume", str(copy / "checkpoints" / f"step-{last_step}")))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = json.loads((copy / "checkpoints" / f"step-{last_step}" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"]) == ((0, 6) if last_step == 6 else (1, 0))
+    assert f"resumed from {copy / 'checkpoints' / f'step-{last_step}'}" in result.stdout
+    assert_same_run(copy, ref)
+
+
+def _rank_processes(launcher: subprocess.Popen):
+    return [p for p in psutil.Process(launcher.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
+
+
+def test_sigkill_of_a_rank_fails_the_job_and_resume_auto_finishes_it(reference, small_data, tmp_path):
+    ref, config = reference(2)
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pipeline",
+           *train_args(config, small_data, tmp_path, "--run-name", "killed", "--dist-timeout-minutes", "0.5")]
+    log = open(tmp_path / "killed.log", "w")
+    job = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while not (ckpts / "step-10" / "manifest.json").exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert job.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+    victims = _rank_processes(job)
+    assert victims, "rank 1 not found"
+    killed_at = time.time()
+    for p in victims:
+        p.send_signal(signal.SIGKILL)
+    assert job.wait(timeout=60) != 0
+    assert time.time() - killed_at < 60
+    # A checkpoint the kill interrupted mid-save looks like this: files but no manifest.
+    newest = max(ckpts.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    partial = ckpts / f"step-{int(newest.name.split('-')[1]) + 1}"
+    shutil.copytree(newest, partial)
+    (partial / "manifest.json").unlink()
+
+    result = launch(train_args(config, small_data, tmp_path, "--run-name", "killed", "--resume", "auto"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"ignoring incomplete checkpoint {partial}" in result.stdout + result.stderr
+    assert f"resumed from {newest}" in result.stdout
+    assert_same_run(tmp_path / "killed", ref)
+
+
+def test_export_from_zero3_shards_reproduces_the_training_predictions(reference, small_data, tmp_path):
+    ref, _ = reference(3)
+    out = tmp_path / "exported"
+    subprocess.run([sys.executable, "-m", "pipeline", "export", str(ref / "checkpoints" / "step-32"), str(out)],
+                   cwd=REPO, env=cpu_env(), check=True, capture_output=True)
+    mine, theirs = load_file(out / "model.safetensors"), load_file(ref / "export" / "model.safetensors")
+    assert mine.keys() == theirs.keys() and all((mine[k] == theirs[k]).all() for k in theirs)
+    predicted = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--model", str(out), "--input",
+                                str(small_data["dev"])], cwd=REPO, env=cpu_env(), check=True, capture_output=True, text=True)
+    labels = [json.loads(line)["label"] for line in predicted.stdout.splitlines()]
+    assert labels == [row["label"] for row in read_jsonl(ref / "predictions-dev.jsonl")]
