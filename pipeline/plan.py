@@ -175,10 +175,10 @@ def run_plan(args) -> int:
           f"global batch {args.global_batch}; budget {_gib(int(gpu_mem * (1 - args.margin)))} per GPU "
           f"({args.margin:.0%} margin)")
     print(f"activations: {_gib(activation_bytes(shape, 1, args.seq_len))} per sample (16-bit)")
-    print(f"{'strategy':<14} {'model states/GPU':>16} {'CPU/node':>10} {'max micro':>9} {'micro x accum x world':>22} {'total/GPU':>10}")
+    print(f"{'strategy':<14} {'model states/GPU':>16} {'host RAM/node':>14} {'max micro':>9} {'micro x accum x world':>22} {'total/GPU':>10}")
     for o in options:
         layout = f"{o.micro} x {o.accum} x {world}" if o.micro else "does not fit"
-        print(f"{o.strategy:<14} {_gib(o.states):>16} {_gib(o.cpu):>10} {o.max_micro:>9} {layout:>22} "
+        print(f"{o.strategy:<14} {_gib(o.states):>16} {_gib(o.cpu):>14} {o.max_micro:>9} {layout:>22} "
               f"{_gib(o.per_gpu) if o.micro else '-':>10}")
     best = recommend(options)
     if best is None:

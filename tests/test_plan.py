@@ -1,0 +1,98 @@
+"""The memory planner: parameter counts without weights, DeepSpeed's estimators, micro-batch choice,
+the written config passing check-config and training 2 ranks, and the estimate against measurement."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cpu_env, train
+from pipeline.__main__ import main
+from pipeline.config import ConfigError, Hardware, TrainConfig, resolve_ds_config
+from pipeline.plan import ModelShape, ds_config_for, model_shape, model_state_bytes, plan, recommend
+
+MODELS = REPO / "pipeline" / "models"
+GIB = 1024 ** 3
+
+
+def test_parameter_count_from_config_alone():
+    shape = model_shape(str(MODELS / "roberta-wwm-ext-large-shape"))
+    assert 325e6 < shape.params < 326e6  # ~326M, not the 175B of a widely copied write-up
+    assert shape.largest_layer == 21128 * 1024  # the word embeddings
+    assert 6.5e9 < model_shape(str(MODELS / "llama-7b-shape" / "config.json")).params < 6.7e9
+    with pytest.raises(ConfigError, match="expected a model directory with config.json"):
+        model_shape(str(REPO / "tests"))
+
+
+def test_model_states_are_deepspeeds_estimates():
+    shape = ModelShape(params=10 ** 9, largest_layer=10 ** 8, hidden=2048, intermediate=8192, layers=24, heads=32)
+    assert model_state_bytes(shape, "zero2", 1, 8)[0] == 2 * 10 ** 9 + 18 * 10 ** 9 // 8
+    assert model_state_bytes(shape, "zero3", 2, 4)[0] == 4 * 10 ** 8 + 18 * 10 ** 9 // 8
+    assert model_state_bytes(shape, "zero3_offload", 1, 8)[0] == 4 * 10 ** 8
+
+
+def test_plan_chooses_micro_batch_and_stage():
+    roberta = model_shape(str(MODELS / "roberta-wwm-ext-large-shape"))
+    options = plan(roberta, 1, 8, 16 * GIB, 512, 256)
+    best = recommend(options)
+    assert best.strategy == "zero2" and best.micro * best.accum * 8 == 256 and best.per_gpu <= 16 * GIB * 0.85
+    assert best.max_micro >= best.micro and 32 % best.micro == 0
+    llama = model_shape(str(MODELS / "llama-7b-shape"))
+    assert recommend(plan(llama, 1, 8, 16 * GIB, 512, 256)).strategy == "zero3_offload"
+    assert recommend(plan(llama, 1, 8, 80 * GIB, 512, 256)).strategy in ("zero2", "zero3")
+    with pytest.raises(ConfigError, match="not divisible by the world size 6"):
+        plan(roberta, 1, 6, 16 * GIB, 512, 256)
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3", "zero3_offload"])
+def test_written_configs_resolve_on_other_clusters(strategy):
+    shape = model_shape(str(MODELS / "bert-1.3b-shape"))
+    option = next(o for o in plan(shape, 1, 8, 16 * GIB, 512, 256) if o.strategy == strategy)
+    ds = ds_config_for(option, 256, 2e-5)
+    for world in (8, 4, 2):  # accumulation follows the world size, the global batch stays 256
+        resolved = resolve_ds_config("plan.json", ds, world, Hardware.named("v100"), TrainConfig()).ds
+        assert resolved["train_batch_size"] == 256 and resolved["fp16"]["enabled"]
+        assert resolved["gradient_accumulation_steps"] == 256 // (world * option.micro)
+
+
+def test_plan_write_passes_check_config_and_trains_two_cpu_ranks(tmp_path, small_data, capsys):
+    written = tmp_path / "planned.json"
+    assert main(["plan", "--model", str(MODELS / "tiny-bert"), "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem", "2GiB",
+                 "--seq-len", "64", "--global-batch", "16", "--lr", "1e-3", "--write", str(written)]) == 0
+    assert "recommendation: zero2" in capsys.readouterr().out
+    assert main(["check-config", "--ds-config", str(written), "--hostfile", str(REPO / "hostfiles" / "localhost"),
+                 "--gpu", "cpu", "--model", str(MODELS / "tiny-bert"), "--seq-len", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "world size 2" in out and "ok: no errors" in out and "memory per GPU" in out
+    run_dir = train(tmp_path, "planned", small_data, written,
+                    extra=["--max-steps", "3", "--max-length", "64", "--eval-every", "0"])
+    used = json.loads((run_dir / "ds_config.json").read_text())
+    assert used["train_batch_size"] == 16 and used["world_size"] == 2
+    assert used["train_micro_batch_size_per_gpu"] * used["gradient_accumulation_steps"] * 2 == 16
+    assert "batch: " in (tmp_path / "planned.console.txt").read_text()
+
+
+def measure(hidden: int) -> list[dict]:
+    """Peak RSS of real ZeRO-2 bf16 steps (1 rank, CPU) for a 4-layer BERT of this width, micro 1 and 4."""
+    cmd = [sys.executable, "-m", "pipeline.gpu_checks.plan_memory", "--device", "cpu", "--stages", "2", "--hidden", str(hidden),
+           "--layers", "4", "--heads", "4", "--micro", "1", "4", "--seq", "64", "--steps", "2"]
+    env = dict(cpu_env(), MASTER_PORT=str(__import__("conftest").free_port()))
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_model_state_estimate_matches_measured_peak_memory():
+    """Two model sizes: the measured peak grows by DeepSpeed's estimated bytes per parameter (20 for
+    ZeRO-2 on one rank) within 25 % (measured on the 2-core development machine: 23.6, +18 %). The
+    slope cancels what does not scale with the model (interpreter, libraries, gloo, the 5e7-element
+    gradient bucket). Each peak is at least the estimate: the estimator does not over-promise."""
+    small, large = measure(256), measure(512)
+    for rows in (small, large):
+        assert rows[0]["measured_peak"] >= 0.95 * rows[0]["estimate_states"]
+        assert rows[1]["measured_peak"] >= rows[0]["measured_peak"]  # a larger micro batch needs more
+    measured = (large[0]["measured_peak"] - small[0]["measured_peak"]) / (large[0]["params"] - small[0]["params"])
+    estimated = (large[0]["estimate_states"] - small[0]["estimate_states"]) / (large[0]["params"] - small[0]["params"])
+    assert estimated == pytest.approx(20, rel=1e-3)
+    assert measured == pytest.approx(estimated, rel=0.25), f"measured {measured:.1f} bytes/parameter"
