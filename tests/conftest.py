@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,98 @@ def train(tmp_path: Path, name: str, data: dict, config: Path, ranks: int = 2, e
     assert result.returncode == 0, f"training failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     (tmp_path / f"{name}.console.txt").write_text(result.stdout + result.stderr, encoding="utf-8")
     return tmp_path / name
+
+
+# ----------------------------------------------------------------------------------------------
+# A 2-node cluster on this machine, for the multi-node tests
+# ----------------------------------------------------------------------------------------------
+
+NODES = {"127.0.1.1": "node1", "127.0.1.2": "node2"}  # loopback address -> hostname
+DEAD_NODE = "127.0.1.3"  # in the ssh config, but no sshd listens there
+SSH_CLIENT_CONFIG = Path("/etc/ssh/ssh_config.d/zero-pipeline-test-cluster.conf")
+CLUSTER_LOCK = Path("/tmp/zero-pipeline-test-cluster.lock")
+
+
+def require(*programs: str) -> None:
+    """Skip a test whose prerequisite is missing, saying which; under CI (CI=true) fail instead."""
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"  # sshd lives in sbin
+    missing = [p for p in programs if not shutil.which(p, path=path)]
+    if missing:
+        message = f"missing {', '.join(missing)}: apt-get install openssh-server pdsh openmpi-bin libopenmpi-dev"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+class Cluster:
+    """Hostfiles for the running nodes (plus the dead one), each with an env file beside it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def hostfile(self, name: str, hosts) -> Path:
+        path = self.root / name
+        path.write_text("".join(f"{host} slots=1\n" for host in hosts), encoding="utf-8")
+        # Gloo would look up each node's hostname (unknown to DNS here); keep it on loopback.
+        path.with_name(name + ".env").write_text("GLOO_SOCKET_IFNAME=lo\n", encoding="utf-8")
+        return path
+
+
+def _start_sshd(root: Path, address: str, hostname: str, port: int) -> subprocess.Popen:
+    """One node: an sshd on `address` only, in its own UTS namespace, so its sessions see `hostname`."""
+    config = root / f"sshd-{hostname}.conf"
+    config.write_text(f"ListenAddress {address}\nPort {port}\nHostKey {root}/host_key\n"
+                      f"AuthorizedKeysFile {root}/authorized_keys\nPermitRootLogin prohibit-password\n"
+                      "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+                      f"StrictModes no\nPidFile {root}/sshd-{hostname}.pid\n")  # StrictModes: tmp parents are world-writable
+    sshd = shutil.which("sshd", path=os.environ.get("PATH", "") + ":/usr/sbin")
+    with open(root / f"sshd-{hostname}.log", "w") as log:
+        return subprocess.Popen(["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$1" -D -e -f "$2"', hostname, sshd, str(config)],
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_listening(proc: subprocess.Popen, address: str, port: int, log: Path) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"sshd on {address} exited: {log.read_text()}")
+        try:
+            socket.create_connection((address, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"sshd on {address}:{port} not listening after 15 s: {log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Two nodes, node1 on 127.0.1.1 and node2 on 127.0.1.2, reached with root key login.
+
+    The ssh client config for those addresses is machine-wide (pdsh, mpirun and the runner call
+    plain `ssh HOST`), so two test sessions on one machine take turns through a lock file."""
+    require("sshd", "ssh", "pdsh", "mpirun", "unshare")
+    import fcntl
+
+    with open(CLUSTER_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        root = tmp_path_factory.mktemp("cluster")
+        for key in ("client_key", "host_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / key)], check=True)
+        (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
+        port = free_port()
+        SSH_CLIENT_CONFIG.write_text(
+            "# Written by the zero-pipeline test cluster fixture (tests/conftest.py) and removed after it.\n"
+            f"Host {' '.join([*NODES, DEAD_NODE])}\n    Port {port}\n    User root\n    IdentityFile {root}/client_key\n"
+            "    IdentitiesOnly yes\n    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n    LogLevel ERROR\n")
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+        nodes = []
+        try:
+            for address, hostname in NODES.items():
+                nodes.append(_start_sshd(root, address, hostname, port))
+                _wait_listening(nodes[-1], address, port, root / f"sshd-{hostname}.log")
+            yield Cluster(root)
+        finally:
+            for node in nodes:
+                node.terminate()
+                node.wait(timeout=10)
+            SSH_CLIENT_CONFIG.unlink(missing_ok=True)
