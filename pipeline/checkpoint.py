@@ -26,6 +26,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -187,7 +189,7 @@ def find_resume_checkpoint(spec: str, output_dir: str, run_name: str, log) -> Pa
 
 def check_compatible(ckpt: Path, label_names: list[str], model_config) -> TrainerState:
     """The checkpoint's state, after checking it belongs to this model and label set (JSON only)."""
-    state = TrainerState(**read_json(ckpt / STATE))
+    state = read_state(ckpt)
     if state.label_names != label_names:
         raise CheckpointError(f"{ckpt}: trained with labels {state.label_names}, but the data has {label_names}")
     saved = read_json(ckpt / HF_DIR / "config.json")
@@ -238,16 +240,45 @@ def prune(root: Path, keep: int, best_step: int | None) -> None:
     for ckpt in complete[keep:] + [p for p in partial if step_of(p) < newest]:
         if step_of(ckpt) != best_step:
             shutil.rmtree(ckpt)
+            shutil.rmtree(ckpt.with_name(ckpt.name + ".universal"), ignore_errors=True)
 
 
-def load(engine, ckpt: Path) -> None:
-    """Restore DeepSpeed state and this rank's RNG from a verified checkpoint."""
+def to_universal(ckpt: Path) -> Path:
+    """The checkpoint in DeepSpeed's universal format, which loads on any world size.
+
+    Converted once by `ds_to_universal` into a sibling directory (STEP.universal; built as .tmp
+    and renamed, so an interrupted conversion is redone, never used).
+    """
+    target = ckpt.with_name(ckpt.name + ".universal")
+    if not target.is_dir():
+        tmp = ckpt.with_name(ckpt.name + ".universal.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        # --inject_missing_state: the version marker Megatron-style clients store; ours has none.
+        done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+                               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+                               "--inject_missing_state"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise CheckpointError(f"{ckpt}: conversion to DeepSpeed's universal format failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp, target)
+    return target
+
+
+def load(engine, ckpt: Path, same_world_size: bool) -> None:
+    """Restore DeepSpeed state (and, on the same world size, each rank's RNG) from a verified checkpoint.
+
+    On another world size the engine must have been built with checkpoint.load_universal.
+    """
     dist.main_first(lambda: verify_manifest(ckpt))
-    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    source = ckpt if same_world_size else Path(dist.main_first(lambda: str(to_universal(ckpt))))
+    path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
     if path is None:  # DeepSpeed only warns when it finds nothing
-        raise CheckpointError(f"{ckpt}: DeepSpeed found no checkpoint to load")
-    rng_file = ckpt / f"rng-rank{dist.rank()}.json"
-    set_rng_state(read_json(rng_file))
+        raise CheckpointError(f"{source}: DeepSpeed found no checkpoint to load")
+    if same_world_size:
+        set_rng_state(read_json(ckpt / f"rng-rank{dist.rank()}.json"))
+
+
+def read_state(ckpt: Path) -> TrainerState:
+    return TrainerState(**read_json(ckpt / STATE))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, dist
-from .config import ConfigError, Hardware, TrainConfig, ds_precision, fill_schedule, load_json, resolve_ds_config
+from .config import (ConfigError, Hardware, TrainConfig, ds_precision, fill_schedule, load_json, resolve_batch,
+                     resolve_ds_config)
 from .checkpoint import TrainerState, write_json
 from .data import file_digest, load_tokenized, make_collate, prepare_splits, steps_per_epoch, train_loader
 from .engine import build_engine
@@ -186,6 +187,25 @@ def start_or_resume(cfg: TrainConfig, log) -> tuple[Path, Path | None]:
     return Path(run_dir), (Path(ckpt) if ckpt else None)
 
 
+def keep_global_batch(ckpt: Path, saved: TrainerState, ds_config: dict, log) -> dict:
+    """Resuming: the global batch must stay what the checkpoint trained with, since the position in
+    the epoch's data order counts global batches. On another world size the accumulation steps are
+    re-derived to keep it, and the engine loads through DeepSpeed's universal checkpoint format."""
+    if saved.world_size == dist.world_size():
+        if saved.train_batch_size != ds_config["train_batch_size"]:
+            raise ConfigError(f"{ckpt}: trained with a global batch of {saved.train_batch_size}, but this config gives "
+                              f"{ds_config['train_batch_size']}; resume with the checkpoint's batch settings")
+        return ds_config
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    total, micro, accum = resolve_batch(str(ckpt), {"train_batch_size": saved.train_batch_size,
+                                                    "train_micro_batch_size_per_gpu": micro}, dist.world_size())
+    log.warning(f"resuming a {saved.world_size}-rank checkpoint on {dist.world_size()} ranks: global batch kept at {total} "
+                f"= {micro} x {accum} accumulation x {dist.world_size()}; not carried over: each rank's RNG state "
+                "(dropout masks differ from an uninterrupted run) and bit-exactness (reductions run in another order)")
+    return {**ds_config, "train_batch_size": total, "gradient_accumulation_steps": accum,
+            "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train, evaluate, checkpoint and export; returns the final metrics (on every rank)."""
     quiet_libraries()
@@ -203,6 +223,11 @@ def run(cfg: TrainConfig) -> dict:
     run_dir, resume_from = start_or_resume(cfg, log)
     data, tokenizer, label_names = prepare_data(cfg, cfg.cache_dir or str(Path(cfg.output_dir) / "cache"), log)
     collate = make_collate(tokenizer)
+    same_world_size = True
+    if resume_from is not None:
+        saved = checkpoint.read_state(resume_from)
+        same_world_size = saved.world_size == dist.world_size()
+        ds_config = keep_global_batch(resume_from, saved, ds_config, log)
     per_epoch = steps_per_epoch(len(data["train"]), ds_config["train_batch_size"])
     if per_epoch == 0:
         raise ConfigError(f"{cfg.train_file}: {len(data['train'])} records, fewer than one global batch "
@@ -219,7 +244,7 @@ def run(cfg: TrainConfig) -> dict:
         state.best_metric, state.best_step = saved.best_metric, saved.best_step
     engine = build_engine(model, ds_config)
     if resume_from is not None:
-        checkpoint.load(engine, resume_from)
+        checkpoint.load(engine, resume_from, same_world_size)
         log.info(f"resumed from {resume_from}: epoch {state.epoch}, {state.step_in_epoch} steps into it, "
                  f"optimizer step {state.optimizer_step}")
     if dist.is_main():

@@ -1,6 +1,5 @@
 """Checkpoints and resume with real ranks: a resumed run equals the uninterrupted one, bit for bit."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import psutil
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import REPO, cpu_env, ds_config, free_port, launch, read_jsonl, train
+from conftest import REPO, cpu_env, ds_config, free_port, launch, read_jsonl
 
 # 256 records / (4 x 2 x 2 ranks) = 16 optimizer steps per epoch, 2 epochs; dropout on (tiny-bert).
 RUN_ARGS = ["--max-length", "64", "--eval-batch-size", "8", "--epochs", "2", "--eval-every", "0",
@@ -119,3 +118,32 @@ def test_export_from_zero3_shards_reproduces_the_training_predictions(reference,
                                 str(small_data["dev"])], cwd=REPO, env=cpu_env(), check=True, capture_output=True, text=True)
     labels = [json.loads(line)["label"] for line in predicted.stdout.splitlines()]
     assert labels == [row["label"] for row in read_jsonl(ref / "predictions-dev.jsonl")]
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)], ids=["2-to-1-ranks", "1-to-2-ranks"])
+def test_resume_on_another_world_size_keeps_the_global_batch(initial_model, small_data, tmp_path, before, after):
+    """ZeRO-2 (which DeepSpeed's own universal-checkpoint tests do not cover), through the universal format.
+
+    The model has no dropout, so the only difference from the uninterrupted run left is the order
+    of floating-point reductions: losses and weights must agree to float32 rounding."""
+    accum = {2: 2, 1: 4}  # 4 per rank x accum x ranks = 16
+    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=accum[before])
+    args = ("--model", str(initial_model), "--epochs", "1")
+    result = launch(train_args(config, small_data, tmp_path, "--run-name", "ref", *args), ranks=before)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ref = tmp_path / "ref"
+    copy = interrupted_copy(ref, tmp_path / "interrupted", 6)
+    # The same JSON on the new world size: the run must re-derive accumulation to keep 16.
+    result = launch(train_args(config, small_data, tmp_path, "--resume", str(copy / "checkpoints" / "step-6"), *args),
+                    ranks=after)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert f"global batch kept at 16 = 4 x {accum[after]} accumulation x {after}" in output
+    assert "not carried over: each rank's RNG state" in output
+    resolved = json.loads((copy / "ds_config.json").read_text())
+    assert (resolved["train_batch_size"], resolved["gradient_accumulation_steps"], resolved["world_size"]) == (16, accum[after], after)
+    resumed, reference_curve = losses(copy), losses(ref)
+    assert len(resumed) == len(reference_curve) == 16
+    assert max(abs(a - b) for a, b in zip(resumed, reference_curve)) < 1e-5, (resumed, reference_curve)
+    mine, theirs = load_file(copy / "export" / "model.safetensors"), load_file(ref / "export" / "model.safetensors")
+    assert max(abs(mine[k] - theirs[k]).max() for k in theirs) < 1e-5
