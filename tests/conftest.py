@@ -118,8 +118,12 @@ def require(*programs: str) -> None:
     """Skip a test whose prerequisite is missing, saying which; under CI (CI=true) fail instead."""
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"  # sshd lives in sbin
     missing = [p for p in programs if not shutil.which(p, path=path)]
+    message = ""
     if missing:
         message = f"missing {', '.join(missing)}: apt-get install openssh-server pdsh openmpi-bin libopenmpi-dev"
+    elif os.geteuid() != 0:
+        message = "the test cluster needs root (sshd in UTS namespaces, /etc/ssh/ssh_config.d)"
+    if message:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
