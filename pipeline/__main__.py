@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import sys
 
-from . import check, dist, plan
+from . import audit, check, dist, plan, plot
 from .config import ConfigError, TrainConfig
 
 
@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     _export_parser(sub)
     check.add_parser(sub)
     plan.add_parser(sub)
+    audit.add_parser(sub)
+    plot.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -77,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             return check.check_config(args)
         elif args.command == "plan":
             return plan.run_plan(args)
+        elif args.command == "verify-accumulation":
+            return audit.main(args)
+        elif args.command == "plot":
+            return plot.main(args)
         elif args.command == "doctor":
             from .doctor import main as doctor_main
 

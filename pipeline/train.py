@@ -59,9 +59,9 @@ def timed(iterable, stats: dict):
 
 
 class RunLog:
-    """Rank 0's record of the run: metrics.jsonl, eval JSON files and the console."""
+    """Rank 0's record of the run: metrics.jsonl, TensorBoard events, eval JSON files and the console."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool = False):
         from tqdm import tqdm
 
         self.run_dir, self.log = run_dir, dist.get_logger()
@@ -76,11 +76,22 @@ class RunLog:
                     if json.loads(line)["step"] <= start_step] if path.exists() else []
             write_lines(path, kept)
             self.metrics = open(path, "a", encoding="utf-8")
+        self.tensorboard = None
+        if tensorboard and dist.is_main():
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops the events of an interrupted run after its checkpoint, as above.
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None,
+                                             flush_secs=10)
 
     def record(self, row: dict) -> None:
         if dist.is_main():
             self.metrics.write(json.dumps(row, ensure_ascii=False) + "\n")
             self.metrics.flush()
+        if self.tensorboard:
+            for key, value in row.items():
+                if key not in ("step", "epoch", "split"):
+                    self.tensorboard.add_scalar(f"{row.get('split', 'train')}/{key}", value, row["step"])
 
     def step(self, row: dict, show: bool) -> None:
         self.record(row)
@@ -100,6 +111,8 @@ class RunLog:
         self.bar.close()
         if dist.is_main():
             self.metrics.close()
+        if self.tensorboard:
+            self.tensorboard.close()
 
 
 def train_loop(engine, cfg: TrainConfig, data: dict, collate, label_names, state: TrainerState, total_steps: int,
@@ -234,6 +247,9 @@ def run(cfg: TrainConfig) -> dict:
                           f"(train_batch_size={ds_config['train_batch_size']})")
     total_steps = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
     ds_config = fill_schedule(cfg.ds_config, ds_config, total_steps, cfg.warmup_ratio)
+    if cfg.flops_profiler_step:
+        ds_config["flops_profiler"] = {"enabled": True, "profile_step": cfg.flops_profiler_step,
+                                       "output_file": str(run_dir / "flops_profile.txt")}
 
     model = build_model(cfg.model, label_names, len(tokenizer), ds_config, cfg.seed)
     state = TrainerState(world_size=dist.world_size(), train_batch_size=ds_config["train_batch_size"],
@@ -263,7 +279,7 @@ def run(cfg: TrainConfig) -> dict:
     def save():
         return checkpoint.save(engine, run_dir, state, tokenizer, probe, ds_precision(ds_config), cfg.keep_checkpoints)
 
-    runlog = RunLog(run_dir, total_steps, state.optimizer_step)
+    runlog = RunLog(run_dir, total_steps, state.optimizer_step, tensorboard=bool(cfg.tensorboard))
     train_loop(engine, cfg, data, collate, label_names, state, total_steps, per_epoch, runlog, save)
 
     results = {}

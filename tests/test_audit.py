@@ -1,0 +1,34 @@
+"""verify-accumulation on the shipped configs, and on a deliberately broken loop."""
+import subprocess
+import sys
+
+from conftest import REPO, cpu_env
+
+CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "ds_configs").glob("*.json"))
+
+
+def verify(*args):
+    result = subprocess.run([sys.executable, "-m", "pipeline", "verify-accumulation", *args], cwd=REPO, env=cpu_env(),
+                            capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_shipped_configs_pass():
+    """All five, in fp32: the v100 configs are fp16, which DeepSpeed's CPU accelerator cannot run, so
+    on the CPU their accumulation (micro, steps, ZeRO stage, offload) is audited with --precision fp32."""
+    code, output = verify("--ds-config", *CONFIGS, "--precision", "fp32")
+    assert code == 0, output[-3000:]
+    assert output.count("\n  OK") == len(CONFIGS) == 5, output[-3000:]
+    assert "8 x 4 accumulated vs 32 x 1" in output and "ZeRO-3, fp32" in output
+
+
+def test_fp16_on_the_cpu_is_refused_with_the_reason():
+    code, output = verify("--ds-config", "ds_configs/v100x8_fp16_zero2.json")
+    assert code == 2 and "cannot run it (DeepSpeed's CPU accelerator has no fp16)" in output, output[-2000:]
+
+
+def test_an_extra_loss_division_fails():
+    code, output = verify("--ds-config", "ds_configs/small_zero2.json", "--inject-bug", "extra-loss-division")
+    assert code == 1, output[-3000:]
+    assert "FAILED: accumulation does not equal the big batch" in output
+    assert "||difference|| / ||gradient|| 0.5 " in output  # half the gradient is missing with accumulation 2
