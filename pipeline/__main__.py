@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import sys
 
-from . import audit, check, dist, plan, plot
+from . import audit, check, comms, dist, plan, plot
 from .config import ConfigError, TrainConfig
 
 
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_parser(sub)
     audit.add_parser(sub)
     plot.add_parser(sub)
+    comms.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             return audit.main(args)
         elif args.command == "plot":
             return plot.main(args)
+        elif args.command == "comms":
+            return comms.main(args)
         elif args.command == "doctor":
             from .doctor import main as doctor_main
 
