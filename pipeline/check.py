@@ -10,7 +10,7 @@ import re
 from collections import OrderedDict
 from pathlib import Path
 
-from .config import ConfigError, Hardware, TrainConfig, load_json, resolve_ds_config
+from .config import ConfigError, Hardware, TrainConfig, ds_precision, load_json, resolve_ds_config
 
 # DeepSpeed's runner matches `^(\S+)\s+slots=(\d+)` and ignores the rest of the line, so
 # "gpu1 slots=4x" counts 4 and "slots=0" a host with no ranks; this pattern is strict.
@@ -91,9 +91,9 @@ def describe(resolved, world: dict, hw: Hardware, warmup_ratio: float) -> list[s
     offload = [f"{what} -> {(zero.get(key) or {}).get('device', 'none')}" for key, what in
                (("offload_optimizer", "optimizer"), ("offload_param", "parameters"))
                if (zero.get(key) or {}).get("device", "none") != "none"]
-    precision = "fp16" if ds["fp16"]["enabled"] else "bf16" if ds["bf16"]["enabled"] else "fp32"
+    precision = ds_precision(ds)
     sched = (ds.get("scheduler") or {}).get("params") or {}
-    lines = [f"hosts: " + ", ".join(f"{host} {len(slots)}" for host, slots in world.items())
+    lines = ["hosts: " + ", ".join(f"{host} {len(slots)}" for host, slots in world.items())
              + f" -> world size {sum(len(s) for s in world.values())} on {len(world)} node(s)",
              *resolved.notes,
              f"ZeRO stage {zero.get('stage', 0)}; offload: {', '.join(offload) or 'none'}",

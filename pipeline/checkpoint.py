@@ -211,6 +211,8 @@ def save(engine, run_dir: Path, state: TrainerState, tokenizer, probe: dict, pre
 
     root = run_dir / CHECKPOINTS
     ckpt = root / f"step-{state.optimizer_step}"
+    if dist.main_first(lambda: (ckpt / MANIFEST).is_file()):
+        return ckpt  # a resumed run that was already finished: never rewrite a complete checkpoint
     was_training = engine.training
     engine.eval()
     logits = forward_logits(engine, probe)  # every rank: a ZeRO-3 forward is collective

@@ -65,12 +65,15 @@ def _mpi_discovery() -> None:
     os.environ.update(chosen)
 
 
-def shutdown() -> None:
-    """Leave the process group cleanly; exiting with it alive can abort in gloo's threads."""
+def shutdown(wait_for_others: bool = True) -> None:
+    """Leave the process group; exiting with it alive aborts in gloo's threads (SIGABRT).
+
+    After an error, don't wait: the other ranks may never arrive."""
     import torch.distributed as td
 
     if td.is_initialized():
-        td.barrier()
+        if wait_for_others:
+            td.barrier()
         td.destroy_process_group()
 
 

@@ -30,10 +30,14 @@ PROBE_SIZE = 8  # dev records whose logits the export must reproduce
 
 
 def new_run_dir(cfg: TrainConfig) -> str:
-    """Rank 0 names the run once (the others receive it): never two clocks, never two names."""
+    """Rank 0 names the run once (the others receive it): never two clocks, never two names.
+
+    An existing run directory is only reused by `--resume if-present` (a retried job whose first
+    attempt died before its first checkpoint); otherwise it is an error, so no run is overwritten.
+    """
     name = cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(run_dir.iterdir()) and cfg.resume != "if-present":
         raise ConfigError(f"run directory {run_dir} already exists and is not empty; choose another run_name")
     run_dir.mkdir(parents=True, exist_ok=True)
     return str(run_dir)
