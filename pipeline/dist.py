@@ -52,7 +52,14 @@ def init(timeout_minutes: float) -> None:
         _mpi_discovery()
     # One line per rank (in its rank log when the launcher keeps them): where each rank runs.
     print(f"rank {rank()} of {world_size()}: host {socket.gethostname()}, pid {os.getpid()}", flush=True)
-    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), verbose=False)
+    timeout = timedelta(minutes=timeout_minutes)
+    # DeepSpeed creates its ZeRO process groups without a timeout, so they get torch's default
+    # (30 minutes on gloo) instead of this one: a frozen rank would outlast the bound. Make the
+    # default ours.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(timeout=timeout, verbose=False)
 
 
 def _mpi_discovery() -> None:

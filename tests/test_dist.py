@@ -1,0 +1,39 @@
+"""The collective timeout bounds a frozen rank (real ranks, real launcher)."""
+import signal
+import subprocess
+import time
+
+import psutil
+
+from conftest import REPO, cpu_env, ds_config, free_port
+
+
+def test_a_frozen_rank_fails_the_job_within_the_collective_timeout(small_data, tmp_path):
+    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pipeline", "train",
+           "--ds-config", str(config), "--train-file", str(small_data["train"]), "--dev-file", str(small_data["dev"]),
+           "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--max-length", "64",
+           "--epochs", "50", "--eval-every", "0", "--log-every", "1", "--dist-timeout-minutes", "0.1"]
+    log = tmp_path / "job.log"
+    job = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    frozen = []
+    try:
+        deadline = time.time() + 180
+        while "loss" not in log.read_text() and job.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert job.poll() is None, log.read_text()[-3000:]
+        frozen = [p for p in psutil.Process(job.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
+        for p in frozen:
+            p.send_signal(signal.SIGSTOP)  # alive but silent, like a hung node: nothing closes its sockets
+        started = time.time()
+        code = job.wait(timeout=120)
+        assert code != 0
+        assert time.time() - started < 90  # 6 s timeout, then the launcher tears the job down
+        assert "Timed out waiting" in log.read_text()
+    finally:
+        for p in frozen:
+            if p.is_running():
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+        if job.poll() is None:
+            job.kill()
