@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import sys
 
-from . import audit, check, comms, dist, plan, plot
+from . import audit, bench, check, comms, dist, plan, plot
 from .config import ConfigError, TrainConfig
 
 
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_parser(sub)
     plot.add_parser(sub)
     comms.add_parser(sub)
+    bench.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             return plot.main(args)
         elif args.command == "comms":
             return comms.main(args)
+        elif args.command == "bench":
+            return bench.main(args)
         elif args.command == "doctor":
             from .doctor import main as doctor_main
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -126,7 +125,7 @@ def steady(result: dict) -> dict:
 
 def markdown(results: list[dict], ranks: int) -> str:
     kinds = sorted({k for r in results for k in steady(r)})
-    lines = [f"| ZeRO stage | accumulation | " + " | ".join(f"{k}: calls, MB" for k in kinds) + " |",
+    lines = ["| ZeRO stage | accumulation | " + " | ".join(f"{k}: calls, MB" for k in kinds) + " |",
              "| --- | --- |" + " --- |" * len(kinds)]
     for r in results:
         step = steady(r)
@@ -155,9 +154,13 @@ def main(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # a rank of the launched job
+def run_worker(worker) -> None:
+    """A launched rank's entry point: `--worker SPEC_JSON` (the launcher appends --local_rank=N)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", required=True)
     parser.add_argument("--local_rank", type=int)
     worker(parser.parse_args().worker)
-    sys.exit(0)
+
+
+if __name__ == "__main__":  # a rank of the launched job
+    run_worker(worker)
