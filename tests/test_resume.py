@@ -10,6 +10,8 @@ import psutil
 import pytest
 from safetensors.numpy import load_file
 
+from pipeline.checkpoint import step_of
+
 from conftest import REPO, cpu_env, ds_config, free_port, launch, read_jsonl
 
 # 256 records / (4 x 2 x 2 ranks) = 16 optimizer steps per epoch, 2 epochs; dropout on (tiny-bert).
@@ -38,7 +40,7 @@ def interrupted_copy(reference, target, last_step):
     shutil.copytree(reference, target)
     shutil.rmtree(target / "export")
     for ckpt in (target / "checkpoints").glob("step-*"):
-        if int(ckpt.name.split("-")[1]) > last_step:
+        if step_of(ckpt) > last_step:
             shutil.rmtree(ckpt)
     return target
 
@@ -76,34 +78,37 @@ def _rank_processes(launcher: subprocess.Popen):
     return [p for p in psutil.Process(launcher.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
 
 
-def test_sigkill_of_a_rank_fails_the_job_and_resume_auto_finishes_it(reference, small_data, tmp_path):
+def test_sigkill_during_a_save_leaves_a_partial_that_resume_auto_skips(reference, small_data, tmp_path):
+    """Kill rank 1 while a checkpoint is being written: the job fails fast, the half-written
+    checkpoint is never resumed from, and `--resume auto` finishes the run exactly as if uninterrupted."""
     ref, config = reference(2)
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pipeline",
-           *train_args(config, small_data, tmp_path, "--run-name", "killed", "--dist-timeout-minutes", "0.5")]
+           *train_args(config, small_data, tmp_path, "--run-name", "killed", "--save-every", "1", "--dist-timeout-minutes", "0.5")]
     log = open(tmp_path / "killed.log", "w")
     job = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT)
     ckpts = tmp_path / "killed" / "checkpoints"
+
+    def being_written():
+        return [p for p in ckpts.glob("step-*") if step_of(p) >= 10 and not (p / "manifest.json").exists()]
+
     deadline = time.time() + 240
-    while not (ckpts / "step-10" / "manifest.json").exists() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    while not being_written() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
     assert job.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "killed.log").read_text()[-3000:]
-    victims = _rank_processes(job)
-    assert victims, "rank 1 not found"
     killed_at = time.time()
-    for p in victims:
+    for p in _rank_processes(job):
         p.send_signal(signal.SIGKILL)
     assert job.wait(timeout=60) != 0
     assert time.time() - killed_at < 60
-    # A checkpoint the kill interrupted mid-save looks like this: files but no manifest.
-    newest = max(ckpts.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    partial = ckpts / f"step-{int(newest.name.split('-')[1]) + 1}"
-    shutil.copytree(newest, partial)
-    (partial / "manifest.json").unlink()
+    partial = [p for p in ckpts.glob("step-*") if not (p / "manifest.json").exists()]
+    assert len(partial) == 1, "the kill did not land inside a save"
+    newest_complete = ckpts / f"step-{step_of(partial[0]) - 1}"
+    assert (newest_complete / "manifest.json").exists()
 
     result = launch(train_args(config, small_data, tmp_path, "--run-name", "killed", "--resume", "auto"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"ignoring incomplete checkpoint {partial}" in result.stdout + result.stderr
-    assert f"resumed from {newest}" in result.stdout
+    assert f"ignoring incomplete checkpoint {partial[0]}" in result.stdout + result.stderr
+    assert f"resumed from {newest_complete}" in result.stdout
     assert_same_run(tmp_path / "killed", ref)
 
 
