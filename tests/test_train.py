@@ -13,7 +13,8 @@ from pipeline.evaluate import compute_metrics
 from conftest import REPO, cpu_env, ds_config, launch, read_jsonl, train, write_jsonl
 
 SHORT = ["--max-length", "64", "--eval-batch-size", "8"]
-TRAIN_ARGS = [*SHORT, "--epochs", "3", "--eval-every", "16", "--log-every", "4"]
+TRAIN_ARGS = [*SHORT, "--epochs", "3", "--eval-every", "16", "--log-every", "4", "--save-every", "16",
+              "--keep-checkpoints", "1", "--best-metric", "macro_f1"]
 
 
 def scheduled_config(tmp, stage):
@@ -50,7 +51,12 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
     assert (resolved["train_batch_size"], resolved["world_size"], resolved["zero_optimization"]["stage"]) == (16, 2, stage)
     assert resolved["scheduler"]["params"]["total_num_steps"] == 48
     assert json.loads((run / "train_config.json").read_text())["max_length"] == 64
-    assert (run / "checkpoints" / "step-48").is_dir()
+    # Kept: the newest checkpoint and the one with the best dev macro-F1 among the saved steps 16 and 32.
+    scores = {step: json.loads((run / "eval" / f"dev-step-{step}.json").read_text())["macro_f1"] for step in (16, 32)}
+    best = max(scores, key=lambda step: (scores[step], -step))
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert kept == sorted({"step-48", f"step-{best}"}), (kept, scores)
+    assert json.loads((run / "checkpoints" / "step-48" / "trainer_state.json").read_text())["best_step"] == best
     assert sorted(p.name for p in (run / "eval").iterdir()) == ["dev-step-16.json", "dev-step-32.json", "dev-step-48.json"]
 
     # The metrics cover exactly the 37 dev records (odd: not divisible by 2 ranks) ...
