@@ -207,8 +207,11 @@ def run_hf(spec: dict, ds: dict) -> tuple[list[dict], float]:
     """HF Trainer with the same JSON; its arguments mirror the JSON's values, as its integration requires."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    import deepspeed
+
     from .model import build_model
 
+    deepspeed.init_distributed()  # ZeRO-3 partitions while building: the process group must exist
     data, tokenizer, collate = load_data(spec)
     # Built before TrainingArguments: build_model switches transformers' ZeRO-3 integration off when done.
     model = build_model(spec["model"], spec["label_names"], len(tokenizer), ds, spec["seed"])
