@@ -372,7 +372,7 @@ def main(args) -> int:
     machine = f"{args.ranks} ranks on {hardware.name}, {os.cpu_count()} CPU cores"
     out = Path(args.out)
     text = (f"{machine}; {args.steps} optimizer steps per run, median step time after {args.warmup} warm-up steps, "
-            f"median of {args.reps} alternating repetitions\n\n" + markdown_table(results) + "\n" + "\n".join(goals(results)) + "\n")
+            f"median of {args.reps} alternating repetitions\n\n" + markdown_table(results) + "\n" + "\n".join("- " + line for line in goals(results)) + "\n")
     (out / "bench.md").write_text(text, encoding="utf-8")
     plot(results, out / "bench.png", f"{machine}; model {Path(args.model).name}, max length {args.max_length}")
     print(text + f"\nwritten: {out / 'bench.md'}, {out / 'bench.png'}, {out / 'bench.json'}")
