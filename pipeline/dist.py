@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 
 def _env_int(*names: str, default: int) -> int:
@@ -60,6 +61,25 @@ def init(timeout_minutes: float) -> None:
 
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(timeout=timeout, verbose=False)
+    release_shared_memory()
+
+
+def release_shared_memory() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer from /dev/shm once every rank has mapped it.
+
+    DeepSpeed's CPU backend gives each rank of a single-node job a ~70 MB shared-memory buffer named
+    after the master address, port and rank, and never unlinks it: each run leaves its buffers
+    behind until the machine runs out of memory. `init_distributed` returns once this rank has
+    mapped every other rank's buffer; after a barrier all have, and the names can go (the mappings
+    stay valid, and the memory is freed when the last rank exits, however it exits).
+    """
+    import torch.distributed as td
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port and td.is_initialized()):
+        return
+    td.barrier()
+    Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank()}").unlink(missing_ok=True)
 
 
 def _mpi_discovery() -> None:

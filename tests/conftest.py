@@ -88,8 +88,13 @@ def initial_model(tmp_path_factory, small_data) -> Path:
 
 def launch(args: list[str], ranks: int = 2, timeout: int = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus RANKS --module pipeline ARGS` on CPU ranks; output captured."""
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "pipeline", *args]
-    return subprocess.run(cmd, cwd=cwd, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), "--module", "pipeline", *args]
+    result = subprocess.run(cmd, cwd=cwd, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    # DeepSpeed's CPU backend leaves a ~70 MB /dev/shm buffer per rank unless the pipeline unlinks it.
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"shared-memory buffers left behind: {leaked}"
+    return result
 
 
 def train(tmp_path: Path, name: str, data: dict, config: Path, ranks: int = 2, extra: list[str] = ()) -> Path:
