@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if dist.is_main():
             print(f"error: {e}", file=sys.stderr)
+        dist.shutdown(wait_for_others=False)
         return 2
     return 0
 

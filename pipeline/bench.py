@@ -26,6 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
+from .dist import release_shared_memory
 from .config import SAMPLE_DATA_DIR, TINY_MODEL_DIR, Hardware, TrainConfig, fill_schedule, load_json, resolve_ds_config
 
 STACKS = ("pipeline", "reference", "hf")
@@ -171,6 +172,7 @@ def run_reference(spec: dict, ds: dict) -> tuple[list[dict], float]:
     from .model import build_model
 
     deepspeed.init_distributed()
+    release_shared_memory()
     data, tokenizer, collate = load_data(spec)
     model = build_model(spec["model"], spec["label_names"], len(tokenizer), ds, spec["seed"])
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
@@ -212,6 +214,7 @@ def run_hf(spec: dict, ds: dict) -> tuple[list[dict], float]:
     from .model import build_model
 
     deepspeed.init_distributed()  # ZeRO-3 partitions while building: the process group must exist
+    release_shared_memory()
     data, tokenizer, collate = load_data(spec)
     # Built before TrainingArguments: build_model switches transformers' ZeRO-3 integration off when done.
     model = build_model(spec["model"], spec["label_names"], len(tokenizer), ds, spec["seed"])
