@@ -1,7 +1,8 @@
-"""Command line: `python -m pipeline {train,predict} ...` (see README.md).
+"""Command line: `python -m pipeline COMMAND ...` (see README.md; `--help` lists the commands).
 
-`train` is what every rank runs under the `deepspeed` launcher (./launch.sh); `predict` is a plain
-single process on an exported model.
+`train` is what every rank runs under the `deepspeed` launcher (./launch.sh, which is `launch`);
+the other commands (predict, export, doctor, check-config, plan, verify-accumulation, plot, comms,
+bench) are plain single processes or start their own ranks.
 """
 from __future__ import annotations
 
@@ -43,6 +44,34 @@ def _doctor_parser(sub) -> None:
     add_arguments(sub.add_parser("doctor", help="check every host of a hostfile before launching (ssh, versions, disk, port)"))
 
 
+def _train(args) -> None:
+    from .train import run
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    run(TrainConfig.from_sources(args.config, overrides))
+    dist.shutdown()
+
+
+def _export(args) -> None:
+    from pathlib import Path
+
+    from .checkpoint import export_checkpoint
+
+    print(f"export (verified): {export_checkpoint(Path(args.checkpoint), Path(args.output))}")
+
+
+def _predict(args) -> None:
+    from .predict import main as predict_main
+
+    predict_main(args)
+
+
+def _doctor(args) -> int:
+    from .doctor import main as doctor_main
+
+    return doctor_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The deepspeed launcher may insert --local_rank=N anywhere; the rank comes from the environment.
@@ -64,45 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     comms.add_parser(sub)
     bench.add_parser(sub)
     args = parser.parse_args(argv)
+    commands = {
+        "train": _train, "predict": _predict, "export": _export, "doctor": _doctor,
+        "check-config": check.check_config, "plan": plan.run_plan, "verify-accumulation": audit.main,
+        "plot": plot.main, "comms": comms.main, "bench": bench.main,
+    }
     try:
-        if args.command == "train":
-            from .train import run
-
-            overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
-            run(TrainConfig.from_sources(args.config, overrides))
-            dist.shutdown()
-        elif args.command == "export":
-            from pathlib import Path
-
-            from .checkpoint import export_checkpoint
-
-            print(f"export (verified): {export_checkpoint(Path(args.checkpoint), Path(args.output))}")
-        elif args.command == "check-config":
-            return check.check_config(args)
-        elif args.command == "plan":
-            return plan.run_plan(args)
-        elif args.command == "verify-accumulation":
-            return audit.main(args)
-        elif args.command == "plot":
-            return plot.main(args)
-        elif args.command == "comms":
-            return comms.main(args)
-        elif args.command == "bench":
-            return bench.main(args)
-        elif args.command == "doctor":
-            from .doctor import main as doctor_main
-
-            return doctor_main(args)
-        else:
-            from .predict import main as predict_main
-
-            predict_main(args)
+        return commands[args.command](args) or 0
     except ConfigError as e:
         if dist.is_main():
             print(f"error: {e}", file=sys.stderr)
         dist.shutdown(wait_for_others=False)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
