@@ -131,10 +131,14 @@ def write_manifest(ckpt: Path) -> None:
     write_json(ckpt / MANIFEST, {"files": files})
 
 
-def verify_manifest(ckpt: Path) -> None:
-    """Every file listed, with its size and checksum, and nothing else; checked before unpickling."""
+def require_manifest(ckpt: Path) -> None:
     if not (ckpt / MANIFEST).is_file():
         raise CheckpointError(f"{ckpt}: incomplete checkpoint (no {MANIFEST}: its save was interrupted)")
+
+
+def verify_manifest(ckpt: Path) -> None:
+    """Every file listed, with its size and checksum, and nothing else; checked before unpickling."""
+    require_manifest(ckpt)
     listed = read_json(ckpt / MANIFEST)["files"]
     present = set(_files(ckpt))
     problems = [f"missing {name}" for name in sorted(set(listed) - present)]
@@ -167,7 +171,7 @@ def find_resume_checkpoint(spec: str, output_dir: str, run_name: str, log) -> Pa
         ckpt = Path(spec)
         if not ckpt.is_dir():
             raise CheckpointError(f"--resume {spec}: no such checkpoint directory")
-        verify_manifest(ckpt)
+        require_manifest(ckpt)  # the full checksum check runs once, in load()
         return ckpt
     runs = [Path(output_dir) / run_name] if run_name else sorted(Path(output_dir).glob("*"))
     complete, partial = [], []

@@ -197,7 +197,6 @@ def start_or_resume(cfg: TrainConfig, log) -> tuple[Path, Path | None]:
         ckpt = checkpoint.find_resume_checkpoint(cfg.resume, cfg.output_dir, cfg.run_name, log) if cfg.resume else None
         if ckpt is None:
             return new_run_dir(cfg), None
-        checkpoint.verify_manifest(ckpt)
         return str(ckpt.parent.parent), str(ckpt)
 
     run_dir, ckpt = dist.main_first(decide)

@@ -37,6 +37,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def losses(run_dir: Path) -> list[float]:
+    """The per-optimizer-step training losses a run logged."""
+    return [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row]
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> dict:
     """256 training records and 37 dev records (37 does not divide by 2 ranks)."""

@@ -2,9 +2,6 @@
 with the file and line named; the env file for remote ranks merges the user's own files, unchanged."""
 import subprocess
 
-import pytest
-
-from pipeline.config import ConfigError
 from pipeline.check import read_hostfile
 from pipeline.launcher import deepspeed_command, parse_args, rank_env, read_env_file
 

@@ -7,14 +7,10 @@ import time
 
 import pytest
 
-from conftest import NODES, REPO, cpu_env, ds_config, free_port, read_jsonl, train
+from conftest import NODES, REPO, cpu_env, ds_config, free_port, losses, train
 
 SHORT = ["--max-length", "64", "--eval-every", "0", "--seed", "7"]
 OPENMPI_ARGS = "--allow-run-as-root --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo"  # root here; loopback only
-
-
-def losses(run_dir):
-    return [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row]
 
 
 def rank_log(logs, rank):

@@ -3,7 +3,6 @@ the written config passing check-config and training 2 ranks, and the estimate a
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

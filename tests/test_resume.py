@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from pipeline.checkpoint import step_of
 
-from conftest import REPO, cpu_env, ds_config, free_port, launch, read_jsonl
+from conftest import REPO, cpu_env, ds_config, free_port, launch, losses, read_jsonl
 
 # 256 records / (4 x 2 x 2 ranks) = 16 optimizer steps per epoch, 2 epochs; dropout on (tiny-bert).
 RUN_ARGS = ["--max-length", "64", "--eval-batch-size", "8", "--epochs", "2", "--eval-every", "0",
@@ -23,9 +23,6 @@ def train_args(config, data, tmp_path, *extra):
     return ["train", "--ds-config", str(config), "--train-file", str(data["train"]), "--dev-file", str(data["dev"]),
             "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), *RUN_ARGS, *extra]
 
-
-def losses(run):
-    return [row["loss"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row]
 
 
 def assert_same_run(run, reference):

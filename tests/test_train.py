@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 
 from pipeline.evaluate import compute_metrics
 
-from conftest import REPO, cpu_env, ds_config, launch, read_jsonl, train, write_jsonl
+from conftest import REPO, cpu_env, ds_config, launch, losses, read_jsonl, train, write_jsonl
 
 SHORT = ["--max-length", "64", "--eval-batch-size", "8"]
 TRAIN_ARGS = [*SHORT, "--epochs", "3", "--eval-every", "16", "--log-every", "4", "--save-every", "16",
@@ -21,9 +21,6 @@ def scheduled_config(tmp, stage):
     sched = {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 3e-3, "warmup_num_steps": "auto", "total_num_steps": "auto"}}
     return ds_config(tmp / "ds.json", stage, micro=4, accum=2, lr=3e-3, scheduler=sched)
 
-
-def losses(run_dir):
-    return [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row]
 
 
 @pytest.fixture(scope="module")
