@@ -34,14 +34,14 @@ def forward_logits(engine, batch: dict) -> torch.Tensor:
     return engine(**to_device(inputs, engine.device)).logits.float().cpu()
 
 
-def predict_logits(engine, dataset, collate, batch_size: int) -> np.ndarray:
-    """Logits for every record of `dataset`, in dataset order, identical on all ranks."""
+def predict_logits(engine, split, batch_size: int) -> np.ndarray:
+    """Logits for every record of `split` (a data.TokenizedSplit), in its order, identical on all ranks."""
     was_training = engine.training
     engine.eval()
     indices, logits = [], []
-    for batch_indices in eval_index_batches(len(dataset), dist.world_size(), dist.rank(), batch_size):
+    for batch_indices in eval_index_batches(len(split), dist.world_size(), dist.rank(), batch_size):
         real = [i if i != FILLER else 0 for i in batch_indices]
-        batch_logits = forward_logits(engine, collate([dataset[i] for i in real]))
+        batch_logits = forward_logits(engine, split.batch(real))
         keep = [j for j, i in enumerate(batch_indices) if i != FILLER]
         indices += [batch_indices[j] for j in keep]
         logits.append(batch_logits[keep].numpy())
@@ -49,9 +49,9 @@ def predict_logits(engine, dataset, collate, batch_size: int) -> np.ndarray:
     merged = {}
     for rank_indices, rank_logits in dist.all_gather_objects((indices, np.concatenate(logits))):
         merged.update(zip(rank_indices, rank_logits))
-    if sorted(merged) != list(range(len(dataset))):
-        raise RuntimeError(f"evaluation covered {len(merged)} of {len(dataset)} records")
-    return np.stack([merged[i] for i in range(len(dataset))])
+    if sorted(merged) != list(range(len(split))):
+        raise RuntimeError(f"evaluation covered {len(merged)} of {len(split)} records")
+    return np.stack([merged[i] for i in range(len(split))])
 
 
 def compute_metrics(labels, predictions, label_names: list[str]) -> dict:
@@ -72,8 +72,8 @@ def compute_metrics(labels, predictions, label_names: list[str]) -> dict:
     }
 
 
-def evaluate(engine, dataset, collate, batch_size: int, label_names: list[str]) -> tuple[dict, np.ndarray]:
-    """Metrics and per-record predictions over exactly `dataset`; every rank must call this."""
-    logits = predict_logits(engine, dataset, collate, batch_size)
+def evaluate(engine, split, batch_size: int, label_names: list[str]) -> tuple[dict, np.ndarray]:
+    """Metrics and per-record predictions over exactly `split`; every rank must call this."""
+    logits = predict_logits(engine, split, batch_size)
     predictions = logits.argmax(axis=1)
-    return compute_metrics(np.asarray(dataset["labels"]), predictions, label_names), predictions
+    return compute_metrics(split.labels, predictions, label_names), predictions

@@ -21,7 +21,7 @@ from . import checkpoint, dist
 from .config import (ConfigError, Hardware, TrainConfig, ds_precision, fill_schedule, load_json, resolve_batch,
                      resolve_ds_config)
 from .checkpoint import TrainerState, write_json
-from .data import file_digest, load_tokenized, make_collate, prepare_splits, steps_per_epoch, train_loader
+from .data import TokenizedSplit, file_digest, prepare_splits, steps_per_epoch, train_batches
 from .engine import build_engine
 from .evaluate import evaluate, to_device
 from .model import build_model, build_wordpiece_tokenizer, check_model_dir, has_tokenizer, load_tokenizer
@@ -119,7 +119,7 @@ class RunLog:
             self.tensorboard.close()
 
 
-def train_loop(engine, cfg: TrainConfig, data: dict, collate, label_names, state: TrainerState, total_steps: int,
+def train_loop(engine, cfg: TrainConfig, data: dict, label_names, state: TrainerState, total_steps: int,
                per_epoch: int, run: RunLog, save) -> None:
     """Train from `state` until `total_steps` optimizer steps, evaluating and saving on the way.
 
@@ -134,8 +134,8 @@ def train_loop(engine, cfg: TrainConfig, data: dict, collate, label_names, state
     engine.train()
     while state.optimizer_step < total_steps:
         epoch = state.epoch
-        loader = train_loader(data["train"], collate, micro, accum, world, dist.rank(), cfg.seed, epoch, state.step_in_epoch)
-        for batch in timed(loader, stats):
+        batches = train_batches(data["train"], micro, accum, world, dist.rank(), cfg.seed, epoch, state.step_in_epoch)
+        for batch in timed(batches, stats):
             batch = to_device(batch, engine.device)
             loss = engine(**batch).loss
             engine.backward(loss)
@@ -153,7 +153,7 @@ def train_loop(engine, cfg: TrainConfig, data: dict, collate, label_names, state
                       "step_time_s": elapsed, "data_wait_s": stats["data_wait"]}, show=step % cfg.log_every == 0)
             window.zero_()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                metrics = evaluate(engine, data["dev"], collate, cfg.eval_batch_size, label_names)[0]
+                metrics = evaluate(engine, data["dev"], cfg.eval_batch_size, label_names)[0]
                 run.eval(step, "dev", metrics)
                 saving = cfg.save_every and step % cfg.save_every == 0  # the best must have a checkpoint
                 if saving and cfg.best_metric and (state.best_metric is None or metrics[cfg.best_metric] > state.best_metric):
@@ -186,7 +186,7 @@ def prepare_data(cfg: TrainConfig, cache_dir: str, log):
 
     info = dist.main_first(lambda: prepare_splits(cfg, tokenizer_for, cache_dir, log))
     tokenizer = load_tokenizer(info["tokenizer_dir"], cfg.max_length)
-    data = {name: load_tokenized(path) for name, path in info["splits"].items()}
+    data = {name: TokenizedSplit(path, tokenizer.pad_token_id) for name, path in info["splits"].items()}
     return data, tokenizer, info["label_names"]
 
 
@@ -238,7 +238,6 @@ def run(cfg: TrainConfig) -> dict:
 
     run_dir, resume_from = start_or_resume(cfg, log)
     data, tokenizer, label_names = prepare_data(cfg, cfg.cache_dir or str(Path(cfg.output_dir) / "cache"), log)
-    collate = make_collate(tokenizer)
     same_world_size = True
     if resume_from is not None:
         saved = checkpoint.read_state(resume_from)
@@ -277,17 +276,17 @@ def run(cfg: TrainConfig) -> dict:
              f"{per_epoch} steps per epoch ({len(data['train']) % ds_config['train_batch_size']} records left out each epoch), "
              f"{total_steps} steps in all")
 
-    probe = collate([data["dev"][i] for i in range(min(PROBE_SIZE, len(data["dev"])))])
+    probe = data["dev"].batch(range(min(PROBE_SIZE, len(data["dev"]))))
 
     def save():
         return checkpoint.save(engine, run_dir, state, tokenizer, probe, ds_precision(ds_config), cfg.keep_checkpoints)
 
     runlog = RunLog(run_dir, total_steps, state.optimizer_step, tensorboard=bool(cfg.tensorboard))
-    train_loop(engine, cfg, data, collate, label_names, state, total_steps, per_epoch, runlog, save)
+    train_loop(engine, cfg, data, label_names, state, total_steps, per_epoch, runlog, save)
 
     results = {}
     for split in [name for name in ("dev", "test") if name in data]:
-        results[split], predictions = evaluate(engine, data[split], collate, cfg.eval_batch_size, label_names)
+        results[split], predictions = evaluate(engine, data[split], cfg.eval_batch_size, label_names)
         runlog.eval(state.optimizer_step, split, results[split])
         if dist.is_main():
             (run_dir / f"predictions-{split}.jsonl").write_text(

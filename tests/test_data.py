@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.data import (RankMicroBatches, epoch_global_batches, label_names_from, load_tokenized, prepare_splits,
-                           read_split, tokenize_cached)
+from pipeline.data import (RankMicroBatches, TokenizedSplit, epoch_global_batches, label_names_from, load_tokenized,
+                           prepare_splits, read_split, tokenize_cached)
 from pipeline.model import build_wordpiece_tokenizer, load_tokenizer
 
 from conftest import SAMPLE, read_jsonl, write_jsonl
@@ -80,6 +80,30 @@ def test_tokenized_cache_is_reused_and_keyed_by_content_and_max_length(tmp_path,
     changed = read_split(str(files["train"]), "text", "label", str(tmp_path))
     assert tokenize_cached(changed, names, tokenizer, 64, str(tmp_path / "cache"))[0] != path
     assert load_tokenized(path)["labels"] == [names.index(r["label"]) for r in ROWS * 4]
+
+
+def test_batches_equal_hf_padding_collator(tmp_path):
+    """TokenizedSplit.batch pads with numpy; it must give what DataCollatorWithPadding gives."""
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    split = read_split(str(SAMPLE / "dev.jsonl"), "text", "label", str(tmp_path))
+    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", str(tmp_path))), 512)
+    path, _ = tokenize_cached(split, label_names_from(split, []), tokenizer, 512, str(tmp_path / "cache"))
+    rows, collate = load_tokenized(path), DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    data = TokenizedSplit(path, tokenizer.pad_token_id)
+    assert len(data) == len(rows) and data.labels.tolist() == rows["labels"]
+    rng = np.random.default_rng(0)
+    for size in (1, 3, 8, 32):
+        indices = rng.choice(len(rows), size, replace=False).tolist()
+        expected, got = collate([rows[i] for i in indices]), data.batch(indices)
+        assert set(got) == set(expected)
+        for key in expected:
+            assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    assert min(lengths) < max(lengths)  # so padding was exercised
+    padded = TokenizedSplit(path, pad_id=5).batch([lengths.index(min(lengths)), lengths.index(max(lengths))])
+    assert padded["input_ids"][0, min(lengths):].eq(5).all() and padded["attention_mask"][0, min(lengths):].eq(0).all()
 
 
 def test_tokenizer_that_maps_text_to_unk_is_refused(tmp_path, files):
