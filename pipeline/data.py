@@ -170,8 +170,8 @@ class TokenizedSplit:
 
     Each batch is padded to its own longest record, not to max_length: less wasted compute. Records
     are taken as Arrow arrays and padded with numpy, about 0.3 ms for 8 records of the sample data;
-    row dicts through DataCollatorWithPadding (tokenizer.pad) took about 1.8 ms, 2.6% of the step
-    time at accumulation 8 (pipeline/bench_results/bench.md).
+    row dicts through a DataLoader and DataCollatorWithPadding (tokenizer.pad) took about 1.8 ms,
+    up to 2.6% of the step time at accumulation 8 in the benchmark of commit 7a88312.
     """
 
     def __init__(self, path: str | os.PathLike, pad_id: int):
