@@ -147,11 +147,16 @@ def train_loop(engine, cfg: TrainConfig, data: dict, label_names, state: Trainer
             state.advance(per_epoch)
             step = state.optimizer_step
             loss_sum, tokens = dist.all_reduce_sum(window).tolist()
-            elapsed = time.perf_counter() - started
+            # Steps are timed back to back, so logging counts in the next step; only evaluation and
+            # checkpoints are left out (the clock pauses for them below).
+            now = time.perf_counter()
+            elapsed, started = now - started, now
+            waited, stats["data_wait"] = stats["data_wait"], 0.0
             run.step({"step": step, "epoch": epoch, "loss": loss_sum / (accum * world), "lr": engine.get_lr()[0],
                       "samples_per_s": global_batch / elapsed, "tokens_per_s": tokens / elapsed,
-                      "step_time_s": elapsed, "data_wait_s": stats["data_wait"]}, show=step % cfg.log_every == 0)
+                      "step_time_s": elapsed, "data_wait_s": waited}, show=step % cfg.log_every == 0)
             window.zero_()
+            paused = time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                 metrics = evaluate(engine, data["dev"], cfg.eval_batch_size, label_names)[0]
                 run.eval(step, "dev", metrics)
@@ -162,7 +167,7 @@ def train_loop(engine, cfg: TrainConfig, data: dict, label_names, state: Trainer
                 save()
             if step == total_steps:
                 return
-            stats["data_wait"], started = 0.0, time.perf_counter()
+            started += time.perf_counter() - paused
 
 
 def quiet_libraries() -> None:

@@ -1,7 +1,11 @@
 """The benchmark's statistics, table, goals and plot (the benchmark itself is run by hand: README)."""
+import math
+import statistics
+from types import SimpleNamespace
+
 import pytest
 
-from pipeline.bench import aggregate, goals, markdown_table, plot, steady_state
+from pipeline.bench import aggregate, goals, markdown_table, paired_ratio, plot, steady_state, steps_per_run, verdict
 
 
 def test_steady_state_skips_warmup_and_takes_the_median_step():
@@ -19,29 +23,67 @@ def summary(sps, **extra):
             "startup_s": 10.0, "peak_mib": 600.0, **extra}
 
 
-def test_ratios_are_paired_within_each_repetition_before_the_median():
+def test_ratios_are_paired_within_each_repetition():
     # Repetition 2 ran on a machine twice as slow: per-rep ratios stay 0.9 and 1.0, a ratio of medians would not.
     reps = [{"pipeline": summary(90), "reference": summary(100), "hf": summary(80)},
             {"pipeline": summary(50), "reference": summary(50), "hf": summary(45)},
             {"pipeline": summary(45), "reference": summary(50), "hf": summary(40)}]
     out = aggregate(reps)
-    assert out["pipeline"]["vs_reference"] == pytest.approx(0.9)
-    assert out["reference"]["vs_reference"] == 1.0
+    ratio = out["pipeline"]["vs_reference"]
+    assert ratio["ratio"] == pytest.approx(0.9) and ratio["pairs"] == 3
+    assert math.isnan(ratio["low"]) and math.isnan(ratio["high"])  # 3 pairs cannot bound a median at 95%
+    assert out["pipeline"]["vs_hf"]["ratio"] == pytest.approx(1.125)  # of 1.125, 1.111, 1.125
+    assert out["reference"]["vs_reference"]["ratio"] == 1.0
     assert out["pipeline"]["samples_per_s"] == 50
     assert out["pipeline"]["spread_pct"] == pytest.approx(100)
 
 
+def ratios(*values):
+    return paired_ratio([{"pipeline": summary(100 * v), "reference": summary(100)} for v in values], "pipeline", "reference")
+
+
+def test_the_interval_is_the_sign_tests_order_statistics():
+    r = ratios(*(0.90 + 0.01 * i for i in range(20)))  # 20 pairs: the 6th smallest and 6th largest, 95.9%
+    assert r["ratio"] == pytest.approx(0.995) and r["low"] == pytest.approx(0.95) and r["high"] == pytest.approx(1.04)
+    r = ratios(1.0, 1.1, 0.9, 1.05, 0.95, 1.2)  # 6 pairs, the fewest with a 95% interval: the extremes, 96.9%
+    assert (r["low"], r["high"]) == (pytest.approx(0.9), pytest.approx(1.2))
+    assert math.isnan(ratios(1.0, 1.1, 0.9, 1.05, 0.95)["low"])
+    # A pair measured across a sudden change of the machine's speed moves the median little.
+    assert ratios(*[1.0] * 10, 0.5)["ratio"] == 1.0
+
+
+def test_a_goal_is_decided_only_when_the_whole_interval_agrees():
+    assert verdict(ratios(1.00, 0.99, 1.01, 1.00, 0.98, 1.02), 0.97) == "met"
+    assert verdict(ratios(0.90, 0.91, 0.92, 0.90, 0.93, 0.89), 0.97) == "MISSED"
+    assert verdict(ratios(0.80, 1.20, 1.00, 0.90, 1.10, 1.00), 0.97) == "not settled"  # the median is above, the noise too wide
+    assert verdict(ratios(0.99, 1.00, 1.01), 0.97) == "not settled"  # too few pairs for an interval
+    # More pairs of the same noise narrow the interval until it decides.
+    assert verdict(ratios(*[0.95, 1.00, 1.07] * 2), 0.97) == "not settled"
+    assert verdict(ratios(*[0.95, 1.00, 1.07] * 15), 0.97) == "met"
+
+
+def test_steps_per_run_span_enough_micro_batches():
+    args = SimpleNamespace(steps=12, warmup=3, min_micro_batches=48)
+    assert [steps_per_run(args, a) for a in (1, 2, 4, 8, 16)] == [51, 27, 15, 12, 12]
+
+
 def test_table_rows_and_goal_lines(tmp_path):
-    results = {(2, 4): aggregate([{"pipeline": summary(99), "reference": summary(100), "hf": summary(80, data_wait_pct=3.0)}]),
+    results = {(2, 4): aggregate([{"pipeline": summary(99), "reference": summary(100), "hf": summary(80, data_wait_pct=3.0)},
+                                  {"pipeline": summary(100), "reference": summary(100), "hf": summary(80)}]),
                (1, 1): aggregate([{"pipeline": summary(90, data_wait_pct=2.5), "reference": summary(100), "hf": summary(95)}])}
     table = markdown_table(results).splitlines()
     assert table[0].startswith("| ZeRO | accum | stack | samples/s | tokens/s | step ms | × reference |")
     assert len(table) == 2 + 6 and table[2].startswith("| 1 | 1 | pipeline | 90.0 | 9000 | 356 | 0.900 |")
-    assert table[5] == "| 2 | 4 | pipeline | 99.0 | 9900 | 323 | 0.990 | 0.0 | 10.0 | 1.00 | 600 |"
-    lines = goals(results)
-    assert lines[0] == ("ZeRO-1 accum 1: pipeline 0.900× reference, 0.947× HF Trainer, data wait 2.50%: "
-                        "≥ 0.97× reference MISSED, ≥ HF Trainer MISSED, data wait < 2% MISSED")
-    assert lines[1].endswith("≥ 0.97× reference met, ≥ HF Trainer met, data wait < 2% met")
+    assert table[5] == "| 2 | 4 | pipeline | 99.5 | 9950 | 322 | 0.995 | 1.0 | 10.0 | 1.00 | 600 |"
+    pooled = {"reference": {"ratio": 0.98, "low": 0.975, "high": 0.985, "pairs": 3},
+              "hf": {"ratio": 1.2, "low": 0.9, "high": 1.5, "pairs": 3}}
+    lines = goals(results, pooled)
+    assert lines[0] == ("ZeRO-1 accum 1: pipeline 0.900× reference (too few pairs (1) for a 95% CI): ≥ 0.97× reference not settled; "
+                        "0.947× HF Trainer (too few pairs (1) for a 95% CI): ≥ HF Trainer not settled; data wait 2.50%: < 2% MISSED")
+    assert lines[1] == ("ZeRO-2 accum 4: pipeline 0.995× reference (too few pairs (2) for a 95% CI): ≥ 0.97× reference not settled; "
+                        "1.244× HF Trainer (too few pairs (2) for a 95% CI): ≥ HF Trainer not settled; data wait 1.00%: < 2% met")
+    assert lines[2] == ("All combinations, 3 paired runs: pipeline 0.980× reference (95% CI 0.975–0.985): ≥ 0.97× reference met; "
+                        "1.200× HF Trainer (95% CI 0.900–1.500): ≥ HF Trainer not settled")
 
     plot(results, tmp_path / "bench.png", "test")
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
