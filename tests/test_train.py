@@ -55,6 +55,9 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
     assert kept == sorted({"step-48", f"step-{best}"}), (kept, scores)
     assert json.loads((run / "checkpoints" / "step-48" / "trainer_state.json").read_text())["best_step"] == best
     assert sorted(p.name for p in (run / "eval").iterdir()) == ["dev-step-16.json", "dev-step-32.json", "dev-step-48.json"]
+    # Step times leave out evaluating and saving (after steps 16 and 32): the steps after them are not outliers.
+    times = {row["step"]: row["step_time_s"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row}
+    assert max(times[17], times[33]) < 3 * np.median(list(times.values())), times
 
     # The metrics cover exactly the 37 dev records (odd: not divisible by 2 ranks) ...
     results = json.loads((run / "eval_results.json").read_text())["dev"]
