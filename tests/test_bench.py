@@ -1,6 +1,5 @@
 """The benchmark's statistics, table, goals and plot (the benchmark itself is run by hand: README)."""
 import math
-import statistics
 from types import SimpleNamespace
 
 import pytest
