@@ -73,9 +73,9 @@ def test_plan_write_passes_check_config_and_trains_two_cpu_ranks(tmp_path, small
 
 
 def measure(hidden: int) -> list[dict]:
-    """Peak RSS of real ZeRO-2 bf16 steps (1 rank, CPU) for a 4-layer BERT of this width, micro 1 and 4."""
+    """Peak RSS of real ZeRO-2 bf16 steps (1 rank, CPU, micro 1) for a 4-layer BERT of this width."""
     cmd = [sys.executable, "-m", "pipeline.gpu_checks.plan_memory", "--device", "cpu", "--stages", "2", "--hidden", str(hidden),
-           "--layers", "4", "--heads", "4", "--micro", "1", "4", "--seq", "64", "--steps", "2"]
+           "--layers", "4", "--heads", "4", "--micro", "1", "--seq", "64", "--steps", "2"]
     env = dict(cpu_env(), MASTER_PORT=str(__import__("conftest").free_port()))
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -84,13 +84,13 @@ def measure(hidden: int) -> list[dict]:
 
 def test_model_state_estimate_matches_measured_peak_memory():
     """Two model sizes: the measured peak grows by DeepSpeed's estimated bytes per parameter (20 for
-    ZeRO-2 on one rank) within 25 % (measured on the 2-core development machine: 23.6, +18 %). The
+    ZeRO-2 on one rank) within 25 % (on the 2-core development machine: 22.1, +10 %, in three runs,
+    with plan_memory's fixed mmap threshold; 25.1 once on CI before the threshold was fixed). The
     slope cancels what does not scale with the model (interpreter, libraries, gloo, the 5e7-element
     gradient bucket). Each peak is at least the estimate: the estimator does not over-promise."""
     small, large = measure(256), measure(512)
     for rows in (small, large):
         assert rows[0]["measured_peak"] >= 0.95 * rows[0]["estimate_states"]
-        assert rows[1]["measured_peak"] >= rows[0]["measured_peak"]  # a larger micro batch needs more
     measured = (large[0]["measured_peak"] - small[0]["measured_peak"]) / (large[0]["params"] - small[0]["params"])
     estimated = (large[0]["estimate_states"] - small[0]["estimate_states"]) / (large[0]["params"] - small[0]["params"])
     assert estimated == pytest.approx(20, rel=1e-3)

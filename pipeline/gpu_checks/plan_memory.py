@@ -7,11 +7,14 @@ On a GPU it records torch.cuda.max_memory_allocated after the engine is built (m
 after steps of each micro batch, for a BERT-large-shaped model (1024 hidden, 24 layers, 16 heads)
 at seq 512 under ZeRO-2 and ZeRO-3, fp16. On the CPU (DeepSpeed's CPU accelerator, bf16) there is no
 allocator counter, so it records the process's peak RSS above what it held before the model was
-built. Prints one JSON object per measurement and, with --out, a Markdown table.
+built, with glibc's mmap threshold fixed at 128 KiB: every tensor then gets its own mapping that goes
+back to the system when freed, so the peak RSS follows live memory rather than heap fragmentation
+(with the adaptive threshold the per-parameter slope moved between 23.6 and 25.1 bytes across runs). Prints one JSON object per measurement and, with --out, a Markdown table.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -23,6 +26,12 @@ GIB = 1024 ** 3
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def fix_mmap_threshold(size: int = 128 * 1024) -> None:
+    M_MMAP_THRESHOLD = -3  # from glibc's malloc.h; setting it also turns off the adaptive threshold
+    if not ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, size):
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: peak RSS would not follow live memory")
 
 
 def peak_rss() -> int:
@@ -102,6 +111,8 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("RANK", "0"), os.environ.setdefault("LOCAL_RANK", "0"), os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1"), os.environ.setdefault("MASTER_PORT", "29533")
+    if args.device == "cpu":
+        fix_mmap_threshold()
     import deepspeed
 
     deepspeed.init_distributed(verbose=False)
