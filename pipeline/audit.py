@@ -12,15 +12,15 @@ too often (the double-scaling bug of transformers PR #35808) changes the gradien
 accumulation factor but the first Adam step hardly at all.
 
 Runs in a plain process (one rank) or under the `deepspeed` launcher (every rank takes its share of
-the batch). The config's micro batch and accumulation are kept; `train_batch_size` is re-derived for
-the ranks running here, and the scheduler is dropped (a warmup schedule's first step has learning
+the batch). The config's micro batch and accumulation are kept (an "auto" accumulation is derived from
+`train_batch_size` for the ranks running here, as training would); `train_batch_size` is re-derived, and the scheduler is dropped (a warmup schedule's first step has learning
 rate 0, which would make both sides trivially equal).
 """
 from __future__ import annotations
 
 import os
 from . import dist
-from .config import TINY_MODEL_DIR, ConfigError, Hardware, TrainConfig, ds_precision, load_json, resolve_ds_config
+from .config import TINY_MODEL_DIR, ConfigError, Hardware, TrainConfig, ds_precision, load_json, resolve_batch, resolve_ds_config
 
 # Largest relative difference accepted: fp32 differs only by summation order; 16-bit forward passes
 # round differently for different batch shapes.
@@ -94,14 +94,16 @@ def compare(a: dict, b: dict, scale: dict) -> tuple[float, float]:
 
 def audit(path: str, args) -> bool:
     raw = load_json(path)
+    world = dist.world_size()
     micro = args.micro_batch or raw.get("train_micro_batch_size_per_gpu")
     accum = args.accumulation or raw.get("gradient_accumulation_steps")
+    if accum in (None, "auto") and isinstance(micro, int):  # from the global batch, as training on these ranks
+        accum = resolve_batch(path, {**raw, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": "auto"}, world)[2]
     if not all(isinstance(v, int) and v >= 1 for v in (micro, accum)):
         raise ConfigError(f"{path}: micro batch and accumulation must be numbers here (got {micro!r}, {accum!r}); "
                           "give --micro-batch and --accumulation")
     if accum == 1:
         raise ConfigError(f"{path}: accumulation 1 has nothing to compare; give --accumulation N")
-    world = dist.world_size()
     raw = {k: v for k, v in raw.items() if k not in ("train_batch_size", "scheduler")}
     raw.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
     ds = resolve_ds_config(path, raw, world, Hardware.detect(), TrainConfig(precision=args.precision)).ds

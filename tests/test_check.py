@@ -145,11 +145,15 @@ def test_shipped_configs_pass_check_config(capsys):
     shipped = sorted((REPO / "ds_configs").glob("*.json"))
     assert shipped
     for path in shipped:
-        small = path.name.startswith("small")
-        hosts, gpu = ("hostfiles/localhost", "cpu") if small else (str(REPO / "tests" / "hostfiles" / "v100x8"), "v100")
-        assert main(["check-config", "--ds-config", str(path), "--hostfile", hosts, "--gpu", gpu]) == 0, path
-        out = capsys.readouterr().out
-        assert "ok: no errors" in out and "ZeRO stage" in out and "optimizer: AdamW" in out
+        if path.name.startswith("small"):
+            clusters = [("hostfiles/localhost", "cpu", "")]
+        else:  # the same file on one node and on the README's two nodes: the global batch stays 256
+            clusters = [(str(REPO / "tests" / "hostfiles" / "v100x8"), "v100", "8 per rank x 4 accumulation x 8 ranks = 256"),
+                        (str(REPO / "hostfiles" / "two-nodes"), "v100", "8 per rank x 2 accumulation x 16 ranks = 256")]
+        for hosts, gpu, batch in clusters:
+            assert main(["check-config", "--ds-config", str(path), "--hostfile", hosts, "--gpu", gpu]) == 0, (path, hosts)
+            out = capsys.readouterr().out
+            assert "ok: no errors" in out and "ZeRO stage" in out and "optimizer: AdamW" in out and batch in out, out
 
 
 @pytest.mark.skipif(not WILD.is_dir(), reason="shared/wild_ds_configs is not next to this checkout")

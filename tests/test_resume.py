@@ -122,14 +122,16 @@ def test_export_from_zero3_shards_reproduces_the_training_predictions(reference,
     assert labels == [row["label"] for row in read_jsonl(ref / "predictions-dev.jsonl")]
 
 
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)], ids=["2-to-1-ranks", "1-to-2-ranks"])
-def test_resume_on_another_world_size_keeps_the_global_batch(initial_model, small_data, tmp_path, before, after):
-    """ZeRO-2 (which DeepSpeed's own universal-checkpoint tests do not cover), through the universal format.
+@pytest.mark.parametrize("stage, before, after", [(2, 2, 1), (2, 1, 2), (3, 2, 1)],
+                         ids=["zero2-2-to-1-ranks", "zero2-1-to-2-ranks", "zero3-2-to-1-ranks"])
+def test_resume_on_another_world_size_keeps_the_global_batch(initial_model, small_data, tmp_path, stage, before, after):
+    """ZeRO-2 (which DeepSpeed's own universal-checkpoint tests do not cover) and ZeRO-3, through the
+    universal format.
 
     The model has no dropout, so the only difference from the uninterrupted run left is the order
     of floating-point reductions: losses and weights must agree to float32 rounding."""
     accum = {2: 2, 1: 4}  # 4 per rank x accum x ranks = 16
-    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=accum[before])
+    config = ds_config(tmp_path / "ds.json", stage, micro=4, accum=accum[before])
     args = ("--model", str(initial_model), "--epochs", "1")
     result = launch(train_args(config, small_data, tmp_path, "--run-name", "ref", *args), ranks=before)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -144,6 +146,7 @@ def test_resume_on_another_world_size_keeps_the_global_batch(initial_model, smal
     assert "not carried over: each rank's RNG state" in output
     resolved = json.loads((copy / "ds_config.json").read_text())
     assert (resolved["train_batch_size"], resolved["gradient_accumulation_steps"], resolved["world_size"]) == (16, accum[after], after)
+    assert resolved["zero_optimization"]["stage"] == stage and (copy / "checkpoints" / "step-6.universal").is_dir()
     resumed, reference_curve = losses(copy), losses(ref)
     assert len(resumed) == len(reference_curve) == 16
     assert max(abs(a - b) for a, b in zip(resumed, reference_curve)) < 1e-5, (resumed, reference_curve)
