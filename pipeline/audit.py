@@ -12,9 +12,10 @@ too often (the double-scaling bug of transformers PR #35808) changes the gradien
 accumulation factor but the first Adam step hardly at all.
 
 Runs in a plain process (one rank) or under the `deepspeed` launcher (every rank takes its share of
-the batch). The config's micro batch and accumulation are kept (an "auto" accumulation is derived from
-`train_batch_size` for the ranks running here, as training would); `train_batch_size` is re-derived, and the scheduler is dropped (a warmup schedule's first step has learning
-rate 0, which would make both sides trivially equal).
+the batch). The config's micro batch and accumulation are kept (an "auto" accumulation is derived
+from `train_batch_size` for the ranks running here, as training would); `train_batch_size` is then
+re-derived, and the scheduler is dropped (a warmup schedule's first step has learning rate 0, which
+would make both sides trivially equal).
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ at seq 512 under ZeRO-2 and ZeRO-3, fp16. On the CPU (DeepSpeed's CPU accelerato
 allocator counter, so it records the process's peak RSS above what it held before the model was
 built, with glibc's mmap threshold fixed at 128 KiB: every tensor then gets its own mapping that goes
 back to the system when freed, so the peak RSS follows live memory rather than heap fragmentation
-(with the adaptive threshold the per-parameter slope moved between 23.6 and 25.1 bytes across runs). Prints one JSON object per measurement and, with --out, a Markdown table.
+(with the adaptive threshold the per-parameter slope moved between 23.6 and 25.1 bytes across runs).
+Prints one JSON object per measurement and, with --out, a Markdown table.
 """
 from __future__ import annotations
 
