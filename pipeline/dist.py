@@ -29,6 +29,11 @@ def world_size() -> int:
     return _env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", default=1)
 
 
+def local_rank() -> int:
+    """This rank's index on its node: the GPU it owns."""
+    return _env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", default=0)
+
+
 def is_main() -> bool:
     return rank() == 0
 
@@ -51,8 +56,9 @@ def init(timeout_minutes: float) -> None:
 
     if "OMPI_COMM_WORLD_RANK" in os.environ and "RANK" not in os.environ:
         _mpi_discovery()
+    device = bind_device()
     # One line per rank (in its rank log when the launcher keeps them): where each rank runs.
-    print(f"rank {rank()} of {world_size()}: host {socket.gethostname()}, pid {os.getpid()}", flush=True)
+    print(f"rank {rank()} of {world_size()}: host {socket.gethostname()}, pid {os.getpid()}, device {device}", flush=True)
     timeout = timedelta(minutes=timeout_minutes)
     # DeepSpeed creates its ZeRO process groups without a timeout, so they get torch's default
     # (30 minutes on gloo) instead of this one: a frozen rank would outlast the bound. Make the
@@ -62,6 +68,30 @@ def init(timeout_minutes: float) -> None:
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(timeout=timeout, verbose=False)
     release_shared_memory()
+
+
+def bind_device() -> str:
+    """Make this rank's accelerator the current device, before the first collective of any kind.
+
+    NCCL's object collectives (`broadcast_object_list`, used by `main_first` before the engine
+    exists) stage their tensors on `torch.cuda.current_device()`, which is cuda:0 on every rank
+    until someone calls `set_device`; DeepSpeed binds the process group to cuda:LOCAL_RANK, so any
+    other rank would fail ("backend constrained to cuda:N"). The engine binds the device too, but
+    only later, in `deepspeed.initialize`.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return "cpu"
+    index, count = local_rank(), accelerator.device_count()
+    if index >= count:  # said by the rank that finds it: it may not be rank 0, which prints config errors
+        print(f"[rank {rank()}] error: local rank {index} on {socket.gethostname()} but only {count} "
+              f"{accelerator.device_name()} device(s) visible there: the hostfile gives this host more slots than GPUs",
+              file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    accelerator.set_device(index)
+    return accelerator.device_name(index)
 
 
 def release_shared_memory() -> None:

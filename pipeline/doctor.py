@@ -3,15 +3,20 @@
 Each host gets one non-interactive ssh (BatchMode: a password or host-key prompt is a failure, as it
 would be for pdsh or mpirun) that runs this file's `probe` with this machine's Python path, from
 stdin, so nothing has to be installed there first. Its answer is compared with this machine's:
-Python, torch, deepspeed and transformers versions, the project importable at the same path,
-accelerators versus slots, free disk for the output directory and, on the first host (where rank 0
-opens the rendezvous store), the master port. One row per host; every problem is named.
+Python, torch, deepspeed and transformers versions, the project importable at the same path, the
+host's GPUs (count, compute capability, and whether its torch build has kernels for them) against
+its slots, free disk for the output directory, that the output and cache directories are one shared
+file system (a marker written on the first host must be read on every other), and, on the first
+host (where rank 0 opens the rendezvous store), the master port. One row per host; every problem is
+named. The accelerator of the ranks (CUDA or DeepSpeed's CPU accelerator) is decided here, per
+host, not from the machine that launches.
 
-This file runs stand-alone on the remote hosts: the code above `check` uses the standard library only.
+This file runs stand-alone on the remote hosts (`probe`): it imports only the standard library at the top.
 """
 from __future__ import annotations
 
 import json
+import secrets
 import shlex
 import shutil
 import socket
@@ -21,11 +26,49 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PACKAGES = ("torch", "deepspeed", "transformers")
-LOCAL_HOSTS = ("localhost", "127.0.0.1")
+MARKER = ".pipeline-doctor-marker"  # written by the doctor into the output and cache directories
 
 
-def probe(repo: str, output_dir: str, port: int) -> dict:
-    """Facts about the host this runs on; `port` 0 skips the port check."""
+def gpu_facts() -> dict:
+    """GPUs of this host (nvidia-smi) and the CUDA architectures its torch build has kernels for."""
+    gpus, capabilities = 0, []
+    if shutil.which("nvidia-smi"):
+        query = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=10)
+        if query.returncode == 0:
+            capabilities = [line.strip() for line in query.stdout.splitlines() if line.strip()]
+            gpus = len(capabilities)
+        else:  # drivers older than 510 have no compute_cap field
+            listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+            gpus = sum(line.startswith("GPU ") for line in listing.splitlines())
+    arch_list, torch_cuda = [], None
+    if gpus:
+        try:
+            import torch
+
+            arch_list, torch_cuda = torch.cuda.get_arch_list(), torch.version.cuda
+        except ImportError:
+            pass  # reported as a missing torch by the version check
+    return {"gpus": gpus, "capabilities": sorted(set(capabilities)), "arch_list": arch_list, "torch_cuda": torch_cuda}
+
+
+def shared_dirs(repo: str, dirs: list[str], token: str, write: bool) -> dict:
+    """Write `token` into each directory's marker (the first host), or read it back (every other host)."""
+    seen = {}
+    for name in dirs:
+        marker = Path(repo, name) / MARKER
+        if write:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{token}\nwritten by `python -m pipeline doctor` to check for a shared file system\n")
+            seen[name] = True
+        else:
+            seen[name] = marker.is_file() and marker.read_text().split("\n", 1)[0] == token
+    return seen
+
+
+def probe(request: dict) -> dict:
+    """Facts about the host this runs on. `request`: repo, output_dir, port (0: not checked), and
+    dirs/token/write for the shared file-system marker."""
     import importlib.metadata
     import importlib.util
 
@@ -35,32 +78,46 @@ def probe(repo: str, output_dir: str, port: int) -> dict:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
+    repo = request["repo"]
     sys.path.insert(0, repo)
     spec = importlib.util.find_spec("pipeline")
-    out = Path(repo, output_dir)
+    out = Path(repo, request["output_dir"])
     while not out.exists():  # the output directory may not exist yet: its disk is the nearest parent's
         out = out.parent
-    gpus = 0
-    if shutil.which("nvidia-smi"):
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
-        gpus = sum(line.startswith("GPU ") for line in listing.splitlines())
     port_free = None
-    if port:
+    if request["port"]:
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the rendezvous store binds
             try:
-                s.bind(("", port))
+                s.bind(("", request["port"]))
                 port_free = True
             except OSError:
                 port_free = False
+    shared = shared_dirs(repo, request["dirs"], request["token"], request["write"]) if request.get("dirs") else {}
     return {"hostname": socket.gethostname(), "python": sys.version.split()[0], **versions,
-            "project": spec.origin if spec else None, "gpus": gpus, "free_gb": shutil.disk_usage(out).free / 1e9,
-            "port_free": port_free}
+            "project": spec.origin if spec else None, **gpu_facts(), "free_gb": shutil.disk_usage(out).free / 1e9,
+            "port_free": port_free, "shared": shared}
 
 
-def remote_probe(host: str, args: list[str], timeout: float) -> dict:
+# ----------------------------------------------------------------------------------------------
+# Launch facts: run on the launching machine only
+# ----------------------------------------------------------------------------------------------
+
+ACCELERATORS = ("auto", "cuda", "cpu")
+V100_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+
+
+def is_local(host: str) -> bool:
+    """A hostfile name for this machine: DeepSpeed would start its ranks here without ssh.
+
+    Names only, not addresses: another loopback address (the test cluster's 127.0.1.x) or an
+    alias is treated as a remote host and reached over ssh, which works either way."""
+    return host in ("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn())
+
+
+def remote_probe(host: str, request: dict, timeout: float) -> dict:
     """`probe` on `host` over ssh; {"error": ...} when it cannot be run."""
-    command = shlex.join([sys.executable, "-", *args])
+    command = shlex.join([sys.executable, "-", json.dumps(request)])
     ssh = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(timeout))}", host, command]
     try:
         result = subprocess.run(ssh, input=Path(__file__).read_bytes(), capture_output=True, timeout=timeout)
@@ -69,7 +126,7 @@ def remote_probe(host: str, args: list[str], timeout: float) -> dict:
     stderr = result.stderr.decode(errors="replace").strip().splitlines()
     last = stderr[-1] if stderr else ""
     if result.returncode == 255:
-        return {"error": f"ssh failed non-interactively: {last} (set up key login: see README 'Multi-node')"}
+        return {"error": f"ssh failed non-interactively: {last} (set up key login: see docs 'Multi-node')"}
     if result.returncode == 127:
         return {"error": f"{sys.executable} not found there (every host needs the same Python at the same path)"}
     if result.returncode != 0:
@@ -77,42 +134,110 @@ def remote_probe(host: str, args: list[str], timeout: float) -> dict:
     return json.loads(result.stdout.decode().strip().splitlines()[-1])  # shell start-up files may print first
 
 
-def problems(facts: dict, here: dict, slots: int, cpu_ranks: bool, min_free_gb: float, port: int) -> list[str]:
+def probe_on(host: str, request: dict, timeout: float) -> dict:
+    return probe(request) if is_local(host) else remote_probe(host, request, timeout)
+
+
+def _capability(text: str) -> tuple[int, int]:
+    major, _, minor = text.partition(".")
+    return int(major), int(minor or 0)
+
+
+def arch_problem(capability: str, arch_list: list[str], torch_version: str | None) -> str | None:
+    """Why this torch build cannot run kernels on a GPU of `capability` ("7.0"), or None.
+
+    A cubin for sm_XY runs on the same major version with minor >= Y; PTX (compute_XY) is
+    compiled by the driver for any GPU of capability >= X.Y."""
+    have = _capability(capability)
+    if not arch_list:
+        return (f"torch {torch_version} has no CUDA kernels (a CPU build) but the host has GPUs of compute capability "
+                f"{capability}: install a CUDA build (docs/gpu-clusters.md)")
+    for arch in arch_list:
+        kind, _, digits = arch.partition("_")
+        built = (int(digits[:-1]), int(digits[-1])) if digits.isdigit() and len(digits) >= 2 else None
+        if built and ((kind == "sm" and built[0] == have[0] and built[1] <= have[1]) or (kind == "compute" and built <= have)):
+            return None
+    hint = f": {V100_INSTALL} (CUDA 12.6 builds still carry sm_70)" if have == (7, 0) else ""
+    return (f"GPU compute capability {capability} (sm_{have[0]}{have[1]}) is not among torch {torch_version}'s CUDA "
+            f"architectures ({' '.join(arch_list)}); every kernel would fail with 'no kernel image is available'; "
+            f"install a torch build that includes it{hint}")
+
+
+def choose_accelerator(requested: str, facts: dict[str, dict], hosts: dict[str, int]) -> tuple[str, list[str]]:
+    """The accelerator every rank uses, from what each host has; with the problems that forbid it.
+
+    auto: CUDA when every host has GPUs, DeepSpeed's CPU accelerator when none has; a mix is refused
+    (one job cannot run NCCL ranks and gloo ranks together)."""
+    alive = {host: f for host, f in facts.items() if "error" not in f}
+    with_gpus = [host for host, f in alive.items() if f["gpus"]]
+    if requested != "auto":
+        choice = requested
+    elif with_gpus and len(with_gpus) < len(alive):
+        without = [host for host in alive if host not in with_gpus]
+        return "mixed", [f"GPUs on {', '.join(with_gpus)} but none on {', '.join(without)}: one job cannot mix CUDA "
+                         "and CPU ranks; remove the hosts without GPUs, or pass --accelerator cpu to run every rank on CPUs"]
+    else:
+        choice = "cuda" if with_gpus else "cpu"
+    problems = []
+    if choice == "cuda":
+        for host, f in alive.items():
+            if f["gpus"] < hosts[host]:
+                problems.append(f"{host}: slots={hosts[host]} but {f['gpus']} GPUs (fix the hostfile's slots, or "
+                                "--accelerator cpu)")
+            for capability in f["capabilities"]:
+                issue = arch_problem(capability, f["arch_list"], f["torch"])
+                if issue:
+                    problems.append(f"{host}: {issue}")
+    return choice, problems
+
+
+def problems(facts: dict, here: dict, min_free_gb: float, port: int) -> list[str]:
+    """What is wrong with one host, apart from its accelerator (see `choose_accelerator`)."""
     if "error" in facts:
         return [facts["error"]]
     found = [f"{key} {facts[key] or 'not installed'} (here {here[key]})" for key in ("python", *PACKAGES) if facts[key] != here[key]]
     if facts["project"] != here["project"]:
         found.append(f"the project is not importable at {Path(here['project']).parent.parent} (found: {facts['project']})")
-    if not cpu_ranks and facts["gpus"] < slots:
-        found.append(f"slots={slots} but {facts['gpus']} GPUs (fix the hostfile, or DS_ACCELERATOR=cpu in the env file)")
     if facts["free_gb"] < min_free_gb:
         found.append(f"{facts['free_gb']:.1f} GB free for the output directory, less than {min_free_gb:g} GB")
     if facts["port_free"] is False:
         found.append(f"master port {port} is in use (another job? choose --master-port)")
+    for name, seen in facts["shared"].items():
+        if not seen:
+            found.append(f"{name} is not the first host's directory (its marker {MARKER} is missing here): rank 0 writes "
+                         "the tokenized cache, tokenizer and checkpoints there for every rank, so every host needs the "
+                         "same shared file system (NFS, Lustre, ...) at the same path; give --output-dir/--cache-dir on it")
     return found
 
 
-def check(hosts: dict[str, int], output_dir: str, master_port: int, accelerator: str | None,
-          timeout: float = 10.0, min_free_gb: float = 1.0) -> bool:
-    """Probe every host at once, print one row per host and each problem; True when there are none."""
+def check(hosts: dict[str, int], output_dir: str, cache_dir: str, master_port: int, requested: str = "auto",
+          timeout: float = 10.0, min_free_gb: float = 1.0) -> tuple[bool, str, dict]:
+    """Probe every host, print one row per host and each problem; (no problems, accelerator, facts per host).
+
+    The first host (rank 0's) is probed first and writes the shared-directory markers; the others,
+    probed all at once, must read them."""
     repo = str(Path(__file__).resolve().parent.parent)
     first = next(iter(hosts))
-    here = probe(repo, output_dir, master_port if first in LOCAL_HOSTS else 0)
+    token = secrets.token_hex(8)
+    request = {"repo": repo, "output_dir": output_dir, "port": 0, "token": token,
+               "dirs": [output_dir, cache_dir] if len(hosts) > 1 else [], "write": False}
+    here = probe({**request, "dirs": []})
+    facts = {first: probe_on(first, {**request, "port": master_port, "write": True}, timeout)}
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
-        futures = {host: pool.submit(remote_probe, host, [repo, output_dir, str(master_port if host == first else 0)], timeout)
-                   for host in hosts if host not in LOCAL_HOSTS}
-        facts = {host: futures[host].result() if host in futures else here for host in hosts}
-    cpu_ranks = accelerator == "cpu" or here["gpus"] == 0
+        futures = {host: pool.submit(probe_on, host, request, timeout) for host in hosts if host != first}
+        facts.update({host: future.result() for host, future in futures.items()})
+    accelerator, accelerator_problems = choose_accelerator(requested, facts, hosts)
 
-    rows = [("host", "slots", "hostname", "python", *PACKAGES, "GPUs", "free GB", "status")]
+    rows = [("host", "slots", "hostname", "python", *PACKAGES, "GPUs", "accelerator", "free GB", "status")]
     found = {}
     for host, slots in hosts.items():
         f = facts[host]
-        found[host] = problems(f, here, slots, cpu_ranks, min_free_gb, master_port)
-        gpus = "-" if "error" in f else ("cpu" if cpu_ranks else str(f["gpus"]))
-        cells = ("-",) * 5 if "error" in f else (f["hostname"], f["python"], *(str(f[p]) for p in PACKAGES))
+        found[host] = problems(f, here, min_free_gb, master_port)
+        found[host] += [p.split(": ", 1)[1] for p in accelerator_problems if p.startswith(f"{host}: ")]
+        cells = ("-",) * 6 if "error" in f else (f["hostname"], f["python"], *(str(f[p]) for p in PACKAGES),
+                                                 f"{f['gpus']}" + (f" (sm {','.join(f['capabilities'])})" if f["capabilities"] else ""))
         free = "-" if "error" in f else f"{f['free_gb']:.1f}"
-        rows.append((host, str(slots), *cells, gpus, free, "FAILED" if found[host] else "ok"))
+        rows.append((host, str(slots), *cells, accelerator, free, "FAILED" if found[host] else "ok"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -120,30 +245,35 @@ def check(hosts: dict[str, int], output_dir: str, master_port: int, accelerator:
     for host in failed:
         for problem in found[host]:
             print(f"doctor: {host}: {problem}", file=sys.stderr)
-    if failed:
-        print(f"doctor: {len(failed)} of {len(hosts)} hosts failed: {', '.join(failed)}", file=sys.stderr)
-    return not failed
+    general = [p for p in accelerator_problems if not any(p.startswith(f"{host}: ") for host in hosts)]
+    for problem in general:
+        print(f"doctor: {problem}", file=sys.stderr)
+    if failed or general:
+        print(f"doctor: {len(failed)} of {len(hosts)} hosts failed{': ' + ', '.join(failed) if failed else ''}", file=sys.stderr)
+    return not (failed or general), accelerator, facts
 
 
 def add_arguments(p) -> None:
     p.add_argument("--hostfile", default="hostfiles/localhost", help="lines 'HOST slots=N' (default: %(default)s)")
     p.add_argument("--include", default="", help="deepspeed's host/slot filter")
     p.add_argument("--exclude", default="", help="deepspeed's host/slot filter")
+    p.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
+                   help="cuda, cpu, or auto: CUDA where every host has GPUs, CPU where none has (default: %(default)s)")
     p.add_argument("--master-port", type=int, default=29500, help="checked free on the first host (default: %(default)s)")
-    p.add_argument("--output-dir", default="runs", help="checked for free disk, relative to the project (default: %(default)s)")
+    p.add_argument("--output-dir", default="runs", help="checked for free disk and sharing, relative to the project (default: %(default)s)")
+    p.add_argument("--cache-dir", default="", help="checked for sharing (default: OUTPUT_DIR/cache)")
     p.add_argument("--min-free-gb", type=float, default=1.0, help="(default: %(default)s)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per host (default: %(default)s)")
 
 
 def main(args) -> int:
-    import os
+    from .check import world_from_hostfile
 
-    from .launcher import active_hosts
-
-    hosts = active_hosts(args.hostfile, args.include, args.exclude)
-    ok = check(hosts, args.output_dir, args.master_port, os.environ.get("DS_ACCELERATOR"), args.timeout, args.min_free_gb)
+    hosts = {host: len(slots) for host, slots in world_from_hostfile(args.hostfile, args.include, args.exclude).items()}
+    ok, _, _ = check(hosts, args.output_dir, args.cache_dir or str(Path(args.output_dir) / "cache"), args.master_port,
+                  args.accelerator, args.timeout, args.min_free_gb)
     return 0 if ok else 1
 
 
 if __name__ == "__main__":  # run over ssh by `remote_probe`
-    print(json.dumps(probe(sys.argv[1], sys.argv[2], int(sys.argv[3]))))
+    print(json.dumps(probe(json.loads(sys.argv[1]))))

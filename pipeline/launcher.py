@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 from .check import world_from_hostfile
-from .config import ConfigError
-from .doctor import LOCAL_HOSTS
+from .config import ConfigError, Hardware, load_json, resolve_precision
+from .doctor import ACCELERATORS, is_local
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The runner reads these two files, then ours replaces them (DS_ENV_FILE): they are merged in.
@@ -55,6 +55,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--hostfile", default="hostfiles/localhost", help="lines 'HOST slots=N' (default: %(default)s)")
     p.add_argument("--ds-config", default="ds_configs/small_zero2.json", help="DeepSpeed JSON (default: %(default)s)")
     p.add_argument("--launcher", choices=("pdsh", "openmpi"), default="pdsh", help="multi-node backend (default: %(default)s)")
+    p.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
+                   help="cuda, cpu, or auto: decided per host by the doctor, CUDA where every host has GPUs, "
+                        "DeepSpeed's CPU accelerator where none has (default: %(default)s)")
     p.add_argument("--include", default="", help="deepspeed's host/slot filter, e.g. 'node1@node2:0,1' (pdsh only)")
     p.add_argument("--exclude", default="", help="deepspeed's host/slot filter (pdsh only)")
     p.add_argument("--master-addr", default="", help="rendezvous address (default: the first host; 127.0.0.1 for a local hostfile)")
@@ -67,27 +70,85 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_known_args(argv)
 
 
-def rank_env(args: argparse.Namespace, hostfile: Path) -> dict[str, str]:
-    """What every rank needs in its environment: the accelerator choice, then the user's env files."""
-    import torch
-
-    env = {}
-    if torch.cuda.is_available():
-        print("launch: GPUs found; ranks use CUDA (NCCL)")
-    else:
-        # One thread per rank: several ranks share a machine's cores.
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        print("launch: no GPU found; ranks run on DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, gloo backend)")
-    if args.launcher == "openmpi":
-        # DeepSpeed's OpenMPI runner passes neither; pipeline.dist keeps them over MPI discovery's guesses.
-        env.update(MASTER_ADDR=args.master_addr, MASTER_PORT=str(args.master_port))
+def user_env(args: argparse.Namespace, hostfile: Path) -> dict[str, str]:
+    """The user's env files merged: ~/.deepspeed_env, ./.deepspeed_env, then the cluster's (HOSTFILE.env)."""
     env_file = Path(args.env_file) if args.env_file else hostfile.with_name(hostfile.name + ".env")
     if args.env_file and not env_file.is_file():
         raise ConfigError(f"env file {env_file} not found")
+    env = {}
     for path in (*USER_ENV_FILES, env_file):
         if path.is_file():
             env.update(read_env_file(path))
     return env
+
+
+def requested_accelerator(args: argparse.Namespace, env: dict[str, str]) -> str:
+    """--accelerator, or DS_ACCELERATOR from an env file (the older way to ask for CPU ranks)."""
+    in_file = env.get("DS_ACCELERATOR")
+    if in_file is None:
+        return args.accelerator
+    if in_file not in ("cuda", "cpu"):
+        raise ConfigError(f"DS_ACCELERATOR={in_file} in an env file: this pipeline runs on cuda or cpu")
+    if args.accelerator not in ("auto", in_file):
+        raise ConfigError(f"--accelerator {args.accelerator} contradicts DS_ACCELERATOR={in_file} in an env file; keep one")
+    return in_file
+
+
+def rank_env(args: argparse.Namespace, env: dict[str, str], accelerator: str) -> dict[str, str]:
+    """What every rank needs in its environment: the accelerator decided for all hosts, then the user's env files.
+
+    DS_ACCELERATOR is always set, so no rank guesses from its own hardware."""
+    ranks = {"DS_ACCELERATOR": accelerator}
+    if accelerator == "cpu":  # one thread per rank: several ranks share a machine's cores
+        ranks["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
+    if args.launcher == "openmpi":
+        # DeepSpeed's OpenMPI runner passes neither; pipeline.dist keeps them over MPI discovery's guesses.
+        ranks.update(MASTER_ADDR=args.master_addr, MASTER_PORT=str(args.master_port))
+    return {**ranks, **env, "DS_ACCELERATOR": accelerator}
+
+
+def visible_devices_include(args: argparse.Namespace, hosts: dict[str, int], env: dict[str, str]) -> str:
+    """--include for CUDA_VISIBLE_DEVICES, which DeepSpeed's launcher replaces with the hostfile's slots.
+
+    Given a hostfile, `deepspeed.launcher.launch` sets CUDA_VISIBLE_DEVICES on every node to the
+    slot ids it starts (0..slots-1 unless --include/--exclude): on a shared node the job would take
+    GPUs someone else was given. For one local host the same GPUs become `--include HOST:IDS`;
+    anything else that cannot be carried over is refused."""
+    if "CUDA_VISIBLE_DEVICES" in env:
+        raise ConfigError("CUDA_VISIBLE_DEVICES in an env file is replaced on every host by DeepSpeed's launcher (it sets "
+                          "it from the hostfile's slots); choose GPUs with --include 'HOST:IDS@HOST:IDS' instead")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return args.include
+    host, slots = next(iter(hosts.items()))
+    if args.include or args.exclude:
+        raise ConfigError(f"CUDA_VISIBLE_DEVICES={visible} and --include/--exclude both choose GPUs, and DeepSpeed's "
+                          "launcher would use only the latter; unset CUDA_VISIBLE_DEVICES or drop --include/--exclude")
+    if len(hosts) > 1 or not is_local(host):
+        raise ConfigError(f"CUDA_VISIBLE_DEVICES={visible} is set on this machine, but DeepSpeed's launcher replaces it "
+                          "on every host with the hostfile's slots; unset it and choose GPUs per host with "
+                          "--include 'HOST:IDS@HOST:IDS'")
+    ids = [i.strip() for i in visible.split(",") if i.strip()]
+    if not ids or not all(i.isdigit() for i in ids):
+        raise ConfigError(f"CUDA_VISIBLE_DEVICES={visible!r}: only GPU indices can be carried over to DeepSpeed's launcher "
+                          f"(--include {host}:0,1,...); unset it and give --include with indices")
+    beyond = [i for i in ids if int(i) >= slots]
+    if beyond:
+        raise ConfigError(f"CUDA_VISIBLE_DEVICES={visible} names GPU {', '.join(beyond)} but the hostfile gives {host} "
+                          f"slots={slots} (GPUs 0-{slots - 1}); raise its slots to the node's GPU count")
+    print(f"launch: CUDA_VISIBLE_DEVICES={visible} -> --include {host}:{','.join(ids)} (DeepSpeed's launcher would "
+          "otherwise replace it with the hostfile's slots)")
+    return f"{host}:{','.join(ids)}"
+
+
+def check_precision(args: argparse.Namespace, train_args: list[str], accelerator: str, capabilities: list[str]) -> None:
+    """Refuse a precision the chosen accelerator cannot run, before any rank starts (fp16 on CPU ranks)."""
+    if accelerator == "cpu":
+        hardware = Hardware.named("cpu")
+    else:
+        bf16 = all(float(c) >= 8.0 for c in capabilities)
+        hardware = Hardware("cuda", fp16=True, bf16=bf16, name=f"GPUs of compute capability {', '.join(capabilities) or 'unknown'}")
+    resolve_precision(args.ds_config, load_json(args.ds_config), option(train_args, "--precision", "auto"), hardware)
 
 
 def check_launcher(args: argparse.Namespace, hosts: dict[str, int]) -> None:
@@ -95,9 +156,9 @@ def check_launcher(args: argparse.Namespace, hosts: dict[str, int]) -> None:
     if args.launcher == "openmpi" and (args.include or args.exclude):
         raise ConfigError("--launcher openmpi does not support --include/--exclude (DeepSpeed's OpenMPI runner "
                           "rejects them): write a hostfile with just the hosts and slots to use")
-    if len(hosts) == 1:
+    if len(hosts) == 1 and is_local(next(iter(hosts))):
         if args.launcher != "pdsh" or args.launcher_args:
-            print(f"launch: note: one host ({next(iter(hosts))}): deepspeed starts its ranks locally, "
+            print(f"launch: note: one host ({next(iter(hosts))}), this machine: deepspeed starts its ranks locally, "
                   f"so --launcher {args.launcher} and --launcher-args are not used")
         return
     backend = {"pdsh": "pdsh", "openmpi": "mpirun"}[args.launcher]
@@ -117,10 +178,14 @@ def deepspeed_command(args: argparse.Namespace, hosts: dict[str, int], train_arg
     cmd = ["deepspeed", "--hostfile", args.hostfile, "--master_addr", args.master_addr, "--master_port", str(args.master_port)]
     if ssh_checked:
         cmd.append("--no_ssh_check")  # the doctor reached every host, the runner would only try the first
+    remote = len(hosts) > 1 or not is_local(next(iter(hosts)))
+    if len(hosts) == 1 and remote:
+        # The runner uses ssh only for more than one host; one remote host would get local ranks.
+        cmd.append("--force_multi")
     if args.include or args.exclude:
         cmd += ["--include", args.include] if args.include else ["--exclude", args.exclude]
     launcher_args = args.launcher_args
-    if len(hosts) > 1 and args.launcher == "openmpi":
+    if remote and args.launcher == "openmpi":
         cmd += ["--launcher", "openmpi"]
         if args.rank_logs:  # the deepspeed runner's per-rank log option applies to pdsh only
             launcher_args = f"{launcher_args} --output-filename {args.rank_logs}".strip()
@@ -131,13 +196,14 @@ def deepspeed_command(args: argparse.Namespace, hosts: dict[str, int], train_arg
     return cmd + ["--module", "pipeline", "train", "--ds-config", args.ds_config, *train_args]
 
 
-def output_dir(train_args: list[str]) -> str:
+def option(train_args: list[str], name: str, default: str) -> str:
+    """The value a training option is given on the command line (--name V or --name=V), else `default`."""
     for i, arg in enumerate(train_args):
-        if arg.startswith("--output-dir="):
+        if arg.startswith(name + "="):
             return arg.split("=", 1)[1]
-        if arg == "--output-dir" and i + 1 < len(train_args):
+        if arg == name and i + 1 < len(train_args):
             return train_args[i + 1]
-    return "runs"
+    return default
 
 
 def run(argv: list[str]) -> int:
@@ -146,16 +212,34 @@ def run(argv: list[str]) -> int:
     hosts = active_hosts(args.hostfile, args.include, args.exclude)
     if not Path(args.ds_config).is_file():
         raise ConfigError(f"DeepSpeed config {args.ds_config} not found")
+    env = user_env(args, hostfile)
+    args.include = visible_devices_include(args, hosts, env)
+    hosts = active_hosts(args.hostfile, args.include, args.exclude)
     check_launcher(args, hosts)
-    local = all(host in LOCAL_HOSTS for host in hosts)
+    local = all(is_local(host) for host in hosts)
     args.master_addr = args.master_addr or ("127.0.0.1" if local else next(iter(hosts)))
-    env = rank_env(args, hostfile)
+    accelerator, capabilities = requested_accelerator(args, env), []
 
     if not args.no_doctor:
         from . import doctor
 
-        if not doctor.check(hosts, output_dir(train_args), args.master_port, env.get("DS_ACCELERATOR"), args.doctor_timeout):
+        out = option(train_args, "--output-dir", "runs")
+        ok, accelerator, facts = doctor.check(hosts, out, option(train_args, "--cache-dir", str(Path(out) / "cache")),
+                                              args.master_port, accelerator, args.doctor_timeout)
+        if not ok:
             return 1
+        capabilities = sorted({c for f in facts.values() for c in f.get("capabilities", [])})
+    elif accelerator == "auto":
+        if not local:
+            raise ConfigError("--no-doctor with remote hosts: this machine cannot tell what they have; "
+                              "give --accelerator cuda or --accelerator cpu")
+        import torch
+
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    check_precision(args, train_args, accelerator, capabilities)
+    print(f"launch: ranks use {'CUDA (NCCL)' if accelerator == 'cuda' else 'DeepSpeed CPU accelerator (gloo)'} "
+          f"on {len(hosts)} host(s): DS_ACCELERATOR={accelerator}")
+    env = rank_env(args, env, accelerator)
 
     with tempfile.NamedTemporaryFile("w", prefix="deepspeed_env-", suffix=".txt", delete=False) as f:
         f.write("".join(f"{key}={value}\n" for key, value in env.items()))

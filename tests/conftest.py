@@ -154,7 +154,9 @@ class Cluster:
 
 
 def _start_sshd(root: Path, address: str, hostname: str, port: int) -> subprocess.Popen:
-    """One node: an sshd on `address` only, in its own UTS namespace, so its sessions see `hostname`."""
+    """One node: an sshd on `address` only, in its own UTS namespace, so its sessions see `hostname`,
+    and its own mount namespace, where ROOT/private-HOSTNAME is a tmpfs only this node sees (a
+    directory that is not on a shared file system)."""
     config = root / f"sshd-{hostname}.conf"
     config.write_text(f"ListenAddress {address}\nPort {port}\nHostKey {root}/host_key\n"
                       f"AuthorizedKeysFile {root}/authorized_keys\nPermitRootLogin prohibit-password\n"
@@ -162,7 +164,10 @@ def _start_sshd(root: Path, address: str, hostname: str, port: int) -> subproces
                       f"StrictModes no\nPidFile {root}/sshd-{hostname}.pid\n")  # StrictModes: tmp parents are world-writable
     sshd = shutil.which("sshd", path=os.environ.get("PATH", "") + ":/usr/sbin")
     with open(root / f"sshd-{hostname}.log", "w") as log:
-        return subprocess.Popen(["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$1" -D -e -f "$2"', hostname, sshd, str(config)],
+        private = root / f"private-{hostname}"
+        private.mkdir()
+        script = 'hostname "$0" && mount -t tmpfs tmpfs "$3" && exec "$1" -D -e -f "$2"'
+        return subprocess.Popen(["unshare", "--uts", "--mount", "sh", "-c", script, hostname, sshd, str(config), str(private)],
                                 stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -4,7 +4,9 @@ import subprocess
 import sys
 import time
 
-from conftest import DEAD_NODE, NODES, REPO, cpu_env, free_port
+from pipeline.doctor import arch_problem, choose_accelerator
+
+from conftest import DEAD_NODE, NODES, REPO, cpu_env, free_port, losses, ds_config
 
 
 def doctor(hostfile, *extra):
@@ -19,7 +21,8 @@ def test_doctor_passes_two_live_nodes_with_one_row_each(cluster):
     assert rows[0].split()[:4] == ["host", "slots", "hostname", "python"]
     for address, hostname in NODES.items():
         (row,) = [r for r in rows if r.startswith(address)]
-        assert row.split()[2] == hostname and row.endswith("ok"), row
+        cells = row.split()
+        assert cells[2] == hostname and cells[7:9] == ["0", "cpu"] and row.endswith("ok"), row  # no GPUs: CPU ranks
 
 
 def test_doctor_names_the_dead_node(cluster):
@@ -52,3 +55,61 @@ def test_launch_on_a_dead_node_fails_fast_with_the_doctors_message(cluster, smal
     assert f"doctor: {DEAD_NODE}: ssh failed non-interactively" in result.stderr, result.stdout + result.stderr
     assert "runner.py" not in result.stdout + result.stderr  # the deepspeed runner never started
     assert elapsed < 30, elapsed
+
+
+def test_doctor_refuses_cuda_on_hosts_without_gpus(cluster):
+    result = doctor(cluster.hostfile("live", NODES), "--master-port", str(free_port()), "--accelerator", "cuda")
+    assert result.returncode != 0
+    for address in NODES:
+        assert f"doctor: {address}: slots=1 but 0 GPUs" in result.stderr, result.stderr
+
+
+def test_doctor_finds_an_output_directory_that_is_not_shared(cluster):
+    """node2 has its own tmpfs at private-node2: what rank 0 writes there, node2 never sees."""
+    private = cluster.root / "private-node2" / "runs"
+    result = doctor(cluster.hostfile("live", NODES), "--master-port", str(free_port()), "--output-dir", str(private))
+    assert result.returncode != 0
+    assert f"doctor: 127.0.1.2: {private} is not the first host's directory" in result.stderr, result.stderr
+    assert "127.0.1.1: " not in result.stderr  # the first host wrote the marker and is fine
+    shared = doctor(cluster.hostfile("live", NODES), "--master-port", str(free_port()), "--output-dir", str(cluster.root / "runs"))
+    assert shared.returncode == 0, shared.stdout + shared.stderr
+
+
+def test_a_hostfile_with_one_remote_host_runs_there_not_here(cluster, small_data, tmp_path):
+    """DeepSpeed starts one host's ranks locally, whatever its name; the launcher must go over ssh."""
+    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
+    result = subprocess.run([str(REPO / "launch.sh"), "--hostfile", str(cluster.hostfile("node2-only", ["127.0.1.2"])),
+                             "--ds-config", str(config), "--master-port", str(free_port()), "--train-file", str(small_data["train"]),
+                             "--dev-file", str(small_data["dev"]), "--output-dir", str(tmp_path), "--run-name", "run",
+                             "--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--max-steps", "2", "--eval-every", "0"],
+                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "rank 0 of 1: host node2," in output, output[-4000:]  # hostname inside node2's UTS namespace
+    assert len(losses(tmp_path / "run")) == 2
+
+
+def test_accelerator_is_decided_per_host_not_by_the_launching_machine():
+    gpu_node = {"gpus": 8, "capabilities": ["7.0"], "arch_list": ["sm_70", "sm_80"], "torch": "2.13.0+cu126"}
+    cpu_node = {"gpus": 0, "capabilities": [], "arch_list": [], "torch": "2.13.0"}
+    hosts = {"gpu-node-1": 8, "gpu-node-2": 8}
+    # This machine (a login node) has no GPU; the hosts do.
+    assert choose_accelerator("auto", {h: gpu_node for h in hosts}, hosts) == ("cuda", [])
+    assert choose_accelerator("auto", {h: cpu_node for h in hosts}, hosts) == ("cpu", [])
+    assert choose_accelerator("cpu", {h: gpu_node for h in hosts}, hosts) == ("cpu", [])
+    choice, problems = choose_accelerator("auto", {"gpu-node-1": gpu_node, "gpu-node-2": cpu_node}, hosts)
+    assert choice == "mixed" and "GPUs on gpu-node-1 but none on gpu-node-2" in problems[0]
+    choice, problems = choose_accelerator("auto", {h: {**gpu_node, "gpus": 4} for h in hosts}, hosts)
+    assert problems == [f"{h}: slots=8 but 4 GPUs (fix the hostfile's slots, or --accelerator cpu)" for h in hosts]
+
+
+def test_a_torch_build_without_the_gpus_architecture_is_named():
+    """PyTorch's CUDA 12.8/13 wheels from 2.11 on have no sm_70 kernels: a V100 cannot run them."""
+    cu128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+    problem = arch_problem("7.0", cu128, "2.13.0+cu128")
+    assert "compute capability 7.0 (sm_70) is not among torch 2.13.0+cu128's" in problem and "whl/cu126" in problem
+    assert arch_problem("7.0", ["sm_60", "sm_70", "sm_75", "sm_80", "sm_90"], "2.13.0+cu126") is None
+    assert arch_problem("8.6", ["sm_80", "sm_90"], "x") is None  # sm_80 cubins run on 8.6
+    assert arch_problem("8.9", ["sm_90", "compute_80"], "x") is None  # PTX compiles for newer GPUs
+    assert arch_problem("8.0", ["sm_90"], "x") is not None
+    assert "a CPU build" in arch_problem("7.0", [], "2.13.0+cpu")

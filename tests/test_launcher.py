@@ -2,10 +2,14 @@
 with the file and line named; the env file for remote ranks merges the user's own files, unchanged."""
 import subprocess
 
-from pipeline.check import read_hostfile
-from pipeline.launcher import deepspeed_command, parse_args, rank_env, read_env_file
+import pytest
 
-from conftest import REPO, cpu_env
+from pipeline.check import read_hostfile
+from pipeline.config import ConfigError
+from pipeline.launcher import (deepspeed_command, parse_args, rank_env, read_env_file, requested_accelerator, user_env,
+                               visible_devices_include)
+
+from conftest import REPO, cpu_env, ds_config, free_port
 
 
 def launch_sh(*args):
@@ -64,13 +68,69 @@ def test_rank_env_merges_the_users_deepspeed_env_and_the_cluster_env_file(tmp_pa
     monkeypatch.chdir(tmp_path)
     own = "MY_SETTING=1\nNCCL_DEBUG=WARN\n"
     (tmp_path / ".deepspeed_env").write_text(own)
-    (tmp_path / "nodes.env").write_text("# cluster\n\nNCCL_DEBUG = INFO\nGLOO_SOCKET_IFNAME=lo\n")
+    (tmp_path / "nodes.env").write_text("# cluster\n\nNCCL_DEBUG = INFO\nGLOO_SOCKET_IFNAME=lo\nDS_ACCELERATOR=cpu\n")
     args, _ = parse_args(["--hostfile", "nodes", "--launcher", "openmpi", "--master-addr", "node1", "--master-port", "1234"])
-    env = rank_env(args, tmp_path / "nodes")
-    assert env["DS_ACCELERATOR"] == "cpu" and env["OMP_NUM_THREADS"] == "1"  # no GPU on the test machines
+    files = user_env(args, tmp_path / "nodes")
+    assert requested_accelerator(args, files) == "cpu"  # the older way to ask for CPU ranks still works
+    env = rank_env(args, files, "cpu")
+    assert env["DS_ACCELERATOR"] == "cpu" and env["OMP_NUM_THREADS"] == "1"
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("node1", "1234")  # OpenMPI ranks get the rendezvous this way
     assert (env["MY_SETTING"], env["NCCL_DEBUG"], env["GLOO_SOCKET_IFNAME"]) == ("1", "INFO", "lo")  # cluster file wins
     assert (tmp_path / ".deepspeed_env").read_text() == own
+    args.accelerator = "cuda"
+    with pytest.raises(ConfigError, match="--accelerator cuda contradicts DS_ACCELERATOR=cpu"):
+        requested_accelerator(args, files)
+
+
+def test_rank_env_sets_the_accelerator_decided_for_the_hosts_not_this_machines():
+    """A login node without GPUs launching onto GPU nodes: the ranks get CUDA, not this machine's CPU."""
+    args, _ = parse_args(["--hostfile", "nodes"])
+    env = rank_env(args, {}, "cuda")
+    assert env["DS_ACCELERATOR"] == "cuda" and "OMP_NUM_THREADS" not in env
+
+
+def test_cuda_visible_devices_becomes_an_include_for_one_local_host(monkeypatch):
+    args, _ = parse_args(["--hostfile", "nodes"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert visible_devices_include(args, {"localhost": 8}, {}) == "localhost:2,3"
+    for hosts, env, message in [({"localhost": 2}, {}, "names GPU 2, 3 but the hostfile gives localhost slots=2"),
+                                ({"node1": 8, "node2": 8}, {}, "replaces it on every host"),
+                                ({"gpu-node-1": 8}, {}, "replaces it on every host"),
+                                ({"localhost": 8}, {"CUDA_VISIBLE_DEVICES": "0"}, "in an env file is replaced")]:
+        with pytest.raises(ConfigError, match=message):
+            visible_devices_include(args, hosts, env)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5f1c")
+    with pytest.raises(ConfigError, match="only GPU indices"):
+        visible_devices_include(args, {"localhost": 8}, {})
+    args.include = "localhost:0"
+    with pytest.raises(ConfigError, match="both choose GPUs"):
+        visible_devices_include(args, {"localhost": 8}, {})
+
+
+def test_cuda_visible_devices_picks_the_ranks_of_a_real_launch(tmp_path, small_data):
+    """CUDA_VISIBLE_DEVICES=1 with a 2-slot local hostfile starts one rank (DeepSpeed alone would start two)."""
+    hostfile = tmp_path / "local"
+    hostfile.write_text("localhost slots=2\n")
+    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
+    env = {**cpu_env(), "CUDA_VISIBLE_DEVICES": "1"}
+    result = subprocess.run([str(REPO / "launch.sh"), "--hostfile", str(hostfile), "--ds-config", str(config),
+                             "--master-port", str(free_port()), "--train-file", str(small_data["train"]),
+                             "--dev-file", str(small_data["dev"]), "--output-dir", str(tmp_path), "--run-name", "run",
+                             "--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--max-steps", "1",
+                             "--eval-every", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "CUDA_VISIBLE_DEVICES=1 -> --include localhost:1" in output
+    assert "rank 0 of 1:" in output and "rank 1 of" not in output
+    assert "4 per rank x 2 accumulation x 1 ranks" in output
+
+
+def test_fp16_on_cpu_ranks_is_refused_before_launch(tmp_path):
+    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2, fp16={"enabled": True})
+    result = launch_sh("--ds-config", str(config), "--no-doctor", "--accelerator", "cpu")
+    assert result.returncode == 2
+    assert "fp16 requested but CPU" in result.stderr, result.stderr
+    assert "runner.py" not in result.stdout + result.stderr
 
 
 def test_deepspeed_command_per_launcher():
@@ -86,3 +146,10 @@ def test_deepspeed_command_per_launcher():
     cmd = deepspeed_command(args, hosts, train_args, ssh_checked=True)
     assert cmd[cmd.index("--launcher") + 1] == "openmpi" and "--enable_each_rank_log" not in cmd
     assert cmd[cmd.index("--launcher_args") + 1] == "--allow-run-as-root --output-filename logs"  # mpirun's per-rank logs
+
+
+def test_one_remote_host_is_reached_over_ssh_not_started_here():
+    args, train_args = parse_args(["--hostfile", "nodes", "--master-addr", "gpu-node-1"])
+    assert "--force_multi" in deepspeed_command(args, {"gpu-node-1": 8}, train_args, ssh_checked=True)
+    assert "--force_multi" not in deepspeed_command(args, {"localhost": 2}, train_args, ssh_checked=True)
+    assert "--force_multi" not in deepspeed_command(args, {"node1": 1, "node2": 1}, train_args, ssh_checked=True)
