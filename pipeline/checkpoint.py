@@ -59,7 +59,8 @@ class TrainerState:
 
     epoch: int = 0
     step_in_epoch: int = 0  # optimizer steps already taken in `epoch` (its data order is seeded)
-    optimizer_step: int = 0
+    optimizer_step: int = 0  # accumulation windows done, as DeepSpeed's engine.global_steps counts them
+    skipped_steps: int = 0  # of those, windows whose update fp16's loss scaler skipped (engine.skipped_steps)
     best_metric: float | None = None
     best_step: int | None = None
     world_size: int = 1
@@ -68,8 +69,15 @@ class TrainerState:
     train_config: dict = field(default_factory=dict)
     ds_config: dict = field(default_factory=dict)
 
-    def advance(self, steps_per_epoch: int) -> None:
+    @property
+    def applied_steps(self) -> int:
+        """Updates the weights received: the LR scheduler's position (DeepSpeed does not step it on a skip)."""
+        return self.optimizer_step - self.skipped_steps
+
+    def advance(self, steps_per_epoch: int, skipped: bool = False) -> None:
+        """One accumulation window done: the data moves on even when fp16 skipped its update."""
         self.optimizer_step += 1
+        self.skipped_steps += skipped
         self.step_in_epoch += 1
         if self.step_in_epoch == steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0

@@ -86,8 +86,9 @@ def build_wordpiece_tokenizer(texts: list[str], train_digest: str, cache_dir: st
     return target
 
 
-def build_model(model_dir: str, label_names: list[str], vocab_size: int, ds_config: dict, seed: int):
-    """The classifier, partitioned while it is built under ZeRO-3.
+def build_model(model_dir: str, label_names: list[str], vocab_size: int, ds_config: dict, seed: int,
+                gradient_checkpointing: bool = False):
+    """The classifier, partitioned while it is built under ZeRO-3, optionally recomputing activations.
 
     Under stage 3, transformers' DeepSpeed integration (an `HfDeepSpeedConfig` alive during the
     call) builds or loads the model inside `deepspeed.zero.Init`, so no rank ever holds the whole
@@ -113,4 +114,10 @@ def build_model(model_dir: str, label_names: list[str], vocab_size: int, ds_conf
     finally:
         del hf_ds_config
         unset_hf_deepspeed_config()
+    if gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError(f"model: {model_dir} ({config.model_type}) does not support gradient checkpointing")
+        # Non-reentrant checkpointing: the one PyTorch recommends, and it works with ZeRO-3's
+        # parameter hooks (the reentrant one re-gathers inside a nested autograd call).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -52,11 +52,16 @@ def model_shape(model: str) -> ModelShape:
                       config.num_hidden_layers, config.num_attention_heads)
 
 
-def activation_bytes(shape: ModelShape, micro: int, seq: int, bytes_per_value: int = 2) -> int:
-    """Activations kept for backward by one micro batch (Korthikanti et al. 2022, no recomputation)."""
+def activation_bytes(shape: ModelShape, micro: int, seq: int, bytes_per_value: int = 2, recompute: bool = False) -> int:
+    """Activations kept for backward by one micro batch (Korthikanti et al. 2022).
+
+    With recomputation (`--gradient-checkpointing 1`: full activation recomputation in the paper's
+    terms) each layer keeps only its input, s*b*h values, and one layer's activations are rebuilt
+    at a time during backward."""
     s, b, h, i, a = seq, micro, shape.hidden, shape.intermediate, shape.heads
-    per_layer = s * b * (15 * h + 4 * i) + 5 * a * s * s * b
-    return int(shape.layers * per_layer * bytes_per_value / 2)
+    per_layer = s * b * (15 * h + 4 * i) + 5 * a * s * s * b  # bytes at 2 bytes per value
+    kept = shape.layers * 2 * s * b * h + per_layer if recompute else shape.layers * per_layer
+    return int(kept * bytes_per_value / 2)
 
 
 def model_state_bytes(shape: ModelShape, strategy: str, nodes: int, gpus_per_node: int) -> tuple[int, int]:
@@ -86,7 +91,7 @@ class Option:
 
 
 def plan(shape: ModelShape, nodes: int, gpus_per_node: int, gpu_mem: int, seq: int, global_batch: int,
-         margin: float = 0.15) -> list[Option]:
+         margin: float = 0.15, recompute: bool = False) -> list[Option]:
     world = nodes * gpus_per_node
     if global_batch % world:
         raise ConfigError(f"--global-batch {global_batch} is not divisible by the world size {world} "
@@ -97,13 +102,13 @@ def plan(shape: ModelShape, nodes: int, gpus_per_node: int, gpu_mem: int, seq: i
         states, cpu = model_state_bytes(shape, strategy, nodes, gpus_per_node)
         buffers = 2 * BUCKET * 2  # a reduce bucket and an allgather/prefetch bucket of 16-bit values
         room = budget - states - buffers
-        per_sample = activation_bytes(shape, 1, seq)
+        per_sample = activation_bytes(shape, 1, seq, recompute=recompute)
         max_micro = max(0, int(room // per_sample))
         per_rank = global_batch // world
         micro = max((d for d in range(1, min(max_micro, per_rank) + 1) if per_rank % d == 0), default=0)
         accum = per_rank // micro if micro else 0
         options.append(Option(strategy, states, cpu, buffers, max_micro, micro, accum,
-                              states + buffers + activation_bytes(shape, max(micro, 1), seq)))
+                              states + buffers + activation_bytes(shape, max(micro, 1), seq, recompute=recompute)))
     return options
 
 
@@ -168,13 +173,15 @@ def memory_for_config(model: str, ds: dict, nodes: int, gpus_per_node: int, seq:
 def run_plan(args) -> int:
     shape = model_shape(args.model)
     gpu_mem = parse_size(args.gpu_mem)
-    options = plan(shape, args.nodes, args.gpus_per_node, gpu_mem, args.seq_len, args.global_batch, args.margin)
+    recompute = bool(args.gradient_checkpointing)
+    options = plan(shape, args.nodes, args.gpus_per_node, gpu_mem, args.seq_len, args.global_batch, args.margin, recompute)
     world = args.nodes * args.gpus_per_node
     print(f"{args.model}: {shape.params / 1e6:.1f}M parameters (largest layer {shape.largest_layer / 1e6:.1f}M), "
           f"{args.nodes} node(s) x {args.gpus_per_node} GPUs of {_gib(gpu_mem)}, seq {args.seq_len}, "
           f"global batch {args.global_batch}; budget {_gib(int(gpu_mem * (1 - args.margin)))} per GPU "
           f"({args.margin:.0%} margin)")
-    print(f"activations: {_gib(activation_bytes(shape, 1, args.seq_len))} per sample (16-bit)")
+    print(f"activations: {_gib(activation_bytes(shape, 1, args.seq_len, recompute=recompute))} per sample (16-bit, "
+          f"{'gradient checkpointing: each layer keeps its input only' if recompute else 'no recomputation'})")
     print(f"{'strategy':<14} {'model states/GPU':>16} {'host RAM/node':>14} {'max micro':>9} {'micro x accum x world':>22} {'total/GPU':>10}")
     for o in options:
         layout = f"{o.micro} x {o.accum} x {world}" if o.micro else "does not fit"
@@ -182,13 +189,15 @@ def run_plan(args) -> int:
               f"{_gib(o.per_gpu) if o.micro else '-':>10}")
     best = recommend(options)
     if best is None:
-        print("recommendation: nothing fits; use more GPUs, a shorter --seq-len, or activation checkpointing")
+        hint = "" if recompute else ", or --gradient-checkpointing 1 (here and in training)"
+        print(f"recommendation: nothing fits; use more GPUs, a shorter --seq-len{hint}")
         return 1
     print(f"recommendation: {best.strategy} with micro batch {best.micro} x accumulation {best.accum} "
           f"(lowest ZeRO stage that fits; offload only when nothing else does)")
     if args.write:
         Path(args.write).write_text(json.dumps(ds_config_for(best, args.global_batch, args.lr), indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.write} (gradient_accumulation_steps \"auto\": derived from the world size at run time)")
+        print(f"wrote {args.write} (gradient_accumulation_steps \"auto\": derived from the world size at run time)"
+              + ("; train with --gradient-checkpointing 1" if recompute else ""))
     return 0
 
 
@@ -203,3 +212,5 @@ def add_parser(sub) -> None:
     p.add_argument("--margin", type=float, default=0.15, help="share of GPU memory kept free (CUDA context, fragmentation)")
     p.add_argument("--lr", type=float, default=2e-5, help="learning rate written to --write's config")
     p.add_argument("--write", default="", help="write the recommended DeepSpeed JSON here")
+    p.add_argument("--gradient-checkpointing", type=int, choices=(0, 1), default=0,
+                   help="1: plan for training with --gradient-checkpointing 1 (activations recomputed in backward)")

@@ -9,6 +9,8 @@ Every rank runs this file. Rank 0 alone prints, writes metrics and builds caches
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
 import warnings
@@ -119,34 +121,100 @@ class RunLog:
             self.tensorboard.close()
 
 
+class TrainingStopped(ConfigError):
+    """Training cannot usefully go on (a non-finite loss, an fp16 loss scale stuck at its minimum):
+    stopped with the step named instead of burning the cluster's time."""
+
+
+# Test hook (documented in docs/troubleshooting.md): make every micro-batch loss of this optimizer
+# step NaN, to show the divergence stop on hardware without fp16.
+NAN_AT_STEP = "PIPELINE_TEST_NAN_AT_STEP"
+MIN_SCALE_PATIENCE = 10  # fp16 steps skipped in a row at the minimum loss scale before stopping
+
+
+def micro_step(engine, batch: dict, poison: bool = False):
+    """One micro-batch through the engine: forward, backward, and the optimizer step at a window's end.
+
+    DeepSpeed scales the loss by 1/accumulation in `backward` and applies the update at the
+    window's boundary in `step`, so the loss is not divided here. Returns (loss, boundary).
+    """
+    loss = engine(**batch).loss
+    if poison:
+        loss = loss * float("nan")
+    engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()  # must be asked before step()
+    try:
+        engine.step()
+    except Exception as e:  # DeepSpeed's fp16 loss scaler gives up with a bare Exception
+        if "loss scale already at minimum" in str(e):
+            raise TrainingStopped(f"optimizer step {engine.global_steps + 1}: fp16 gradients overflow even at the minimum "
+                                  "loss scale; lower the learning rate, use bf16 (compute capability 8.0+), or check "
+                                  "the data") from None
+        raise
+    return loss.detach(), boundary
+
+
+def step_health(engine, fp16: bool) -> dict:
+    """Gradient norm every step; under fp16 also the loss scale and the steps the scaler skipped."""
+    row = {}
+    norm = engine.get_global_grad_norm()
+    if norm is not None and math.isfinite(norm):  # an overflowed step's norm is inf: not JSON
+        row["grad_norm"] = float(norm)
+    if fp16:
+        row.update(loss_scale=float(engine.optimizer.loss_scale), skipped_steps=engine.skipped_steps)
+    return row
+
+
+def min_loss_scale(engine) -> float:
+    """The floor of DeepSpeed's dynamic loss scaler (fp16.min_loss_scale); 1 when it has none."""
+    return getattr(getattr(engine.optimizer, "loss_scaler", None), "min_scale", 1.0)
+
+
+def check_progress(step: int, epoch: int, loss: float, fp16: bool, skipped: bool, at_min_scale: int) -> None:
+    """Stop on a non-finite loss, unless it is fp16's overflow that the loss scaler handles (it skips
+    the update and lowers the scale), and on an fp16 scale stuck at its minimum."""
+    if not math.isfinite(loss) and not (fp16 and skipped):
+        weights = "DeepSpeed skipped this update" if skipped else "the weights are no longer usable"
+        raise TrainingStopped(f"optimizer step {step} (epoch {epoch}): the training loss is {loss} ({weights}). Resume "
+                              "from the last checkpoint (--resume auto) with a lower learning rate, or check the data "
+                              "and precision")
+    if at_min_scale >= MIN_SCALE_PATIENCE:
+        raise TrainingStopped(f"optimizer step {step}: fp16 skipped the last {at_min_scale} steps at the minimum loss "
+                              "scale; lower the learning rate, use bf16 (compute capability 8.0+), or check the data")
+
+
 def train_loop(engine, cfg: TrainConfig, data: dict, label_names, state: TrainerState, total_steps: int,
                per_epoch: int, run: RunLog, save) -> None:
-    """Train from `state` until `total_steps` optimizer steps, evaluating and saving on the way.
+    """Train from `state` until the weights have had `total_steps` updates, evaluating and saving on the way.
 
-    Every micro-batch goes through engine.backward and engine.step; DeepSpeed scales the loss by
-    1/accumulation and applies the update at the window's boundary, so the loss is not divided
-    here. The logged loss is the mean over the window's micro-batches and over all ranks.
+    Step numbers count accumulation windows, as DeepSpeed's `global_steps` does, and the data
+    order follows them; a window whose update fp16 skipped (overflow) does not step the LR
+    scheduler, so the run goes on until `total_steps` updates were applied and the schedule ends
+    where it was planned. The logged loss is the mean over the window's micro-batches and ranks.
     """
     micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     world, global_batch = dist.world_size(), engine.train_batch_size()
+    fp16 = engine.fp16_enabled()
+    poison_step = int(os.environ.get(NAN_AT_STEP, 0))
     window = torch.zeros(2, device=engine.device)  # [sum of micro-batch losses, tokens]
-    stats, started = {"data_wait": 0.0}, time.perf_counter()
+    stats, started, at_min_scale = {"data_wait": 0.0}, time.perf_counter(), 0
     engine.train()
-    while state.optimizer_step < total_steps:
+    while state.applied_steps < total_steps:
         epoch = state.epoch
         batches = train_batches(data["train"], micro, accum, world, dist.rank(), cfg.seed, epoch, state.step_in_epoch)
         for batch in timed(batches, stats):
             batch = to_device(batch, engine.device)
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()  # must be asked before step()
-            engine.step()
-            window += torch.stack([loss.detach().float(), batch["attention_mask"].sum().float()])
+            loss, boundary = micro_step(engine, batch, poison=state.optimizer_step + 1 == poison_step)
+            window += torch.stack([loss.float(), batch["attention_mask"].sum().float()])
             if not boundary:
                 continue
-            state.advance(per_epoch)
+            skipped = engine.skipped_steps > state.skipped_steps
+            state.advance(per_epoch, skipped)
             step = state.optimizer_step
             loss_sum, tokens = dist.all_reduce_sum(window).tolist()
+            health = step_health(engine, fp16)
+            at_min_scale = at_min_scale + 1 if fp16 and skipped and health["loss_scale"] <= min_loss_scale(engine) else 0
+            check_progress(step, epoch, loss_sum / (accum * world), fp16, skipped, at_min_scale)
             # Steps are timed back to back, so logging counts in the next step; only evaluation and
             # checkpoints are left out (the clock pauses for them below).
             now = time.perf_counter()
@@ -154,18 +222,19 @@ def train_loop(engine, cfg: TrainConfig, data: dict, label_names, state: Trainer
             waited, stats["data_wait"] = stats["data_wait"], 0.0
             run.step({"step": step, "epoch": epoch, "loss": loss_sum / (accum * world), "lr": engine.get_lr()[0],
                       "samples_per_s": global_batch / elapsed, "tokens_per_s": tokens / elapsed,
-                      "step_time_s": elapsed, "data_wait_s": waited}, show=step % cfg.log_every == 0)
+                      "step_time_s": elapsed, "data_wait_s": waited, **health}, show=step % cfg.log_every == 0)
             window.zero_()
             paused = time.perf_counter()
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            done = state.applied_steps == total_steps
+            if cfg.eval_every and step % cfg.eval_every == 0 and not done:
                 metrics = evaluate(engine, data["dev"], cfg.eval_batch_size, label_names)[0]
                 run.eval(step, "dev", metrics)
                 saving = cfg.save_every and step % cfg.save_every == 0  # the best must have a checkpoint
                 if saving and cfg.best_metric and (state.best_metric is None or metrics[cfg.best_metric] > state.best_metric):
                     state.best_metric, state.best_step = metrics[cfg.best_metric], step
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            if cfg.save_every and step % cfg.save_every == 0 and not done:
                 save()
-            if step == total_steps:
+            if done:
                 return
             started += time.perf_counter() - paused
 
@@ -258,12 +327,13 @@ def run(cfg: TrainConfig) -> dict:
         ds_config["flops_profiler"] = {"enabled": True, "profile_step": cfg.flops_profiler_step,
                                        "output_file": str(run_dir / "flops_profile.txt")}
 
-    model = build_model(cfg.model, label_names, len(tokenizer), ds_config, cfg.seed)
+    model = build_model(cfg.model, label_names, len(tokenizer), ds_config, cfg.seed, bool(cfg.gradient_checkpointing))
     state = TrainerState(world_size=dist.world_size(), train_batch_size=ds_config["train_batch_size"],
                          label_names=label_names, train_config=asdict(cfg), ds_config=ds_config)
     if resume_from is not None:
         saved = checkpoint.check_compatible(resume_from, label_names, model.config)
         state.epoch, state.step_in_epoch, state.optimizer_step = saved.epoch, saved.step_in_epoch, saved.optimizer_step
+        state.skipped_steps = saved.skipped_steps
         state.best_metric, state.best_step = saved.best_metric, saved.best_step
     engine = build_engine(model, ds_config)
     if resume_from is not None:
@@ -275,7 +345,7 @@ def run(cfg: TrainConfig) -> dict:
         write_json(run_dir / "ds_config.json", {**ds_config, "world_size": dist.world_size()})
     log.info(f"run directory: {run_dir}")
     log.info(f"device: {hardware.name} | world size {dist.world_size()} | ZeRO stage {ds_config['zero_optimization']['stage']} "
-             f"| precision {ds_precision(ds_config)}")
+             f"| precision {ds_precision(ds_config)} | gradient checkpointing: {'on' if cfg.gradient_checkpointing else 'off'}")
     log.info(f"batch: {ds_config['train_micro_batch_size_per_gpu']} per rank x {ds_config['gradient_accumulation_steps']} "
              f"accumulation x {dist.world_size()} ranks = {ds_config['train_batch_size']} per optimizer step; "
              f"{per_epoch} steps per epoch ({len(data['train']) % ds_config['train_batch_size']} records left out each epoch), "

@@ -91,11 +91,11 @@ def initial_model(tmp_path_factory, small_data) -> Path:
     return model_dir
 
 
-def launch(args: list[str], ranks: int = 2, timeout: int = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus RANKS --module pipeline ARGS` on CPU ranks; output captured."""
+def launch(args: list[str], ranks: int = 2, timeout: int = 300, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus RANKS --module pipeline ARGS` on CPU ranks (plus `env`); output captured."""
     port = free_port()
     cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), "--module", "pipeline", *args]
-    result = subprocess.run(cmd, cwd=cwd, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, cwd=cwd, env={**cpu_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
     # DeepSpeed's CPU backend leaves a ~70 MB /dev/shm buffer per rank unless the pipeline unlinks it.
     leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not leaked, f"shared-memory buffers left behind: {leaked}"

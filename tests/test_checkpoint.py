@@ -136,3 +136,12 @@ def test_prune_keeps_newest_and_best(tmp_path):
     fake_checkpoint(run, 3, complete=False)
     prune(run / "checkpoints", keep=2, best_step=2)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-6", "step-8"]
+
+
+def test_a_skipped_fp16_step_moves_the_data_on_but_not_the_schedule():
+    """DeepSpeed counts a skipped window in global_steps but does not step the LR scheduler."""
+    state = TrainerState()
+    for skipped in (False, True, False):
+        state.advance(steps_per_epoch=2, skipped=skipped)
+    assert (state.optimizer_step, state.skipped_steps, state.applied_steps) == (3, 1, 2)
+    assert (state.epoch, state.step_in_epoch) == (1, 1)  # the data position counts windows

@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, cpu_env, train
 from pipeline.__main__ import main
 from pipeline.config import ConfigError, Hardware, TrainConfig, resolve_ds_config
-from pipeline.plan import ModelShape, ds_config_for, model_shape, model_state_bytes, plan, recommend
+from pipeline.plan import ModelShape, activation_bytes, ds_config_for, model_shape, model_state_bytes, plan, recommend
 
 MODELS = REPO / "pipeline" / "models"
 GIB = 1024 ** 3
@@ -42,6 +42,17 @@ def test_plan_chooses_micro_batch_and_stage():
     assert recommend(plan(llama, 1, 8, 80 * GIB, 512, 256)).strategy in ("zero2", "zero3")
     with pytest.raises(ConfigError, match="not divisible by the world size 6"):
         plan(roberta, 1, 6, 16 * GIB, 512, 256)
+
+
+def test_gradient_checkpointing_keeps_one_input_per_layer():
+    roberta = model_shape(str(MODELS / "roberta-wwm-ext-large-shape"))
+    full, recomputed = activation_bytes(roberta, 8, 512), activation_bytes(roberta, 8, 512, recompute=True)
+    one_layer = full // roberta.layers
+    assert recomputed == roberta.layers * 2 * 512 * 8 * roberta.hidden + one_layer  # inputs kept + one layer rebuilt
+    assert recomputed < full / 10
+    without = recommend(plan(roberta, 1, 8, 16 * GIB, 512, 256))
+    with_recompute = recommend(plan(roberta, 1, 8, 16 * GIB, 512, 256, recompute=True))
+    assert with_recompute.max_micro > 4 * without.max_micro
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero3", "zero3_offload"])

@@ -9,6 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from pipeline.evaluate import compute_metrics
+from pipeline.train import TrainingStopped, check_progress
 
 from conftest import REPO, cpu_env, ds_config, launch, losses, read_jsonl, train, write_jsonl
 
@@ -80,6 +81,26 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in predicted)
 
 
+def test_every_step_logs_its_gradient_norm(stage_runs):
+    rows = [row for row in read_jsonl(stage_runs(2) / "metrics.jsonl") if "loss" in row]
+    assert all(np.isfinite(row["grad_norm"]) and row["grad_norm"] > 0 for row in rows), rows[:3]
+    assert "loss_scale" not in rows[0]  # fp32: no loss scaler
+
+
+def test_a_nan_loss_stops_training_naming_the_step(small_data, tmp_path):
+    """The documented hook PIPELINE_TEST_NAN_AT_STEP makes step 3's loss NaN (fp32 has no loss scaler to skip it)."""
+    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
+    result = launch(["train", "--ds-config", str(config), "--train-file", str(small_data["train"]), "--dev-file",
+                     str(small_data["dev"]), "--output-dir", str(tmp_path), "--run-name", "run", "--cache-dir",
+                     str(tmp_path / "cache"), *SHORT, "--max-steps", "6", "--eval-every", "0"],
+                    env={"PIPELINE_TEST_NAN_AT_STEP": "3"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert output.count("error: optimizer step 3 (epoch 0): the training loss is nan") == 1, output[-3000:]
+    assert "Traceback" not in output
+    assert [row["step"] for row in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
 def test_console_shows_each_line_once(stage_runs):
     run = stage_runs(2)
     console = (run.parent / "run.console.txt").read_text(encoding="utf-8")
@@ -95,14 +116,18 @@ def test_same_seed_same_config_gives_identical_loss_curve(stage_runs, small_data
 
 def test_accumulation_equals_the_big_batch(initial_model, small_data, tmp_path):
     """2 ranks x micro 4 x accum 2 == 1 rank x micro 4 x accum 4 == 1 rank x micro 16 x accum 1, on ZeRO-2
-    and ZeRO-3: the same weights after 5 optimizer steps from the same initial weights (fp32, no dropout)."""
-    layouts = {"2x4x2": (2, 4, 2), "1x4x4": (1, 4, 4), "1x16x1": (1, 16, 1)}
+    and ZeRO-3: the same weights after 5 optimizer steps from the same initial weights (fp32, no dropout).
+    Gradient checkpointing (recomputing activations in backward) changes nothing either."""
+    layouts = {"2x4x2": (2, 4, 2), "1x4x4": (1, 4, 4), "1x16x1": (1, 16, 1), "2x4x2-recompute": (2, 4, 2)}
     weights, curves = {}, {}
     for stage in (2, 3):
         for name, (ranks, micro, accum) in layouts.items():
             config = ds_config(tmp_path / f"z{stage}-{name}.json", stage, micro, accum)
+            recompute = ["--gradient-checkpointing", "1"] if name.endswith("recompute") else []
             run = train(tmp_path, f"z{stage}-{name}", small_data, config, ranks=ranks,
-                        extra=[*SHORT, "--model", str(initial_model), "--max-steps", "5", "--eval-every", "0"])
+                        extra=[*SHORT, "--model", str(initial_model), "--max-steps", "5", "--eval-every", "0", *recompute])
+            if recompute:
+                assert "gradient checkpointing: on" in (tmp_path / f"z{stage}-{name}.console.txt").read_text()
             weights[stage, name], curves[stage, name] = load_file(run / "export" / "model.safetensors"), losses(run)
     reference = weights[2, "1x16x1"]
     initial = load_file(initial_model / "model.safetensors")
@@ -132,3 +157,14 @@ def test_config_syntax_error_stops_before_the_process_group(small_data, tmp_path
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert output.count(f"{config}: JSON syntax error at line 3") == 1, output[-3000:]
+
+
+def test_progress_check_stops_on_what_the_loss_scaler_did_not_catch():
+    check_progress(5, 0, 0.7, fp16=False, skipped=False, at_min_scale=0)
+    check_progress(5, 0, float("inf"), fp16=True, skipped=True, at_min_scale=1)  # fp16 overflow: the scaler's job
+    with pytest.raises(TrainingStopped, match="optimizer step 5 \\(epoch 0\\): the training loss is nan \\(the weights"):
+        check_progress(5, 0, float("nan"), fp16=False, skipped=False, at_min_scale=0)
+    with pytest.raises(TrainingStopped, match="the training loss is inf \\(DeepSpeed skipped this update\\)"):
+        check_progress(5, 0, float("inf"), fp16=False, skipped=True, at_min_scale=0)  # fp32/bf16: no scaler to fix it
+    with pytest.raises(TrainingStopped, match="skipped the last 10 steps at the minimum loss scale"):
+        check_progress(9, 0, float("inf"), fp16=True, skipped=True, at_min_scale=10)
