@@ -120,4 +120,5 @@ def build_model(model_dir: str, label_names: list[str], vocab_size: int, ds_conf
         # Non-reentrant checkpointing: the one PyTorch recommends, and it works with ZeRO-3's
         # parameter hooks (the reentrant one re-gathers inside a nested autograd call).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # a decoder cache means nothing to a classifier; transformers warns otherwise
     return model

@@ -1,18 +1,21 @@
-"""Throughput, MFU, memory and the fp16 loss scaler on one GPU (prepared for an H100; not yet run).
+"""The GPU validation: one command, one table, about 5-8 minutes on one GPU (prepared; not yet run on a GPU).
 
-    python -m pipeline.gpu_checks.bench_h100 [--steps 20] [--micro 8]     # about 3-5 minutes on one H100
-    python -m pipeline.gpu_checks.bench_h100 --device cpu --layers 2 --hidden 128 --seq 64 --precisions bf16   # CPU smoke
+    python -m pipeline.gpu_checks.bench_h100                 # on a node with one free GPU
+    python -m pipeline.gpu_checks.bench_h100 --device cpu --layers 2 --hidden 128 --seq 64 --precisions bf16 --no-launch   # CPU smoke
 
-A BERT-large-shaped classifier (24 layers, 1024 hidden, 16 heads, the shape in
-`pipeline/models/roberta-wwm-ext-large-shape`, random init) at sequence length 512 trains through the
-pipeline's engine (`build_model`, `build_engine`, `engine.backward`/`engine.step`) on random tokens,
-for fp16 and bf16 under ZeRO-2 and ZeRO-3, one rank. For each it prints samples/s (median step after
-warm-up), model FLOPs utilisation against the GPU's dense 16-bit peak, and peak allocated memory.
-
-Then the fp16 loss-scaler check (ZeRO-2): one step whose loss is multiplied by inf must be skipped
-(DeepSpeed's skipped-step count rises by one, the weights stay bit-identical, the loss scale halves),
-and the following steps must train again (weights change, finite loss, no further skips). Exits 1
-when that check fails.
+1. A RoBERTa-large-shaped classifier (24 layers, 1024 hidden, 16 heads: `models/roberta-wwm-ext-large-shape`,
+   random init) at sequence length 512 trains through the pipeline's own `build_model`, `build_engine`
+   and `train.micro_step`, one rank, for fp16 and bf16 under ZeRO-2 and ZeRO-3, and fp16 ZeRO-2 again
+   with gradient checkpointing. Each row: samples/s (median step after warm-up), MFU against the GPU's
+   dense 16-bit peak (goal >= 45% for bf16 on H100-class), peak allocated memory against `plan`'s
+   estimate (goal within 15%), whether the loss fell on a small repeated set, the fp16 loss scale.
+2. The fp16 loss scaler (ZeRO-2): a step whose loss is multiplied by inf must be skipped (DeepSpeed's
+   skipped-step count rises by one, the weights stay bit-identical, the scale halves); the next
+   steps train again.
+3. The cluster path end to end: `./launch.sh` on this GPU with the shipped V100 fp16 ZeRO-2 config
+   (the doctor's GPU and architecture checks, each rank binding its device, training, the verified
+   export).
+Exits 1 when a check fails.
 """
 from __future__ import annotations
 
@@ -45,14 +48,16 @@ def ds_config(precision: str, stage: int, micro: int) -> dict:
             "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
 
 
-def batches(vocab: int, micro: int, seq: int, device):
+def batches(vocab: int, micro: int, seq: int, device, distinct: int = 4):
+    """A few fixed random batches, repeated: a model that trains must lower the loss on them."""
     import torch
 
     g = torch.Generator().manual_seed(0)
+    fixed = [{"input_ids": torch.randint(5, vocab, (micro, seq), generator=g).to(device),
+              "attention_mask": torch.ones(micro, seq, dtype=torch.long, device=device),
+              "labels": torch.randint(0, 2, (micro,), generator=g).to(device)} for _ in range(distinct)]
     while True:
-        yield {"input_ids": torch.randint(5, vocab, (micro, seq), generator=g).to(device),
-               "attention_mask": torch.ones(micro, seq, dtype=torch.long, device=device),
-               "labels": torch.randint(0, 2, (micro,), generator=g).to(device)}
+        yield from fixed
 
 
 def train_flops_per_sample(n_params: int, layers: int, hidden: int, seq: int) -> float:
@@ -61,12 +66,22 @@ def train_flops_per_sample(n_params: int, layers: int, hidden: int, seq: int) ->
     return 3 * (2 * n_params * seq + 4 * layers * seq * seq * hidden)
 
 
-def run_config(args, path: str, precision: str, stage: int) -> dict:
+def planned_bytes(path: str, stage: int, micro: int, seq: int, recompute: bool) -> int:
+    """`plan`'s per-GPU estimate for one rank: DeepSpeed's model-state estimate plus activations."""
+    from ..plan import activation_bytes, model_shape, model_state_bytes
+
+    shape = model_shape(path)
+    states, _ = model_state_bytes(shape, "zero2" if stage == 2 else "zero3", 1, 1)
+    return states + activation_bytes(shape, micro, seq, recompute=recompute)
+
+
+def run_config(args, path: str, precision: str, stage: int, recompute: bool = False) -> dict:
     import torch
     from transformers import AutoConfig
 
     from ..engine import build_engine
     from ..model import build_model
+    from ..train import micro_step
 
     cuda = args.device == "cuda"
     if cuda:
@@ -74,30 +89,53 @@ def run_config(args, path: str, precision: str, stage: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     ds = ds_config(precision, stage, args.micro)
     config = AutoConfig.from_pretrained(path)
-    model = build_model(path, ["a", "b"], config.vocab_size, ds, seed=0)
+    model = build_model(path, ["a", "b"], config.vocab_size, ds, seed=0, gradient_checkpointing=recompute)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     engine = build_engine(model, ds)
     data = batches(config.vocab_size, args.micro, args.seq, engine.device)
-    times = []
+    times, losses = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
-        engine.backward(engine(**next(data)).loss)
-        engine.step()
+        loss, _ = micro_step(engine, next(data))
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        losses.append(float(loss))
     step = statistics.median(times[args.warmup:])
-    result = {"precision": precision, "zero": stage, "params_m": round(n_params / 1e6, 1), "micro": args.micro, "seq": args.seq,
-              "samples_per_s": round(args.micro / step, 2),
-              "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+    result = {"precision": precision, "zero": stage, "recompute": recompute, "params_m": round(n_params / 1e6, 1),
+              "micro": args.micro, "seq": args.seq, "samples_per_s": round(args.micro / step, 2),
+              "loss_first_last": [round(losses[0], 3), round(statistics.mean(losses[-4:]), 3)],
+              "loss_fell": statistics.mean(losses[-4:]) < losses[0],
+              "loss_scale": float(engine.optimizer.loss_scale) if precision == "fp16" else None}
+    if cuda:
+        measured, planned = torch.cuda.max_memory_allocated(), planned_bytes(path, stage, args.micro, args.seq, recompute)
+        result.update(peak_mem_gib=round(measured / 2**30, 2), plan_gib=round(planned / 2**30, 2),
+                      plan_within_15pct=abs(measured - planned) <= 0.15 * planned)
     peak = next((v for k, v in PEAK_16BIT_FLOPS.items() if cuda and k in torch.cuda.get_device_name(0)), None)
     flops = train_flops_per_sample(n_params, config.num_hidden_layers, config.hidden_size, args.seq) * args.micro / step
     result["tflops"] = round(flops / 1e12, 1)
-    result["mfu"] = round(flops / peak, 3) if peak else None
-    if precision == "fp16" and stage == 2:
+    result["mfu"] = round(flops / peak, 3) if peak else None  # recomputation's extra forward is not counted
+    if precision == "fp16" and stage == 2 and not recompute:
         result["loss_scaler"] = loss_scaler_check(engine, data)
     engine.destroy()
     return result
+
+
+def launch_check(tmp: str) -> dict:
+    """./launch.sh on this one GPU with the shipped V100 fp16 ZeRO-2 config: doctor, device binding, export."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    hostfile = Path(tmp, "one-gpu")
+    hostfile.write_text("localhost slots=1\n")
+    cmd = [str(repo / "launch.sh"), "--hostfile", str(hostfile), "--ds-config", "ds_configs/v100x8_fp16_zero2.json",
+           "--output-dir", str(Path(tmp, "runs")), "--run-name", "gpu-check", "--max-steps", "10", "--eval-every", "5",
+           "--max-length", "128"]
+    done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=420)
+    output = done.stdout + done.stderr
+    return {"exit_code": done.returncode, "ok": done.returncode == 0 and "export (verified)" in output
+            and "device cuda:0" in output, "tail": output[-1500:] if done.returncode else output[-300:]}
 
 
 def loss_scaler_check(engine, data) -> dict:
@@ -126,6 +164,15 @@ def loss_scaler_check(engine, data) -> dict:
     return check
 
 
+def table(results: list[dict]) -> str:
+    """The rows as one markdown table, for the README."""
+    columns = ["precision", "zero", "recompute", "samples_per_s", "tflops", "mfu", "peak_mem_gib", "plan_gib",
+               "plan_within_15pct", "loss_first_last", "loss_fell", "loss_scale"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c)) for c in columns) + " |" for r in results]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import tempfile
 
@@ -142,20 +189,35 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no-launch", action="store_true", help="skip the ./launch.sh end-to-end check")
     args = p.parse_args(argv)
     standalone_rank()
     dist.init(timeout_minutes=10)
-    checks = []
+    results, checks = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         path = model_dir(args, tmp)
-        for precision in args.precisions:
-            for stage in args.stages:
-                result = run_config(args, path, precision, stage)
-                checks += [result["loss_scaler"]["ok"]] if "loss_scaler" in result else []
-                print(json.dumps(result), flush=True)
-    print("fp16 loss scaler: " + ("not checked (needs fp16 with ZeRO-2)" if not checks else
-                                  "skips the overflowing step and recovers" if all(checks) else "FAILED"))
-    return 0 if all(checks) else 1
+        runs = [(precision, stage, False) for precision in args.precisions for stage in args.stages]
+        runs += [(args.precisions[0], args.stages[0], True)]  # gradient checkpointing's saving
+        for precision, stage, recompute in runs:
+            result = run_config(args, path, precision, stage, recompute)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            checks[f"{precision} ZeRO-{stage}{' recompute' if recompute else ''}: loss fell"] = result["loss_fell"]
+            if "loss_scaler" in result:
+                checks["fp16 loss scaler skips an overflow and recovers"] = result["loss_scaler"]["ok"]
+        if not args.no_launch:
+            launched = launch_check(tmp)
+            print(json.dumps(launched), flush=True)
+            checks["./launch.sh fp16 ZeRO-2 on this GPU: trained, exported, verified"] = launched["ok"]
+    print(table(results))
+    plain = next((r for r in results if not r["recompute"] and r["precision"] == results[-1]["precision"]
+                  and r["zero"] == results[-1]["zero"]), None)
+    if plain and plain.get("peak_mem_gib"):
+        print(f"gradient checkpointing: peak {results[-1]['peak_mem_gib']} GiB vs {plain['peak_mem_gib']} GiB without, "
+              f"{results[-1]['samples_per_s']} vs {plain['samples_per_s']} samples/s")
+    for name, ok in checks.items():
+        print(f"{'ok    ' if ok else 'FAILED'}  {name}")
+    return 0 if all(checks.values()) else 1
 
 
 if __name__ == "__main__":
