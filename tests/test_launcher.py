@@ -107,6 +107,7 @@ def test_cuda_visible_devices_becomes_an_include_for_one_local_host(monkeypatch)
         visible_devices_include(args, {"localhost": 8}, {})
 
 
+@pytest.mark.slow
 def test_cuda_visible_devices_picks_the_ranks_of_a_real_launch(tmp_path, small_data):
     """CUDA_VISIBLE_DEVICES=1 with a 2-slot local hostfile starts one rank (DeepSpeed alone would start two)."""
     hostfile = tmp_path / "local"

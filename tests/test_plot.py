@@ -7,6 +7,7 @@ import pytest
 from conftest import REPO, cpu_env, ds_config, read_jsonl, train
 
 
+@pytest.mark.slow
 def test_run_directory_has_tensorboard_events_flops_profile_and_plots(small_data, tmp_path):
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
     run = train(tmp_path, "run", small_data, config,
