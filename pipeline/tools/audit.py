@@ -4,9 +4,9 @@ For each config, one optimizer step on a fixed, seeded batch runs twice from the
 weights: as `accumulation` micro-batches of `micro` records (the config's own layout) and as one
 micro-batch of `micro x accumulation` records with accumulation 1. Both go through the pipeline's
 own micro-step (`train.micro_step`: `engine.backward` and `engine.step` on every micro-batch, no
-loss division), so the audit checks the loop that trains. It
-reports the largest difference of the accumulated gradient and of the updated (fp32 master)
-parameters, each relative to its own scale, against the precision's tolerance; exit 1 when over.
+loss division), so the audit checks the loop that trains. It reports the largest difference of the
+accumulated gradient and of the updated (fp32 master) parameters, each relative to its own scale,
+against the precision's tolerance; exit 1 when over.
 
 Both are checked because Adam's update barely depends on the gradient's scale: a loss divided once
 too often (the double-scaling bug of transformers PR #35808) changes the gradient by the
@@ -86,7 +86,6 @@ def compare(a: dict, b: dict, scale: dict) -> tuple[float, float]:
     learning rate in either direction, so single elements may differ by a full update although
     the step as a whole agrees."""
     import torch
-
 
     def norm(d: dict) -> float:
         return float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
