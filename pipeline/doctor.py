@@ -195,8 +195,7 @@ def problems(facts: dict, here: dict, min_free_gb: float, port: int) -> list[str
     """What is wrong with one host, apart from its accelerator (see `choose_accelerator`)."""
     if "error" in facts:
         return [facts["error"]]
-    found = [f"{key} {facts[key] or 'not installed'} (here {here[key]})" for key in ("python", *PACKAGES)
-             if facts[key] != here[key]]
+    found = [f"{key} {facts[key] or 'not installed'} (here {here[key]})" for key in ("python", *PACKAGES) if facts[key] != here[key]]
     if facts["project"] != here["project"]:
         found.append(f"the project is not importable at {Path(here['project']).parent.parent} (found: {facts['project']})")
     if facts["free_gb"] < min_free_gb:
@@ -235,8 +234,8 @@ def check(hosts: dict[str, int], output_dir: str, cache_dir: str, master_port: i
         f = facts[host]
         found[host] = problems(f, here, min_free_gb, master_port)
         found[host] += [p.split(": ", 1)[1] for p in accelerator_problems if p.startswith(f"{host}: ")]
-        gpus = "" if "error" in f else f"{f['gpus']}" + (f" (sm {','.join(f['capabilities'])})" if f["capabilities"] else "")
-        cells = ("-",) * 6 if "error" in f else (f["hostname"], f["python"], *(str(f[p]) for p in PACKAGES), gpus)
+        cells = ("-",) * 6 if "error" in f else (f["hostname"], f["python"], *(str(f[p]) for p in PACKAGES),
+                                                 f"{f['gpus']}" + (f" (sm {','.join(f['capabilities'])})" if f["capabilities"] else ""))
         free = "-" if "error" in f else f"{f['free_gb']:.1f}"
         rows.append((host, str(slots), *cells, accelerator, free, "FAILED" if found[host] else "ok"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -261,8 +260,7 @@ def add_arguments(p) -> None:
     p.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
                    help="cuda, cpu, or auto: CUDA where every host has GPUs, CPU where none has (default: %(default)s)")
     p.add_argument("--master-port", type=int, default=29500, help="checked free on the first host (default: %(default)s)")
-    p.add_argument("--output-dir", default="runs",
-                   help="checked for free disk and sharing, relative to the project (default: %(default)s)")
+    p.add_argument("--output-dir", default="runs", help="checked for free disk and sharing, relative to the project (default: %(default)s)")
     p.add_argument("--cache-dir", default="", help="checked for sharing (default: OUTPUT_DIR/cache)")
     p.add_argument("--min-free-gb", type=float, default=1.0, help="(default: %(default)s)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per host (default: %(default)s)")

@@ -182,8 +182,7 @@ def run_plan(args) -> int:
           f"({args.margin:.0%} margin)")
     print(f"activations: {_gib(activation_bytes(shape, 1, args.seq_len, recompute=recompute))} per sample (16-bit, "
           f"{'gradient checkpointing: each layer keeps its input only' if recompute else 'no recomputation'})")
-    print(f"{'strategy':<14} {'model states/GPU':>16} {'host RAM/node':>14} {'max micro':>9} "
-          f"{'micro x accum x world':>22} {'total/GPU':>10}")
+    print(f"{'strategy':<14} {'model states/GPU':>16} {'host RAM/node':>14} {'max micro':>9} {'micro x accum x world':>22} {'total/GPU':>10}")
     for o in options:
         layout = f"{o.micro} x {o.accum} x {world}" if o.micro else "does not fit"
         print(f"{o.strategy:<14} {_gib(o.states):>16} {_gib(o.cpu):>14} {o.max_micro:>9} {layout:>22} "
@@ -196,8 +195,7 @@ def run_plan(args) -> int:
     print(f"recommendation: {best.strategy} with micro batch {best.micro} x accumulation {best.accum} "
           f"(lowest ZeRO stage that fits; offload only when nothing else does)")
     if args.write:
-        written = json.dumps(ds_config_for(best, args.global_batch, args.lr), indent=2) + "\n"
-        Path(args.write).write_text(written, encoding="utf-8")
+        Path(args.write).write_text(json.dumps(ds_config_for(best, args.global_batch, args.lr), indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.write} (gradient_accumulation_steps \"auto\": derived from the world size at run time)"
               + ("; train with --gradient-checkpointing 1" if recompute else ""))
     return 0
