@@ -11,16 +11,12 @@ import dataclasses
 import sys
 
 from . import audit, bench, check, comms, dist, plan, plot
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, add_train_options
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train, evaluate, checkpoint and export (run under the deepspeed launcher)")
-    p.add_argument("--config", help="JSON file of training-config fields (command-line options override it)")
-    for f in dataclasses.fields(TrainConfig):
-        kind = {"str": str, "int": int, "float": float}[f.type]
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                       help=f"{f.metadata['help']} (default: {f.default!r})")
+    add_train_options(sub.add_parser("train", help="train, evaluate, checkpoint and export (run under the deepspeed launcher)",
+                                     allow_abbrev=False))
 
 
 def _predict_parser(sub) -> None:

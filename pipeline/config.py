@@ -145,6 +145,29 @@ class TrainConfig:
         return cls(**values)
 
 
+# Hugging Face Trainer's names for the same settings, accepted as aliases (the habits users bring).
+HF_ALIASES = {
+    "ds_config": ["--deepspeed"], "epochs": ["--num_train_epochs"], "eval_batch_size": ["--per_device_eval_batch_size"],
+    "micro_batch": ["--per_device_train_batch_size"], "resume": ["--resume_from_checkpoint"],
+    "model": ["--model_name_or_path"], "log_every": ["--logging_steps"], "eval_every": ["--eval_steps"],
+    "save_every": ["--save_steps"], "keep_checkpoints": ["--save_total_limit"], "best_metric": ["--metric_for_best_model"],
+}
+
+
+def spellings(name: str) -> list[str]:
+    """--max-length and --max_length: both spellings of an option name (HF scripts use underscores)."""
+    return list(dict.fromkeys(["--" + name.replace("_", "-"), "--" + name.replace("-", "_")]))
+
+
+def add_train_options(p) -> None:
+    """Every TrainConfig field as an option, in both spellings and under its Hugging Face alias."""
+    p.add_argument("--config", help="JSON file of training-config fields (command-line options override it)")
+    for f in dataclasses.fields(TrainConfig):
+        kind = {"str": str, "int": int, "float": float}[f.type]
+        p.add_argument(*spellings(f.name), *HF_ALIASES.get(f.name, []), dest=f.name, type=kind, default=None,
+                       help=f"{f.metadata['help']} (default: {f.default!r})")
+
+
 # ----------------------------------------------------------------------------------------------
 # The DeepSpeed config
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .check import world_from_hostfile
-from .config import ConfigError, Hardware, load_json, resolve_precision
+from .config import HF_ALIASES, ConfigError, Hardware, add_train_options, load_json, resolve_precision, spellings
 from .doctor import ACCELERATORS, is_local
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -47,27 +47,40 @@ def active_hosts(hostfile: str, include: str, exclude: str) -> dict[str, int]:
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Launch options here; the rest must be training options (checked now, not on every rank later)."""
     p = argparse.ArgumentParser(
         prog="./launch.sh", allow_abbrev=False,  # no abbreviations: unknown options are training options
         description="Check hosts (pipeline doctor), then run `python -m pipeline train` on every slot of a hostfile "
                     "through the deepspeed runner. Options not listed here are training options "
-                    "(python -m pipeline train --help).")
-    p.add_argument("--hostfile", default="hostfiles/localhost", help="lines 'HOST slots=N' (default: %(default)s)")
-    p.add_argument("--ds-config", default="ds_configs/small_zero2.json", help="DeepSpeed JSON (default: %(default)s)")
-    p.add_argument("--launcher", choices=("pdsh", "openmpi"), default="pdsh", help="multi-node backend (default: %(default)s)")
-    p.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
+                    "(python -m pipeline train --help). Every option also takes its underscore spelling.")
+    p.add_argument(*spellings("hostfile"), default="hostfiles/localhost", help="lines 'HOST slots=N' (default: %(default)s)")
+    p.add_argument(*spellings("ds-config"), *HF_ALIASES["ds_config"], dest="ds_config", default="ds_configs/small_zero2.json",
+                   help="DeepSpeed JSON (default: %(default)s)")
+    p.add_argument(*spellings("launcher"), choices=("pdsh", "openmpi"), default="pdsh", help="multi-node backend (default: %(default)s)")
+    p.add_argument(*spellings("accelerator"), choices=ACCELERATORS, default="auto",
                    help="cuda, cpu, or auto: decided per host by the doctor, CUDA where every host has GPUs, "
                         "DeepSpeed's CPU accelerator where none has (default: %(default)s)")
-    p.add_argument("--include", default="", help="deepspeed's host/slot filter, e.g. 'node1@node2:0,1' (pdsh only)")
-    p.add_argument("--exclude", default="", help="deepspeed's host/slot filter (pdsh only)")
-    p.add_argument("--master-addr", default="", help="rendezvous address (default: the first host; 127.0.0.1 for a local hostfile)")
-    p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)), help="rendezvous port (default: $MASTER_PORT or 29500)")
-    p.add_argument("--env-file", default="", help="KEY=VALUE lines for every remote rank (default: HOSTFILE.env if it exists)")
-    p.add_argument("--launcher-args", default="", help="extra arguments for pdsh or mpirun, as one string")
-    p.add_argument("--rank-logs", default="", help="directory for one log file per rank")
-    p.add_argument("--no-doctor", action="store_true", help="skip the host checks of `python -m pipeline doctor`")
-    p.add_argument("--doctor-timeout", type=float, default=10.0, help="seconds per host for the doctor's checks (default: %(default)s)")
-    return p.parse_known_args(argv)
+    p.add_argument(*spellings("include"), default="", help="deepspeed's host/slot filter, e.g. 'node1@node2:0,1' (pdsh only)")
+    p.add_argument(*spellings("exclude"), default="", help="deepspeed's host/slot filter (pdsh only)")
+    p.add_argument(*spellings("master-addr"), dest="master_addr", default="",
+                   help="rendezvous address (default: the first host; 127.0.0.1 for a local hostfile)")
+    p.add_argument(*spellings("master-port"), dest="master_port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)),
+                   help="rendezvous port (default: $MASTER_PORT or 29500)")
+    p.add_argument(*spellings("env-file"), dest="env_file", default="", help="KEY=VALUE lines for every remote rank (default: HOSTFILE.env if it exists)")
+    p.add_argument(*spellings("launcher-args"), dest="launcher_args", default="", help="extra arguments for pdsh or mpirun, as one string")
+    p.add_argument(*spellings("rank-logs"), dest="rank_logs", default="", help="directory for one log file per rank")
+    p.add_argument(*spellings("no-doctor"), dest="no_doctor", action="store_true", help="skip the host checks of `python -m pipeline doctor`")
+    p.add_argument(*spellings("doctor-timeout"), dest="doctor_timeout", type=float, default=10.0,
+                   help="seconds per host for the doctor's checks (default: %(default)s)")
+    args, train_args = p.parse_known_args(argv)
+    # Unknown options would otherwise reach every rank and fail there, after the doctor and the runner.
+    train = argparse.ArgumentParser(prog="./launch.sh (training options)", allow_abbrev=False, add_help=False)
+    add_train_options(train)
+    args.train, unknown = train.parse_known_args(train_args)
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)} (launch options: ./launch.sh --help; "
+                "training options: python -m pipeline train --help)")
+    return args, train_args
 
 
 def user_env(args: argparse.Namespace, hostfile: Path) -> dict[str, str]:
@@ -141,14 +154,14 @@ def visible_devices_include(args: argparse.Namespace, hosts: dict[str, int], env
     return f"{host}:{','.join(ids)}"
 
 
-def check_precision(args: argparse.Namespace, train_args: list[str], accelerator: str, capabilities: list[str]) -> None:
+def check_precision(args: argparse.Namespace, accelerator: str, capabilities: list[str]) -> None:
     """Refuse a precision the chosen accelerator cannot run, before any rank starts (fp16 on CPU ranks)."""
     if accelerator == "cpu":
         hardware = Hardware.named("cpu")
     else:
         bf16 = all(float(c) >= 8.0 for c in capabilities)
         hardware = Hardware("cuda", fp16=True, bf16=bf16, name=f"GPUs of compute capability {', '.join(capabilities) or 'unknown'}")
-    resolve_precision(args.ds_config, load_json(args.ds_config), option(train_args, "--precision", "auto"), hardware)
+    resolve_precision(args.ds_config, load_json(args.ds_config), args.train.precision or "auto", hardware)
 
 
 def check_launcher(args: argparse.Namespace, hosts: dict[str, int]) -> None:
@@ -196,16 +209,6 @@ def deepspeed_command(args: argparse.Namespace, hosts: dict[str, int], train_arg
     return cmd + ["--module", "pipeline", "train", "--ds-config", args.ds_config, *train_args]
 
 
-def option(train_args: list[str], name: str, default: str) -> str:
-    """The value a training option is given on the command line (--name V or --name=V), else `default`."""
-    for i, arg in enumerate(train_args):
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-        if arg == name and i + 1 < len(train_args):
-            return train_args[i + 1]
-    return default
-
-
 def run(argv: list[str]) -> int:
     args, train_args = parse_args(argv)
     hostfile = Path(args.hostfile)
@@ -223,8 +226,8 @@ def run(argv: list[str]) -> int:
     if not args.no_doctor:
         from . import doctor
 
-        out = option(train_args, "--output-dir", "runs")
-        ok, accelerator, facts = doctor.check(hosts, out, option(train_args, "--cache-dir", str(Path(out) / "cache")),
+        out = args.train.output_dir or "runs"
+        ok, accelerator, facts = doctor.check(hosts, out, args.train.cache_dir or str(Path(out) / "cache"),
                                               args.master_port, accelerator, args.doctor_timeout)
         if not ok:
             return 1
@@ -236,7 +239,7 @@ def run(argv: list[str]) -> int:
         import torch
 
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    check_precision(args, train_args, accelerator, capabilities)
+    check_precision(args, accelerator, capabilities)
     print(f"launch: ranks use {'CUDA (NCCL)' if accelerator == 'cuda' else 'DeepSpeed CPU accelerator (gloo)'} "
           f"on {len(hosts)} host(s): DS_ACCELERATOR={accelerator}")
     env = rank_env(args, env, accelerator)

@@ -338,6 +338,11 @@ def run(cfg: TrainConfig) -> dict:
     engine = build_engine(model, ds_config)
     if resume_from is not None:
         checkpoint.load(engine, resume_from, same_world_size)
+        # Step numbers, the data position and the LR schedule follow DeepSpeed's own counters.
+        if (engine.global_steps, engine.skipped_steps) != (state.optimizer_step, state.skipped_steps):
+            raise checkpoint.CheckpointError(
+                f"{resume_from}: DeepSpeed's counters (global_steps {engine.global_steps}, skipped {engine.skipped_steps}) "
+                f"disagree with trainer_state.json (optimizer_step {state.optimizer_step}, skipped {state.skipped_steps})")
         log.info(f"resumed from {resume_from}: epoch {state.epoch}, {state.step_in_epoch} steps into it, "
                  f"optimizer step {state.optimizer_step}")
     if dist.is_main():

@@ -153,3 +153,20 @@ def test_one_remote_host_is_reached_over_ssh_not_started_here():
     assert "--force_multi" in deepspeed_command(args, {"gpu-node-1": 8}, train_args, ssh_checked=True)
     assert "--force_multi" not in deepspeed_command(args, {"localhost": 2}, train_args, ssh_checked=True)
     assert "--force_multi" not in deepspeed_command(args, {"node1": 1, "node2": 1}, train_args, ssh_checked=True)
+
+
+def test_options_take_underscores_and_hugging_face_names():
+    args, train_args = parse_args(["--deepspeed", "ds.json", "--master_port", "1234", "--output_dir", "out",
+                                   "--num_train_epochs", "3", "--per_device_eval_batch_size", "4", "--max_length", "64",
+                                   "--resume_from_checkpoint", "auto"])
+    assert (args.ds_config, args.master_port) == ("ds.json", 1234)
+    assert (args.train.output_dir, args.train.epochs, args.train.eval_batch_size, args.train.max_length, args.train.resume) == \
+        ("out", 3, 4, 64, "auto")
+    assert train_args[:2] == ["--output_dir", "out"]  # passed on unchanged: `train` takes the same spellings
+
+
+def test_unknown_option_is_refused_before_the_doctor_and_the_ranks():
+    result = launch_sh("--max-steps", "2", "--learning_rate", "3e-5")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --learning_rate 3e-5" in result.stderr, result.stderr
+    assert "host" not in result.stdout and "runner.py" not in result.stdout + result.stderr  # no doctor table, no runner
