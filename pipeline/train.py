@@ -237,7 +237,7 @@ def run(cfg: TrainConfig) -> dict:
     ds_config = resolved.ds
     for line in resolved.notes + [f"warning: {w}" for w in resolved.warnings]:
         log.info(line)  # rank 0 only: every rank resolves the same config
-    check_model_dir(cfg.model)
+    check_model_dir(cfg.model, cfg.max_length)
     dist.init(cfg.dist_timeout_minutes)
     torch.manual_seed(cfg.seed)
 
