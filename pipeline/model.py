@@ -95,15 +95,15 @@ def wordpiece_vocabulary(texts: list[str]) -> list[str]:
     return SPECIAL_TOKENS + chars + ["##" + c for c in chars] + words
 
 
-def build_wordpiece_tokenizer(texts: list[str], train_digest: str, cache_dir: str):
-    """Build (or reuse, keyed by the training file's content) a BERT tokenizer for `texts`.
+def build_wordpiece_tokenizer(texts: list[str], texts_key: str, cache_dir: str):
+    """Build (or reuse, keyed by `texts_key`, e.g. the training Split's fingerprint) a BERT tokenizer for `texts`.
 
     Loaded back with `from_pretrained(dir)`: in transformers 5, `BertTokenizerFast(vocab_file=...)`
     ignores the file and maps every character to [UNK].
     """
     from transformers import BertTokenizerFast
 
-    key = hashlib.sha256(f"{train_digest}:{WORDPIECE_VOCAB_SIZE}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{texts_key}:{WORDPIECE_VOCAB_SIZE}".encode()).hexdigest()[:20]
     target = Path(cache_dir) / f"tokenizer-{key}"
     if not (target / "tokenizer_config.json").is_file():
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")

@@ -24,7 +24,7 @@ def read_texts(input_path: str | None, text_column: str) -> list[str]:
         import tempfile
 
         with tempfile.TemporaryDirectory() as cache:
-            return read_split(str(path), text_column, None, cache).texts
+            return read_split(str(path), text_column, None).texts
     if not path.is_file():
         raise ConfigError(f"{path}: input file not found")
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

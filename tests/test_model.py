@@ -15,7 +15,7 @@ ROWS = [{"text": "主诉：发热3天，咳嗽。WBC 12.3", "label": "肺炎"}, 
 
 @pytest.fixture()
 def split(tmp_path):
-    return read_split(str(write_jsonl(tmp_path / "train.jsonl", ROWS * 3)), "text", "label", str(tmp_path))
+    return read_split(str(write_jsonl(tmp_path / "train.jsonl", ROWS * 3)), "text", "label")
 
 
 def test_wordpiece_tokenizer_is_character_level_for_chinese_and_cached(tmp_path, split):
