@@ -120,6 +120,12 @@ class Split:
         return hashlib.sha256(json.dumps([self.texts, self.labels], ensure_ascii=False).encode()).hexdigest()[:20]
 
 
+def require_columns(path: Path, records: list[dict], columns: list[str]) -> None:
+    for column in columns:
+        if not any(column in record for record in records):
+            raise ConfigError(f"{path}: no column '{column}' (columns: {', '.join(records[0])}); set text_column/label_column")
+
+
 def _label(path: Path, row: int, column: str, value) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
         raise ConfigError(f"{path}: record {row}: '{column}' is empty or not a string or number ({value!r})")
@@ -130,9 +136,7 @@ def read_split(path: str, text_column: str, label_column: str | None) -> Split:
     """Read a data file and check its text and (unless None) label column in every record."""
     records = read_records(path)
     path = Path(path)
-    for column in (text_column, label_column):
-        if column is not None and not any(column in record for record in records):
-            raise ConfigError(f"{path}: no column '{column}' (columns: {', '.join(records[0])}); set text_column/label_column")
+    require_columns(path, records, [text_column] if label_column is None else [text_column, label_column])
     texts = [record.get(text_column) for record in records]
     for row, text in enumerate(texts, start=1):
         if not isinstance(text, str) or not text.strip():
