@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_export
-from .config import ConfigError
+from .config import ConfigError, load_json
 from .data import FORMATS, read_records, require_columns
 
 
@@ -43,6 +43,7 @@ def predict(export_dir: str, texts: list, batch_size: int = 32) -> list[dict]:
     """Label and class probabilities for each text, truncated as in training; None for an empty one."""
     if not (Path(export_dir) / "config.json").is_file():
         raise ConfigError(f"{export_dir}: not an exported model (no config.json)")
+    load_json(Path(export_dir) / "config.json")  # a syntax error as one line, not a traceback
     tokenizer, model = load_export(export_dir)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     rows = [{"label": None, "probabilities": None} for _ in texts]

@@ -99,3 +99,13 @@ def test_train_stops_with_one_line_before_touching_data(tmp_path, config, messag
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_config_json_that_is_not_json_is_one_error_for_predict_and_plan(tmp_path):
+    from pipeline.plan import model_shape
+    from pipeline.predict import predict
+
+    path = model_dir(tmp_path, '{"model_type": "bert",\n')
+    for command in (lambda: predict(path, ["x"]), lambda: model_shape(path)):
+        with pytest.raises(ConfigError, match=r"config.json: JSON syntax error at line 2"):
+            command()
