@@ -22,9 +22,10 @@ def _train_parser(sub) -> None:
 def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="labels and probabilities from an exported model")
     p.add_argument("--model", required=True, help="export directory (RUN_DIR/export)")
-    p.add_argument("--input", help=".jsonl/.csv (with a text column) or .txt (one text per line); default: stdin")
+    p.add_argument("--input", help=".jsonl/.json/.csv (with a text column) or .txt (one text per line); default: stdin")
     p.add_argument("--output", help="write JSON lines here instead of stdout")
     p.add_argument("--text-column", default="text")
+    p.add_argument("--id-column", default="id", help="copied into each output row where a record has it (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
 
 

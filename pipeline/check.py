@@ -15,6 +15,9 @@ from .config import ConfigError, Hardware, TrainConfig, ds_precision, load_json,
 # DeepSpeed's runner matches `^(\S+)\s+slots=(\d+)` and ignores the rest of the line, so
 # "gpu1 slots=4x" counts 4 and "slots=0" a host with no ranks; this pattern is strict.
 HOSTFILE_LINE = re.compile(r"(\S+)\s+slots=(\d+)\s*(#.*)?")
+# Host names reach pdsh, ssh and mpirun's command lines (and a shell on the far side): a name
+# such as "-oProxyCommand=..." would be read as an option, "node1;id" would run a command.
+HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
 def _line_of(lines: list[str], predicate) -> int:
@@ -49,6 +52,9 @@ def read_hostfile(path: str) -> "OrderedDict[str, int]":
         match = HOSTFILE_LINE.fullmatch(text)
         if not match:
             raise ConfigError(f"{path}, line {n}: {text!r} is not 'HOSTNAME slots=N' (text after the slot count)")
+        if not HOSTNAME.fullmatch(match[1]):
+            raise ConfigError(f"{path}, line {n}: {match[1]!r} is not a host name (letters, digits, '.', '-' and '_', "
+                              "not starting with '-'); pdsh and ssh would take it as an option or a shell command")
         if int(match[2]) == 0:
             raise ConfigError(f"{path}, line {n}: host {match[1]} has slots=0; give its number of GPUs or remove the line")
     return pool

@@ -62,7 +62,7 @@ class TrainConfig:
     """
 
     ds_config: str = field(default="ds_configs/small_zero2.json", metadata={"help": "DeepSpeed JSON config"})
-    train_file: str = field(default=str(SAMPLE_DATA_DIR / "train.jsonl"), metadata={"help": "training data (.jsonl or .csv)"})
+    train_file: str = field(default=str(SAMPLE_DATA_DIR / "train.jsonl"), metadata={"help": "training data (.jsonl, .json array or .csv)"})
     dev_file: str = field(default=str(SAMPLE_DATA_DIR / "dev.jsonl"), metadata={"help": "dev data, evaluated during and after training"})
     test_file: str = field(default="", metadata={"help": "optional test data, evaluated once after training"})
     text_column: str = field(default="text", metadata={"help": "name of the text column"})

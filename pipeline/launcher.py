@@ -18,16 +18,41 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .check import world_from_hostfile
+from .check import HOSTNAME, world_from_hostfile
 from .config import HF_ALIASES, ConfigError, Hardware, add_train_options, load_json, resolve_precision, spellings
 from .doctor import ACCELERATORS, is_local
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The pdsh runner writes `export KEY="VALUE";` for a shell on every node, where these characters
+# would expand or end the quoting; local ranks would get them verbatim.
+SHELL_ACTIVE = re.compile(r'["$`\\]')
+# DeepSpeed's runner wraps any value with other characters in double quotes, which mpirun -x
+# passes on literally (`-x FOO="a b"` gives remote ranks "a b" with the quotes).
+RUNNER_PLAIN = re.compile(r"[\w@%+=:,./-]*")
 # The runner reads these two files, then ours replaces them (DS_ENV_FILE): they are merged in.
 USER_ENV_FILES = (Path("~/.deepspeed_env").expanduser(), Path(".deepspeed_env"))
 
 
-def read_env_file(path: Path) -> dict[str, str]:
+def env_value(path: Path, number: int, key: str, value: str, launcher: str) -> str:
+    """The value every rank sees, local or remote: one layer of matching quotes removed, and
+    refused where the runner would change it on the way to remote ranks."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        value = value[1:-1]
+    if value != value.strip():
+        raise ConfigError(f"{path}, line {number}: {key}'s quoted value starts or ends with a space, which DeepSpeed's "
+                          "runner strips for remote ranks; remove it")
+    bad = SHELL_ACTIVE.search(value)
+    if bad:
+        raise ConfigError(f"{path}, line {number}: {key}'s value contains {bad[0]!r}, which the pdsh runner's shell would "
+                          "interpret on remote nodes but local ranks would not; env-file values may not contain "
+                          "double quotes, $, backticks or backslashes (one layer of surrounding quotes is removed)")
+    if launcher == "openmpi" and not RUNNER_PLAIN.fullmatch(value):
+        raise ConfigError(f"{path}, line {number}: {key}={value!r}: with --launcher openmpi, DeepSpeed passes a value with "
+                          "characters other than letters, digits and @%+=:,./-_ to remote ranks in literal double quotes")
+    return value
+
+
+def read_env_file(path: Path, launcher: str = "pdsh") -> dict[str, str]:
     """KEY=VALUE lines; blank lines and # comments are allowed here (the runner crashes on them)."""
     env = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -37,7 +62,7 @@ def read_env_file(path: Path) -> dict[str, str]:
         key, eq, value = line.partition("=")
         if not eq or not ENV_NAME.fullmatch(key.strip()):
             raise ConfigError(f"{path}, line {number}: expected KEY=VALUE with a variable name as KEY, got {line!r}")
-        env[key.strip()] = value.strip()
+        env[key.strip()] = env_value(path, number, key.strip(), value.strip(), launcher)
     return env
 
 
@@ -91,7 +116,7 @@ def user_env(args: argparse.Namespace, hostfile: Path) -> dict[str, str]:
     env = {}
     for path in (*USER_ENV_FILES, env_file):
         if path.is_file():
-            env.update(read_env_file(path))
+            env.update(read_env_file(path, args.launcher))
     return env
 
 
@@ -221,6 +246,8 @@ def run(argv: list[str]) -> int:
     check_launcher(args, hosts)
     local = all(is_local(host) for host in hosts)
     args.master_addr = args.master_addr or ("127.0.0.1" if local else next(iter(hosts)))
+    if not HOSTNAME.fullmatch(args.master_addr):  # it goes into the command line pdsh runs on every node
+        raise ConfigError(f"--master-addr {args.master_addr!r} is not a host name or IPv4 address")
     accelerator, capabilities = requested_accelerator(args, env), []
 
     if not args.no_doctor:
