@@ -9,6 +9,7 @@ named, then `pipeline doctor` checks every host, and only then does the runner s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -16,11 +17,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from .check import HOSTNAME, world_from_hostfile
 from .config import HF_ALIASES, ConfigError, Hardware, add_train_options, load_json, resolve_precision, spellings
-from .doctor import ACCELERATORS, is_local
+from .doctor import ACCELERATORS
+from .hosts import HOSTNAME, active_hosts, is_local
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The pdsh runner writes `export KEY="VALUE";` for a shell on every node, where these characters
@@ -64,11 +66,6 @@ def read_env_file(path: Path, launcher: str = "pdsh") -> dict[str, str]:
             raise ConfigError(f"{path}, line {number}: expected KEY=VALUE with a variable name as KEY, got {line!r}")
         env[key.strip()] = env_value(path, number, key.strip(), value.strip(), launcher)
     return env
-
-
-def active_hosts(hostfile: str, include: str, exclude: str) -> dict[str, int]:
-    """{host: slots} that the deepspeed runner would start, hostfile and filters checked (pipeline.check)."""
-    return {host: len(slots) for host, slots in world_from_hostfile(hostfile, include, exclude).items()}
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -189,27 +186,43 @@ def check_precision(args: argparse.Namespace, accelerator: str, capabilities: li
     resolve_precision(args.ds_config, load_json(args.ds_config), args.train.precision or "auto", hardware)
 
 
+@dataclass(frozen=True)
+class Backend:
+    """How DeepSpeed's runner reaches remote hosts with one `--launcher`, and what that needs here."""
+
+    program: str  # on this machine
+    install: str
+    filters: bool  # takes --include/--exclude
+    rank_logs: str  # launcher arguments for per-rank logs in DIR; "" for the runner's own --enable_each_rank_log
+    modules: tuple[str, ...] = ()  # Python modules every rank needs
+    as_root: str = ""  # launcher argument without which it refuses to run as root
+
+
+BACKENDS = {
+    "pdsh": Backend("pdsh", "apt-get install pdsh", filters=True, rank_logs=""),
+    "openmpi": Backend("mpirun", "apt-get install openmpi-bin libopenmpi-dev", filters=False,
+                       rank_logs="--output-filename {dir}", modules=("mpi4py",), as_root="--allow-run-as-root"),
+}
+
+
 def check_launcher(args: argparse.Namespace, hosts: dict[str, int]) -> None:
     """Report what the chosen launcher would reject or ignore, before anything starts."""
-    if args.launcher == "openmpi" and (args.include or args.exclude):
-        raise ConfigError("--launcher openmpi does not support --include/--exclude (DeepSpeed's OpenMPI runner "
+    backend = BACKENDS[args.launcher]
+    if not backend.filters and (args.include or args.exclude):
+        raise ConfigError(f"--launcher {args.launcher} does not support --include/--exclude (DeepSpeed's runner "
                           "rejects them): write a hostfile with just the hosts and slots to use")
     if len(hosts) == 1 and is_local(next(iter(hosts))):
         if args.launcher != "pdsh" or args.launcher_args:
             print(f"launch: note: one host ({next(iter(hosts))}), this machine: deepspeed starts its ranks locally, "
                   f"so --launcher {args.launcher} and --launcher-args are not used")
         return
-    backend = {"pdsh": "pdsh", "openmpi": "mpirun"}[args.launcher]
-    if not shutil.which(backend):
-        raise ConfigError(f"--launcher {args.launcher} needs `{backend}` on this machine (apt-get install "
-                          f"{'pdsh' if backend == 'pdsh' else 'openmpi-bin libopenmpi-dev'})")
-    if args.launcher == "openmpi":
-        import importlib.util
-
-        if importlib.util.find_spec("mpi4py") is None:
-            raise ConfigError("--launcher openmpi needs mpi4py (DeepSpeed finds each rank with it): pip install mpi4py")
-        if os.geteuid() == 0 and "--allow-run-as-root" not in args.launcher_args:
-            raise ConfigError("running as root: mpirun refuses to start without --launcher-args '--allow-run-as-root'")
+    if not shutil.which(backend.program):
+        raise ConfigError(f"--launcher {args.launcher} needs `{backend.program}` on this machine ({backend.install})")
+    for module in backend.modules:
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"--launcher {args.launcher} needs {module} (DeepSpeed finds each rank with it): pip install {module}")
+    if backend.as_root and os.geteuid() == 0 and backend.as_root not in args.launcher_args:
+        raise ConfigError(f"running as root: {backend.program} refuses to start without --launcher-args '{backend.as_root}'")
 
 
 def deepspeed_command(args: argparse.Namespace, hosts: dict[str, int], train_args: list[str], ssh_checked: bool) -> list[str]:
@@ -222,11 +235,11 @@ def deepspeed_command(args: argparse.Namespace, hosts: dict[str, int], train_arg
         cmd.append("--force_multi")
     if args.include or args.exclude:
         cmd += ["--include", args.include] if args.include else ["--exclude", args.exclude]
-    launcher_args = args.launcher_args
-    if remote and args.launcher == "openmpi":
-        cmd += ["--launcher", "openmpi"]
-        if args.rank_logs:  # the deepspeed runner's per-rank log option applies to pdsh only
-            launcher_args = f"{launcher_args} --output-filename {args.rank_logs}".strip()
+    backend, launcher_args = BACKENDS[args.launcher], args.launcher_args
+    if remote and args.launcher != "pdsh":
+        cmd += ["--launcher", args.launcher]
+    if args.rank_logs and remote and backend.rank_logs:  # the runner's own per-rank logs apply to pdsh only
+        launcher_args = f"{launcher_args} {backend.rank_logs.format(dir=args.rank_logs)}".strip()
     elif args.rank_logs:
         cmd += ["--enable_each_rank_log", args.rank_logs]
     if launcher_args:

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from pipeline.check import read_hostfile
+from pipeline.hosts import read_hostfile
 from pipeline.config import ConfigError
 from pipeline.launcher import (deepspeed_command, parse_args, rank_env, read_env_file, requested_accelerator, user_env,
                                visible_devices_include)
