@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from . import check, dist, plan, plot
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, add_train_options
 
 # Tool commands: (module in pipeline.tools, help). The module is imported only for its own command,
 # so `train` and the other runtime commands never load the tools.
@@ -34,20 +34,17 @@ def _run_tool(args):
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train, evaluate, checkpoint and export (run under the deepspeed launcher)")
-    p.add_argument("--config", help="JSON file of training-config fields (command-line options override it)")
-    for f in dataclasses.fields(TrainConfig):
-        kind = {"str": str, "int": int, "float": float}[f.type]
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                       help=f"{f.metadata['help']} (default: {f.default!r})")
+    add_train_options(sub.add_parser("train", help="train, evaluate, checkpoint and export (run under the deepspeed launcher)",
+                                     allow_abbrev=False))
 
 
 def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="labels and probabilities from an exported model")
     p.add_argument("--model", required=True, help="export directory (RUN_DIR/export)")
-    p.add_argument("--input", help=".jsonl/.csv (with a text column) or .txt (one text per line); default: stdin")
+    p.add_argument("--input", help=".jsonl/.json/.csv (with a text column) or .txt (one text per line); default: stdin")
     p.add_argument("--output", help="write JSON lines here instead of stdout")
     p.add_argument("--text-column", default="text")
+    p.add_argument("--id-column", default="id", help="copied into each output row where a record has it (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
 
 

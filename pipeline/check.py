@@ -6,76 +6,9 @@ resolved by the same `resolve_ds_config` every rank runs, so what this prints is
 """
 from __future__ import annotations
 
-import re
-from collections import OrderedDict
-from pathlib import Path
 
-from .config import ConfigError, Hardware, TrainConfig, ds_precision, load_json, resolve_ds_config
-
-# DeepSpeed's runner matches `^(\S+)\s+slots=(\d+)` and ignores the rest of the line, so
-# "gpu1 slots=4x" counts 4 and "slots=0" a host with no ranks; this pattern is strict.
-HOSTFILE_LINE = re.compile(r"(\S+)\s+slots=(\d+)\s*(#.*)?")
-
-
-def _line_of(lines: list[str], predicate) -> int:
-    return next((n for n, line in enumerate(lines, 1) if predicate(line.strip())), 0)
-
-
-def read_hostfile(path: str) -> "OrderedDict[str, int]":
-    """host -> slots, parsed by DeepSpeed's runner; its errors and the lines it accepts but should
-    not (zero slots, text after the count) become ConfigErrors naming the file and line."""
-    from deepspeed.launcher.runner import fetch_hostfile
-
-    if not Path(path).is_file():
-        raise ConfigError(f"{path}: hostfile not found (the deepspeed runner would silently use this machine's GPUs)")
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    try:
-        pool = fetch_hostfile(path)
-    except ValueError as e:
-        duplicate = re.search(r"multiple entries for (\S+),", str(e))
-        if duplicate:
-            host = duplicate[1]
-            n = [i for i, line in enumerate(lines, 1) if line.split()[:1] == [host]][1]
-            raise ConfigError(f"{path}, line {n}: host {host} is listed twice; give each host one line") from None
-        bad = re.search(r"bad entry: (.*), unable", str(e))
-        if bad:
-            n = _line_of(lines, lambda text: text == bad[1])
-            raise ConfigError(f"{path}, line {n}: {bad[1]!r} is not 'HOSTNAME slots=N'") from None
-        raise ConfigError(f"{path}: no 'HOSTNAME slots=N' lines") from None
-    for n, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        match = HOSTFILE_LINE.fullmatch(text)
-        if not match:
-            raise ConfigError(f"{path}, line {n}: {text!r} is not 'HOSTNAME slots=N' (text after the slot count)")
-        if int(match[2]) == 0:
-            raise ConfigError(f"{path}, line {n}: host {match[1]} has slots=0; give its number of GPUs or remove the line")
-    return pool
-
-
-def world_from_hostfile(path: str, include: str = "", exclude: str = "", num_nodes: int = -1,
-                        num_gpus: int = -1) -> "OrderedDict[str, list[int]]":
-    """host -> the slots (local ranks) the `deepspeed` runner would start with these options."""
-    from deepspeed.launcher.runner import apply_num_nodes_and_gpus, parse_inclusion_exclusion
-
-    pool = read_hostfile(path)
-    if (num_nodes > 0 or num_gpus > 0) and (include or exclude):
-        raise ConfigError("--num_nodes/--num_gpus cannot be combined with --include/--exclude (the deepspeed runner refuses)")
-    try:
-        active = parse_inclusion_exclusion(pool, include, exclude)
-    except (ValueError, KeyError) as e:
-        flag = "--include" if include else "--exclude"
-        raise ConfigError(f"{path}: {flag} {include or exclude}: {e}; hosts in the file: {', '.join(pool)}") from None
-    if num_nodes > len(pool):
-        raise ConfigError(f"{path}: --num_nodes {num_nodes} but the hostfile has {len(pool)} hosts")
-    if num_gpus > min(pool.values()):
-        raise ConfigError(f"{path}: --num_gpus {num_gpus} but a host has only {min(pool.values())} slots")
-    active = apply_num_nodes_and_gpus(active, num_nodes, num_gpus)
-    if not active:
-        raise ConfigError(f"{path}: no ranks left after --include/--exclude")
-    return active
-
+from .config import Hardware, TrainConfig, ds_precision, load_json, resolve_ds_config
+from .hosts import world_from_hostfile
 
 def _params(section: dict | None) -> str:
     if not section:

@@ -62,7 +62,7 @@ class TrainConfig:
     """
 
     ds_config: str = field(default="ds_configs/small_zero2.json", metadata={"help": "DeepSpeed JSON config"})
-    train_file: str = field(default=str(SAMPLE_DATA_DIR / "train.jsonl"), metadata={"help": "training data (.jsonl or .csv)"})
+    train_file: str = field(default=str(SAMPLE_DATA_DIR / "train.jsonl"), metadata={"help": "training data (.jsonl, .json array or .csv)"})
     dev_file: str = field(default=str(SAMPLE_DATA_DIR / "dev.jsonl"), metadata={"help": "dev data, evaluated during and after training"})
     test_file: str = field(default="", metadata={"help": "optional test data, evaluated once after training"})
     text_column: str = field(default="text", metadata={"help": "name of the text column"})
@@ -143,6 +143,29 @@ class TrainConfig:
                     raise ConfigError(unknown_key_message(json_file, key, known))
         values.update(overrides or {})
         return cls(**values)
+
+
+# Hugging Face Trainer's names for the same settings, accepted as aliases (the habits users bring).
+HF_ALIASES = {
+    "ds_config": ["--deepspeed"], "epochs": ["--num_train_epochs"], "eval_batch_size": ["--per_device_eval_batch_size"],
+    "micro_batch": ["--per_device_train_batch_size"], "resume": ["--resume_from_checkpoint"],
+    "model": ["--model_name_or_path"], "log_every": ["--logging_steps"], "eval_every": ["--eval_steps"],
+    "save_every": ["--save_steps"], "keep_checkpoints": ["--save_total_limit"], "best_metric": ["--metric_for_best_model"],
+}
+
+
+def spellings(name: str) -> list[str]:
+    """--max-length and --max_length: both spellings of an option name (HF scripts use underscores)."""
+    return list(dict.fromkeys(["--" + name.replace("_", "-"), "--" + name.replace("-", "_")]))
+
+
+def add_train_options(p) -> None:
+    """Every TrainConfig field as an option, in both spellings and under its Hugging Face alias."""
+    p.add_argument("--config", help="JSON file of training-config fields (command-line options override it)")
+    for f in dataclasses.fields(TrainConfig):
+        kind = {"str": str, "int": int, "float": float}[f.type]
+        p.add_argument(*spellings(f.name), *HF_ALIASES.get(f.name, []), dest=f.name, type=kind, default=None,
+                       help=f"{f.metadata['help']} (default: {f.default!r})")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ each time (at most global batch - 1 per epoch).
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -39,8 +41,8 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _check_file(path: Path) -> None:
-    """Existence, format, UTF-8 and (for JSONL) syntax, each reported with line and column."""
+def _decode(path: Path) -> str:
+    """The file's text: existence, format, emptiness and UTF-8 checked, errors with line and column."""
     if path.suffix.lower() not in FORMATS:
         raise ConfigError(f"{path}: unsupported data format '{path.suffix}', expected one of {', '.join(FORMATS)}")
     if not path.is_file():
@@ -49,18 +51,59 @@ def _check_file(path: Path) -> None:
     if not raw.strip():
         raise ConfigError(f"{path}: data file is empty")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
         raise ConfigError(f"{path}: line {line}, column {column}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
-    if FORMATS[path.suffix.lower()] == "json":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}: line {number}, column {e.colno}: invalid JSON ({e.msg})") from None
+
+
+def _json_records(path: Path, text: str) -> list:
+    """A JSON array (a .json file starting with '['), else JSON Lines; blank lines are skipped."""
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: line {number}, column {e.colno}: invalid JSON ({e.msg})") from None
+    return records
+
+
+def _csv_records(path: Path, text: str) -> list[dict]:
+    """Rows of a CSV file with a header line; every value a string, as written."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader)
+    records = []
+    for row in reader:
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise ConfigError(f"{path}: line {reader.line_num}: {len(row)} fields, the header has {len(header)}")
+        records.append(dict(zip(header, row)))
+    return records
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSONL, JSON or CSV file, in file order.
+
+    Read here rather than with `datasets.load_dataset`, whose cache trusts file modification
+    times: a file rewritten with its old mtime (cp -p, rsync -a, tar) gave the old records.
+    """
+    path = Path(path)
+    text = _decode(path)
+    records = _csv_records(path, text) if FORMATS[path.suffix.lower()] == "csv" else _json_records(path, text)
+    if not records:
+        raise ConfigError(f"{path}: data file has no records")
+    for row, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path}: record {row}: expected an object with named fields, got {json.dumps(record)[:80]}")
+    return records
 
 
 @dataclass
@@ -71,32 +114,36 @@ class Split:
     texts: list[str]
     labels: list[str]
 
+    @property
+    def fingerprint(self) -> str:
+        """Hash of exactly what was read: covers the file's content and which columns were taken."""
+        return hashlib.sha256(json.dumps([self.texts, self.labels], ensure_ascii=False).encode()).hexdigest()[:20]
 
-def read_split(path: str, text_column: str, label_column: str | None, cache_dir: str) -> Split:
-    """Load a JSONL or CSV file with `datasets` and check its text and (unless None) label columns."""
-    import datasets
 
+def require_columns(path: Path, records: list[dict], columns: list[str]) -> None:
+    for column in columns:
+        if not any(column in record for record in records):
+            raise ConfigError(f"{path}: no column '{column}' (columns: {', '.join(records[0])}); set text_column/label_column")
+
+
+def _label(path: Path, row: int, column: str, value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
+        raise ConfigError(f"{path}: record {row}: '{column}' is empty or not a string or number ({value!r})")
+    return str(value)
+
+
+def read_split(path: str, text_column: str, label_column: str | None) -> Split:
+    """Read a data file and check its text and (unless None) label column in every record."""
+    records = read_records(path)
     path = Path(path)
-    _check_file(path)
-    try:
-        ds = datasets.load_dataset(FORMATS[path.suffix.lower()], data_files=str(path), split="train",
-                                   cache_dir=str(Path(cache_dir) / "hf_datasets"))
-    except Exception as e:  # datasets wraps parser errors in its own; keep the file name in front
-        raise ConfigError(f"{path}: could not be read as {path.suffix} data: {e}") from None
-    if len(ds) == 0:
-        raise ConfigError(f"{path}: data file has no records")
-    for column in (text_column, label_column):
-        if column is not None and column not in ds.column_names:
-            raise ConfigError(f"{path}: no column '{column}' (columns: {', '.join(ds.column_names)}); set text_column/label_column")
-    texts = ds[text_column]
+    require_columns(path, records, [text_column] if label_column is None else [text_column, label_column])
+    texts = [record.get(text_column) for record in records]
     for row, text in enumerate(texts, start=1):
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"{path}: record {row}: '{text_column}' is empty or not text ({text!r})")
-    labels = [] if label_column is None else [None if label is None else str(label) for label in ds[label_column]]
-    for row, label in enumerate(labels, start=1):
-        if label is None or not label.strip():
-            raise ConfigError(f"{path}: record {row}: '{label_column}' is empty")
-    return Split(path, list(texts), labels)
+    labels = [] if label_column is None else [_label(path, row, label_column, record.get(label_column))
+                                              for row, record in enumerate(records, start=1)]
+    return Split(path, texts, labels)
 
 
 def label_names_from(train: Split, others: list[Split]) -> list[str]:
@@ -113,7 +160,7 @@ def label_names_from(train: Split, others: list[Split]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizing, with an on-disk cache keyed by file content, tokenizer and max length
+# Tokenizing, with an on-disk cache keyed by the records, tokenizer, max length and label names
 # ----------------------------------------------------------------------------------------------
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -136,14 +183,14 @@ def unknown_fraction(tokenizer, input_ids: list[list[int]]) -> float:
 
 
 def tokenize_cached(split: Split, label_names: list[str], tokenizer, max_length: int, cache_dir: str):
-    """Tokenize a split once per (file content, tokenizer, max length, labels); reuse it afterwards.
+    """Tokenize a split once per (records read, tokenizer, max length, label names); reuse it afterwards.
 
     Returns (path of the cached dataset, whether it was reused). The cache is written to a
     temporary directory and renamed, so an interrupted build is never mistaken for a cache.
     """
     import datasets
 
-    key = hashlib.sha256(json.dumps([file_digest(split.path), tokenizer_fingerprint(tokenizer), max_length,
+    key = hashlib.sha256(json.dumps([split.fingerprint, tokenizer_fingerprint(tokenizer), max_length,
                                      label_names]).encode()).hexdigest()[:20]
     target = Path(cache_dir) / f"tokenized-{split.path.stem}-{key}"
     if (target / "dataset_info.json").is_file():
@@ -251,10 +298,10 @@ def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict
     `tokenizer_for(train_split)` returns (tokenizer, tokenizer_dir). Returns a small, picklable
     description the other ranks use to load the same cached data.
     """
-    train = read_split(cfg.train_file, cfg.text_column, cfg.label_column, cache_dir)
-    others = {"dev": read_split(cfg.dev_file, cfg.text_column, cfg.label_column, cache_dir)}
+    train = read_split(cfg.train_file, cfg.text_column, cfg.label_column)
+    others = {"dev": read_split(cfg.dev_file, cfg.text_column, cfg.label_column)}
     if cfg.test_file:
-        others["test"] = read_split(cfg.test_file, cfg.text_column, cfg.label_column, cache_dir)
+        others["test"] = read_split(cfg.test_file, cfg.text_column, cfg.label_column)
     label_names = label_names_from(train, list(others.values()))
     tokenizer, tokenizer_dir = tokenizer_for(train)
     info = {"label_names": label_names, "tokenizer_dir": str(tokenizer_dir), "splits": {}}

@@ -57,6 +57,9 @@ def init(timeout_minutes: float) -> None:
     if "OMPI_COMM_WORLD_RANK" in os.environ and "RANK" not in os.environ:
         _mpi_discovery()
     device = bind_device()
+    if is_main() and unbuilt_comm_op():
+        print("note: first DeepSpeed run here: building its CPU communication op (about a minute, once per machine; "
+              "prebuilding: docs/troubleshooting.md)", flush=True)
     # One line per rank (in its rank log when the launcher keeps them): where each rank runs.
     print(f"rank {rank()} of {world_size()}: host {socket.gethostname()}, pid {os.getpid()}, device {device}", flush=True)
     timeout = timedelta(minutes=timeout_minutes)
@@ -92,6 +95,16 @@ def bind_device() -> str:
         raise SystemExit(2)
     accelerator.set_device(index)
     return accelerator.device_name(index)
+
+
+def unbuilt_comm_op() -> bool:
+    """Whether DeepSpeed's CPU accelerator will JIT-compile its shared-memory all-reduce op now: it
+    does so silently in `init_distributed` on a machine's first run, into TORCH_EXTENSIONS_DIR."""
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory  # the directory torch's JIT loader uses
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder") if get_accelerator().device_name() == "cpu" else None
+    return builder is not None and not Path(_get_build_directory(builder.NAME, verbose=False), f"{builder.NAME}.so").is_file()
 
 
 def release_shared_memory() -> None:

@@ -1,8 +1,8 @@
 """`python -m pipeline doctor --hostfile H`: check every host of a launch before any rank starts.
 
 Each host gets one non-interactive ssh (BatchMode: a password or host-key prompt is a failure, as it
-would be for pdsh or mpirun) that runs this file's `probe` with this machine's Python path, from
-stdin, so nothing has to be installed there first. Its answer is compared with this machine's:
+would be for pdsh or mpirun) that runs `probe.py` (standard library only) with this machine's
+Python path, from stdin, so nothing has to be installed there first. Its answer is compared with this machine's:
 Python, torch, deepspeed and transformers versions, the project importable at the same path, the
 host's GPUs (count, compute capability, and whether its torch build has kernels for them) against
 its slots, free disk for the output directory, that the output and cache directories are one shared
@@ -10,117 +10,31 @@ file system (a marker written on the first host must be read on every other), an
 host (where rank 0 opens the rendezvous store), the master port. One row per host; every problem is
 named. The accelerator of the ranks (CUDA or DeepSpeed's CPU accelerator) is decided here, per
 host, not from the machine that launches.
-
-This file runs stand-alone on the remote hosts (`probe`): it imports only the standard library at the top.
 """
 from __future__ import annotations
 
 import json
 import secrets
 import shlex
-import shutil
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-PACKAGES = ("torch", "deepspeed", "transformers")
-MARKER = ".pipeline-doctor-marker"  # written by the doctor into the output and cache directories
-
-
-def gpu_facts() -> dict:
-    """GPUs of this host (nvidia-smi) and the CUDA architectures its torch build has kernels for."""
-    gpus, capabilities = 0, []
-    if shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=10)
-        if query.returncode == 0:
-            capabilities = [line.strip() for line in query.stdout.splitlines() if line.strip()]
-            gpus = len(capabilities)
-        else:  # drivers older than 510 have no compute_cap field
-            listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
-            gpus = sum(line.startswith("GPU ") for line in listing.splitlines())
-    arch_list, torch_cuda = [], None
-    if gpus:
-        try:
-            import torch
-
-            arch_list, torch_cuda = torch.cuda.get_arch_list(), torch.version.cuda
-        except ImportError:
-            pass  # reported as a missing torch by the version check
-    return {"gpus": gpus, "capabilities": sorted(set(capabilities)), "arch_list": arch_list, "torch_cuda": torch_cuda}
-
-
-def shared_dirs(repo: str, dirs: list[str], token: str, write: bool) -> dict:
-    """Write `token` into each directory's marker (the first host), or read it back (every other host)."""
-    seen = {}
-    for name in dirs:
-        marker = Path(repo, name) / MARKER
-        if write:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(f"{token}\nwritten by `python -m pipeline doctor` to check for a shared file system\n")
-            seen[name] = True
-        else:
-            seen[name] = marker.is_file() and marker.read_text().split("\n", 1)[0] == token
-    return seen
-
-
-def probe(request: dict) -> dict:
-    """Facts about the host this runs on. `request`: repo, output_dir, port (0: not checked), and
-    dirs/token/write for the shared file-system marker."""
-    import importlib.metadata
-    import importlib.util
-
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    repo = request["repo"]
-    sys.path.insert(0, repo)
-    spec = importlib.util.find_spec("pipeline")
-    out = Path(repo, request["output_dir"])
-    while not out.exists():  # the output directory may not exist yet: its disk is the nearest parent's
-        out = out.parent
-    port_free = None
-    if request["port"]:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the rendezvous store binds
-            try:
-                s.bind(("", request["port"]))
-                port_free = True
-            except OSError:
-                port_free = False
-    shared = shared_dirs(repo, request["dirs"], request["token"], request["write"]) if request.get("dirs") else {}
-    return {"hostname": socket.gethostname(), "python": sys.version.split()[0], **versions,
-            "project": spec.origin if spec else None, **gpu_facts(), "free_gb": shutil.disk_usage(out).free / 1e9,
-            "port_free": port_free, "shared": shared}
-
-
-# ----------------------------------------------------------------------------------------------
-# Launch facts: run on the launching machine only
-# ----------------------------------------------------------------------------------------------
+from . import probe as probe_module
+from .probe import MARKER, PACKAGES
+from .hosts import active_hosts, is_local
 
 ACCELERATORS = ("auto", "cuda", "cpu")
 V100_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
 
 
-def is_local(host: str) -> bool:
-    """A hostfile name for this machine: DeepSpeed would start its ranks here without ssh.
-
-    Names only, not addresses: another loopback address (the test cluster's 127.0.1.x) or an
-    alias is treated as a remote host and reached over ssh, which works either way."""
-    return host in ("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn())
-
-
 def remote_probe(host: str, request: dict, timeout: float) -> dict:
     """`probe` on `host` over ssh; {"error": ...} when it cannot be run."""
-    command = shlex.join([sys.executable, "-", json.dumps(request)])
+    command = shlex.join([sys.executable, "-", json.dumps(request)])  # probe.py arrives on stdin
     ssh = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(timeout))}", host, command]
     try:
-        result = subprocess.run(ssh, input=Path(__file__).read_bytes(), capture_output=True, timeout=timeout)
+        result = subprocess.run(ssh, input=Path(probe_module.__file__).read_bytes(), capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"no answer within {timeout:g} s (host down, or a firewall dropping ssh?)"}
     stderr = result.stderr.decode(errors="replace").strip().splitlines()
@@ -135,7 +49,7 @@ def remote_probe(host: str, request: dict, timeout: float) -> dict:
 
 
 def probe_on(host: str, request: dict, timeout: float) -> dict:
-    return probe(request) if is_local(host) else remote_probe(host, request, timeout)
+    return probe_module.probe(request) if is_local(host) else remote_probe(host, request, timeout)
 
 
 def _capability(text: str) -> tuple[int, int]:
@@ -221,7 +135,7 @@ def check(hosts: dict[str, int], output_dir: str, cache_dir: str, master_port: i
     token = secrets.token_hex(8)
     request = {"repo": repo, "output_dir": output_dir, "port": 0, "token": token,
                "dirs": [output_dir, cache_dir] if len(hosts) > 1 else [], "write": False}
-    here = probe({**request, "dirs": []})
+    here = probe_module.probe({**request, "dirs": []})
     facts = {first: probe_on(first, {**request, "port": master_port, "write": True}, timeout)}
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
         futures = {host: pool.submit(probe_on, host, request, timeout) for host in hosts if host != first}
@@ -267,13 +181,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from .check import world_from_hostfile
-
-    hosts = {host: len(slots) for host, slots in world_from_hostfile(args.hostfile, args.include, args.exclude).items()}
+    hosts = active_hosts(args.hostfile, args.include, args.exclude)
     ok, _, _ = check(hosts, args.output_dir, args.cache_dir or str(Path(args.output_dir) / "cache"), args.master_port,
                   args.accelerator, args.timeout, args.min_free_gb)
     return 0 if ok else 1
-
-
-if __name__ == "__main__":  # run over ssh by `remote_probe`
-    print(json.dumps(probe(json.loads(sys.argv[1]))))

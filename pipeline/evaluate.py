@@ -55,16 +55,24 @@ def predict_logits(engine, split, batch_size: int) -> np.ndarray:
 
 
 def compute_metrics(labels, predictions, label_names: list[str]) -> dict:
-    """Accuracy, macro/weighted F1 and per-class precision/recall/F1/support (scikit-learn)."""
+    """Accuracy, macro/weighted F1 and per-class precision/recall/F1/support (scikit-learn).
+
+    Macro-F1 averages over the classes present in the reference labels: a training class missing
+    from the eval set has no F1 to measure, and counting it as 0 would punish perfect predictions
+    (one absent class of three gave 0.667). Such classes are listed in `absent_from_reference`.
+    A record wrongly predicted as an absent class still lowers its true class's recall and F1.
+    """
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
     ids = list(range(len(label_names)))
+    present = np.unique(labels).tolist()
     precision, recall, f1, support = precision_recall_fscore_support(labels, predictions, labels=ids, zero_division=0)
     return {
         "num_records": int(len(labels)),
         "accuracy": float(accuracy_score(labels, predictions)),
-        "macro_f1": float(f1_score(labels, predictions, labels=ids, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(labels, predictions, labels=ids, average="weighted", zero_division=0)),
+        "macro_f1": float(f1_score(labels, predictions, labels=present, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(labels, predictions, labels=present, average="weighted", zero_division=0)),
+        "absent_from_reference": [label_names[i] for i in ids if i not in present],
         "per_class": {
             name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
             for i, name in enumerate(label_names)

@@ -9,6 +9,7 @@ named, then `pipeline doctor` checks every host, and only then does the runner s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -16,18 +17,44 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from .check import world_from_hostfile
-from .config import ConfigError, Hardware, load_json, resolve_precision
-from .doctor import ACCELERATORS, is_local
+from .config import HF_ALIASES, ConfigError, Hardware, add_train_options, load_json, resolve_precision, spellings
+from .doctor import ACCELERATORS
+from .hosts import HOSTNAME, active_hosts, is_local
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The pdsh runner writes `export KEY="VALUE";` for a shell on every node, where these characters
+# would expand or end the quoting; local ranks would get them verbatim.
+SHELL_ACTIVE = re.compile(r'["$`\\]')
+# DeepSpeed's runner wraps any value with other characters in double quotes, which mpirun -x
+# passes on literally (`-x FOO="a b"` gives remote ranks "a b" with the quotes).
+RUNNER_PLAIN = re.compile(r"[\w@%+=:,./-]*")
 # The runner reads these two files, then ours replaces them (DS_ENV_FILE): they are merged in.
 USER_ENV_FILES = (Path("~/.deepspeed_env").expanduser(), Path(".deepspeed_env"))
 
 
-def read_env_file(path: Path) -> dict[str, str]:
+def env_value(path: Path, number: int, key: str, value: str, launcher: str) -> str:
+    """The value every rank sees, local or remote: one layer of matching quotes removed, and
+    refused where the runner would change it on the way to remote ranks."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        value = value[1:-1]
+    if value != value.strip():
+        raise ConfigError(f"{path}, line {number}: {key}'s quoted value starts or ends with a space, which DeepSpeed's "
+                          "runner strips for remote ranks; remove it")
+    bad = SHELL_ACTIVE.search(value)
+    if bad:
+        raise ConfigError(f"{path}, line {number}: {key}'s value contains {bad[0]!r}, which the pdsh runner's shell would "
+                          "interpret on remote nodes but local ranks would not; env-file values may not contain "
+                          "double quotes, $, backticks or backslashes (one layer of surrounding quotes is removed)")
+    if launcher == "openmpi" and not RUNNER_PLAIN.fullmatch(value):
+        raise ConfigError(f"{path}, line {number}: {key}={value!r}: with --launcher openmpi, DeepSpeed passes a value with "
+                          "characters other than letters, digits and @%+=:,./-_ to remote ranks in literal double quotes")
+    return value
+
+
+def read_env_file(path: Path, launcher: str = "pdsh") -> dict[str, str]:
     """KEY=VALUE lines; blank lines and # comments are allowed here (the runner crashes on them)."""
     env = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -37,37 +64,45 @@ def read_env_file(path: Path) -> dict[str, str]:
         key, eq, value = line.partition("=")
         if not eq or not ENV_NAME.fullmatch(key.strip()):
             raise ConfigError(f"{path}, line {number}: expected KEY=VALUE with a variable name as KEY, got {line!r}")
-        env[key.strip()] = value.strip()
+        env[key.strip()] = env_value(path, number, key.strip(), value.strip(), launcher)
     return env
 
 
-def active_hosts(hostfile: str, include: str, exclude: str) -> dict[str, int]:
-    """{host: slots} that the deepspeed runner would start, hostfile and filters checked (pipeline.check)."""
-    return {host: len(slots) for host, slots in world_from_hostfile(hostfile, include, exclude).items()}
-
-
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Launch options here; the rest must be training options (checked now, not on every rank later)."""
     p = argparse.ArgumentParser(
         prog="./launch.sh", allow_abbrev=False,  # no abbreviations: unknown options are training options
         description="Check hosts (pipeline doctor), then run `python -m pipeline train` on every slot of a hostfile "
                     "through the deepspeed runner. Options not listed here are training options "
-                    "(python -m pipeline train --help).")
-    p.add_argument("--hostfile", default="hostfiles/localhost", help="lines 'HOST slots=N' (default: %(default)s)")
-    p.add_argument("--ds-config", default="ds_configs/small_zero2.json", help="DeepSpeed JSON (default: %(default)s)")
-    p.add_argument("--launcher", choices=("pdsh", "openmpi"), default="pdsh", help="multi-node backend (default: %(default)s)")
-    p.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
+                    "(python -m pipeline train --help). Every option also takes its underscore spelling.")
+    p.add_argument(*spellings("hostfile"), default="hostfiles/localhost", help="lines 'HOST slots=N' (default: %(default)s)")
+    p.add_argument(*spellings("ds-config"), *HF_ALIASES["ds_config"], dest="ds_config", default="ds_configs/small_zero2.json",
+                   help="DeepSpeed JSON (default: %(default)s)")
+    p.add_argument(*spellings("launcher"), choices=("pdsh", "openmpi"), default="pdsh", help="multi-node backend (default: %(default)s)")
+    p.add_argument(*spellings("accelerator"), choices=ACCELERATORS, default="auto",
                    help="cuda, cpu, or auto: decided per host by the doctor, CUDA where every host has GPUs, "
                         "DeepSpeed's CPU accelerator where none has (default: %(default)s)")
-    p.add_argument("--include", default="", help="deepspeed's host/slot filter, e.g. 'node1@node2:0,1' (pdsh only)")
-    p.add_argument("--exclude", default="", help="deepspeed's host/slot filter (pdsh only)")
-    p.add_argument("--master-addr", default="", help="rendezvous address (default: the first host; 127.0.0.1 for a local hostfile)")
-    p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)), help="rendezvous port (default: $MASTER_PORT or 29500)")
-    p.add_argument("--env-file", default="", help="KEY=VALUE lines for every remote rank (default: HOSTFILE.env if it exists)")
-    p.add_argument("--launcher-args", default="", help="extra arguments for pdsh or mpirun, as one string")
-    p.add_argument("--rank-logs", default="", help="directory for one log file per rank")
-    p.add_argument("--no-doctor", action="store_true", help="skip the host checks of `python -m pipeline doctor`")
-    p.add_argument("--doctor-timeout", type=float, default=10.0, help="seconds per host for the doctor's checks (default: %(default)s)")
-    return p.parse_known_args(argv)
+    p.add_argument(*spellings("include"), default="", help="deepspeed's host/slot filter, e.g. 'node1@node2:0,1' (pdsh only)")
+    p.add_argument(*spellings("exclude"), default="", help="deepspeed's host/slot filter (pdsh only)")
+    p.add_argument(*spellings("master-addr"), dest="master_addr", default="",
+                   help="rendezvous address (default: the first host; 127.0.0.1 for a local hostfile)")
+    p.add_argument(*spellings("master-port"), dest="master_port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)),
+                   help="rendezvous port (default: $MASTER_PORT or 29500)")
+    p.add_argument(*spellings("env-file"), dest="env_file", default="", help="KEY=VALUE lines for every remote rank (default: HOSTFILE.env if it exists)")
+    p.add_argument(*spellings("launcher-args"), dest="launcher_args", default="", help="extra arguments for pdsh or mpirun, as one string")
+    p.add_argument(*spellings("rank-logs"), dest="rank_logs", default="", help="directory for one log file per rank")
+    p.add_argument(*spellings("no-doctor"), dest="no_doctor", action="store_true", help="skip the host checks of `python -m pipeline doctor`")
+    p.add_argument(*spellings("doctor-timeout"), dest="doctor_timeout", type=float, default=10.0,
+                   help="seconds per host for the doctor's checks (default: %(default)s)")
+    args, train_args = p.parse_known_args(argv)
+    # Unknown options would otherwise reach every rank and fail there, after the doctor and the runner.
+    train = argparse.ArgumentParser(prog="./launch.sh (training options)", allow_abbrev=False, add_help=False)
+    add_train_options(train)
+    args.train, unknown = train.parse_known_args(train_args)
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)} (launch options: ./launch.sh --help; "
+                "training options: python -m pipeline train --help)")
+    return args, train_args
 
 
 def user_env(args: argparse.Namespace, hostfile: Path) -> dict[str, str]:
@@ -78,7 +113,7 @@ def user_env(args: argparse.Namespace, hostfile: Path) -> dict[str, str]:
     env = {}
     for path in (*USER_ENV_FILES, env_file):
         if path.is_file():
-            env.update(read_env_file(path))
+            env.update(read_env_file(path, args.launcher))
     return env
 
 
@@ -141,37 +176,53 @@ def visible_devices_include(args: argparse.Namespace, hosts: dict[str, int], env
     return f"{host}:{','.join(ids)}"
 
 
-def check_precision(args: argparse.Namespace, train_args: list[str], accelerator: str, capabilities: list[str]) -> None:
+def check_precision(args: argparse.Namespace, accelerator: str, capabilities: list[str]) -> None:
     """Refuse a precision the chosen accelerator cannot run, before any rank starts (fp16 on CPU ranks)."""
     if accelerator == "cpu":
         hardware = Hardware.named("cpu")
     else:
         bf16 = all(float(c) >= 8.0 for c in capabilities)
         hardware = Hardware("cuda", fp16=True, bf16=bf16, name=f"GPUs of compute capability {', '.join(capabilities) or 'unknown'}")
-    resolve_precision(args.ds_config, load_json(args.ds_config), option(train_args, "--precision", "auto"), hardware)
+    resolve_precision(args.ds_config, load_json(args.ds_config), args.train.precision or "auto", hardware)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How DeepSpeed's runner reaches remote hosts with one `--launcher`, and what that needs here."""
+
+    program: str  # on this machine
+    install: str
+    filters: bool  # takes --include/--exclude
+    rank_logs: str  # launcher arguments for per-rank logs in DIR; "" for the runner's own --enable_each_rank_log
+    modules: tuple[str, ...] = ()  # Python modules every rank needs
+    as_root: str = ""  # launcher argument without which it refuses to run as root
+
+
+BACKENDS = {
+    "pdsh": Backend("pdsh", "apt-get install pdsh", filters=True, rank_logs=""),
+    "openmpi": Backend("mpirun", "apt-get install openmpi-bin libopenmpi-dev", filters=False,
+                       rank_logs="--output-filename {dir}", modules=("mpi4py",), as_root="--allow-run-as-root"),
+}
 
 
 def check_launcher(args: argparse.Namespace, hosts: dict[str, int]) -> None:
     """Report what the chosen launcher would reject or ignore, before anything starts."""
-    if args.launcher == "openmpi" and (args.include or args.exclude):
-        raise ConfigError("--launcher openmpi does not support --include/--exclude (DeepSpeed's OpenMPI runner "
+    backend = BACKENDS[args.launcher]
+    if not backend.filters and (args.include or args.exclude):
+        raise ConfigError(f"--launcher {args.launcher} does not support --include/--exclude (DeepSpeed's runner "
                           "rejects them): write a hostfile with just the hosts and slots to use")
     if len(hosts) == 1 and is_local(next(iter(hosts))):
         if args.launcher != "pdsh" or args.launcher_args:
             print(f"launch: note: one host ({next(iter(hosts))}), this machine: deepspeed starts its ranks locally, "
                   f"so --launcher {args.launcher} and --launcher-args are not used")
         return
-    backend = {"pdsh": "pdsh", "openmpi": "mpirun"}[args.launcher]
-    if not shutil.which(backend):
-        raise ConfigError(f"--launcher {args.launcher} needs `{backend}` on this machine (apt-get install "
-                          f"{'pdsh' if backend == 'pdsh' else 'openmpi-bin libopenmpi-dev'})")
-    if args.launcher == "openmpi":
-        import importlib.util
-
-        if importlib.util.find_spec("mpi4py") is None:
-            raise ConfigError("--launcher openmpi needs mpi4py (DeepSpeed finds each rank with it): pip install mpi4py")
-        if os.geteuid() == 0 and "--allow-run-as-root" not in args.launcher_args:
-            raise ConfigError("running as root: mpirun refuses to start without --launcher-args '--allow-run-as-root'")
+    if not shutil.which(backend.program):
+        raise ConfigError(f"--launcher {args.launcher} needs `{backend.program}` on this machine ({backend.install})")
+    for module in backend.modules:
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"--launcher {args.launcher} needs {module} (DeepSpeed finds each rank with it): pip install {module}")
+    if backend.as_root and os.geteuid() == 0 and backend.as_root not in args.launcher_args:
+        raise ConfigError(f"running as root: {backend.program} refuses to start without --launcher-args '{backend.as_root}'")
 
 
 def deepspeed_command(args: argparse.Namespace, hosts: dict[str, int], train_args: list[str], ssh_checked: bool) -> list[str]:
@@ -184,26 +235,16 @@ def deepspeed_command(args: argparse.Namespace, hosts: dict[str, int], train_arg
         cmd.append("--force_multi")
     if args.include or args.exclude:
         cmd += ["--include", args.include] if args.include else ["--exclude", args.exclude]
-    launcher_args = args.launcher_args
-    if remote and args.launcher == "openmpi":
-        cmd += ["--launcher", "openmpi"]
-        if args.rank_logs:  # the deepspeed runner's per-rank log option applies to pdsh only
-            launcher_args = f"{launcher_args} --output-filename {args.rank_logs}".strip()
+    backend, launcher_args = BACKENDS[args.launcher], args.launcher_args
+    if remote and args.launcher != "pdsh":
+        cmd += ["--launcher", args.launcher]
+    if args.rank_logs and remote and backend.rank_logs:  # the runner's own per-rank logs apply to pdsh only
+        launcher_args = f"{launcher_args} {backend.rank_logs.format(dir=args.rank_logs)}".strip()
     elif args.rank_logs:
         cmd += ["--enable_each_rank_log", args.rank_logs]
     if launcher_args:
         cmd += ["--launcher_args", launcher_args]
     return cmd + ["--module", "pipeline", "train", "--ds-config", args.ds_config, *train_args]
-
-
-def option(train_args: list[str], name: str, default: str) -> str:
-    """The value a training option is given on the command line (--name V or --name=V), else `default`."""
-    for i, arg in enumerate(train_args):
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-        if arg == name and i + 1 < len(train_args):
-            return train_args[i + 1]
-    return default
 
 
 def run(argv: list[str]) -> int:
@@ -218,13 +259,15 @@ def run(argv: list[str]) -> int:
     check_launcher(args, hosts)
     local = all(is_local(host) for host in hosts)
     args.master_addr = args.master_addr or ("127.0.0.1" if local else next(iter(hosts)))
+    if not HOSTNAME.fullmatch(args.master_addr):  # it goes into the command line pdsh runs on every node
+        raise ConfigError(f"--master-addr {args.master_addr!r} is not a host name or IPv4 address")
     accelerator, capabilities = requested_accelerator(args, env), []
 
     if not args.no_doctor:
         from . import doctor
 
-        out = option(train_args, "--output-dir", "runs")
-        ok, accelerator, facts = doctor.check(hosts, out, option(train_args, "--cache-dir", str(Path(out) / "cache")),
+        out = args.train.output_dir or "runs"
+        ok, accelerator, facts = doctor.check(hosts, out, args.train.cache_dir or str(Path(out) / "cache"),
                                               args.master_port, accelerator, args.doctor_timeout)
         if not ok:
             return 1
@@ -236,7 +279,7 @@ def run(argv: list[str]) -> int:
         import torch
 
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    check_precision(args, train_args, accelerator, capabilities)
+    check_precision(args, accelerator, capabilities)
     print(f"launch: ranks use {'CUDA (NCCL)' if accelerator == 'cuda' else 'DeepSpeed CPU accelerator (gloo)'} "
           f"on {len(hosts)} host(s): DS_ACCELERATOR={accelerator}")
     env = rank_env(args, env, accelerator)

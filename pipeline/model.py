@@ -13,7 +13,7 @@ from collections import Counter
 import shutil
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, load_json
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
@@ -21,10 +21,39 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDPIECE_VOCAB_SIZE = 8000
 
 
-def check_model_dir(model_dir: str) -> None:
-    if not (Path(model_dir) / "config.json").is_file():
+# Model types whose position ids start after the padding index (transformers'
+# create_position_ids_from_input_ids): pad_token_id + 1 positions are never a token's.
+PADDING_OFFSET_MODELS = frozenset({
+    "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert",
+    "longformer", "luke", "mpnet", "xmod", "markuplm", "lilt", "layoutlmv3", "esm"})
+
+
+def max_positions(config: dict) -> int | None:
+    """Longest input the model's position embeddings take; None where they set no limit."""
+    if "max_position_embeddings" not in config or config.get("position_biased_input") is False:  # DeBERTa-v2/v3: relative only
+        return None
+    offset = config.get("pad_token_id", 1) + 1 if config.get("model_type") in PADDING_OFFSET_MODELS else 0
+    return config["max_position_embeddings"] - offset
+
+
+def check_model_dir(model_dir: str, max_length: int) -> None:
+    """config.json exists and parses, and `max_length` fits the position embeddings.
+
+    Checked before any rank tokenizes: a longer input would only fail at the first forward pass
+    with a tensor-size error (a device-side assert on a GPU).
+    """
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
         raise ConfigError(f"model: {model_dir} is not a model directory (no config.json); give a local directory "
                           "that AutoModelForSequenceClassification loads, e.g. a downloaded chinese-roberta-wwm-ext-large")
+    config = load_json(path)
+    limit = max_positions(config)
+    if limit is not None and max_length > limit:
+        reserved = config["max_position_embeddings"] - limit
+        why = f", of which {config.get('model_type')} reserves {reserved}" if reserved else ""
+        raise ConfigError(f"--max-length {max_length} is more than model {model_dir} takes: {limit} tokens "
+                          f"(max_position_embeddings {config['max_position_embeddings']}{why} in {path}); "
+                          f"use --max-length {limit} or less")
 
 
 def has_weights(model_dir: str) -> bool:
@@ -66,15 +95,15 @@ def wordpiece_vocabulary(texts: list[str]) -> list[str]:
     return SPECIAL_TOKENS + chars + ["##" + c for c in chars] + words
 
 
-def build_wordpiece_tokenizer(texts: list[str], train_digest: str, cache_dir: str):
-    """Build (or reuse, keyed by the training file's content) a BERT tokenizer for `texts`.
+def build_wordpiece_tokenizer(texts: list[str], texts_key: str, cache_dir: str):
+    """Build (or reuse, keyed by `texts_key`, e.g. the training Split's fingerprint) a BERT tokenizer for `texts`.
 
     Loaded back with `from_pretrained(dir)`: in transformers 5, `BertTokenizerFast(vocab_file=...)`
     ignores the file and maps every character to [UNK].
     """
     from transformers import BertTokenizerFast
 
-    key = hashlib.sha256(f"{train_digest}:{WORDPIECE_VOCAB_SIZE}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{texts_key}:{WORDPIECE_VOCAB_SIZE}".encode()).hexdigest()[:20]
     target = Path(cache_dir) / f"tokenizer-{key}"
     if not (target / "tokenizer_config.json").is_file():
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, load_json
 
 GIB = 1024 ** 3
 BUCKET = int(5e7)  # reduce/allgather/prefetch bucket elements in the configs written here (DeepSpeed's default is 5e8)
@@ -42,6 +42,7 @@ def model_shape(model: str) -> ModelShape:
     path = Path(model)
     if not (path / "config.json").is_file() and not (path.suffix == ".json" and path.is_file()):
         raise ConfigError(f"--model {model}: expected a model directory with config.json, or a config.json")
+    load_json(path if path.suffix == ".json" else path / "config.json")  # a syntax error as one line, not a traceback
     config = AutoConfig.from_pretrained(str(path))
     with torch.device("meta"):
         net = AutoModelForSequenceClassification.from_config(config)

@@ -1,7 +1,10 @@
 """Predict labels with an exported model: `python -m pipeline predict --model RUN_DIR/export`.
 
-Input: a .jsonl/.csv file with a text column, a .txt file with one text per line, or texts on
-stdin (one per line). Output: one JSON line per text with the label and all class probabilities.
+Input: a .jsonl/.json/.csv file with a text column, a .txt file with one text per line, or texts
+on stdin (one per line). Output: one JSON line per input line or record, in input order, with its
+line number (.txt, stdin) or record number and id (data files), the label and all class
+probabilities. A blank line or empty text gets a row with label null, so rows stay aligned with
+the input.
 """
 from __future__ import annotations
 
@@ -12,45 +15,54 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_export
-from .config import ConfigError
-from .data import FORMATS, read_split
+from .config import ConfigError, load_json
+from .data import FORMATS, read_records, require_columns
 
 
-def read_texts(input_path: str | None, text_column: str) -> list[str]:
+def read_inputs(input_path: str | None, text_column: str, id_column: str) -> list[dict]:
+    """One entry per input line or record: where it is ({"line": n} or {"record": n, "id": ...}) and its text."""
     if input_path is None:
-        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        return [{"line": n, "text": line} for n, line in enumerate(sys.stdin.read().splitlines(), 1)]
     path = Path(input_path)
     if path.suffix.lower() in FORMATS:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as cache:
-            return read_split(str(path), text_column, None, cache).texts
+        records = read_records(path)
+        require_columns(path, records, [text_column])
+        return [{"record": n, **({"id": r[id_column]} if id_column in r else {}), "text": r.get(text_column)}
+                for n, r in enumerate(records, 1)]
     if not path.is_file():
         raise ConfigError(f"{path}: input file not found")
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{"line": n, "text": line} for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+
+
+def _predictable(text) -> bool:
+    return isinstance(text, str) and bool(text.strip())
 
 
 @torch.no_grad()
-def predict(export_dir: str, texts: list[str], batch_size: int = 32) -> list[dict]:
-    """Label and class probabilities for each text, truncated as in training."""
+def predict(export_dir: str, texts: list, batch_size: int = 32) -> list[dict]:
+    """Label and class probabilities for each text, truncated as in training; None for an empty one."""
     if not (Path(export_dir) / "config.json").is_file():
         raise ConfigError(f"{export_dir}: not an exported model (no config.json)")
+    load_json(Path(export_dir) / "config.json")  # a syntax error as one line, not a traceback
     tokenizer, model = load_export(export_dir)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    rows = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], truncation=True, padding=True, return_tensors="pt")
+    rows = [{"label": None, "probabilities": None} for _ in texts]
+    todo = [i for i, text in enumerate(texts) if _predictable(text)]
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        batch = tokenizer([texts[i] for i in chunk], truncation=True, padding=True, return_tensors="pt")
         probabilities = model(**batch).logits.float().softmax(dim=-1)
-        for p in probabilities:
-            rows.append({"label": names[int(p.argmax())], "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)}})
+        for i, p in zip(chunk, probabilities):
+            rows[i] = {"label": names[int(p.argmax())], "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)}}
     return rows
 
 
 def main(args) -> None:
-    rows = predict(args.model, read_texts(args.input, args.text_column), args.batch_size)
-    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    inputs = read_inputs(args.input, args.text_column, args.id_column)
+    predictions = predict(args.model, [entry.pop("text") for entry in inputs], args.batch_size)
+    lines = "".join(json.dumps({**entry, **row}, ensure_ascii=False) + "\n" for entry, row in zip(inputs, predictions))
     if args.output:
         Path(args.output).write_text(lines, encoding="utf-8")
-        print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
+        print(f"wrote {len(inputs)} predictions to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(lines)

@@ -23,7 +23,7 @@ from . import checkpoint, dist
 from .config import (ConfigError, Hardware, TrainConfig, ds_precision, fill_schedule, load_json, resolve_batch,
                      resolve_ds_config)
 from .checkpoint import TrainerState, write_json
-from .data import TokenizedSplit, file_digest, prepare_splits, steps_per_epoch, train_batches
+from .data import TokenizedSplit, prepare_splits, steps_per_epoch, train_batches
 from .engine import build_engine
 from .evaluate import evaluate, to_device
 from .model import build_model, build_wordpiece_tokenizer, check_model_dir, has_tokenizer, load_tokenizer
@@ -255,7 +255,7 @@ def prepare_data(cfg: TrainConfig, cache_dir: str, log):
     def tokenizer_for(train_split):
         if has_tokenizer(cfg.model):
             return load_tokenizer(cfg.model, cfg.max_length), cfg.model
-        tokenizer_dir = build_wordpiece_tokenizer(train_split.texts, file_digest(train_split.path), cache_dir)
+        tokenizer_dir = build_wordpiece_tokenizer(train_split.texts, train_split.fingerprint, cache_dir)
         return load_tokenizer(str(tokenizer_dir), cfg.max_length), tokenizer_dir
 
     info = dist.main_first(lambda: prepare_splits(cfg, tokenizer_for, cache_dir, log))
@@ -306,7 +306,7 @@ def run(cfg: TrainConfig) -> dict:
     ds_config = resolved.ds
     for line in resolved.notes + [f"warning: {w}" for w in resolved.warnings]:
         log.info(line)  # rank 0 only: every rank resolves the same config
-    check_model_dir(cfg.model)
+    check_model_dir(cfg.model, cfg.max_length)
     dist.init(cfg.dist_timeout_minutes)
     torch.manual_seed(cfg.seed)
 
@@ -338,6 +338,11 @@ def run(cfg: TrainConfig) -> dict:
     engine = build_engine(model, ds_config)
     if resume_from is not None:
         checkpoint.load(engine, resume_from, same_world_size)
+        # Step numbers, the data position and the LR schedule follow DeepSpeed's own counters.
+        if (engine.global_steps, engine.skipped_steps) != (state.optimizer_step, state.skipped_steps):
+            raise checkpoint.CheckpointError(
+                f"{resume_from}: DeepSpeed's counters (global_steps {engine.global_steps}, skipped {engine.skipped_steps}) "
+                f"disagree with trainer_state.json (optimizer_step {state.optimizer_step}, skipped {state.skipped_steps})")
         log.info(f"resumed from {resume_from}: epoch {state.epoch}, {state.step_in_epoch} steps into it, "
                  f"optimizer step {state.optimizer_step}")
     if dist.is_main():

@@ -73,12 +73,12 @@ def initial_model(tmp_path_factory, small_data) -> Path:
     from it starts from the same weights, whatever the world size or ZeRO stage."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from pipeline.data import file_digest, read_split
+    from pipeline.data import read_split
     from pipeline.model import build_wordpiece_tokenizer, load_tokenizer
 
     root = tmp_path_factory.mktemp("model")
-    train = read_split(str(small_data["train"]), "text", "label", str(root / "cache"))
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(train.texts, file_digest(train.path), str(root / "cache"))), 128)
+    train = read_split(str(small_data["train"]), "text", "label")
+    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(train.texts, train.fingerprint, str(root / "cache"))), 128)
     config = AutoConfig.from_pretrained(REPO / "pipeline" / "models" / "tiny-bert", hidden_size=32, intermediate_size=64,
                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                         vocab_size=len(tokenizer), num_labels=len(set(train.labels)))

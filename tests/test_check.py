@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.__main__ import main
-from pipeline.check import read_hostfile, world_from_hostfile
+from pipeline.hosts import read_hostfile, world_from_hostfile
 from pipeline.config import ConfigError, Hardware, TrainConfig, resolve_ds_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,6 @@
 
+import json
+
 import numpy as np
 import pytest
 
@@ -23,13 +25,13 @@ def test_jsonl_and_csv_load_with_configurable_columns(tmp_path):
     csv = tmp_path / "a.csv"
     csv.write_text("record,dx\n" + "".join(f"{r['text']},{r['label']}\n" for r in ROWS), encoding="utf-8")
     for path in (jsonl, csv):
-        split = read_split(str(path), "record", "dx", str(tmp_path / "cache"))
+        split = read_split(str(path), "record", "dx")
         assert split.texts == [r["text"] for r in ROWS] and split.labels == [r["label"] for r in ROWS]
 
 
 def test_numeric_labels_become_strings(tmp_path):
     path = write_jsonl(tmp_path / "n.jsonl", [{"text": "a", "label": 3}, {"text": "b", "label": 10}])
-    assert read_split(str(path), "text", "label", str(tmp_path)).labels == ["3", "10"]
+    assert read_split(str(path), "text", "label").labels == ["3", "10"]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -47,26 +49,26 @@ def test_bad_data_files_name_file_and_place(tmp_path, content, message):
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(ConfigError, match=message) as e:
-        read_split(str(path), "text", "label", str(tmp_path / "cache"))
+        read_split(str(path), "text", "label")
     assert str(path) in str(e.value)
 
 
 def test_unsupported_format(tmp_path):
     (tmp_path / "a.parquet").write_bytes(b"x")
     with pytest.raises(ConfigError, match="unsupported data format '.parquet'"):
-        read_split(str(tmp_path / "a.parquet"), "text", "label", str(tmp_path))
+        read_split(str(tmp_path / "a.parquet"), "text", "label")
 
 
 def test_label_seen_only_in_dev_is_an_error(tmp_path, files):
-    train = read_split(str(files["train"]), "text", "label", str(tmp_path))
-    dev = read_split(str(write_jsonl(tmp_path / "d.jsonl", ROWS + [{"text": "头痛", "label": "偏头痛"}])), "text", "label", str(tmp_path))
+    train = read_split(str(files["train"]), "text", "label")
+    dev = read_split(str(write_jsonl(tmp_path / "d.jsonl", ROWS + [{"text": "头痛", "label": "偏头痛"}])), "text", "label")
     with pytest.raises(ConfigError, match=r"d\.jsonl: record 4: label '偏头痛' never appears in the training file"):
         label_names_from(train, [dev])
     assert label_names_from(train, []) == sorted({r["label"] for r in ROWS})
 
 
 def test_tokenized_cache_is_reused_and_keyed_by_content_and_max_length(tmp_path, files):
-    split = read_split(str(files["train"]), "text", "label", str(tmp_path))
+    split = read_split(str(files["train"]), "text", "label")
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", str(tmp_path))), 64)
     names = label_names_from(split, [])
     path, reused = tokenize_cached(split, names, tokenizer, 64, str(tmp_path / "cache"))
@@ -77,9 +79,46 @@ def test_tokenized_cache_is_reused_and_keyed_by_content_and_max_length(tmp_path,
     assert not reused and shorter != path
     assert max(len(ids) for ids in load_tokenized(shorter)["input_ids"]) == 8
     write_jsonl(files["train"], ROWS * 5)
-    changed = read_split(str(files["train"]), "text", "label", str(tmp_path))
+    changed = read_split(str(files["train"]), "text", "label")
     assert tokenize_cached(changed, names, tokenizer, 64, str(tmp_path / "cache"))[0] != path
     assert load_tokenized(path)["labels"] == [names.index(r["label"]) for r in ROWS * 4]
+
+
+def test_switching_the_text_column_does_not_reuse_the_other_columns_cache(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": r["text"], "summary": r["label"], "label": r["label"]} for r in ROWS])
+    by_text, by_summary = read_split(str(path), "text", "label"), read_split(str(path), "summary", "label")
+    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(by_text.texts + by_summary.texts, "d", str(tmp_path))), 64)
+    names = label_names_from(by_text, [])
+    first, _ = tokenize_cached(by_text, names, tokenizer, 64, str(tmp_path / "cache"))
+    second, reused = tokenize_cached(by_summary, names, tokenizer, 64, str(tmp_path / "cache"))
+    assert not reused and second != first
+    assert load_tokenized(second)["input_ids"] == tokenizer(by_summary.texts)["input_ids"]
+
+
+def test_file_rewritten_with_its_old_mtime_is_read_again(tmp_path):
+    """cp -p, rsync -a and tar keep modification times; datasets' cache returned the old records."""
+    import os
+
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    before = path.stat()
+    assert read_split(str(path), "text", "label").texts == [r["text"] for r in ROWS]
+    rewritten = [{**r, "text": r["text"][::-1]} for r in ROWS]  # same size, other content
+    write_jsonl(path, rewritten)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert read_split(str(path), "text", "label").texts == [r["text"] for r in rewritten]
+
+
+def test_json_array_csv_quoting_and_ragged_csv_rows(tmp_path):
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps(ROWS, ensure_ascii=False, indent=2), encoding="utf-8")
+    assert read_split(str(array), "text", "label").labels == [r["label"] for r in ROWS]
+    quoted = tmp_path / "q.csv"
+    quoted.write_text('text,label\n"发热, 咳嗽 ""3天""",肺炎\n', encoding="utf-8")
+    assert read_split(str(quoted), "text", "label").texts == ['发热, 咳嗽 "3天"']
+    ragged = tmp_path / "r.csv"
+    ragged.write_text("text,label\n发热,肺炎\n胸痛,心梗,extra\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"r\.csv: line 3: 3 fields, the header has 2"):
+        read_split(str(ragged), "text", "label")
 
 
 def test_batches_equal_hf_padding_collator(tmp_path):
@@ -87,7 +126,7 @@ def test_batches_equal_hf_padding_collator(tmp_path):
     import torch
     from transformers import DataCollatorWithPadding
 
-    split = read_split(str(SAMPLE / "dev.jsonl"), "text", "label", str(tmp_path))
+    split = read_split(str(SAMPLE / "dev.jsonl"), "text", "label")
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", str(tmp_path))), 512)
     path, _ = tokenize_cached(split, label_names_from(split, []), tokenizer, 512, str(tmp_path / "cache"))
     rows, collate = load_tokenized(path), DataCollatorWithPadding(tokenizer, return_tensors="pt")
@@ -110,7 +149,7 @@ def test_tokenizer_that_maps_text_to_unk_is_refused(tmp_path, files):
     """transformers 5 ignores BertTokenizerFast(vocab_file=...): every character becomes [UNK]."""
     from transformers import BertTokenizerFast
 
-    split = read_split(str(files["train"]), "text", "label", str(tmp_path))
+    split = read_split(str(files["train"]), "text", "label")
     vocab = build_wordpiece_tokenizer(split.texts, "d", str(tmp_path)) / "vocab.txt"
     broken = BertTokenizerFast(vocab_file=str(vocab))
     broken_dir = tmp_path / "broken"

@@ -33,3 +33,14 @@ def test_metrics_match_scikit_learn_report():
 def test_class_absent_from_eval_set_is_reported_with_zero_support():
     metrics = compute_metrics([0, 0, 1], [0, 1, 1], ["a", "b", "c"])
     assert metrics["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_macro_f1_averages_over_classes_present_in_the_reference():
+    """A training class missing from dev has no F1 to measure: perfect predictions score 1, not 0.667."""
+    metrics = compute_metrics([0, 0, 1, 1], [0, 0, 1, 1], ["a", "b", "c"])
+    assert metrics["macro_f1"] == 1.0 and metrics["weighted_f1"] == 1.0
+    assert metrics["absent_from_reference"] == ["c"]
+    assert metrics["per_class"]["c"]["support"] == 0
+    wrong = compute_metrics([0, 0, 1, 1], [0, 2, 1, 1], ["a", "b", "c"])  # a record predicted as the absent class
+    assert wrong["macro_f1"] == pytest.approx((2 / 3 + 1.0) / 2)
+    assert compute_metrics([0, 1, 2], [0, 1, 2], ["a", "b", "c"])["absent_from_reference"] == []

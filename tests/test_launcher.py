@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from pipeline.check import read_hostfile
+from pipeline.hosts import read_hostfile
 from pipeline.config import ConfigError
 from pipeline.launcher import (deepspeed_command, parse_args, rank_env, read_env_file, requested_accelerator, user_env,
                                visible_devices_include)
@@ -154,3 +154,78 @@ def test_one_remote_host_is_reached_over_ssh_not_started_here():
     assert "--force_multi" in deepspeed_command(args, {"gpu-node-1": 8}, train_args, ssh_checked=True)
     assert "--force_multi" not in deepspeed_command(args, {"localhost": 2}, train_args, ssh_checked=True)
     assert "--force_multi" not in deepspeed_command(args, {"node1": 1, "node2": 1}, train_args, ssh_checked=True)
+
+
+def test_options_take_underscores_and_hugging_face_names():
+    args, train_args = parse_args(["--deepspeed", "ds.json", "--master_port", "1234", "--output_dir", "out",
+                                   "--num_train_epochs", "3", "--per_device_eval_batch_size", "4", "--max_length", "64",
+                                   "--resume_from_checkpoint", "auto"])
+    assert (args.ds_config, args.master_port) == ("ds.json", 1234)
+    assert (args.train.output_dir, args.train.epochs, args.train.eval_batch_size, args.train.max_length, args.train.resume) == \
+        ("out", 3, 4, 64, "auto")
+    assert train_args[:2] == ["--output_dir", "out"]  # passed on unchanged: `train` takes the same spellings
+
+
+def test_unknown_option_is_refused_before_the_doctor_and_the_ranks():
+    result = launch_sh("--max-steps", "2", "--learning_rate", "3e-5")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --learning_rate 3e-5" in result.stderr, result.stderr
+    assert "host" not in result.stdout and "runner.py" not in result.stdout + result.stderr  # no doctor table, no runner
+
+
+def pdsh_rank_value(key: str, value: str) -> str:
+    """What a rank started by pdsh sees: DeepSpeed's PDSHRunner builds `export KEY=VALUE;` for a shell."""
+    import argparse
+
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+
+    runner = PDSHRunner(argparse.Namespace(user_args=[], user_script="x", launcher_args=""), "")
+    runner.add_export(key, value)
+    script = f"export {key}={runner.exports[key]}; printf %s \"${key}\""
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("line, value", [
+    ('FOO="a b"', "a b"), ("FOO='a b'", "a b"), ("FOO=a b", "a b"), ("FOO=^docker0,lo", "^docker0,lo"),
+    ("FOO=x;y&z|w", "x;y&z|w"), ("FOO=it's", "it's"), ('FOO=""', ""), ("FOO=eth0", "eth0"),
+])
+def test_env_values_are_the_same_for_local_and_pdsh_ranks(tmp_path, line, value):
+    (tmp_path / "nodes.env").write_text(line + "\n")
+    local = read_env_file(tmp_path / "nodes.env")["FOO"]
+    assert local == value == pdsh_rank_value("FOO", local)
+
+
+@pytest.mark.parametrize("line, what", [
+    ("FOO=$(id)", "contains '$'"), ('FOO="$HOME/x"', "contains '$'"), ("FOO=`id`", "contains '`'"),
+    ('FOO=a"b', """contains '"'"""), ("FOO=a\\b", r"contains '\\'"), ('FOO=" a"', "starts or ends with a space"),
+])
+def test_env_values_the_runner_would_mangle_are_refused_with_file_and_line(tmp_path, line, what):
+    (tmp_path / "nodes.env").write_text("# cluster\nOK=1\n" + line + "\n")
+    with pytest.raises(ConfigError) as e:
+        read_env_file(tmp_path / "nodes.env")
+    assert f"{tmp_path / 'nodes.env'}, line 3: FOO" in str(e.value) and what in str(e.value)
+
+
+def test_openmpi_refuses_values_deepspeed_would_pass_in_literal_quotes(tmp_path):
+    (tmp_path / "nodes.env").write_text("NCCL_SOCKET_IFNAME=eth0\nFOO=a b\n")
+    assert read_env_file(tmp_path / "nodes.env")["FOO"] == "a b"
+    with pytest.raises(ConfigError, match="nodes.env, line 2: FOO='a b': with --launcher openmpi"):
+        read_env_file(tmp_path / "nodes.env", "openmpi")
+
+
+@pytest.mark.parametrize("host", ["-oProxyCommand=touch${IFS}/tmp/x", "node1;id", "node$(id)", "a`b`"])
+def test_hostnames_that_pdsh_or_ssh_would_misread_are_refused(tmp_path, host):
+    path = tmp_path / "nodes"
+    path.write_text(f"node0 slots=1\n{host} slots=1\n")
+    with pytest.raises(ConfigError, match=f"{path}, line 2: .* is not a host name"):
+        read_hostfile(str(path))
+    path.write_text("node0 slots=1\nnode-1.cluster_a slots=2\n10.0.0.7 slots=1\n")
+    assert list(read_hostfile(str(path))) == ["node0", "node-1.cluster_a", "10.0.0.7"]
+
+
+def test_master_addr_that_is_not_a_host_name_stops_the_launch(tmp_path):
+    hostfile = tmp_path / "nodes"
+    hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
+    result = launch_sh("--hostfile", str(hostfile), "--master-addr", "node1;id")
+    assert result.returncode == 2
+    assert "launch: error: --master-addr 'node1;id' is not a host name" in result.stderr, result.stderr

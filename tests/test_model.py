@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -6,14 +8,14 @@ from pipeline.config import ConfigError
 from pipeline.data import read_split, unknown_fraction
 from pipeline.model import build_model, build_wordpiece_tokenizer, check_model_dir, has_tokenizer, has_weights, load_tokenizer
 
-from conftest import REPO, write_jsonl
+from conftest import REPO, cpu_env, write_jsonl
 
 ROWS = [{"text": "主诉：发热3天，咳嗽。WBC 12.3", "label": "肺炎"}, {"text": "主诉：胸痛2小时。cTnI 2.1", "label": "心梗"}]
 
 
 @pytest.fixture()
 def split(tmp_path):
-    return read_split(str(write_jsonl(tmp_path / "train.jsonl", ROWS * 3)), "text", "label", str(tmp_path))
+    return read_split(str(write_jsonl(tmp_path / "train.jsonl", ROWS * 3)), "text", "label")
 
 
 def test_wordpiece_tokenizer_is_character_level_for_chinese_and_cached(tmp_path, split):
@@ -34,9 +36,9 @@ def test_every_training_word_is_spelled_without_unk(tmp_path, split):
 
 def test_model_directory_checks(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
-        check_model_dir(str(tmp_path))
+        check_model_dir(str(tmp_path), 128)
     tiny = REPO / "pipeline" / "models" / "tiny-bert"
-    check_model_dir(str(tiny))
+    check_model_dir(str(tiny), 512)
     assert not has_weights(str(tiny)) and not has_tokenizer(str(tiny))
 
 
@@ -56,3 +58,54 @@ def test_pretrained_directory_is_fine_tuned_not_reinitialised(initial_model):
     model = build_model(str(initial_model), [f"l{i}" for i in range(len(names))], 0, {"zero_optimization": {"stage": 2}}, seed=9)
     saved = load_file(initial_model / "model.safetensors")
     assert (model.state_dict()["bert.embeddings.word_embeddings.weight"] == saved["bert.embeddings.word_embeddings.weight"]).all()
+
+
+def model_dir(tmp_path, config: dict | str):
+    (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config), encoding="utf-8")
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("config, longest", [
+    ({"model_type": "bert", "max_position_embeddings": 512, "pad_token_id": 0}, 512),
+    ({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}, 512),  # positions start at pad + 1
+    ({"model_type": "xlm-roberta", "max_position_embeddings": 514}, 512),  # pad_token_id 1 by default
+])
+def test_max_length_beyond_the_position_embeddings_is_refused(tmp_path, config, longest):
+    check_model_dir(model_dir(tmp_path, config), longest)
+    with pytest.raises(ConfigError, match=f"--max-length {longest + 1} is more than model .* takes: {longest} tokens"):
+        check_model_dir(str(tmp_path), longest + 1)
+
+
+def test_relative_position_models_have_no_length_limit(tmp_path):
+    check_model_dir(model_dir(tmp_path, {"model_type": "deberta-v2", "max_position_embeddings": 512,
+                                         "position_biased_input": False}), 2048)
+
+
+def test_config_json_that_is_not_json_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"config.json: JSON syntax error at line 3, column 1"):
+        check_model_dir(model_dir(tmp_path, '{\n  "model_type": "bert",\n}\n'), 128)
+
+
+@pytest.mark.parametrize("config, message", [
+    ('{"model_type": "bert",', "JSON syntax error at line 1"),
+    ({"model_type": "bert", "max_position_embeddings": 512}, "--max-length 1024 is more than model"),
+])
+def test_train_stops_with_one_line_before_touching_data(tmp_path, config, message):
+    """Checked before the process group and the tokenizer: exit 2, one line, no traceback, no cache."""
+    result = subprocess.run([sys.executable, "-m", "pipeline", "train", "--model", model_dir(tmp_path, config),
+                             "--max-length", "1024", "--output-dir", str(tmp_path / "runs")],
+                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_config_json_that_is_not_json_is_one_error_for_predict_and_plan(tmp_path):
+    from pipeline.plan import model_shape
+    from pipeline.predict import predict
+
+    path = model_dir(tmp_path, '{"model_type": "bert",\n')
+    for command in (lambda: predict(path, ["x"]), lambda: model_shape(path)):
+        with pytest.raises(ConfigError, match=r"config.json: JSON syntax error at line 2"):
+            command()

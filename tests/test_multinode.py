@@ -64,7 +64,7 @@ def test_killed_remote_rank_ends_the_job_within_the_timeout(cluster, small_data,
                 assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "console.txt").read_text()[-4000:]
                 time.sleep(0.5)
             remote = rank_log(tmp_path / "logs", 1)
-            pid = int(remote.split("rank 1 of 2: host node2, pid ")[1].split()[0])
+            pid = int(remote.split("rank 1 of 2: host node2, pid ")[1].split(",")[0])
             os.kill(pid, signal.SIGKILL)
             killed = time.monotonic()
             code = job.wait(timeout=timeout_s + 60)

@@ -1,9 +1,11 @@
+import io
 import json
 import subprocess
 import sys
 
 import pytest
 
+from pipeline.__main__ import main
 from pipeline.config import ConfigError
 from pipeline.predict import predict
 
@@ -17,7 +19,8 @@ def test_predict_from_stdin_and_txt_file_agree(initial_model, tmp_path):
     from_stdin = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--model", str(initial_model)], input="\n".join(texts),
                                 cwd=REPO, env=cpu_env(), capture_output=True, text=True, check=True).stdout
     rows = [json.loads(line) for line in from_stdin.splitlines()]
-    assert rows == predict(str(initial_model), texts)
+    assert [{k: v for k, v in r.items() if k != "line"} for r in rows] == predict(str(initial_model), texts)
+    assert [r["line"] for r in rows] == [1, 2]
     from_file = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--model", str(initial_model), "--input",
                                 str(tmp_path / "in.txt")], cwd=REPO, env=cpu_env(), capture_output=True, text=True, check=True)
     assert from_file.stdout == from_stdin
@@ -27,3 +30,29 @@ def test_predict_from_stdin_and_txt_file_agree(initial_model, tmp_path):
 def test_predict_refuses_a_directory_that_is_not_an_export(tmp_path):
     with pytest.raises(ConfigError, match="not an exported model"):
         predict(str(tmp_path), ["x"])
+
+
+def run_predict(capsys, monkeypatch, model, *args, stdin="") -> list[dict]:
+    """`python -m pipeline predict`, in this process."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model), *args]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_blank_lines_keep_their_row_so_output_lines_up_with_input(initial_model, tmp_path, capsys, monkeypatch):
+    lines = ["主诉：发热3天，咳嗽。", "", "主诉：胸痛2小时。", "   "]
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for rows in (run_predict(capsys, monkeypatch, initial_model, "--input", str(tmp_path / "in.txt")),
+                 run_predict(capsys, monkeypatch, initial_model, stdin="\n".join(lines))):
+        assert [r["line"] for r in rows] == [1, 2, 3, 4]
+        assert [r["label"] is None for r in rows] == [False, True, False, True]
+        assert rows[0]["label"] in rows[0]["probabilities"]
+
+
+def test_json_array_input_gives_one_row_per_record_with_its_id(initial_model, tmp_path, capsys, monkeypatch):
+    records = [{"id": "a7", "text": "主诉：发热3天，咳嗽。"}, {"id": 8, "text": ""}, {"text": "主诉：胸痛2小时。"}]
+    (tmp_path / "in.json").write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
+    rows = run_predict(capsys, monkeypatch, initial_model, "--input", str(tmp_path / "in.json"))
+    assert [(r["record"], r.get("id")) for r in rows] == [(1, "a7"), (2, 8), (3, None)]
+    assert [r["label"] is None for r in rows] == [False, True, False]

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from pipeline.evaluate import compute_metrics
@@ -55,7 +56,12 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
     best = max(scores, key=lambda step: (scores[step], -step))
     kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
     assert kept == sorted({"step-48", f"step-{best}"}), (kept, scores)
-    assert json.loads((run / "checkpoints" / "step-48" / "trainer_state.json").read_text())["best_step"] == best
+    state = json.loads((run / "checkpoints" / "step-48" / "trainer_state.json").read_text())
+    assert state["best_step"] == best
+    # The step count, skipped steps and the LR scheduler's position agree with DeepSpeed's own counters.
+    engine_state = torch.load(run / "checkpoints" / "step-48" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert (engine_state["global_steps"], engine_state["skipped_steps"]) == (state["optimizer_step"], state["skipped_steps"]) == (48, 0)
+    assert engine_state["lr_scheduler"]["last_batch_iteration"] == 48 - 0 - 1  # applied steps, counted from -1
     assert sorted(p.name for p in (run / "eval").iterdir()) == ["dev-step-16.json", "dev-step-32.json", "dev-step-48.json"]
     # Step times leave out evaluating and saving (after steps 16 and 32): the steps after them are not outliers.
     times = {row["step"]: row["step_time_s"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row}

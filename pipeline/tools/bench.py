@@ -335,7 +335,7 @@ def prepare(args, out: Path) -> dict:
     dev = out / "dev.jsonl"
     dev.write_text("".join((SAMPLE_DATA_DIR / "dev.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:32]),
                    encoding="utf-8")
-    train = read_split(args.train_file, "text", "label", str(out / "cache"))
+    train = read_split(args.train_file, "text", "label")
     common = {"train_file": args.train_file, "dev_file": str(dev), "model": args.model, "max_length": args.max_length,
               "seed": args.seed, "out": str(out), "cache_dir": str(out / "cache"),
               "label_names": label_names_from(train, [])}
