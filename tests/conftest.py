@@ -114,6 +114,19 @@ def train(tmp_path: Path, name: str, data: dict, config: Path, ranks: int = 2, e
     return tmp_path / name
 
 
+# Runs that are stopped and resumed (test_stop, test_slurm) and the uninterrupted run they must equal.
+STOP_SETTINGS = ["--max-length", "64", "--max-steps", "12", "--epochs", "3", "--eval-every", "4", "--save-every", "4",
+                 "--log-every", "1", "--seed", "5"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, small_data) -> tuple[Path, Path]:
+    """(DeepSpeed config, run directory) of STOP_SETTINGS trained without interruption on 2 CPU ranks."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    config = ds_config(tmp / "ds.json", 2, micro=4, accum=2)
+    return config, train(tmp, "run", small_data, config, extra=STOP_SETTINGS)
+
+
 # ----------------------------------------------------------------------------------------------
 # A 2-node cluster on this machine, for the multi-node tests
 # ----------------------------------------------------------------------------------------------

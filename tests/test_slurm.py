@@ -11,19 +11,9 @@ from safetensors.numpy import load_file
 from pipeline.config import ConfigError
 from pipeline.launcher import check_slurm_gpus
 
-from conftest import REPO, ds_config, free_port, losses, read_jsonl, train
+from conftest import REPO, STOP_SETTINGS, ds_config, free_port, losses, read_jsonl
 
-SETTINGS = ["--max-length", "64", "--max-steps", "12", "--epochs", "3", "--eval-every", "4", "--save-every", "4",
-            "--log-every", "1", "--seed", "5"]
 TEMPLATE = REPO / "hostfiles" / "slurm-v100x8.sbatch"
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, small_data):
-    """The same training, uninterrupted, through the deepspeed launcher: 2 CPU ranks."""
-    tmp = tmp_path_factory.mktemp("reference")
-    config = ds_config(tmp / "ds.json", 2, micro=4, accum=2)
-    return config, train(tmp, "run", small_data, config, extra=SETTINGS)
 
 
 def job_script(tmp_path, body: str):
@@ -35,15 +25,15 @@ def job_script(tmp_path, body: str):
 def run_args(tmp_path, data, config):
     return ["--ds-config", str(config), "--master-port", str(free_port()), "--train-file", str(data["train"]),
             "--dev-file", str(data["dev"]), "--output-dir", str(tmp_path), "--run-name", "run",
-            "--cache-dir", str(tmp_path / "cache"), *SETTINGS]
+            "--cache-dir", str(tmp_path / "cache"), *STOP_SETTINGS]
 
 
 def sbatch(slurm, *args) -> subprocess.CompletedProcess:
     return subprocess.run(["sbatch", *args], cwd=REPO, env=slurm, capture_output=True, text=True, timeout=600)
 
 
-def test_sbatch_job_trains_like_the_deepspeed_launcher(slurm, reference, small_data, tmp_path):
-    config, expected = reference
+def test_sbatch_job_trains_like_the_deepspeed_launcher(slurm, uninterrupted, small_data, tmp_path):
+    config, expected = uninterrupted
     script = job_script(tmp_path, f"./launch.sh --launcher slurm {' '.join(run_args(tmp_path, small_data, config))}\n")
     result = sbatch(slurm, "--wait", "-o", str(tmp_path / "job.out"), str(script))
     output = (tmp_path / "job.out").read_text()
@@ -53,9 +43,9 @@ def test_sbatch_job_trains_like_the_deepspeed_launcher(slurm, reference, small_d
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
 
 
-def test_signalled_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm, reference, small_data, tmp_path):
+def test_signalled_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm, uninterrupted, small_data, tmp_path):
     """The shipped template (GPU lines dropped): USR1 mid-run -> checkpoint, exit 75, requeue, resume."""
-    config, expected = reference
+    config, expected = uninterrupted
     script = tmp_path / "job.sbatch"
     script.write_text("".join(line for line in TEMPLATE.read_text().splitlines(keepends=True)
                               if "--gpus-per-node" not in line and "--cpus-per-task" not in line))
