@@ -60,12 +60,20 @@ def _doctor_parser(sub) -> None:
     add_arguments(sub.add_parser("doctor", help="check every host of a hostfile before launching (ssh, versions, disk, port)"))
 
 
-def _train(args) -> None:
+def _train(args) -> int:
+    from .stop import EXIT_CODE, Stopped, exit_as_stopped
     from .train import run
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
-    run(TrainConfig.from_sources(args.config, overrides))
+    try:
+        run(TrainConfig.from_sources(args.config, overrides))
+    except Stopped as e:
+        exit_as_stopped()
+        dist.get_logger().info(str(e))
+        dist.shutdown()
+        return EXIT_CODE
     dist.shutdown()
+    return 0
 
 
 def _export(args) -> None:

@@ -1,8 +1,8 @@
 """Rank helpers: who this process is, the one rank-aware logger, and small collectives.
 
-Nothing else in the package reads RANK or WORLD_SIZE. The launcher (deepspeed's pdsh/local
-runner, or OpenMPI) sets them before Python starts, so rank and world size are known before the
-process group exists, which is what lets configs be checked before any rank waits on another.
+Nothing else in the runtime reads RANK or WORLD_SIZE. The launcher (deepspeed's pdsh/local runner,
+OpenMPI, or SLURM's srun) sets them before Python starts, so rank and world size are known before
+the process group exists, which is what lets configs be checked before any rank waits on another.
 """
 from __future__ import annotations
 
@@ -13,25 +13,35 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+# Where each launcher puts rank, world size and local rank: deepspeed's launcher, OpenMPI, srun.
+RANK_VARIABLES = {"RANK": ("OMPI_COMM_WORLD_RANK", "SLURM_PROCID"), "WORLD_SIZE": ("OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS"),
+                  "LOCAL_RANK": ("OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")}
 
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        if name in os.environ:
-            return int(os.environ[name])
+
+def in_slurm_step() -> bool:
+    """Started by srun as one task of a job step. (A batch script also sees SLURM_PROCID=0 and the
+    allocation's SLURM_NTASKS, but it is not a rank: only a step has SLURM_STEP_ID.)"""
+    return "SLURM_STEP_ID" in os.environ
+
+
+def _env_int(name: str, default: int) -> int:
+    for key in (name, *RANK_VARIABLES[name]):
+        if key in os.environ and (not key.startswith("SLURM_") or in_slurm_step()):
+            return int(os.environ[key])
     return default
 
 
 def rank() -> int:
-    return _env_int("RANK", "OMPI_COMM_WORLD_RANK", default=0)
+    return _env_int("RANK", default=0)
 
 
 def world_size() -> int:
-    return _env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", default=1)
+    return _env_int("WORLD_SIZE", default=1)
 
 
 def local_rank() -> int:
     """This rank's index on its node: the GPU it owns."""
-    return _env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", default=0)
+    return _env_int("LOCAL_RANK", default=0)
 
 
 def is_main() -> bool:
@@ -56,6 +66,9 @@ def init(timeout_minutes: float) -> None:
 
     if "OMPI_COMM_WORLD_RANK" in os.environ and "RANK" not in os.environ:
         _mpi_discovery()
+    elif in_slurm_step() and "RANK" not in os.environ:
+        # DeepSpeed's init_distributed reads these (MASTER_ADDR/PORT come from `launch.sh --launcher slurm`).
+        os.environ.update({name: str(_env_int(name, default=0)) for name in RANK_VARIABLES})
     device = bind_device()
     if is_main() and unbuilt_comm_op():
         print("note: first DeepSpeed run here: building its CPU communication op (about a minute, once per machine; "

@@ -23,33 +23,39 @@ from pathlib import Path
 
 from . import probe as probe_module
 from .probe import MARKER, PACKAGES
-from .hosts import active_hosts, is_local
+from .hosts import active_hosts, is_local, slurm_allocation
 
 ACCELERATORS = ("auto", "cuda", "cpu")
 V100_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
 
 
-def remote_probe(host: str, request: dict, timeout: float) -> dict:
-    """`probe` on `host` over ssh; {"error": ...} when it cannot be run."""
-    command = shlex.join([sys.executable, "-", json.dumps(request)])  # probe.py arrives on stdin
-    ssh = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(timeout))}", host, command]
-    try:
-        result = subprocess.run(ssh, input=Path(probe_module.__file__).read_bytes(), capture_output=True, timeout=timeout)
+def remote_probe(host: str, request: dict, timeout: float, transport: str = "ssh") -> dict:
+    """`probe` on `host` over ssh, or as a one-task SLURM job step there; {"error": ...} when it cannot be run."""
+    if transport == "srun":
+        cmd = ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host}", "--overlap", sys.executable, "-", json.dumps(request)]
+    else:
+        command = shlex.join([sys.executable, "-", json.dumps(request)])
+        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(timeout))}", host, command]
+    try:  # probe.py arrives on stdin
+        result = subprocess.run(cmd, input=Path(probe_module.__file__).read_bytes(), capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"no answer within {timeout:g} s (host down, or a firewall dropping ssh?)"}
+        return {"error": f"no answer within {timeout:g} s (host down, or a firewall dropping {transport}?)"}
     stderr = result.stderr.decode(errors="replace").strip().splitlines()
     last = stderr[-1] if stderr else ""
-    if result.returncode == 255:
+    if transport == "ssh" and result.returncode == 255:
         return {"error": f"ssh failed non-interactively: {last} (set up key login: see docs 'Multi-node')"}
-    if result.returncode == 127:
+    if result.returncode == 127 or "No such file or directory" in last:
         return {"error": f"{sys.executable} not found there (every host needs the same Python at the same path)"}
     if result.returncode != 0:
-        return {"error": f"probe failed with exit code {result.returncode}: {last}"}
+        return {"error": f"probe over {transport} failed with exit code {result.returncode}: {last}"}
     return json.loads(result.stdout.decode().strip().splitlines()[-1])  # shell start-up files may print first
 
 
-def probe_on(host: str, request: dict, timeout: float) -> dict:
-    return probe_module.probe(request) if is_local(host) else remote_probe(host, request, timeout)
+def probe_on(host: str, request: dict, timeout: float, transport: str) -> dict:
+    """The facts of `host`: here directly, over ssh, or (SLURM: every node, this one too) in a job step."""
+    if transport == "ssh" and is_local(host):
+        return probe_module.probe(request)
+    return remote_probe(host, request, timeout, transport)
 
 
 def _capability(text: str) -> tuple[int, int]:
@@ -125,7 +131,7 @@ def problems(facts: dict, here: dict, min_free_gb: float, port: int) -> list[str
 
 
 def check(hosts: dict[str, int], output_dir: str, cache_dir: str, master_port: int, requested: str = "auto",
-          timeout: float = 10.0, min_free_gb: float = 1.0) -> tuple[bool, str, dict]:
+          timeout: float = 10.0, min_free_gb: float = 1.0, transport: str = "ssh") -> tuple[bool, str, dict]:
     """Probe every host, print one row per host and each problem; (no problems, accelerator, facts per host).
 
     The first host (rank 0's) is probed first and writes the shared-directory markers; the others,
@@ -136,9 +142,9 @@ def check(hosts: dict[str, int], output_dir: str, cache_dir: str, master_port: i
     request = {"repo": repo, "output_dir": output_dir, "port": 0, "token": token,
                "dirs": [output_dir, cache_dir] if len(hosts) > 1 else [], "write": False}
     here = probe_module.probe({**request, "dirs": []})
-    facts = {first: probe_on(first, {**request, "port": master_port, "write": True}, timeout)}
+    facts = {first: probe_on(first, {**request, "port": master_port, "write": True}, timeout, transport)}
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
-        futures = {host: pool.submit(probe_on, host, request, timeout) for host in hosts if host != first}
+        futures = {host: pool.submit(probe_on, host, request, timeout, transport) for host in hosts if host != first}
         facts.update({host: future.result() for host, future in futures.items()})
     accelerator, accelerator_problems = choose_accelerator(requested, facts, hosts)
 
@@ -169,6 +175,8 @@ def check(hosts: dict[str, int], output_dir: str, cache_dir: str, master_port: i
 
 def add_arguments(p) -> None:
     p.add_argument("--hostfile", default="hostfiles/localhost", help="lines 'HOST slots=N' (default: %(default)s)")
+    p.add_argument("--launcher", choices=("ssh", "slurm"), default="ssh",
+                   help="slurm: check the nodes of this SLURM allocation, one job step per node (default: the hostfile over ssh)")
     p.add_argument("--include", default="", help="deepspeed's host/slot filter")
     p.add_argument("--exclude", default="", help="deepspeed's host/slot filter")
     p.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
@@ -181,7 +189,8 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    hosts = active_hosts(args.hostfile, args.include, args.exclude)
+    slurm = args.launcher == "slurm"
+    hosts = slurm_allocation() if slurm else active_hosts(args.hostfile, args.include, args.exclude)
     ok, _, _ = check(hosts, args.output_dir, args.cache_dir or str(Path(args.output_dir) / "cache"), args.master_port,
-                  args.accelerator, args.timeout, args.min_free_gb)
+                  args.accelerator, args.timeout, args.min_free_gb, transport="srun" if slurm else "ssh")
     return 0 if ok else 1

@@ -1,11 +1,12 @@
-"""Hostfiles: which hosts and slots a launch uses, read as DeepSpeed's runner reads them, but strictly.
-
-Used by the launcher, the doctor and check-config, so all three count the same world.
+"""Which hosts and slots a launch uses: a hostfile, read as DeepSpeed's runner reads it but strictly,
+or a SLURM allocation. Used by the launcher, the doctor and check-config, so all count the same world.
 """
 from __future__ import annotations
 
+import os
 import re
 import socket
+import subprocess
 from collections import OrderedDict
 from pathlib import Path
 
@@ -93,3 +94,19 @@ def is_local(host: str) -> bool:
     Names only, not addresses: another loopback address (the test cluster's 127.0.1.x) or an
     alias is treated as a remote host and reached over ssh, which works either way."""
     return host in ("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn())
+
+
+def slurm_allocation() -> dict[str, int]:
+    """{node: tasks} of the SLURM allocation this runs in (an sbatch script's, or salloc's)."""
+    if "SLURM_JOB_ID" not in os.environ:
+        raise ConfigError("--launcher slurm outside a SLURM allocation (no SLURM_JOB_ID): submit an sbatch script "
+                          "that runs ./launch.sh --launcher slurm (hostfiles/slurm-v100x8.sbatch), or run it inside salloc")
+    listing = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                             capture_output=True, text=True)
+    if listing.returncode != 0:
+        raise ConfigError(f"scontrol show hostnames {os.environ['SLURM_JOB_NODELIST']}: {listing.stderr.strip()}")
+    tasks = []
+    for part in os.environ["SLURM_TASKS_PER_NODE"].split(","):  # e.g. "8(x2),4"
+        count, _, repeat = part.partition("(x")
+        tasks += [int(count)] * int(repeat.rstrip(")") or 1)
+    return dict(zip(listing.stdout.split(), tasks))

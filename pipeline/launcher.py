@@ -20,9 +20,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import HF_ALIASES, ConfigError, Hardware, add_train_options, load_json, resolve_precision, spellings
+from .config import (HF_ALIASES, ConfigError, Hardware, TrainConfig, add_train_options, load_json, resolve_ds_config,
+                     spellings)
 from .doctor import ACCELERATORS
-from .hosts import HOSTNAME, active_hosts, is_local
+from .hosts import HOSTNAME, active_hosts, is_local, slurm_allocation
+from .stop import STOP_FILE
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The pdsh runner writes `export KEY="VALUE";` for a shell on every node, where these characters
@@ -68,6 +70,29 @@ def read_env_file(path: Path, launcher: str = "pdsh") -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class Backend:
+    """How DeepSpeed's runner reaches remote hosts with one `--launcher`, and what that needs here."""
+
+    program: str  # on this machine
+    install: str
+    filters: bool  # takes --include/--exclude
+    rank_logs: str  # launcher arguments for per-rank logs in DIR; "" for the runner's own --enable_each_rank_log
+    modules: tuple[str, ...] = ()  # Python modules every rank needs
+    as_root: str = ""  # launcher argument without which it refuses to run as root
+
+
+BACKENDS = {
+    "pdsh": Backend("pdsh", "apt-get install pdsh", filters=True, rank_logs=""),
+    "openmpi": Backend("mpirun", "apt-get install openmpi-bin libopenmpi-dev", filters=False,
+                       rank_logs="--output-filename {dir}", modules=("mpi4py",), as_root="--allow-run-as-root"),
+    # One srun task per rank (per GPU), not one DeepSpeed launcher per node: SLURM then tracks,
+    # signals (preemption, --signal) and accounts every rank itself, and no ssh is needed.
+    "slurm": Backend("srun", "SLURM's client tools (apt-get install slurm-client)", filters=False,
+                     rank_logs="--output={dir}/rank-%t.log"),
+}
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Launch options here; the rest must be training options (checked now, not on every rank later)."""
     p = argparse.ArgumentParser(
@@ -75,10 +100,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         description="Check hosts (pipeline doctor), then run `python -m pipeline train` on every slot of a hostfile "
                     "through the deepspeed runner. Options not listed here are training options "
                     "(python -m pipeline train --help). Every option also takes its underscore spelling.")
-    p.add_argument(*spellings("hostfile"), default="hostfiles/localhost", help="lines 'HOST slots=N' (default: %(default)s)")
+    p.add_argument(*spellings("hostfile"), default="", help="lines 'HOST slots=N' (default: hostfiles/localhost; not with --launcher slurm)")
     p.add_argument(*spellings("ds-config"), *HF_ALIASES["ds_config"], dest="ds_config", default="ds_configs/small_zero2.json",
                    help="DeepSpeed JSON (default: %(default)s)")
-    p.add_argument(*spellings("launcher"), choices=("pdsh", "openmpi"), default="pdsh", help="multi-node backend (default: %(default)s)")
+    p.add_argument(*spellings("launcher"), choices=tuple(BACKENDS), default="pdsh",
+                   help="pdsh or openmpi (DeepSpeed's runner over ssh), or slurm (srun inside an allocation) (default: %(default)s)")
     p.add_argument(*spellings("accelerator"), choices=ACCELERATORS, default="auto",
                    help="cuda, cpu, or auto: decided per host by the doctor, CUDA where every host has GPUs, "
                         "DeepSpeed's CPU accelerator where none has (default: %(default)s)")
@@ -105,13 +131,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, train_args
 
 
-def user_env(args: argparse.Namespace, hostfile: Path) -> dict[str, str]:
+def user_env(args: argparse.Namespace, hostfile: Path | None) -> dict[str, str]:
     """The user's env files merged: ~/.deepspeed_env, ./.deepspeed_env, then the cluster's (HOSTFILE.env)."""
-    env_file = Path(args.env_file) if args.env_file else hostfile.with_name(hostfile.name + ".env")
+    env_file = Path(args.env_file) if args.env_file else hostfile.with_name(hostfile.name + ".env") if hostfile else None
     if args.env_file and not env_file.is_file():
         raise ConfigError(f"env file {env_file} not found")
     env = {}
-    for path in (*USER_ENV_FILES, env_file):
+    for path in (*USER_ENV_FILES, *([env_file] if env_file else [])):
         if path.is_file():
             env.update(read_env_file(path, args.launcher))
     return env
@@ -136,8 +162,8 @@ def rank_env(args: argparse.Namespace, env: dict[str, str], accelerator: str) ->
     ranks = {"DS_ACCELERATOR": accelerator}
     if accelerator == "cpu":  # one thread per rank: several ranks share a machine's cores
         ranks["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
-    if args.launcher == "openmpi":
-        # DeepSpeed's OpenMPI runner passes neither; pipeline.dist keeps them over MPI discovery's guesses.
+    if args.launcher in ("openmpi", "slurm"):
+        # Neither DeepSpeed's OpenMPI runner nor srun passes them; pipeline.dist keeps them over MPI discovery's guesses.
         ranks.update(MASTER_ADDR=args.master_addr, MASTER_PORT=str(args.master_port))
     return {**ranks, **env, "DS_ACCELERATOR": accelerator}
 
@@ -176,33 +202,30 @@ def visible_devices_include(args: argparse.Namespace, hosts: dict[str, int], env
     return f"{host}:{','.join(ids)}"
 
 
-def check_precision(args: argparse.Namespace, accelerator: str, capabilities: list[str]) -> None:
-    """Refuse a precision the chosen accelerator cannot run, before any rank starts (fp16 on CPU ranks)."""
+def check_run_config(args: argparse.Namespace, world: int, accelerator: str, capabilities: list[str]) -> None:
+    """Resolve the DeepSpeed config for this launch's world size and accelerator, as every rank will:
+    batch sizes that do not fit the hosts or allocation, or a precision the accelerator cannot run
+    (fp16 on CPU ranks), stop the launch before any rank starts."""
     if accelerator == "cpu":
         hardware = Hardware.named("cpu")
     else:
         bf16 = all(float(c) >= 8.0 for c in capabilities)
         hardware = Hardware("cuda", fp16=True, bf16=bf16, name=f"GPUs of compute capability {', '.join(capabilities) or 'unknown'}")
-    resolve_precision(args.ds_config, load_json(args.ds_config), args.train.precision or "auto", hardware)
+    overrides = {key: value for key, value in vars(args.train).items() if key != "config" and value is not None}
+    cfg = TrainConfig.from_sources(args.train.config, {**overrides, "ds_config": args.ds_config})
+    resolved = resolve_ds_config(args.ds_config, load_json(args.ds_config), world, hardware, cfg)
+    print(f"launch: {resolved.notes[0]}")
 
 
-@dataclass(frozen=True)
-class Backend:
-    """How DeepSpeed's runner reaches remote hosts with one `--launcher`, and what that needs here."""
-
-    program: str  # on this machine
-    install: str
-    filters: bool  # takes --include/--exclude
-    rank_logs: str  # launcher arguments for per-rank logs in DIR; "" for the runner's own --enable_each_rank_log
-    modules: tuple[str, ...] = ()  # Python modules every rank needs
-    as_root: str = ""  # launcher argument without which it refuses to run as root
-
-
-BACKENDS = {
-    "pdsh": Backend("pdsh", "apt-get install pdsh", filters=True, rank_logs=""),
-    "openmpi": Backend("mpirun", "apt-get install openmpi-bin libopenmpi-dev", filters=False,
-                       rank_logs="--output-filename {dir}", modules=("mpi4py",), as_root="--allow-run-as-root"),
-}
+def check_slurm_gpus(hosts: dict[str, int], facts: dict[str, dict], accelerator: str) -> None:
+    """One task per GPU: an allocation whose GPUs per node differ from its tasks per node is refused."""
+    if accelerator != "cuda":
+        return
+    for host, tasks in hosts.items():
+        gpus = facts.get(host, {}).get("gpus")
+        if gpus is not None and gpus != tasks:
+            raise ConfigError(f"the allocation gives {host} {gpus} GPUs but {tasks} tasks: this pipeline runs one task per "
+                              f"GPU; ask for --ntasks-per-node equal to --gpus-per-node (here {gpus})")
 
 
 def check_launcher(args: argparse.Namespace, hosts: dict[str, int]) -> None:
@@ -211,7 +234,7 @@ def check_launcher(args: argparse.Namespace, hosts: dict[str, int]) -> None:
     if not backend.filters and (args.include or args.exclude):
         raise ConfigError(f"--launcher {args.launcher} does not support --include/--exclude (DeepSpeed's runner "
                           "rejects them): write a hostfile with just the hosts and slots to use")
-    if len(hosts) == 1 and is_local(next(iter(hosts))):
+    if args.launcher != "slurm" and len(hosts) == 1 and is_local(next(iter(hosts))):
         if args.launcher != "pdsh" or args.launcher_args:
             print(f"launch: note: one host ({next(iter(hosts))}), this machine: deepspeed starts its ranks locally, "
                   f"so --launcher {args.launcher} and --launcher-args are not used")
@@ -247,42 +270,72 @@ def deepspeed_command(args: argparse.Namespace, hosts: dict[str, int], train_arg
     return cmd + ["--module", "pipeline", "train", "--ds-config", args.ds_config, *train_args]
 
 
+def slurm_command(args: argparse.Namespace, train_args: list[str]) -> list[str]:
+    """One srun task per rank over the whole allocation.
+
+    --kill-on-bad-exit=0: after a stop every rank exits 75 having saved, and SLURM would kill the
+    ranks still leaving as soon as the first one exits non-zero. A rank that dies still ends the
+    others: their next collective fails as its connections close, or at the collective timeout."""
+    cmd = ["srun", "--kill-on-bad-exit=0"]
+    if args.rank_logs:
+        cmd.append(BACKENDS["slurm"].rank_logs.format(dir=args.rank_logs))
+    cmd += args.launcher_args.split()
+    return cmd + [sys.executable, "-u", "-m", "pipeline", "train", "--ds-config", args.ds_config, *train_args]
+
+
+def launch_hosts(args: argparse.Namespace, env: dict[str, str]) -> dict[str, int]:
+    """{host: ranks} of this launch: the allocation's under SLURM, else the hostfile's after its filters."""
+    if args.launcher == "slurm":
+        if args.hostfile:
+            raise ConfigError("--hostfile with --launcher slurm: the allocation decides the nodes and tasks per node "
+                              "(SLURM_JOB_NODELIST, --ntasks-per-node); drop --hostfile")
+        return slurm_allocation()
+    hosts = active_hosts(args.hostfile, args.include, args.exclude)
+    args.include = visible_devices_include(args, hosts, env)
+    return active_hosts(args.hostfile, args.include, args.exclude)
+
+
 def run(argv: list[str]) -> int:
     args, train_args = parse_args(argv)
-    hostfile = Path(args.hostfile)
-    hosts = active_hosts(args.hostfile, args.include, args.exclude)
+    slurm = args.launcher == "slurm"
+    args.hostfile = args.hostfile or ("" if slurm else "hostfiles/localhost")
     if not Path(args.ds_config).is_file():
         raise ConfigError(f"DeepSpeed config {args.ds_config} not found")
-    env = user_env(args, hostfile)
-    args.include = visible_devices_include(args, hosts, env)
-    hosts = active_hosts(args.hostfile, args.include, args.exclude)
+    env = user_env(args, Path(args.hostfile) if args.hostfile else None)
+    hosts = launch_hosts(args, env)
     check_launcher(args, hosts)
-    local = all(is_local(host) for host in hosts)
+    local = not slurm and all(is_local(host) for host in hosts)
     args.master_addr = args.master_addr or ("127.0.0.1" if local else next(iter(hosts)))
     if not HOSTNAME.fullmatch(args.master_addr):  # it goes into the command line pdsh runs on every node
         raise ConfigError(f"--master-addr {args.master_addr!r} is not a host name or IPv4 address")
     accelerator, capabilities = requested_accelerator(args, env), []
 
+    out = args.train.output_dir or "runs"
     if not args.no_doctor:
         from . import doctor
 
-        out = args.train.output_dir or "runs"
-        ok, accelerator, facts = doctor.check(hosts, out, args.train.cache_dir or str(Path(out) / "cache"),
-                                              args.master_port, accelerator, args.doctor_timeout)
+        ok, accelerator, facts = doctor.check(hosts, out, args.train.cache_dir or str(Path(out) / "cache"), args.master_port,
+                                              accelerator, args.doctor_timeout, transport="srun" if slurm else "ssh")
         if not ok:
             return 1
         capabilities = sorted({c for f in facts.values() for c in f.get("capabilities", [])})
+        if slurm:
+            check_slurm_gpus(hosts, facts, accelerator)
     elif accelerator == "auto":
         if not local:
-            raise ConfigError("--no-doctor with remote hosts: this machine cannot tell what they have; "
+            raise ConfigError("--no-doctor with remote hosts or SLURM: this machine cannot tell what they have; "
                               "give --accelerator cuda or --accelerator cpu")
         import torch
 
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    check_precision(args, accelerator, capabilities)
+    check_run_config(args, sum(hosts.values()), accelerator, capabilities)
     print(f"launch: ranks use {'CUDA (NCCL)' if accelerator == 'cuda' else 'DeepSpeed CPU accelerator (gloo)'} "
           f"on {len(hosts)} host(s): DS_ACCELERATOR={accelerator}")
-    env = rank_env(args, env, accelerator)
+    stop_file = Path(out).resolve() / f".stop-request-{os.getpid()}"  # on the shared file system, seen by rank 0
+    env = {**rank_env(args, env, accelerator), STOP_FILE: str(stop_file)}
+    if slurm:
+        # Under SLURM the ranks get preemption and --signal signals from slurmd themselves.
+        return exit_code(subprocess.call(slurm_command(args, train_args), env={**os.environ, **env}))
 
     with tempfile.NamedTemporaryFile("w", prefix="deepspeed_env-", suffix=".txt", delete=False) as f:
         f.write("".join(f"{key}={value}\n" for key, value in env.items()))
@@ -291,14 +344,30 @@ def run(argv: list[str]) -> int:
         # above), so the user's files are never written. Local ranks inherit the same values directly.
         runner_env = {**os.environ, **env, "DS_ENV_FILE": f.name}
         cmd = deepspeed_command(args, hosts, train_args, ssh_checked=local or not args.no_doctor)
-        proc = subprocess.Popen(cmd, env=runner_env)
-        # Ctrl-C reaches the runner directly (same process group): wait for its cleanup. A SIGTERM
-        # sent to this process alone is passed on.
-        signal.signal(signal.SIGINT, lambda *_: None)
-        signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+        # Its own session: Ctrl-C reaches this process only, which asks for a graceful stop first.
+        proc = subprocess.Popen(cmd, env=runner_env, start_new_session=True)
+        requests = []
+
+        def on_interrupt(signum, frame):
+            requests.append(signum)
+            if len(requests) == 1:
+                stop_file.parent.mkdir(parents=True, exist_ok=True)
+                stop_file.touch()
+                print("\nlaunch: stopping after the current optimizer step, with a checkpoint (again to abort)", flush=True)
+            else:  # DeepSpeed's runner tears every rank down on SIGINT
+                os.killpg(proc.pid, signal.SIGINT)
+
+        signal.signal(signal.SIGINT, on_interrupt)
+        signal.signal(signal.SIGTERM, on_interrupt)
         code = proc.wait()
     finally:
         os.unlink(f.name)
+        stop_file.unlink(missing_ok=True)
+    return exit_code(code)
+
+
+def exit_code(code: int) -> int:
+    """A child's return code as an exit status (killed by signal N: 128 + N, as a shell reports it)."""
     return code if code >= 0 else 128 - code
 
 

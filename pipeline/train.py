@@ -27,6 +27,7 @@ from .data import TokenizedSplit, prepare_splits, steps_per_epoch, train_batches
 from .engine import build_engine
 from .evaluate import evaluate, to_device
 from .model import build_model, build_wordpiece_tokenizer, check_model_dir, has_tokenizer, load_tokenizer
+from .stop import Stopped, StopRequests
 
 PROBE_SIZE = 8  # dev records whose logits the export must reproduce
 
@@ -196,7 +197,8 @@ def train_loop(engine, cfg: TrainConfig, data: dict, label_names, state: Trainer
     world, global_batch = dist.world_size(), engine.train_batch_size()
     fp16 = engine.fp16_enabled()
     poison_step = int(os.environ.get(NAN_AT_STEP, 0))
-    window = torch.zeros(2, device=engine.device)  # [sum of micro-batch losses, tokens]
+    stops = StopRequests()
+    window = torch.zeros(3, device=engine.device)  # [sum of micro-batch losses, tokens, ranks asked to stop]
     stats, started, at_min_scale = {"data_wait": 0.0}, time.perf_counter(), 0
     engine.train()
     while state.applied_steps < total_steps:
@@ -205,13 +207,14 @@ def train_loop(engine, cfg: TrainConfig, data: dict, label_names, state: Trainer
         for batch in timed(batches, stats):
             batch = to_device(batch, engine.device)
             loss, boundary = micro_step(engine, batch, poison=state.optimizer_step + 1 == poison_step)
-            window += torch.stack([loss.float(), batch["attention_mask"].sum().float()])
+            window[:2] += torch.stack([loss.float(), batch["attention_mask"].sum().float()])
             if not boundary:
                 continue
+            window[2] = stops.pending()
             skipped = engine.skipped_steps > state.skipped_steps
             state.advance(per_epoch, skipped)
             step = state.optimizer_step
-            loss_sum, tokens = dist.all_reduce_sum(window).tolist()
+            loss_sum, tokens, stop = dist.all_reduce_sum(window).tolist()
             health = step_health(engine, fp16)
             at_min_scale = at_min_scale + 1 if fp16 and skipped and health["loss_scale"] <= min_loss_scale(engine) else 0
             check_progress(step, epoch, loss_sum / (accum * world), fp16, skipped, at_min_scale)
@@ -236,6 +239,9 @@ def train_loop(engine, cfg: TrainConfig, data: dict, label_names, state: Trainer
                 save()
             if done:
                 return
+            if stop:  # every rank got the same sum: all stop after this step
+                raise Stopped(f"stopped on request after optimizer step {step}: checkpoint {save()} saved; rerun "
+                              "with --resume if-present (or auto) to continue")
             started += time.perf_counter() - paused
 
 

@@ -114,6 +114,19 @@ def train(tmp_path: Path, name: str, data: dict, config: Path, ranks: int = 2, e
     return tmp_path / name
 
 
+# Runs that are stopped and resumed (test_stop, test_slurm) and the uninterrupted run they must equal.
+STOP_SETTINGS = ["--max-length", "64", "--max-steps", "12", "--epochs", "3", "--eval-every", "4", "--save-every", "4",
+                 "--log-every", "1", "--seed", "5"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, small_data) -> tuple[Path, Path]:
+    """(DeepSpeed config, run directory) of STOP_SETTINGS trained without interruption on 2 CPU ranks."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    config = ds_config(tmp / "ds.json", 2, micro=4, accum=2)
+    return config, train(tmp, "run", small_data, config, extra=STOP_SETTINGS)
+
+
 # ----------------------------------------------------------------------------------------------
 # A 2-node cluster on this machine, for the multi-node tests
 # ----------------------------------------------------------------------------------------------
@@ -124,15 +137,16 @@ SSH_CLIENT_CONFIG = Path("/etc/ssh/ssh_config.d/zero-pipeline-test-cluster.conf"
 CLUSTER_LOCK = Path("/tmp/zero-pipeline-test-cluster.lock")
 
 
-def require(*programs: str) -> None:
+def require(*programs: str, install: str = "apt-get install openssh-server pdsh openmpi-bin libopenmpi-dev",
+            why_root: str = "the test cluster needs root (sshd in UTS namespaces, /etc/ssh/ssh_config.d)") -> None:
     """Skip a test whose prerequisite is missing, saying which; under CI (CI=true) fail instead."""
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"  # sshd lives in sbin
     missing = [p for p in programs if not shutil.which(p, path=path)]
     message = ""
     if missing:
-        message = f"missing {', '.join(missing)}: apt-get install openssh-server pdsh openmpi-bin libopenmpi-dev"
+        message = f"missing {', '.join(missing)}: {install}"
     elif os.geteuid() != 0:
-        message = "the test cluster needs root (sshd in UTS namespaces, /etc/ssh/ssh_config.d)"
+        message = why_root
     if message:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
@@ -216,3 +230,78 @@ def cluster(tmp_path_factory):
                 node.terminate()
                 node.wait(timeout=10)
             SSH_CLIENT_CONFIG.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# A one-node SLURM cluster on this machine, for the SLURM tests
+# ----------------------------------------------------------------------------------------------
+
+SLURM_CONF = """ClusterName=pipelinetest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# A requeued job may start again after the credential lifetime (default 120 s), when the scheduler
+# next looks (default every 30-60 s): keep tests short.
+AuthInfo=cred_expire=10
+SchedulerParameters=sched_interval=2,bf_interval=2
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+JobRequeue=1
+ReturnToService=2
+MpiDefault=none
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+"""
+
+
+def _munge_works() -> bool:
+    encoded = subprocess.run(["munge", "-n"], capture_output=True)
+    return encoded.returncode == 0 and subprocess.run(["unmunge"], input=encoded.stdout, capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real one-node SLURM cluster: munged, slurmctld and slurmd (Debian's slurm-wlm), this machine
+    as node, in a scratch directory. Yields the environment for SLURM's client commands (SLURM_CONF).
+
+    One node with several tasks, not two nodes: two slurmd on one machine need distinct hostnames,
+    which slurmctld resolves; the ssh test cluster covers what crosses nodes."""
+    require("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel",
+            install="apt-get install slurm-wlm munge", why_root="the SLURM test cluster needs root (SlurmUser=root, munged)")
+    root = tmp_path_factory.mktemp("slurm")
+    (root / "state").mkdir(), (root / "spool").mkdir()
+    conf = root / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(host=socket.gethostname(), ctld_port=free_port(), d_port=free_port(), root=root,
+                                      cpus=os.cpu_count()))
+    env = {**cpu_env(), "SLURM_CONF": str(conf)}
+    munged = None
+    if not _munge_works():  # start munged as its own user, as the package's service would
+        Path("/run/munge").mkdir(exist_ok=True)
+        shutil.chown("/run/munge", "munge", "munge")
+        munged = subprocess.run(["runuser", "-u", "munge", "--", shutil.which("munged", path="/usr/sbin:/sbin")],
+                                capture_output=True, text=True)
+        assert munged.returncode == 0 and _munge_works(), f"munged did not start: {munged.stderr}"
+    try:
+        for daemon in (["slurmctld", "-c", "-f", str(conf)], ["slurmd", "-f", str(conf)]):
+            started = subprocess.run(daemon, env=env, capture_output=True, text=True)
+            assert started.returncode == 0, f"{daemon[0]} did not start: {started.stderr}"
+        deadline = time.monotonic() + 30
+        while subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip() != "idle":
+            assert time.monotonic() < deadline, (root / "slurmctld.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield env
+    finally:
+        subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True)
+        if munged is not None:
+            subprocess.run(["pkill", "-u", "munge", "munged"], capture_output=True)

@@ -1,0 +1,56 @@
+"""Graceful stop: finish the optimizer step, save a checkpoint, exit with EXIT_CODE, resume later.
+
+A stop is asked for by
+- SIGUSR1 to any rank (`#SBATCH --signal=USR1@120`, `scancel --signal=USR1 JOB`),
+- SIGTERM to a rank started by srun (what SLURM sends on preemption and at the time limit; under
+  DeepSpeed's own launcher SIGTERM is how it tears a failed job down, so there it still ends a rank),
+- the stop file `./launch.sh` creates on the first Ctrl-C (PIPELINE_STOP_FILE, looked at by rank 0).
+Each rank's request travels in the all-reduce the training loop does at every accumulation
+boundary anyway, so all ranks stop after the same optimizer step. A second signal ends the process
+at once.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+from . import dist
+
+EXIT_CODE = 75  # EX_TEMPFAIL, "try again": a requeued job resumes from the checkpoint just saved
+STOP_FILE = "PIPELINE_STOP_FILE"
+
+
+class Stopped(Exception):
+    """Training stopped on request after saving a complete checkpoint (the message says which)."""
+
+
+class StopRequests:
+    """This rank's stop request: set by a signal, or by rank 0 finding the launcher's stop file."""
+
+    def __init__(self):
+        self.requested = False
+        self.file = os.environ.get(STOP_FILE)
+        for signum in (signal.SIGUSR1, *([signal.SIGTERM] if dist.in_slurm_step() else [])):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # asked twice: stop now, as the signal would have without us
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = True
+        print(f"[rank {dist.rank()}] {signal.Signals(signum).name}: stopping after this optimizer step, with a checkpoint",
+              flush=True)
+
+    def pending(self) -> float:
+        """1.0 when this rank has been asked to stop, else 0.0 (summed over ranks at each boundary)."""
+        if not self.requested and self.file and dist.is_main() and os.path.exists(self.file):
+            self.requested = True
+        return float(self.requested)
+
+
+def exit_as_stopped() -> None:
+    """After the checkpoint is complete every rank exits with EXIT_CODE, even if a signal comes first
+    (a launcher tearing the job down once the first rank has exited non-zero)."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, lambda *_: os._exit(EXIT_CODE))

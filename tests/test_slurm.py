@@ -1,0 +1,99 @@
+"""Training under a real SLURM (munged, slurmctld, slurmd on this machine): an sbatch job trains like
+the deepspeed launcher; a job signalled mid-run checkpoints, requeues itself and ends with the
+uninterrupted run's losses and weights; what does not fit the allocation is refused before training."""
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from pipeline.config import ConfigError
+from pipeline.launcher import check_slurm_gpus
+
+from conftest import REPO, STOP_SETTINGS, ds_config, free_port, losses, read_jsonl
+
+TEMPLATE = REPO / "hostfiles" / "slurm-v100x8.sbatch"
+
+
+def job_script(tmp_path, body: str):
+    path = tmp_path / "job.sh"
+    path.write_text("#!/bin/bash\n#SBATCH --ntasks=2\n" + body)
+    return path
+
+
+def run_args(tmp_path, data, config):
+    return ["--ds-config", str(config), "--master-port", str(free_port()), "--train-file", str(data["train"]),
+            "--dev-file", str(data["dev"]), "--output-dir", str(tmp_path), "--run-name", "run",
+            "--cache-dir", str(tmp_path / "cache"), *STOP_SETTINGS]
+
+
+def sbatch(slurm, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(["sbatch", *args], cwd=REPO, env=slurm, capture_output=True, text=True, timeout=600)
+
+
+def test_sbatch_job_trains_like_the_deepspeed_launcher(slurm, uninterrupted, small_data, tmp_path):
+    config, expected = uninterrupted
+    script = job_script(tmp_path, f"./launch.sh --launcher slurm {' '.join(run_args(tmp_path, small_data, config))}\n")
+    result = sbatch(slurm, "--wait", "-o", str(tmp_path / "job.out"), str(script))
+    output = (tmp_path / "job.out").read_text()
+    assert result.returncode == 0, output[-4000:]
+    assert "rank 0 of 2:" in output and "rank 1 of 2:" in output  # two srun tasks, ranks from SLURM_PROCID
+    assert losses(tmp_path / "run") == losses(expected) and len(losses(expected)) == 12
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+
+def test_signalled_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm, uninterrupted, small_data, tmp_path):
+    """The shipped template (GPU lines dropped): USR1 mid-run -> checkpoint, exit 75, requeue, resume."""
+    config, expected = uninterrupted
+    script = tmp_path / "job.sbatch"
+    script.write_text("".join(line for line in TEMPLATE.read_text().splitlines(keepends=True)
+                              if "--gpus-per-node" not in line and "--cpus-per-task" not in line))
+    submitted = sbatch(slurm, "--parsable", "--nodes=1", "--ntasks-per-node=2", "-o", str(tmp_path / "job.out"), str(script),
+                       *run_args(tmp_path, small_data, config))
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 240
+    while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 5):  # past the step-4 checkpoint
+        assert time.monotonic() < deadline, (tmp_path / "job.out").read_text()[-4000:]
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
+    while subprocess.run(["squeue", "-h", "-j", job], env=slurm, capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline + 240, (tmp_path / "job.out").read_text()[-4000:]
+        time.sleep(1)
+    output = (tmp_path / "job.out").read_text()
+    stopped = [line for line in output.splitlines() if line.startswith("stopped on request after optimizer step")]
+    assert len(stopped) == 1 and "exited with exit code 75" in output.lower(), output[-4000:]
+    step = int(stopped[0].split("optimizer step ")[1].split(":")[0])
+    assert 5 <= step < 12
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step-{step}'}" in output, output[-4000:]
+    assert losses(tmp_path / "run") == losses(expected)  # bit-exact, as the CPU allows
+    ours, theirs = load_file(tmp_path / "run" / "export" / "model.safetensors"), load_file(expected / "export" / "model.safetensors")
+    assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+    assert [row["step"] for row in read_jsonl(metrics) if "loss" in row] == list(range(1, 13))
+
+
+def test_a_batch_config_that_does_not_fit_the_allocation_is_refused_before_training(slurm, small_data, tmp_path):
+    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2, train_batch_size=12)  # 12 != 4 x 2 x 2 ranks
+    script = job_script(tmp_path, f"./launch.sh --launcher slurm {' '.join(run_args(tmp_path, small_data, config))}\n")
+    result = sbatch(slurm, "--wait", "-o", str(tmp_path / "job.out"), str(script))
+    output = (tmp_path / "job.out").read_text()
+    assert result.returncode != 0
+    assert "launch: error:" in output and "train_batch_size (12) must equal" in output, output[-3000:]
+    assert "rank 0 of" not in output  # no rank ever started
+
+
+def test_launcher_slurm_outside_an_allocation_or_with_a_hostfile_is_an_error():
+    env = {key: value for key, value in __import__("os").environ.items() if not key.startswith("SLURM_")}
+    outside = subprocess.run([str(REPO / "launch.sh"), "--launcher", "slurm"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert outside.returncode == 2 and "--launcher slurm outside a SLURM allocation" in outside.stderr, outside.stderr
+    both = subprocess.run([str(REPO / "launch.sh"), "--launcher", "slurm", "--hostfile", "hostfiles/localhost"], cwd=REPO,
+                          env={**env, "SLURM_JOB_ID": "1"}, capture_output=True, text=True)
+    assert both.returncode == 2 and "--hostfile with --launcher slurm" in both.stderr, both.stderr
+
+
+def test_gpus_per_node_must_equal_tasks_per_node():
+    check_slurm_gpus({"gpu1": 8}, {"gpu1": {"gpus": 8}}, "cuda")
+    check_slurm_gpus({"gpu1": 2}, {"gpu1": {"gpus": 0}}, "cpu")  # CPU ranks: no GPUs to match
+    with pytest.raises(ConfigError, match="gives gpu1 4 GPUs but 8 tasks: this pipeline runs one task per GPU"):
+        check_slurm_gpus({"gpu1": 8}, {"gpu1": {"gpus": 4}}, "cuda")

@@ -1,0 +1,65 @@
+"""Graceful stop under ./launch.sh (pdsh/local runner): the first Ctrl-C finishes the optimizer step,
+saves a checkpoint and exits 75, and the resumed run equals an uninterrupted one; a second Ctrl-C aborts."""
+import signal
+import subprocess
+import time
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from conftest import REPO, STOP_SETTINGS, cpu_env, ds_config, free_port, launch, losses, read_jsonl
+
+EXIT_STOPPED = 75
+
+
+def start(tmp_path, data, config, extra=()):
+    cmd = [str(REPO / "launch.sh"), "--ds-config", str(config), "--master-port", str(free_port()), "--train-file",
+           str(data["train"]), "--dev-file", str(data["dev"]), "--output-dir", str(tmp_path), "--run-name", "run",
+           "--cache-dir", str(tmp_path / "cache"), *STOP_SETTINGS, *extra]
+    console = open(tmp_path / "console.txt", "w")
+    return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=console, stderr=subprocess.STDOUT)
+
+
+def wait_for_steps(job, tmp_path, steps: int) -> None:
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 240
+    while not (metrics.is_file() and metrics.read_text().count('"loss"') >= steps):
+        assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "console.txt").read_text()[-4000:]
+        time.sleep(0.2)
+
+
+def test_ctrl_c_saves_stops_and_the_resumed_run_equals_an_uninterrupted_one(uninterrupted, small_data, tmp_path):
+    config, expected = uninterrupted
+    job = start(tmp_path, small_data, config)
+    wait_for_steps(job, tmp_path, 5)
+    job.send_signal(signal.SIGINT)  # the terminal's Ctrl-C reaches launch.sh alone: the runner has its own session
+    code = job.wait(timeout=240)
+    console = (tmp_path / "console.txt").read_text()
+    assert code == EXIT_STOPPED, console[-4000:]
+    assert "launch: stopping after the current optimizer step" in console
+    step = int(console.split("stopped on request after optimizer step ")[1].split(":")[0])
+    assert (tmp_path / "run" / "checkpoints" / f"step-{step}" / "manifest.json").is_file()
+    assert not list(tmp_path.glob(".stop-request-*"))  # the launcher removed its stop file
+
+    resumed = launch(["train", "--ds-config", str(config), "--train-file", str(small_data["train"]), "--dev-file",
+                      str(small_data["dev"]), "--output-dir", str(tmp_path), "--run-name", "run", "--cache-dir",
+                      str(tmp_path / "cache"), *STOP_SETTINGS, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step-{step}'}" in resumed.stdout
+    assert losses(tmp_path / "run") == losses(expected)
+    ours, theirs = load_file(tmp_path / "run" / "export" / "model.safetensors"), load_file(expected / "export" / "model.safetensors")
+    assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+    assert [row["step"] for row in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in row] == list(range(1, 13))
+
+
+def test_a_second_ctrl_c_aborts(small_data, tmp_path):
+    """Long optimizer steps (8 x 8 records of up to 512 tokens per rank): the second Ctrl-C comes mid-step."""
+    config = ds_config(tmp_path / "ds.json", 2, micro=8, accum=8)
+    job = start(tmp_path, small_data, config, extra=["--max-length", "512", "--max-steps", "200", "--epochs", "100"])
+    wait_for_steps(job, tmp_path, 1)
+    job.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    job.send_signal(signal.SIGINT)
+    code = job.wait(timeout=120)
+    console = (tmp_path / "console.txt").read_text()
+    assert code not in (0, EXIT_STOPPED), console[-3000:]
+    assert "stopped on request" not in console and not (tmp_path / "run" / "checkpoints").exists()
