@@ -2,16 +2,35 @@
 
 `train` is what every rank runs under the `deepspeed` launcher (./launch.sh, which is `launch`);
 the other commands (predict, export, doctor, check-config, plan, verify-accumulation, plot, comms,
-bench) are plain single processes or start their own ranks.
+bench) are plain single processes or start their own ranks. verify-accumulation, comms and bench
+are tools (`pipeline.tools`): this front door imports one only when its command runs.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
 
-from . import audit, bench, check, comms, dist, plan, plot
+from . import check, dist, plan, plot
 from .config import ConfigError, TrainConfig, add_train_options
+
+# Tool commands: (module in pipeline.tools, help). The module is imported only for its own command,
+# so `train` and the other runtime commands never load the tools.
+TOOLS = {
+    "verify-accumulation": ("audit", "one optimizer step as a big batch and as accumulated micro-batches: "
+                                     "largest parameter/gradient difference against the precision's tolerance"),
+    "comms": ("comms", "collectives per optimizer step by kind (DeepSpeed comms logger), per ZeRO stage and accumulation"),
+    "bench": ("bench", "throughput, start-up, data wait and memory: this pipeline vs a minimal DeepSpeed loop vs HF Trainer"),
+}
+
+
+def _tool(command: str):
+    return importlib.import_module(f".tools.{TOOLS[command][0]}", __package__)
+
+
+def _run_tool(args):
+    return _tool(args.command).main(args)
 
 
 def _train_parser(sub) -> None:
@@ -93,15 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     _export_parser(sub)
     check.add_parser(sub)
     plan.add_parser(sub)
-    audit.add_parser(sub)
     plot.add_parser(sub)
-    comms.add_parser(sub)
-    bench.add_parser(sub)
+    for command, (_, help_text) in TOOLS.items():
+        tool_parser = sub.add_parser(command, help=help_text)
+        if argv[:1] == [command]:  # its options are the tool's own
+            _tool(command).add_arguments(tool_parser)
     args = parser.parse_args(argv)
     commands = {
         "train": _train, "predict": _predict, "export": _export, "doctor": _doctor,
-        "check-config": check.check_config, "plan": plan.run_plan, "verify-accumulation": audit.main,
-        "plot": plot.main, "comms": comms.main, "bench": bench.main,
+        "check-config": check.check_config, "plan": plan.run_plan, "plot": plot.main,
+        **dict.fromkeys(TOOLS, _run_tool),
     }
     try:
         return commands[args.command](args) or 0

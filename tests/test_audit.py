@@ -2,7 +2,11 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, cpu_env
+
+pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "ds_configs").glob("*.json"))
 

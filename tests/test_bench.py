@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.bench import aggregate, goals, markdown_table, paired_ratio, plot, steady_state, steps_per_run, verdict
+from pipeline.tools.bench import aggregate, goals, markdown_table, paired_ratio, plot, steady_state, steps_per_run, verdict
 
 
 def test_steady_state_skips_warmup_and_takes_the_median_step():
@@ -77,10 +77,12 @@ def test_table_rows_and_goal_lines(tmp_path):
     pooled = {"reference": {"ratio": 0.98, "low": 0.975, "high": 0.985, "pairs": 3},
               "hf": {"ratio": 1.2, "low": 0.9, "high": 1.5, "pairs": 3}}
     lines = goals(results, pooled)
-    assert lines[0] == ("ZeRO-1 accum 1: pipeline 0.900× reference (too few pairs (1) for a 95% CI): ≥ 0.97× reference not settled; "
-                        "0.947× HF Trainer (too few pairs (1) for a 95% CI): ≥ HF Trainer not settled; data wait 2.50%: < 2% MISSED")
-    assert lines[1] == ("ZeRO-2 accum 4: pipeline 0.995× reference (too few pairs (2) for a 95% CI): ≥ 0.97× reference not settled; "
-                        "1.244× HF Trainer (too few pairs (2) for a 95% CI): ≥ HF Trainer not settled; data wait 1.00%: < 2% met")
+    assert lines[0] == ("ZeRO-1 accum 1: pipeline 0.900× reference (too few pairs (1) for a 95% CI): "
+                        "≥ 0.97× reference not settled; 0.947× HF Trainer (too few pairs (1) for a 95% CI): "
+                        "≥ HF Trainer not settled; data wait 2.50%: < 2% MISSED")
+    assert lines[1] == ("ZeRO-2 accum 4: pipeline 0.995× reference (too few pairs (2) for a 95% CI): "
+                        "≥ 0.97× reference not settled; 1.244× HF Trainer (too few pairs (2) for a 95% CI): "
+                        "≥ HF Trainer not settled; data wait 1.00%: < 2% met")
     assert lines[2] == ("All combinations, 3 paired runs: pipeline 0.980× reference (95% CI 0.975–0.985): ≥ 0.97× reference met; "
                         "1.200× HF Trainer (95% CI 0.900–1.500): ≥ HF Trainer not settled")
 

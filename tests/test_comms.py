@@ -1,5 +1,9 @@
 """Where accumulation saves communication: measured with DeepSpeed's comms logger on 2 CPU ranks."""
-from pipeline.comms import markdown, measure_all, steady
+import pytest
+
+from pipeline.tools.comms import markdown, measure_all, steady
+
+pytestmark = pytest.mark.slow  # launches 2 ranks
 
 
 def test_stage_1_reduces_once_per_window_stage_2_once_per_micro_batch():

@@ -4,8 +4,11 @@ import subprocess
 import time
 
 import psutil
+import pytest
 
 from conftest import REPO, cpu_env, ds_config, free_port
+
+pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
 
 def test_a_frozen_rank_fails_the_job_within_the_collective_timeout(small_data, tmp_path):

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from pipeline.doctor import arch_problem, choose_accelerator
 
 from conftest import DEAD_NODE, NODES, REPO, cpu_env, free_port, losses, ds_config
@@ -14,6 +16,7 @@ def doctor(hostfile, *extra):
                           cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_doctor_passes_two_live_nodes_with_one_row_each(cluster):
     result = doctor(cluster.hostfile("live", NODES), "--master-port", str(free_port()))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -25,6 +28,7 @@ def test_doctor_passes_two_live_nodes_with_one_row_each(cluster):
         assert cells[2] == hostname and cells[7:9] == ["0", "cpu"] and row.endswith("ok"), row  # no GPUs: CPU ranks
 
 
+@pytest.mark.slow
 def test_doctor_names_the_dead_node(cluster):
     result = doctor(cluster.hostfile("live-and-dead", ["127.0.1.1", DEAD_NODE]))
     assert result.returncode != 0
@@ -34,6 +38,7 @@ def test_doctor_names_the_dead_node(cluster):
     assert "127.0.1.1:" not in result.stderr  # the live node has no problem
 
 
+@pytest.mark.slow
 def test_doctor_finds_the_master_port_taken_on_the_first_node(cluster):
     with socket.socket() as taken:
         taken.bind(("127.0.1.1", 0))
@@ -44,6 +49,7 @@ def test_doctor_finds_the_master_port_taken_on_the_first_node(cluster):
     assert f"doctor: 127.0.1.1: master port {port} is in use" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_launch_on_a_dead_node_fails_fast_with_the_doctors_message(cluster, small_data, tmp_path):
     started = time.monotonic()
     result = subprocess.run([str(REPO / "launch.sh"), "--hostfile", str(cluster.hostfile("live-and-dead", ["127.0.1.1", DEAD_NODE])),
@@ -57,6 +63,7 @@ def test_launch_on_a_dead_node_fails_fast_with_the_doctors_message(cluster, smal
     assert elapsed < 30, elapsed
 
 
+@pytest.mark.slow
 def test_doctor_refuses_cuda_on_hosts_without_gpus(cluster):
     result = doctor(cluster.hostfile("live", NODES), "--master-port", str(free_port()), "--accelerator", "cuda")
     assert result.returncode != 0
@@ -64,6 +71,7 @@ def test_doctor_refuses_cuda_on_hosts_without_gpus(cluster):
         assert f"doctor: {address}: slots=1 but 0 GPUs" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_doctor_finds_an_output_directory_that_is_not_shared(cluster):
     """node2 has its own tmpfs at private-node2: what rank 0 writes there, node2 never sees."""
     private = cluster.root / "private-node2" / "runs"
@@ -75,6 +83,7 @@ def test_doctor_finds_an_output_directory_that_is_not_shared(cluster):
     assert shared.returncode == 0, shared.stdout + shared.stderr
 
 
+@pytest.mark.slow
 def test_a_hostfile_with_one_remote_host_runs_there_not_here(cluster, small_data, tmp_path):
     """DeepSpeed starts one host's ranks locally, whatever its name; the launcher must go over ssh."""
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)

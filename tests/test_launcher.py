@@ -16,6 +16,7 @@ def launch_sh(*args):
     return subprocess.run([str(REPO / "launch.sh"), *args], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_missing_hostfile_is_an_error_not_a_fallback(tmp_path):
     result = launch_sh("--hostfile", str(tmp_path / "nodes"))
     assert result.returncode == 2
@@ -23,6 +24,7 @@ def test_missing_hostfile_is_an_error_not_a_fallback(tmp_path):
     assert "runner.py" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_malformed_hostfile_line_stops_the_launch(tmp_path):
     hostfile = tmp_path / "nodes"
     hostfile.write_text("# comment\nnode1 slots=8\nnode2 8\n")
@@ -38,6 +40,7 @@ def test_hostfiles_in_the_repository_parse():
     assert read_env_file(REPO / "hostfiles" / "two-nodes.env")["GLOO_SOCKET_IFNAME"] == "eth0"
 
 
+@pytest.mark.slow
 def test_malformed_env_file_line_stops_the_launch(tmp_path):
     hostfile = tmp_path / "nodes"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
@@ -48,6 +51,7 @@ def test_malformed_env_file_line_stops_the_launch(tmp_path):
     assert "runner.py" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_openmpi_rejects_include_before_launching(tmp_path):
     hostfile = tmp_path / "nodes"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
@@ -56,6 +60,7 @@ def test_openmpi_rejects_include_before_launching(tmp_path):
     assert "--launcher openmpi does not support --include/--exclude" in result.stderr
 
 
+@pytest.mark.slow
 def test_include_of_an_unknown_host_is_an_error(tmp_path):
     hostfile = tmp_path / "nodes"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
@@ -107,6 +112,7 @@ def test_cuda_visible_devices_becomes_an_include_for_one_local_host(monkeypatch)
         visible_devices_include(args, {"localhost": 8}, {})
 
 
+@pytest.mark.slow
 def test_cuda_visible_devices_picks_the_ranks_of_a_real_launch(tmp_path, small_data):
     """CUDA_VISIBLE_DEVICES=1 with a 2-slot local hostfile starts one rank (DeepSpeed alone would start two)."""
     hostfile = tmp_path / "local"
@@ -125,6 +131,7 @@ def test_cuda_visible_devices_picks_the_ranks_of_a_real_launch(tmp_path, small_d
     assert "4 per rank x 2 accumulation x 1 ranks" in output
 
 
+@pytest.mark.slow
 def test_fp16_on_cpu_ranks_is_refused_before_launch(tmp_path):
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2, fp16={"enabled": True})
     result = launch_sh("--ds-config", str(config), "--no-doctor", "--accelerator", "cpu")
@@ -222,6 +229,7 @@ def test_hostnames_that_pdsh_or_ssh_would_misread_are_refused(tmp_path, host):
     assert list(read_hostfile(str(path))) == ["node0", "node-1.cluster_a", "10.0.0.7"]
 
 
+@pytest.mark.slow
 def test_master_addr_that_is_not_a_host_name_stops_the_launch(tmp_path):
     hostfile = tmp_path / "nodes"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import NODES, REPO, cpu_env, ds_config, free_port, losses, train
 
+pytestmark = pytest.mark.slow  # every test here launches ranks or trains
+
 SHORT = ["--max-length", "64", "--eval-every", "0", "--seed", "7"]
 OPENMPI_ARGS = "--allow-run-as-root --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo"  # root here; loopback only
 

@@ -66,6 +66,7 @@ def test_written_configs_resolve_on_other_clusters(strategy):
         assert resolved["gradient_accumulation_steps"] == 256 // (world * option.micro)
 
 
+@pytest.mark.slow
 def test_plan_write_passes_check_config_and_trains_two_cpu_ranks(tmp_path, small_data, capsys):
     written = tmp_path / "planned.json"
     assert main(["plan", "--model", str(MODELS / "tiny-bert"), "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem", "2GiB",
@@ -85,7 +86,7 @@ def test_plan_write_passes_check_config_and_trains_two_cpu_ranks(tmp_path, small
 
 def measure(hidden: int) -> list[dict]:
     """Peak RSS of real ZeRO-2 bf16 steps (1 rank, CPU, micro 1) for a 4-layer BERT of this width."""
-    cmd = [sys.executable, "-m", "pipeline.gpu_checks.plan_memory", "--device", "cpu", "--stages", "2", "--hidden", str(hidden),
+    cmd = [sys.executable, "-m", "pipeline.tools.plan_memory", "--device", "cpu", "--stages", "2", "--hidden", str(hidden),
            "--layers", "4", "--heads", "4", "--micro", "1", "--seq", "64", "--steps", "2"]
     env = dict(cpu_env(), MASTER_PORT=str(__import__("conftest").free_port()))
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
@@ -93,6 +94,7 @@ def measure(hidden: int) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_model_state_estimate_matches_measured_peak_memory():
     """Two model sizes: the measured peak grows by DeepSpeed's estimated bytes per parameter (20 for
     ZeRO-2 on one rank) within 25 % (on the 2-core development machine: 22.1, +10 %, in three runs,

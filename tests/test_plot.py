@@ -7,6 +7,7 @@ import pytest
 from conftest import REPO, cpu_env, ds_config, read_jsonl, train
 
 
+@pytest.mark.slow
 def test_run_directory_has_tensorboard_events_flops_profile_and_plots(small_data, tmp_path):
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
     run = train(tmp_path, "run", small_data, config,
@@ -31,6 +32,7 @@ def test_run_directory_has_tensorboard_events_flops_profile_and_plots(small_data
     assert imread(out).shape[:2] == (700, 1100)  # 11 x 7 inches at 100 dpi
 
 
+@pytest.mark.slow
 def test_plot_of_a_directory_without_metrics_says_so(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline", "plot", str(tmp_path)], cwd=REPO, env=cpu_env(),
                             capture_output=True, text=True, timeout=120)

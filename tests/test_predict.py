@@ -12,6 +12,7 @@ from pipeline.predict import predict
 from conftest import REPO, cpu_env
 
 
+@pytest.mark.slow
 def test_predict_from_stdin_and_txt_file_agree(initial_model, tmp_path):
     texts = ["主诉：发热3天，咳嗽。", "主诉：胸痛2小时。"]
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")

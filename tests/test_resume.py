@@ -14,6 +14,8 @@ from pipeline.checkpoint import step_of
 
 from conftest import REPO, cpu_env, ds_config, free_port, launch, losses, read_jsonl
 
+pytestmark = pytest.mark.slow  # every test here launches ranks or trains
+
 # 256 records / (4 x 2 x 2 ranks) = 16 optimizer steps per epoch, 2 epochs; dropout on (tiny-bert).
 RUN_ARGS = ["--max-length", "64", "--eval-batch-size", "8", "--epochs", "2", "--eval-every", "0",
             "--save-every", "2", "--keep-checkpoints", "20"]

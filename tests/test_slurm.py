@@ -32,6 +32,7 @@ def sbatch(slurm, *args) -> subprocess.CompletedProcess:
     return subprocess.run(["sbatch", *args], cwd=REPO, env=slurm, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_sbatch_job_trains_like_the_deepspeed_launcher(slurm, uninterrupted, small_data, tmp_path):
     config, expected = uninterrupted
     script = job_script(tmp_path, f"./launch.sh --launcher slurm {' '.join(run_args(tmp_path, small_data, config))}\n")
@@ -43,6 +44,7 @@ def test_sbatch_job_trains_like_the_deepspeed_launcher(slurm, uninterrupted, sma
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_signalled_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm, uninterrupted, small_data, tmp_path):
     """The shipped template (GPU lines dropped): USR1 mid-run -> checkpoint, exit 75, requeue, resume."""
     config, expected = uninterrupted
@@ -73,6 +75,7 @@ def test_signalled_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(s
     assert [row["step"] for row in read_jsonl(metrics) if "loss" in row] == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_a_batch_config_that_does_not_fit_the_allocation_is_refused_before_training(slurm, small_data, tmp_path):
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2, train_batch_size=12)  # 12 != 4 x 2 x 2 ranks
     script = job_script(tmp_path, f"./launch.sh --launcher slurm {' '.join(run_args(tmp_path, small_data, config))}\n")
@@ -83,6 +86,7 @@ def test_a_batch_config_that_does_not_fit_the_allocation_is_refused_before_train
     assert "rank 0 of" not in output  # no rank ever started
 
 
+@pytest.mark.slow
 def test_launcher_slurm_outside_an_allocation_or_with_a_hostfile_is_an_error():
     env = {key: value for key, value in __import__("os").environ.items() if not key.startswith("SLURM_")}
     outside = subprocess.run([str(REPO / "launch.sh"), "--launcher", "slurm"], cwd=REPO, env=env, capture_output=True, text=True)

@@ -5,9 +5,12 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from conftest import REPO, STOP_SETTINGS, cpu_env, ds_config, free_port, launch, losses, read_jsonl
+
+pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
 EXIT_STOPPED = 75
 

@@ -2,8 +2,8 @@
 
 Run from the repository root:
 
-    python -m pipeline.sample_data.generate          # (re)writes train/dev/test.jsonl next to this file
-    python -m pipeline.sample_data.generate --check  # same, then prints counts, lengths and two baselines
+    python -m pipeline.tools.generate_sample_data          # (re)writes pipeline/sample_data/{train,dev,test}.jsonl
+    python -m pipeline.tools.generate_sample_data --check  # same, then prints counts, lengths and two baselines
 
 Each output line is ``{"text": "...", "label": "..."}`` (UTF-8, ``ensure_ascii=False``).
 ``text`` is an electronic-medical-record style note made of the sections
@@ -38,7 +38,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-OUT_DIR = Path(__file__).resolve().parent
+from ..config import SAMPLE_DATA_DIR
+
 SEED = 20240611
 # (split name, number of records, apply label noise?)
 SPLITS = [("train", 4000, True), ("dev", 500, False), ("test", 500, False)]
@@ -623,9 +624,9 @@ def main() -> None:
     data = {}
     for index, (name, size, noisy) in enumerate(SPLITS):
         rows = make_split(index, size, noisy)
-        write_jsonl_atomic(OUT_DIR / f"{name}.jsonl", rows)
+        write_jsonl_atomic(SAMPLE_DATA_DIR / f"{name}.jsonl", rows)
         data[name] = rows
-        print(f"wrote {OUT_DIR / f'{name}.jsonl'} ({len(rows)} records)")
+        print(f"wrote {SAMPLE_DATA_DIR / f'{name}.jsonl'} ({len(rows)} records)")
     if args.check:
         check(data)
 

@@ -3,9 +3,10 @@
 For each config, one optimizer step on a fixed, seeded batch runs twice from the same initial
 weights: as `accumulation` micro-batches of `micro` records (the config's own layout) and as one
 micro-batch of `micro x accumulation` records with accumulation 1. Both go through the pipeline's
-way of training (`engine.backward` and `engine.step` on every micro-batch, no loss division). It
-reports the largest difference of the accumulated gradient and of the updated (fp32 master)
-parameters, each relative to its own scale, against the precision's tolerance; exit 1 when over.
+own micro-step (`train.micro_step`: `engine.backward` and `engine.step` on every micro-batch, no
+loss division), so the audit checks the loop that trains. It reports the largest difference of the
+accumulated gradient and of the updated (fp32 master) parameters, each relative to its own scale,
+against the precision's tolerance; exit 1 when over.
 
 Both are checked because Adam's update barely depends on the gradient's scale: a loss divided once
 too often (the double-scaling bug of transformers PR #35808) changes the gradient by the
@@ -19,65 +20,63 @@ would make both sides trivially equal).
 """
 from __future__ import annotations
 
-import os
-from . import dist
-from .config import TINY_MODEL_DIR, ConfigError, Hardware, TrainConfig, ds_precision, load_json, resolve_batch, resolve_ds_config
+from .. import dist
+from ..config import TINY_MODEL_DIR, ConfigError, Hardware, TrainConfig, ds_precision, load_json, resolve_batch, resolve_ds_config
+from .common import LABELS, collate, fixed_batch, standalone_rank
 
 # Largest relative difference accepted: fp32 differs only by summation order; 16-bit forward passes
 # round differently for different batch shapes.
 TOLERANCE = {"fp32": 1e-4, "bf16": 0.1, "fp16": 0.05}
-LABELS = ["a", "b"]
 BREAKS = ("extra-loss-division",)
 
 
-def fixed_batch(vocab_size: int, records: int, seq_len: int, seed: int) -> list[dict]:
-    """Seeded records of random tokens with random lengths (padding differs between layouts)."""
-    import torch
+class Audited:
+    """The engine as `train.micro_step` sees it, plus what the audit needs: the full gradients taken
+    at the window's boundary, just before the step consumes them, and optionally the bug under audit
+    (each micro-batch loss divided by the accumulation steps, which DeepSpeed's `backward` already does)."""
 
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(seq_len // 2, seq_len + 1, (records,), generator=g)
-    ids = torch.randint(5, vocab_size, (records, seq_len), generator=g)
-    labels = torch.randint(0, len(LABELS), (records,), generator=g)
-    return [{"input_ids": ids[i, :n], "labels": labels[i]} for i, n in enumerate(lengths.tolist())]
+    def __init__(self, engine, broken: str = ""):
+        self.engine, self.broken, self.grads = engine, broken, {}
 
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
 
-def collate(records: list[dict], device) -> dict:
-    """Pad to the micro-batch's longest record, as the pipeline's collator does."""
-    import torch
+    def __call__(self, **batch):
+        out = self.engine(**batch)
+        if self.broken == "extra-loss-division":
+            out.loss = out.loss / self.engine.gradient_accumulation_steps()
+        return out
 
-    longest = max(len(r["input_ids"]) for r in records)
-    ids = torch.zeros(len(records), longest, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(records):
-        ids[i, : len(r["input_ids"])], mask[i, : len(r["input_ids"])] = r["input_ids"], 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.stack([r["labels"] for r in records])}
-    return {k: v.to(device) for k, v in batch.items()}
+    def step(self):
+        from deepspeed.utils import safe_get_full_grad
+
+        if self.engine.is_gradient_accumulation_boundary():
+            self.grads = {n: safe_get_full_grad(p).float().clone() for n, p in self.engine.module.named_parameters()}
+        self.engine.step()
 
 
 def one_step(model_dir: str, ds: dict, records: list[dict], seed: int, broken: str = ""):
     """One optimizer step over `records` (this rank's share) with `ds`'s micro batch and accumulation.
     Returns (gradients at the window's boundary, fp32 parameters before and after the step), by name."""
+    from deepspeed.utils import safe_get_full_fp32_param
     from transformers import AutoConfig
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
-    from .engine import build_engine
-    from .model import build_model
+    from ..engine import build_engine
+    from ..model import build_model
+    from ..train import micro_step
 
     model = build_model(model_dir, LABELS, AutoConfig.from_pretrained(model_dir).vocab_size, ds, seed)
-    engine = build_engine(model, ds)
+    engine = Audited(build_engine(model, ds), broken)
     engine.eval()  # dropout masks depend on the batch shape; without dropout both layouts compute the same function
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    fp32_params = lambda: {n: safe_get_full_fp32_param(p).float().clone() for n, p in engine.module.named_parameters()}
-    before, grads = fp32_params(), {}
+
+    def fp32_params() -> dict:
+        return {n: safe_get_full_fp32_param(p).float().clone() for n, p in engine.module.named_parameters()}
+
+    before = fp32_params()
     for start in range(0, micro * accum, micro):
-        loss = engine(**collate(records[start:start + micro], engine.device)).loss
-        if broken == "extra-loss-division":
-            loss = loss / accum  # the bug under audit: DeepSpeed already divides by accum in backward
-        engine.backward(loss)
-        if engine.is_gradient_accumulation_boundary():
-            grads = {n: safe_get_full_grad(p).float().clone() for n, p in engine.module.named_parameters()}
-        engine.step()
-    return grads, before, fp32_params()
+        micro_step(engine, collate(records[start:start + micro], engine.device))
+    return engine.grads, before, fp32_params()
 
 
 def compare(a: dict, b: dict, scale: dict) -> tuple[float, float]:
@@ -88,8 +87,10 @@ def compare(a: dict, b: dict, scale: dict) -> tuple[float, float]:
     the step as a whole agrees."""
     import torch
 
+    def norm(d: dict) -> float:
+        return float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
+
     largest = max(float((a[k] - b[k]).abs().max()) for k in b)
-    norm = lambda d: float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
     return largest, norm({k: a[k] - b[k] for k in b}) / max(norm(scale), 1e-30)
 
 
@@ -99,7 +100,8 @@ def audit(path: str, args) -> bool:
     micro = args.micro_batch or raw.get("train_micro_batch_size_per_gpu")
     accum = args.accumulation or raw.get("gradient_accumulation_steps")
     if accum in (None, "auto") and isinstance(micro, int):  # from the global batch, as training on these ranks
-        accum = resolve_batch(path, {**raw, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": "auto"}, world)[2]
+        derived = {**raw, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": "auto"}
+        accum = resolve_batch(path, derived, world)[2]
     if not all(isinstance(v, int) and v >= 1 for v in (micro, accum)):
         raise ConfigError(f"{path}: micro batch and accumulation must be numbers here (got {micro!r}, {accum!r}); "
                           "give --micro-batch and --accumulation")
@@ -133,9 +135,7 @@ def audit(path: str, args) -> bool:
     return ok
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("verify-accumulation", help="one optimizer step as a big batch and as accumulated micro-batches: "
-                                                   "largest parameter/gradient difference against the precision's tolerance")
+def add_arguments(p) -> None:
     p.add_argument("--ds-config", nargs="+", required=True, help="DeepSpeed JSON file(s) to audit")
     p.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
                    help="as for train; fp16 configs need a GPU, audit them on the CPU with --precision fp32")
@@ -146,17 +146,6 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inject-bug", default="", choices=("",) + BREAKS,
                    help="run the accumulated side with a known bug, to see the audit fail")
-
-
-def standalone_rank() -> None:
-    """Outside the launcher, this process is the only rank of its own process group."""
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def main(args) -> int:

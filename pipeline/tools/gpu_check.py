@@ -1,7 +1,7 @@
 """The GPU validation: one command, one table, about 5-8 minutes on one GPU (prepared; not yet run on a GPU).
 
-    python -m pipeline.gpu_checks.bench_h100                 # on a node with one free GPU
-    python -m pipeline.gpu_checks.bench_h100 --device cpu --layers 2 --hidden 128 --seq 64 --precisions bf16 --no-launch   # CPU smoke
+    python -m pipeline.tools.gpu_check                 # on a node with one free GPU
+    python -m pipeline.tools.gpu_check --device cpu --layers 2 --hidden 128 --seq 64 --precisions bf16 --no-launch   # CPU smoke
 
 1. A RoBERTa-large-shaped classifier (24 layers, 1024 hidden, 16 heads: `models/roberta-wwm-ext-large-shape`,
    random init) at sequence length 512 trains through the pipeline's own `build_model`, `build_engine`
@@ -9,9 +9,9 @@
    with gradient checkpointing. Each row: samples/s (median step after warm-up), MFU against the GPU's
    dense 16-bit peak (goal >= 45% for bf16 on H100-class), peak allocated memory against `plan`'s
    estimate (goal within 15%), whether the loss fell on a small repeated set, the fp16 loss scale.
-2. The fp16 loss scaler (ZeRO-2): a step whose loss is multiplied by inf must be skipped (DeepSpeed's
-   skipped-step count rises by one, the weights stay bit-identical, the scale halves); the next
-   steps train again.
+2. The fp16 loss scaler (ZeRO-2): a step whose loss `train.micro_step` poisons (multiplied by NaN, as
+   the training's PIPELINE_TEST_NAN_AT_STEP hook does) must be skipped (DeepSpeed's skipped-step count
+   rises by one, the weights stay bit-identical, the scale halves); the next steps train again.
 3. The cluster path end to end: `./launch.sh` on this GPU with the shipped V100 fp16 ZeRO-2 config
    (the doctor's GPU and architecture checks, each rank binding its device, training, the verified
    export).
@@ -26,6 +26,7 @@ import sys
 import time
 
 from ..config import PACKAGE_DIR
+from .common import LABELS, REPO, standalone_rank
 
 SHAPE = PACKAGE_DIR / "models" / "roberta-wwm-ext-large-shape"
 PEAK_16BIT_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense fp16/bf16 tensor-core peak (SXM)
@@ -49,13 +50,14 @@ def ds_config(precision: str, stage: int, micro: int) -> dict:
 
 
 def batches(vocab: int, micro: int, seq: int, device, distinct: int = 4):
-    """A few fixed random batches, repeated: a model that trains must lower the loss on them."""
+    """A few fixed random batches of full-length records (no padding: the FLOP count assumes `seq`
+    tokens per record), repeated: a model that trains must lower the loss on them."""
     import torch
 
     g = torch.Generator().manual_seed(0)
     fixed = [{"input_ids": torch.randint(5, vocab, (micro, seq), generator=g).to(device),
               "attention_mask": torch.ones(micro, seq, dtype=torch.long, device=device),
-              "labels": torch.randint(0, 2, (micro,), generator=g).to(device)} for _ in range(distinct)]
+              "labels": torch.randint(0, len(LABELS), (micro,), generator=g).to(device)} for _ in range(distinct)]
     while True:
         yield from fixed
 
@@ -89,7 +91,7 @@ def run_config(args, path: str, precision: str, stage: int, recompute: bool = Fa
         torch.cuda.reset_peak_memory_stats()
     ds = ds_config(precision, stage, args.micro)
     config = AutoConfig.from_pretrained(path)
-    model = build_model(path, ["a", "b"], config.vocab_size, ds, seed=0, gradient_checkpointing=recompute)
+    model = build_model(path, LABELS, config.vocab_size, ds, seed=0, gradient_checkpointing=recompute)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     engine = build_engine(model, ds)
     data = batches(config.vocab_size, args.micro, args.seq, engine.device)
@@ -126,13 +128,12 @@ def launch_check(tmp: str) -> dict:
     import subprocess
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[2]
     hostfile = Path(tmp, "one-gpu")
     hostfile.write_text("localhost slots=1\n")
-    cmd = [str(repo / "launch.sh"), "--hostfile", str(hostfile), "--ds-config", "ds_configs/v100x8_fp16_zero2.json",
+    cmd = [str(REPO / "launch.sh"), "--hostfile", str(hostfile), "--ds-config", "ds_configs/v100x8_fp16_zero2.json",
            "--output-dir", str(Path(tmp, "runs")), "--run-name", "gpu-check", "--max-steps", "10", "--eval-every", "5",
            "--max-length", "128"]
-    done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=420)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
     output = done.stdout + done.stderr
     return {"exit_code": done.returncode, "ok": done.returncode == 0 and "export (verified)" in output
             and "device cuda:0" in output, "tail": output[-1500:] if done.returncode else output[-300:]}
@@ -143,21 +144,22 @@ def loss_scaler_check(engine, data) -> dict:
     import torch
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from ..train import micro_step
+
     watched = [p for p in engine.module.parameters()][-2]  # the classifier's weight
-    weights = lambda: safe_get_full_fp32_param(watched).clone()
+
+    def weights():
+        return safe_get_full_fp32_param(watched).clone()
+
     before, skipped, scale = weights(), engine.skipped_steps, engine.optimizer.loss_scale
-    engine.backward(engine(**next(data)).loss * float("inf"))
-    engine.step()
+    micro_step(engine, next(data), poison=True)
     after_overflow = weights()
     check = {"skipped_step": engine.skipped_steps == skipped + 1, "weights_unchanged": torch.equal(before, after_overflow),
              "scale_halved": engine.optimizer.loss_scale == scale / 2, "scale_before": scale,
              "scale_after": engine.optimizer.loss_scale}
     losses = []
     for _ in range(3):
-        loss = engine(**next(data)).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss))
+        losses.append(float(micro_step(engine, next(data))[0]))
     check["recovered"] = (engine.skipped_steps == skipped + 1 and not torch.equal(after_overflow, weights())
                           and all(map(lambda x: x == x and abs(x) != float("inf"), losses)))
     check["ok"] = all(check[k] for k in ("skipped_step", "weights_unchanged", "scale_halved", "recovered"))
@@ -177,7 +179,6 @@ def main(argv=None) -> int:
     import tempfile
 
     from .. import dist
-    from ..audit import standalone_rank
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))

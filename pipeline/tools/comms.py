@@ -1,9 +1,9 @@
 """`python -m pipeline comms`: collectives per optimizer step, by kind, for each ZeRO stage and
 accumulation count, measured with DeepSpeed's communication logger on real ranks.
 
-The driver launches one job (`deepspeed --num_gpus RANKS --module pipeline.comms --worker SPEC`);
-its ranks train each (stage, accumulation) combination in turn for a few optimizer steps, the way the
-pipeline trains (`engine.backward` and `engine.step` on every micro-batch), with
+The driver launches one job (`deepspeed --num_gpus RANKS --module pipeline.tools.comms --worker SPEC`);
+its ranks train each (stage, accumulation) combination in turn for a few optimizer steps through the
+pipeline's own micro-step (`train.micro_step`), with
 `"comms_logger": {"enabled": true, "prof_all": true}` in the config. The logger's record is taken
 after every optimizer step; the per-step counts and bytes are the difference between two records,
 so the engine's start-up (parameter broadcast, ZeRO-3 partitioning) is not counted. Only collectives
@@ -12,41 +12,12 @@ optimizer step (8 bytes, `torch.distributed` directly) is not in the table.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
 import tempfile
 from pathlib import Path
 
-from .config import TINY_MODEL_DIR, Hardware, TrainConfig, load_json, resolve_ds_config
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def sweep_config(base: dict, stage: int, accum: int) -> dict:
-    """`base` with ZeRO `stage` and `accum` accumulation steps; the global batch follows the world size."""
-    ds = {k: v for k, v in base.items() if k != "train_batch_size"}
-    ds["gradient_accumulation_steps"] = accum
-    ds["zero_optimization"] = {**base.get("zero_optimization", {}), "stage": stage}
-    return ds
-
-
-def launch_module(module: str, args: list[str], ranks: int, env: dict | None = None, timeout: int = 900):
-    """Run `module` on `ranks` ranks with the real deepspeed launcher (CPU ranks without a GPU)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    if Hardware.detect().device == "cpu":
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), "--module", module, *args]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+from ..config import TINY_MODEL_DIR, Hardware, TrainConfig, load_json, resolve_ds_config
+from .common import LABELS, collate, fixed_batch, launch_module, run_worker, sweep_config
 
 
 def snapshot() -> dict:
@@ -67,10 +38,10 @@ def measure(spec: dict, stage: int, accum: int) -> list[dict]:
     """Train `spec['steps']` optimizer steps; the collectives of each, by kind."""
     from transformers import AutoConfig
 
-    from . import dist
-    from .audit import LABELS, collate, fixed_batch
-    from .engine import build_engine
-    from .model import build_model
+    from .. import dist
+    from ..engine import build_engine
+    from ..model import build_model
+    from ..train import micro_step
 
     base = load_json(spec["ds_config"])
     raw = {**sweep_config(base, stage, accum), "comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}
@@ -82,9 +53,7 @@ def measure(spec: dict, stage: int, accum: int) -> list[dict]:
     records = fixed_batch(vocab, micro * accum * spec["steps"], spec["seq_len"], seed=dist.rank())
     steps, last = [], snapshot()
     for start in range(0, len(records), micro):
-        engine.backward(engine(**collate(records[start:start + micro], engine.device)).loss)
-        boundary = engine.is_gradient_accumulation_boundary()
-        engine.step()
+        _, boundary = micro_step(engine, collate(records[start:start + micro], engine.device))
         if boundary:
             now = snapshot()
             steps.append(per_step(last, now))
@@ -94,7 +63,7 @@ def measure(spec: dict, stage: int, accum: int) -> list[dict]:
 
 
 def worker(spec_path: str) -> None:
-    from . import dist
+    from .. import dist
 
     spec = json.loads(Path(spec_path).read_text())
     dist.init(timeout_minutes=10)
@@ -111,7 +80,7 @@ def measure_all(ds_config: str, stages, accum, ranks: int = 2, steps: int = 2, m
         spec = {"ds_config": str(Path(ds_config).resolve()), "stages": list(stages), "accum": list(accum), "steps": steps,
                 "model": model, "seq_len": seq_len, "output": str(Path(tmp) / "comms.json")}
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
-        launch_module("pipeline.comms", ["--worker", str(Path(tmp) / "spec.json")], ranks)
+        launch_module("pipeline.tools.comms", ["--worker", str(Path(tmp) / "spec.json")], ranks)
         results = json.loads(Path(spec["output"]).read_text())
     for r in results:  # JSON turned the (calls, bytes) tuples into lists
         r["steps"] = [{k: tuple(v) for k, v in step.items()} for step in r["steps"]]
@@ -134,8 +103,7 @@ def markdown(results: list[dict], ranks: int) -> str:
     return "\n".join(lines) + f"\n\nPer optimizer step, per rank ({ranks} ranks); MB = 10^6 bytes sent by each call's input.\n"
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("comms", help="collectives per optimizer step by kind (DeepSpeed comms logger), per ZeRO stage and accumulation")
+def add_arguments(p) -> None:
     p.add_argument("--ds-config", default="ds_configs/small_zero2.json", help="base config; stage and accumulation are swept")
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--accum", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -152,14 +120,6 @@ def main(args) -> int:
     if args.output:
         Path(args.output).write_text(table, encoding="utf-8")
     return 0
-
-
-def run_worker(worker) -> None:
-    """A launched rank's entry point: `--worker SPEC_JSON` (the launcher appends --local_rank=N)."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", required=True)
-    parser.add_argument("--local_rank", type=int)
-    worker(parser.parse_args().worker)
 
 
 if __name__ == "__main__":  # a rank of the launched job

@@ -3,12 +3,15 @@
 The same model (random init from one seed), tokenized data and resolved DeepSpeed JSON go through
 three stacks, each as its own job under the real `deepspeed` launcher:
 
-- `pipeline`: `python -m pipeline train` as users run it (`train.run`), read back from its
-  metrics.jsonl and TensorBoard events;
+- `pipeline`: `python -m pipeline train` as users run it (`train.run`, whose loop steps through
+  `train.micro_step`), read back from its metrics.jsonl and TensorBoard events;
 - `reference`: the minimal hand-written loop below (DataLoader + DistributedSampler,
   `engine(**batch)`, `engine.backward`, `engine.step`), the yardstick;
 - `hf`: `transformers.Trainer` with `deepspeed=` the same JSON (`use_cpu=True` on CPU ranks, else
   transformers takes the world size as 1 and DeepSpeed's batch assertion fails).
+
+The reference and HF stacks are the baselines the pipeline is compared with, so they keep their
+own loops on purpose: they must not share the pipeline's code.
 
 Each (ZeRO stage, accumulation) combination runs every stack once per repetition, the stacks'
 order rotating between repetitions and combinations, so that a slow spell of a shared machine hits
@@ -27,8 +30,9 @@ import statistics
 import time
 from pathlib import Path
 
-from .dist import release_shared_memory
-from .config import SAMPLE_DATA_DIR, TINY_MODEL_DIR, Hardware, TrainConfig, fill_schedule, load_json, resolve_ds_config
+from ..config import SAMPLE_DATA_DIR, TINY_MODEL_DIR, Hardware, TrainConfig, fill_schedule, load_json, resolve_ds_config
+from ..dist import release_shared_memory
+from .common import launch_module, run_worker, sweep_config
 
 STACKS = ("pipeline", "reference", "hf")
 QUICK = {"stages": [2], "accum": [1, 4], "reps": 1, "steps": 6, "warmup": 2, "min_micro_batches": 0}
@@ -173,8 +177,8 @@ def global_tokens(per_step: list[float]) -> list[float]:
 
 
 def run_pipeline(spec: dict, ds: dict) -> tuple[list[dict], float]:
-    from . import dist
-    from .train import run
+    from .. import dist
+    from ..train import run
 
     cfg = TrainConfig(ds_config=spec["ds_path"], train_file=spec["train_file"], dev_file=spec["dev_file"], model=spec["model"],
                       max_length=spec["max_length"], epochs=1000, max_steps=spec["steps"], seed=spec["seed"], eval_every=0,
@@ -201,11 +205,12 @@ def load_data(spec: dict):
 
 
 def run_reference(spec: dict, ds: dict) -> tuple[list[dict], float]:
-    """The yardstick: the least a DeepSpeed training loop must do."""
+    """The yardstick: the least a DeepSpeed training loop must do (a baseline: written out here on
+    purpose, not through `train.micro_step`)."""
     import deepspeed
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from .model import build_model
+    from ..model import build_model
 
     deepspeed.init_distributed()
     release_shared_memory()
@@ -247,7 +252,7 @@ def run_hf(spec: dict, ds: dict) -> tuple[list[dict], float]:
 
     import deepspeed
 
-    from .model import build_model
+    from ..model import build_model
 
     deepspeed.init_distributed()  # ZeRO-3 partitions while building: the process group must exist
     release_shared_memory()
@@ -289,7 +294,7 @@ def run_hf(spec: dict, ds: dict) -> tuple[list[dict], float]:
 
 
 def worker(spec_path: str) -> None:
-    from . import dist
+    from .. import dist
 
     spec = json.loads(Path(spec_path).read_text())
     ds = load_json(spec["ds_path"])
@@ -307,13 +312,11 @@ def worker(spec_path: str) -> None:
 
 def launch(spec: dict, out: Path, ranks: int) -> dict:
     """One stack on one combination, as its own job; returns rank 0's record."""
-    from .comms import launch_module
-
     spec_path = out / f"{spec['name']}.spec.json"
     spec_path.write_text(json.dumps(spec))
     Path(spec["result"]).unlink(missing_ok=True)
     try:
-        launch_module("pipeline.bench", ["--worker", str(spec_path)], ranks, env={"BENCH_LAUNCH_TIME": repr(time.time())})
+        launch_module("pipeline.tools.bench", ["--worker", str(spec_path)], ranks, env={"BENCH_LAUNCH_TIME": repr(time.time())})
     except RuntimeError as e:
         # Seen now and then on CPU ranks: a rank aborts in a library thread's teardown after the
         # process group is destroyed. The measurement was complete by then (its file is written last).
@@ -327,7 +330,7 @@ def prepare(args, out: Path) -> dict:
     """The data every stack shares: a dev file for the pipeline's final evaluation, and the tokenizer
     and tokenized training set that a first, unmeasured pipeline run builds into the cache (that run
     also warms the file cache and DeepSpeed's JIT-built ops for all that follow)."""
-    from .data import read_split, label_names_from
+    from ..data import label_names_from, read_split
 
     dev = out / "dev.jsonl"
     dev.write_text("".join((SAMPLE_DATA_DIR / "dev.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:32]),
@@ -351,8 +354,6 @@ def steps_per_run(args, accum: int) -> int:
 
 def write_config(args, out: Path, stage: int, accum: int) -> str:
     """The resolved JSON every stack gets for this combination: numbers only, scheduler filled."""
-    from .comms import sweep_config
-
     raw = sweep_config(load_json(args.ds_config), stage, accum)
     if args.micro_batch:
         raw["train_micro_batch_size_per_gpu"] = args.micro_batch
@@ -378,8 +379,8 @@ def run_bench(args) -> tuple[dict, dict]:
             summaries = {}
             for stack in order:
                 name = f"{stack}-zero{combo[0]}-accum{combo[1]}-rep{rep}"
-                record = launch({**common, "stack": stack, "name": name, "steps": steps_per_run(args, combo[1]), "ds_path": configs[combo],
-                                 "result": str(out / f"{name}.json")}, out, args.ranks)
+                record = launch({**common, "stack": stack, "name": name, "steps": steps_per_run(args, combo[1]),
+                                 "ds_path": configs[combo], "result": str(out / f"{name}.json")}, out, args.ranks)
                 global_batch = load_json(configs[combo])["train_batch_size"]
                 summaries[stack] = {**steady_state(record["steps"], args.warmup, global_batch),
                                     "startup_s": record["startup_s"], "peak_mib": record["peak_mib"]}
@@ -389,14 +390,14 @@ def run_bench(args) -> tuple[dict, dict]:
     results = {c: aggregate(reps) for c, reps in raw.items()}
     every_rep = [rep for reps in raw.values() for rep in reps]
     pooled = {other: paired_ratio(every_rep, "pipeline", other) for other in ("reference", "hf")}
-    (out / "bench.json").write_text(json.dumps({"combinations": [{"stage": s, "accum": a, "reps": raw[s, a], "summary": results[s, a]}
-                                                                 for s, a in combos], "pooled": pooled}, indent=1))
+    combinations = [{"stage": s, "accum": a, "reps": raw[s, a], "summary": results[s, a]} for s, a in combos]
+    (out / "bench.json").write_text(json.dumps({"combinations": combinations, "pooled": pooled}, indent=1))
     return results, pooled
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="throughput, start-up, data wait and memory: this pipeline vs a minimal DeepSpeed loop vs HF Trainer")
-    p.add_argument("--ds-config", default="ds_configs/small_zero2.json", help="base config; ZeRO stage and accumulation are swept")
+def add_arguments(p) -> None:
+    p.add_argument("--ds-config", default="ds_configs/small_zero2.json",
+                   help="base config; ZeRO stage and accumulation are swept")
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--accum", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--reps", type=int, default=3, help="repetitions of every (stack, stage, accumulation) run")
@@ -432,6 +433,4 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":  # a rank of a launched job
-    from pipeline.comms import run_worker
-
     run_worker(worker)

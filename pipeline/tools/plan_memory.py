@@ -1,15 +1,16 @@
 """Measure the memory of real ZeRO training steps against the planner's estimate (one rank).
 
-    python -m pipeline.gpu_checks.plan_memory --device cuda --out plan_memory.md      # GPU, < 5 minutes
-    python -m pipeline.gpu_checks.plan_memory --device cpu --hidden 256 --layers 4 --micro 1 4
+    python -m pipeline.tools.plan_memory --device cuda --out plan_memory.md      # GPU, < 5 minutes
+    python -m pipeline.tools.plan_memory --device cpu --hidden 256 --layers 4 --micro 1 4
 
 On a GPU it records torch.cuda.max_memory_allocated after the engine is built (model states) and
-after steps of each micro batch, for a BERT-large-shaped model (1024 hidden, 24 layers, 16 heads)
-at seq 512 under ZeRO-2 and ZeRO-3, fp16. On the CPU (DeepSpeed's CPU accelerator, bf16) there is no
-allocator counter, so it records the process's peak RSS above what it held before the model was
-built, with glibc's mmap threshold fixed at 128 KiB: every tensor then gets its own mapping that goes
-back to the system when freed, so the peak RSS follows live memory rather than heap fragmentation
-(with the adaptive threshold the per-parameter slope moved between 23.6 and 25.1 bytes across runs).
+after steps of each micro batch, for a BERT-large-shaped model (1024 hidden, 24 layers, 16 heads) at
+seq 512 under ZeRO-2 and ZeRO-3, fp16, each step through the pipeline's `train.micro_step`. On the
+CPU (DeepSpeed's CPU accelerator, bf16) there is no allocator counter, so it records the process's
+peak RSS above what it held before the model was built, with glibc's mmap threshold fixed at 128
+KiB: every tensor then gets its own mapping that goes back to the system when freed, so the peak RSS
+follows live memory rather than heap fragmentation (with the adaptive threshold the per-parameter
+slope moved between 23.6 and 25.1 bytes across runs).
 Prints one JSON object per measurement and, with --out, a Markdown table.
 """
 from __future__ import annotations
@@ -20,6 +21,9 @@ import json
 import os
 import resource
 import time
+
+from .. import dist
+from .common import collate, fixed_batch, standalone_rank
 
 GIB = 1024 ** 3
 
@@ -40,11 +44,12 @@ def peak_rss() -> int:
 
 
 def measure(device: str, stage: int, hidden: int, layers: int, heads: int, micros: list[int], seq: int, steps: int) -> dict:
-    import deepspeed
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
+    from ..engine import build_engine
     from ..plan import ModelShape, activation_bytes, model_state_bytes
+    from ..train import micro_step
 
     cuda = device == "cuda"
     precision = "fp16" if cuda else "bf16"  # the 16-bit mixed precision DeepSpeed's estimators assume
@@ -62,7 +67,7 @@ def measure(device: str, stage: int, hidden: int, layers: int, heads: int, micro
                                 "stage3_prefetch_bucket_size": int(5e7)} if stage == 2 else
           {"stage": 3, "reduce_bucket_size": int(5e7), "stage3_prefetch_bucket_size": int(5e7)},
           "steps_per_print": 10 ** 9}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    engine = build_engine(model, ds)
     del model
 
     def used() -> int:
@@ -71,15 +76,12 @@ def measure(device: str, stage: int, hidden: int, layers: int, heads: int, micro
     estimate_states, _ = model_state_bytes(shape, "zero2" if stage == 2 else "zero3", 1, 1)
     rows, after_init = [], used()
     for micro in micros:
-        batch = {"input_ids": torch.randint(1, 21128, (micro, seq), device=engine.device),
-                 "attention_mask": torch.ones(micro, seq, dtype=torch.long, device=engine.device),
-                 "labels": torch.zeros(micro, dtype=torch.long, device=engine.device)}
+        batch = collate(fixed_batch(config.vocab_size, micro, seq, seed=0, min_len=seq), engine.device)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         for _ in range(steps):
-            engine.backward(engine(**batch).loss)
-            engine.step()
+            micro_step(engine, batch)
         rows.append({"device": device, "precision": precision, "stage": stage, "params": shape.params, "micro": micro,
                      "seq": seq, "measured_after_init": after_init, "measured_peak": used(),
                      "estimate_states": estimate_states, "estimate_activations": activation_bytes(shape, micro, seq),
@@ -94,7 +96,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['device']} {r['precision']} | {r['stage']} | {r['params'] / 1e6:.0f}M | {r['micro']} x {r['seq']} "
                      f"| {r['measured_after_init'] / GIB:.2f} GiB | {r['estimate_states'] / GIB:.2f} GiB "
-                     f"| {r['measured_peak'] / GIB:.2f} GiB | {(r['estimate_states'] + r['estimate_activations']) / GIB:.2f} GiB |")
+                     f"| {r['measured_peak'] / GIB:.2f} GiB "
+                     f"| {(r['estimate_states'] + r['estimate_activations']) / GIB:.2f} GiB |")
     return "\n".join(lines) + "\n"
 
 
@@ -110,13 +113,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default="")
     args = p.parse_args()
-    os.environ.setdefault("RANK", "0"), os.environ.setdefault("LOCAL_RANK", "0"), os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1"), os.environ.setdefault("MASTER_PORT", "29533")
+    standalone_rank()
     if args.device == "cpu":
-        fix_mmap_threshold()
-    import deepspeed
-
-    deepspeed.init_distributed(verbose=False)
+        fix_mmap_threshold()  # before the libraries allocate
+    dist.init(timeout_minutes=10)
     rows = []
     for stage in args.stages:
         rows += measure(args.device, stage, args.hidden, args.layers, args.heads, args.micro, args.seq, args.steps)
