@@ -16,10 +16,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -114,10 +116,16 @@ class Split:
     texts: list[str]
     labels: list[str]
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Hash of exactly what was read: covers the file's content and which columns were taken."""
-        return hashlib.sha256(json.dumps([self.texts, self.labels], ensure_ascii=False).encode()).hexdigest()[:20]
+        """Hash of exactly what was read: covers the file's content and which columns were taken.
+
+        One JSON value per line, texts then labels after a null, hashed as it goes (no copy of the data).
+        """
+        h = hashlib.sha256()
+        for value in itertools.chain(self.texts, [None], self.labels):
+            h.update(json.dumps(value, ensure_ascii=False).encode() + b"\n")
+        return h.hexdigest()[:20]
 
 
 def require_columns(path: Path, records: list[dict], columns: list[str]) -> None:
@@ -170,16 +178,48 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def unknown_fraction(tokenizer, input_ids: list[list[int]]) -> float:
-    """Share of non-special tokens that are the unknown token."""
-    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
-    total = unk = 0
-    for ids in input_ids:
-        for i in ids:
-            if i not in special:
-                total += 1
-                unk += i == tokenizer.unk_token_id
-    return unk / max(total, 1)
+# The tokenized cache: one Arrow stream file, read memory-mapped, and the counts taken while it was
+# written. CACHE_FORMAT is part of the key: bump it when the layout changes.
+CACHE_FORMAT = 2
+CACHE_DATA, CACHE_INFO = "data.arrow", "info.json"
+# Records per tokenizer call and per Arrow record batch: memory is bounded by this, not by the file.
+# On 50,000 generated records, 10,000 at a time peaked at 2.3 GB RSS, 1,000 at 0.66 GB, no slower.
+TOKENIZE_BATCH = 1000
+
+
+def count_unknown(tokenizer, ids: np.ndarray) -> tuple[int, int]:
+    """(unknown tokens, non-special tokens) among token `ids`."""
+    special = sorted(set(tokenizer.all_special_ids) - {tokenizer.unk_token_id})
+    counted = ids[~np.isin(ids, special)]
+    return int(np.count_nonzero(counted == tokenizer.unk_token_id)), int(counted.size)
+
+
+def _write_tokenized(split: Split, label_names: list[str], tokenizer, max_length: int, path: Path) -> dict:
+    """Tokenize `split` TOKENIZE_BATCH records at a time into an Arrow stream file at `path`.
+
+    Returns the cache's info: record count and the unknown-token share, counted here once rather
+    than over every token on every run.
+    """
+    import pyarrow as pa
+
+    label_ids = {name: i for i, name in enumerate(label_names)}
+    unknown = tokens = 0
+    with pa.OSFile(str(path), "wb") as sink:
+        writer = None
+        for start in range(0, len(split.texts), TOKENIZE_BATCH):
+            encoded = tokenizer(split.texts[start:start + TOKENIZE_BATCH], truncation=True, max_length=max_length)
+            # Token ids need int32; masks and segment ids fit int8 (a third of the file, as datasets stores them).
+            columns = {name: pa.array(encoded[name], type=pa.list_(pa.int32() if name == "input_ids" else pa.int8()))
+                       for name in encoded.keys()}
+            columns["labels"] = pa.array([label_ids[label] for label in split.labels[start:start + TOKENIZE_BATCH]], pa.int64())
+            batch = pa.RecordBatch.from_pydict(columns)
+            writer = writer or pa.ipc.new_stream(sink, batch.schema)
+            writer.write_batch(batch)
+            batch_unknown, batch_tokens = count_unknown(tokenizer, columns["input_ids"].flatten().to_numpy())
+            unknown, tokens = unknown + batch_unknown, tokens + batch_tokens
+        writer.close()
+    return {"num_records": len(split.texts), "tokens": tokens, "unknown_tokens": unknown,
+            "unk_fraction": unknown / max(tokens, 1)}
 
 
 def tokenize_cached(split: Split, label_names: list[str], tokenizer, max_length: int, cache_dir: str):
@@ -188,28 +228,31 @@ def tokenize_cached(split: Split, label_names: list[str], tokenizer, max_length:
     Returns (path of the cached dataset, whether it was reused). The cache is written to a
     temporary directory and renamed, so an interrupted build is never mistaken for a cache.
     """
-    import datasets
+    from .checkpoint import write_json
 
-    key = hashlib.sha256(json.dumps([split.fingerprint, tokenizer_fingerprint(tokenizer), max_length,
+    key = hashlib.sha256(json.dumps([CACHE_FORMAT, split.fingerprint, tokenizer_fingerprint(tokenizer), max_length,
                                      label_names]).encode()).hexdigest()[:20]
     target = Path(cache_dir) / f"tokenized-{split.path.stem}-{key}"
-    if (target / "dataset_info.json").is_file():
+    if (target / CACHE_INFO).is_file():
         return target, True
-    label_ids = {name: i for i, name in enumerate(label_names)}
-    encoded = tokenizer(split.texts, truncation=True, max_length=max_length)
-    columns = {name: encoded[name] for name in encoded.keys()}
-    columns["labels"] = [label_ids[label] for label in split.labels]
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    datasets.Dataset.from_dict(columns).save_to_disk(str(tmp))
+    tmp.mkdir(parents=True)
+    write_json(tmp / CACHE_INFO, _write_tokenized(split, label_names, tokenizer, max_length, tmp / CACHE_DATA))
     os.replace(tmp, target)
     return target, False
 
 
+def cache_info(path: str | os.PathLike) -> dict:
+    """What was counted when the tokenized cache at `path` was built (see _write_tokenized)."""
+    return json.loads((Path(path) / CACHE_INFO).read_text(encoding="utf-8"))
+
+
 def load_tokenized(path: str | os.PathLike):
+    """The tokenized cache at `path` as a `datasets.Dataset`, memory-mapped (not read into memory)."""
     import datasets
 
-    return datasets.load_from_disk(str(path))
+    return datasets.Dataset.from_file(str(Path(path) / CACHE_DATA))
 
 
 class TokenizedSplit:
@@ -309,7 +352,7 @@ def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict
         path, reused = tokenize_cached(split, label_names, tokenizer, cfg.max_length, cache_dir)
         info["splits"][name] = str(path)
         log.info(f"data: {name} {split.path} ({len(split.texts)} records) -> {'reused' if reused else 'built'} cache {path}")
-    unk = unknown_fraction(tokenizer, load_tokenized(info["splits"]["train"])["input_ids"])
+    unk = cache_info(info["splits"]["train"])["unk_fraction"]
     if unk > cfg.max_unk_fraction:
         raise ConfigError(
             f"tokenizer {tokenizer_dir}: {unk:.1%} of the training tokens of {train.path} are '{tokenizer.unk_token}' "

@@ -121,6 +121,46 @@ def test_json_array_csv_quoting_and_ragged_csv_rows(tmp_path):
         read_split(str(ragged), "text", "label")
 
 
+def test_tokenized_cache_is_written_in_bounded_batches_with_unknown_tokens_counted(tmp_path, files, monkeypatch):
+    """Hospital-scale files: the tokenizer sees TOKENIZE_BATCH records at a time, each written to the
+    Arrow file as it comes, and the [UNK] share is counted then and stored with the cache."""
+    import pyarrow as pa
+
+    import pipeline.data as data
+
+    monkeypatch.setattr(data, "TOKENIZE_BATCH", 5)
+    split = read_split(str(files["train"]), "text", "label")  # 12 records
+    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts[:1], "first-text-only", str(tmp_path))), 64)
+    path, _ = tokenize_cached(split, label_names_from(split, []), tokenizer, 64, str(tmp_path / "cache"))
+    with pa.memory_map(str(path / data.CACHE_DATA)) as source:
+        assert [len(batch) for batch in pa.ipc.open_stream(source)] == [5, 5, 2]
+    ids = tokenizer(split.texts)["input_ids"]
+    assert load_tokenized(path)["input_ids"] == ids
+    unknown, tokens = data.count_unknown(tokenizer, np.concatenate(ids))
+    assert 0 < unknown < tokens  # a vocabulary from one text: the others' characters are [UNK]
+    assert data.cache_info(path) == {"num_records": 12, "tokens": tokens, "unknown_tokens": unknown,
+                                     "unk_fraction": unknown / tokens}
+
+
+def test_a_reused_cache_is_not_read_token_by_token(tmp_path, files, monkeypatch):
+    import pipeline.data as data
+
+    cfg = TrainConfig(train_file=str(files["train"]), dev_file=str(files["dev"]))
+    split = read_split(str(files["train"]), "text", "label")
+    tokenizer_dir = build_wordpiece_tokenizer(split.texts, split.fingerprint, str(tmp_path))
+
+    class Log:
+        def info(self, _):
+            pass
+
+    def prepare():
+        return prepare_splits(cfg, lambda train: (load_tokenizer(str(tokenizer_dir), 64), tokenizer_dir), str(tmp_path / "c"), Log())
+
+    first = prepare()
+    monkeypatch.setattr(data, "load_tokenized", lambda path: pytest.fail(f"reused cache {path} read again"))
+    assert prepare() == first
+
+
 def test_batches_equal_hf_padding_collator(tmp_path):
     """TokenizedSplit.batch pads with numpy; it must give what DataCollatorWithPadding gives."""
     import torch

@@ -2,10 +2,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.data import read_split, unknown_fraction
+from pipeline.data import count_unknown, read_split
 from pipeline.model import build_model, build_wordpiece_tokenizer, check_model_dir, has_tokenizer, has_weights, load_tokenizer
 
 from conftest import REPO, cpu_env, write_jsonl
@@ -24,7 +25,8 @@ def test_wordpiece_tokenizer_is_character_level_for_chinese_and_cached(tmp_path,
     assert first == again  # same training-file digest: reused, not retrained
     tokenizer = load_tokenizer(str(first), 64)
     assert tokenizer.tokenize("发热咳嗽")[:4] == ["发", "热", "咳", "嗽"]
-    assert unknown_fraction(tokenizer, tokenizer(split.texts)["input_ids"]) == 0.0
+    ids = np.concatenate(tokenizer(split.texts)["input_ids"])
+    assert count_unknown(tokenizer, ids) == (0, len(ids) - 2 * len(split.texts))  # [CLS] and [SEP] not counted
     rebuilt = build_wordpiece_tokenizer(split.texts, "digest", str(tmp_path / "elsewhere"))
     assert (rebuilt / "vocab.txt").read_text() == (first / "vocab.txt").read_text()  # same ids every time
 

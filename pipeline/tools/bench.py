@@ -197,11 +197,12 @@ def run_pipeline(spec: dict, ds: dict) -> tuple[list[dict], float]:
 
 
 def load_data(spec: dict):
-    import datasets
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
+    from .data import load_tokenized
+
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
-    return datasets.load_from_disk(spec["train_data"]), tokenizer, DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    return load_tokenized(spec["train_data"]), tokenizer, DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
 
 def run_reference(spec: dict, ds: dict) -> tuple[list[dict], float]:
