@@ -199,7 +199,7 @@ def run_pipeline(spec: dict, ds: dict) -> tuple[list[dict], float]:
 def load_data(spec: dict):
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    from .data import load_tokenized
+    from ..data import load_tokenized
 
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     return load_tokenized(spec["train_data"]), tokenizer, DataCollatorWithPadding(tokenizer, return_tensors="pt")
