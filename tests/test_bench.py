@@ -1,4 +1,4 @@
-"""The benchmark's statistics, table, goals and plot (the benchmark itself is run by hand: README)."""
+"""The benchmark's statistics, table, goals and plot (the benchmark itself is run by hand: docs/benchmarks.md)."""
 import math
 from types import SimpleNamespace
 

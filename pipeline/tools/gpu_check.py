@@ -167,7 +167,7 @@ def loss_scaler_check(engine, data) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    """The rows as one markdown table, for the README."""
+    """The rows as one markdown table, for docs/gpu-clusters.md."""
     columns = ["precision", "zero", "recompute", "samples_per_s", "tflops", "mfu", "peak_mem_gib", "plan_gib",
                "plan_within_15pct", "loss_first_last", "loss_fell", "loss_scale"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
