@@ -9,41 +9,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .base import ConfigError, load_json, unknown_key_message
+from .task import METRIC_NAMES
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 TINY_MODEL_DIR = PACKAGE_DIR / "models" / "tiny-bert"
 SAMPLE_DATA_DIR = PACKAGE_DIR / "sample_data"
-
-
-class ConfigError(Exception):
-    """Bad user input: the message names the file, key or value and what was expected."""
-
-
-def load_json(path: str | os.PathLike) -> dict:
-    """Read a JSON object, reporting syntax errors with file, line and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
-    return data
-
-
-def unknown_key_message(where: str, key: str, known) -> str:
-    hint = difflib.get_close_matches(key, sorted(known), n=1)
-    return f"{where}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +53,7 @@ class TrainConfig:
     eval_every: int = field(default=50, metadata={"help": "evaluate on dev every N optimizer steps (0: only at the end)"})
     save_every: int = field(default=0, metadata={"help": "save a checkpoint every N optimizer steps (0: only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N complete checkpoints (plus the best one with best_metric)"})
-    best_metric: str = field(default="", metadata={"help": "also keep the checkpoint with the best dev value of this metric (accuracy, macro_f1, weighted_f1)"})
+    best_metric: str = field(default="", metadata={"help": f"also keep the checkpoint with the best dev value of this metric ({', '.join(METRIC_NAMES)})"})
     resume: str = field(default="", metadata={"help": "auto (newest complete checkpoint, error if none), if-present (same, else start fresh) or a checkpoint directory"})
     eval_batch_size: int = field(default=32, metadata={"help": "per-rank batch size for evaluation"})
     output_dir: str = field(default="runs", metadata={"help": "parent directory of run directories"})
@@ -112,7 +88,7 @@ class TrainConfig:
         need(self.eval_every >= 0, "eval_every", ">= 0")
         need(self.save_every >= 0, "save_every", ">= 0")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "at least 1")
-        need(self.best_metric in ("", "accuracy", "macro_f1", "weighted_f1"), "best_metric", "accuracy, macro_f1 or weighted_f1")
+        need(self.best_metric in ("", *METRIC_NAMES), "best_metric", " or ".join(METRIC_NAMES))
         need(not self.best_metric or (self.eval_every and self.save_every and self.save_every % self.eval_every == 0),
              "save_every", "a multiple of eval_every (both > 0) when best_metric is set, so the best step has a checkpoint")
         need(self.eval_batch_size >= 1, "eval_batch_size", "at least 1")

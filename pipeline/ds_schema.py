@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typing
 
-from .config import unknown_key_message as _unknown
+from .base import unknown_key_message as _unknown
 
 # Top-level keys DeepSpeed 0.19 reads (deepspeed/runtime/config.py and its sub-configs), plus
 # `pipeline_resolved`, the record this pipeline adds to the config it resolves.

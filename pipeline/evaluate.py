@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import dist
+from . import dist, task
 
 FILLER = -1
 
@@ -54,34 +54,7 @@ def predict_logits(engine, split, batch_size: int) -> np.ndarray:
     return np.stack([merged[i] for i in range(len(split))])
 
 
-def compute_metrics(labels, predictions, label_names: list[str]) -> dict:
-    """Accuracy, macro/weighted F1 and per-class precision/recall/F1/support (scikit-learn).
-
-    Macro-F1 averages over the classes present in the reference labels: a training class missing
-    from the eval set has no F1 to measure, and counting it as 0 would punish perfect predictions
-    (one absent class of three gave 0.667). Such classes are listed in `absent_from_reference`.
-    A record wrongly predicted as an absent class still lowers its true class's recall and F1.
-    """
-    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
-
-    ids = list(range(len(label_names)))
-    present = np.unique(labels).tolist()
-    precision, recall, f1, support = precision_recall_fscore_support(labels, predictions, labels=ids, zero_division=0)
-    return {
-        "num_records": int(len(labels)),
-        "accuracy": float(accuracy_score(labels, predictions)),
-        "macro_f1": float(f1_score(labels, predictions, labels=present, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(labels, predictions, labels=present, average="weighted", zero_division=0)),
-        "absent_from_reference": [label_names[i] for i in ids if i not in present],
-        "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
-            for i, name in enumerate(label_names)
-        },
-    }
-
-
 def evaluate(engine, split, batch_size: int, label_names: list[str]) -> tuple[dict, np.ndarray]:
-    """Metrics and per-record predictions over exactly `split`; every rank must call this."""
-    logits = predict_logits(engine, split, batch_size)
-    predictions = logits.argmax(axis=1)
-    return compute_metrics(split.labels, predictions, label_names), predictions
+    """The task's metrics and per-record predictions over exactly `split`; every rank must call this."""
+    predictions = task.predictions(predict_logits(engine, split, batch_size))
+    return task.metrics(split.labels, predictions, label_names), predictions

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import ConfigError
-
-EVAL_METRICS = ("accuracy", "macro_f1", "weighted_f1")
+from .base import ConfigError
+from .task import METRIC_NAMES
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -38,7 +37,7 @@ def plot_run(run_dir: Path, output: Path) -> Path:
     ax = axes[1, 1]
     for split in sorted({r["split"] for r in evals}):
         rows = [r for r in evals if r["split"] == split]
-        for metric in EVAL_METRICS:
+        for metric in METRIC_NAMES:
             ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker="o", label=f"{split} {metric}")
     ax.set_title("evaluation")
     if evals:

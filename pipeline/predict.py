@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from . import task
+from .base import ConfigError, load_json
 from .checkpoint import load_export
-from .config import ConfigError, load_json
 from .data import FORMATS, read_records, require_columns
 
 
@@ -51,9 +52,9 @@ def predict(export_dir: str, texts: list, batch_size: int = 32) -> list[dict]:
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         batch = tokenizer([texts[i] for i in chunk], truncation=True, padding=True, return_tensors="pt")
-        probabilities = model(**batch).logits.float().softmax(dim=-1)
-        for i, p in zip(chunk, probabilities):
-            rows[i] = {"label": names[int(p.argmax())], "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)}}
+        logits = model(**batch).logits.float().numpy()
+        for i, label, p in zip(chunk, task.predictions(logits), task.probabilities(logits)):
+            rows[i] = {"label": names[label], "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)}}
     return rows
 
 

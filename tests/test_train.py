@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from pipeline.evaluate import compute_metrics
+from pipeline import task
 from pipeline.train import TrainingStopped, check_progress
 
 from conftest import REPO, cpu_env, ds_config, launch, losses, read_jsonl, train, write_jsonl
@@ -73,7 +73,7 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
     names = sorted({r["label"] for r in read_jsonl(small_data["train"])})
     trained_predictions = [r["label"] for r in read_jsonl(run / "predictions-dev.jsonl")]
     assert results["num_records"] == len(trained_predictions) == 37
-    single_process = compute_metrics([names.index(r["label"]) for r in dev], [names.index(p) for p in trained_predictions], names)
+    single_process = task.metrics([names.index(r["label"]) for r in dev], [names.index(p) for p in trained_predictions], names)
     assert results == single_process
 
     # ... and the export, loaded in a plain process by `predict`, reproduces those predictions.

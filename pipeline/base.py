@@ -1,0 +1,58 @@
+"""What every stage shares, and nothing else: the user-error type, JSON read with located errors,
+atomic writes, and file digests. It imports nothing from the package, so anything may import it.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+class ConfigError(Exception):
+    """Bad user input: the message names the file, key or value and what was expected."""
+
+
+def load_json(path: str | os.PathLike) -> dict:
+    """Read a JSON object, reporting syntax errors with file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
+
+
+def unknown_key_message(where: str, key: str, known) -> str:
+    hint = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"{where}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file atomically: a reader (or a crash) sees the old file or the new one, never half.
+
+    The temporary name carries the pid, so concurrent writers never share one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, ensure_ascii=False, indent=2))
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
