@@ -59,7 +59,8 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
     state = json.loads((run / "checkpoints" / "step-48" / "trainer_state.json").read_text())
     assert state["best_step"] == best
     # The step count, skipped steps and the LR scheduler's position agree with DeepSpeed's own counters.
-    engine_state = torch.load(run / "checkpoints" / "step-48" / "mp_rank_00_model_states.pt", weights_only=False)
+    states_file = sorted((run / "checkpoints" / "step-48").glob("*mp_rank_00_model_states.pt"))[0]  # ZeRO-3 prefixes zero_pp_rank_0_
+    engine_state = torch.load(states_file, weights_only=False)
     assert (engine_state["global_steps"], engine_state["skipped_steps"]) == (state["optimizer_step"], state["skipped_steps"]) == (48, 0)
     assert engine_state["lr_scheduler"]["last_batch_iteration"] == 48 - 0 - 1  # applied steps, counted from -1
     assert sorted(p.name for p in (run / "eval").iterdir()) == ["dev-step-16.json", "dev-step-32.json", "dev-step-48.json"]
