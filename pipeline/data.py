@@ -13,10 +13,12 @@ each time (at most global batch - 1 per epoch).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,7 +141,7 @@ def tokenize_cached(split: Split, label_names: list[str], tokenizer, max_length:
     """Tokenize a split once per (file content, tokenizer, max length, labels); reuse it afterwards.
 
     Returns (path of the cached dataset, whether it was reused). The cache is written to a
-    temporary directory and renamed, so an interrupted build is never mistaken for a cache.
+    temporary directory and renamed (`build_once`), so an interrupted build is never mistaken for a cache.
     """
     import datasets
 
@@ -152,11 +154,27 @@ def tokenize_cached(split: Split, label_names: list[str], tokenizer, max_length:
     encoded = tokenizer(split.texts, truncation=True, max_length=max_length)
     columns = {name: encoded[name] for name in encoded.keys()}
     columns["labels"] = [label_ids[label] for label in split.labels]
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    datasets.Dataset.from_dict(columns).save_to_disk(str(tmp))
-    os.replace(tmp, target)
+    build_once(target, "dataset_info.json", lambda tmp: datasets.Dataset.from_dict(columns).save_to_disk(str(tmp)))
     return target, False
+
+
+def build_once(target: Path, done: str, build) -> None:
+    """Build a cache directory with `build(tmp)` in a private temporary directory, then rename it into place.
+
+    Runs sharing a cache (a sweep) may build the same entry at once: the first rename wins, and a
+    later one fails with ENOTEMPTY; finding the entry complete (its file `done` present), the loser
+    keeps the winner's copy. The temporary directory goes in every case, so none is left behind.
+    """
+    tmp = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # unique on a shared file system
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build(tmp)
+        os.replace(tmp, target)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (target / done).is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tokenized(path: str | os.PathLike):
@@ -225,7 +243,10 @@ class RankMicroBatches:
 
     def __init__(self, num_samples: int, micro: int, accum: int, world: int, rank: int, seed: int,
                  epoch: int, start_step: int = 0):
-        self.batches = epoch_global_batches(num_samples, micro * accum * world, seed, epoch)[start_step:]
+        batches = epoch_global_batches(num_samples, micro * accum * world, seed, epoch)
+        if not 0 <= start_step < len(batches):  # an empty epoch would leave the training loop spinning
+            raise ValueError(f"start step {start_step} is outside the epoch's {len(batches)} optimizer steps")
+        self.batches = batches[start_step:]
         self.micro, self.world, self.rank = micro, world, rank
 
     def __len__(self) -> int:
@@ -245,6 +266,13 @@ def train_batches(split: TokenizedSplit, micro: int, accum: int, world: int, ran
         yield split.batch(indices)
 
 
+def train_fingerprint(cfg: TrainConfig, train: Split, tokenizer) -> dict:
+    """What fixes the training batches and their order: a resume must find all of it unchanged."""
+    return {"train file content (sha256)": file_digest(train.path), "train records": len(train.texts),
+            "text_column": cfg.text_column, "label_column": cfg.label_column, "max_length": cfg.max_length,
+            "tokenizer (fingerprint)": tokenizer_fingerprint(tokenizer)}
+
+
 def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict:
     """Rank 0's data work: read and check all files, get a tokenizer, tokenize into the cache.
 
@@ -257,7 +285,8 @@ def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict
         others["test"] = read_split(cfg.test_file, cfg.text_column, cfg.label_column, cache_dir)
     label_names = label_names_from(train, list(others.values()))
     tokenizer, tokenizer_dir = tokenizer_for(train)
-    info = {"label_names": label_names, "tokenizer_dir": str(tokenizer_dir), "splits": {}}
+    info = {"label_names": label_names, "tokenizer_dir": str(tokenizer_dir), "splits": {},
+            "train_data": train_fingerprint(cfg, train, tokenizer)}
     for name, split in {"train": train, **others}.items():
         path, reused = tokenize_cached(split, label_names, tokenizer, cfg.max_length, cache_dir)
         info["splits"][name] = str(path)

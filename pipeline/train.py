@@ -49,6 +49,29 @@ def write_lines(path: Path, lines: list[str]) -> None:
     tmp.replace(path)
 
 
+def metrics_up_to(path: Path, step: int, log) -> list[str]:
+    """The lines of metrics.jsonl for steps up to `step`.
+
+    A last line that is cut short (the run was killed, or the disk filled, while writing it) is
+    dropped with a warning; an unreadable line anywhere else is an error naming it.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_bytes().splitlines()
+    kept = []
+    for number, raw in enumerate(lines, start=1):
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if number < len(lines):
+                raise ConfigError(f"{path}: line {number} is not a JSON metrics record; repair or remove that line") from None
+            log.warning(f"{path}: dropped its incomplete last line (cut short when the run was interrupted)")
+            break
+        if row["step"] <= step:
+            kept.append(raw.decode("utf-8") + "\n")
+    return kept
+
+
 def timed(iterable, stats: dict):
     """Yield from `iterable`, adding the time spent waiting for each item to stats['data_wait']."""
     it = iter(iterable)
@@ -71,14 +94,12 @@ class RunLog:
         self.run_dir, self.log = run_dir, dist.get_logger()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not dist.is_main(),
                         dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 60)  # a log file gets few bar lines
+        path = run_dir / "metrics.jsonl"
+        # A resumed run drops what the interrupted one logged after its checkpoint: the file then
+        # reads as one uninterrupted run. On rank 0 alone, but a failure reaches every rank.
+        dist.main_first(lambda: write_lines(path, metrics_up_to(path, start_step, self.log)))
         if dist.is_main():
             (run_dir / "eval").mkdir(exist_ok=True)
-            path = run_dir / "metrics.jsonl"
-            # A resumed run drops what the interrupted one logged after its checkpoint: the file
-            # then reads as one uninterrupted run.
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if json.loads(line)["step"] <= start_step] if path.exists() else []
-            write_lines(path, kept)
             self.metrics = open(path, "a", encoding="utf-8")
         self.tensorboard = None
         if tensorboard and dist.is_main():
@@ -192,7 +213,7 @@ def prepare_data(cfg: TrainConfig, cache_dir: str, log):
     info = dist.main_first(lambda: prepare_splits(cfg, tokenizer_for, cache_dir, log))
     tokenizer = load_tokenizer(info["tokenizer_dir"], cfg.max_length)
     data = {name: TokenizedSplit(path, tokenizer.pad_token_id) for name, path in info["splits"].items()}
-    return data, tokenizer, info["label_names"]
+    return data, tokenizer, info["label_names"], info["train_data"]
 
 
 def start_or_resume(cfg: TrainConfig, log) -> tuple[Path, Path | None]:
@@ -242,10 +263,11 @@ def run(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     run_dir, resume_from = start_or_resume(cfg, log)
-    data, tokenizer, label_names = prepare_data(cfg, cfg.cache_dir or str(Path(cfg.output_dir) / "cache"), log)
+    data, tokenizer, label_names, train_data = prepare_data(cfg, cfg.cache_dir or str(Path(cfg.output_dir) / "cache"), log)
     same_world_size = True
     if resume_from is not None:
         saved = checkpoint.read_state(resume_from)
+        checkpoint.check_same_data(resume_from, saved, train_data, log)
         same_world_size = saved.world_size == dist.world_size()
         ds_config = keep_global_batch(resume_from, saved, ds_config, log)
     per_epoch = steps_per_epoch(len(data["train"]), ds_config["train_batch_size"])
@@ -260,7 +282,7 @@ def run(cfg: TrainConfig) -> dict:
 
     model = build_model(cfg.model, label_names, len(tokenizer), ds_config, cfg.seed)
     state = TrainerState(world_size=dist.world_size(), train_batch_size=ds_config["train_batch_size"],
-                         label_names=label_names, train_config=asdict(cfg), ds_config=ds_config)
+                         label_names=label_names, train_data=train_data, train_config=asdict(cfg), ds_config=ds_config)
     if resume_from is not None:
         saved = checkpoint.check_compatible(resume_from, label_names, model.config)
         state.epoch, state.step_in_epoch, state.optimizer_step = saved.epoch, saved.step_in_epoch, saved.optimizer_step
@@ -301,7 +323,7 @@ def run(cfg: TrainConfig) -> dict:
         write_json(run_dir / "eval_results.json", {"step": state.optimizer_step, **results})
 
     final = save()
-    export_dir = dist.main_first(lambda: checkpoint.export_checkpoint(final, run_dir / "export"))
+    export_dir = dist.main_first(lambda: checkpoint.export_checkpoint(final, run_dir / "export", overwrite=True))
     log.info(f"final dev: accuracy {results['dev']['accuracy']:.4f}  macro-F1 {results['dev']['macro_f1']:.4f}  "
              f"weighted-F1 {results['dev']['weighted_f1']:.4f}")
     log.info(f"checkpoint: {final}\nexport (verified): {export_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\n"

@@ -132,3 +132,21 @@ def test_config_syntax_error_stops_before_the_process_group(small_data, tmp_path
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert output.count(f"{config}: JSON syntax error at line 3") == 1, output[-3000:]
+
+
+def test_metrics_of_an_interrupted_run_drop_a_cut_short_last_line(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.train import metrics_up_to
+
+    class Log(list):
+        warning = list.append
+
+    path = tmp_path / "metrics.jsonl"
+    rows = "".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in (1, 2, 3))
+    path.write_bytes(rows.encode() + '{"step": 4, "loss": "损'.encode()[:-1])  # cut inside a character
+    log = Log()
+    assert metrics_up_to(path, 2, log) == rows.splitlines(keepends=True)[:2]
+    assert "dropped its incomplete last line" in log[0]
+    path.write_text(rows + "{oops\n" + rows, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"metrics.jsonl: line 4 is not a JSON metrics record"):
+        metrics_up_to(path, 2, log)
