@@ -303,12 +303,14 @@ def write_rank_files(engine, root: Path, ckpt: Path) -> None:
 
 
 def discard_failed_save(ckpt: Path, run_dir: Path, step: int, needed: int, free: int, error: Exception) -> None:
-    """Remove what a failed save wrote (resume would skip it anyway) and say why it failed."""
-    full = shutil.disk_usage(run_dir).free < needed  # measured before the partial is removed
+    """Say why a save failed; out of space, also remove what it wrote, to give the space back.
+
+    Otherwise (a rank died, say) the partial stays for the record: resume skips it, prune removes it.
+    """
+    if shutil.disk_usage(run_dir).free >= needed:
+        raise error
     shutil.rmtree(ckpt, ignore_errors=True)
-    if full:
-        raise no_space(step, run_dir, needed, free) from error
-    raise error
+    raise no_space(step, run_dir, needed, free) from error
 
 
 def prune(root: Path, keep: int, best_step: int | None) -> None:
@@ -383,10 +385,11 @@ def replay_cpu_adam_steps(optimizer) -> None:
     else:
         return
     steps = next((int(s["step"]) for s in optimizer.state.values() if "step" in s), 0)
-    groups = [g for g in optimizer.param_groups if any(p in optimizer.state for p in g["params"])]
     dummy = [torch.zeros(1) for _ in range(4)]  # param, grad, exp_avg, exp_avg_sq
     for step in range(1, steps + 1):
-        for group in groups:  # in the order step() visits them: groups with other betas recompute pow()
+        # Every group, as step() visits them (ZeRO-3 lends each its parameters only during step()):
+        # groups with other betas make the kernel recompute pow(), as they did in the uninterrupted run.
+        for group in optimizer.param_groups:
             call(step, group, *dummy)
 
 
