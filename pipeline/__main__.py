@@ -51,7 +51,8 @@ def _predict_parser(sub) -> None:
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="consolidate a checkpoint's ZeRO shards into a Hugging Face model (any world size)")
     p.add_argument("checkpoint", help="checkpoint directory, e.g. RUN_DIR/checkpoints/step-500")
-    p.add_argument("output", help="export directory to write (written as OUTPUT.tmp, renamed when verified)")
+    p.add_argument("output", help="export directory to write (written beside it, renamed when verified); new or empty")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it holds an earlier export (nothing else)")
 
 
 def _doctor_parser(sub) -> None:
@@ -81,7 +82,7 @@ def _export(args) -> None:
 
     from .checkpoint import export_checkpoint
 
-    print(f"export (verified): {export_checkpoint(Path(args.checkpoint), Path(args.output))}")
+    print(f"export (verified): {export_checkpoint(Path(args.checkpoint), Path(args.output), args.overwrite)}")
 
 
 def _predict(args) -> None:

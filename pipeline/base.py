@@ -1,12 +1,15 @@
 """What every stage shares, and nothing else: the user-error type, JSON read with located errors,
-atomic writes, and file digests. It imports nothing from the package, so anything may import it.
+atomic writes of files and of cache directories, and file digests. It imports nothing from the package, so anything may import it.
 """
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import json
 import os
+import shutil
+import socket
 from pathlib import Path
 
 
@@ -56,3 +59,22 @@ def file_digest(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def build_once(target: Path, done: str, build) -> None:
+    """Build a cache directory with `build(tmp)` in a private temporary directory, then rename it into place.
+
+    Runs sharing a cache (a sweep) may build the same entry at once: the first rename wins, and a
+    later one fails with ENOTEMPTY; finding the entry complete (its file `done` present), the loser
+    keeps the winner's copy. The temporary directory goes in every case, so none is left behind.
+    """
+    tmp = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # unique on a shared file system
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build(tmp)
+        os.replace(tmp, target)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (target / done).is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

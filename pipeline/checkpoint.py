@@ -19,7 +19,6 @@ load only checkpoints you trust. The manifest check happens before anything is u
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from . import dist
-from .config import ConfigError
+from .base import ConfigError, file_digest, write_json
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -66,6 +65,7 @@ class TrainerState:
     world_size: int = 1
     train_batch_size: int = 0
     label_names: list[str] = field(default_factory=list)
+    train_data: dict = field(default_factory=dict)  # data.train_fingerprint: resume only on the same batches
     train_config: dict = field(default_factory=dict)
     ds_config: dict = field(default_factory=dict)
 
@@ -81,13 +81,6 @@ class TrainerState:
         self.step_in_epoch += 1
         if self.step_in_epoch == steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_json(path: Path):
@@ -122,20 +115,12 @@ def set_rng_state(state: dict) -> None:
 # Manifest
 # ----------------------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(ckpt: Path) -> list[str]:
     return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
 def write_manifest(ckpt: Path) -> None:
-    files = {name: {"size": (ckpt / name).stat().st_size, "sha256": _sha256(ckpt / name)} for name in _files(ckpt)}
+    files = {name: {"size": (ckpt / name).stat().st_size, "sha256": file_digest(ckpt / name)} for name in _files(ckpt)}
     write_json(ckpt / MANIFEST, {"files": files})
 
 
@@ -152,7 +137,7 @@ def verify_manifest(ckpt: Path) -> None:
     problems = [f"missing {name}" for name in sorted(set(listed) - present)]
     problems += [f"unexpected {name}" for name in sorted(present - set(listed))]
     for name in sorted(set(listed) & present):
-        if (ckpt / name).stat().st_size != listed[name]["size"] or _sha256(ckpt / name) != listed[name]["sha256"]:
+        if (ckpt / name).stat().st_size != listed[name]["size"] or file_digest(ckpt / name) != listed[name]["sha256"]:
             problems.append(f"{name} does not match its checksum")
     if problems:
         raise CheckpointError(f"{ckpt}: corrupted checkpoint, refused before loading: {'; '.join(problems)}")
@@ -199,6 +184,19 @@ def find_resume_checkpoint(spec: str, output_dir: str, run_name: str, log) -> Pa
     return None
 
 
+def check_same_data(ckpt: Path, saved: TrainerState, current: dict, log) -> None:
+    """A resume continues the saved position in the epoch's data order; on other data that position
+    means other batches, or lies beyond the epoch's end."""
+    if not saved.train_data:
+        log.warning(f"{ckpt}: saved before checkpoints recorded their training data; not checked against this run's")
+        return
+    changed = [f"{key} {saved.train_data.get(key)!r} -> {value!r}" for key, value in current.items()
+               if saved.train_data.get(key) != value]
+    if changed:
+        raise CheckpointError(f"{ckpt}: the training data differs from the checkpoint's ({'; '.join(changed)}); resume "
+                              "with the data it was trained on, or start a new run")
+
+
 def check_compatible(ckpt: Path, label_names: list[str], model_config) -> TrainerState:
     """The checkpoint's state, after checking it belongs to this model and label set (JSON only)."""
     state = read_state(ckpt)
@@ -225,14 +223,12 @@ def save(engine, run_dir: Path, state: TrainerState, tokenizer, probe: dict, pre
     ckpt = root / f"step-{state.optimizer_step}"
     if dist.main_first(lambda: (ckpt / MANIFEST).is_file()):
         return ckpt  # a resumed run that was already finished: never rewrite a complete checkpoint
+    needed, free = dist.main_first(lambda: require_space(run_dir, state.optimizer_step, space_needed(root, engine)))
     was_training = engine.training
     engine.eval()
     logits = forward_logits(engine, probe)  # every rank: a ZeRO-3 forward is collective
     engine.train(was_training)
     dist.main_first(lambda: shutil.rmtree(ckpt, ignore_errors=True))  # a partial left by a crash
-    engine.save_checkpoint(str(root), tag=ckpt.name, save_latest=False)
-    write_json(ckpt / f"rng-rank{dist.rank()}.json", rng_state())
-    dist.barrier()  # every rank's files are on disk before rank 0 declares the checkpoint complete
 
     def finish():
         write_json(ckpt / STATE, asdict(state))
@@ -243,8 +239,71 @@ def save(engine, run_dir: Path, state: TrainerState, tokenizer, probe: dict, pre
         write_manifest(ckpt)
         prune(root, keep, state.best_step)
 
-    dist.main_first(finish)
+    try:
+        write_rank_files(engine, root, ckpt)
+        dist.main_first(finish)
+    except (OSError, RuntimeError) as error:  # on every rank: write_rank_files and main_first raise everywhere
+        failure = error  # the name `error` is unbound when the except block ends
+        dist.main_first(lambda: discard_failed_save(ckpt, run_dir, state.optimizer_step, needed, free, failure))
     return ckpt
+
+
+BYTES_PER_PARAMETER = 16  # the first save's estimate: weights, ZeRO's fp32 copy and Adam's two moments
+
+
+def space_needed(root: Path, engine) -> int:
+    """About the bytes the next checkpoint takes: the size of the newest complete one, else an estimate."""
+    complete = scan(root)[0]
+    if complete:
+        return sum(entry["size"] for entry in read_json(complete[0] / MANIFEST)["files"].values())
+    return BYTES_PER_PARAMETER * sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+
+
+def no_space(step: int, where: Path, needed: int, free: int) -> CheckpointError:
+    sizes = (f"about {needed / 1e6:,.1f} MB needed, {free / 1e6:,.1f} MB free" if needed > free else
+             f"{free / 1e6:,.1f} MB were free, more than the {needed / 1e6:,.1f} MB it was estimated to need")
+    return CheckpointError(f"checkpoint step {step} not written: no space left on the output file system ({where}): {sizes}")
+
+
+def require_space(run_dir: Path, step: int, needed: int) -> tuple[int, int]:
+    """(needed, free) bytes; refuses to start a save that cannot fit, before it touches anything."""
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise no_space(step, run_dir, needed, free)
+    return needed, free
+
+
+def write_rank_files(engine, root: Path, ckpt: Path) -> None:
+    """Every rank writes its DeepSpeed files and RNG state; a failure on any rank is raised on all."""
+    try:
+        engine.save_checkpoint(str(root), tag=ckpt.name, save_latest=False)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError ("unexpected pos")
+        error = e
+        # save_checkpoint ends in a barrier, where ranks whose writes succeeded are waiting: without
+        # this one the collectives below would pair with the wrong ones and hang.
+        dist.barrier()
+    else:
+        try:
+            write_json(ckpt / f"rng-rank{dist.rank()}.json", rng_state())
+            error = None
+        except OSError as e:
+            error = e
+    # A gather, not a barrier: every rank's files are on disk before rank 0 declares the checkpoint
+    # complete, and every rank learns of a failure instead of waiting for a rank that gave up.
+    errors = dist.all_gather_objects(error and f"rank {dist.rank()}: {type(error).__name__}: {error}")
+    if any(errors):
+        raise RuntimeError("; ".join(e for e in errors if e))
+
+
+def discard_failed_save(ckpt: Path, run_dir: Path, step: int, needed: int, free: int, error: Exception) -> None:
+    """Say why a save failed; out of space, also remove what it wrote, to give the space back.
+
+    Otherwise (a rank died, say) the partial stays for the record: resume skips it, prune removes it.
+    """
+    if shutil.disk_usage(run_dir).free >= needed:
+        raise error
+    shutil.rmtree(ckpt, ignore_errors=True)
+    raise no_space(step, run_dir, needed, free) from error
 
 
 def prune(root: Path, keep: int, best_step: int | None) -> None:
@@ -289,6 +348,42 @@ def load(engine, ckpt: Path, same_world_size: bool) -> None:
         raise CheckpointError(f"{source}: DeepSpeed found no checkpoint to load")
     if same_world_size:
         set_rng_state(read_json(ckpt / f"rng-rank{dist.rank()}.json"))
+    replay_cpu_adam_steps(getattr(engine.optimizer, "optimizer", engine.optimizer))
+
+
+def replay_cpu_adam_steps(optimizer) -> None:
+    """Give DeepSpeed's native CPU Adam the hidden state an uninterrupted run has at this step.
+
+    The C++ Adam behind FusedAdam on the CPU accelerator and behind DeepSpeedCPUAdam (optimizer
+    offload) keeps beta1^t and beta2^t as float32 between calls and multiplies them by beta once
+    per step; in a fresh process its first call computes them with pow() instead. The two differ
+    in the last bit for some t (beta1 = 0.9 at t = 9, 12, 14, 16, ...; beta2 = 0.999 at 3, 6 and
+    every t from 19 to 40), so a run resumed there took slightly different steps from then on (a
+    checkpoint holds no C++ state). Calling the kernel for steps 1..N on a one-element dummy
+    repeats the uninterrupted run's multiplications; CUDA's FusedAdam computes pow() every step.
+    """
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+    from deepspeed.ops.adam.fused_adam import multi_tensor_applier
+
+    if isinstance(optimizer, DeepSpeedCPUAdam):
+        def call(step, group, p, g, m, v):
+            optimizer.ds_opt_adam.adam_update(optimizer.opt_id, step, group["lr"], *group["betas"], group["eps"],
+                                              group["weight_decay"], group["bias_correction"], p, g, m, v)
+    elif isinstance(optimizer, FusedAdam) and get_accelerator().device_name() == "cpu":
+        def call(step, group, p, g, m, v):
+            multi_tensor_applier(optimizer.multi_tensor_adam, optimizer._dummy_overflow_buf, [[g], [p], [m], [v]],
+                                 group["lr"], *group["betas"], group["eps"], step, optimizer.adam_w_mode,
+                                 int(group["bias_correction"]), group["weight_decay"])
+    else:
+        return
+    steps = next((int(s["step"]) for s in optimizer.state.values() if "step" in s), 0)
+    dummy = [torch.zeros(1) for _ in range(4)]  # param, grad, exp_avg, exp_avg_sq
+    for step in range(1, steps + 1):
+        # Every group, as step() visits them (ZeRO-3 lends each its parameters only during step()):
+        # groups with other betas make the kernel recompute pow(), as they did in the uninterrupted run.
+        for group in optimizer.param_groups:
+            call(step, group, *dummy)
 
 
 def read_state(ckpt: Path) -> TrainerState:
@@ -357,19 +452,50 @@ def verify_probe(export_dir: Path, probe: dict) -> None:
                           f"(max |logit diff| {diff:.3g} > {bound:.3g})")
 
 
-def export_checkpoint(ckpt: Path, export_dir: Path) -> Path:
+def is_export(directory: Path) -> bool:
+    """Whether `directory` holds an export and nothing else: every file is listed in its manifest."""
+    return (directory / MANIFEST).is_file() and set(_files(directory)) <= set(read_json(directory / MANIFEST)["files"])
+
+
+def check_export_target(export_dir: Path, overwrite: bool) -> None:
+    """An export may replace only an earlier export, and only when asked to."""
+    if not export_dir.exists() or (export_dir.is_dir() and not any(export_dir.iterdir())):
+        return
+    if not is_export(export_dir):
+        raise ConfigError(f"export: {export_dir} exists and is not an export (it holds files no export writes); "
+                          "choose a new or empty directory")
+    if not overwrite:
+        raise ConfigError(f"export: {export_dir} already holds an export; choose a new or empty directory, or pass "
+                          "--overwrite to replace it")
+
+
+def export_checkpoint(ckpt: Path, export_dir: Path, overwrite: bool = False) -> Path:
     """Consolidate a complete checkpoint into a Hugging Face model directory, verified, atomically.
 
-    Works from the ZeRO-2 or ZeRO-3 shards of any world size. The result is written to
-    EXPORT.tmp and renamed only after its checks pass, so a directory named EXPORT is complete.
+    Works from the ZeRO-2 or ZeRO-3 shards of any world size. The result is written to a
+    temporary sibling and renamed only after its checks pass, so a directory named EXPORT is
+    complete; its manifest marks it as an export, the only kind of directory `overwrite` replaces.
     """
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
+    check_export_target(export_dir, overwrite)
     verify_manifest(ckpt)
     config = AutoConfig.from_pretrained(ckpt / HF_DIR)
-    tmp = export_dir.with_name(export_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = export_dir.with_name(f"{export_dir.name}.tmp{os.getpid()}")
+    try:
+        _write_export(ckpt, config, tmp)
+        if export_dir.exists():
+            shutil.rmtree(export_dir)  # an earlier export (checked above) or an empty directory
+        os.replace(tmp, export_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return export_dir
+
+
+def _write_export(ckpt: Path, config, tmp: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
     tmp.mkdir(parents=True)
     save_file(consolidated_fp32_state_dict(ckpt), str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
     config.save_pretrained(tmp)
@@ -378,6 +504,4 @@ def export_checkpoint(ckpt: Path, export_dir: Path) -> Path:
     write_json(tmp / "label_map.json", {name: i for i, name in enumerate(labels)})
     check_export_weights(tmp)
     verify_probe(tmp, read_json(ckpt / PROBE))
-    shutil.rmtree(export_dir, ignore_errors=True)
-    os.replace(tmp, export_dir)
-    return export_dir
+    write_manifest(tmp)

@@ -19,14 +19,15 @@ import io
 import itertools
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, TrainConfig
+from . import task
+from .base import ConfigError, build_once, file_digest, write_json
+from .config import TrainConfig
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
 
@@ -34,14 +35,6 @@ FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
 # ----------------------------------------------------------------------------------------------
 # Reading and checking files
 # ----------------------------------------------------------------------------------------------
-
-def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _decode(path: Path) -> str:
     """The file's text: existence, format, emptiness and UTF-8 checked, errors with line and column."""
@@ -155,16 +148,8 @@ def read_split(path: str, text_column: str, label_column: str | None) -> Split:
 
 
 def label_names_from(train: Split, others: list[Split]) -> list[str]:
-    """Sorted label set of the training data; a label only seen in dev/test is an error."""
-    names = sorted(set(train.labels))
-    if len(names) < 2:
-        raise ConfigError(f"{train.path}: found {len(names)} distinct label(s); a classifier needs at least 2")
-    known = set(names)
-    for split in others:
-        for row, label in enumerate(split.labels, start=1):
-            if label not in known:
-                raise ConfigError(f"{split.path}: record {row}: label '{label}' never appears in the training file {train.path}")
-    return names
+    """The task's label set for these splits (task.label_names)."""
+    return task.label_names(train.labels, train.path, {split.path: split.labels for split in others})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +187,6 @@ def _write_tokenized(split: Split, label_names: list[str], tokenizer, max_length
     """
     import pyarrow as pa
 
-    label_ids = {name: i for i, name in enumerate(label_names)}
     unknown = tokens = 0
     with pa.OSFile(str(path), "wb") as sink:
         writer = None
@@ -211,7 +195,7 @@ def _write_tokenized(split: Split, label_names: list[str], tokenizer, max_length
             # Token ids need int32; masks and segment ids fit int8 (a third of the file, as datasets stores them).
             columns = {name: pa.array(encoded[name], type=pa.list_(pa.int32() if name == "input_ids" else pa.int8()))
                        for name in encoded.keys()}
-            columns["labels"] = pa.array([label_ids[label] for label in split.labels[start:start + TOKENIZE_BATCH]], pa.int64())
+            columns["labels"] = pa.array(task.encode(split.labels[start:start + TOKENIZE_BATCH], label_names), pa.int64())
             batch = pa.RecordBatch.from_pydict(columns)
             writer = writer or pa.ipc.new_stream(sink, batch.schema)
             writer.write_batch(batch)
@@ -226,20 +210,19 @@ def tokenize_cached(split: Split, label_names: list[str], tokenizer, max_length:
     """Tokenize a split once per (records read, tokenizer, max length, label names); reuse it afterwards.
 
     Returns (path of the cached dataset, whether it was reused). The cache is written to a
-    temporary directory and renamed, so an interrupted build is never mistaken for a cache.
+    temporary directory and renamed (`build_once`), so an interrupted build is never mistaken for a cache.
     """
-    from .checkpoint import write_json
-
     key = hashlib.sha256(json.dumps([CACHE_FORMAT, split.fingerprint, tokenizer_fingerprint(tokenizer), max_length,
                                      label_names]).encode()).hexdigest()[:20]
     target = Path(cache_dir) / f"tokenized-{split.path.stem}-{key}"
     if (target / CACHE_INFO).is_file():
         return target, True
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_json(tmp / CACHE_INFO, _write_tokenized(split, label_names, tokenizer, max_length, tmp / CACHE_DATA))
-    os.replace(tmp, target)
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        write_json(tmp / CACHE_INFO, _write_tokenized(split, label_names, tokenizer, max_length, tmp / CACHE_DATA))
+
+    build_once(target, CACHE_INFO, build)
     return target, False
 
 
@@ -315,7 +298,10 @@ class RankMicroBatches:
 
     def __init__(self, num_samples: int, micro: int, accum: int, world: int, rank: int, seed: int,
                  epoch: int, start_step: int = 0):
-        self.batches = epoch_global_batches(num_samples, micro * accum * world, seed, epoch)[start_step:]
+        batches = epoch_global_batches(num_samples, micro * accum * world, seed, epoch)
+        if not 0 <= start_step < len(batches):  # an empty epoch would leave the training loop spinning
+            raise ValueError(f"start step {start_step} is outside the epoch's {len(batches)} optimizer steps")
+        self.batches = batches[start_step:]
         self.micro, self.world, self.rank = micro, world, rank
 
     def __len__(self) -> int:
@@ -335,6 +321,13 @@ def train_batches(split: TokenizedSplit, micro: int, accum: int, world: int, ran
         yield split.batch(indices)
 
 
+def train_fingerprint(cfg: TrainConfig, train: Split, tokenizer) -> dict:
+    """What fixes the training batches and their order: a resume must find all of it unchanged."""
+    return {"train file content (sha256)": file_digest(train.path), "train records": len(train.texts),
+            "text_column": cfg.text_column, "label_column": cfg.label_column, "max_length": cfg.max_length,
+            "tokenizer (fingerprint)": tokenizer_fingerprint(tokenizer)}
+
+
 def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict:
     """Rank 0's data work: read and check all files, get a tokenizer, tokenize into the cache.
 
@@ -347,7 +340,8 @@ def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict
         others["test"] = read_split(cfg.test_file, cfg.text_column, cfg.label_column)
     label_names = label_names_from(train, list(others.values()))
     tokenizer, tokenizer_dir = tokenizer_for(train)
-    info = {"label_names": label_names, "tokenizer_dir": str(tokenizer_dir), "splits": {}}
+    info = {"label_names": label_names, "tokenizer_dir": str(tokenizer_dir), "splits": {},
+            "train_data": train_fingerprint(cfg, train, tokenizer)}
     for name, split in {"train": train, **others}.items():
         path, reused = tokenize_cached(split, label_names, tokenizer, cfg.max_length, cache_dir)
         info["splits"][name] = str(path)

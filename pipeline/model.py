@@ -8,12 +8,10 @@ training texts, which works offline (Chinese BERT vocabularies are one token per
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import Counter
-import shutil
 from pathlib import Path
 
-from .config import ConfigError, load_json
+from .base import ConfigError, build_once, load_json
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
@@ -101,18 +99,19 @@ def build_wordpiece_tokenizer(texts: list[str], texts_key: str, cache_dir: str):
     Loaded back with `from_pretrained(dir)`: in transformers 5, `BertTokenizerFast(vocab_file=...)`
     ignores the file and maps every character to [UNK].
     """
-    from transformers import BertTokenizerFast
-
     key = hashlib.sha256(f"{texts_key}:{WORDPIECE_VOCAB_SIZE}".encode()).hexdigest()[:20]
     target = Path(cache_dir) / f"tokenizer-{key}"
     if not (target / "tokenizer_config.json").is_file():
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / "vocab.txt").write_text("\n".join(wordpiece_vocabulary(texts)) + "\n", encoding="utf-8")
-        BertTokenizerFast.from_pretrained(str(tmp)).save_pretrained(str(tmp))
-        os.replace(tmp, target)
+        build_once(target, "tokenizer_config.json", lambda tmp: write_tokenizer(tmp, wordpiece_vocabulary(texts)))
     return target
+
+
+def write_tokenizer(directory: Path, vocabulary: list[str]) -> None:
+    from transformers import BertTokenizerFast
+
+    directory.mkdir(parents=True)
+    (directory / "vocab.txt").write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
+    BertTokenizerFast.from_pretrained(str(directory)).save_pretrained(str(directory))
 
 
 def build_model(model_dir: str, label_names: list[str], vocab_size: int, ds_config: dict, seed: int,

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, dist
-from .config import (ConfigError, Hardware, TrainConfig, ds_precision, fill_schedule, load_json, resolve_batch,
-                     resolve_ds_config)
-from .checkpoint import TrainerState, write_json
+from . import checkpoint, dist, task
+from .base import ConfigError, load_json, write_json, write_text
+from .config import Hardware, TrainConfig, ds_precision, fill_schedule, resolve_batch, resolve_ds_config
+from .checkpoint import TrainerState
 from .data import TokenizedSplit, prepare_splits, steps_per_epoch, train_batches
 from .engine import build_engine
 from .evaluate import evaluate, to_device
@@ -46,10 +46,27 @@ def new_run_dir(cfg: TrainConfig) -> str:
     return str(run_dir)
 
 
-def write_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    tmp.replace(path)
+def metrics_up_to(path: Path, step: int, log) -> list[str]:
+    """The lines of metrics.jsonl for steps up to `step`.
+
+    A last line that is cut short (the run was killed, or the disk filled, while writing it) is
+    dropped with a warning; an unreadable line anywhere else is an error naming it.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_bytes().splitlines()
+    kept = []
+    for number, raw in enumerate(lines, start=1):
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if number < len(lines):
+                raise ConfigError(f"{path}: line {number} is not a JSON metrics record; repair or remove that line") from None
+            log.warning(f"{path}: dropped its incomplete last line (cut short when the run was interrupted)")
+            break
+        if row["step"] <= step:
+            kept.append(raw.decode("utf-8") + "\n")
+    return kept
 
 
 def timed(iterable, stats: dict):
@@ -74,14 +91,12 @@ class RunLog:
         self.run_dir, self.log = run_dir, dist.get_logger()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not dist.is_main(),
                         dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 60)  # a log file gets few bar lines
+        path = run_dir / "metrics.jsonl"
+        # A resumed run drops what the interrupted one logged after its checkpoint: the file then
+        # reads as one uninterrupted run. On rank 0 alone, but a failure reaches every rank.
+        dist.main_first(lambda: write_text(path, "".join(metrics_up_to(path, start_step, self.log))))
         if dist.is_main():
             (run_dir / "eval").mkdir(exist_ok=True)
-            path = run_dir / "metrics.jsonl"
-            # A resumed run drops what the interrupted one logged after its checkpoint: the file
-            # then reads as one uninterrupted run.
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if json.loads(line)["step"] <= start_step] if path.exists() else []
-            write_lines(path, kept)
             self.metrics = open(path, "a", encoding="utf-8")
         self.tensorboard = None
         if tensorboard and dist.is_main():
@@ -108,11 +123,10 @@ class RunLog:
                            f"{row['samples_per_s']:.1f} samples/s  {row['tokens_per_s']:.0f} tokens/s")
 
     def eval(self, step: int, split: str, metrics: dict) -> None:
-        self.record({"step": step, "split": split, **{k: metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1")}})
+        self.record({"step": step, "split": split, **{k: metrics[k] for k in task.METRIC_NAMES}})
         if dist.is_main():
             write_json(self.run_dir / "eval" / f"{split}-step-{step}.json", metrics)
-            self.bar.write(f"eval {split} @ step {step}: accuracy {metrics['accuracy']:.4f}  "
-                           f"macro-F1 {metrics['macro_f1']:.4f}  weighted-F1 {metrics['weighted_f1']:.4f}")
+            self.bar.write(f"eval {split} @ step {step}: {task.summary(metrics)}")
 
     def close(self) -> None:
         self.bar.close()
@@ -267,7 +281,7 @@ def prepare_data(cfg: TrainConfig, cache_dir: str, log):
     info = dist.main_first(lambda: prepare_splits(cfg, tokenizer_for, cache_dir, log))
     tokenizer = load_tokenizer(info["tokenizer_dir"], cfg.max_length)
     data = {name: TokenizedSplit(path, tokenizer.pad_token_id) for name, path in info["splits"].items()}
-    return data, tokenizer, info["label_names"]
+    return data, tokenizer, info["label_names"], info["train_data"]
 
 
 def start_or_resume(cfg: TrainConfig, log) -> tuple[Path, Path | None]:
@@ -317,10 +331,11 @@ def run(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     run_dir, resume_from = start_or_resume(cfg, log)
-    data, tokenizer, label_names = prepare_data(cfg, cfg.cache_dir or str(Path(cfg.output_dir) / "cache"), log)
+    data, tokenizer, label_names, train_data = prepare_data(cfg, cfg.cache_dir or str(Path(cfg.output_dir) / "cache"), log)
     same_world_size = True
     if resume_from is not None:
         saved = checkpoint.read_state(resume_from)
+        checkpoint.check_same_data(resume_from, saved, train_data, log)
         same_world_size = saved.world_size == dist.world_size()
         ds_config = keep_global_batch(resume_from, saved, ds_config, log)
     per_epoch = steps_per_epoch(len(data["train"]), ds_config["train_batch_size"])
@@ -335,7 +350,7 @@ def run(cfg: TrainConfig) -> dict:
 
     model = build_model(cfg.model, label_names, len(tokenizer), ds_config, cfg.seed, bool(cfg.gradient_checkpointing))
     state = TrainerState(world_size=dist.world_size(), train_batch_size=ds_config["train_batch_size"],
-                         label_names=label_names, train_config=asdict(cfg), ds_config=ds_config)
+                         label_names=label_names, train_data=train_data, train_config=asdict(cfg), ds_config=ds_config)
     if resume_from is not None:
         saved = checkpoint.check_compatible(resume_from, label_names, model.config)
         state.epoch, state.step_in_epoch, state.optimizer_step = saved.epoch, saved.step_in_epoch, saved.optimizer_step
@@ -382,9 +397,8 @@ def run(cfg: TrainConfig) -> dict:
         write_json(run_dir / "eval_results.json", {"step": state.optimizer_step, **results})
 
     final = save()
-    export_dir = dist.main_first(lambda: checkpoint.export_checkpoint(final, run_dir / "export"))
-    log.info(f"final dev: accuracy {results['dev']['accuracy']:.4f}  macro-F1 {results['dev']['macro_f1']:.4f}  "
-             f"weighted-F1 {results['dev']['weighted_f1']:.4f}")
+    export_dir = dist.main_first(lambda: checkpoint.export_checkpoint(final, run_dir / "export", overwrite=True))
+    log.info(f"final dev: {task.summary(results['dev'])}")
     log.info(f"checkpoint: {final}\nexport (verified): {export_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\n"
              f"eval results: {run_dir / 'eval_results.json'}")
     return results

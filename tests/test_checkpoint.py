@@ -5,9 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoint import (MANIFEST, CheckpointError, ExportError, TrainerState, check_compatible, check_export_weights,
-                                 find_resume_checkpoint, load_export, prune, scan, verify_manifest, verify_probe, write_json,
-                                 write_manifest)
+from pipeline.checkpoint import (MANIFEST, CheckpointError, ExportError, TrainerState, check_compatible, check_export_target,
+                                 check_export_weights, check_same_data, find_resume_checkpoint, load_export, prune, scan,
+                                 verify_manifest, verify_probe, write_json, write_manifest)
+from pipeline.config import ConfigError
 
 
 @pytest.fixture()
@@ -145,3 +146,32 @@ def test_a_skipped_fp16_step_moves_the_data_on_but_not_the_schedule():
         state.advance(steps_per_epoch=2, skipped=skipped)
     assert (state.optimizer_step, state.skipped_steps, state.applied_steps) == (3, 1, 2)
     assert (state.epoch, state.step_in_epoch) == (1, 1)  # the data position counts windows
+
+
+def test_resume_on_other_training_data_names_what_changed(tmp_path):
+    data = {"train file content (sha256)": "aa", "train records": 256, "text_column": "text", "label_column": "label",
+            "max_length": 64, "tokenizer (fingerprint)": "t1"}
+    saved = TrainerState(train_data=data)
+    check_same_data(tmp_path, saved, dict(data), Log())
+    with pytest.raises(CheckpointError, match=r"train file content \(sha256\) 'aa' -> 'bb'; train records 256 -> 96; "
+                                              r"max_length 64 -> 128"):
+        changed = {**data, "train file content (sha256)": "bb", "train records": 96, "max_length": 128}
+        check_same_data(tmp_path, saved, changed, Log())
+    log = Log()
+    check_same_data(tmp_path, TrainerState(), data, log)  # a checkpoint from before fingerprints: said, not refused
+    assert "not checked" in log.lines[0]
+
+
+def test_export_replaces_only_an_earlier_export_and_only_when_asked(tmp_path, export):
+    check_export_target(tmp_path / "new", overwrite=False)
+    (tmp_path / "empty").mkdir()
+    check_export_target(tmp_path / "empty", overwrite=False)
+    with pytest.raises(ConfigError, match="exists and is not an export"):
+        check_export_target(export, overwrite=True)  # model files, but no manifest listing them
+    write_manifest(export)
+    with pytest.raises(ConfigError, match="already holds an export; .* or pass --overwrite"):
+        check_export_target(export, overwrite=False)
+    check_export_target(export, overwrite=True)
+    (export / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="exists and is not an export"):
+        check_export_target(export, overwrite=True)

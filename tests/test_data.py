@@ -161,6 +161,32 @@ def test_a_reused_cache_is_not_read_token_by_token(tmp_path, files, monkeypatch)
     assert prepare() == first
 
 
+
+def _build_shared_caches(split, cache: str, barrier) -> None:
+    """One run of a sweep: tokenizer, then tokenized data, each started at the same moment as the others'."""
+    barrier.wait()
+    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", cache)), 64)
+    barrier.wait()
+    tokenize_cached(split, label_names_from(split, []), tokenizer, 64, cache)
+
+
+def test_concurrent_runs_build_the_same_cache_entries_safely(tmp_path, files):
+    """Every builder but the first finds its rename refused (ENOTEMPTY): each must still succeed
+    with the winner's entry and remove its own temporary directory."""
+    import multiprocessing
+
+    split = read_split(str(files["train"]), "text", "label")
+    context = multiprocessing.get_context("fork")  # the children share this process's imported libraries
+    barrier = context.Barrier(4)
+    runs = [context.Process(target=_build_shared_caches, args=(split, str(tmp_path / "cache"), barrier)) for _ in range(4)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=120)
+    assert [run.exitcode for run in runs] == [0] * 4
+    entries = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    assert entries == ["tokenized", "tokenizer"], entries  # one of each, no temporary directory left
+
 def test_batches_equal_hf_padding_collator(tmp_path):
     """TokenizedSplit.batch pads with numpy; it must give what DataCollatorWithPadding gives."""
     import torch
@@ -224,6 +250,13 @@ def test_optimizer_step_samples_do_not_depend_on_world_size():
             assert samples == reference
             assert set(sizes) == {micro}  # every micro-batch full: equal weights under DeepSpeed's 1/accum
 
+
+
+def test_a_position_beyond_the_epoch_is_an_error_not_an_empty_epoch():
+    """An empty epoch never advances the training loop, which would then spin forever."""
+    assert len(RankMicroBatches(256, 4, 2, 2, 0, seed=0, epoch=0, start_step=15)) == 2
+    with pytest.raises(ValueError, match="start step 16 is outside the epoch's 16 optimizer steps"):
+        RankMicroBatches(256, 4, 2, 2, 0, seed=0, epoch=0, start_step=16)
 
 def test_epoch_order_is_seeded_and_drops_the_short_last_window():
     a = epoch_global_batches(100, 16, seed=1, epoch=0)

@@ -1,5 +1,7 @@
 """Checkpoints and resume with real ranks: a resumed run equals the uninterrupted one, bit for bit."""
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -12,12 +14,13 @@ from safetensors.numpy import load_file
 
 from pipeline.checkpoint import step_of
 
-from conftest import REPO, cpu_env, ds_config, free_port, launch, losses, read_jsonl
+from conftest import REPO, cpu_env, ds_config, free_port, launch, losses, read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
 # 256 records / (4 x 2 x 2 ranks) = 16 optimizer steps per epoch, 2 epochs; dropout on (tiny-bert).
-RUN_ARGS = ["--max-length", "64", "--eval-batch-size", "8", "--epochs", "2", "--eval-every", "0",
+# Evaluations and saves at their own intervals: neither may change what training does.
+RUN_ARGS = ["--max-length", "64", "--eval-batch-size", "8", "--epochs", "2", "--eval-every", "3",
             "--save-every", "2", "--keep-checkpoints", "20"]
 
 
@@ -61,30 +64,38 @@ def reference(tmp_path_factory, small_data):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("last_step", [6, 16], ids=["mid-epoch", "epoch-boundary"])
+@pytest.mark.parametrize("last_step", [20, 16], ids=["mid-epoch", "epoch-boundary"])
 def test_resume_equals_uninterrupted(reference, small_data, tmp_path, stage, last_step):
+    """From step 20 the updates of a restarted DeepSpeed CPU Adam used to differ in the last bits
+    (see checkpoint.replay_cpu_adam_steps); from 16 they happened not to."""
     ref, config = reference(stage)
     copy = interrupted_copy(ref, tmp_path / "interrupted", last_step)
     result = launch(train_args(config, small_data, tmp_path, "--resume", str(copy / "checkpoints" / f"step-{last_step}")))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     state = json.loads((copy / "checkpoints" / f"step-{last_step}" / "trainer_state.json").read_text())
-    assert (state["epoch"], state["step_in_epoch"]) == ((0, 6) if last_step == 6 else (1, 0))
+    assert (state["epoch"], state["step_in_epoch"]) == ((1, 4) if last_step == 20 else (1, 0))
     assert f"resumed from {copy / 'checkpoints' / f'step-{last_step}'}" in result.stdout
     assert_same_run(copy, ref)
 
 
-def _rank_processes(launcher: subprocess.Popen):
-    return [p for p in psutil.Process(launcher.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
+def kill_rank(launcher: subprocess.Popen, rank: int) -> None:
+    for p in psutil.Process(launcher.pid).children(recursive=True):
+        if f"--local_rank={rank}" in " ".join(p.cmdline()):
+            p.send_signal(signal.SIGKILL)
+
+
+def start_killable_run(config, data, tmp_path, *extra) -> subprocess.Popen:
+    """A training run named 'killed', in the background; its console goes to killed.log."""
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pipeline",
+           *train_args(config, data, tmp_path, "--run-name", "killed", "--dist-timeout-minutes", "0.5", *extra)]
+    return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=open(tmp_path / "killed.log", "w"), stderr=subprocess.STDOUT)
 
 
 def test_sigkill_during_a_save_leaves_a_partial_that_resume_auto_skips(reference, small_data, tmp_path):
     """Kill rank 1 while a checkpoint is being written: the job fails fast, the half-written
     checkpoint is never resumed from, and `--resume auto` finishes the run exactly as if uninterrupted."""
     ref, config = reference(2)
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pipeline",
-           *train_args(config, small_data, tmp_path, "--run-name", "killed", "--save-every", "1", "--dist-timeout-minutes", "0.5")]
-    log = open(tmp_path / "killed.log", "w")
-    job = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT)
+    job = start_killable_run(config, small_data, tmp_path, "--save-every", "1")
     ckpts = tmp_path / "killed" / "checkpoints"
 
     def being_written():
@@ -95,8 +106,7 @@ def test_sigkill_during_a_save_leaves_a_partial_that_resume_auto_skips(reference
         time.sleep(0.001)
     assert job.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "killed.log").read_text()[-3000:]
     killed_at = time.time()
-    for p in _rank_processes(job):
-        p.send_signal(signal.SIGKILL)
+    kill_rank(job, 1)
     assert job.wait(timeout=60) != 0
     assert time.time() - killed_at < 60
     partial = [p for p in ckpts.glob("step-*") if not (p / "manifest.json").exists()]
@@ -111,11 +121,69 @@ def test_sigkill_during_a_save_leaves_a_partial_that_resume_auto_skips(reference
     assert_same_run(tmp_path / "killed", ref)
 
 
+def last_logged_step(metrics) -> int:
+    """The newest training step in a metrics.jsonl being written (its last line may be incomplete)."""
+    steps = [0]
+    for line in metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            steps.append(json.loads(line)["step"])
+    return max(steps)
+
+
+def test_sigkill_of_rank_0_between_saves_then_resume_auto_is_exact(reference, small_data, tmp_path):
+    """Kill rank 0 in the middle of training, after an odd step >= 19 (the save of the next even
+    step has not begun), leaving metrics.jsonl with a cut-short last line: `--resume auto` from
+    step 18 or later (where a restarted CPU Adam used to drift) finishes the run exactly as if uninterrupted."""
+    ref, config = reference(2)
+    job = start_killable_run(config, small_data, tmp_path)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (last_logged_step(metrics) >= 19 and last_logged_step(metrics) % 2) and job.poll() is None:
+        assert time.time() < deadline, "training did not reach step 19"
+        time.sleep(0.001)
+    assert job.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+    kill_rank(job, 0)
+    assert job.wait(timeout=60) != 0
+    ckpts = tmp_path / "killed" / "checkpoints"
+    assert all((p / "manifest.json").exists() for p in ckpts.glob("step-*")), "the kill landed inside a save"
+    newest = max(ckpts.glob("step-*"), key=step_of)
+    assert step_of(newest) >= 18
+    with open(metrics, "a", encoding="utf-8") as f:
+        f.write('{"step": 99, "epoch": 1, "lo')  # a kill in the middle of writing a line
+
+    result = launch(train_args(config, small_data, tmp_path, "--run-name", "killed", "--resume", "auto"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{metrics}: dropped its incomplete last line" in result.stdout + result.stderr
+    assert f"resumed from {newest}" in result.stdout
+    assert_same_run(tmp_path / "killed", ref)
+
+
+def test_resume_on_changed_training_data_is_refused(reference, small_data, tmp_path):
+    """Fewer records put the saved position (step 8 of 16) beyond the new epoch's end (6 steps):
+    without a check the loop got no batches and spun forever, calling no collective that could time out.
+    (The checkpoint's own tokenizer is given as the model, so the vocabulary, which would otherwise
+    be rebuilt from the new data, does not change.)"""
+    ref, config = reference(2)
+    copy = interrupted_copy(ref, tmp_path / "interrupted", 8)
+    ckpt = copy / "checkpoints" / "step-8"
+    fewer = {**small_data, "train": write_jsonl(tmp_path / "train.jsonl", read_jsonl(small_data["train"])[:96])}
+    result = launch(train_args(config, fewer, tmp_path, "--resume", str(ckpt), "--model", str(ckpt / "hf")), timeout=120)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "the training data differs from the checkpoint's" in result.stderr
+    assert "train records 256 -> 96" in result.stderr and "Traceback" not in result.stdout + result.stderr
+
+
 def test_export_from_zero3_shards_reproduces_the_training_predictions(reference, small_data, tmp_path):
     ref, _ = reference(3)
     out = tmp_path / "exported"
     subprocess.run([sys.executable, "-m", "pipeline", "export", str(ref / "checkpoints" / "step-32"), str(out)],
                    cwd=REPO, env=cpu_env(), check=True, capture_output=True)
+    # Into the run directory itself: refused, and nothing deleted.
+    before = sorted(p.relative_to(ref) for p in ref.rglob("*"))
+    refused = subprocess.run([sys.executable, "-m", "pipeline", "export", str(ref / "checkpoints" / "step-32"), str(ref)],
+                             cwd=REPO, env=cpu_env(), capture_output=True, text=True)
+    assert refused.returncode == 2 and f"error: export: {ref} exists and is not an export" in refused.stderr, refused.stderr
+    assert sorted(p.relative_to(ref) for p in ref.rglob("*")) == before
     mine, theirs = load_file(out / "model.safetensors"), load_file(ref / "export" / "model.safetensors")
     assert mine.keys() == theirs.keys() and all((mine[k] == theirs[k]).all() for k in theirs)
     predicted = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--model", str(out), "--input",
@@ -154,3 +222,50 @@ def test_resume_on_another_world_size_keeps_the_global_batch(initial_model, smal
     assert max(abs(a - b) for a, b in zip(resumed, reference_curve)) < 1e-5, (resumed, reference_curve)
     mine, theirs = load_file(copy / "export" / "model.safetensors"), load_file(ref / "export" / "model.safetensors")
     assert max(abs(mine[k] - theirs[k]).max() for k in theirs) < 1e-5
+
+
+@pytest.fixture()
+def small_fs(tmp_path):
+    """make(size): a new directory on its own tmpfs of `size` bytes, unmounted afterwards (needs root)."""
+    mounts = []
+
+    def make(size: int):
+        path = tmp_path / f"fs{len(mounts)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(f"cannot mount a tmpfs (needs root): {done.stderr}")
+        mounts.append(path)
+        return path
+
+    yield make
+    for path in mounts:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.parametrize("when", ["before-save", "mid-save"])
+def test_a_full_disk_stops_every_rank_with_one_clear_error(initial_model, small_data, tmp_path, small_fs, when):
+    """before-save: room for one checkpoint, not two; the check against the last checkpoint's size
+    refuses the second save before writing. mid-save: room for the first save's estimate but not
+    for the checkpoint, so its writes fail on the ranks. Either way: no traceback on any rank, the
+    earlier checkpoint intact, nothing half-written left behind."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.checkpoint import verify_manifest
+
+    # The first save's estimate (checkpoint.BYTES_PER_PARAMETER): 16 bytes per parameter.
+    estimate = 16 * AutoModelForSequenceClassification.from_pretrained(initial_model).num_parameters()
+    out = small_fs(estimate * 16 // 10 if when == "before-save" else estimate + 64 * 1024)
+    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
+    result = launch(["train", "--ds-config", str(config), "--train-file", str(small_data["train"]), "--dev-file",
+                     str(small_data["dev"]), "--output-dir", str(out), "--run-name", "run", "--cache-dir", str(tmp_path / "cache"),
+                     "--model", str(initial_model), "--max-length", "64", "--max-steps", "4", "--save-every", "2",
+                     "--eval-every", "0", "--keep-checkpoints", "5", "--dist-timeout-minutes", "1"], timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output[-4000:]
+    step, kept = (4, ["step-2"]) if when == "before-save" else (2, [])
+    assert f"error: checkpoint step {step} not written: no space left on the output file system ({out / 'run'}): " in result.stderr
+    ckpts = out / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == kept
+    for name in kept:
+        verify_manifest(ckpts / name)

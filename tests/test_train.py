@@ -183,3 +183,21 @@ def test_progress_check_stops_on_what_the_loss_scaler_did_not_catch():
         check_progress(5, 0, float("inf"), fp16=False, skipped=True, at_min_scale=0)  # fp32/bf16: no scaler to fix it
     with pytest.raises(TrainingStopped, match="skipped the last 10 steps at the minimum loss scale"):
         check_progress(9, 0, float("inf"), fp16=True, skipped=True, at_min_scale=10)
+
+
+def test_metrics_of_an_interrupted_run_drop_a_cut_short_last_line(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.train import metrics_up_to
+
+    class Log(list):
+        warning = list.append
+
+    path = tmp_path / "metrics.jsonl"
+    rows = "".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in (1, 2, 3))
+    path.write_bytes(rows.encode() + '{"step": 4, "loss": "损'.encode()[:-1])  # cut inside a character
+    log = Log()
+    assert metrics_up_to(path, 2, log) == rows.splitlines(keepends=True)[:2]
+    assert "dropped its incomplete last line" in log[0]
+    path.write_text(rows + "{oops\n" + rows, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"metrics.jsonl: line 4 is not a JSON metrics record"):
+        metrics_up_to(path, 2, log)
