@@ -188,11 +188,31 @@ class Hardware:
 
 @dataclass
 class ResolvedConfig:
-    """The DeepSpeed config as the engine will use it, what was derived, and what may hurt."""
+    """The DeepSpeed config as the engine will use it, what was derived, and what may hurt; with a
+    RunShape also the run's length."""
 
     ds: dict
     notes: list[str]
     warnings: list[str]
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What the last values of the DeepSpeed config depend on, known once the data is read and the
+    run directory (and any checkpoint to resume) is chosen."""
+
+    num_records: int  # training records
+    run_dir: str
+    resumed_from: str = ""  # the checkpoint, when resuming
+    resumed_world_size: int = 0
+    resumed_batch: int = 0  # the checkpoint's global batch, which the data position counts in
+
+
+def steps_per_epoch(num_samples: int, global_batch: int) -> int:
+    """Optimizer steps in an epoch: the last incomplete global batch is dropped (see data.py)."""
+    return num_samples // global_batch
 
 
 def _is_auto(value) -> bool:
@@ -377,11 +397,13 @@ def scale_learning_rates(path: str, ds: dict, rule: str, reference_batch: int) -
 
 
 def resolve_ds_config(path: str, raw: dict, world_size: int, hw: Hardware, cfg: TrainConfig,
-                      pipeline_rules: bool = True) -> ResolvedConfig:
+                      pipeline_rules: bool = True, run: RunShape | None = None) -> ResolvedConfig:
     """Return the DeepSpeed config exactly as the engine will use it ("auto" values filled in), with
-    notes on what was derived and warnings. Keys and types are checked at every level first, and
-    every such error is reported at once. `pipeline_rules=False` checks only what DeepSpeed needs
-    (for configs meant for other trainers)."""
+    notes on what was derived and warnings: the one place the dict is edited. Keys and types are
+    checked at every level first, and every such error is reported at once. Without `run` (before
+    any data is read) everything but the run's length is resolved, which is how launchers and ranks
+    check a config early; with it the schedule, the profiler and a resumed run's global batch too.
+    `pipeline_rules=False` checks only what DeepSpeed needs (for configs meant for other trainers)."""
     from .ds_schema import validate
 
     errors, warnings = validate(path, raw)
@@ -390,6 +412,8 @@ def resolve_ds_config(path: str, raw: dict, world_size: int, hw: Hardware, cfg: 
     ds = copy.deepcopy(raw)
     notes = []
     total, micro, accum = resolve_batch(path, ds, world_size, cfg.global_batch, cfg.micro_batch)
+    if run is not None and run.resumed_from:
+        total, micro, accum = _keep_global_batch(run, total, micro, accum, world_size)
     derived = [k for k in BATCH_KEYS if _is_auto(raw.get(k))]
     notes.append(f"batch: {micro} per rank x {accum} accumulation x {world_size} ranks = {total} per optimizer step"
                  + (f" (derived: {', '.join(derived)})" if derived else ""))
@@ -408,7 +432,35 @@ def resolve_ds_config(path: str, raw: dict, world_size: int, hw: Hardware, cfg: 
     lr_note = scale_learning_rates(path, ds, cfg.lr_scaling, cfg.reference_batch)
     if lr_note:
         notes.append(lr_note)
-    return ResolvedConfig(ds, notes, warnings)
+    if run is None:
+        return ResolvedConfig(ds, notes, warnings)
+    per_epoch = steps_per_epoch(run.num_records, total)
+    if per_epoch == 0:
+        raise ConfigError(f"{cfg.train_file}: {run.num_records} records, fewer than one global batch (train_batch_size={total})")
+    total_steps = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
+    ds = fill_schedule(path, ds, total_steps, cfg.warmup_ratio)
+    if cfg.flops_profiler_step:
+        ds["flops_profiler"] = {"enabled": True, "profile_step": cfg.flops_profiler_step,
+                                "output_file": str(Path(run.run_dir) / "flops_profile.txt")}
+    if run.resumed_from and run.resumed_world_size != world_size:  # DeepSpeed re-partitions from its universal format
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+        warnings.append(f"resuming a {run.resumed_world_size}-rank checkpoint on {world_size} ranks: global batch kept at "
+                        f"{total} = {micro} x {accum} accumulation x {world_size}; not carried over: each rank's RNG state "
+                        "(dropout masks differ from an uninterrupted run) and bit-exactness (reductions run in another order)")
+    return ResolvedConfig(ds, notes, warnings, per_epoch, total_steps)
+
+
+def _keep_global_batch(run: RunShape, total: int, micro: int, accum: int, world_size: int) -> tuple[int, int, int]:
+    """Resuming: the global batch must stay what the checkpoint trained with, since the position in
+    the epoch's data order counts global batches. On another world size the accumulation steps are
+    re-derived to keep it (with this config's micro batch)."""
+    if run.resumed_world_size == world_size:
+        if run.resumed_batch != total:
+            raise ConfigError(f"{run.resumed_from}: trained with a global batch of {run.resumed_batch}, but this config gives "
+                              f"{total}; resume with the checkpoint's batch settings")
+        return total, micro, accum
+    return resolve_batch(run.resumed_from, {"train_batch_size": run.resumed_batch, "train_micro_batch_size_per_gpu": micro},
+                         world_size)
 
 
 def fill_schedule(path: str, ds: dict, total_steps: int, warmup_ratio: float) -> dict:

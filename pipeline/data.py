@@ -27,7 +27,7 @@ import numpy as np
 
 from . import task
 from .base import ConfigError, build_once, file_digest, write_json
-from .config import TrainConfig
+from .config import TrainConfig, steps_per_epoch
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
 
@@ -277,10 +277,6 @@ class TokenizedSplit:
 # ----------------------------------------------------------------------------------------------
 # Batch order
 # ----------------------------------------------------------------------------------------------
-
-def steps_per_epoch(num_samples: int, global_batch: int) -> int:
-    return num_samples // global_batch
-
 
 def epoch_global_batches(num_samples: int, global_batch: int, seed: int, epoch: int) -> np.ndarray:
     """(steps, global_batch) sample indices: a seeded permutation of the epoch, remainder dropped."""

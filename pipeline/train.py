@@ -21,9 +21,9 @@ import torch
 
 from . import checkpoint, dist, task
 from .base import ConfigError, load_json, write_json, write_text
-from .config import Hardware, TrainConfig, ds_precision, fill_schedule, resolve_batch, resolve_ds_config
+from .config import Hardware, RunShape, TrainConfig, ds_precision, resolve_ds_config
 from .checkpoint import TrainerState
-from .data import TokenizedSplit, prepare_splits, steps_per_epoch, train_batches
+from .data import TokenizedSplit, prepare_splits, train_batches
 from .engine import build_engine
 from .evaluate import evaluate, to_device
 from .model import build_model, build_wordpiece_tokenizer, check_model_dir, has_tokenizer, load_tokenizer
@@ -297,34 +297,15 @@ def start_or_resume(cfg: TrainConfig, log) -> tuple[Path, Path | None]:
     return Path(run_dir), (Path(ckpt) if ckpt else None)
 
 
-def keep_global_batch(ckpt: Path, saved: TrainerState, ds_config: dict, log) -> dict:
-    """Resuming: the global batch must stay what the checkpoint trained with, since the position in
-    the epoch's data order counts global batches. On another world size the accumulation steps are
-    re-derived to keep it, and the engine loads through DeepSpeed's universal checkpoint format."""
-    if saved.world_size == dist.world_size():
-        if saved.train_batch_size != ds_config["train_batch_size"]:
-            raise ConfigError(f"{ckpt}: trained with a global batch of {saved.train_batch_size}, but this config gives "
-                              f"{ds_config['train_batch_size']}; resume with the checkpoint's batch settings")
-        return ds_config
-    micro = ds_config["train_micro_batch_size_per_gpu"]
-    total, micro, accum = resolve_batch(str(ckpt), {"train_batch_size": saved.train_batch_size,
-                                                    "train_micro_batch_size_per_gpu": micro}, dist.world_size())
-    log.warning(f"resuming a {saved.world_size}-rank checkpoint on {dist.world_size()} ranks: global batch kept at {total} "
-                f"= {micro} x {accum} accumulation x {dist.world_size()}; not carried over: each rank's RNG state "
-                "(dropout masks differ from an uninterrupted run) and bit-exactness (reductions run in another order)")
-    return {**ds_config, "train_batch_size": total, "gradient_accumulation_steps": accum,
-            "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-
-
 def run(cfg: TrainConfig) -> dict:
     """Train, evaluate, checkpoint and export; returns the final metrics (on every rank)."""
     quiet_libraries()
     log = dist.get_logger()
     hardware = Hardware.detect()
+    raw = load_json(cfg.ds_config)
     # Everything checkable without data is checked before the process group starts.
-    resolved = resolve_ds_config(cfg.ds_config, load_json(cfg.ds_config), dist.world_size(), hardware, cfg)
-    ds_config = resolved.ds
-    for line in resolved.notes + [f"warning: {w}" for w in resolved.warnings]:
+    early = resolve_ds_config(cfg.ds_config, raw, dist.world_size(), hardware, cfg)
+    for line in early.notes + [f"warning: {w}" for w in early.warnings]:
         log.info(line)  # rank 0 only: every rank resolves the same config
     check_model_dir(cfg.model, cfg.max_length)
     dist.init(cfg.dist_timeout_minutes)
@@ -332,21 +313,15 @@ def run(cfg: TrainConfig) -> dict:
 
     run_dir, resume_from = start_or_resume(cfg, log)
     data, tokenizer, label_names, train_data = prepare_data(cfg, cfg.cache_dir or str(Path(cfg.output_dir) / "cache"), log)
-    same_world_size = True
+    shape = RunShape(len(data["train"]), str(run_dir))
     if resume_from is not None:
         saved = checkpoint.read_state(resume_from)
         checkpoint.check_same_data(resume_from, saved, train_data, log)
-        same_world_size = saved.world_size == dist.world_size()
-        ds_config = keep_global_batch(resume_from, saved, ds_config, log)
-    per_epoch = steps_per_epoch(len(data["train"]), ds_config["train_batch_size"])
-    if per_epoch == 0:
-        raise ConfigError(f"{cfg.train_file}: {len(data['train'])} records, fewer than one global batch "
-                          f"(train_batch_size={ds_config['train_batch_size']})")
-    total_steps = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
-    ds_config = fill_schedule(cfg.ds_config, ds_config, total_steps, cfg.warmup_ratio)
-    if cfg.flops_profiler_step:
-        ds_config["flops_profiler"] = {"enabled": True, "profile_step": cfg.flops_profiler_step,
-                                       "output_file": str(run_dir / "flops_profile.txt")}
+        shape = RunShape(len(data["train"]), str(run_dir), str(resume_from), saved.world_size, saved.train_batch_size)
+    resolved = resolve_ds_config(cfg.ds_config, raw, dist.world_size(), hardware, cfg, run=shape)
+    ds_config, per_epoch, total_steps = resolved.ds, resolved.steps_per_epoch, resolved.total_steps
+    for line in resolved.warnings[len(early.warnings):]:  # what resuming on another world size gives up
+        log.warning(f"warning: {line}")
 
     model = build_model(cfg.model, label_names, len(tokenizer), ds_config, cfg.seed, bool(cfg.gradient_checkpointing))
     state = TrainerState(world_size=dist.world_size(), train_batch_size=ds_config["train_batch_size"],
@@ -358,7 +333,7 @@ def run(cfg: TrainConfig) -> dict:
         state.best_metric, state.best_step = saved.best_metric, saved.best_step
     engine = build_engine(model, ds_config)
     if resume_from is not None:
-        checkpoint.load(engine, resume_from, same_world_size)
+        checkpoint.load(engine, resume_from, same_world_size=shape.resumed_world_size == dist.world_size())
         # Step numbers, the data position and the LR schedule follow DeepSpeed's own counters.
         if (engine.global_steps, engine.skipped_steps) != (state.optimizer_step, state.skipped_steps):
             raise checkpoint.CheckpointError(

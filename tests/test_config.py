@@ -147,3 +147,27 @@ def test_train_config_checks_types_and_unknown_keys(tmp_path):
         TrainConfig.from_sources(str(cfg_file))
     cfg_file.write_text(json.dumps({"epochs": 3}))
     assert TrainConfig.from_sources(str(cfg_file), {"seed": 7}).epochs == 3
+
+
+def test_the_final_config_is_resolved_in_one_call_with_the_runs_shape():
+    """Data size, run directory and a resumed checkpoint finish the dict: schedule, profiler, batch, universal load."""
+    from pipeline.config import RunShape
+
+    raw = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": "auto",
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 2},
+           "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 1e-3, "warmup_num_steps": "auto",
+                                                             "total_num_steps": "auto"}}}
+    cfg = TrainConfig(epochs=2, flops_profiler_step=3)
+    cpu = Hardware.named("cpu")
+    fresh = resolve_ds_config("c.json", raw, 2, cpu, cfg, run=RunShape(100, "/runs/r"))
+    assert (fresh.steps_per_epoch, fresh.total_steps) == (6, 12)
+    assert fresh.ds["scheduler"]["params"]["total_num_steps"] == 12 and fresh.ds["scheduler"]["params"]["warmup_num_steps"] == 2
+    assert fresh.ds["flops_profiler"]["output_file"] == "/runs/r/flops_profile.txt" and "checkpoint" not in fresh.ds
+    # The same checkpoint resumed on 4 ranks: global batch 16 kept, accumulation re-derived, universal load.
+    moved = resolve_ds_config("c.json", raw, 4, cpu, cfg, run=RunShape(100, "/runs/r", "ckpt/step-6", 2, 16))
+    assert (moved.ds["train_batch_size"], moved.ds["gradient_accumulation_steps"]) == (16, 1)
+    assert moved.ds["checkpoint"]["load_universal"] and "resuming a 2-rank checkpoint on 4 ranks" in moved.warnings[-1]
+    with pytest.raises(ConfigError, match="ckpt/step-6: trained with a global batch of 32, but this config gives 16"):
+        resolve_ds_config("c.json", raw, 2, cpu, cfg, run=RunShape(100, "/runs/r", "ckpt/step-6", 2, 32))
+    with pytest.raises(ConfigError, match="10 records, fewer than one global batch"):
+        resolve_ds_config("c.json", raw, 2, cpu, cfg, run=RunShape(10, "/runs/r"))
