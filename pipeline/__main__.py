@@ -5,6 +5,7 @@ the other commands (predict, export, doctor, check-config, plan, verify-accumula
 bench) are plain single processes or start their own ranks. verify-accumulation, comms and bench
 are tools (`pipeline.tools`): this front door imports one only when its command runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,11 @@ from .config import ConfigError, TrainConfig, add_train_options
 # Tool commands: (module in pipeline.tools, help). The module is imported only for its own command,
 # so `train` and the other runtime commands never load the tools.
 TOOLS = {
-    "verify-accumulation": ("audit", "one optimizer step as a big batch and as accumulated micro-batches: "
-                                     "largest parameter/gradient difference against the precision's tolerance"),
+    "verify-accumulation": (
+        "audit",
+        "one optimizer step as a big batch and as accumulated micro-batches: "
+        "largest parameter/gradient difference against the precision's tolerance",
+    ),
     "comms": ("comms", "collectives per optimizer step by kind (DeepSpeed comms logger), per ZeRO stage and accumulation"),
     "bench": ("bench", "throughput, start-up, data wait and memory: this pipeline vs a minimal DeepSpeed loop vs HF Trainer"),
 }
@@ -34,8 +38,11 @@ def _run_tool(args):
 
 
 def _train_parser(sub) -> None:
-    add_train_options(sub.add_parser("train", help="train, evaluate, checkpoint and export (run under the deepspeed launcher)",
-                                     allow_abbrev=False))
+    add_train_options(
+        sub.add_parser(
+            "train", help="train, evaluate, checkpoint and export (run under the deepspeed launcher)", allow_abbrev=False
+        )
+    )
 
 
 def _predict_parser(sub) -> None:
@@ -120,8 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             _tool(command).add_arguments(tool_parser)
     args = parser.parse_args(argv)
     commands = {
-        "train": _train, "predict": _predict, "export": _export, "doctor": _doctor,
-        "check-config": check.check_config, "plan": plan.run_plan, "plot": plot.main,
+        "train": _train,
+        "predict": _predict,
+        "export": _export,
+        "doctor": _doctor,
+        "check-config": check.check_config,
+        "plan": plan.run_plan,
+        "plot": plot.main,
         **dict.fromkeys(TOOLS, _run_tool),
     }
     try:

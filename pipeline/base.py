@@ -1,6 +1,7 @@
 """What every stage shares, and nothing else: the user-error type, JSON read with located errors,
 atomic writes of files and of cache directories, and file digests. It imports nothing from the package, so anything may import it.
 """
+
 from __future__ import annotations
 
 import difflib

@@ -4,11 +4,12 @@ The world size comes from the hostfile as the `deepspeed` runner would compute i
 `fetch_hostfile`, `parse_inclusion_exclusion` and `apply_num_nodes_and_gpus`), and the config is
 resolved by the same `resolve_ds_config` every rank runs, so what this prints is what the run uses.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 from .config import Hardware, TrainConfig, ds_precision, load_json, resolve_ds_config
 from .hosts import world_from_hostfile
+
 
 def _params(section: dict | None) -> str:
     if not section:
@@ -21,22 +22,29 @@ def describe(resolved, world: dict, hw: Hardware, warmup_ratio: float) -> list[s
     """The lines check-config prints: world, batch, ZeRO, offload, precision, optimizer, scheduler."""
     ds = resolved.ds
     zero = ds.get("zero_optimization") or {}
-    offload = [f"{what} -> {(zero.get(key) or {}).get('device', 'none')}" for key, what in
-               (("offload_optimizer", "optimizer"), ("offload_param", "parameters"))
-               if (zero.get(key) or {}).get("device", "none") != "none"]
+    offload = [
+        f"{what} -> {(zero.get(key) or {}).get('device', 'none')}"
+        for key, what in (("offload_optimizer", "optimizer"), ("offload_param", "parameters"))
+        if (zero.get(key) or {}).get("device", "none") != "none"
+    ]
     precision = ds_precision(ds)
     sched = (ds.get("scheduler") or {}).get("params") or {}
-    lines = ["hosts: " + ", ".join(f"{host} {len(slots)}" for host, slots in world.items())
-             + f" -> world size {sum(len(s) for s in world.values())} on {len(world)} node(s)",
-             *resolved.notes,
-             f"ZeRO stage {zero.get('stage', 0)}; offload: {', '.join(offload) or 'none'}",
-             f"precision: {precision} on {hw.name}",
-             f"optimizer: {_params(ds.get('optimizer'))}",
-             f"scheduler: {_params(ds.get('scheduler'))}",
-             f"gradient clipping: {ds.get('gradient_clipping', 0.0)}"]
+    lines = [
+        "hosts: "
+        + ", ".join(f"{host} {len(slots)}" for host, slots in world.items())
+        + f" -> world size {sum(len(s) for s in world.values())} on {len(world)} node(s)",
+        *resolved.notes,
+        f"ZeRO stage {zero.get('stage', 0)}; offload: {', '.join(offload) or 'none'}",
+        f"precision: {precision} on {hw.name}",
+        f"optimizer: {_params(ds.get('optimizer'))}",
+        f"scheduler: {_params(ds.get('scheduler'))}",
+        f"gradient clipping: {ds.get('gradient_clipping', 0.0)}",
+    ]
     if "auto" in (sched.get("total_num_steps"), sched.get("warmup_num_steps")):
-        lines.append(f"  scheduler \"auto\" steps are filled at run time: total = optimizer steps of the run "
-                     f"(dataset size / global batch x epochs), warmup = {warmup_ratio:g} x total")
+        lines.append(
+            f'  scheduler "auto" steps are filled at run time: total = optimizer steps of the run '
+            f"(dataset size / global batch x epochs), warmup = {warmup_ratio:g} x total"
+        )
     return lines
 
 
@@ -45,10 +53,17 @@ def check_config(args) -> int:
     world = world_from_hostfile(args.hostfile, args.include, args.exclude, args.num_nodes, args.num_gpus)
     world_size = sum(len(slots) for slots in world.values())
     hw = Hardware.named(args.gpu) if args.gpu else Hardware.detect()
-    cfg = TrainConfig(ds_config=args.ds_config, precision=args.precision, global_batch=args.global_batch,
-                      micro_batch=args.micro_batch, lr_scaling=args.lr_scaling, reference_batch=args.reference_batch)
-    resolved = resolve_ds_config(args.ds_config, load_json(args.ds_config), world_size, hw, cfg,
-                                 pipeline_rules=not args.deepspeed_only)
+    cfg = TrainConfig(
+        ds_config=args.ds_config,
+        precision=args.precision,
+        global_batch=args.global_batch,
+        micro_batch=args.micro_batch,
+        lr_scaling=args.lr_scaling,
+        reference_batch=args.reference_batch,
+    )
+    resolved = resolve_ds_config(
+        args.ds_config, load_json(args.ds_config), world_size, hw, cfg, pipeline_rules=not args.deepspeed_only
+    )
     lines = describe(resolved, world, hw, cfg.warmup_ratio)
     if args.model:
         from .plan import memory_for_config
@@ -70,14 +85,25 @@ def add_parser(sub) -> None:
     p.add_argument("--exclude", default="", help="as the deepspeed runner's --exclude")
     p.add_argument("--num_nodes", "--num-nodes", dest="num_nodes", type=int, default=-1, help="as the deepspeed runner's")
     p.add_argument("--num_gpus", "--num-gpus", dest="num_gpus", type=int, default=-1, help="as the deepspeed runner's")
-    p.add_argument("--gpu", default="", help="the cluster's accelerator: cpu, v100, t4, a100, a10, a40, l4, h100, h200 "
-                                             "(default: this machine's)")
+    p.add_argument(
+        "--gpu",
+        default="",
+        help="the cluster's accelerator: cpu, v100, t4, a100, a10, a40, l4, h100, h200 (default: this machine's)",
+    )
     p.add_argument("--model", default="", help="model directory or config.json: adds the per-GPU memory estimate")
     p.add_argument("--seq-len", type=int, default=512, help="sequence length for the memory estimate")
-    p.add_argument("--deepspeed-only", action="store_true",
-                   help="check only what DeepSpeed needs, not this pipeline's rules (for configs of other trainers)")
+    p.add_argument(
+        "--deepspeed-only",
+        action="store_true",
+        help="check only what DeepSpeed needs, not this pipeline's rules (for configs of other trainers)",
+    )
     defaults = TrainConfig()
     for name in ("precision", "global_batch", "micro_batch", "lr_scaling", "reference_batch"):
         f = next(f for f in TrainConfig.__dataclass_fields__.values() if f.name == name)
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type={"str": str, "int": int}[f.type],
-                       default=getattr(defaults, name), help=f.metadata["help"])
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type={"str": str, "int": int}[f.type],
+            default=getattr(defaults, name),
+            help=f.metadata["help"],
+        )

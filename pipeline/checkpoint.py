@@ -16,6 +16,7 @@ written or used: it is written by rank 0 without waiting for the other ranks' sh
 Loading a DeepSpeed checkpoint unpickles it (`torch.load(weights_only=False)`), which can run code:
 load only checkpoints you trust. The manifest check happens before anything is unpickled.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,11 +92,15 @@ def read_json(path: Path):
 # RNG state, per rank, as JSON
 # ----------------------------------------------------------------------------------------------
 
+
 def rng_state() -> dict:
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-             "torch": torch.get_rng_state().tolist()}
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
@@ -114,6 +119,7 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 # Manifest
 # ----------------------------------------------------------------------------------------------
+
 
 def _files(ckpt: Path) -> list[str]:
     return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -178,9 +184,11 @@ def find_resume_checkpoint(spec: str, output_dir: str, run_name: str, log) -> Pa
         return max(complete, key=lambda p: (p / MANIFEST).stat().st_mtime)
     if spec == "auto":
         where = Path(output_dir) / run_name if run_name else Path(output_dir)
-        raise CheckpointError(f"--resume auto: no complete checkpoint under {where}"
-                              f"{f' ({len(partial)} incomplete ones ignored)' if partial else ''}; "
-                              "use --resume if-present to start fresh when there is none")
+        raise CheckpointError(
+            f"--resume auto: no complete checkpoint under {where}"
+            f"{f' ({len(partial)} incomplete ones ignored)' if partial else ''}; "
+            "use --resume if-present to start fresh when there is none"
+        )
     return None
 
 
@@ -190,11 +198,16 @@ def check_same_data(ckpt: Path, saved: TrainerState, current: dict, log) -> None
     if not saved.train_data:
         log.warning(f"{ckpt}: saved before checkpoints recorded their training data; not checked against this run's")
         return
-    changed = [f"{key} {saved.train_data.get(key)!r} -> {value!r}" for key, value in current.items()
-               if saved.train_data.get(key) != value]
+    changed = [
+        f"{key} {saved.train_data.get(key)!r} -> {value!r}"
+        for key, value in current.items()
+        if saved.train_data.get(key) != value
+    ]
     if changed:
-        raise CheckpointError(f"{ckpt}: the training data differs from the checkpoint's ({'; '.join(changed)}); resume "
-                              "with the data it was trained on, or start a new run")
+        raise CheckpointError(
+            f"{ckpt}: the training data differs from the checkpoint's ({'; '.join(changed)}); resume "
+            "with the data it was trained on, or start a new run"
+        )
 
 
 def check_compatible(ckpt: Path, label_names: list[str], model_config) -> TrainerState:
@@ -215,6 +228,7 @@ def check_compatible(ckpt: Path, label_names: list[str], model_config) -> Traine
 # Save and load (every rank)
 # ----------------------------------------------------------------------------------------------
 
+
 def save(engine, run_dir: Path, state: TrainerState, tokenizer, probe: dict, precision: str, keep: int) -> Path:
     """Save a checkpoint on every rank; it becomes visible to resume only when complete."""
     from .evaluate import forward_logits
@@ -234,8 +248,14 @@ def save(engine, run_dir: Path, state: TrainerState, tokenizer, probe: dict, pre
         write_json(ckpt / STATE, asdict(state))
         engine.module.config.save_pretrained(ckpt / HF_DIR)
         tokenizer.save_pretrained(ckpt / HF_DIR)
-        write_json(ckpt / PROBE, {"precision": precision, "logits": logits.tolist(),
-                                  "inputs": {k: v.tolist() for k, v in probe.items() if k != "labels"}})
+        write_json(
+            ckpt / PROBE,
+            {
+                "precision": precision,
+                "logits": logits.tolist(),
+                "inputs": {k: v.tolist() for k, v in probe.items() if k != "labels"},
+            },
+        )
         write_manifest(ckpt)
         prune(root, keep, state.best_step)
 
@@ -260,8 +280,11 @@ def space_needed(root: Path, engine) -> int:
 
 
 def no_space(step: int, where: Path, needed: int, free: int) -> CheckpointError:
-    sizes = (f"about {needed / 1e6:,.1f} MB needed, {free / 1e6:,.1f} MB free" if needed > free else
-             f"{free / 1e6:,.1f} MB were free, more than the {needed / 1e6:,.1f} MB it was estimated to need")
+    sizes = (
+        f"about {needed / 1e6:,.1f} MB needed, {free / 1e6:,.1f} MB free"
+        if needed > free
+        else f"{free / 1e6:,.1f} MB were free, more than the {needed / 1e6:,.1f} MB it was estimated to need"
+    )
     return CheckpointError(f"checkpoint step {step} not written: no space left on the output file system ({where}): {sizes}")
 
 
@@ -327,9 +350,24 @@ def to_universal(ckpt: Path) -> Path:
         tmp = ckpt.with_name(ckpt.name + ".universal.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         # --inject_missing_state: the version marker Megatron-style clients store; ours has none.
-        done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-                               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
-                               "--inject_missing_state"], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(ckpt),
+                "--output_folder",
+                str(tmp),
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+                "--inject_missing_state",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             raise CheckpointError(f"{ckpt}: conversion to DeepSpeed's universal format failed:\n{done.stderr[-2000:]}")
         os.replace(tmp, target)
@@ -367,14 +405,36 @@ def replay_cpu_adam_steps(optimizer) -> None:
     from deepspeed.ops.adam.fused_adam import multi_tensor_applier
 
     if isinstance(optimizer, DeepSpeedCPUAdam):
+
         def call(step, group, p, g, m, v):
-            optimizer.ds_opt_adam.adam_update(optimizer.opt_id, step, group["lr"], *group["betas"], group["eps"],
-                                              group["weight_decay"], group["bias_correction"], p, g, m, v)
+            optimizer.ds_opt_adam.adam_update(
+                optimizer.opt_id,
+                step,
+                group["lr"],
+                *group["betas"],
+                group["eps"],
+                group["weight_decay"],
+                group["bias_correction"],
+                p,
+                g,
+                m,
+                v,
+            )
     elif isinstance(optimizer, FusedAdam) and get_accelerator().device_name() == "cpu":
+
         def call(step, group, p, g, m, v):
-            multi_tensor_applier(optimizer.multi_tensor_adam, optimizer._dummy_overflow_buf, [[g], [p], [m], [v]],
-                                 group["lr"], *group["betas"], group["eps"], step, optimizer.adam_w_mode,
-                                 int(group["bias_correction"]), group["weight_decay"])
+            multi_tensor_applier(
+                optimizer.multi_tensor_adam,
+                optimizer._dummy_overflow_buf,
+                [[g], [p], [m], [v]],
+                group["lr"],
+                *group["betas"],
+                group["eps"],
+                step,
+                optimizer.adam_w_mode,
+                int(group["bias_correction"]),
+                group["weight_decay"],
+            )
     else:
         return
     steps = next((int(s["step"]) for s in optimizer.state.values() if "step" in s), 0)
@@ -393,6 +453,7 @@ def read_state(ckpt: Path) -> TrainerState:
 # ----------------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------------
+
 
 def consolidated_fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a ZeRO checkpoint directory (one tag), any original world size."""
@@ -448,8 +509,10 @@ def verify_probe(export_dir: Path, probe: dict) -> None:
     bound = logits_tolerance(probe["precision"]) * max(1.0, live.abs().max().item())
     diff = (logits - live).abs().max().item()
     if diff > bound:
-        raise ExportError(f"{export_dir}: reloaded export differs from the live model on the probe batch "
-                          f"(max |logit diff| {diff:.3g} > {bound:.3g})")
+        raise ExportError(
+            f"{export_dir}: reloaded export differs from the live model on the probe batch "
+            f"(max |logit diff| {diff:.3g} > {bound:.3g})"
+        )
 
 
 def is_export(directory: Path) -> bool:
@@ -462,11 +525,13 @@ def check_export_target(export_dir: Path, overwrite: bool) -> None:
     if not export_dir.exists() or (export_dir.is_dir() and not any(export_dir.iterdir())):
         return
     if not is_export(export_dir):
-        raise ConfigError(f"export: {export_dir} exists and is not an export (it holds files no export writes); "
-                          "choose a new or empty directory")
+        raise ConfigError(
+            f"export: {export_dir} exists and is not an export (it holds files no export writes); choose a new or empty directory"
+        )
     if not overwrite:
-        raise ConfigError(f"export: {export_dir} already holds an export; choose a new or empty directory, or pass "
-                          "--overwrite to replace it")
+        raise ConfigError(
+            f"export: {export_dir} already holds an export; choose a new or empty directory, or pass --overwrite to replace it"
+        )
 
 
 def export_checkpoint(ckpt: Path, export_dir: Path, overwrite: bool = False) -> Path:

@@ -5,6 +5,7 @@ optimizer, scheduler, clipping and ZeRO; `TrainConfig` owns data, model, paths a
 cadence. Everything here runs before any process group exists, so a bad config fails fast with a
 message that names the file and key, and the rest of the package trusts what it gets.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,37 +39,94 @@ class TrainConfig:
     """
 
     ds_config: str = field(default="ds_configs/small_zero2.json", metadata={"help": "DeepSpeed JSON config"})
-    train_file: str = field(default=str(SAMPLE_DATA_DIR / "train.jsonl"), metadata={"help": "training data (.jsonl, .json array or .csv)"})
-    dev_file: str = field(default=str(SAMPLE_DATA_DIR / "dev.jsonl"), metadata={"help": "dev data, evaluated during and after training"})
+    train_file: str = field(
+        default=str(SAMPLE_DATA_DIR / "train.jsonl"), metadata={"help": "training data (.jsonl, .json array or .csv)"}
+    )
+    dev_file: str = field(
+        default=str(SAMPLE_DATA_DIR / "dev.jsonl"), metadata={"help": "dev data, evaluated during and after training"}
+    )
     test_file: str = field(default="", metadata={"help": "optional test data, evaluated once after training"})
     text_column: str = field(default="text", metadata={"help": "name of the text column"})
     label_column: str = field(default="label", metadata={"help": "name of the label column (string labels)"})
-    model: str = field(default=str(TINY_MODEL_DIR), metadata={"help": "model directory: with weights it is fine-tuned, with config.json alone it is randomly initialised; without tokenizer files a WordPiece vocabulary is built from the training texts"})
+    model: str = field(
+        default=str(TINY_MODEL_DIR),
+        metadata={
+            "help": "model directory: with weights it is fine-tuned, with config.json alone it is randomly initialised; without tokenizer files a WordPiece vocabulary is built from the training texts"
+        },
+    )
     max_length: int = field(default=256, metadata={"help": "tokens per record; longer records are truncated"})
     epochs: int = field(default=2, metadata={"help": "passes over the training data"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: no limit)"})
     seed: int = field(default=42, metadata={"help": "seed for initialisation and data order"})
-    precision: str = field(default="auto", metadata={"help": "auto|fp16|bf16|fp32; auto follows the DeepSpeed JSON and the hardware"})
+    precision: str = field(
+        default="auto", metadata={"help": "auto|fp16|bf16|fp32; auto follows the DeepSpeed JSON and the hardware"}
+    )
     log_every: int = field(default=10, metadata={"help": "log training metrics every N optimizer steps"})
     eval_every: int = field(default=50, metadata={"help": "evaluate on dev every N optimizer steps (0: only at the end)"})
     save_every: int = field(default=0, metadata={"help": "save a checkpoint every N optimizer steps (0: only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N complete checkpoints (plus the best one with best_metric)"})
-    best_metric: str = field(default="", metadata={"help": f"also keep the checkpoint with the best dev value of this metric ({', '.join(METRIC_NAMES)})"})
-    resume: str = field(default="", metadata={"help": "auto (newest complete checkpoint, error if none), if-present (same, else start fresh) or a checkpoint directory"})
+    keep_checkpoints: int = field(
+        default=2, metadata={"help": "keep the newest N complete checkpoints (plus the best one with best_metric)"}
+    )
+    best_metric: str = field(
+        default="",
+        metadata={"help": f"also keep the checkpoint with the best dev value of this metric ({', '.join(METRIC_NAMES)})"},
+    )
+    resume: str = field(
+        default="",
+        metadata={
+            "help": "auto (newest complete checkpoint, error if none), if-present (same, else start fresh) or a checkpoint directory"
+        },
+    )
     eval_batch_size: int = field(default=32, metadata={"help": "per-rank batch size for evaluation"})
     output_dir: str = field(default="runs", metadata={"help": "parent directory of run directories"})
     run_name: str = field(default="", metadata={"help": "run directory name (default: chosen by rank 0 from the clock)"})
     cache_dir: str = field(default="", metadata={"help": "tokenized-data cache (default: OUTPUT_DIR/cache)"})
-    max_unk_fraction: float = field(default=0.02, metadata={"help": "refuse to train when more of the training tokens than this are the unknown token"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "warmup share of all steps, used where the scheduler's warmup_num_steps is \"auto\""})
-    global_batch: int = field(default=0, metadata={"help": "examples per optimizer step where the DeepSpeed JSON's train_batch_size is \"auto\" or absent; accumulation is then derived from the world size (0: the JSON decides)"})
-    micro_batch: int = field(default=0, metadata={"help": "per-rank micro batch where the JSON's train_micro_batch_size_per_gpu is \"auto\" (0: derived; with accumulation also \"auto\", the largest divisor of the per-rank batch up to 8)"})
-    lr_scaling: str = field(default="none", metadata={"help": "none|linear|sqrt: multiply the JSON's learning rates by (global batch / reference_batch) or its square root"})
-    reference_batch: int = field(default=0, metadata={"help": "global batch the JSON's learning rate was tuned for (needed by --lr-scaling linear|sqrt)"})
-    dist_timeout_minutes: float = field(default=10.0, metadata={"help": "collective timeout: a rank waiting longer than this fails the job"})
-    tensorboard: int = field(default=1, metadata={"help": "1: also write TensorBoard event files to RUN_DIR/tensorboard (rank 0); 0: metrics.jsonl only"})
-    gradient_checkpointing: int = field(default=0, metadata={"help": "1: recompute each layer's activations in the backward pass instead of keeping them (the model's gradient_checkpointing_enable): far less activation memory for about a third more compute; same results"})
-    flops_profiler_step: int = field(default=0, metadata={"help": "run DeepSpeed's flops profiler once, when the engine has completed this many optimizer steps, writing RUN_DIR/flops_profile.txt (0: off)"})
+    max_unk_fraction: float = field(
+        default=0.02, metadata={"help": "refuse to train when more of the training tokens than this are the unknown token"}
+    )
+    warmup_ratio: float = field(
+        default=0.1, metadata={"help": 'warmup share of all steps, used where the scheduler\'s warmup_num_steps is "auto"'}
+    )
+    global_batch: int = field(
+        default=0,
+        metadata={
+            "help": 'examples per optimizer step where the DeepSpeed JSON\'s train_batch_size is "auto" or absent; accumulation is then derived from the world size (0: the JSON decides)'
+        },
+    )
+    micro_batch: int = field(
+        default=0,
+        metadata={
+            "help": 'per-rank micro batch where the JSON\'s train_micro_batch_size_per_gpu is "auto" (0: derived; with accumulation also "auto", the largest divisor of the per-rank batch up to 8)'
+        },
+    )
+    lr_scaling: str = field(
+        default="none",
+        metadata={
+            "help": "none|linear|sqrt: multiply the JSON's learning rates by (global batch / reference_batch) or its square root"
+        },
+    )
+    reference_batch: int = field(
+        default=0, metadata={"help": "global batch the JSON's learning rate was tuned for (needed by --lr-scaling linear|sqrt)"}
+    )
+    dist_timeout_minutes: float = field(
+        default=10.0, metadata={"help": "collective timeout: a rank waiting longer than this fails the job"}
+    )
+    tensorboard: int = field(
+        default=1,
+        metadata={"help": "1: also write TensorBoard event files to RUN_DIR/tensorboard (rank 0); 0: metrics.jsonl only"},
+    )
+    gradient_checkpointing: int = field(
+        default=0,
+        metadata={
+            "help": "1: recompute each layer's activations in the backward pass instead of keeping them (the model's gradient_checkpointing_enable): far less activation memory for about a third more compute; same results"
+        },
+    )
+    flops_profiler_step: int = field(
+        default=0,
+        metadata={
+            "help": "run DeepSpeed's flops profiler once, when the engine has completed this many optimizer steps, writing RUN_DIR/flops_profile.txt (0: off)"
+        },
+    )
 
     def __post_init__(self):
         def need(ok: bool, key: str, expected: str):
@@ -89,15 +147,20 @@ class TrainConfig:
         need(self.save_every >= 0, "save_every", ">= 0")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "at least 1")
         need(self.best_metric in ("", *METRIC_NAMES), "best_metric", " or ".join(METRIC_NAMES))
-        need(not self.best_metric or (self.eval_every and self.save_every and self.save_every % self.eval_every == 0),
-             "save_every", "a multiple of eval_every (both > 0) when best_metric is set, so the best step has a checkpoint")
+        need(
+            not self.best_metric or (self.eval_every and self.save_every and self.save_every % self.eval_every == 0),
+            "save_every",
+            "a multiple of eval_every (both > 0) when best_metric is set, so the best step has a checkpoint",
+        )
         need(self.eval_batch_size >= 1, "eval_batch_size", "at least 1")
         need(0.0 <= self.max_unk_fraction <= 1.0, "max_unk_fraction", "between 0 and 1")
         need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "in [0, 1)")
         need(self.global_batch >= 0, "global_batch", ">= 0")
         need(self.micro_batch >= 0, "micro_batch", ">= 0")
         need(self.lr_scaling in LR_SCALING, "lr_scaling", " or ".join(LR_SCALING))
-        need(self.lr_scaling == "none" or self.reference_batch >= 1, "reference_batch", "at least 1 with lr_scaling linear or sqrt")
+        need(
+            self.lr_scaling == "none" or self.reference_batch >= 1, "reference_batch", "at least 1 with lr_scaling linear or sqrt"
+        )
         need(self.dist_timeout_minutes > 0, "dist_timeout_minutes", "> 0")
         need(self.tensorboard in (0, 1), "tensorboard", "0 or 1")
         need(self.gradient_checkpointing in (0, 1), "gradient_checkpointing", "0 or 1")
@@ -108,7 +171,7 @@ class TrainConfig:
         need(bool(self.label_column), "label_column", "a column name")
 
     @classmethod
-    def from_sources(cls, json_file: str | None = None, overrides: dict | None = None) -> "TrainConfig":
+    def from_sources(cls, json_file: str | None = None, overrides: dict | None = None) -> TrainConfig:
         """Defaults, then a JSON file of fields, then command-line overrides."""
         values = {}
         if json_file:
@@ -123,10 +186,17 @@ class TrainConfig:
 
 # Hugging Face Trainer's names for the same settings, accepted as aliases (the habits users bring).
 HF_ALIASES = {
-    "ds_config": ["--deepspeed"], "epochs": ["--num_train_epochs"], "eval_batch_size": ["--per_device_eval_batch_size"],
-    "micro_batch": ["--per_device_train_batch_size"], "resume": ["--resume_from_checkpoint"],
-    "model": ["--model_name_or_path"], "log_every": ["--logging_steps"], "eval_every": ["--eval_steps"],
-    "save_every": ["--save_steps"], "keep_checkpoints": ["--save_total_limit"], "best_metric": ["--metric_for_best_model"],
+    "ds_config": ["--deepspeed"],
+    "epochs": ["--num_train_epochs"],
+    "eval_batch_size": ["--per_device_eval_batch_size"],
+    "micro_batch": ["--per_device_train_batch_size"],
+    "resume": ["--resume_from_checkpoint"],
+    "model": ["--model_name_or_path"],
+    "log_every": ["--logging_steps"],
+    "eval_every": ["--eval_steps"],
+    "save_every": ["--save_steps"],
+    "keep_checkpoints": ["--save_total_limit"],
+    "best_metric": ["--metric_for_best_model"],
 }
 
 
@@ -140,8 +210,14 @@ def add_train_options(p) -> None:
     p.add_argument("--config", help="JSON file of training-config fields (command-line options override it)")
     for f in dataclasses.fields(TrainConfig):
         kind = {"str": str, "int": int, "float": float}[f.type]
-        p.add_argument(*spellings(f.name), *HF_ALIASES.get(f.name, []), dest=f.name, type=kind, default=None,
-                       help=f"{f.metadata['help']} (default: {f.default!r})")
+        p.add_argument(
+            *spellings(f.name),
+            *HF_ALIASES.get(f.name, []),
+            dest=f.name,
+            type=kind,
+            default=None,
+            help=f"{f.metadata['help']} (default: {f.default!r})",
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +243,7 @@ class Hardware:
     name: str = ""
 
     @classmethod
-    def detect(cls) -> "Hardware":
+    def detect(cls) -> Hardware:
         import torch
 
         if os.environ.get("DS_ACCELERATOR", "") != "cpu" and torch.cuda.is_available():
@@ -176,7 +252,7 @@ class Hardware:
         return cls("cpu", fp16=False, bf16=True, name="CPU (DeepSpeed CPU accelerator, gloo)")
 
     @classmethod
-    def named(cls, name: str) -> "Hardware":
+    def named(cls, name: str) -> Hardware:
         """The hardware of a cluster this machine is not: "cpu" or a GPU of GPU_CAPABILITY."""
         if name.lower() == "cpu":
             return cls("cpu", fp16=False, bf16=True, name="CPU (DeepSpeed CPU accelerator, gloo)")
@@ -244,7 +320,7 @@ def _from_option(path: str, json_value, key: str, option: int, flag: str):
     if not option:
         return json_value
     if json_value is not None and json_value != option:
-        raise ConfigError(f"{path}: {key}={json_value} contradicts {flag} {option}; set it to \"auto\" in the JSON or drop {flag}")
+        raise ConfigError(f'{path}: {key}={json_value} contradicts {flag} {option}; set it to "auto" in the JSON or drop {flag}')
     return option
 
 
@@ -273,8 +349,10 @@ def resolve_batch(path: str, ds: dict, world_size: int, global_batch: int = 0, m
         else:
             micro = total // (accum * world_size)
     if micro is None:
-        raise ConfigError(f"{path}: set train_micro_batch_size_per_gpu or train_batch_size, in the JSON or with "
-                          f"--micro-batch / --global-batch ({shown})")
+        raise ConfigError(
+            f"{path}: set train_micro_batch_size_per_gpu or train_batch_size, in the JSON or with "
+            f"--micro-batch / --global-batch ({shown})"
+        )
     if accum is None:
         if total % (micro * world_size):
             raise _indivisible(path, total, "train_micro_batch_size_per_gpu", micro, world_size, shown)
@@ -318,11 +396,15 @@ def resolve_precision(path: str, ds: dict, requested: str, hw: Hardware) -> str:
     elif fp16 == "auto" or bf16 == "auto":
         # Same rule as HF Trainer: bf16 where the accelerator has it, else fp16. On the CPU fp32,
         # because fp16 does not exist there and bf16 is slow without AMX.
-        choice = "fp32" if hw.device == "cpu" else ("bf16" if hw.bf16 and bf16 == "auto" else "fp16" if fp16 == "auto" else "fp32")
+        choice = (
+            "fp32" if hw.device == "cpu" else ("bf16" if hw.bf16 and bf16 == "auto" else "fp16" if fp16 == "auto" else "fp32")
+        )
     else:
         choice = "fp32"
     if choice == "fp16" and not hw.fp16:
-        raise ConfigError(f"{path}: fp16 requested but {hw.name} cannot run it (DeepSpeed's CPU accelerator has no fp16); use --precision bf16 or fp32 there")
+        raise ConfigError(
+            f"{path}: fp16 requested but {hw.name} cannot run it (DeepSpeed's CPU accelerator has no fp16); use --precision bf16 or fp32 there"
+        )
     if choice == "bf16" and not hw.bf16:
         raise ConfigError(f"{path}: bf16 requested but {hw.name} has no bf16 (needs compute capability 8.0+); use fp16")
     return choice
@@ -339,18 +421,25 @@ def check_stage_settings(path: str, ds: dict) -> list[str]:
     zero = ds.get("zero_optimization") or {}
     stage = zero.get("stage", 0)
     if _offload_device(zero, "offload_param") != "none" and stage != 3:
-        raise ConfigError(f"{path}: zero_optimization.offload_param only works at stage 3, and stage {stage} ignores it; "
-                          "use stage 3 or remove it")
+        raise ConfigError(
+            f"{path}: zero_optimization.offload_param only works at stage 3, and stage {stage} ignores it; "
+            "use stage 3 or remove it"
+        )
     if (_offload_device(zero, "offload_optimizer") != "none" or zero.get("cpu_offload") is True) and stage == 0:
         raise ConfigError(f"{path}: optimizer offload needs ZeRO stage 1, 2 or 3; stage 0 ignores it")
-    warnings = [f"{path}: zero_optimization.{key} is ignored at stage {stage} (a stage-3 setting)"
-                for key in zero if key.startswith("stage3_") and stage != 3]
+    warnings = [
+        f"{path}: zero_optimization.{key} is ignored at stage {stage} (a stage-3 setting)"
+        for key in zero
+        if key.startswith("stage3_") and stage != 3
+    ]
     fp16 = ds.get("fp16") or {}
     power = fp16.get("initial_scale_power", 16)
     if _enabled(fp16) and fp16.get("loss_scale", 0) == 0 and isinstance(power, int) and power > 16:
-        warnings.append(f"{path}: fp16.initial_scale_power={power} starts the loss scale at 2^{power}; each overflow skips "
-                        f"an optimizer step and halves it, so a short fine-tune loses about {power - 16} or more of its first "
-                        "steps before reaching DeepSpeed's default 2^16; use 16")
+        warnings.append(
+            f"{path}: fp16.initial_scale_power={power} starts the loss scale at 2^{power}; each overflow skips "
+            f"an optimizer step and halves it, so a short fine-tune loses about {power - 16} or more of its first "
+            "steps before reaching DeepSpeed's default 2^16; use 16"
+        )
     return warnings
 
 
@@ -359,14 +448,16 @@ def _check_pipeline_rules(path: str, ds: dict) -> None:
     whose values are given (HF Trainer would fill "auto" from its own arguments; nothing here does)."""
     zero = ds.get("zero_optimization") or {}
     if zero.get("stage", 0) not in (1, 2, 3):
-        raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (got {zero.get('stage')!r}); this pipeline exports from ZeRO shards")
+        raise ConfigError(
+            f"{path}: zero_optimization.stage must be 1, 2 or 3 (got {zero.get('stage')!r}); this pipeline exports from ZeRO shards"
+        )
     if not isinstance(ds.get("optimizer"), dict) or "type" not in ds["optimizer"]:
         raise ConfigError(f"{path}: 'optimizer' with a 'type' (e.g. AdamW) is required")
     auto_steps = ("total_num_steps", "warmup_num_steps")  # filled by fill_schedule once the data is known
     for where in ("optimizer", "scheduler"):
         for key, value in ((ds.get(where) or {}).get("params") or {}).items():
             if value == "auto" and not (where == "scheduler" and key in auto_steps):
-                raise ConfigError(f"{path}: {where}.params.{key} is \"auto\" but this pipeline cannot derive it; give a value")
+                raise ConfigError(f'{path}: {where}.params.{key} is "auto" but this pipeline cannot derive it; give a value')
 
 
 def scale_learning_rates(path: str, ds: dict, rule: str, reference_batch: int) -> str | None:
@@ -377,8 +468,10 @@ def scale_learning_rates(path: str, ds: dict, rule: str, reference_batch: int) -
         return None
     record = ds.setdefault("pipeline_resolved", {})
     if "lr_scaling" in record:
-        raise ConfigError(f"{path}: learning rates were already scaled (x{record['lr_scaling']['factor']:.4g}) when this config "
-                          "was resolved; start from the original JSON or use --lr-scaling none")
+        raise ConfigError(
+            f"{path}: learning rates were already scaled (x{record['lr_scaling']['factor']:.4g}) when this config "
+            "was resolved; start from the original JSON or use --lr-scaling none"
+        )
     ratio = ds["train_batch_size"] / reference_batch
     factor = ratio if rule == "linear" else math.sqrt(ratio)
     scaled = {}
@@ -390,14 +483,26 @@ def scale_learning_rates(path: str, ds: dict, rule: str, reference_batch: int) -
                 params[key] *= factor
     if not scaled:
         raise ConfigError(f"{path}: --lr-scaling {rule} but the JSON gives no learning rate to scale (optimizer.params.lr)")
-    record["lr_scaling"] = {"rule": rule, "reference_batch": reference_batch, "global_batch": ds["train_batch_size"],
-                            "factor": factor, "scaled": scaled}
+    record["lr_scaling"] = {
+        "rule": rule,
+        "reference_batch": reference_batch,
+        "global_batch": ds["train_batch_size"],
+        "factor": factor,
+        "scaled": scaled,
+    }
     changes = ", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in scaled.items())
     return f"learning rate scaled {rule} for global batch {ds['train_batch_size']} vs reference {reference_batch} (x{factor:.4g}): {changes}"
 
 
-def resolve_ds_config(path: str, raw: dict, world_size: int, hw: Hardware, cfg: TrainConfig,
-                      pipeline_rules: bool = True, run: RunShape | None = None) -> ResolvedConfig:
+def resolve_ds_config(
+    path: str,
+    raw: dict,
+    world_size: int,
+    hw: Hardware,
+    cfg: TrainConfig,
+    pipeline_rules: bool = True,
+    run: RunShape | None = None,
+) -> ResolvedConfig:
     """Return the DeepSpeed config exactly as the engine will use it ("auto" values filled in), with
     notes on what was derived and warnings: the one place the dict is edited. Keys and types are
     checked at every level first, and every such error is reported at once. Without `run` (before
@@ -415,8 +520,10 @@ def resolve_ds_config(path: str, raw: dict, world_size: int, hw: Hardware, cfg: 
     if run is not None and run.resumed_from:
         total, micro, accum = _keep_global_batch(run, total, micro, accum, world_size)
     derived = [k for k in BATCH_KEYS if _is_auto(raw.get(k))]
-    notes.append(f"batch: {micro} per rank x {accum} accumulation x {world_size} ranks = {total} per optimizer step"
-                 + (f" (derived: {', '.join(derived)})" if derived else ""))
+    notes.append(
+        f"batch: {micro} per rank x {accum} accumulation x {world_size} ranks = {total} per optimizer step"
+        + (f" (derived: {', '.join(derived)})" if derived else "")
+    )
     ds.update(train_batch_size=total, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
     if pipeline_rules:
         _check_pipeline_rules(path, ds)
@@ -428,7 +535,7 @@ def resolve_ds_config(path: str, raw: dict, world_size: int, hw: Hardware, cfg: 
     ds["bf16"] = {**(ds.get("bf16") or raw.get("bfloat16") or {}), "enabled": choice == "bf16"}
     if _is_auto(ds.get("gradient_clipping", 0.0)):
         ds["gradient_clipping"] = 1.0
-        notes.append("gradient_clipping \"auto\" -> 1.0 (HF Trainer's max_grad_norm default)")
+        notes.append('gradient_clipping "auto" -> 1.0 (HF Trainer\'s max_grad_norm default)')
     lr_note = scale_learning_rates(path, ds, cfg.lr_scaling, cfg.reference_batch)
     if lr_note:
         notes.append(lr_note)
@@ -440,13 +547,18 @@ def resolve_ds_config(path: str, raw: dict, world_size: int, hw: Hardware, cfg: 
     total_steps = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
     ds = fill_schedule(path, ds, total_steps, cfg.warmup_ratio)
     if cfg.flops_profiler_step:
-        ds["flops_profiler"] = {"enabled": True, "profile_step": cfg.flops_profiler_step,
-                                "output_file": str(Path(run.run_dir) / "flops_profile.txt")}
+        ds["flops_profiler"] = {
+            "enabled": True,
+            "profile_step": cfg.flops_profiler_step,
+            "output_file": str(Path(run.run_dir) / "flops_profile.txt"),
+        }
     if run.resumed_from and run.resumed_world_size != world_size:  # DeepSpeed re-partitions from its universal format
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-        warnings.append(f"resuming a {run.resumed_world_size}-rank checkpoint on {world_size} ranks: global batch kept at "
-                        f"{total} = {micro} x {accum} accumulation x {world_size}; not carried over: each rank's RNG state "
-                        "(dropout masks differ from an uninterrupted run) and bit-exactness (reductions run in another order)")
+        warnings.append(
+            f"resuming a {run.resumed_world_size}-rank checkpoint on {world_size} ranks: global batch kept at "
+            f"{total} = {micro} x {accum} accumulation x {world_size}; not carried over: each rank's RNG state "
+            "(dropout masks differ from an uninterrupted run) and bit-exactness (reductions run in another order)"
+        )
     return ResolvedConfig(ds, notes, warnings, per_epoch, total_steps)
 
 
@@ -456,11 +568,14 @@ def _keep_global_batch(run: RunShape, total: int, micro: int, accum: int, world_
     re-derived to keep it (with this config's micro batch)."""
     if run.resumed_world_size == world_size:
         if run.resumed_batch != total:
-            raise ConfigError(f"{run.resumed_from}: trained with a global batch of {run.resumed_batch}, but this config gives "
-                              f"{total}; resume with the checkpoint's batch settings")
+            raise ConfigError(
+                f"{run.resumed_from}: trained with a global batch of {run.resumed_batch}, but this config gives "
+                f"{total}; resume with the checkpoint's batch settings"
+            )
         return total, micro, accum
-    return resolve_batch(run.resumed_from, {"train_batch_size": run.resumed_batch, "train_micro_batch_size_per_gpu": micro},
-                         world_size)
+    return resolve_batch(
+        run.resumed_from, {"train_batch_size": run.resumed_batch, "train_micro_batch_size_per_gpu": micro}, world_size
+    )
 
 
 def fill_schedule(path: str, ds: dict, total_steps: int, warmup_ratio: float) -> dict:
@@ -472,8 +587,10 @@ def fill_schedule(path: str, ds: dict, total_steps: int, warmup_ratio: float) ->
     if params.get("warmup_num_steps") == "auto":
         params["warmup_num_steps"] = math.ceil(warmup_ratio * total_steps)
     if isinstance(params.get("total_num_steps"), int) and params["total_num_steps"] < total_steps:
-        raise ConfigError(f"{path}: scheduler.params.total_num_steps={params['total_num_steps']} is shorter than the run "
-                          f"({total_steps} optimizer steps); use \"auto\"")
+        raise ConfigError(
+            f"{path}: scheduler.params.total_num_steps={params['total_num_steps']} is shorter than the run "
+            f'({total_steps} optimizer steps); use "auto"'
+        )
     return ds
 
 

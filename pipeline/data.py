@@ -11,6 +11,7 @@ some samples would count twice); dropping it keeps every optimizer step an equal
 exactly one global batch. The permutation changes every epoch, so different samples are left out
 each time (at most global batch - 1 per epoch).
 """
+
 from __future__ import annotations
 
 import csv
@@ -35,6 +36,7 @@ FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
 # ----------------------------------------------------------------------------------------------
 # Reading and checking files
 # ----------------------------------------------------------------------------------------------
+
 
 def _decode(path: Path) -> str:
     """The file's text: existence, format, emptiness and UTF-8 checked, errors with line and column."""
@@ -142,8 +144,11 @@ def read_split(path: str, text_column: str, label_column: str | None) -> Split:
     for row, text in enumerate(texts, start=1):
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"{path}: record {row}: '{text_column}' is empty or not text ({text!r})")
-    labels = [] if label_column is None else [_label(path, row, label_column, record.get(label_column))
-                                              for row, record in enumerate(records, start=1)]
+    labels = (
+        []
+        if label_column is None
+        else [_label(path, row, label_column, record.get(label_column)) for row, record in enumerate(records, start=1)]
+    )
     return Split(path, texts, labels)
 
 
@@ -155,6 +160,7 @@ def label_names_from(train: Split, others: list[Split]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # Tokenizing, with an on-disk cache keyed by the records, tokenizer, max length and label names
 # ----------------------------------------------------------------------------------------------
+
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of vocabulary, normalizer and pre-tokenizer; not of the truncation state a call leaves behind."""
@@ -191,19 +197,25 @@ def _write_tokenized(split: Split, label_names: list[str], tokenizer, max_length
     with pa.OSFile(str(path), "wb") as sink:
         writer = None
         for start in range(0, len(split.texts), TOKENIZE_BATCH):
-            encoded = tokenizer(split.texts[start:start + TOKENIZE_BATCH], truncation=True, max_length=max_length)
+            encoded = tokenizer(split.texts[start : start + TOKENIZE_BATCH], truncation=True, max_length=max_length)
             # Token ids need int32; masks and segment ids fit int8 (a third of the file, as datasets stores them).
-            columns = {name: pa.array(encoded[name], type=pa.list_(pa.int32() if name == "input_ids" else pa.int8()))
-                       for name in encoded.keys()}
-            columns["labels"] = pa.array(task.encode(split.labels[start:start + TOKENIZE_BATCH], label_names), pa.int64())
+            columns = {
+                name: pa.array(encoded[name], type=pa.list_(pa.int32() if name == "input_ids" else pa.int8()))
+                for name in encoded.keys()
+            }
+            columns["labels"] = pa.array(task.encode(split.labels[start : start + TOKENIZE_BATCH], label_names), pa.int64())
             batch = pa.RecordBatch.from_pydict(columns)
             writer = writer or pa.ipc.new_stream(sink, batch.schema)
             writer.write_batch(batch)
             batch_unknown, batch_tokens = count_unknown(tokenizer, columns["input_ids"].flatten().to_numpy())
             unknown, tokens = unknown + batch_unknown, tokens + batch_tokens
         writer.close()
-    return {"num_records": len(split.texts), "tokens": tokens, "unknown_tokens": unknown,
-            "unk_fraction": unknown / max(tokens, 1)}
+    return {
+        "num_records": len(split.texts),
+        "tokens": tokens,
+        "unknown_tokens": unknown,
+        "unk_fraction": unknown / max(tokens, 1),
+    }
 
 
 def tokenize_cached(split: Split, label_names: list[str], tokenizer, max_length: int, cache_dir: str):
@@ -212,8 +224,9 @@ def tokenize_cached(split: Split, label_names: list[str], tokenizer, max_length:
     Returns (path of the cached dataset, whether it was reused). The cache is written to a
     temporary directory and renamed (`build_once`), so an interrupted build is never mistaken for a cache.
     """
-    key = hashlib.sha256(json.dumps([CACHE_FORMAT, split.fingerprint, tokenizer_fingerprint(tokenizer), max_length,
-                                     label_names]).encode()).hexdigest()[:20]
+    key = hashlib.sha256(
+        json.dumps([CACHE_FORMAT, split.fingerprint, tokenizer_fingerprint(tokenizer), max_length, label_names]).encode()
+    ).hexdigest()[:20]
     target = Path(cache_dir) / f"tokenized-{split.path.stem}-{key}"
     if (target / CACHE_INFO).is_file():
         return target, True
@@ -278,6 +291,7 @@ class TokenizedSplit:
 # Batch order
 # ----------------------------------------------------------------------------------------------
 
+
 def epoch_global_batches(num_samples: int, global_batch: int, seed: int, epoch: int) -> np.ndarray:
     """(steps, global_batch) sample indices: a seeded permutation of the epoch, remainder dropped."""
     order = np.random.default_rng([seed, epoch]).permutation(num_samples)
@@ -292,8 +306,9 @@ class RankMicroBatches:
     micro-batches. Every micro-batch has exactly `micro` samples.
     """
 
-    def __init__(self, num_samples: int, micro: int, accum: int, world: int, rank: int, seed: int,
-                 epoch: int, start_step: int = 0):
+    def __init__(
+        self, num_samples: int, micro: int, accum: int, world: int, rank: int, seed: int, epoch: int, start_step: int = 0
+    ):
         batches = epoch_global_batches(num_samples, micro * accum * world, seed, epoch)
         if not 0 <= start_step < len(batches):  # an empty epoch would leave the training loop spinning
             raise ValueError(f"start step {start_step} is outside the epoch's {len(batches)} optimizer steps")
@@ -310,8 +325,9 @@ class RankMicroBatches:
                 yield micro_batch.tolist()
 
 
-def train_batches(split: TokenizedSplit, micro: int, accum: int, world: int, rank: int, seed: int, epoch: int,
-                  start_step: int = 0):
+def train_batches(
+    split: TokenizedSplit, micro: int, accum: int, world: int, rank: int, seed: int, epoch: int, start_step: int = 0
+):
     """This rank's padded micro-batches of one epoch, from optimizer step `start_step` on."""
     for indices in RankMicroBatches(len(split), micro, accum, world, rank, seed, epoch, start_step):
         yield split.batch(indices)
@@ -319,9 +335,14 @@ def train_batches(split: TokenizedSplit, micro: int, accum: int, world: int, ran
 
 def train_fingerprint(cfg: TrainConfig, train: Split, tokenizer) -> dict:
     """What fixes the training batches and their order: a resume must find all of it unchanged."""
-    return {"train file content (sha256)": file_digest(train.path), "train records": len(train.texts),
-            "text_column": cfg.text_column, "label_column": cfg.label_column, "max_length": cfg.max_length,
-            "tokenizer (fingerprint)": tokenizer_fingerprint(tokenizer)}
+    return {
+        "train file content (sha256)": file_digest(train.path),
+        "train records": len(train.texts),
+        "text_column": cfg.text_column,
+        "label_column": cfg.label_column,
+        "max_length": cfg.max_length,
+        "tokenizer (fingerprint)": tokenizer_fingerprint(tokenizer),
+    }
 
 
 def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict:
@@ -336,8 +357,12 @@ def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict
         others["test"] = read_split(cfg.test_file, cfg.text_column, cfg.label_column)
     label_names = label_names_from(train, list(others.values()))
     tokenizer, tokenizer_dir = tokenizer_for(train)
-    info = {"label_names": label_names, "tokenizer_dir": str(tokenizer_dir), "splits": {},
-            "train_data": train_fingerprint(cfg, train, tokenizer)}
+    info = {
+        "label_names": label_names,
+        "tokenizer_dir": str(tokenizer_dir),
+        "splits": {},
+        "train_data": train_fingerprint(cfg, train, tokenizer),
+    }
     for name, split in {"train": train, **others}.items():
         path, reused = tokenize_cached(split, label_names, tokenizer, cfg.max_length, cache_dir)
         info["splits"][name] = str(path)

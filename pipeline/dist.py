@@ -4,6 +4,7 @@ Nothing else in the runtime reads RANK or WORLD_SIZE. The launcher (deepspeed's 
 OpenMPI, or SLURM's srun) sets them before Python starts, so rank and world size are known before
 the process group exists, which is what lets configs be checked before any rank waits on another.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,11 @@ from datetime import timedelta
 from pathlib import Path
 
 # Where each launcher puts rank, world size and local rank: deepspeed's launcher, OpenMPI, srun.
-RANK_VARIABLES = {"RANK": ("OMPI_COMM_WORLD_RANK", "SLURM_PROCID"), "WORLD_SIZE": ("OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS"),
-                  "LOCAL_RANK": ("OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")}
+RANK_VARIABLES = {
+    "RANK": ("OMPI_COMM_WORLD_RANK", "SLURM_PROCID"),
+    "WORLD_SIZE": ("OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS"),
+    "LOCAL_RANK": ("OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"),
+}
 
 
 def in_slurm_step() -> bool:
@@ -71,8 +75,11 @@ def init(timeout_minutes: float) -> None:
         os.environ.update({name: str(_env_int(name, default=0)) for name in RANK_VARIABLES})
     device = bind_device()
     if is_main() and unbuilt_comm_op():
-        print("note: first DeepSpeed run here: building its CPU communication op (about a minute, once per machine; "
-              "prebuilding: docs/troubleshooting.md)", flush=True)
+        print(
+            "note: first DeepSpeed run here: building its CPU communication op (about a minute, once per machine; "
+            "prebuilding: docs/troubleshooting.md)",
+            flush=True,
+        )
     # One line per rank (in its rank log when the launcher keeps them): where each rank runs.
     print(f"rank {rank()} of {world_size()}: host {socket.gethostname()}, pid {os.getpid()}, device {device}", flush=True)
     timeout = timedelta(minutes=timeout_minutes)
@@ -102,9 +109,12 @@ def bind_device() -> str:
         return "cpu"
     index, count = local_rank(), accelerator.device_count()
     if index >= count:  # said by the rank that finds it: it may not be rank 0, which prints config errors
-        print(f"[rank {rank()}] error: local rank {index} on {socket.gethostname()} but only {count} "
-              f"{accelerator.device_name()} device(s) visible there: the hostfile gives this host more slots than GPUs",
-              file=sys.stderr, flush=True)
+        print(
+            f"[rank {rank()}] error: local rank {index} on {socket.gethostname()} but only {count} "
+            f"{accelerator.device_name()} device(s) visible there: the hostfile gives this host more slots than GPUs",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(2)
     accelerator.set_device(index)
     return accelerator.device_name(index)

@@ -11,6 +11,7 @@ host (where rank 0 opens the rendezvous store), the master port. One row per hos
 named. The accelerator of the ranks (CUDA or DeepSpeed's CPU accelerator) is decided here, per
 host, not from the machine that launches.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import probe as probe_module
-from .probe import MARKER, PACKAGES
 from .hosts import active_hosts, is_local, slurm_allocation
+from .probe import MARKER, PACKAGES
 
 ACCELERATORS = ("auto", "cuda", "cpu")
 V100_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
@@ -70,17 +71,21 @@ def arch_problem(capability: str, arch_list: list[str], torch_version: str | Non
     compiled by the driver for any GPU of capability >= X.Y."""
     have = _capability(capability)
     if not arch_list:
-        return (f"torch {torch_version} has no CUDA kernels (a CPU build) but the host has GPUs of compute capability "
-                f"{capability}: install a CUDA build (docs/gpu-clusters.md)")
+        return (
+            f"torch {torch_version} has no CUDA kernels (a CPU build) but the host has GPUs of compute capability "
+            f"{capability}: install a CUDA build (docs/gpu-clusters.md)"
+        )
     for arch in arch_list:
         kind, _, digits = arch.partition("_")
         built = (int(digits[:-1]), int(digits[-1])) if digits.isdigit() and len(digits) >= 2 else None
         if built and ((kind == "sm" and built[0] == have[0] and built[1] <= have[1]) or (kind == "compute" and built <= have)):
             return None
     hint = f": {V100_INSTALL} (CUDA 12.6 builds still carry sm_70)" if have == (7, 0) else ""
-    return (f"GPU compute capability {capability} (sm_{have[0]}{have[1]}) is not among torch {torch_version}'s CUDA "
-            f"architectures ({' '.join(arch_list)}); every kernel would fail with 'no kernel image is available'; "
-            f"install a torch build that includes it{hint}")
+    return (
+        f"GPU compute capability {capability} (sm_{have[0]}{have[1]}) is not among torch {torch_version}'s CUDA "
+        f"architectures ({' '.join(arch_list)}); every kernel would fail with 'no kernel image is available'; "
+        f"install a torch build that includes it{hint}"
+    )
 
 
 def choose_accelerator(requested: str, facts: dict[str, dict], hosts: dict[str, int]) -> tuple[str, list[str]]:
@@ -94,16 +99,19 @@ def choose_accelerator(requested: str, facts: dict[str, dict], hosts: dict[str, 
         choice = requested
     elif with_gpus and len(with_gpus) < len(alive):
         without = [host for host in alive if host not in with_gpus]
-        return "mixed", [f"GPUs on {', '.join(with_gpus)} but none on {', '.join(without)}: one job cannot mix CUDA "
-                         "and CPU ranks; remove the hosts without GPUs, or pass --accelerator cpu to run every rank on CPUs"]
+        return "mixed", [
+            f"GPUs on {', '.join(with_gpus)} but none on {', '.join(without)}: one job cannot mix CUDA "
+            "and CPU ranks; remove the hosts without GPUs, or pass --accelerator cpu to run every rank on CPUs"
+        ]
     else:
         choice = "cuda" if with_gpus else "cpu"
     problems = []
     if choice == "cuda":
         for host, f in alive.items():
             if f["gpus"] < hosts[host]:
-                problems.append(f"{host}: slots={hosts[host]} but {f['gpus']} GPUs (fix the hostfile's slots, or "
-                                "--accelerator cpu)")
+                problems.append(
+                    f"{host}: slots={hosts[host]} but {f['gpus']} GPUs (fix the hostfile's slots, or --accelerator cpu)"
+                )
             for capability in f["capabilities"]:
                 issue = arch_problem(capability, f["arch_list"], f["torch"])
                 if issue:
@@ -115,7 +123,9 @@ def problems(facts: dict, here: dict, min_free_gb: float, port: int) -> list[str
     """What is wrong with one host, apart from its accelerator (see `choose_accelerator`)."""
     if "error" in facts:
         return [facts["error"]]
-    found = [f"{key} {facts[key] or 'not installed'} (here {here[key]})" for key in ("python", *PACKAGES) if facts[key] != here[key]]
+    found = [
+        f"{key} {facts[key] or 'not installed'} (here {here[key]})" for key in ("python", *PACKAGES) if facts[key] != here[key]
+    ]
     if facts["project"] != here["project"]:
         found.append(f"the project is not importable at {Path(here['project']).parent.parent} (found: {facts['project']})")
     if facts["free_gb"] < min_free_gb:
@@ -124,14 +134,24 @@ def problems(facts: dict, here: dict, min_free_gb: float, port: int) -> list[str
         found.append(f"master port {port} is in use (another job? choose --master-port)")
     for name, seen in facts["shared"].items():
         if not seen:
-            found.append(f"{name} is not the first host's directory (its marker {MARKER} is missing here): rank 0 writes "
-                         "the tokenized cache, tokenizer and checkpoints there for every rank, so every host needs the "
-                         "same shared file system (NFS, Lustre, ...) at the same path; give --output-dir/--cache-dir on it")
+            found.append(
+                f"{name} is not the first host's directory (its marker {MARKER} is missing here): rank 0 writes "
+                "the tokenized cache, tokenizer and checkpoints there for every rank, so every host needs the "
+                "same shared file system (NFS, Lustre, ...) at the same path; give --output-dir/--cache-dir on it"
+            )
     return found
 
 
-def check(hosts: dict[str, int], output_dir: str, cache_dir: str, master_port: int, requested: str = "auto",
-          timeout: float = 10.0, min_free_gb: float = 1.0, transport: str = "ssh") -> tuple[bool, str, dict]:
+def check(
+    hosts: dict[str, int],
+    output_dir: str,
+    cache_dir: str,
+    master_port: int,
+    requested: str = "auto",
+    timeout: float = 10.0,
+    min_free_gb: float = 1.0,
+    transport: str = "ssh",
+) -> tuple[bool, str, dict]:
     """Probe every host, print one row per host and each problem; (no problems, accelerator, facts per host).
 
     The first host (rank 0's) is probed first and writes the shared-directory markers; the others,
@@ -139,8 +159,14 @@ def check(hosts: dict[str, int], output_dir: str, cache_dir: str, master_port: i
     repo = str(Path(__file__).resolve().parent.parent)
     first = next(iter(hosts))
     token = secrets.token_hex(8)
-    request = {"repo": repo, "output_dir": output_dir, "port": 0, "token": token,
-               "dirs": [output_dir, cache_dir] if len(hosts) > 1 else [], "write": False}
+    request = {
+        "repo": repo,
+        "output_dir": output_dir,
+        "port": 0,
+        "token": token,
+        "dirs": [output_dir, cache_dir] if len(hosts) > 1 else [],
+        "write": False,
+    }
     here = probe_module.probe({**request, "dirs": []})
     facts = {first: probe_on(first, {**request, "port": master_port, "write": True}, timeout, transport)}
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
@@ -154,8 +180,16 @@ def check(hosts: dict[str, int], output_dir: str, cache_dir: str, master_port: i
         f = facts[host]
         found[host] = problems(f, here, min_free_gb, master_port)
         found[host] += [p.split(": ", 1)[1] for p in accelerator_problems if p.startswith(f"{host}: ")]
-        cells = ("-",) * 6 if "error" in f else (f["hostname"], f["python"], *(str(f[p]) for p in PACKAGES),
-                                                 f"{f['gpus']}" + (f" (sm {','.join(f['capabilities'])})" if f["capabilities"] else ""))
+        cells = (
+            ("-",) * 6
+            if "error" in f
+            else (
+                f["hostname"],
+                f["python"],
+                *(str(f[p]) for p in PACKAGES),
+                f"{f['gpus']}" + (f" (sm {','.join(f['capabilities'])})" if f["capabilities"] else ""),
+            )
+        )
         free = "-" if "error" in f else f"{f['free_gb']:.1f}"
         rows.append((host, str(slots), *cells, accelerator, free, "FAILED" if found[host] else "ok"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -175,14 +209,24 @@ def check(hosts: dict[str, int], output_dir: str, cache_dir: str, master_port: i
 
 def add_arguments(p) -> None:
     p.add_argument("--hostfile", default="hostfiles/localhost", help="lines 'HOST slots=N' (default: %(default)s)")
-    p.add_argument("--launcher", choices=("ssh", "slurm"), default="ssh",
-                   help="slurm: check the nodes of this SLURM allocation, one job step per node (default: the hostfile over ssh)")
+    p.add_argument(
+        "--launcher",
+        choices=("ssh", "slurm"),
+        default="ssh",
+        help="slurm: check the nodes of this SLURM allocation, one job step per node (default: the hostfile over ssh)",
+    )
     p.add_argument("--include", default="", help="deepspeed's host/slot filter")
     p.add_argument("--exclude", default="", help="deepspeed's host/slot filter")
-    p.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
-                   help="cuda, cpu, or auto: CUDA where every host has GPUs, CPU where none has (default: %(default)s)")
+    p.add_argument(
+        "--accelerator",
+        choices=ACCELERATORS,
+        default="auto",
+        help="cuda, cpu, or auto: CUDA where every host has GPUs, CPU where none has (default: %(default)s)",
+    )
     p.add_argument("--master-port", type=int, default=29500, help="checked free on the first host (default: %(default)s)")
-    p.add_argument("--output-dir", default="runs", help="checked for free disk and sharing, relative to the project (default: %(default)s)")
+    p.add_argument(
+        "--output-dir", default="runs", help="checked for free disk and sharing, relative to the project (default: %(default)s)"
+    )
     p.add_argument("--cache-dir", default="", help="checked for sharing (default: OUTPUT_DIR/cache)")
     p.add_argument("--min-free-gb", type=float, default=1.0, help="(default: %(default)s)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per host (default: %(default)s)")
@@ -191,6 +235,14 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     slurm = args.launcher == "slurm"
     hosts = slurm_allocation() if slurm else active_hosts(args.hostfile, args.include, args.exclude)
-    ok, _, _ = check(hosts, args.output_dir, args.cache_dir or str(Path(args.output_dir) / "cache"), args.master_port,
-                  args.accelerator, args.timeout, args.min_free_gb, transport="srun" if slurm else "ssh")
+    ok, _, _ = check(
+        hosts,
+        args.output_dir,
+        args.cache_dir or str(Path(args.output_dir) / "cache"),
+        args.master_port,
+        args.accelerator,
+        args.timeout,
+        args.min_free_gb,
+        transport="srun" if slurm else "ssh",
+    )
     return 0 if ok else 1

@@ -6,6 +6,7 @@ sections (optimizer, scheduler, activation checkpointing) it reads with `.get()`
 typos. Here the same pydantic models check their sections up front, and DeepSpeed's own key
 constants stand in where it has no model, so the known keys follow the installed DeepSpeed.
 """
+
 from __future__ import annotations
 
 import typing
@@ -15,20 +16,71 @@ from .base import unknown_key_message as _unknown
 # Top-level keys DeepSpeed 0.19 reads (deepspeed/runtime/config.py and its sub-configs), plus
 # `pipeline_resolved`, the record this pipeline adds to the config it resolves.
 TOP_LEVEL_KEYS = {
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-    "optimizer", "scheduler", "fp16", "bf16", "bfloat16", "amp", "torch_autocast", "gradient_clipping",
-    "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
-    "communication_data_type", "seq_parallel_communication_data_type", "prescale_gradients",
-    "gradient_predivide_factor", "gradient_allreduce_op", "sparse_gradients", "steps_per_print",
-    "wall_clock_breakdown", "memory_breakdown", "dump_state", "log_level", "disable_allgather",
-    "dataloader_drop_last", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb",
-    "csv_monitor", "comet", "monitor_config", "comms_logger", "comms_config", "autotuning", "elasticity",
-    "data_efficiency", "curriculum_learning", "compression_training", "sparse_attention", "eigenvalue",
-    "progressive_layer_drop", "pipeline", "checkpoint", "data_types", "aio", "nebula",
-    "quantize_training", "weight_quantization", "hybrid_engine", "compile", "timers",
-    "tensor_parallel", "expert_parallel", "use_data_before_expert_parallelism", "graph_harvesting",
-    "disable_python_gc", "managed_gradient_accumulation", "vocabulary_size", "zenflow",
-    "sequence_parallel_size", "mics_shard_size", "mics_hierarchical_params_gather",
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "scheduler",
+    "fp16",
+    "bf16",
+    "bfloat16",
+    "amp",
+    "torch_autocast",
+    "gradient_clipping",
+    "zero_optimization",
+    "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer",
+    "communication_data_type",
+    "seq_parallel_communication_data_type",
+    "prescale_gradients",
+    "gradient_predivide_factor",
+    "gradient_allreduce_op",
+    "sparse_gradients",
+    "steps_per_print",
+    "wall_clock_breakdown",
+    "memory_breakdown",
+    "dump_state",
+    "log_level",
+    "disable_allgather",
+    "dataloader_drop_last",
+    "activation_checkpointing",
+    "flops_profiler",
+    "tensorboard",
+    "wandb",
+    "csv_monitor",
+    "comet",
+    "monitor_config",
+    "comms_logger",
+    "comms_config",
+    "autotuning",
+    "elasticity",
+    "data_efficiency",
+    "curriculum_learning",
+    "compression_training",
+    "sparse_attention",
+    "eigenvalue",
+    "progressive_layer_drop",
+    "pipeline",
+    "checkpoint",
+    "data_types",
+    "aio",
+    "nebula",
+    "quantize_training",
+    "weight_quantization",
+    "hybrid_engine",
+    "compile",
+    "timers",
+    "tensor_parallel",
+    "expert_parallel",
+    "use_data_before_expert_parallelism",
+    "graph_harvesting",
+    "disable_python_gc",
+    "managed_gradient_accumulation",
+    "vocabulary_size",
+    "zenflow",
+    "sequence_parallel_size",
+    "mics_shard_size",
+    "mics_hierarchical_params_gather",
     "pipeline_resolved",
 }
 
@@ -36,11 +88,21 @@ TOP_LEVEL_KEYS = {
 # pipeline fills it: the batch triple and gradient_clipping).
 _NUMBER, _INT, _BOOL = (int, float), (int,), (bool,)
 SCALAR_TYPES = {
-    "train_batch_size": _INT, "train_micro_batch_size_per_gpu": _INT, "gradient_accumulation_steps": _INT,
-    "gradient_clipping": _NUMBER, "steps_per_print": _INT, "gradient_predivide_factor": _NUMBER,
-    "wall_clock_breakdown": _BOOL, "memory_breakdown": _BOOL, "prescale_gradients": _BOOL,
-    "sparse_gradients": _BOOL, "dump_state": _BOOL, "zero_allow_untested_optimizer": _BOOL,
-    "zero_force_ds_cpu_optimizer": _BOOL, "disable_allgather": _BOOL, "dataloader_drop_last": _BOOL,
+    "train_batch_size": _INT,
+    "train_micro_batch_size_per_gpu": _INT,
+    "gradient_accumulation_steps": _INT,
+    "gradient_clipping": _NUMBER,
+    "steps_per_print": _INT,
+    "gradient_predivide_factor": _NUMBER,
+    "wall_clock_breakdown": _BOOL,
+    "memory_breakdown": _BOOL,
+    "prescale_gradients": _BOOL,
+    "sparse_gradients": _BOOL,
+    "dump_state": _BOOL,
+    "zero_allow_untested_optimizer": _BOOL,
+    "zero_force_ds_cpu_optimizer": _BOOL,
+    "disable_allgather": _BOOL,
+    "dataloader_drop_last": _BOOL,
 }
 AUTO_OK = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"}
 
@@ -55,10 +117,20 @@ def _pydantic_sections() -> dict:
     from deepspeed.runtime.tensor_parallel.config import TPTrainingConfig
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    return {"zero_optimization": DeepSpeedZeroConfig, "fp16": DeepSpeedFP16Config, "bf16": DeepSpeedBF16Config,
-            "bfloat16": DeepSpeedBF16Config, "tensorboard": TensorBoardConfig, "wandb": WandbConfig,
-            "csv_monitor": CSVConfig, "comet": CometConfig, "comms_logger": CommsLoggerConfig,
-            "compile": CompileConfig, "hybrid_engine": HybridEngineConfig, "tensor_parallel": TPTrainingConfig}
+    return {
+        "zero_optimization": DeepSpeedZeroConfig,
+        "fp16": DeepSpeedFP16Config,
+        "bf16": DeepSpeedBF16Config,
+        "bfloat16": DeepSpeedBF16Config,
+        "tensorboard": TensorBoardConfig,
+        "wandb": WandbConfig,
+        "csv_monitor": CSVConfig,
+        "comet": CometConfig,
+        "comms_logger": CommsLoggerConfig,
+        "compile": CompileConfig,
+        "hybrid_engine": HybridEngineConfig,
+        "tensor_parallel": TPTrainingConfig,
+    }
 
 
 def _constant_sections() -> dict:
@@ -68,14 +140,19 @@ def _constant_sections() -> dict:
     from deepspeed.runtime.activation_checkpointing import config as act
 
     def values(module, prefix: str) -> set:
-        return {v for k, v in vars(module).items() if k.startswith(prefix) and not k.endswith("_DEFAULT")
-                and isinstance(v, str) and k != prefix}
+        return {
+            v
+            for k, v in vars(module).items()
+            if k.startswith(prefix) and not k.endswith("_DEFAULT") and isinstance(v, str) and k != prefix
+        }
 
-    return {"activation_checkpointing": values(act, "ACT_CHKPT_"),
-            "flops_profiler": values(profiling, "FLOPS_PROFILER_"),
-            # optimizer/scheduler params depend on the type and are passed through as they are
-            "optimizer": {runtime.TYPE, runtime.OPTIMIZER_PARAMS, runtime.LEGACY_FUSION},
-            "scheduler": {runtime.TYPE, runtime.SCHEDULER_PARAMS}}
+    return {
+        "activation_checkpointing": values(act, "ACT_CHKPT_"),
+        "flops_profiler": values(profiling, "FLOPS_PROFILER_"),
+        # optimizer/scheduler params depend on the type and are passed through as they are
+        "optimizer": {runtime.TYPE, runtime.OPTIMIZER_PARAMS, runtime.LEGACY_FUSION},
+        "scheduler": {runtime.TYPE, runtime.SCHEDULER_PARAMS},
+    }
 
 
 def _model_keys(model) -> set:
@@ -141,7 +218,8 @@ def validate(path: str, ds: dict) -> tuple[list[str], list[str]]:
             errors.append(_unknown(path, key, TOP_LEVEL_KEYS))
         elif key in SCALAR_TYPES:
             ok = (value == "auto" and key in AUTO_OK) or (
-                isinstance(value, SCALAR_TYPES[key]) and (bool in SCALAR_TYPES[key] or not isinstance(value, bool)))
+                isinstance(value, SCALAR_TYPES[key]) and (bool in SCALAR_TYPES[key] or not isinstance(value, bool))
+            )
             if not ok:
                 expected = {_NUMBER: "a number", _INT: "an integer", _BOOL: "true or false"}[SCALAR_TYPES[key]]
                 errors.append(f"{where} = {value!r}, expected {expected}" + (' or "auto"' if key in AUTO_OK else ""))

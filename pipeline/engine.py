@@ -4,6 +4,7 @@ Optimizer, scheduler, precision, clipping and ZeRO come from the resolved DeepSp
 engine owns gradient accumulation (it scales each micro-batch loss by 1/accumulation in
 `backward` and applies the update at the window's boundary in `step`).
 """
+
 from __future__ import annotations
 
 

@@ -6,6 +6,7 @@ gathers parameters collectively, and a rank that stops early would leave the oth
 fillers are dropped before metrics (unlike DistributedSampler, whose padding repeats real samples
 and would count them twice).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,7 +22,7 @@ def eval_index_batches(num_samples: int, world: int, rank: int, batch_size: int)
     per_rank = -(-num_samples // world)
     mine = list(range(rank, num_samples, world))
     mine += [FILLER] * (per_rank - len(mine))
-    return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
+    return [mine[i : i + batch_size] for i in range(0, per_rank, batch_size)]
 
 
 def to_device(batch: dict, device) -> dict:

@@ -1,6 +1,7 @@
 """Which hosts and slots a launch uses: a hostfile, read as DeepSpeed's runner reads it but strictly,
 or a SLURM allocation. Used by the launcher, the doctor and check-config, so all count the same world.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,7 @@ def _line_of(lines: list[str], predicate) -> int:
     return next((n for n, line in enumerate(lines, 1) if predicate(line.strip())), 0)
 
 
-def read_hostfile(path: str) -> "OrderedDict[str, int]":
+def read_hostfile(path: str) -> OrderedDict[str, int]:
     """host -> slots, parsed by DeepSpeed's runner; its errors and the lines it accepts but should
     not (zero slots, text after the count) become ConfigErrors naming the file and line."""
     from deepspeed.launcher.runner import fetch_hostfile
@@ -53,15 +54,18 @@ def read_hostfile(path: str) -> "OrderedDict[str, int]":
         if not match:
             raise ConfigError(f"{path}, line {n}: {text!r} is not 'HOSTNAME slots=N' (text after the slot count)")
         if not HOSTNAME.fullmatch(match[1]):
-            raise ConfigError(f"{path}, line {n}: {match[1]!r} is not a host name (letters, digits, '.', '-' and '_', "
-                              "not starting with '-'); pdsh and ssh would take it as an option or a shell command")
+            raise ConfigError(
+                f"{path}, line {n}: {match[1]!r} is not a host name (letters, digits, '.', '-' and '_', "
+                "not starting with '-'); pdsh and ssh would take it as an option or a shell command"
+            )
         if int(match[2]) == 0:
             raise ConfigError(f"{path}, line {n}: host {match[1]} has slots=0; give its number of GPUs or remove the line")
     return pool
 
 
-def world_from_hostfile(path: str, include: str = "", exclude: str = "", num_nodes: int = -1,
-                        num_gpus: int = -1) -> "OrderedDict[str, list[int]]":
+def world_from_hostfile(
+    path: str, include: str = "", exclude: str = "", num_nodes: int = -1, num_gpus: int = -1
+) -> OrderedDict[str, list[int]]:
     """host -> the slots (local ranks) the `deepspeed` runner would start with these options."""
     from deepspeed.launcher.runner import apply_num_nodes_and_gpus, parse_inclusion_exclusion
 
@@ -99,10 +103,11 @@ def is_local(host: str) -> bool:
 def slurm_allocation() -> dict[str, int]:
     """{node: tasks} of the SLURM allocation this runs in (an sbatch script's, or salloc's)."""
     if "SLURM_JOB_ID" not in os.environ:
-        raise ConfigError("--launcher slurm outside a SLURM allocation (no SLURM_JOB_ID): submit an sbatch script "
-                          "that runs ./launch.sh --launcher slurm (hostfiles/slurm-v100x8.sbatch), or run it inside salloc")
-    listing = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-                             capture_output=True, text=True)
+        raise ConfigError(
+            "--launcher slurm outside a SLURM allocation (no SLURM_JOB_ID): submit an sbatch script "
+            "that runs ./launch.sh --launcher slurm (hostfiles/slurm-v100x8.sbatch), or run it inside salloc"
+        )
+    listing = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], capture_output=True, text=True)
     if listing.returncode != 0:
         raise ConfigError(f"scontrol show hostnames {os.environ['SLURM_JOB_NODELIST']}: {listing.stderr.strip()}")
     tasks = []

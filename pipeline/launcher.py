@@ -6,6 +6,7 @@ OpenMPI runner rejects `--include/--exclude`, a host that ssh cannot reach shows
 pdsh error. Everything checkable from this machine is checked first, with the file and line
 named, then `pipeline doctor` checks every host, and only then does the runner start.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import (HF_ALIASES, ConfigError, Hardware, TrainConfig, add_train_options, load_json, resolve_ds_config,
-                     spellings)
+from .config import HF_ALIASES, ConfigError, Hardware, TrainConfig, add_train_options, load_json, resolve_ds_config, spellings
 from .doctor import ACCELERATORS
 from .hosts import HOSTNAME, active_hosts, is_local, slurm_allocation
 from .stop import STOP_FILE
@@ -43,16 +43,22 @@ def env_value(path: Path, number: int, key: str, value: str, launcher: str) -> s
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
         value = value[1:-1]
     if value != value.strip():
-        raise ConfigError(f"{path}, line {number}: {key}'s quoted value starts or ends with a space, which DeepSpeed's "
-                          "runner strips for remote ranks; remove it")
+        raise ConfigError(
+            f"{path}, line {number}: {key}'s quoted value starts or ends with a space, which DeepSpeed's "
+            "runner strips for remote ranks; remove it"
+        )
     bad = SHELL_ACTIVE.search(value)
     if bad:
-        raise ConfigError(f"{path}, line {number}: {key}'s value contains {bad[0]!r}, which the pdsh runner's shell would "
-                          "interpret on remote nodes but local ranks would not; env-file values may not contain "
-                          "double quotes, $, backticks or backslashes (one layer of surrounding quotes is removed)")
+        raise ConfigError(
+            f"{path}, line {number}: {key}'s value contains {bad[0]!r}, which the pdsh runner's shell would "
+            "interpret on remote nodes but local ranks would not; env-file values may not contain "
+            "double quotes, $, backticks or backslashes (one layer of surrounding quotes is removed)"
+        )
     if launcher == "openmpi" and not RUNNER_PLAIN.fullmatch(value):
-        raise ConfigError(f"{path}, line {number}: {key}={value!r}: with --launcher openmpi, DeepSpeed passes a value with "
-                          "characters other than letters, digits and @%+=:,./-_ to remote ranks in literal double quotes")
+        raise ConfigError(
+            f"{path}, line {number}: {key}={value!r}: with --launcher openmpi, DeepSpeed passes a value with "
+            "characters other than letters, digits and @%+=:,./-_ to remote ranks in literal double quotes"
+        )
     return value
 
 
@@ -84,50 +90,99 @@ class Backend:
 
 BACKENDS = {
     "pdsh": Backend("pdsh", "apt-get install pdsh", filters=True, rank_logs=""),
-    "openmpi": Backend("mpirun", "apt-get install openmpi-bin libopenmpi-dev", filters=False,
-                       rank_logs="--output-filename {dir}", modules=("mpi4py",), as_root="--allow-run-as-root"),
+    "openmpi": Backend(
+        "mpirun",
+        "apt-get install openmpi-bin libopenmpi-dev",
+        filters=False,
+        rank_logs="--output-filename {dir}",
+        modules=("mpi4py",),
+        as_root="--allow-run-as-root",
+    ),
     # One srun task per rank (per GPU), not one DeepSpeed launcher per node: SLURM then tracks,
     # signals (preemption, --signal) and accounts every rank itself, and no ssh is needed.
-    "slurm": Backend("srun", "SLURM's client tools (apt-get install slurm-client)", filters=False,
-                     rank_logs="--output={dir}/rank-%t.log"),
+    "slurm": Backend(
+        "srun", "SLURM's client tools (apt-get install slurm-client)", filters=False, rank_logs="--output={dir}/rank-%t.log"
+    ),
 }
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Launch options here; the rest must be training options (checked now, not on every rank later)."""
     p = argparse.ArgumentParser(
-        prog="./launch.sh", allow_abbrev=False,  # no abbreviations: unknown options are training options
+        prog="./launch.sh",
+        allow_abbrev=False,  # no abbreviations: unknown options are training options
         description="Check hosts (pipeline doctor), then run `python -m pipeline train` on every slot of a hostfile "
-                    "through the deepspeed runner. Options not listed here are training options "
-                    "(python -m pipeline train --help). Every option also takes its underscore spelling.")
-    p.add_argument(*spellings("hostfile"), default="", help="lines 'HOST slots=N' (default: hostfiles/localhost; not with --launcher slurm)")
-    p.add_argument(*spellings("ds-config"), *HF_ALIASES["ds_config"], dest="ds_config", default="ds_configs/small_zero2.json",
-                   help="DeepSpeed JSON (default: %(default)s)")
-    p.add_argument(*spellings("launcher"), choices=tuple(BACKENDS), default="pdsh",
-                   help="pdsh or openmpi (DeepSpeed's runner over ssh), or slurm (srun inside an allocation) (default: %(default)s)")
-    p.add_argument(*spellings("accelerator"), choices=ACCELERATORS, default="auto",
-                   help="cuda, cpu, or auto: decided per host by the doctor, CUDA where every host has GPUs, "
-                        "DeepSpeed's CPU accelerator where none has (default: %(default)s)")
+        "through the deepspeed runner. Options not listed here are training options "
+        "(python -m pipeline train --help). Every option also takes its underscore spelling.",
+    )
+    p.add_argument(
+        *spellings("hostfile"), default="", help="lines 'HOST slots=N' (default: hostfiles/localhost; not with --launcher slurm)"
+    )
+    p.add_argument(
+        *spellings("ds-config"),
+        *HF_ALIASES["ds_config"],
+        dest="ds_config",
+        default="ds_configs/small_zero2.json",
+        help="DeepSpeed JSON (default: %(default)s)",
+    )
+    p.add_argument(
+        *spellings("launcher"),
+        choices=tuple(BACKENDS),
+        default="pdsh",
+        help="pdsh or openmpi (DeepSpeed's runner over ssh), or slurm (srun inside an allocation) (default: %(default)s)",
+    )
+    p.add_argument(
+        *spellings("accelerator"),
+        choices=ACCELERATORS,
+        default="auto",
+        help="cuda, cpu, or auto: decided per host by the doctor, CUDA where every host has GPUs, "
+        "DeepSpeed's CPU accelerator where none has (default: %(default)s)",
+    )
     p.add_argument(*spellings("include"), default="", help="deepspeed's host/slot filter, e.g. 'node1@node2:0,1' (pdsh only)")
     p.add_argument(*spellings("exclude"), default="", help="deepspeed's host/slot filter (pdsh only)")
-    p.add_argument(*spellings("master-addr"), dest="master_addr", default="",
-                   help="rendezvous address (default: the first host; 127.0.0.1 for a local hostfile)")
-    p.add_argument(*spellings("master-port"), dest="master_port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)),
-                   help="rendezvous port (default: $MASTER_PORT or 29500)")
-    p.add_argument(*spellings("env-file"), dest="env_file", default="", help="KEY=VALUE lines for every remote rank (default: HOSTFILE.env if it exists)")
-    p.add_argument(*spellings("launcher-args"), dest="launcher_args", default="", help="extra arguments for pdsh or mpirun, as one string")
+    p.add_argument(
+        *spellings("master-addr"),
+        dest="master_addr",
+        default="",
+        help="rendezvous address (default: the first host; 127.0.0.1 for a local hostfile)",
+    )
+    p.add_argument(
+        *spellings("master-port"),
+        dest="master_port",
+        type=int,
+        default=int(os.environ.get("MASTER_PORT", 29500)),
+        help="rendezvous port (default: $MASTER_PORT or 29500)",
+    )
+    p.add_argument(
+        *spellings("env-file"),
+        dest="env_file",
+        default="",
+        help="KEY=VALUE lines for every remote rank (default: HOSTFILE.env if it exists)",
+    )
+    p.add_argument(
+        *spellings("launcher-args"), dest="launcher_args", default="", help="extra arguments for pdsh or mpirun, as one string"
+    )
     p.add_argument(*spellings("rank-logs"), dest="rank_logs", default="", help="directory for one log file per rank")
-    p.add_argument(*spellings("no-doctor"), dest="no_doctor", action="store_true", help="skip the host checks of `python -m pipeline doctor`")
-    p.add_argument(*spellings("doctor-timeout"), dest="doctor_timeout", type=float, default=10.0,
-                   help="seconds per host for the doctor's checks (default: %(default)s)")
+    p.add_argument(
+        *spellings("no-doctor"), dest="no_doctor", action="store_true", help="skip the host checks of `python -m pipeline doctor`"
+    )
+    p.add_argument(
+        *spellings("doctor-timeout"),
+        dest="doctor_timeout",
+        type=float,
+        default=10.0,
+        help="seconds per host for the doctor's checks (default: %(default)s)",
+    )
     args, train_args = p.parse_known_args(argv)
     # Unknown options would otherwise reach every rank and fail there, after the doctor and the runner.
     train = argparse.ArgumentParser(prog="./launch.sh (training options)", allow_abbrev=False, add_help=False)
     add_train_options(train)
     args.train, unknown = train.parse_known_args(train_args)
     if unknown:
-        p.error(f"unrecognized arguments: {' '.join(unknown)} (launch options: ./launch.sh --help; "
-                "training options: python -m pipeline train --help)")
+        p.error(
+            f"unrecognized arguments: {' '.join(unknown)} (launch options: ./launch.sh --help; "
+            "training options: python -m pipeline train --help)"
+        )
     return args, train_args
 
 
@@ -176,29 +231,41 @@ def visible_devices_include(args: argparse.Namespace, hosts: dict[str, int], env
     GPUs someone else was given. For one local host the same GPUs become `--include HOST:IDS`;
     anything else that cannot be carried over is refused."""
     if "CUDA_VISIBLE_DEVICES" in env:
-        raise ConfigError("CUDA_VISIBLE_DEVICES in an env file is replaced on every host by DeepSpeed's launcher (it sets "
-                          "it from the hostfile's slots); choose GPUs with --include 'HOST:IDS@HOST:IDS' instead")
+        raise ConfigError(
+            "CUDA_VISIBLE_DEVICES in an env file is replaced on every host by DeepSpeed's launcher (it sets "
+            "it from the hostfile's slots); choose GPUs with --include 'HOST:IDS@HOST:IDS' instead"
+        )
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return args.include
     host, slots = next(iter(hosts.items()))
     if args.include or args.exclude:
-        raise ConfigError(f"CUDA_VISIBLE_DEVICES={visible} and --include/--exclude both choose GPUs, and DeepSpeed's "
-                          "launcher would use only the latter; unset CUDA_VISIBLE_DEVICES or drop --include/--exclude")
+        raise ConfigError(
+            f"CUDA_VISIBLE_DEVICES={visible} and --include/--exclude both choose GPUs, and DeepSpeed's "
+            "launcher would use only the latter; unset CUDA_VISIBLE_DEVICES or drop --include/--exclude"
+        )
     if len(hosts) > 1 or not is_local(host):
-        raise ConfigError(f"CUDA_VISIBLE_DEVICES={visible} is set on this machine, but DeepSpeed's launcher replaces it "
-                          "on every host with the hostfile's slots; unset it and choose GPUs per host with "
-                          "--include 'HOST:IDS@HOST:IDS'")
+        raise ConfigError(
+            f"CUDA_VISIBLE_DEVICES={visible} is set on this machine, but DeepSpeed's launcher replaces it "
+            "on every host with the hostfile's slots; unset it and choose GPUs per host with "
+            "--include 'HOST:IDS@HOST:IDS'"
+        )
     ids = [i.strip() for i in visible.split(",") if i.strip()]
     if not ids or not all(i.isdigit() for i in ids):
-        raise ConfigError(f"CUDA_VISIBLE_DEVICES={visible!r}: only GPU indices can be carried over to DeepSpeed's launcher "
-                          f"(--include {host}:0,1,...); unset it and give --include with indices")
+        raise ConfigError(
+            f"CUDA_VISIBLE_DEVICES={visible!r}: only GPU indices can be carried over to DeepSpeed's launcher "
+            f"(--include {host}:0,1,...); unset it and give --include with indices"
+        )
     beyond = [i for i in ids if int(i) >= slots]
     if beyond:
-        raise ConfigError(f"CUDA_VISIBLE_DEVICES={visible} names GPU {', '.join(beyond)} but the hostfile gives {host} "
-                          f"slots={slots} (GPUs 0-{slots - 1}); raise its slots to the node's GPU count")
-    print(f"launch: CUDA_VISIBLE_DEVICES={visible} -> --include {host}:{','.join(ids)} (DeepSpeed's launcher would "
-          "otherwise replace it with the hostfile's slots)")
+        raise ConfigError(
+            f"CUDA_VISIBLE_DEVICES={visible} names GPU {', '.join(beyond)} but the hostfile gives {host} "
+            f"slots={slots} (GPUs 0-{slots - 1}); raise its slots to the node's GPU count"
+        )
+    print(
+        f"launch: CUDA_VISIBLE_DEVICES={visible} -> --include {host}:{','.join(ids)} (DeepSpeed's launcher would "
+        "otherwise replace it with the hostfile's slots)"
+    )
     return f"{host}:{','.join(ids)}"
 
 
@@ -210,7 +277,9 @@ def check_run_config(args: argparse.Namespace, world: int, accelerator: str, cap
         hardware = Hardware.named("cpu")
     else:
         bf16 = all(float(c) >= 8.0 for c in capabilities)
-        hardware = Hardware("cuda", fp16=True, bf16=bf16, name=f"GPUs of compute capability {', '.join(capabilities) or 'unknown'}")
+        hardware = Hardware(
+            "cuda", fp16=True, bf16=bf16, name=f"GPUs of compute capability {', '.join(capabilities) or 'unknown'}"
+        )
     overrides = {key: value for key, value in vars(args.train).items() if key != "config" and value is not None}
     cfg = TrainConfig.from_sources(args.train.config, {**overrides, "ds_config": args.ds_config})
     resolved = resolve_ds_config(args.ds_config, load_json(args.ds_config), world, hardware, cfg)
@@ -224,26 +293,34 @@ def check_slurm_gpus(hosts: dict[str, int], facts: dict[str, dict], accelerator:
     for host, tasks in hosts.items():
         gpus = facts.get(host, {}).get("gpus")
         if gpus is not None and gpus != tasks:
-            raise ConfigError(f"the allocation gives {host} {gpus} GPUs but {tasks} tasks: this pipeline runs one task per "
-                              f"GPU; ask for --ntasks-per-node equal to --gpus-per-node (here {gpus})")
+            raise ConfigError(
+                f"the allocation gives {host} {gpus} GPUs but {tasks} tasks: this pipeline runs one task per "
+                f"GPU; ask for --ntasks-per-node equal to --gpus-per-node (here {gpus})"
+            )
 
 
 def check_launcher(args: argparse.Namespace, hosts: dict[str, int]) -> None:
     """Report what the chosen launcher would reject or ignore, before anything starts."""
     backend = BACKENDS[args.launcher]
     if not backend.filters and (args.include or args.exclude):
-        raise ConfigError(f"--launcher {args.launcher} does not support --include/--exclude (DeepSpeed's runner "
-                          "rejects them): write a hostfile with just the hosts and slots to use")
+        raise ConfigError(
+            f"--launcher {args.launcher} does not support --include/--exclude (DeepSpeed's runner "
+            "rejects them): write a hostfile with just the hosts and slots to use"
+        )
     if args.launcher != "slurm" and len(hosts) == 1 and is_local(next(iter(hosts))):
         if args.launcher != "pdsh" or args.launcher_args:
-            print(f"launch: note: one host ({next(iter(hosts))}), this machine: deepspeed starts its ranks locally, "
-                  f"so --launcher {args.launcher} and --launcher-args are not used")
+            print(
+                f"launch: note: one host ({next(iter(hosts))}), this machine: deepspeed starts its ranks locally, "
+                f"so --launcher {args.launcher} and --launcher-args are not used"
+            )
         return
     if not shutil.which(backend.program):
         raise ConfigError(f"--launcher {args.launcher} needs `{backend.program}` on this machine ({backend.install})")
     for module in backend.modules:
         if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"--launcher {args.launcher} needs {module} (DeepSpeed finds each rank with it): pip install {module}")
+            raise ConfigError(
+                f"--launcher {args.launcher} needs {module} (DeepSpeed finds each rank with it): pip install {module}"
+            )
     if backend.as_root and os.geteuid() == 0 and backend.as_root not in args.launcher_args:
         raise ConfigError(f"running as root: {backend.program} refuses to start without --launcher-args '{backend.as_root}'")
 
@@ -287,8 +364,10 @@ def launch_hosts(args: argparse.Namespace, env: dict[str, str]) -> dict[str, int
     """{host: ranks} of this launch: the allocation's under SLURM, else the hostfile's after its filters."""
     if args.launcher == "slurm":
         if args.hostfile:
-            raise ConfigError("--hostfile with --launcher slurm: the allocation decides the nodes and tasks per node "
-                              "(SLURM_JOB_NODELIST, --ntasks-per-node); drop --hostfile")
+            raise ConfigError(
+                "--hostfile with --launcher slurm: the allocation decides the nodes and tasks per node "
+                "(SLURM_JOB_NODELIST, --ntasks-per-node); drop --hostfile"
+            )
         return slurm_allocation()
     hosts = active_hosts(args.hostfile, args.include, args.exclude)
     args.include = visible_devices_include(args, hosts, env)
@@ -314,8 +393,15 @@ def run(argv: list[str]) -> int:
     if not args.no_doctor:
         from . import doctor
 
-        ok, accelerator, facts = doctor.check(hosts, out, args.train.cache_dir or str(Path(out) / "cache"), args.master_port,
-                                              accelerator, args.doctor_timeout, transport="srun" if slurm else "ssh")
+        ok, accelerator, facts = doctor.check(
+            hosts,
+            out,
+            args.train.cache_dir or str(Path(out) / "cache"),
+            args.master_port,
+            accelerator,
+            args.doctor_timeout,
+            transport="srun" if slurm else "ssh",
+        )
         if not ok:
             return 1
         capabilities = sorted({c for f in facts.values() for c in f.get("capabilities", [])})
@@ -323,14 +409,18 @@ def run(argv: list[str]) -> int:
             check_slurm_gpus(hosts, facts, accelerator)
     elif accelerator == "auto":
         if not local:
-            raise ConfigError("--no-doctor with remote hosts or SLURM: this machine cannot tell what they have; "
-                              "give --accelerator cuda or --accelerator cpu")
+            raise ConfigError(
+                "--no-doctor with remote hosts or SLURM: this machine cannot tell what they have; "
+                "give --accelerator cuda or --accelerator cpu"
+            )
         import torch
 
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     check_run_config(args, sum(hosts.values()), accelerator, capabilities)
-    print(f"launch: ranks use {'CUDA (NCCL)' if accelerator == 'cuda' else 'DeepSpeed CPU accelerator (gloo)'} "
-          f"on {len(hosts)} host(s): DS_ACCELERATOR={accelerator}")
+    print(
+        f"launch: ranks use {'CUDA (NCCL)' if accelerator == 'cuda' else 'DeepSpeed CPU accelerator (gloo)'} "
+        f"on {len(hosts)} host(s): DS_ACCELERATOR={accelerator}"
+    )
     stop_file = Path(out).resolve() / f".stop-request-{os.getpid()}"  # on the shared file system, seen by rank 0
     env = {**rank_env(args, env, accelerator), STOP_FILE: str(stop_file)}
     if slurm:

@@ -5,6 +5,7 @@ weight files it is fine-tuned; with only `config.json` (like the shipped `models
 randomly initialised. Without tokenizer files, a BERT WordPiece vocabulary is trained from the
 training texts, which works offline (Chinese BERT vocabularies are one token per character).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,9 +22,25 @@ WORDPIECE_VOCAB_SIZE = 8000
 
 # Model types whose position ids start after the padding index (transformers'
 # create_position_ids_from_input_ids): pad_token_id + 1 positions are never a token's.
-PADDING_OFFSET_MODELS = frozenset({
-    "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert",
-    "longformer", "luke", "mpnet", "xmod", "markuplm", "lilt", "layoutlmv3", "esm"})
+PADDING_OFFSET_MODELS = frozenset(
+    {
+        "roberta",
+        "roberta-prelayernorm",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+        "camembert",
+        "data2vec-text",
+        "ibert",
+        "longformer",
+        "luke",
+        "mpnet",
+        "xmod",
+        "markuplm",
+        "lilt",
+        "layoutlmv3",
+        "esm",
+    }
+)
 
 
 def max_positions(config: dict) -> int | None:
@@ -42,16 +59,20 @@ def check_model_dir(model_dir: str, max_length: int) -> None:
     """
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise ConfigError(f"model: {model_dir} is not a model directory (no config.json); give a local directory "
-                          "that AutoModelForSequenceClassification loads, e.g. a downloaded chinese-roberta-wwm-ext-large")
+        raise ConfigError(
+            f"model: {model_dir} is not a model directory (no config.json); give a local directory "
+            "that AutoModelForSequenceClassification loads, e.g. a downloaded chinese-roberta-wwm-ext-large"
+        )
     config = load_json(path)
     limit = max_positions(config)
     if limit is not None and max_length > limit:
         reserved = config["max_position_embeddings"] - limit
         why = f", of which {config.get('model_type')} reserves {reserved}" if reserved else ""
-        raise ConfigError(f"--max-length {max_length} is more than model {model_dir} takes: {limit} tokens "
-                          f"(max_position_embeddings {config['max_position_embeddings']}{why} in {path}); "
-                          f"use --max-length {limit} or less")
+        raise ConfigError(
+            f"--max-length {max_length} is more than model {model_dir} takes: {limit} tokens "
+            f"(max_position_embeddings {config['max_position_embeddings']}{why} in {path}); "
+            f"use --max-length {limit} or less"
+        )
 
 
 def has_weights(model_dir: str) -> bool:
@@ -89,7 +110,7 @@ def wordpiece_vocabulary(texts: list[str]) -> list[str]:
         counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
     chars = sorted({c for word in counts for c in word})
     budget = WORDPIECE_VOCAB_SIZE - len(SPECIAL_TOKENS) - 2 * len(chars)
-    words = sorted((w for w, n in counts.items() if len(w) > 1 and n >= 2), key=lambda w: (-counts[w], w))[:max(budget, 0)]
+    words = sorted((w for w, n in counts.items() if len(w) > 1 and n >= 2), key=lambda w: (-counts[w], w))[: max(budget, 0)]
     return SPECIAL_TOKENS + chars + ["##" + c for c in chars] + words
 
 
@@ -114,8 +135,9 @@ def write_tokenizer(directory: Path, vocabulary: list[str]) -> None:
     BertTokenizerFast.from_pretrained(str(directory)).save_pretrained(str(directory))
 
 
-def build_model(model_dir: str, label_names: list[str], vocab_size: int, ds_config: dict, seed: int,
-                gradient_checkpointing: bool = False):
+def build_model(
+    model_dir: str, label_names: list[str], vocab_size: int, ds_config: dict, seed: int, gradient_checkpointing: bool = False
+):
     """The classifier, partitioned while it is built under ZeRO-3, optionally recomputing activations.
 
     Under stage 3, transformers' DeepSpeed integration (an `HfDeepSpeedConfig` alive during the
@@ -127,9 +149,12 @@ def build_model(model_dir: str, label_names: list[str], vocab_size: int, ds_conf
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    config = AutoConfig.from_pretrained(model_dir, num_labels=len(label_names),
-                                        id2label=dict(enumerate(label_names)),
-                                        label2id={name: i for i, name in enumerate(label_names)})
+    config = AutoConfig.from_pretrained(
+        model_dir,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+    )
     zero3 = ds_config["zero_optimization"]["stage"] == 3
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
     torch.manual_seed(seed)

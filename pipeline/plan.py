@@ -11,6 +11,7 @@ memory less a safety margin (CUDA context, allocator fragmentation, temporaries)
   keep less, so this is an upper bound there.
 - The parameter count comes from building the model on the meta device: no weights are allocated.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_json
 
-GIB = 1024 ** 3
+GIB = 1024**3
 BUCKET = int(5e7)  # reduce/allgather/prefetch bucket elements in the configs written here (DeepSpeed's default is 5e8)
 STRATEGIES = ("zero2", "zero3", "zero3_offload")
 
@@ -49,8 +50,14 @@ def model_shape(model: str) -> ModelShape:
     params = sum(p.numel() for p in net.parameters())  # parameters() yields tied weights once
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules())
     hidden = config.hidden_size
-    return ModelShape(params, largest, hidden, getattr(config, "intermediate_size", 4 * hidden),
-                      config.num_hidden_layers, config.num_attention_heads)
+    return ModelShape(
+        params,
+        largest,
+        hidden,
+        getattr(config, "intermediate_size", 4 * hidden),
+        config.num_hidden_layers,
+        config.num_attention_heads,
+    )
 
 
 def activation_bytes(shape: ModelShape, micro: int, seq: int, bytes_per_value: int = 2, recompute: bool = False) -> int:
@@ -74,8 +81,15 @@ def model_state_bytes(shape: ModelShape, strategy: str, nodes: int, gpus_per_nod
         cpu, gpu = estimate_zero2_model_states_mem_needs(shape.params, gpus_per_node, nodes, cpu_offload=False)
     else:
         offload = strategy == "zero3_offload"
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(shape.params, shape.largest_layer, gpus_per_node, nodes,
-                                                            cpu_offload=offload, cpu_offload_params=offload, zero_init=True)
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            shape.params,
+            shape.largest_layer,
+            gpus_per_node,
+            nodes,
+            cpu_offload=offload,
+            cpu_offload_params=offload,
+            zero_init=True,
+        )
     return gpu, cpu
 
 
@@ -91,12 +105,22 @@ class Option:
     per_gpu: int  # total at `micro`
 
 
-def plan(shape: ModelShape, nodes: int, gpus_per_node: int, gpu_mem: int, seq: int, global_batch: int,
-         margin: float = 0.15, recompute: bool = False) -> list[Option]:
+def plan(
+    shape: ModelShape,
+    nodes: int,
+    gpus_per_node: int,
+    gpu_mem: int,
+    seq: int,
+    global_batch: int,
+    margin: float = 0.15,
+    recompute: bool = False,
+) -> list[Option]:
     world = nodes * gpus_per_node
     if global_batch % world:
-        raise ConfigError(f"--global-batch {global_batch} is not divisible by the world size {world} "
-                          f"(nearest: {global_batch // world * world or world} or {(global_batch // world + 1) * world})")
+        raise ConfigError(
+            f"--global-batch {global_batch} is not divisible by the world size {world} "
+            f"(nearest: {global_batch // world * world or world} or {(global_batch // world + 1) * world})"
+        )
     budget = gpu_mem * (1 - margin)
     options = []
     for strategy in STRATEGIES:
@@ -108,8 +132,18 @@ def plan(shape: ModelShape, nodes: int, gpus_per_node: int, gpu_mem: int, seq: i
         per_rank = global_batch // world
         micro = max((d for d in range(1, min(max_micro, per_rank) + 1) if per_rank % d == 0), default=0)
         accum = per_rank // micro if micro else 0
-        options.append(Option(strategy, states, cpu, buffers, max_micro, micro, accum,
-                              states + buffers + activation_bytes(shape, max(micro, 1), seq, recompute=recompute)))
+        options.append(
+            Option(
+                strategy,
+                states,
+                cpu,
+                buffers,
+                max_micro,
+                micro,
+                accum,
+                states + buffers + activation_bytes(shape, max(micro, 1), seq, recompute=recompute),
+            )
+        )
     return options
 
 
@@ -120,8 +154,13 @@ def recommend(options: list[Option]) -> Option | None:
 
 def ds_config_for(option: Option, global_batch: int, lr: float) -> dict:
     """A DeepSpeed JSON for `option`: the global batch fixed, accumulation derived at run time."""
-    zero = {"stage": 2 if option.strategy == "zero2" else 3, "overlap_comm": True, "contiguous_gradients": True,
-            "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET}
+    zero = {
+        "stage": 2 if option.strategy == "zero2" else 3,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": BUCKET,
+        "allgather_bucket_size": BUCKET,
+    }
     if option.strategy != "zero2":
         del zero["allgather_bucket_size"]  # a stage-2 setting
         zero.update(stage3_prefetch_bucket_size=BUCKET, stage3_param_persistence_threshold=int(1e5))
@@ -133,10 +172,18 @@ def ds_config_for(option: Option, global_batch: int, lr: float) -> dict:
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": lr,
-                                                          "warmup_num_steps": "auto", "total_num_steps": "auto"}},
-        "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                 "hysteresis": 2, "min_loss_scale": 1},
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {"warmup_min_lr": 0, "warmup_max_lr": lr, "warmup_num_steps": "auto", "total_num_steps": "auto"},
+        },
+        "fp16": {
+            "enabled": "auto",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
         "bf16": {"enabled": "auto"},
         "zero_optimization": zero,
         "steps_per_print": 100,
@@ -144,7 +191,7 @@ def ds_config_for(option: Option, global_batch: int, lr: float) -> dict:
 
 
 def parse_size(text: str) -> int:
-    units = {"gib": GIB, "gb": 10 ** 9, "mib": 1024 ** 2, "mb": 10 ** 6}
+    units = {"gib": GIB, "gb": 10**9, "mib": 1024**2, "mb": 10**6}
     for unit, factor in units.items():
         if text.lower().endswith(unit):
             try:
@@ -167,8 +214,10 @@ def memory_for_config(model: str, ds: dict, nodes: int, gpus_per_node: int, seq:
     states, _ = model_state_bytes(shape, strategy, nodes, gpus_per_node)
     micro = ds["train_micro_batch_size_per_gpu"]
     acts = activation_bytes(shape, micro, seq, 2 if ds["fp16"]["enabled"] or ds["bf16"]["enabled"] else 4)
-    return (f"memory per GPU ({shape.params / 1e6:.0f}M parameters, seq {seq}, micro {micro}): model states "
-            f"{_gib(states)} + activations {_gib(acts)} = {_gib(states + acts)} (estimate; see `python -m pipeline plan`)")
+    return (
+        f"memory per GPU ({shape.params / 1e6:.0f}M parameters, seq {seq}, micro {micro}): model states "
+        f"{_gib(states)} + activations {_gib(acts)} = {_gib(states + acts)} (estimate; see `python -m pipeline plan`)"
+    )
 
 
 def run_plan(args) -> int:
@@ -177,28 +226,42 @@ def run_plan(args) -> int:
     recompute = bool(args.gradient_checkpointing)
     options = plan(shape, args.nodes, args.gpus_per_node, gpu_mem, args.seq_len, args.global_batch, args.margin, recompute)
     world = args.nodes * args.gpus_per_node
-    print(f"{args.model}: {shape.params / 1e6:.1f}M parameters (largest layer {shape.largest_layer / 1e6:.1f}M), "
-          f"{args.nodes} node(s) x {args.gpus_per_node} GPUs of {_gib(gpu_mem)}, seq {args.seq_len}, "
-          f"global batch {args.global_batch}; budget {_gib(int(gpu_mem * (1 - args.margin)))} per GPU "
-          f"({args.margin:.0%} margin)")
-    print(f"activations: {_gib(activation_bytes(shape, 1, args.seq_len, recompute=recompute))} per sample (16-bit, "
-          f"{'gradient checkpointing: each layer keeps its input only' if recompute else 'no recomputation'})")
-    print(f"{'strategy':<14} {'model states/GPU':>16} {'host RAM/node':>14} {'max micro':>9} {'micro x accum x world':>22} {'total/GPU':>10}")
+    print(
+        f"{args.model}: {shape.params / 1e6:.1f}M parameters (largest layer {shape.largest_layer / 1e6:.1f}M), "
+        f"{args.nodes} node(s) x {args.gpus_per_node} GPUs of {_gib(gpu_mem)}, seq {args.seq_len}, "
+        f"global batch {args.global_batch}; budget {_gib(int(gpu_mem * (1 - args.margin)))} per GPU "
+        f"({args.margin:.0%} margin)"
+    )
+    print(
+        f"activations: {_gib(activation_bytes(shape, 1, args.seq_len, recompute=recompute))} per sample (16-bit, "
+        f"{'gradient checkpointing: each layer keeps its input only' if recompute else 'no recomputation'})"
+    )
+    print(
+        f"{'strategy':<14} {'model states/GPU':>16} {'host RAM/node':>14} {'max micro':>9} {'micro x accum x world':>22} {'total/GPU':>10}"
+    )
     for o in options:
         layout = f"{o.micro} x {o.accum} x {world}" if o.micro else "does not fit"
-        print(f"{o.strategy:<14} {_gib(o.states):>16} {_gib(o.cpu):>14} {o.max_micro:>9} {layout:>22} "
-              f"{_gib(o.per_gpu) if o.micro else '-':>10}")
+        print(
+            f"{o.strategy:<14} {_gib(o.states):>16} {_gib(o.cpu):>14} {o.max_micro:>9} {layout:>22} "
+            f"{_gib(o.per_gpu) if o.micro else '-':>10}"
+        )
     best = recommend(options)
     if best is None:
         hint = "" if recompute else ", or --gradient-checkpointing 1 (here and in training)"
         print(f"recommendation: nothing fits; use more GPUs, a shorter --seq-len{hint}")
         return 1
-    print(f"recommendation: {best.strategy} with micro batch {best.micro} x accumulation {best.accum} "
-          f"(lowest ZeRO stage that fits; offload only when nothing else does)")
+    print(
+        f"recommendation: {best.strategy} with micro batch {best.micro} x accumulation {best.accum} "
+        f"(lowest ZeRO stage that fits; offload only when nothing else does)"
+    )
     if args.write:
-        Path(args.write).write_text(json.dumps(ds_config_for(best, args.global_batch, args.lr), indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.write} (gradient_accumulation_steps \"auto\": derived from the world size at run time)"
-              + ("; train with --gradient-checkpointing 1" if recompute else ""))
+        Path(args.write).write_text(
+            json.dumps(ds_config_for(best, args.global_batch, args.lr), indent=2) + "\n", encoding="utf-8"
+        )
+        print(
+            f'wrote {args.write} (gradient_accumulation_steps "auto": derived from the world size at run time)'
+            + ("; train with --gradient-checkpointing 1" if recompute else "")
+        )
     return 0
 
 
@@ -213,5 +276,10 @@ def add_parser(sub) -> None:
     p.add_argument("--margin", type=float, default=0.15, help="share of GPU memory kept free (CUDA context, fragmentation)")
     p.add_argument("--lr", type=float, default=2e-5, help="learning rate written to --write's config")
     p.add_argument("--write", default="", help="write the recommended DeepSpeed JSON here")
-    p.add_argument("--gradient-checkpointing", type=int, choices=(0, 1), default=0,
-                   help="1: plan for training with --gradient-checkpointing 1 (activations recomputed in backward)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: plan for training with --gradient-checkpointing 1 (activations recomputed in backward)",
+    )

@@ -1,5 +1,6 @@
 """`python -m pipeline plot RUN_DIR`: one PNG of a run's loss, learning rate, throughput and
 evaluation metrics over optimizer steps, read from RUN_DIR/metrics.jsonl (works on a running job)."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,11 @@ def plot_run(run_dir: Path, output: Path) -> Path:
         raise ConfigError(f"{run_dir}/metrics.jsonl: no training steps logged yet")
     steps = [r["step"] for r in train]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    panels = [(axes[0, 0], "loss", "loss (mean over the window and ranks)"), (axes[0, 1], "lr", "learning rate"),
-              (axes[1, 0], "samples_per_s", "throughput (samples/s)")]
+    panels = [
+        (axes[0, 0], "loss", "loss (mean over the window and ranks)"),
+        (axes[0, 1], "lr", "learning rate"),
+        (axes[1, 0], "samples_per_s", "throughput (samples/s)"),
+    ]
     for ax, key, title in panels:
         ax.plot(steps, [r[key] for r in train], lw=1)
         ax.set_title(title)

@@ -6,6 +6,7 @@ line number (.txt, stdin) or record number and id (data files), the label and al
 probabilities. A blank line or empty text gets a row with label null, so rows stay aligned with
 the input.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,10 @@ def read_inputs(input_path: str | None, text_column: str, id_column: str) -> lis
     if path.suffix.lower() in FORMATS:
         records = read_records(path)
         require_columns(path, records, [text_column])
-        return [{"record": n, **({"id": r[id_column]} if id_column in r else {}), "text": r.get(text_column)}
-                for n, r in enumerate(records, 1)]
+        return [
+            {"record": n, **({"id": r[id_column]} if id_column in r else {}), "text": r.get(text_column)}
+            for n, r in enumerate(records, 1)
+        ]
     if not path.is_file():
         raise ConfigError(f"{path}: input file not found")
     return [{"line": n, "text": line} for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
@@ -50,7 +53,7 @@ def predict(export_dir: str, texts: list, batch_size: int = 32) -> list[dict]:
     rows = [{"label": None, "probabilities": None} for _ in texts]
     todo = [i for i, text in enumerate(texts) if _predictable(text)]
     for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
+        chunk = todo[start : start + batch_size]
         batch = tokenizer([texts[i] for i in chunk], truncation=True, padding=True, return_tensors="pt")
         logits = model(**batch).logits.float().numpy()
         for i, label, p in zip(chunk, task.predictions(logits), task.probabilities(logits)):

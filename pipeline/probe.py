@@ -3,6 +3,7 @@
 Standard library only, and no imports from the project: nothing has to be installed on a host for
 this to answer (a missing torch is one of the facts). `doctor.py` compares the answers.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ def gpu_facts() -> dict:
     """GPUs of this host (nvidia-smi) and the CUDA architectures its torch build has kernels for."""
     gpus, capabilities = 0, []
     if shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=10)
+        query = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
         if query.returncode == 0:
             capabilities = [line.strip() for line in query.stdout.splitlines() if line.strip()]
             gpus = len(capabilities)
@@ -81,9 +83,16 @@ def probe(request: dict) -> dict:
             except OSError:
                 port_free = False
     shared = shared_dirs(repo, request["dirs"], request["token"], request["write"]) if request.get("dirs") else {}
-    return {"hostname": socket.gethostname(), "python": sys.version.split()[0], **versions,
-            "project": spec.origin if spec else None, **gpu_facts(), "free_gb": shutil.disk_usage(out).free / 1e9,
-            "port_free": port_free, "shared": shared}
+    return {
+        "hostname": socket.gethostname(),
+        "python": sys.version.split()[0],
+        **versions,
+        "project": spec.origin if spec else None,
+        **gpu_facts(),
+        "free_gb": shutil.disk_usage(out).free / 1e9,
+        "port_free": port_free,
+        "shared": shared,
+    }
 
 
 if __name__ == "__main__":  # run over ssh by `doctor.remote_probe`

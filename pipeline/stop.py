@@ -9,6 +9,7 @@ Each rank's request travels in the all-reduce the training loop does at every ac
 boundary anyway, so all ranks stop after the same optimizer step. A second signal ends the process
 at once.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,10 @@ class StopRequests:
             os.kill(os.getpid(), signum)
             return
         self.requested = True
-        print(f"[rank {dist.rank()}] {signal.Signals(signum).name}: stopping after this optimizer step, with a checkpoint",
-              flush=True)
+        print(
+            f"[rank {dist.rank()}] {signal.Signals(signum).name}: stopping after this optimizer step, with a checkpoint",
+            flush=True,
+        )
 
     def pending(self) -> float:
         """1.0 when this rank has been asked to stop, else 0.0 (summed over ranks at each boundary)."""

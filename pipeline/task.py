@@ -6,6 +6,7 @@ module, so adding a metric means adding one entry to METRICS. Today's task is si
 classification (softmax, cross-entropy); a multi-label task would be a second implementation of the
 same few functions.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

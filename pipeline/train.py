@@ -6,6 +6,7 @@ Launch (2 ranks on this machine, CPU or GPU):
 Every rank runs this file. Rank 0 alone prints, writes metrics and builds caches; collectives
 (forward passes in evaluation, loss reduction, checkpoint saves) run on every rank.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,8 @@ import torch
 
 from . import checkpoint, dist, task
 from .base import ConfigError, load_json, write_json, write_text
-from .config import Hardware, RunShape, TrainConfig, ds_precision, resolve_ds_config
 from .checkpoint import TrainerState
+from .config import Hardware, RunShape, TrainConfig, ds_precision, resolve_ds_config
 from .data import TokenizedSplit, prepare_splits, train_batches
 from .engine import build_engine
 from .evaluate import evaluate, to_device
@@ -89,8 +90,15 @@ class RunLog:
         from tqdm import tqdm
 
         self.run_dir, self.log = run_dir, dist.get_logger()
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not dist.is_main(),
-                        dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 60)  # a log file gets few bar lines
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            disable=not dist.is_main(),
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 60,
+        )  # a log file gets few bar lines
         path = run_dir / "metrics.jsonl"
         # A resumed run drops what the interrupted one logged after its checkpoint: the file then
         # reads as one uninterrupted run. On rank 0 alone, but a failure reaches every rank.
@@ -103,8 +111,9 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops the events of an interrupted run after its checkpoint, as above.
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None,
-                                             flush_secs=10)
+            self.tensorboard = SummaryWriter(
+                str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None, flush_secs=10
+            )
 
     def record(self, row: dict) -> None:
         if dist.is_main():
@@ -119,8 +128,10 @@ class RunLog:
         self.record(row)
         self.bar.update(1)
         if show and dist.is_main():
-            self.bar.write(f"step {row['step']:>5}  loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
-                           f"{row['samples_per_s']:.1f} samples/s  {row['tokens_per_s']:.0f} tokens/s")
+            self.bar.write(
+                f"step {row['step']:>5}  loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
+                f"{row['samples_per_s']:.1f} samples/s  {row['tokens_per_s']:.0f} tokens/s"
+            )
 
     def eval(self, step: int, split: str, metrics: dict) -> None:
         self.record({"step": step, "split": split, **{k: metrics[k] for k in task.METRIC_NAMES}})
@@ -162,9 +173,11 @@ def micro_step(engine, batch: dict, poison: bool = False):
         engine.step()
     except Exception as e:  # DeepSpeed's fp16 loss scaler gives up with a bare Exception
         if "loss scale already at minimum" in str(e):
-            raise TrainingStopped(f"optimizer step {engine.global_steps + 1}: fp16 gradients overflow even at the minimum "
-                                  "loss scale; lower the learning rate, use bf16 (compute capability 8.0+), or check "
-                                  "the data") from None
+            raise TrainingStopped(
+                f"optimizer step {engine.global_steps + 1}: fp16 gradients overflow even at the minimum "
+                "loss scale; lower the learning rate, use bf16 (compute capability 8.0+), or check "
+                "the data"
+            ) from None
         raise
     return loss.detach(), boundary
 
@@ -190,16 +203,21 @@ def check_progress(step: int, epoch: int, loss: float, fp16: bool, skipped: bool
     the update and lowers the scale), and on an fp16 scale stuck at its minimum."""
     if not math.isfinite(loss) and not (fp16 and skipped):
         weights = "DeepSpeed skipped this update" if skipped else "the weights are no longer usable"
-        raise TrainingStopped(f"optimizer step {step} (epoch {epoch}): the training loss is {loss} ({weights}). Resume "
-                              "from the last checkpoint (--resume auto) with a lower learning rate, or check the data "
-                              "and precision")
+        raise TrainingStopped(
+            f"optimizer step {step} (epoch {epoch}): the training loss is {loss} ({weights}). Resume "
+            "from the last checkpoint (--resume auto) with a lower learning rate, or check the data "
+            "and precision"
+        )
     if at_min_scale >= MIN_SCALE_PATIENCE:
-        raise TrainingStopped(f"optimizer step {step}: fp16 skipped the last {at_min_scale} steps at the minimum loss "
-                              "scale; lower the learning rate, use bf16 (compute capability 8.0+), or check the data")
+        raise TrainingStopped(
+            f"optimizer step {step}: fp16 skipped the last {at_min_scale} steps at the minimum loss "
+            "scale; lower the learning rate, use bf16 (compute capability 8.0+), or check the data"
+        )
 
 
-def train_loop(engine, cfg: TrainConfig, data: dict, label_names, state: TrainerState, total_steps: int,
-               per_epoch: int, run: RunLog, save) -> None:
+def train_loop(
+    engine, cfg: TrainConfig, data: dict, label_names, state: TrainerState, total_steps: int, per_epoch: int, run: RunLog, save
+) -> None:
     """Train from `state` until the weights have had `total_steps` updates, evaluating and saving on the way.
 
     Step numbers count accumulation windows, as DeepSpeed's `global_steps` does, and the data
@@ -237,9 +255,20 @@ def train_loop(engine, cfg: TrainConfig, data: dict, label_names, state: Trainer
             now = time.perf_counter()
             elapsed, started = now - started, now
             waited, stats["data_wait"] = stats["data_wait"], 0.0
-            run.step({"step": step, "epoch": epoch, "loss": loss_sum / (accum * world), "lr": engine.get_lr()[0],
-                      "samples_per_s": global_batch / elapsed, "tokens_per_s": tokens / elapsed,
-                      "step_time_s": elapsed, "data_wait_s": waited, **health}, show=step % cfg.log_every == 0)
+            run.step(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss_sum / (accum * world),
+                    "lr": engine.get_lr()[0],
+                    "samples_per_s": global_batch / elapsed,
+                    "tokens_per_s": tokens / elapsed,
+                    "step_time_s": elapsed,
+                    "data_wait_s": waited,
+                    **health,
+                },
+                show=step % cfg.log_every == 0,
+            )
             window.zero_()
             paused = time.perf_counter()
             done = state.applied_steps == total_steps
@@ -254,8 +283,10 @@ def train_loop(engine, cfg: TrainConfig, data: dict, label_names, state: Trainer
             if done:
                 return
             if stop:  # every rank got the same sum: all stop after this step
-                raise Stopped(f"stopped on request after optimizer step {step}: checkpoint {save()} saved; rerun "
-                              "with --resume if-present (or auto) to continue")
+                raise Stopped(
+                    f"stopped on request after optimizer step {step}: checkpoint {save()} saved; rerun "
+                    "with --resume if-present (or auto) to continue"
+                )
             started += time.perf_counter() - paused
 
 
@@ -320,12 +351,18 @@ def run(cfg: TrainConfig) -> dict:
         shape = RunShape(len(data["train"]), str(run_dir), str(resume_from), saved.world_size, saved.train_batch_size)
     resolved = resolve_ds_config(cfg.ds_config, raw, dist.world_size(), hardware, cfg, run=shape)
     ds_config, per_epoch, total_steps = resolved.ds, resolved.steps_per_epoch, resolved.total_steps
-    for line in resolved.warnings[len(early.warnings):]:  # what resuming on another world size gives up
+    for line in resolved.warnings[len(early.warnings) :]:  # what resuming on another world size gives up
         log.warning(f"warning: {line}")
 
     model = build_model(cfg.model, label_names, len(tokenizer), ds_config, cfg.seed, bool(cfg.gradient_checkpointing))
-    state = TrainerState(world_size=dist.world_size(), train_batch_size=ds_config["train_batch_size"],
-                         label_names=label_names, train_data=train_data, train_config=asdict(cfg), ds_config=ds_config)
+    state = TrainerState(
+        world_size=dist.world_size(),
+        train_batch_size=ds_config["train_batch_size"],
+        label_names=label_names,
+        train_data=train_data,
+        train_config=asdict(cfg),
+        ds_config=ds_config,
+    )
     if resume_from is not None:
         saved = checkpoint.check_compatible(resume_from, label_names, model.config)
         state.epoch, state.step_in_epoch, state.optimizer_step = saved.epoch, saved.step_in_epoch, saved.optimizer_step
@@ -338,19 +375,26 @@ def run(cfg: TrainConfig) -> dict:
         if (engine.global_steps, engine.skipped_steps) != (state.optimizer_step, state.skipped_steps):
             raise checkpoint.CheckpointError(
                 f"{resume_from}: DeepSpeed's counters (global_steps {engine.global_steps}, skipped {engine.skipped_steps}) "
-                f"disagree with trainer_state.json (optimizer_step {state.optimizer_step}, skipped {state.skipped_steps})")
-        log.info(f"resumed from {resume_from}: epoch {state.epoch}, {state.step_in_epoch} steps into it, "
-                 f"optimizer step {state.optimizer_step}")
+                f"disagree with trainer_state.json (optimizer_step {state.optimizer_step}, skipped {state.skipped_steps})"
+            )
+        log.info(
+            f"resumed from {resume_from}: epoch {state.epoch}, {state.step_in_epoch} steps into it, "
+            f"optimizer step {state.optimizer_step}"
+        )
     if dist.is_main():
         write_json(run_dir / "train_config.json", asdict(cfg))
         write_json(run_dir / "ds_config.json", {**ds_config, "world_size": dist.world_size()})
     log.info(f"run directory: {run_dir}")
-    log.info(f"device: {hardware.name} | world size {dist.world_size()} | ZeRO stage {ds_config['zero_optimization']['stage']} "
-             f"| precision {ds_precision(ds_config)} | gradient checkpointing: {'on' if cfg.gradient_checkpointing else 'off'}")
-    log.info(f"batch: {ds_config['train_micro_batch_size_per_gpu']} per rank x {ds_config['gradient_accumulation_steps']} "
-             f"accumulation x {dist.world_size()} ranks = {ds_config['train_batch_size']} per optimizer step; "
-             f"{per_epoch} steps per epoch ({len(data['train']) % ds_config['train_batch_size']} records left out each epoch), "
-             f"{total_steps} steps in all")
+    log.info(
+        f"device: {hardware.name} | world size {dist.world_size()} | ZeRO stage {ds_config['zero_optimization']['stage']} "
+        f"| precision {ds_precision(ds_config)} | gradient checkpointing: {'on' if cfg.gradient_checkpointing else 'off'}"
+    )
+    log.info(
+        f"batch: {ds_config['train_micro_batch_size_per_gpu']} per rank x {ds_config['gradient_accumulation_steps']} "
+        f"accumulation x {dist.world_size()} ranks = {ds_config['train_batch_size']} per optimizer step; "
+        f"{per_epoch} steps per epoch ({len(data['train']) % ds_config['train_batch_size']} records left out each epoch), "
+        f"{total_steps} steps in all"
+    )
 
     probe = data["dev"].batch(range(min(PROBE_SIZE, len(data["dev"]))))
 
@@ -366,7 +410,8 @@ def run(cfg: TrainConfig) -> dict:
         runlog.eval(state.optimizer_step, split, results[split])
         if dist.is_main():
             (run_dir / f"predictions-{split}.jsonl").write_text(
-                "".join(json.dumps({"label": label_names[p]}, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
+                "".join(json.dumps({"label": label_names[p]}, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8"
+            )
     runlog.close()
     if dist.is_main():
         write_json(run_dir / "eval_results.json", {"step": state.optimizer_step, **results})
@@ -374,6 +419,8 @@ def run(cfg: TrainConfig) -> dict:
     final = save()
     export_dir = dist.main_first(lambda: checkpoint.export_checkpoint(final, run_dir / "export", overwrite=True))
     log.info(f"final dev: {task.summary(results['dev'])}")
-    log.info(f"checkpoint: {final}\nexport (verified): {export_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\n"
-             f"eval results: {run_dir / 'eval_results.json'}")
+    log.info(
+        f"checkpoint: {final}\nexport (verified): {export_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\n"
+        f"eval results: {run_dir / 'eval_results.json'}"
+    )
     return results

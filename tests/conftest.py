@@ -1,5 +1,6 @@
 """Shared fixtures: small data cut from the bundled sample, DeepSpeed configs, and a launcher
 that starts real ranks with the real `deepspeed` runner on DeepSpeed's CPU accelerator."""
+
 from __future__ import annotations
 
 import json
@@ -79,9 +80,15 @@ def initial_model(tmp_path_factory, small_data) -> Path:
     root = tmp_path_factory.mktemp("model")
     train = read_split(str(small_data["train"]), "text", "label")
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(train.texts, train.fingerprint, str(root / "cache"))), 128)
-    config = AutoConfig.from_pretrained(REPO / "pipeline" / "models" / "tiny-bert", hidden_size=32, intermediate_size=64,
-                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                        vocab_size=len(tokenizer), num_labels=len(set(train.labels)))
+    config = AutoConfig.from_pretrained(
+        REPO / "pipeline" / "models" / "tiny-bert",
+        hidden_size=32,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        vocab_size=len(tokenizer),
+        num_labels=len(set(train.labels)),
+    )
     import torch
 
     torch.manual_seed(0)
@@ -91,7 +98,9 @@ def initial_model(tmp_path_factory, small_data) -> Path:
     return model_dir
 
 
-def launch(args: list[str], ranks: int = 2, timeout: int = 300, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(
+    args: list[str], ranks: int = 2, timeout: int = 300, cwd: Path = REPO, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus RANKS --module pipeline ARGS` on CPU ranks (plus `env`); output captured."""
     port = free_port()
     cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), "--module", "pipeline", *args]
@@ -106,8 +115,22 @@ def train(tmp_path: Path, name: str, data: dict, config: Path, ranks: int = 2, e
     """Run training to completion and return its run directory (fails the test on a non-zero exit).
 
     The launcher's console output is kept next to it, in NAME.console.txt."""
-    args = ["train", "--ds-config", str(config), "--train-file", str(data["train"]), "--dev-file", str(data["dev"]),
-            "--output-dir", str(tmp_path), "--run-name", name, "--cache-dir", str(tmp_path / "cache"), *extra]
+    args = [
+        "train",
+        "--ds-config",
+        str(config),
+        "--train-file",
+        str(data["train"]),
+        "--dev-file",
+        str(data["dev"]),
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        name,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *extra,
+    ]
     result = launch(args, ranks=ranks)
     assert result.returncode == 0, f"training failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     (tmp_path / f"{name}.console.txt").write_text(result.stdout + result.stderr, encoding="utf-8")
@@ -115,8 +138,22 @@ def train(tmp_path: Path, name: str, data: dict, config: Path, ranks: int = 2, e
 
 
 # Runs that are stopped and resumed (test_stop, test_slurm) and the uninterrupted run they must equal.
-STOP_SETTINGS = ["--max-length", "64", "--max-steps", "12", "--epochs", "3", "--eval-every", "4", "--save-every", "4",
-                 "--log-every", "1", "--seed", "5"]
+STOP_SETTINGS = [
+    "--max-length",
+    "64",
+    "--max-steps",
+    "12",
+    "--epochs",
+    "3",
+    "--eval-every",
+    "4",
+    "--save-every",
+    "4",
+    "--log-every",
+    "1",
+    "--seed",
+    "5",
+]
 
 
 @pytest.fixture(scope="session")
@@ -137,8 +174,11 @@ SSH_CLIENT_CONFIG = Path("/etc/ssh/ssh_config.d/zero-pipeline-test-cluster.conf"
 CLUSTER_LOCK = Path("/tmp/zero-pipeline-test-cluster.lock")
 
 
-def require(*programs: str, install: str = "apt-get install openssh-server pdsh openmpi-bin libopenmpi-dev",
-            why_root: str = "the test cluster needs root (sshd in UTS namespaces, /etc/ssh/ssh_config.d)") -> None:
+def require(
+    *programs: str,
+    install: str = "apt-get install openssh-server pdsh openmpi-bin libopenmpi-dev",
+    why_root: str = "the test cluster needs root (sshd in UTS namespaces, /etc/ssh/ssh_config.d)",
+) -> None:
     """Skip a test whose prerequisite is missing, saying which; under CI (CI=true) fail instead."""
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"  # sshd lives in sbin
     missing = [p for p in programs if not shutil.which(p, path=path)]
@@ -172,17 +212,22 @@ def _start_sshd(root: Path, address: str, hostname: str, port: int) -> subproces
     and its own mount namespace, where ROOT/private-HOSTNAME is a tmpfs only this node sees (a
     directory that is not on a shared file system)."""
     config = root / f"sshd-{hostname}.conf"
-    config.write_text(f"ListenAddress {address}\nPort {port}\nHostKey {root}/host_key\n"
-                      f"AuthorizedKeysFile {root}/authorized_keys\nPermitRootLogin prohibit-password\n"
-                      "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-                      f"StrictModes no\nPidFile {root}/sshd-{hostname}.pid\n")  # StrictModes: tmp parents are world-writable
+    config.write_text(
+        f"ListenAddress {address}\nPort {port}\nHostKey {root}/host_key\n"
+        f"AuthorizedKeysFile {root}/authorized_keys\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+        f"StrictModes no\nPidFile {root}/sshd-{hostname}.pid\n"
+    )  # StrictModes: tmp parents are world-writable
     sshd = shutil.which("sshd", path=os.environ.get("PATH", "") + ":/usr/sbin")
     with open(root / f"sshd-{hostname}.log", "w") as log:
         private = root / f"private-{hostname}"
         private.mkdir()
         script = 'hostname "$0" && mount -t tmpfs tmpfs "$3" && exec "$1" -D -e -f "$2"'
-        return subprocess.Popen(["unshare", "--uts", "--mount", "sh", "-c", script, hostname, sshd, str(config), str(private)],
-                                stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            ["unshare", "--uts", "--mount", "sh", "-c", script, hostname, sshd, str(config), str(private)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _wait_listening(proc: subprocess.Popen, address: str, port: int, log: Path) -> None:
@@ -217,7 +262,8 @@ def cluster(tmp_path_factory):
         SSH_CLIENT_CONFIG.write_text(
             "# Written by the zero-pipeline test cluster fixture (tests/conftest.py) and removed after it.\n"
             f"Host {' '.join([*NODES, DEAD_NODE])}\n    Port {port}\n    User root\n    IdentityFile {root}/client_key\n"
-            "    IdentitiesOnly yes\n    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n    LogLevel ERROR\n")
+            "    IdentitiesOnly yes\n    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n    LogLevel ERROR\n"
+        )
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
         nodes = []
         try:
@@ -277,20 +323,33 @@ def slurm(tmp_path_factory):
 
     One node with several tasks, not two nodes: two slurmd on one machine need distinct hostnames,
     which slurmctld resolves; the ssh test cluster covers what crosses nodes."""
-    require("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel",
-            install="apt-get install slurm-wlm munge", why_root="the SLURM test cluster needs root (SlurmUser=root, munged)")
+    require(
+        "munged",
+        "munge",
+        "slurmctld",
+        "slurmd",
+        "sbatch",
+        "srun",
+        "scontrol",
+        "squeue",
+        "scancel",
+        install="apt-get install slurm-wlm munge",
+        why_root="the SLURM test cluster needs root (SlurmUser=root, munged)",
+    )
     root = tmp_path_factory.mktemp("slurm")
     (root / "state").mkdir(), (root / "spool").mkdir()
     conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(host=socket.gethostname(), ctld_port=free_port(), d_port=free_port(), root=root,
-                                      cpus=os.cpu_count()))
+    conf.write_text(
+        SLURM_CONF.format(host=socket.gethostname(), ctld_port=free_port(), d_port=free_port(), root=root, cpus=os.cpu_count())
+    )
     env = {**cpu_env(), "SLURM_CONF": str(conf)}
     munged = None
     if not _munge_works():  # start munged as its own user, as the package's service would
         Path("/run/munge").mkdir(exist_ok=True)
         shutil.chown("/run/munge", "munge", "munge")
-        munged = subprocess.run(["runuser", "-u", "munge", "--", shutil.which("munged", path="/usr/sbin:/sbin")],
-                                capture_output=True, text=True)
+        munged = subprocess.run(
+            ["runuser", "-u", "munge", "--", shutil.which("munged", path="/usr/sbin:/sbin")], capture_output=True, text=True
+        )
         assert munged.returncode == 0 and _munge_works(), f"munged did not start: {munged.stderr}"
     try:
         for daemon in (["slurmctld", "-c", "-f", str(conf)], ["slurmd", "-f", str(conf)]):

@@ -1,4 +1,5 @@
 """The benchmark's statistics, table, goals and plot (the benchmark itself is run by hand: docs/benchmarks.md)."""
+
 import math
 from types import SimpleNamespace
 
@@ -18,15 +19,24 @@ def test_steady_state_skips_warmup_and_takes_the_median_step():
 
 
 def summary(sps, **extra):
-    return {"samples_per_s": sps, "tokens_per_s": sps * 100, "step_time_s": 32 / sps, "data_wait_pct": 1.0,
-            "startup_s": 10.0, "peak_mib": 600.0, **extra}
+    return {
+        "samples_per_s": sps,
+        "tokens_per_s": sps * 100,
+        "step_time_s": 32 / sps,
+        "data_wait_pct": 1.0,
+        "startup_s": 10.0,
+        "peak_mib": 600.0,
+        **extra,
+    }
 
 
 def test_ratios_are_paired_within_each_repetition():
     # Repetition 2 ran on a machine twice as slow: per-rep ratios stay 0.9 and 1.0, a ratio of medians would not.
-    reps = [{"pipeline": summary(90), "reference": summary(100), "hf": summary(80)},
-            {"pipeline": summary(50), "reference": summary(50), "hf": summary(45)},
-            {"pipeline": summary(45), "reference": summary(50), "hf": summary(40)}]
+    reps = [
+        {"pipeline": summary(90), "reference": summary(100), "hf": summary(80)},
+        {"pipeline": summary(50), "reference": summary(50), "hf": summary(45)},
+        {"pipeline": summary(45), "reference": summary(50), "hf": summary(40)},
+    ]
     out = aggregate(reps)
     ratio = out["pipeline"]["vs_reference"]
     assert ratio["ratio"] == pytest.approx(0.9) and ratio["pairs"] == 3
@@ -67,24 +77,38 @@ def test_steps_per_run_span_enough_micro_batches():
 
 
 def test_table_rows_and_goal_lines(tmp_path):
-    results = {(2, 4): aggregate([{"pipeline": summary(99), "reference": summary(100), "hf": summary(80, data_wait_pct=3.0)},
-                                  {"pipeline": summary(100), "reference": summary(100), "hf": summary(80)}]),
-               (1, 1): aggregate([{"pipeline": summary(90, data_wait_pct=2.5), "reference": summary(100), "hf": summary(95)}])}
+    results = {
+        (2, 4): aggregate(
+            [
+                {"pipeline": summary(99), "reference": summary(100), "hf": summary(80, data_wait_pct=3.0)},
+                {"pipeline": summary(100), "reference": summary(100), "hf": summary(80)},
+            ]
+        ),
+        (1, 1): aggregate([{"pipeline": summary(90, data_wait_pct=2.5), "reference": summary(100), "hf": summary(95)}]),
+    }
     table = markdown_table(results).splitlines()
     assert table[0].startswith("| ZeRO | accum | stack | samples/s | tokens/s | step ms | × reference |")
     assert len(table) == 2 + 6 and table[2].startswith("| 1 | 1 | pipeline | 90.0 | 9000 | 356 | 0.900 |")
     assert table[5] == "| 2 | 4 | pipeline | 99.5 | 9950 | 322 | 0.995 | 1.0 | 10.0 | 1.00 | 600 |"
-    pooled = {"reference": {"ratio": 0.98, "low": 0.975, "high": 0.985, "pairs": 3},
-              "hf": {"ratio": 1.2, "low": 0.9, "high": 1.5, "pairs": 3}}
+    pooled = {
+        "reference": {"ratio": 0.98, "low": 0.975, "high": 0.985, "pairs": 3},
+        "hf": {"ratio": 1.2, "low": 0.9, "high": 1.5, "pairs": 3},
+    }
     lines = goals(results, pooled)
-    assert lines[0] == ("ZeRO-1 accum 1: pipeline 0.900× reference (too few pairs (1) for a 95% CI): "
-                        "≥ 0.97× reference not settled; 0.947× HF Trainer (too few pairs (1) for a 95% CI): "
-                        "≥ HF Trainer not settled; data wait 2.50%: < 2% MISSED")
-    assert lines[1] == ("ZeRO-2 accum 4: pipeline 0.995× reference (too few pairs (2) for a 95% CI): "
-                        "≥ 0.97× reference not settled; 1.244× HF Trainer (too few pairs (2) for a 95% CI): "
-                        "≥ HF Trainer not settled; data wait 1.00%: < 2% met")
-    assert lines[2] == ("All combinations, 3 paired runs: pipeline 0.980× reference (95% CI 0.975–0.985): ≥ 0.97× reference met; "
-                        "1.200× HF Trainer (95% CI 0.900–1.500): ≥ HF Trainer not settled")
+    assert lines[0] == (
+        "ZeRO-1 accum 1: pipeline 0.900× reference (too few pairs (1) for a 95% CI): "
+        "≥ 0.97× reference not settled; 0.947× HF Trainer (too few pairs (1) for a 95% CI): "
+        "≥ HF Trainer not settled; data wait 2.50%: < 2% MISSED"
+    )
+    assert lines[1] == (
+        "ZeRO-2 accum 4: pipeline 0.995× reference (too few pairs (2) for a 95% CI): "
+        "≥ 0.97× reference not settled; 1.244× HF Trainer (too few pairs (2) for a 95% CI): "
+        "≥ HF Trainer not settled; data wait 1.00%: < 2% met"
+    )
+    assert lines[2] == (
+        "All combinations, 3 paired runs: pipeline 0.980× reference (95% CI 0.975–0.985): ≥ 0.97× reference met; "
+        "1.200× HF Trainer (95% CI 0.900–1.500): ≥ HF Trainer not settled"
+    )
 
     plot(results, tmp_path / "bench.png", "test")
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,6 +1,7 @@
 """check-config: world size from hostfiles as the deepspeed runner computes it, batch derivation per
 cluster shape, nested key/type validation, stage/precision rules, LR scaling, and the shipped and
 real-world configs passing."""
+
 import json
 import math
 from pathlib import Path
@@ -8,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.__main__ import main
-from pipeline.hosts import read_hostfile, world_from_hostfile
 from pipeline.config import ConfigError, Hardware, TrainConfig, resolve_ds_config
+from pipeline.hosts import read_hostfile, world_from_hostfile
 
 REPO = Path(__file__).resolve().parent.parent
 WILD = REPO.parent / "shared" / "wild_ds_configs"
@@ -24,27 +25,37 @@ def hostfile(tmp_path: Path, text: str) -> str:
 
 def portable(**kw) -> dict:
     """A config that states only the global batch: micro and accumulation are derived per cluster."""
-    return {"train_batch_size": 256, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-            "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-4,
-                                                              "warmup_num_steps": "auto", "total_num_steps": "auto"}},
-            "zero_optimization": {"stage": 2}, **kw}
+    return {
+        "train_batch_size": 256,
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-4, "warmup_num_steps": "auto", "total_num_steps": "auto"},
+        },
+        "zero_optimization": {"stage": 2},
+        **kw,
+    }
 
 
 def resolve(ds: dict, world: int, hw=CPU, **cfg):
     return resolve_ds_config("c.json", ds, world, hw, TrainConfig(**cfg))
 
 
-@pytest.mark.parametrize("lines, options, world, expected", [
-    ("node1 slots=8\n", {}, 8, (256, 8, 4)),  # 1 x 8 V100
-    ("node1 slots=4\nnode2 slots=4\n", {}, 8, (256, 8, 4)),  # 2 x 4
-    ("n1 slots=2\nn2 slots=2\nn3 slots=2\nn4 slots=2\n", {}, 8, (256, 8, 4)),  # 4 x 2
-    ("localhost slots=1\n", {}, 1, (256, 8, 32)),  # a laptop CPU
-    ("node1 slots=4\nnode2 slots=4\n", {"include": "node1:0,1@node2"}, 6, None),
-    ("node1 slots=4\nnode2 slots=4\n", {"exclude": "node2:3"}, 7, None),
-    ("node1 slots=4\nnode2 slots=4\n", {"num_nodes": 1}, 4, (256, 8, 8)),
-    ("node1 slots=4\nnode2 slots=4\n", {"num_nodes": 2, "num_gpus": 2}, 4, (256, 8, 8)),
-])
+@pytest.mark.parametrize(
+    "lines, options, world, expected",
+    [
+        ("node1 slots=8\n", {}, 8, (256, 8, 4)),  # 1 x 8 V100
+        ("node1 slots=4\nnode2 slots=4\n", {}, 8, (256, 8, 4)),  # 2 x 4
+        ("n1 slots=2\nn2 slots=2\nn3 slots=2\nn4 slots=2\n", {}, 8, (256, 8, 4)),  # 4 x 2
+        ("localhost slots=1\n", {}, 1, (256, 8, 32)),  # a laptop CPU
+        ("node1 slots=4\nnode2 slots=4\n", {"include": "node1:0,1@node2"}, 6, None),
+        ("node1 slots=4\nnode2 slots=4\n", {"exclude": "node2:3"}, 7, None),
+        ("node1 slots=4\nnode2 slots=4\n", {"num_nodes": 1}, 4, (256, 8, 8)),
+        ("node1 slots=4\nnode2 slots=4\n", {"num_nodes": 2, "num_gpus": 2}, 4, (256, 8, 8)),
+    ],
+)
 def test_world_size_and_batch_per_cluster_shape(tmp_path, lines, options, world, expected):
     hosts = world_from_hostfile(hostfile(tmp_path, "# cluster\n" + lines), **options)
     assert sum(len(s) for s in hosts.values()) == world
@@ -53,7 +64,10 @@ def test_world_size_and_batch_per_cluster_shape(tmp_path, lines, options, world,
             resolve(portable(), world)
         return
     resolved = resolve(portable(), world)
-    assert tuple(resolved.ds[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")) == expected
+    assert (
+        tuple(resolved.ds[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
+        == expected
+    )
     assert "derived: train_micro_batch_size_per_gpu, gradient_accumulation_steps" in resolved.notes[0]
 
 
@@ -62,18 +76,24 @@ def test_global_and_micro_batch_options_fill_auto_values_like_hf_trainer():
     assert resolve(ds, 8, global_batch=512, micro_batch=4).ds["gradient_accumulation_steps"] == 16
     with pytest.raises(ConfigError, match="train_batch_size=256 contradicts --global-batch 512"):
         resolve(portable(), 8, global_batch=512)
-    with pytest.raises(ConfigError, match=r"by train_micro_batch_size_per_gpu \(3\) x world size \(8\).*"
-                                          r"train_batch_size 240 \(10 x 3 x 8\) or train_batch_size 264"):
+    with pytest.raises(
+        ConfigError,
+        match=r"by train_micro_batch_size_per_gpu \(3\) x world size \(8\).*"
+        r"train_batch_size 240 \(10 x 3 x 8\) or train_batch_size 264",
+    ):
         resolve(portable(), 8, micro_batch=3)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("a slots=4\nb slots=4\na slots=2\n", r"hostfile, line 3: host a is listed twice"),
-    ("a slots=4\nb slots=0\n", r"hostfile, line 2: host b has slots=0"),
-    ("a slots=4\nb slots=four\n", r"hostfile, line 2: 'b slots=four' is not 'HOSTNAME slots=N'"),
-    ("a slots=4\nb slots=4x\n", r"hostfile, line 2: 'b slots=4x' is not 'HOSTNAME slots=N'"),
-    ("# nothing\n", r"hostfile: no 'HOSTNAME slots=N' lines"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a slots=4\nb slots=4\na slots=2\n", r"hostfile, line 3: host a is listed twice"),
+        ("a slots=4\nb slots=0\n", r"hostfile, line 2: host b has slots=0"),
+        ("a slots=4\nb slots=four\n", r"hostfile, line 2: 'b slots=four' is not 'HOSTNAME slots=N'"),
+        ("a slots=4\nb slots=4x\n", r"hostfile, line 2: 'b slots=4x' is not 'HOSTNAME slots=N'"),
+        ("# nothing\n", r"hostfile: no 'HOSTNAME slots=N' lines"),
+    ],
+)
 def test_hostfile_errors_name_file_and_line(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         read_hostfile(hostfile(tmp_path, text))
@@ -81,24 +101,43 @@ def test_hostfile_errors_name_file_and_line(tmp_path, text, message):
 
 def test_unknown_include_host_and_missing_hostfile(tmp_path):
     path = hostfile(tmp_path, "node1 slots=4\nnode2 slots=4\n")
-    with pytest.raises(ConfigError, match=r"--include node3: Hostname 'node3' not found in hostfile; hosts in the file: node1, node2"):
+    with pytest.raises(
+        ConfigError, match=r"--include node3: Hostname 'node3' not found in hostfile; hosts in the file: node1, node2"
+    ):
         world_from_hostfile(path, include="node3")
     with pytest.raises(ConfigError, match="hostfile not found"):
         read_hostfile(str(tmp_path / "missing"))
 
 
-@pytest.mark.parametrize("ds, message", [
-    (portable(gradient_acumulation_steps=2), r"unknown key 'gradient_acumulation_steps' \(did you mean 'gradient_accumulation_steps'\?\)"),
-    (portable(zero_optimization={"stage": 3, "offload_optimizer": {"devcie": "cpu"}}),
-     r"c\.json: zero_optimization\.offload_optimizer: unknown key 'devcie' \(did you mean 'device'\?\)"),
-    (portable(fp16={"enabled": True, "intial_scale_power": 16}), r"fp16: unknown key 'intial_scale_power' \(did you mean 'initial_scale_power'\?\)"),
-    (portable(scheduler={"type": "WarmupLR", "parmas": {}}), r"scheduler: unknown key 'parmas' \(did you mean 'params'\?\)"),
-    (portable(zero_optimization={"stage": 2, "reduce_bucket_size": "big"}), r"zero_optimization\.reduce_bucket_size = 'big': Input should be a valid integer"),
-    (portable(steps_per_print="100"), r"steps_per_print = '100', expected an integer"),
-    (portable(zero_optimization={"stage": 2, "offload_optimizer": {"device": "gpu"}}), r"offload_optimizer\.device = 'gpu'"),
-    (portable(fp16={"enabled": True}, bf16={"enabled": True}), "both true"),
-    (portable(zero_optimization={"stage": 2, "offload_param": {"device": "cpu"}}), "offload_param only works at stage 3, and stage 2 ignores it"),
-])
+@pytest.mark.parametrize(
+    "ds, message",
+    [
+        (
+            portable(gradient_acumulation_steps=2),
+            r"unknown key 'gradient_acumulation_steps' \(did you mean 'gradient_accumulation_steps'\?\)",
+        ),
+        (
+            portable(zero_optimization={"stage": 3, "offload_optimizer": {"devcie": "cpu"}}),
+            r"c\.json: zero_optimization\.offload_optimizer: unknown key 'devcie' \(did you mean 'device'\?\)",
+        ),
+        (
+            portable(fp16={"enabled": True, "intial_scale_power": 16}),
+            r"fp16: unknown key 'intial_scale_power' \(did you mean 'initial_scale_power'\?\)",
+        ),
+        (portable(scheduler={"type": "WarmupLR", "parmas": {}}), r"scheduler: unknown key 'parmas' \(did you mean 'params'\?\)"),
+        (
+            portable(zero_optimization={"stage": 2, "reduce_bucket_size": "big"}),
+            r"zero_optimization\.reduce_bucket_size = 'big': Input should be a valid integer",
+        ),
+        (portable(steps_per_print="100"), r"steps_per_print = '100', expected an integer"),
+        (portable(zero_optimization={"stage": 2, "offload_optimizer": {"device": "gpu"}}), r"offload_optimizer\.device = 'gpu'"),
+        (portable(fp16={"enabled": True}, bf16={"enabled": True}), "both true"),
+        (
+            portable(zero_optimization={"stage": 2, "offload_param": {"device": "cpu"}}),
+            "offload_param only works at stage 3, and stage 2 ignores it",
+        ),
+    ],
+)
 def test_validation_errors(ds, message):
     with pytest.raises(ConfigError, match=message):
         resolve(ds, 8, hw=V100)
@@ -114,8 +153,10 @@ def test_bf16_on_v100_is_refused_and_every_key_error_is_reported_at_once():
 
 
 def test_warnings_for_settings_that_hurt_or_are_ignored():
-    ds = portable(fp16={"enabled": "auto", "loss_scale": 0, "initial_scale_power": 32},
-                  zero_optimization={"stage": 2, "stage3_max_live_parameters": 1e9, "cpu_offload": False})
+    ds = portable(
+        fp16={"enabled": "auto", "loss_scale": 0, "initial_scale_power": 32},
+        zero_optimization={"stage": 2, "stage3_max_live_parameters": 1e9, "cpu_offload": False},
+    )
     warnings = "\n".join(resolve(ds, 8, hw=V100).warnings)
     assert "initial_scale_power=32" in warnings and "about 16 or more of its first steps" in warnings
     assert "stage3_max_live_parameters is ignored at stage 2" in warnings
@@ -148,8 +189,10 @@ def test_shipped_configs_pass_check_config(capsys):
         if path.name.startswith("small"):
             clusters = [("hostfiles/localhost", "cpu", "")]
         else:  # the same file on one node and on the README's two nodes: the global batch stays 256
-            clusters = [(str(REPO / "tests" / "hostfiles" / "v100x8"), "v100", "8 per rank x 4 accumulation x 8 ranks = 256"),
-                        (str(REPO / "hostfiles" / "two-nodes"), "v100", "8 per rank x 2 accumulation x 16 ranks = 256")]
+            clusters = [
+                (str(REPO / "tests" / "hostfiles" / "v100x8"), "v100", "8 per rank x 4 accumulation x 8 ranks = 256"),
+                (str(REPO / "hostfiles" / "two-nodes"), "v100", "8 per rank x 2 accumulation x 16 ranks = 256"),
+            ]
         for hosts, gpu, batch in clusters:
             assert main(["check-config", "--ds-config", str(path), "--hostfile", hosts, "--gpu", gpu]) == 0, (path, hosts)
             out = capsys.readouterr().out
@@ -162,8 +205,19 @@ def test_real_world_configs_pass_check_config_for_8_slots(capsys):
         raw = json.loads(path.read_text())
         # HF Trainer fills an all-"auto" batch from its per-device batch size; --micro-batch does that here
         unset = all(raw.get(k, "auto") == "auto" for k in ("train_batch_size", "train_micro_batch_size_per_gpu"))
-        code = main(["check-config", "--ds-config", str(path), "--hostfile", str(REPO / "tests" / "hostfiles" / "v100x8"),
-                     "--gpu", "a100", "--deepspeed-only", *(["--micro-batch", "4"] if unset else [])])
+        code = main(
+            [
+                "check-config",
+                "--ds-config",
+                str(path),
+                "--hostfile",
+                str(REPO / "tests" / "hostfiles" / "v100x8"),
+                "--gpu",
+                "a100",
+                "--deepspeed-only",
+                *(["--micro-batch", "4"] if unset else []),
+            ]
+        )
         assert code == 0, (path, capsys.readouterr())
     assert "error" not in capsys.readouterr().err
 

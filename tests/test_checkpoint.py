@@ -5,9 +5,24 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoint import (MANIFEST, CheckpointError, ExportError, TrainerState, check_compatible, check_export_target,
-                                 check_export_weights, check_same_data, find_resume_checkpoint, load_export, prune, scan,
-                                 verify_manifest, verify_probe, write_json, write_manifest)
+from pipeline.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    ExportError,
+    TrainerState,
+    check_compatible,
+    check_export_target,
+    check_export_weights,
+    check_same_data,
+    find_resume_checkpoint,
+    load_export,
+    prune,
+    scan,
+    verify_manifest,
+    verify_probe,
+    write_json,
+    write_manifest,
+)
 from pipeline.config import ConfigError
 
 
@@ -56,6 +71,7 @@ def test_export_must_reproduce_live_logits(export):
 
 # ---- manifests, resume selection and compatibility (our own JSON files; no DeepSpeed needed) ----
 
+
 class Log:
     def __init__(self):
         self.lines = []
@@ -69,8 +85,17 @@ def fake_checkpoint(root, step, complete=True, labels=("a", "b")):
     (ckpt / "hf").mkdir(parents=True)
     (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"shard" * 100)
     write_json(ckpt / "trainer_state.json", asdict(TrainerState(optimizer_step=step, label_names=list(labels))))
-    write_json(ckpt / "hf" / "config.json", {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
-                                             "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100})
+    write_json(
+        ckpt / "hf" / "config.json",
+        {
+            "model_type": "bert",
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "vocab_size": 100,
+        },
+    )
     if complete:
         write_manifest(ckpt)
     return ckpt
@@ -149,12 +174,21 @@ def test_a_skipped_fp16_step_moves_the_data_on_but_not_the_schedule():
 
 
 def test_resume_on_other_training_data_names_what_changed(tmp_path):
-    data = {"train file content (sha256)": "aa", "train records": 256, "text_column": "text", "label_column": "label",
-            "max_length": 64, "tokenizer (fingerprint)": "t1"}
+    data = {
+        "train file content (sha256)": "aa",
+        "train records": 256,
+        "text_column": "text",
+        "label_column": "label",
+        "max_length": 64,
+        "tokenizer (fingerprint)": "t1",
+    }
     saved = TrainerState(train_data=data)
     check_same_data(tmp_path, saved, dict(data), Log())
-    with pytest.raises(CheckpointError, match=r"train file content \(sha256\) 'aa' -> 'bb'; train records 256 -> 96; "
-                                              r"max_length 64 -> 128"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"train file content \(sha256\) 'aa' -> 'bb'; train records 256 -> 96; "
+        r"max_length 64 -> 128",
+    ):
         changed = {**data, "train file content (sha256)": "bb", "train records": 96, "max_length": 128}
         check_same_data(tmp_path, saved, changed, Log())
     log = Log()

@@ -1,4 +1,5 @@
 """Where accumulation saves communication: measured with DeepSpeed's comms logger on 2 CPU ranks."""
+
 import pytest
 
 from pipeline.tools.comms import markdown, measure_all, steady

@@ -3,8 +3,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (ConfigError, Hardware, TrainConfig, fill_schedule, load_json, resolve_batch,
-                             resolve_ds_config, resolve_precision)
+from pipeline.config import (
+    ConfigError,
+    Hardware,
+    TrainConfig,
+    fill_schedule,
+    load_json,
+    resolve_batch,
+    resolve_ds_config,
+    resolve_precision,
+)
 
 CPU = Hardware("cpu", fp16=False, bf16=True, name="CPU")
 V100 = Hardware("cuda", fp16=True, bf16=False, name="Tesla V100-SXM2-16GB")
@@ -18,14 +26,17 @@ def base(**kw) -> dict:
     return {"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "zero_optimization": {"stage": 2}, **kw}
 
 
-@pytest.mark.parametrize("given, world, expected", [
-    ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 8}, 8, (256, 4, 8)),
-    ({"train_batch_size": 256, "train_micro_batch_size_per_gpu": 4}, 8, (256, 4, 8)),
-    ({"train_batch_size": 256, "gradient_accumulation_steps": 8}, 8, (256, 4, 8)),
-    ({"train_batch_size": 256, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4}, 8, (256, 8, 4)),
-    ({"train_batch_size": 256, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": "auto"}, 2, (256, 8, 16)),
-    ({"train_micro_batch_size_per_gpu": 16}, 1, (16, 16, 1)),
-])
+@pytest.mark.parametrize(
+    "given, world, expected",
+    [
+        ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 8}, 8, (256, 4, 8)),
+        ({"train_batch_size": 256, "train_micro_batch_size_per_gpu": 4}, 8, (256, 4, 8)),
+        ({"train_batch_size": 256, "gradient_accumulation_steps": 8}, 8, (256, 4, 8)),
+        ({"train_batch_size": 256, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4}, 8, (256, 8, 4)),
+        ({"train_batch_size": 256, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": "auto"}, 2, (256, 8, 16)),
+        ({"train_micro_batch_size_per_gpu": 16}, 1, (16, 16, 1)),
+    ],
+)
 def test_batch_triple_resolves_against_world_size(given, world, expected):
     assert resolve_batch("cfg.json", given, world) == expected
 
@@ -35,8 +46,14 @@ def test_inconsistent_batch_names_all_three_numbers_and_world_size():
     with pytest.raises(ConfigError) as e:
         resolve_batch("cfg.json", ds, 8)
     message = str(e.value)
-    for text in ("cfg.json", "train_batch_size (256)", "train_micro_batch_size_per_gpu (4)",
-                 "gradient_accumulation_steps (4)", "world size (8)", "= 128"):
+    for text in (
+        "cfg.json",
+        "train_batch_size (256)",
+        "train_micro_batch_size_per_gpu (4)",
+        "gradient_accumulation_steps (4)",
+        "world size (8)",
+        "= 128",
+    ):
         assert text in message
 
 
@@ -62,7 +79,9 @@ def test_json_syntax_error_reports_line_and_column(tmp_path):
 
 def test_unknown_top_level_key_suggests_the_right_one():
     ds = base(train_micro_batch_size_per_gpu=4, gradient_acumulation_steps=2)
-    with pytest.raises(ConfigError, match=r"cfg\.json: unknown key 'gradient_acumulation_steps' \(did you mean 'gradient_accumulation_steps'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"cfg\.json: unknown key 'gradient_acumulation_steps' \(did you mean 'gradient_accumulation_steps'\?\)"
+    ):
         resolve_ds_config("cfg.json", ds, 2, CPU, AUTO)
 
 
@@ -73,34 +92,44 @@ def test_stage_zero_and_missing_optimizer_are_refused():
         resolve_ds_config("c.json", {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}, 1, CPU, AUTO)
 
 
-@pytest.mark.parametrize("ds, requested, hw, expected", [
-    ({"fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"}}, "auto", CPU, "fp32"),
-    ({"fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"}}, "auto", V100, "fp16"),
-    ({"fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"}}, "auto", A100, "bf16"),
-    ({"fp16": {"enabled": True}}, "auto", V100, "fp16"),
-    ({"bf16": {"enabled": True}}, "auto", CPU, "bf16"),
-    ({"fp16": {"enabled": "auto"}}, "bf16", CPU, "bf16"),
-    ({}, "auto", A100, "fp32"),
-    ({"fp16": {"enabled": True}}, "fp32", CPU, "fp32"),
-])
+@pytest.mark.parametrize(
+    "ds, requested, hw, expected",
+    [
+        ({"fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"}}, "auto", CPU, "fp32"),
+        ({"fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"}}, "auto", V100, "fp16"),
+        ({"fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"}}, "auto", A100, "bf16"),
+        ({"fp16": {"enabled": True}}, "auto", V100, "fp16"),
+        ({"bf16": {"enabled": True}}, "auto", CPU, "bf16"),
+        ({"fp16": {"enabled": "auto"}}, "bf16", CPU, "bf16"),
+        ({}, "auto", A100, "fp32"),
+        ({"fp16": {"enabled": True}}, "fp32", CPU, "fp32"),
+    ],
+)
 def test_precision_is_resolved_per_hardware(ds, requested, hw, expected):
     assert resolve_precision("c.json", ds, requested, hw) == expected
 
 
-@pytest.mark.parametrize("ds, requested, hw, message", [
-    ({"fp16": {"enabled": True}}, "auto", CPU, "fp16 requested but CPU cannot run it"),
-    ({"bf16": {"enabled": True}}, "auto", V100, "V100-SXM2-16GB has no bf16"),
-    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "auto", A100, "both true"),
-    ({"fp16": {"enabled": True}}, "bf16", A100, "contradicts fp16.enabled=true"),
-])
+@pytest.mark.parametrize(
+    "ds, requested, hw, message",
+    [
+        ({"fp16": {"enabled": True}}, "auto", CPU, "fp16 requested but CPU cannot run it"),
+        ({"bf16": {"enabled": True}}, "auto", V100, "V100-SXM2-16GB has no bf16"),
+        ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "auto", A100, "both true"),
+        ({"fp16": {"enabled": True}}, "bf16", A100, "contradicts fp16.enabled=true"),
+    ],
+)
 def test_precision_that_cannot_run_is_refused_not_swapped(ds, requested, hw, message):
     with pytest.raises(ConfigError, match=message):
         resolve_precision("c.json", ds, requested, hw)
 
 
 def test_resolved_config_fills_batch_precision_and_schedule():
-    ds = base(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2, fp16={"enabled": "auto", "loss_scale": 0},
-              scheduler={"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto", "total_num_steps": "auto"}})
+    ds = base(
+        train_micro_batch_size_per_gpu=4,
+        gradient_accumulation_steps=2,
+        fp16={"enabled": "auto", "loss_scale": 0},
+        scheduler={"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto", "total_num_steps": "auto"}},
+    )
     resolved = resolve_ds_config("c.json", ds, 2, V100, AUTO).ds
     assert resolved["train_batch_size"] == 16 and resolved["fp16"] == {"enabled": True, "loss_scale": 0}
     assert resolved["bf16"] == {"enabled": False}
@@ -114,7 +143,7 @@ def test_resolved_config_fills_batch_precision_and_schedule():
 def test_auto_optimizer_values_are_refused():
     ds = base(train_micro_batch_size_per_gpu=4)
     ds["optimizer"]["params"]["lr"] = "auto"
-    with pytest.raises(ConfigError, match="optimizer.params.lr is \"auto\""):
+    with pytest.raises(ConfigError, match='optimizer.params.lr is "auto"'):
         resolve_ds_config("c.json", ds, 1, CPU, AUTO)
 
 
@@ -153,10 +182,17 @@ def test_the_final_config_is_resolved_in_one_call_with_the_runs_shape():
     """Data size, run directory and a resumed checkpoint finish the dict: schedule, profiler, batch, universal load."""
     from pipeline.config import RunShape
 
-    raw = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": "auto",
-           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 2},
-           "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 1e-3, "warmup_num_steps": "auto",
-                                                             "total_num_steps": "auto"}}}
+    raw = {
+        "train_batch_size": 16,
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": "auto",
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "zero_optimization": {"stage": 2},
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {"warmup_max_lr": 1e-3, "warmup_num_steps": "auto", "total_num_steps": "auto"},
+        },
+    }
     cfg = TrainConfig(epochs=2, flops_profiler_step=3)
     cpu = Hardware.named("cpu")
     fresh = resolve_ds_config("c.json", raw, 2, cpu, cfg, run=RunShape(100, "/runs/r"))

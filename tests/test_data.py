@@ -1,18 +1,27 @@
-
 import json
 
 import numpy as np
 import pytest
-
-from pipeline.config import ConfigError, TrainConfig
-from pipeline.data import (RankMicroBatches, TokenizedSplit, epoch_global_batches, label_names_from, load_tokenized,
-                           prepare_splits, read_split, tokenize_cached)
-from pipeline.model import build_wordpiece_tokenizer, load_tokenizer
-
 from conftest import SAMPLE, read_jsonl, write_jsonl
 
-ROWS = [{"text": "主诉：发热3天，咳嗽。", "label": "肺炎"}, {"text": "主诉：胸痛2小时。", "label": "心梗"},
-        {"text": "主诉：腹痛，呕吐。", "label": "胃肠炎"}]
+from pipeline.config import ConfigError, TrainConfig
+from pipeline.data import (
+    RankMicroBatches,
+    TokenizedSplit,
+    epoch_global_batches,
+    label_names_from,
+    load_tokenized,
+    prepare_splits,
+    read_split,
+    tokenize_cached,
+)
+from pipeline.model import build_wordpiece_tokenizer, load_tokenizer
+
+ROWS = [
+    {"text": "主诉：发热3天，咳嗽。", "label": "肺炎"},
+    {"text": "主诉：胸痛2小时。", "label": "心梗"},
+    {"text": "主诉：腹痛，呕吐。", "label": "胃肠炎"},
+]
 
 
 @pytest.fixture()
@@ -34,16 +43,19 @@ def test_numeric_labels_become_strings(tmp_path):
     assert read_split(str(path), "text", "label").labels == ["3", "10"]
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "data file not found"),
-    (b"", "data file is empty"),
-    (b'{"text": "ok", "label": "a"}\n{"text": "bad \xff\xfe", "label": "b"}\n', r"line 2, column 15: not UTF-8"),
-    (b'{"text": "ok", "label": "a"}\n{"text": "x", "label": }\n', r"line 2, column \d+: invalid JSON"),
-    (b'{"body": "ok", "label": "a"}\n', "no column 'text'"),
-    (b'{"text": "ok", "diagnosis": "a"}\n', "no column 'label'"),
-    (b'{"text": "ok", "label": "a"}\n{"text": "", "label": "a"}\n', "record 2: 'text' is empty"),
-    (b'{"text": "ok", "label": "a"}\n{"text": "b", "label": null}\n', "record 2: 'label' is empty"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "data file not found"),
+        (b"", "data file is empty"),
+        (b'{"text": "ok", "label": "a"}\n{"text": "bad \xff\xfe", "label": "b"}\n', r"line 2, column 15: not UTF-8"),
+        (b'{"text": "ok", "label": "a"}\n{"text": "x", "label": }\n', r"line 2, column \d+: invalid JSON"),
+        (b'{"body": "ok", "label": "a"}\n', "no column 'text'"),
+        (b'{"text": "ok", "diagnosis": "a"}\n', "no column 'label'"),
+        (b'{"text": "ok", "label": "a"}\n{"text": "", "label": "a"}\n', "record 2: 'text' is empty"),
+        (b'{"text": "ok", "label": "a"}\n{"text": "b", "label": null}\n', "record 2: 'label' is empty"),
+    ],
+)
 def test_bad_data_files_name_file_and_place(tmp_path, content, message):
     path = tmp_path / "train.jsonl"
     if content is not None:
@@ -138,8 +150,12 @@ def test_tokenized_cache_is_written_in_bounded_batches_with_unknown_tokens_count
     assert load_tokenized(path)["input_ids"] == ids
     unknown, tokens = data.count_unknown(tokenizer, np.concatenate(ids))
     assert 0 < unknown < tokens  # a vocabulary from one text: the others' characters are [UNK]
-    assert data.cache_info(path) == {"num_records": 12, "tokens": tokens, "unknown_tokens": unknown,
-                                     "unk_fraction": unknown / tokens}
+    assert data.cache_info(path) == {
+        "num_records": 12,
+        "tokens": tokens,
+        "unknown_tokens": unknown,
+        "unk_fraction": unknown / tokens,
+    }
 
 
 def test_a_reused_cache_is_not_read_token_by_token(tmp_path, files, monkeypatch):
@@ -154,12 +170,13 @@ def test_a_reused_cache_is_not_read_token_by_token(tmp_path, files, monkeypatch)
             pass
 
     def prepare():
-        return prepare_splits(cfg, lambda train: (load_tokenizer(str(tokenizer_dir), 64), tokenizer_dir), str(tmp_path / "c"), Log())
+        return prepare_splits(
+            cfg, lambda train: (load_tokenizer(str(tokenizer_dir), 64), tokenizer_dir), str(tmp_path / "c"), Log()
+        )
 
     first = prepare()
     monkeypatch.setattr(data, "load_tokenized", lambda path: pytest.fail(f"reused cache {path} read again"))
     assert prepare() == first
-
 
 
 def _build_shared_caches(split, cache: str, barrier) -> None:
@@ -187,6 +204,7 @@ def test_concurrent_runs_build_the_same_cache_entries_safely(tmp_path, files):
     entries = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
     assert entries == ["tokenized", "tokenizer"], entries  # one of each, no temporary directory left
 
+
 def test_batches_equal_hf_padding_collator(tmp_path):
     """TokenizedSplit.batch pads with numpy; it must give what DataCollatorWithPadding gives."""
     import torch
@@ -208,7 +226,7 @@ def test_batches_equal_hf_padding_collator(tmp_path):
     lengths = [len(ids) for ids in rows["input_ids"]]
     assert min(lengths) < max(lengths)  # so padding was exercised
     padded = TokenizedSplit(path, pad_id=5).batch([lengths.index(min(lengths)), lengths.index(max(lengths))])
-    assert padded["input_ids"][0, min(lengths):].eq(5).all() and padded["attention_mask"][0, min(lengths):].eq(0).all()
+    assert padded["input_ids"][0, min(lengths) :].eq(5).all() and padded["attention_mask"][0, min(lengths) :].eq(0).all()
 
 
 def test_tokenizer_that_maps_text_to_unk_is_refused(tmp_path, files):
@@ -236,7 +254,7 @@ def _step_samples(num, micro, accum, world, step, seed=5, epoch=0):
     samples, sizes = [], []
     for rank in range(world):
         batches = list(RankMicroBatches(num, micro, accum, world, rank, seed, epoch))
-        mine = batches[step * accum:(step + 1) * accum]
+        mine = batches[step * accum : (step + 1) * accum]
         samples += [i for b in mine for i in b]
         sizes += [len(b) for b in mine]
     return sorted(samples), sizes
@@ -251,12 +269,12 @@ def test_optimizer_step_samples_do_not_depend_on_world_size():
             assert set(sizes) == {micro}  # every micro-batch full: equal weights under DeepSpeed's 1/accum
 
 
-
 def test_a_position_beyond_the_epoch_is_an_error_not_an_empty_epoch():
     """An empty epoch never advances the training loop, which would then spin forever."""
     assert len(RankMicroBatches(256, 4, 2, 2, 0, seed=0, epoch=0, start_step=15)) == 2
     with pytest.raises(ValueError, match="start step 16 is outside the epoch's 16 optimizer steps"):
         RankMicroBatches(256, 4, 2, 2, 0, seed=0, epoch=0, start_step=16)
+
 
 def test_epoch_order_is_seeded_and_drops_the_short_last_window():
     a = epoch_global_batches(100, 16, seed=1, epoch=0)

@@ -1,11 +1,11 @@
 """The collective timeout bounds a frozen rank (real ranks, real launcher)."""
+
 import signal
 import subprocess
 import time
 
 import psutil
 import pytest
-
 from conftest import REPO, cpu_env, ds_config, free_port
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
@@ -13,10 +13,36 @@ pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
 def test_a_frozen_rank_fails_the_job_within_the_collective_timeout(small_data, tmp_path):
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pipeline", "train",
-           "--ds-config", str(config), "--train-file", str(small_data["train"]), "--dev-file", str(small_data["dev"]),
-           "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--max-length", "64",
-           "--epochs", "50", "--eval-every", "0", "--log-every", "1", "--dist-timeout-minutes", "0.1"]
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "pipeline",
+        "train",
+        "--ds-config",
+        str(config),
+        "--train-file",
+        str(small_data["train"]),
+        "--dev-file",
+        str(small_data["dev"]),
+        "--output-dir",
+        str(tmp_path),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--max-length",
+        "64",
+        "--epochs",
+        "50",
+        "--eval-every",
+        "0",
+        "--log-every",
+        "1",
+        "--dist-timeout-minutes",
+        "0.1",
+    ]
     log = tmp_path / "job.log"
     job = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
     frozen = []

@@ -1,19 +1,25 @@
 """`python -m pipeline doctor` and launch.sh's preflight against the 2-node test cluster (real sshd)."""
+
 import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from conftest import DEAD_NODE, NODES, REPO, cpu_env, ds_config, free_port, losses
 
 from pipeline.doctor import arch_problem, choose_accelerator
 
-from conftest import DEAD_NODE, NODES, REPO, cpu_env, free_port, losses, ds_config
-
 
 def doctor(hostfile, *extra):
-    return subprocess.run([sys.executable, "-m", "pipeline", "doctor", "--hostfile", str(hostfile), *extra],
-                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "doctor", "--hostfile", str(hostfile), *extra],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow
@@ -52,10 +58,26 @@ def test_doctor_finds_the_master_port_taken_on_the_first_node(cluster):
 @pytest.mark.slow
 def test_launch_on_a_dead_node_fails_fast_with_the_doctors_message(cluster, small_data, tmp_path):
     started = time.monotonic()
-    result = subprocess.run([str(REPO / "launch.sh"), "--hostfile", str(cluster.hostfile("live-and-dead", ["127.0.1.1", DEAD_NODE])),
-                             "--master-port", str(free_port()), "--train-file", str(small_data["train"]),
-                             "--dev-file", str(small_data["dev"]), "--output-dir", str(tmp_path)],
-                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            str(REPO / "launch.sh"),
+            "--hostfile",
+            str(cluster.hostfile("live-and-dead", ["127.0.1.1", DEAD_NODE])),
+            "--master-port",
+            str(free_port()),
+            "--train-file",
+            str(small_data["train"]),
+            "--dev-file",
+            str(small_data["dev"]),
+            "--output-dir",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     elapsed = time.monotonic() - started
     assert result.returncode != 0
     assert f"doctor: {DEAD_NODE}: ssh failed non-interactively" in result.stderr, result.stdout + result.stderr
@@ -79,7 +101,9 @@ def test_doctor_finds_an_output_directory_that_is_not_shared(cluster):
     assert result.returncode != 0
     assert f"doctor: 127.0.1.2: {private} is not the first host's directory" in result.stderr, result.stderr
     assert "127.0.1.1: " not in result.stderr  # the first host wrote the marker and is fine
-    shared = doctor(cluster.hostfile("live", NODES), "--master-port", str(free_port()), "--output-dir", str(cluster.root / "runs"))
+    shared = doctor(
+        cluster.hostfile("live", NODES), "--master-port", str(free_port()), "--output-dir", str(cluster.root / "runs")
+    )
     assert shared.returncode == 0, shared.stdout + shared.stderr
 
 
@@ -87,11 +111,38 @@ def test_doctor_finds_an_output_directory_that_is_not_shared(cluster):
 def test_a_hostfile_with_one_remote_host_runs_there_not_here(cluster, small_data, tmp_path):
     """DeepSpeed starts one host's ranks locally, whatever its name; the launcher must go over ssh."""
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
-    result = subprocess.run([str(REPO / "launch.sh"), "--hostfile", str(cluster.hostfile("node2-only", ["127.0.1.2"])),
-                             "--ds-config", str(config), "--master-port", str(free_port()), "--train-file", str(small_data["train"]),
-                             "--dev-file", str(small_data["dev"]), "--output-dir", str(tmp_path), "--run-name", "run",
-                             "--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--max-steps", "2", "--eval-every", "0"],
-                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            str(REPO / "launch.sh"),
+            "--hostfile",
+            str(cluster.hostfile("node2-only", ["127.0.1.2"])),
+            "--ds-config",
+            str(config),
+            "--master-port",
+            str(free_port()),
+            "--train-file",
+            str(small_data["train"]),
+            "--dev-file",
+            str(small_data["dev"]),
+            "--output-dir",
+            str(tmp_path),
+            "--run-name",
+            "run",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--max-length",
+            "64",
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "0",
+        ],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "rank 0 of 1: host node2," in output, output[-4000:]  # hostname inside node2's UTS namespace

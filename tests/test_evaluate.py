@@ -1,4 +1,5 @@
 """Exact distributed evaluation: every record on exactly one rank, the same number of forwards on each."""
+
 import pytest
 
 from pipeline.evaluate import FILLER, eval_index_batches

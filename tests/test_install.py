@@ -1,11 +1,11 @@
 """What pip installs: ranges in setup.cfg (a cluster keeps its CUDA-matched torch), the tested set in
 constraints.txt, and the two agree."""
+
 import configparser
 
+from conftest import REPO
 from packaging.requirements import Requirement
 from packaging.version import Version
-
-from conftest import REPO
 
 
 def requirements() -> dict[str, Requirement]:

@@ -1,15 +1,22 @@
 """launch.sh's checks that need no host: each bad input stops it before the deepspeed runner starts,
 with the file and line named; the env file for remote ranks merges the user's own files, unchanged."""
+
 import subprocess
 
 import pytest
-
-from pipeline.hosts import read_hostfile
-from pipeline.config import ConfigError
-from pipeline.launcher import (deepspeed_command, parse_args, rank_env, read_env_file, requested_accelerator, user_env,
-                               visible_devices_include)
-
 from conftest import REPO, cpu_env, ds_config, free_port
+
+from pipeline.config import ConfigError
+from pipeline.hosts import read_hostfile
+from pipeline.launcher import (
+    deepspeed_command,
+    parse_args,
+    rank_env,
+    read_env_file,
+    requested_accelerator,
+    user_env,
+    visible_devices_include,
+)
 
 
 def launch_sh(*args):
@@ -98,10 +105,12 @@ def test_cuda_visible_devices_becomes_an_include_for_one_local_host(monkeypatch)
     args, _ = parse_args(["--hostfile", "nodes"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert visible_devices_include(args, {"localhost": 8}, {}) == "localhost:2,3"
-    for hosts, env, message in [({"localhost": 2}, {}, "names GPU 2, 3 but the hostfile gives localhost slots=2"),
-                                ({"node1": 8, "node2": 8}, {}, "replaces it on every host"),
-                                ({"gpu-node-1": 8}, {}, "replaces it on every host"),
-                                ({"localhost": 8}, {"CUDA_VISIBLE_DEVICES": "0"}, "in an env file is replaced")]:
+    for hosts, env, message in [
+        ({"localhost": 2}, {}, "names GPU 2, 3 but the hostfile gives localhost slots=2"),
+        ({"node1": 8, "node2": 8}, {}, "replaces it on every host"),
+        ({"gpu-node-1": 8}, {}, "replaces it on every host"),
+        ({"localhost": 8}, {"CUDA_VISIBLE_DEVICES": "0"}, "in an env file is replaced"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             visible_devices_include(args, hosts, env)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5f1c")
@@ -119,11 +128,38 @@ def test_cuda_visible_devices_picks_the_ranks_of_a_real_launch(tmp_path, small_d
     hostfile.write_text("localhost slots=2\n")
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
     env = {**cpu_env(), "CUDA_VISIBLE_DEVICES": "1"}
-    result = subprocess.run([str(REPO / "launch.sh"), "--hostfile", str(hostfile), "--ds-config", str(config),
-                             "--master-port", str(free_port()), "--train-file", str(small_data["train"]),
-                             "--dev-file", str(small_data["dev"]), "--output-dir", str(tmp_path), "--run-name", "run",
-                             "--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--max-steps", "1",
-                             "--eval-every", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            str(REPO / "launch.sh"),
+            "--hostfile",
+            str(hostfile),
+            "--ds-config",
+            str(config),
+            "--master-port",
+            str(free_port()),
+            "--train-file",
+            str(small_data["train"]),
+            "--dev-file",
+            str(small_data["dev"]),
+            "--output-dir",
+            str(tmp_path),
+            "--run-name",
+            "run",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--max-length",
+            "64",
+            "--max-steps",
+            "1",
+            "--eval-every",
+            "0",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "CUDA_VISIBLE_DEVICES=1 -> --include localhost:1" in output
@@ -142,8 +178,9 @@ def test_fp16_on_cpu_ranks_is_refused_before_launch(tmp_path):
 
 def test_deepspeed_command_per_launcher():
     hosts = {"node1": 1, "node2": 1}
-    args, train_args = parse_args(["--hostfile", "nodes", "--rank-logs", "logs", "--master-addr", "node1", "--master-port", "29500",
-                                   "--max-steps", "4"])
+    args, train_args = parse_args(
+        ["--hostfile", "nodes", "--rank-logs", "logs", "--master-addr", "node1", "--master-port", "29500", "--max-steps", "4"]
+    )
     assert train_args == ["--max-steps", "4"]
     cmd = deepspeed_command(args, hosts, train_args, ssh_checked=True)
     assert cmd[:8] == ["deepspeed", "--hostfile", "nodes", "--master_addr", "node1", "--master_port", "29500", "--no_ssh_check"]
@@ -163,12 +200,32 @@ def test_one_remote_host_is_reached_over_ssh_not_started_here():
 
 
 def test_options_take_underscores_and_hugging_face_names():
-    args, train_args = parse_args(["--deepspeed", "ds.json", "--master_port", "1234", "--output_dir", "out",
-                                   "--num_train_epochs", "3", "--per_device_eval_batch_size", "4", "--max_length", "64",
-                                   "--resume_from_checkpoint", "auto"])
+    args, train_args = parse_args(
+        [
+            "--deepspeed",
+            "ds.json",
+            "--master_port",
+            "1234",
+            "--output_dir",
+            "out",
+            "--num_train_epochs",
+            "3",
+            "--per_device_eval_batch_size",
+            "4",
+            "--max_length",
+            "64",
+            "--resume_from_checkpoint",
+            "auto",
+        ]
+    )
     assert (args.ds_config, args.master_port) == ("ds.json", 1234)
-    assert (args.train.output_dir, args.train.epochs, args.train.eval_batch_size, args.train.max_length, args.train.resume) == \
-        ("out", 3, 4, 64, "auto")
+    assert (args.train.output_dir, args.train.epochs, args.train.eval_batch_size, args.train.max_length, args.train.resume) == (
+        "out",
+        3,
+        4,
+        64,
+        "auto",
+    )
     assert train_args[:2] == ["--output_dir", "out"]  # passed on unchanged: `train` takes the same spellings
 
 
@@ -187,24 +244,40 @@ def pdsh_rank_value(key: str, value: str) -> str:
 
     runner = PDSHRunner(argparse.Namespace(user_args=[], user_script="x", launcher_args=""), "")
     runner.add_export(key, value)
-    script = f"export {key}={runner.exports[key]}; printf %s \"${key}\""
+    script = f'export {key}={runner.exports[key]}; printf %s "${key}"'
     return subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
 
 
-@pytest.mark.parametrize("line, value", [
-    ('FOO="a b"', "a b"), ("FOO='a b'", "a b"), ("FOO=a b", "a b"), ("FOO=^docker0,lo", "^docker0,lo"),
-    ("FOO=x;y&z|w", "x;y&z|w"), ("FOO=it's", "it's"), ('FOO=""', ""), ("FOO=eth0", "eth0"),
-])
+@pytest.mark.parametrize(
+    "line, value",
+    [
+        ('FOO="a b"', "a b"),
+        ("FOO='a b'", "a b"),
+        ("FOO=a b", "a b"),
+        ("FOO=^docker0,lo", "^docker0,lo"),
+        ("FOO=x;y&z|w", "x;y&z|w"),
+        ("FOO=it's", "it's"),
+        ('FOO=""', ""),
+        ("FOO=eth0", "eth0"),
+    ],
+)
 def test_env_values_are_the_same_for_local_and_pdsh_ranks(tmp_path, line, value):
     (tmp_path / "nodes.env").write_text(line + "\n")
     local = read_env_file(tmp_path / "nodes.env")["FOO"]
     assert local == value == pdsh_rank_value("FOO", local)
 
 
-@pytest.mark.parametrize("line, what", [
-    ("FOO=$(id)", "contains '$'"), ('FOO="$HOME/x"', "contains '$'"), ("FOO=`id`", "contains '`'"),
-    ('FOO=a"b', """contains '"'"""), ("FOO=a\\b", r"contains '\\'"), ('FOO=" a"', "starts or ends with a space"),
-])
+@pytest.mark.parametrize(
+    "line, what",
+    [
+        ("FOO=$(id)", "contains '$'"),
+        ('FOO="$HOME/x"', "contains '$'"),
+        ("FOO=`id`", "contains '`'"),
+        ('FOO=a"b', """contains '"'"""),
+        ("FOO=a\\b", r"contains '\\'"),
+        ('FOO=" a"', "starts or ends with a space"),
+    ],
+)
 def test_env_values_the_runner_would_mangle_are_refused_with_file_and_line(tmp_path, line, what):
     (tmp_path / "nodes.env").write_text("# cluster\nOK=1\n" + line + "\n")
     with pytest.raises(ConfigError) as e:

@@ -1,8 +1,8 @@
 """The runtime never imports the tools: every `pipeline/*.py` but the command line, read with `ast`."""
+
 import ast
 
 import pytest
-
 from conftest import REPO
 
 RUNTIME = sorted(p for p in (REPO / "pipeline").glob("*.py") if p.name != "__main__.py")
@@ -32,8 +32,14 @@ def test_runtime_module_does_not_import_the_tools(path):
 
 def test_the_check_sees_every_spelling_of_the_import(tmp_path):
     module = tmp_path / "m.py"
-    for source in ["import pipeline.tools.bench", "from pipeline.tools import comms", "from .tools import audit",
-                   "from . import tools", "from .tools.common import free_port", "def f():\n    from .tools import bench"]:
+    for source in [
+        "import pipeline.tools.bench",
+        "from pipeline.tools import comms",
+        "from .tools import audit",
+        "from . import tools",
+        "from .tools.common import free_port",
+        "def f():\n    from .tools import bench",
+    ]:
         module.write_text(source + "\n")
         assert every_import(module), source
     module.write_text("from . import dist\nfrom .train import micro_step\nimport toolz\nfrom pipeline import tools_x\n")

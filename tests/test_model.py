@@ -4,12 +4,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO, cpu_env, write_jsonl
 
 from pipeline.config import ConfigError
 from pipeline.data import count_unknown, read_split
 from pipeline.model import build_model, build_wordpiece_tokenizer, check_model_dir, has_tokenizer, has_weights, load_tokenizer
-
-from conftest import REPO, cpu_env, write_jsonl
 
 ROWS = [{"text": "主诉：发热3天，咳嗽。WBC 12.3", "label": "肺炎"}, {"text": "主诉：胸痛2小时。cTnI 2.1", "label": "心梗"}]
 
@@ -67,11 +66,14 @@ def model_dir(tmp_path, config: dict | str):
     return str(tmp_path)
 
 
-@pytest.mark.parametrize("config, longest", [
-    ({"model_type": "bert", "max_position_embeddings": 512, "pad_token_id": 0}, 512),
-    ({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}, 512),  # positions start at pad + 1
-    ({"model_type": "xlm-roberta", "max_position_embeddings": 514}, 512),  # pad_token_id 1 by default
-])
+@pytest.mark.parametrize(
+    "config, longest",
+    [
+        ({"model_type": "bert", "max_position_embeddings": 512, "pad_token_id": 0}, 512),
+        ({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}, 512),  # positions start at pad + 1
+        ({"model_type": "xlm-roberta", "max_position_embeddings": 514}, 512),  # pad_token_id 1 by default
+    ],
+)
 def test_max_length_beyond_the_position_embeddings_is_refused(tmp_path, config, longest):
     check_model_dir(model_dir(tmp_path, config), longest)
     with pytest.raises(ConfigError, match=f"--max-length {longest + 1} is more than model .* takes: {longest} tokens"):
@@ -79,8 +81,9 @@ def test_max_length_beyond_the_position_embeddings_is_refused(tmp_path, config, 
 
 
 def test_relative_position_models_have_no_length_limit(tmp_path):
-    check_model_dir(model_dir(tmp_path, {"model_type": "deberta-v2", "max_position_embeddings": 512,
-                                         "position_biased_input": False}), 2048)
+    check_model_dir(
+        model_dir(tmp_path, {"model_type": "deberta-v2", "max_position_embeddings": 512, "position_biased_input": False}), 2048
+    )
 
 
 def test_config_json_that_is_not_json_is_one_clear_error(tmp_path):
@@ -88,16 +91,35 @@ def test_config_json_that_is_not_json_is_one_clear_error(tmp_path):
         check_model_dir(model_dir(tmp_path, '{\n  "model_type": "bert",\n}\n'), 128)
 
 
-@pytest.mark.parametrize("config, message", [
-    ('{"model_type": "bert",', "JSON syntax error at line 1"),
-    ({"model_type": "bert", "max_position_embeddings": 512}, "--max-length 1024 is more than model"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ('{"model_type": "bert",', "JSON syntax error at line 1"),
+        ({"model_type": "bert", "max_position_embeddings": 512}, "--max-length 1024 is more than model"),
+    ],
+)
 @pytest.mark.slow
 def test_train_stops_with_one_line_before_touching_data(tmp_path, config, message):
     """Checked before the process group and the tokenizer: exit 2, one line, no traceback, no cache."""
-    result = subprocess.run([sys.executable, "-m", "pipeline", "train", "--model", model_dir(tmp_path, config),
-                             "--max-length", "1024", "--output-dir", str(tmp_path / "runs")],
-                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            "--model",
+            model_dir(tmp_path, config),
+            "--max-length",
+            "1024",
+            "--output-dir",
+            str(tmp_path / "runs"),
+        ],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr

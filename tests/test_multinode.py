@@ -1,12 +1,12 @@
 """Training over the 2-node test cluster (real sshd per node, pdsh, mpirun): each node runs its rank,
 the loss curve equals a single-node 2-rank run, and a killed remote rank ends the job."""
+
 import os
 import signal
 import subprocess
 import time
 
 import pytest
-
 from conftest import NODES, REPO, cpu_env, ds_config, free_port, losses, train
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
@@ -22,10 +22,30 @@ def rank_log(logs, rank):
 
 
 def launch_args(cluster, tmp_path, data, config, launcher, extra):
-    args = ["--hostfile", str(cluster.hostfile("nodes", NODES)), "--ds-config", str(config), "--master-port", str(free_port()),
-            "--rank-logs", str(tmp_path / "logs"), "--launcher", launcher, "--train-file", str(data["train"]),
-            "--dev-file", str(data["dev"]), "--output-dir", str(tmp_path), "--run-name", "run",
-            "--cache-dir", str(tmp_path / "cache"), *SHORT, *extra]
+    args = [
+        "--hostfile",
+        str(cluster.hostfile("nodes", NODES)),
+        "--ds-config",
+        str(config),
+        "--master-port",
+        str(free_port()),
+        "--rank-logs",
+        str(tmp_path / "logs"),
+        "--launcher",
+        launcher,
+        "--train-file",
+        str(data["train"]),
+        "--dev-file",
+        str(data["dev"]),
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "run",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *SHORT,
+        *extra,
+    ]
     return [str(REPO / "launch.sh"), *args, *(["--launcher-args", OPENMPI_ARGS] if launcher == "openmpi" else [])]
 
 
@@ -40,8 +60,14 @@ def single_node(tmp_path_factory, small_data):
 @pytest.mark.parametrize("launcher", ["pdsh", "openmpi"])
 def test_two_nodes_train_like_one_node(cluster, single_node, small_data, launcher, tmp_path):
     config, reference = single_node
-    result = subprocess.run(launch_args(cluster, tmp_path, small_data, config, launcher, ["--max-steps", "4"]),
-                            cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        launch_args(cluster, tmp_path, small_data, config, launcher, ["--max-steps", "4"]),
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert "GLOO_SOCKET_IFNAME=lo" in output  # the runner exported the cluster's env file to the remote ranks
@@ -55,7 +81,9 @@ def test_two_nodes_train_like_one_node(cluster, single_node, small_data, launche
 def test_killed_remote_rank_ends_the_job_within_the_timeout(cluster, small_data, tmp_path):
     timeout_s = 30
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
-    cmd = launch_args(cluster, tmp_path, small_data, config, "pdsh", ["--epochs", "100", "--dist-timeout-minutes", str(timeout_s / 60)])
+    cmd = launch_args(
+        cluster, tmp_path, small_data, config, "pdsh", ["--epochs", "100", "--dist-timeout-minutes", str(timeout_s / 60)]
+    )
     with open(tmp_path / "console.txt", "w") as console:
         job = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=console, stderr=subprocess.STDOUT)
         try:

@@ -1,18 +1,19 @@
 """The memory planner: parameter counts without weights, DeepSpeed's estimators, micro-batch choice,
 the written config passing check-config and training 2 ranks, and the estimate against measurement."""
+
 import json
 import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, cpu_env, train
+
 from pipeline.__main__ import main
 from pipeline.config import ConfigError, Hardware, TrainConfig, resolve_ds_config
 from pipeline.plan import ModelShape, activation_bytes, ds_config_for, model_shape, model_state_bytes, plan, recommend
 
 MODELS = REPO / "pipeline" / "models"
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def test_parameter_count_from_config_alone():
@@ -25,10 +26,10 @@ def test_parameter_count_from_config_alone():
 
 
 def test_model_states_are_deepspeeds_estimates():
-    shape = ModelShape(params=10 ** 9, largest_layer=10 ** 8, hidden=2048, intermediate=8192, layers=24, heads=32)
-    assert model_state_bytes(shape, "zero2", 1, 8)[0] == 2 * 10 ** 9 + 18 * 10 ** 9 // 8
-    assert model_state_bytes(shape, "zero3", 2, 4)[0] == 4 * 10 ** 8 + 18 * 10 ** 9 // 8
-    assert model_state_bytes(shape, "zero3_offload", 1, 8)[0] == 4 * 10 ** 8
+    shape = ModelShape(params=10**9, largest_layer=10**8, hidden=2048, intermediate=8192, layers=24, heads=32)
+    assert model_state_bytes(shape, "zero2", 1, 8)[0] == 2 * 10**9 + 18 * 10**9 // 8
+    assert model_state_bytes(shape, "zero3", 2, 4)[0] == 4 * 10**8 + 18 * 10**9 // 8
+    assert model_state_bytes(shape, "zero3_offload", 1, 8)[0] == 4 * 10**8
 
 
 def test_plan_chooses_micro_batch_and_stage():
@@ -69,15 +70,54 @@ def test_written_configs_resolve_on_other_clusters(strategy):
 @pytest.mark.slow
 def test_plan_write_passes_check_config_and_trains_two_cpu_ranks(tmp_path, small_data, capsys):
     written = tmp_path / "planned.json"
-    assert main(["plan", "--model", str(MODELS / "tiny-bert"), "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem", "2GiB",
-                 "--seq-len", "64", "--global-batch", "16", "--lr", "1e-3", "--write", str(written)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                str(MODELS / "tiny-bert"),
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "2",
+                "--gpu-mem",
+                "2GiB",
+                "--seq-len",
+                "64",
+                "--global-batch",
+                "16",
+                "--lr",
+                "1e-3",
+                "--write",
+                str(written),
+            ]
+        )
+        == 0
+    )
     assert "recommendation: zero2" in capsys.readouterr().out
-    assert main(["check-config", "--ds-config", str(written), "--hostfile", str(REPO / "hostfiles" / "localhost"),
-                 "--gpu", "cpu", "--model", str(MODELS / "tiny-bert"), "--seq-len", "64"]) == 0
+    assert (
+        main(
+            [
+                "check-config",
+                "--ds-config",
+                str(written),
+                "--hostfile",
+                str(REPO / "hostfiles" / "localhost"),
+                "--gpu",
+                "cpu",
+                "--model",
+                str(MODELS / "tiny-bert"),
+                "--seq-len",
+                "64",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "world size 2" in out and "ok: no errors" in out and "memory per GPU" in out
-    run_dir = train(tmp_path, "planned", small_data, written,
-                    extra=["--max-steps", "3", "--max-length", "64", "--eval-every", "0"])
+    run_dir = train(
+        tmp_path, "planned", small_data, written, extra=["--max-steps", "3", "--max-length", "64", "--eval-every", "0"]
+    )
     used = json.loads((run_dir / "ds_config.json").read_text())
     assert used["train_batch_size"] == 16 and used["world_size"] == 2
     assert used["train_micro_batch_size_per_gpu"] * used["gradient_accumulation_steps"] * 2 == 16
@@ -86,8 +126,27 @@ def test_plan_write_passes_check_config_and_trains_two_cpu_ranks(tmp_path, small
 
 def measure(hidden: int) -> list[dict]:
     """Peak RSS of real ZeRO-2 bf16 steps (1 rank, CPU, micro 1) for a 4-layer BERT of this width."""
-    cmd = [sys.executable, "-m", "pipeline.tools.plan_memory", "--device", "cpu", "--stages", "2", "--hidden", str(hidden),
-           "--layers", "4", "--heads", "4", "--micro", "1", "--seq", "64", "--steps", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.tools.plan_memory",
+        "--device",
+        "cpu",
+        "--stages",
+        "2",
+        "--hidden",
+        str(hidden),
+        "--layers",
+        "4",
+        "--heads",
+        "4",
+        "--micro",
+        "1",
+        "--seq",
+        "64",
+        "--steps",
+        "2",
+    ]
     env = dict(cpu_env(), MASTER_PORT=str(__import__("conftest").free_port()))
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]

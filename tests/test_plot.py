@@ -1,17 +1,22 @@
 """Watching a run: TensorBoard events, `plot`, and the flops profiler's output, from a real 2-rank run."""
+
 import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, cpu_env, ds_config, read_jsonl, train
 
 
 @pytest.mark.slow
 def test_run_directory_has_tensorboard_events_flops_profile_and_plots(small_data, tmp_path):
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
-    run = train(tmp_path, "run", small_data, config,
-                extra=["--max-length", "64", "--max-steps", "6", "--eval-every", "3", "--flops-profiler-step", "2"])
+    run = train(
+        tmp_path,
+        "run",
+        small_data,
+        config,
+        extra=["--max-length", "64", "--max-steps", "6", "--eval-every", "3", "--flops-profiler-step", "2"],
+    )
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -23,8 +28,14 @@ def test_run_directory_has_tensorboard_events_flops_profile_and_plots(small_data
     assert "Flops Profiler" in (run / "flops_profile.txt").read_text()
 
     out = tmp_path / "plot.png"
-    result = subprocess.run([sys.executable, "-m", "pipeline", "plot", str(run), "--output", str(out)], cwd=REPO,
-                            env=cpu_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "plot", str(run), "--output", str(out)],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from matplotlib.image import imread
@@ -34,6 +45,12 @@ def test_run_directory_has_tensorboard_events_flops_profile_and_plots(small_data
 
 @pytest.mark.slow
 def test_plot_of_a_directory_without_metrics_says_so(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pipeline", "plot", str(tmp_path)], cwd=REPO, env=cpu_env(),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "plot", str(tmp_path)],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "no metrics.jsonl" in result.stderr

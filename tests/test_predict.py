@@ -4,25 +4,37 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, cpu_env
 
 from pipeline.__main__ import main
 from pipeline.config import ConfigError
 from pipeline.predict import predict
-
-from conftest import REPO, cpu_env
 
 
 @pytest.mark.slow
 def test_predict_from_stdin_and_txt_file_agree(initial_model, tmp_path):
     texts = ["主诉：发热3天，咳嗽。", "主诉：胸痛2小时。"]
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-    from_stdin = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--model", str(initial_model)], input="\n".join(texts),
-                                cwd=REPO, env=cpu_env(), capture_output=True, text=True, check=True).stdout
+    from_stdin = subprocess.run(
+        [sys.executable, "-m", "pipeline", "predict", "--model", str(initial_model)],
+        input="\n".join(texts),
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rows = [json.loads(line) for line in from_stdin.splitlines()]
     assert [{k: v for k, v in r.items() if k != "line"} for r in rows] == predict(str(initial_model), texts)
     assert [r["line"] for r in rows] == [1, 2]
-    from_file = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--model", str(initial_model), "--input",
-                                str(tmp_path / "in.txt")], cwd=REPO, env=cpu_env(), capture_output=True, text=True, check=True)
+    from_file = subprocess.run(
+        [sys.executable, "-m", "pipeline", "predict", "--model", str(initial_model), "--input", str(tmp_path / "in.txt")],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert from_file.stdout == from_stdin
     assert all(set(r["probabilities"]) == set(json.loads((initial_model / "config.json").read_text())["label2id"]) for r in rows)
 
@@ -43,8 +55,10 @@ def run_predict(capsys, monkeypatch, model, *args, stdin="") -> list[dict]:
 def test_blank_lines_keep_their_row_so_output_lines_up_with_input(initial_model, tmp_path, capsys, monkeypatch):
     lines = ["主诉：发热3天，咳嗽。", "", "主诉：胸痛2小时。", "   "]
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    for rows in (run_predict(capsys, monkeypatch, initial_model, "--input", str(tmp_path / "in.txt")),
-                 run_predict(capsys, monkeypatch, initial_model, stdin="\n".join(lines))):
+    for rows in (
+        run_predict(capsys, monkeypatch, initial_model, "--input", str(tmp_path / "in.txt")),
+        run_predict(capsys, monkeypatch, initial_model, stdin="\n".join(lines)),
+    ):
         assert [r["line"] for r in rows] == [1, 2, 3, 4]
         assert [r["label"] is None for r in rows] == [False, True, False, True]
         assert rows[0]["label"] in rows[0]["probabilities"]

@@ -1,4 +1,5 @@
 """Checkpoints and resume with real ranks: a resumed run equals the uninterrupted one, bit for bit."""
+
 import contextlib
 import json
 import os
@@ -10,24 +11,47 @@ import time
 
 import psutil
 import pytest
+from conftest import REPO, cpu_env, ds_config, free_port, launch, losses, read_jsonl, write_jsonl
 from safetensors.numpy import load_file
 
 from pipeline.checkpoint import step_of
-
-from conftest import REPO, cpu_env, ds_config, free_port, launch, losses, read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
 # 256 records / (4 x 2 x 2 ranks) = 16 optimizer steps per epoch, 2 epochs; dropout on (tiny-bert).
 # Evaluations and saves at their own intervals: neither may change what training does.
-RUN_ARGS = ["--max-length", "64", "--eval-batch-size", "8", "--epochs", "2", "--eval-every", "3",
-            "--save-every", "2", "--keep-checkpoints", "20"]
+RUN_ARGS = [
+    "--max-length",
+    "64",
+    "--eval-batch-size",
+    "8",
+    "--epochs",
+    "2",
+    "--eval-every",
+    "3",
+    "--save-every",
+    "2",
+    "--keep-checkpoints",
+    "20",
+]
 
 
 def train_args(config, data, tmp_path, *extra):
-    return ["train", "--ds-config", str(config), "--train-file", str(data["train"]), "--dev-file", str(data["dev"]),
-            "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), *RUN_ARGS, *extra]
-
+    return [
+        "train",
+        "--ds-config",
+        str(config),
+        "--train-file",
+        str(data["train"]),
+        "--dev-file",
+        str(data["dev"]),
+        "--output-dir",
+        str(tmp_path),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *RUN_ARGS,
+        *extra,
+    ]
 
 
 def assert_same_run(run, reference):
@@ -86,8 +110,16 @@ def kill_rank(launcher: subprocess.Popen, rank: int) -> None:
 
 def start_killable_run(config, data, tmp_path, *extra) -> subprocess.Popen:
     """A training run named 'killed', in the background; its console goes to killed.log."""
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pipeline",
-           *train_args(config, data, tmp_path, "--run-name", "killed", "--dist-timeout-minutes", "0.5", *extra)]
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "pipeline",
+        *train_args(config, data, tmp_path, "--run-name", "killed", "--dist-timeout-minutes", "0.5", *extra),
+    ]
     return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=open(tmp_path / "killed.log", "w"), stderr=subprocess.STDOUT)
 
 
@@ -176,24 +208,43 @@ def test_resume_on_changed_training_data_is_refused(reference, small_data, tmp_p
 def test_export_from_zero3_shards_reproduces_the_training_predictions(reference, small_data, tmp_path):
     ref, _ = reference(3)
     out = tmp_path / "exported"
-    subprocess.run([sys.executable, "-m", "pipeline", "export", str(ref / "checkpoints" / "step-32"), str(out)],
-                   cwd=REPO, env=cpu_env(), check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pipeline", "export", str(ref / "checkpoints" / "step-32"), str(out)],
+        cwd=REPO,
+        env=cpu_env(),
+        check=True,
+        capture_output=True,
+    )
     # Into the run directory itself: refused, and nothing deleted.
     before = sorted(p.relative_to(ref) for p in ref.rglob("*"))
-    refused = subprocess.run([sys.executable, "-m", "pipeline", "export", str(ref / "checkpoints" / "step-32"), str(ref)],
-                             cwd=REPO, env=cpu_env(), capture_output=True, text=True)
+    refused = subprocess.run(
+        [sys.executable, "-m", "pipeline", "export", str(ref / "checkpoints" / "step-32"), str(ref)],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+    )
     assert refused.returncode == 2 and f"error: export: {ref} exists and is not an export" in refused.stderr, refused.stderr
     assert sorted(p.relative_to(ref) for p in ref.rglob("*")) == before
     mine, theirs = load_file(out / "model.safetensors"), load_file(ref / "export" / "model.safetensors")
     assert mine.keys() == theirs.keys() and all((mine[k] == theirs[k]).all() for k in theirs)
-    predicted = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--model", str(out), "--input",
-                                str(small_data["dev"])], cwd=REPO, env=cpu_env(), check=True, capture_output=True, text=True)
+    predicted = subprocess.run(
+        [sys.executable, "-m", "pipeline", "predict", "--model", str(out), "--input", str(small_data["dev"])],
+        cwd=REPO,
+        env=cpu_env(),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     labels = [json.loads(line)["label"] for line in predicted.stdout.splitlines()]
     assert labels == [row["label"] for row in read_jsonl(ref / "predictions-dev.jsonl")]
 
 
-@pytest.mark.parametrize("stage, before, after", [(2, 2, 1), (2, 1, 2), (3, 2, 1)],
-                         ids=["zero2-2-to-1-ranks", "zero2-1-to-2-ranks", "zero3-2-to-1-ranks"])
+@pytest.mark.parametrize(
+    "stage, before, after",
+    [(2, 2, 1), (2, 1, 2), (3, 2, 1)],
+    ids=["zero2-2-to-1-ranks", "zero2-1-to-2-ranks", "zero3-2-to-1-ranks"],
+)
 def test_resume_on_another_world_size_keeps_the_global_batch(initial_model, small_data, tmp_path, stage, before, after):
     """ZeRO-2 (which DeepSpeed's own universal-checkpoint tests do not cover) and ZeRO-3, through the
     universal format.
@@ -208,14 +259,19 @@ def test_resume_on_another_world_size_keeps_the_global_batch(initial_model, smal
     ref = tmp_path / "ref"
     copy = interrupted_copy(ref, tmp_path / "interrupted", 6)
     # The same JSON on the new world size: the run must re-derive accumulation to keep 16.
-    result = launch(train_args(config, small_data, tmp_path, "--resume", str(copy / "checkpoints" / "step-6"), *args),
-                    ranks=after)
+    result = launch(
+        train_args(config, small_data, tmp_path, "--resume", str(copy / "checkpoints" / "step-6"), *args), ranks=after
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert f"global batch kept at 16 = 4 x {accum[after]} accumulation x {after}" in output
     assert "not carried over: each rank's RNG state" in output
     resolved = json.loads((copy / "ds_config.json").read_text())
-    assert (resolved["train_batch_size"], resolved["gradient_accumulation_steps"], resolved["world_size"]) == (16, accum[after], after)
+    assert (resolved["train_batch_size"], resolved["gradient_accumulation_steps"], resolved["world_size"]) == (
+        16,
+        accum[after],
+        after,
+    )
     assert resolved["zero_optimization"]["stage"] == stage and (copy / "checkpoints" / "step-6.universal").is_dir()
     resumed, reference_curve = losses(copy), losses(ref)
     assert len(resumed) == len(reference_curve) == 16
@@ -257,14 +313,44 @@ def test_a_full_disk_stops_every_rank_with_one_clear_error(initial_model, small_
     estimate = 16 * AutoModelForSequenceClassification.from_pretrained(initial_model).num_parameters()
     out = small_fs(estimate * 16 // 10 if when == "before-save" else estimate + 64 * 1024)
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
-    result = launch(["train", "--ds-config", str(config), "--train-file", str(small_data["train"]), "--dev-file",
-                     str(small_data["dev"]), "--output-dir", str(out), "--run-name", "run", "--cache-dir", str(tmp_path / "cache"),
-                     "--model", str(initial_model), "--max-length", "64", "--max-steps", "4", "--save-every", "2",
-                     "--eval-every", "0", "--keep-checkpoints", "5", "--dist-timeout-minutes", "1"], timeout=240)
+    result = launch(
+        [
+            "train",
+            "--ds-config",
+            str(config),
+            "--train-file",
+            str(small_data["train"]),
+            "--dev-file",
+            str(small_data["dev"]),
+            "--output-dir",
+            str(out),
+            "--run-name",
+            "run",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--model",
+            str(initial_model),
+            "--max-length",
+            "64",
+            "--max-steps",
+            "4",
+            "--save-every",
+            "2",
+            "--eval-every",
+            "0",
+            "--keep-checkpoints",
+            "5",
+            "--dist-timeout-minutes",
+            "1",
+        ],
+        timeout=240,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in output, output[-4000:]
     step, kept = (4, ["step-2"]) if when == "before-save" else (2, [])
-    assert f"error: checkpoint step {step} not written: no space left on the output file system ({out / 'run'}): " in result.stderr
+    assert (
+        f"error: checkpoint step {step} not written: no space left on the output file system ({out / 'run'}): " in result.stderr
+    )
     ckpts = out / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step-*")) == kept
     for name in kept:

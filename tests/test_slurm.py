@@ -1,17 +1,17 @@
 """Training under a real SLURM (munged, slurmctld, slurmd on this machine): an sbatch job trains like
 the deepspeed launcher; a job signalled mid-run checkpoints, requeues itself and ends with the
 uninterrupted run's losses and weights; what does not fit the allocation is refused before training."""
+
 import subprocess
 import time
 
 import numpy as np
 import pytest
+from conftest import REPO, STOP_SETTINGS, ds_config, free_port, losses, read_jsonl
 from safetensors.numpy import load_file
 
 from pipeline.config import ConfigError
 from pipeline.launcher import check_slurm_gpus
-
-from conftest import REPO, STOP_SETTINGS, ds_config, free_port, losses, read_jsonl
 
 TEMPLATE = REPO / "hostfiles" / "slurm-v100x8.sbatch"
 
@@ -23,9 +23,23 @@ def job_script(tmp_path, body: str):
 
 
 def run_args(tmp_path, data, config):
-    return ["--ds-config", str(config), "--master-port", str(free_port()), "--train-file", str(data["train"]),
-            "--dev-file", str(data["dev"]), "--output-dir", str(tmp_path), "--run-name", "run",
-            "--cache-dir", str(tmp_path / "cache"), *STOP_SETTINGS]
+    return [
+        "--ds-config",
+        str(config),
+        "--master-port",
+        str(free_port()),
+        "--train-file",
+        str(data["train"]),
+        "--dev-file",
+        str(data["dev"]),
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "run",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *STOP_SETTINGS,
+    ]
 
 
 def sbatch(slurm, *args) -> subprocess.CompletedProcess:
@@ -49,10 +63,23 @@ def test_signalled_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(s
     """The shipped template (GPU lines dropped): USR1 mid-run -> checkpoint, exit 75, requeue, resume."""
     config, expected = uninterrupted
     script = tmp_path / "job.sbatch"
-    script.write_text("".join(line for line in TEMPLATE.read_text().splitlines(keepends=True)
-                              if "--gpus-per-node" not in line and "--cpus-per-task" not in line))
-    submitted = sbatch(slurm, "--parsable", "--nodes=1", "--ntasks-per-node=2", "-o", str(tmp_path / "job.out"), str(script),
-                       *run_args(tmp_path, small_data, config))
+    script.write_text(
+        "".join(
+            line
+            for line in TEMPLATE.read_text().splitlines(keepends=True)
+            if "--gpus-per-node" not in line and "--cpus-per-task" not in line
+        )
+    )
+    submitted = sbatch(
+        slurm,
+        "--parsable",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "-o",
+        str(tmp_path / "job.out"),
+        str(script),
+        *run_args(tmp_path, small_data, config),
+    )
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
     metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 240
@@ -70,7 +97,10 @@ def test_signalled_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(s
     assert 5 <= step < 12
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step-{step}'}" in output, output[-4000:]
     assert losses(tmp_path / "run") == losses(expected)  # bit-exact, as the CPU allows
-    ours, theirs = load_file(tmp_path / "run" / "export" / "model.safetensors"), load_file(expected / "export" / "model.safetensors")
+    ours, theirs = (
+        load_file(tmp_path / "run" / "export" / "model.safetensors"),
+        load_file(expected / "export" / "model.safetensors"),
+    )
     assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)
     assert [row["step"] for row in read_jsonl(metrics) if "loss" in row] == list(range(1, 13))
 
@@ -91,8 +121,13 @@ def test_launcher_slurm_outside_an_allocation_or_with_a_hostfile_is_an_error():
     env = {key: value for key, value in __import__("os").environ.items() if not key.startswith("SLURM_")}
     outside = subprocess.run([str(REPO / "launch.sh"), "--launcher", "slurm"], cwd=REPO, env=env, capture_output=True, text=True)
     assert outside.returncode == 2 and "--launcher slurm outside a SLURM allocation" in outside.stderr, outside.stderr
-    both = subprocess.run([str(REPO / "launch.sh"), "--launcher", "slurm", "--hostfile", "hostfiles/localhost"], cwd=REPO,
-                          env={**env, "SLURM_JOB_ID": "1"}, capture_output=True, text=True)
+    both = subprocess.run(
+        [str(REPO / "launch.sh"), "--launcher", "slurm", "--hostfile", "hostfiles/localhost"],
+        cwd=REPO,
+        env={**env, "SLURM_JOB_ID": "1"},
+        capture_output=True,
+        text=True,
+    )
     assert both.returncode == 2 and "--hostfile with --launcher slurm" in both.stderr, both.stderr
 
 

@@ -1,14 +1,14 @@
 """Graceful stop under ./launch.sh (pdsh/local runner): the first Ctrl-C finishes the optimizer step,
 saves a checkpoint and exits 75, and the resumed run equals an uninterrupted one; a second Ctrl-C aborts."""
+
 import signal
 import subprocess
 import time
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
-
 from conftest import REPO, STOP_SETTINGS, cpu_env, ds_config, free_port, launch, losses, read_jsonl
+from safetensors.numpy import load_file
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
@@ -16,9 +16,25 @@ EXIT_STOPPED = 75
 
 
 def start(tmp_path, data, config, extra=()):
-    cmd = [str(REPO / "launch.sh"), "--ds-config", str(config), "--master-port", str(free_port()), "--train-file",
-           str(data["train"]), "--dev-file", str(data["dev"]), "--output-dir", str(tmp_path), "--run-name", "run",
-           "--cache-dir", str(tmp_path / "cache"), *STOP_SETTINGS, *extra]
+    cmd = [
+        str(REPO / "launch.sh"),
+        "--ds-config",
+        str(config),
+        "--master-port",
+        str(free_port()),
+        "--train-file",
+        str(data["train"]),
+        "--dev-file",
+        str(data["dev"]),
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "run",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *STOP_SETTINGS,
+        *extra,
+    ]
     console = open(tmp_path / "console.txt", "w")
     return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=console, stderr=subprocess.STDOUT)
 
@@ -43,13 +59,33 @@ def test_ctrl_c_saves_stops_and_the_resumed_run_equals_an_uninterrupted_one(unin
     assert (tmp_path / "run" / "checkpoints" / f"step-{step}" / "manifest.json").is_file()
     assert not list(tmp_path.glob(".stop-request-*"))  # the launcher removed its stop file
 
-    resumed = launch(["train", "--ds-config", str(config), "--train-file", str(small_data["train"]), "--dev-file",
-                      str(small_data["dev"]), "--output-dir", str(tmp_path), "--run-name", "run", "--cache-dir",
-                      str(tmp_path / "cache"), *STOP_SETTINGS, "--resume", "auto"])
+    resumed = launch(
+        [
+            "train",
+            "--ds-config",
+            str(config),
+            "--train-file",
+            str(small_data["train"]),
+            "--dev-file",
+            str(small_data["dev"]),
+            "--output-dir",
+            str(tmp_path),
+            "--run-name",
+            "run",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *STOP_SETTINGS,
+            "--resume",
+            "auto",
+        ]
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step-{step}'}" in resumed.stdout
     assert losses(tmp_path / "run") == losses(expected)
-    ours, theirs = load_file(tmp_path / "run" / "export" / "model.safetensors"), load_file(expected / "export" / "model.safetensors")
+    ours, theirs = (
+        load_file(tmp_path / "run" / "export" / "model.safetensors"),
+        load_file(expected / "export" / "model.safetensors"),
+    )
     assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)
     assert [row["step"] for row in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in row] == list(range(1, 13))
 

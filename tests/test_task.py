@@ -1,4 +1,5 @@
 """The task seam: labels, predictions, probabilities and metrics (against scikit-learn)."""
+
 import numpy as np
 import pytest
 from sklearn.metrics import classification_report
@@ -48,8 +49,10 @@ def test_every_metric_is_logged_plotted_and_selectable_from_one_table():
         TrainConfig(best_metric=name, eval_every=5, save_every=5)
     with pytest.raises(ConfigError, match="best_metric.*accuracy or macro_f1 or weighted_f1"):
         TrainConfig(best_metric="f1", eval_every=5, save_every=5)
-    assert task.summary({"accuracy": 0.5, "macro_f1": 0.25, "weighted_f1": 1.0}) == \
-        "accuracy 0.5000  macro-F1 0.2500  weighted-F1 1.0000"
+    assert (
+        task.summary({"accuracy": 0.5, "macro_f1": 0.25, "weighted_f1": 1.0})
+        == "accuracy 0.5000  macro-F1 0.2500  weighted-F1 1.0000"
+    )
 
 
 def test_labels_probabilities_and_predictions():

@@ -1,4 +1,5 @@
 """Integration tests: real ranks through the real `deepspeed` launcher on DeepSpeed's CPU accelerator."""
+
 import json
 import re
 import subprocess
@@ -7,22 +8,33 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, cpu_env, ds_config, launch, losses, read_jsonl, train, write_jsonl
 from safetensors.numpy import load_file
 
 from pipeline import task
 from pipeline.train import TrainingStopped, check_progress
 
-from conftest import REPO, cpu_env, ds_config, launch, losses, read_jsonl, train, write_jsonl
-
 SHORT = ["--max-length", "64", "--eval-batch-size", "8"]
-TRAIN_ARGS = [*SHORT, "--epochs", "3", "--eval-every", "16", "--log-every", "4", "--save-every", "16",
-              "--keep-checkpoints", "1", "--best-metric", "macro_f1"]
+TRAIN_ARGS = [
+    *SHORT,
+    "--epochs",
+    "3",
+    "--eval-every",
+    "16",
+    "--log-every",
+    "4",
+    "--save-every",
+    "16",
+    "--keep-checkpoints",
+    "1",
+    "--best-metric",
+    "macro_f1",
+]
 
 
 def scheduled_config(tmp, stage):
     sched = {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 3e-3, "warmup_num_steps": "auto", "total_num_steps": "auto"}}
     return ds_config(tmp / "ds.json", stage, micro=4, accum=2, lr=3e-3, scheduler=sched)
-
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +71,15 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
     state = json.loads((run / "checkpoints" / "step-48" / "trainer_state.json").read_text())
     assert state["best_step"] == best
     # The step count, skipped steps and the LR scheduler's position agree with DeepSpeed's own counters.
-    states_file = sorted((run / "checkpoints" / "step-48").glob("*mp_rank_00_model_states.pt"))[0]  # ZeRO-3 prefixes zero_pp_rank_0_
+    states_file = sorted((run / "checkpoints" / "step-48").glob("*mp_rank_00_model_states.pt"))[
+        0
+    ]  # ZeRO-3 prefixes zero_pp_rank_0_
     engine_state = torch.load(states_file, weights_only=False)
-    assert (engine_state["global_steps"], engine_state["skipped_steps"]) == (state["optimizer_step"], state["skipped_steps"]) == (48, 0)
+    assert (
+        (engine_state["global_steps"], engine_state["skipped_steps"])
+        == (state["optimizer_step"], state["skipped_steps"])
+        == (48, 0)
+    )
     assert engine_state["lr_scheduler"]["last_batch_iteration"] == 48 - 0 - 1  # applied steps, counted from -1
     assert sorted(p.name for p in (run / "eval").iterdir()) == ["dev-step-16.json", "dev-step-32.json", "dev-step-48.json"]
     # Step times leave out evaluating and saving (after steps 16 and 32): the steps after them are not outliers.
@@ -82,8 +100,24 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
     assert {"model.safetensors", "config.json", "label_map.json", "tokenizer.json"} <= {p.name for p in export.iterdir()}
     assert json.loads((export / "label_map.json").read_text(encoding="utf-8")) == {n: i for i, n in enumerate(names)}
     out = tmp_path / "pred.jsonl"
-    subprocess.run([sys.executable, "-m", "pipeline", "predict", "--model", str(export), "--input", str(small_data["dev"]),
-                    "--output", str(out)], cwd=REPO, env=cpu_env(), check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "predict",
+            "--model",
+            str(export),
+            "--input",
+            str(small_data["dev"]),
+            "--output",
+            str(out),
+        ],
+        cwd=REPO,
+        env=cpu_env(),
+        check=True,
+        capture_output=True,
+    )
     predicted = read_jsonl(out)
     assert [r["label"] for r in predicted] == trained_predictions
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in predicted)
@@ -100,10 +134,29 @@ def test_every_step_logs_its_gradient_norm(stage_runs):
 def test_a_nan_loss_stops_training_naming_the_step(small_data, tmp_path):
     """The documented hook PIPELINE_TEST_NAN_AT_STEP makes step 3's loss NaN (fp32 has no loss scaler to skip it)."""
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
-    result = launch(["train", "--ds-config", str(config), "--train-file", str(small_data["train"]), "--dev-file",
-                     str(small_data["dev"]), "--output-dir", str(tmp_path), "--run-name", "run", "--cache-dir",
-                     str(tmp_path / "cache"), *SHORT, "--max-steps", "6", "--eval-every", "0"],
-                    env={"PIPELINE_TEST_NAN_AT_STEP": "3"})
+    result = launch(
+        [
+            "train",
+            "--ds-config",
+            str(config),
+            "--train-file",
+            str(small_data["train"]),
+            "--dev-file",
+            str(small_data["dev"]),
+            "--output-dir",
+            str(tmp_path),
+            "--run-name",
+            "run",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *SHORT,
+            "--max-steps",
+            "6",
+            "--eval-every",
+            "0",
+        ],
+        env={"PIPELINE_TEST_NAN_AT_STEP": "3"},
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert output.count("error: optimizer step 3 (epoch 0): the training loss is nan") == 1, output[-3000:]
@@ -137,8 +190,14 @@ def test_accumulation_equals_the_big_batch(initial_model, small_data, tmp_path):
         for name, (ranks, micro, accum) in layouts.items():
             config = ds_config(tmp_path / f"z{stage}-{name}.json", stage, micro, accum)
             recompute = ["--gradient-checkpointing", "1"] if name.endswith("recompute") else []
-            run = train(tmp_path, f"z{stage}-{name}", small_data, config, ranks=ranks,
-                        extra=[*SHORT, "--model", str(initial_model), "--max-steps", "5", "--eval-every", "0", *recompute])
+            run = train(
+                tmp_path,
+                f"z{stage}-{name}",
+                small_data,
+                config,
+                ranks=ranks,
+                extra=[*SHORT, "--model", str(initial_model), "--max-steps", "5", "--eval-every", "0", *recompute],
+            )
             if recompute:
                 assert "gradient checkpointing: on" in (tmp_path / f"z{stage}-{name}.console.txt").read_text()
             weights[stage, name], curves[stage, name] = load_file(run / "export" / "model.safetensors"), losses(run)
@@ -155,8 +214,22 @@ def test_accumulation_equals_the_big_batch(initial_model, small_data, tmp_path):
 def test_bad_input_stops_every_rank_before_training(small_data, tmp_path):
     dev = write_jsonl(tmp_path / "dev.jsonl", read_jsonl(small_data["dev"])[:3] + [{"text": "头痛三天", "label": "偏头痛"}])
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
-    result = launch(["train", "--ds-config", str(config), "--train-file", str(small_data["train"]), "--dev-file", str(dev),
-                     "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), *SHORT])
+    result = launch(
+        [
+            "train",
+            "--ds-config",
+            str(config),
+            "--train-file",
+            str(small_data["train"]),
+            "--dev-file",
+            str(dev),
+            "--output-dir",
+            str(tmp_path),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *SHORT,
+        ]
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert output.count("label '偏头痛' never appears in the training file") == 1, output[-3000:]
@@ -167,8 +240,19 @@ def test_bad_input_stops_every_rank_before_training(small_data, tmp_path):
 def test_config_syntax_error_stops_before_the_process_group(small_data, tmp_path):
     config = tmp_path / "ds.json"
     config.write_text('{\n  "train_micro_batch_size_per_gpu": 4\n  "zero_optimization": {"stage": 2}\n}\n')
-    result = launch(["train", "--ds-config", str(config), "--train-file", str(small_data["train"]),
-                     "--dev-file", str(small_data["dev"]), "--output-dir", str(tmp_path)])
+    result = launch(
+        [
+            "train",
+            "--ds-config",
+            str(config),
+            "--train-file",
+            str(small_data["train"]),
+            "--dev-file",
+            str(small_data["dev"]),
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert output.count(f"{config}: JSON syntax error at line 3") == 1, output[-3000:]

@@ -18,6 +18,7 @@ from `train_batch_size` for the ranks running here, as training would); `train_b
 re-derived, and the scheduler is dropped (a warmup schedule's first step has learning rate 0, which
 would make both sides trivially equal).
 """
+
 from __future__ import annotations
 
 from .. import dist
@@ -75,7 +76,7 @@ def one_step(model_dir: str, ds: dict, records: list[dict], seed: int, broken: s
 
     before = fp32_params()
     for start in range(0, micro * accum, micro):
-        micro_step(engine, collate(records[start:start + micro], engine.device))
+        micro_step(engine, collate(records[start : start + micro], engine.device))
     return engine.grads, before, fp32_params()
 
 
@@ -103,8 +104,10 @@ def audit(path: str, args) -> bool:
         derived = {**raw, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": "auto"}
         accum = resolve_batch(path, derived, world)[2]
     if not all(isinstance(v, int) and v >= 1 for v in (micro, accum)):
-        raise ConfigError(f"{path}: micro batch and accumulation must be numbers here (got {micro!r}, {accum!r}); "
-                          "give --micro-batch and --accumulation")
+        raise ConfigError(
+            f"{path}: micro batch and accumulation must be numbers here (got {micro!r}, {accum!r}); "
+            "give --micro-batch and --accumulation"
+        )
     if accum == 1:
         raise ConfigError(f"{path}: accumulation 1 has nothing to compare; give --accumulation N")
     raw = {k: v for k, v in raw.items() if k not in ("train_batch_size", "scheduler")}
@@ -116,7 +119,7 @@ def audit(path: str, args) -> bool:
     from transformers import AutoConfig
 
     records = fixed_batch(AutoConfig.from_pretrained(args.model).vocab_size, micro * accum * world, args.seq_len, args.seed)
-    share = records[dist.rank() * micro * accum:(dist.rank() + 1) * micro * accum]
+    share = records[dist.rank() * micro * accum : (dist.rank() + 1) * micro * accum]
     grads, _, params = one_step(args.model, ds, share, args.seed, args.inject_bug)
     big_grads, start, big_params = one_step(args.model, big, share, args.seed)
     update = {k: big_params[k] - start[k] for k in start}
@@ -124,28 +127,42 @@ def audit(path: str, args) -> bool:
     param_diff, param_rel = compare(params, big_params, update)
     ok = grad_rel <= tolerance and param_rel <= tolerance
     if dist.is_main():
-        print(f"verify-accumulation: {path}: ZeRO-{ds['zero_optimization']['stage']}, {precision}, {world} rank(s): "
-              f"{micro} x {accum} accumulated vs {micro * accum} x 1"
-              + (f"  [deliberately broken: {args.inject_bug}]" if args.inject_bug else ""))
-        print(f"  gradient:   largest |accumulated - big batch| {grad_diff:.3g}; "
-              f"||difference|| / ||gradient|| {grad_rel:.3g} (tolerance {tolerance:g})")
-        print(f"  parameters: largest |accumulated - big batch| {param_diff:.3g}; "
-              f"||difference|| / ||update of the step|| {param_rel:.3g} (tolerance {tolerance:g})")
+        print(
+            f"verify-accumulation: {path}: ZeRO-{ds['zero_optimization']['stage']}, {precision}, {world} rank(s): "
+            f"{micro} x {accum} accumulated vs {micro * accum} x 1"
+            + (f"  [deliberately broken: {args.inject_bug}]" if args.inject_bug else "")
+        )
+        print(
+            f"  gradient:   largest |accumulated - big batch| {grad_diff:.3g}; "
+            f"||difference|| / ||gradient|| {grad_rel:.3g} (tolerance {tolerance:g})"
+        )
+        print(
+            f"  parameters: largest |accumulated - big batch| {param_diff:.3g}; "
+            f"||difference|| / ||update of the step|| {param_rel:.3g} (tolerance {tolerance:g})"
+        )
         print(f"  {'OK' if ok else 'FAILED: accumulation does not equal the big batch'}")
     return ok
 
 
 def add_arguments(p) -> None:
     p.add_argument("--ds-config", nargs="+", required=True, help="DeepSpeed JSON file(s) to audit")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
-                   help="as for train; fp16 configs need a GPU, audit them on the CPU with --precision fp32")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp16", "bf16", "fp32"),
+        help="as for train; fp16 configs need a GPU, audit them on the CPU with --precision fp32",
+    )
     p.add_argument("--model", default=str(TINY_MODEL_DIR), help="model directory (default: the tiny BERT, random init)")
     p.add_argument("--seq-len", type=int, default=64, help="longest record in tokens")
     p.add_argument("--micro-batch", type=int, default=0, help="override the config's micro batch")
     p.add_argument("--accumulation", type=int, default=0, help="override the config's accumulation steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--inject-bug", default="", choices=("",) + BREAKS,
-                   help="run the accumulated side with a known bug, to see the audit fail")
+    p.add_argument(
+        "--inject-bug",
+        default="",
+        choices=("",) + BREAKS,
+        help="run the accumulated side with a known bug, to see the audit fail",
+    )
 
 
 def main(args) -> int:

@@ -20,6 +20,7 @@ time after `warmup` steps (samples/s and tokens/s follow from it), the share of 
 waiting for the next batch, the time from launch to the end of the first optimizer step, and each
 rank's peak RSS (CPU) or peak allocated accelerator memory.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,15 +43,19 @@ QUICK = {"stages": [2], "accum": [1, 4], "reps": 1, "steps": 6, "warmup": 2, "mi
 # Statistics and reporting (pure functions, unit-tested)
 # ----------------------------------------------------------------------------------------------
 
+
 def steady_state(steps: list[dict], warmup: int, global_batch: int) -> dict:
     """Summary of one run from its per-optimizer-step records {time, wait, tokens} after `warmup`."""
     kept = steps[warmup:]
     if not kept:
         raise ValueError(f"{len(steps)} steps recorded, none left after {warmup} warm-up steps")
     step_time = statistics.median(s["time"] for s in kept)
-    return {"step_time_s": step_time, "samples_per_s": global_batch / step_time,
-            "tokens_per_s": statistics.mean(s["tokens"] for s in kept) / step_time,
-            "data_wait_pct": 100 * sum(s["wait"] for s in kept) / sum(s["time"] for s in kept)}
+    return {
+        "step_time_s": step_time,
+        "samples_per_s": global_batch / step_time,
+        "tokens_per_s": statistics.mean(s["tokens"] for s in kept) / step_time,
+        "data_wait_pct": 100 * sum(s["wait"] for s in kept) / sum(s["time"] for s in kept),
+    }
 
 
 def paired_ratio(reps: list[dict], stack: str, other: str) -> dict:
@@ -91,10 +96,16 @@ def aggregate(reps: list[dict]) -> dict:
     return out
 
 
-COLUMNS = [("samples/s", "samples_per_s", "{:.1f}"), ("tokens/s", "tokens_per_s", "{:.0f}"),
-           ("step ms", "step_time_s", "{:.0f}", 1000), ("× reference", "vs_reference", "{:.3f}"),
-           ("spread %", "spread_pct", "{:.1f}"), ("start-up s", "startup_s", "{:.1f}"),
-           ("data wait %", "data_wait_pct", "{:.2f}"), ("peak MiB/rank", "peak_mib", "{:.0f}")]
+COLUMNS = [
+    ("samples/s", "samples_per_s", "{:.1f}"),
+    ("tokens/s", "tokens_per_s", "{:.0f}"),
+    ("step ms", "step_time_s", "{:.0f}", 1000),
+    ("× reference", "vs_reference", "{:.3f}"),
+    ("spread %", "spread_pct", "{:.1f}"),
+    ("start-up s", "startup_s", "{:.1f}"),
+    ("data wait %", "data_wait_pct", "{:.2f}"),
+    ("peak MiB/rank", "peak_mib", "{:.0f}"),
+]
 
 
 def markdown_table(results: dict) -> str:
@@ -109,8 +120,11 @@ def markdown_table(results: dict) -> str:
 
 
 def describe(ratio: dict, name: str, target: float) -> str:
-    interval = (f"95% CI {ratio['low']:.3f}–{ratio['high']:.3f}" if not math.isnan(ratio["low"])
-                else f"too few pairs ({ratio['pairs']}) for a 95% CI")
+    interval = (
+        f"95% CI {ratio['low']:.3f}–{ratio['high']:.3f}"
+        if not math.isnan(ratio["low"])
+        else f"too few pairs ({ratio['pairs']}) for a 95% CI"
+    )
     goal = f"≥ {target:g}× {name}" if target != 1 else f"≥ {name}"
     return f"{ratio['ratio']:.3f}× {name} ({interval}): {goal} {verdict(ratio, target)}"
 
@@ -123,8 +137,11 @@ def goals(results: dict, pooled: dict) -> list[str]:
     for (stage, accum), s in sorted(results.items()):
         p = s["pipeline"]
         parts = [describe(p[f"vs_{other}"], name, target) for other, (target, name) in targets.items() if f"vs_{other}" in p]
-        lines.append(f"ZeRO-{stage} accum {accum}: pipeline " + "; ".join(parts)
-                     + f"; data wait {p['data_wait_pct']:.2f}%: < 2% {'met' if p['data_wait_pct'] < 2 else 'MISSED'}")
+        lines.append(
+            f"ZeRO-{stage} accum {accum}: pipeline "
+            + "; ".join(parts)
+            + f"; data wait {p['data_wait_pct']:.2f}%: < 2% {'met' if p['data_wait_pct'] < 2 else 'MISSED'}"
+        )
     parts = [describe(pooled[other], name, target) for other, (target, name) in targets.items() if other in pooled]
     lines.append(f"All combinations, {next(iter(pooled.values()))['pairs']} paired runs: pipeline " + "; ".join(parts))
     return lines
@@ -158,6 +175,7 @@ def plot(results: dict, output: Path, title: str) -> None:
 # The three stacks (each runs on every rank of a launched job)
 # ----------------------------------------------------------------------------------------------
 
+
 def peak_memory_mib() -> float:
     import torch
 
@@ -180,9 +198,21 @@ def run_pipeline(spec: dict, ds: dict) -> tuple[list[dict], float]:
     from .. import dist
     from ..train import run
 
-    cfg = TrainConfig(ds_config=spec["ds_path"], train_file=spec["train_file"], dev_file=spec["dev_file"], model=spec["model"],
-                      max_length=spec["max_length"], epochs=1000, max_steps=spec["steps"], seed=spec["seed"], eval_every=0,
-                      log_every=spec["steps"], output_dir=spec["out"], run_name=spec["name"], cache_dir=spec["cache_dir"])
+    cfg = TrainConfig(
+        ds_config=spec["ds_path"],
+        train_file=spec["train_file"],
+        dev_file=spec["dev_file"],
+        model=spec["model"],
+        max_length=spec["max_length"],
+        epochs=1000,
+        max_steps=spec["steps"],
+        seed=spec["seed"],
+        eval_every=0,
+        log_every=spec["steps"],
+        output_dir=spec["out"],
+        run_name=spec["name"],
+        cache_dir=spec["cache_dir"],
+    )
     run(cfg)
     if not dist.is_main():
         return [], 0.0
@@ -190,8 +220,11 @@ def run_pipeline(spec: dict, ds: dict) -> tuple[list[dict], float]:
 
     run_dir = Path(spec["out"]) / spec["name"]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [{"time": r["step_time_s"], "wait": r["data_wait_s"], "tokens": r["tokens_per_s"] * r["step_time_s"]}
-             for r in rows if "loss" in r]
+    steps = [
+        {"time": r["step_time_s"], "wait": r["data_wait_s"], "tokens": r["tokens_per_s"] * r["step_time_s"]}
+        for r in rows
+        if "loss" in r
+    ]
     first = EventAccumulator(str(run_dir / "tensorboard")).Reload().Scalars("train/loss")[0].wall_time
     return steps, first
 
@@ -219,8 +252,9 @@ def run_reference(spec: dict, ds: dict) -> tuple[list[dict], float]:
     model = build_model(spec["model"], spec["label_names"], len(tokenizer), ds, spec["seed"])
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     sampler = DistributedSampler(data, seed=spec["seed"], drop_last=True)
-    loader = DataLoader(data, batch_size=engine.train_micro_batch_size_per_gpu(), sampler=sampler, collate_fn=collate,
-                        drop_last=True)
+    loader = DataLoader(
+        data, batch_size=engine.train_micro_batch_size_per_gpu(), sampler=sampler, collate_fn=collate, drop_last=True
+    )
     steps, first, epoch = [], 0.0, 0
     engine.train()
     start, wait, tokens = time.perf_counter(), 0.0, 0
@@ -249,9 +283,8 @@ def run_reference(spec: dict, ds: dict) -> tuple[list[dict], float]:
 
 def run_hf(spec: dict, ds: dict) -> tuple[list[dict], float]:
     """HF Trainer with the same JSON; its arguments mirror the JSON's values, as its integration requires."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
     import deepspeed
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from ..model import build_model
 
@@ -262,13 +295,26 @@ def run_hf(spec: dict, ds: dict) -> tuple[list[dict], float]:
     model = build_model(spec["model"], spec["label_names"], len(tokenizer), ds, spec["seed"])
     opt, sched = ds["optimizer"]["params"], (ds.get("scheduler") or {}).get("params", {})
     args = TrainingArguments(
-        output_dir=str(Path(spec["out"]) / spec["name"]), per_device_train_batch_size=ds["train_micro_batch_size_per_gpu"],
-        gradient_accumulation_steps=ds["gradient_accumulation_steps"], max_steps=spec["steps"], learning_rate=opt["lr"],
-        weight_decay=opt.get("weight_decay", 0.0), adam_beta1=opt.get("betas", [0.9, 0.999])[0],
-        adam_beta2=opt.get("betas", [0.9, 0.999])[1], adam_epsilon=opt.get("eps", 1e-8),
-        max_grad_norm=ds.get("gradient_clipping", 1.0), warmup_steps=sched.get("warmup_num_steps", 0), deepspeed=ds,
-        use_cpu=Hardware.detect().device == "cpu", seed=spec["seed"], logging_strategy="no", save_strategy="no",
-        report_to="none", disable_tqdm=True, dataloader_drop_last=True)
+        output_dir=str(Path(spec["out"]) / spec["name"]),
+        per_device_train_batch_size=ds["train_micro_batch_size_per_gpu"],
+        gradient_accumulation_steps=ds["gradient_accumulation_steps"],
+        max_steps=spec["steps"],
+        learning_rate=opt["lr"],
+        weight_decay=opt.get("weight_decay", 0.0),
+        adam_beta1=opt.get("betas", [0.9, 0.999])[0],
+        adam_beta2=opt.get("betas", [0.9, 0.999])[1],
+        adam_epsilon=opt.get("eps", 1e-8),
+        max_grad_norm=ds.get("gradient_clipping", 1.0),
+        warmup_steps=sched.get("warmup_num_steps", 0),
+        deepspeed=ds,
+        use_cpu=Hardware.detect().device == "cpu",
+        seed=spec["seed"],
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+    )
     steps, clock = [], {"start": 0.0, "first": 0.0}
 
     class Timed(Trainer):
@@ -302,14 +348,16 @@ def worker(spec_path: str) -> None:
     steps, first = {"pipeline": run_pipeline, "reference": run_reference, "hf": run_hf}[spec["stack"]](spec, ds)
     memory = dist.all_gather_objects(peak_memory_mib())
     if dist.is_main():
-        Path(spec["result"]).write_text(json.dumps({"steps": steps, "startup_s": first - float(os.environ["BENCH_LAUNCH_TIME"]),
-                                                    "peak_mib": max(memory)}))
+        Path(spec["result"]).write_text(
+            json.dumps({"steps": steps, "startup_s": first - float(os.environ["BENCH_LAUNCH_TIME"]), "peak_mib": max(memory)})
+        )
     dist.shutdown()
 
 
 # ----------------------------------------------------------------------------------------------
 # The driver
 # ----------------------------------------------------------------------------------------------
+
 
 def launch(spec: dict, out: Path, ranks: int) -> dict:
     """One stack on one combination, as its own job; returns rank 0's record."""
@@ -334,15 +382,26 @@ def prepare(args, out: Path) -> dict:
     from ..data import label_names_from, read_split
 
     dev = out / "dev.jsonl"
-    dev.write_text("".join((SAMPLE_DATA_DIR / "dev.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:32]),
-                   encoding="utf-8")
+    dev.write_text(
+        "".join((SAMPLE_DATA_DIR / "dev.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:32]), encoding="utf-8"
+    )
     train = read_split(args.train_file, "text", "label")
-    common = {"train_file": args.train_file, "dev_file": str(dev), "model": args.model, "max_length": args.max_length,
-              "seed": args.seed, "out": str(out), "cache_dir": str(out / "cache"),
-              "label_names": label_names_from(train, [])}
+    common = {
+        "train_file": args.train_file,
+        "dev_file": str(dev),
+        "model": args.model,
+        "max_length": args.max_length,
+        "seed": args.seed,
+        "out": str(out),
+        "cache_dir": str(out / "cache"),
+        "label_names": label_names_from(train, []),
+    }
     ds_path = write_config(args, out, 2, 1)
-    launch({**common, "stack": "pipeline", "name": "warm-up", "steps": 2, "ds_path": ds_path,
-            "result": str(out / "warm-up.json")}, out, args.ranks)
+    launch(
+        {**common, "stack": "pipeline", "name": "warm-up", "steps": 2, "ds_path": ds_path, "result": str(out / "warm-up.json")},
+        out,
+        args.ranks,
+    )
     (tokenized,), (tokenizer,) = (sorted((out / "cache").glob(p)) for p in ("tokenized-train-*", "tokenizer-*"))
     return {**common, "train_data": str(tokenized), "tokenizer": str(tokenizer)}
 
@@ -376,17 +435,32 @@ def run_bench(args) -> tuple[dict, dict]:
     for rep in range(args.reps):
         for i, combo in enumerate(combos):
             shift = rep + i  # rotate the stacks' order: none always runs first or last
-            order = STACKS[shift % 3:] + STACKS[:shift % 3]
+            order = STACKS[shift % 3 :] + STACKS[: shift % 3]
             summaries = {}
             for stack in order:
                 name = f"{stack}-zero{combo[0]}-accum{combo[1]}-rep{rep}"
-                record = launch({**common, "stack": stack, "name": name, "steps": steps_per_run(args, combo[1]),
-                                 "ds_path": configs[combo], "result": str(out / f"{name}.json")}, out, args.ranks)
+                record = launch(
+                    {
+                        **common,
+                        "stack": stack,
+                        "name": name,
+                        "steps": steps_per_run(args, combo[1]),
+                        "ds_path": configs[combo],
+                        "result": str(out / f"{name}.json"),
+                    },
+                    out,
+                    args.ranks,
+                )
                 global_batch = load_json(configs[combo])["train_batch_size"]
-                summaries[stack] = {**steady_state(record["steps"], args.warmup, global_batch),
-                                    "startup_s": record["startup_s"], "peak_mib": record["peak_mib"]}
-                print(f"rep {rep} ZeRO-{combo[0]} accum {combo[1]} {stack}: {summaries[stack]['samples_per_s']:.1f} samples/s",
-                      flush=True)
+                summaries[stack] = {
+                    **steady_state(record["steps"], args.warmup, global_batch),
+                    "startup_s": record["startup_s"],
+                    "peak_mib": record["peak_mib"],
+                }
+                print(
+                    f"rep {rep} ZeRO-{combo[0]} accum {combo[1]} {stack}: {summaries[stack]['samples_per_s']:.1f} samples/s",
+                    flush=True,
+                )
             raw[combo].append({s: summaries[s] for s in STACKS})
     results = {c: aggregate(reps) for c, reps in raw.items()}
     every_rep = [rep for reps in raw.values() for rep in reps]
@@ -397,14 +471,19 @@ def run_bench(args) -> tuple[dict, dict]:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--ds-config", default="ds_configs/small_zero2.json",
-                   help="base config; ZeRO stage and accumulation are swept")
+    p.add_argument(
+        "--ds-config", default="ds_configs/small_zero2.json", help="base config; ZeRO stage and accumulation are swept"
+    )
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--accum", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--reps", type=int, default=3, help="repetitions of every (stack, stage, accumulation) run")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per run, at least")
-    p.add_argument("--min-micro-batches", type=int, default=48,
-                   help="more steps where needed, so that the steps after warm-up span this many micro-batches")
+    p.add_argument(
+        "--min-micro-batches",
+        type=int,
+        default=48,
+        help="more steps where needed, so that the steps after warm-up span this many micro-batches",
+    )
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the steady state")
     p.add_argument("--micro-batch", type=int, default=0, help="override the config's micro batch")
     p.add_argument("--max-length", type=int, default=128)
@@ -423,10 +502,15 @@ def main(args) -> int:
     hardware = Hardware.detect()
     machine = f"{args.ranks} ranks on {hardware.name}, {os.cpu_count()} CPU cores"
     out = Path(args.out)
-    text = (f"{machine}; optimizer steps per run: max({args.steps}, {args.warmup} + {args.min_micro_batches} / accumulation), "
-            f"median step time after {args.warmup} warm-up steps, median of {args.reps} alternating repetitions; "
-            f"ratios: median of the ratios within each repetition, with a 95% confidence interval\n\n"
-            + markdown_table(results) + "\n" + "\n".join("- " + line for line in goals(results, pooled)) + "\n")
+    text = (
+        f"{machine}; optimizer steps per run: max({args.steps}, {args.warmup} + {args.min_micro_batches} / accumulation), "
+        f"median step time after {args.warmup} warm-up steps, median of {args.reps} alternating repetitions; "
+        f"ratios: median of the ratios within each repetition, with a 95% confidence interval\n\n"
+        + markdown_table(results)
+        + "\n"
+        + "\n".join("- " + line for line in goals(results, pooled))
+        + "\n"
+    )
     (out / "bench.md").write_text(text, encoding="utf-8")
     plot(results, out / "bench.png", f"{machine}; model {Path(args.model).name}, max length {args.max_length}")
     print(text + f"\nwritten: {out / 'bench.md'}, {out / 'bench.png'}, {out / 'bench.json'}")

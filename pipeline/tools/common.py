@@ -1,5 +1,6 @@
 """What the tools share: a process group outside the launcher, a job under the real launcher, the
 swept configs, and seeded synthetic batches."""
+
 from __future__ import annotations
 
 import argparse

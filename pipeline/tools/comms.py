@@ -10,6 +10,7 @@ so the engine's start-up (parameter broadcast, ZeRO-3 partitioning) is not count
 issued through `deepspeed.comm` are seen: the pipeline's own one all-reduce of the logged loss per
 optimizer step (8 bytes, `torch.distributed` directly) is not in the table.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,13 +26,17 @@ def snapshot() -> dict:
     import deepspeed.comm as dist
 
     raw = dist.comms_logger.get_raw_data()
-    return {name: (sum(v[0] for v in sizes.values()), sum(size * v[0] for size, v in sizes.items()))
-            for name, sizes in raw.items()}
+    return {
+        name: (sum(v[0] for v in sizes.values()), sum(size * v[0] for size, v in sizes.items())) for name, sizes in raw.items()
+    }
 
 
 def per_step(before: dict, after: dict) -> dict:
-    return {k: (after[k][0] - before.get(k, (0, 0))[0], after[k][1] - before.get(k, (0, 0))[1])
-            for k in after if after[k] != before.get(k)}
+    return {
+        k: (after[k][0] - before.get(k, (0, 0))[0], after[k][1] - before.get(k, (0, 0))[1])
+        for k in after
+        if after[k] != before.get(k)
+    }
 
 
 def measure(spec: dict, stage: int, accum: int) -> list[dict]:
@@ -45,15 +50,16 @@ def measure(spec: dict, stage: int, accum: int) -> list[dict]:
 
     base = load_json(spec["ds_config"])
     raw = {**sweep_config(base, stage, accum), "comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}
-    ds = resolve_ds_config(spec["ds_config"], {k: v for k, v in raw.items() if k != "scheduler"}, dist.world_size(),
-                           Hardware.detect(), TrainConfig()).ds
+    ds = resolve_ds_config(
+        spec["ds_config"], {k: v for k, v in raw.items() if k != "scheduler"}, dist.world_size(), Hardware.detect(), TrainConfig()
+    ).ds
     micro = ds["train_micro_batch_size_per_gpu"]
     vocab = AutoConfig.from_pretrained(spec["model"]).vocab_size
     engine = build_engine(build_model(spec["model"], LABELS, vocab, ds, seed=0), ds)
     records = fixed_batch(vocab, micro * accum * spec["steps"], spec["seq_len"], seed=dist.rank())
     steps, last = [], snapshot()
     for start in range(0, len(records), micro):
-        _, boundary = micro_step(engine, collate(records[start:start + micro], engine.device))
+        _, boundary = micro_step(engine, collate(records[start : start + micro], engine.device))
         if boundary:
             now = snapshot()
             steps.append(per_step(last, now))
@@ -73,12 +79,20 @@ def worker(spec_path: str) -> None:
     dist.shutdown()
 
 
-def measure_all(ds_config: str, stages, accum, ranks: int = 2, steps: int = 2, model: str = str(TINY_MODEL_DIR),
-                seq_len: int = 64) -> list[dict]:
+def measure_all(
+    ds_config: str, stages, accum, ranks: int = 2, steps: int = 2, model: str = str(TINY_MODEL_DIR), seq_len: int = 64
+) -> list[dict]:
     """One launch measuring every (stage, accumulation); [{stage, accum, steps: [{kind: (calls, bytes)}]}]."""
     with tempfile.TemporaryDirectory() as tmp:
-        spec = {"ds_config": str(Path(ds_config).resolve()), "stages": list(stages), "accum": list(accum), "steps": steps,
-                "model": model, "seq_len": seq_len, "output": str(Path(tmp) / "comms.json")}
+        spec = {
+            "ds_config": str(Path(ds_config).resolve()),
+            "stages": list(stages),
+            "accum": list(accum),
+            "steps": steps,
+            "model": model,
+            "seq_len": seq_len,
+            "output": str(Path(tmp) / "comms.json"),
+        }
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
         launch_module("pipeline.tools.comms", ["--worker", str(Path(tmp) / "spec.json")], ranks)
         results = json.loads(Path(spec["output"]).read_text())
@@ -94,8 +108,10 @@ def steady(result: dict) -> dict:
 
 def markdown(results: list[dict], ranks: int) -> str:
     kinds = sorted({k for r in results for k in steady(r)})
-    lines = ["| ZeRO stage | accumulation | " + " | ".join(f"{k}: calls, MB" for k in kinds) + " |",
-             "| --- | --- |" + " --- |" * len(kinds)]
+    lines = [
+        "| ZeRO stage | accumulation | " + " | ".join(f"{k}: calls, MB" for k in kinds) + " |",
+        "| --- | --- |" + " --- |" * len(kinds),
+    ]
     for r in results:
         step = steady(r)
         cells = [f"{step[k][0]}, {step[k][1] / 1e6:.2f}" if k in step else "0" for k in kinds]

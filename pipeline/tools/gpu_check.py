@@ -17,6 +17,7 @@
    export).
 Exits 1 when a check fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,17 +37,29 @@ def model_dir(args, tmp: str) -> str:
     """The BERT-large shape, or a smaller one for a CPU smoke, as a config-only model directory."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(SHAPE, num_hidden_layers=args.layers, hidden_size=args.hidden,
-                                        intermediate_size=4 * args.hidden, num_attention_heads=max(args.hidden // 64, 1))
+    config = AutoConfig.from_pretrained(
+        SHAPE,
+        num_hidden_layers=args.layers,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_attention_heads=max(args.hidden // 64, 1),
+    )
     config.save_pretrained(tmp)
     return tmp
 
 
 def ds_config(precision: str, stage: int, micro: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1, "train_batch_size": micro,
-            "gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 2e-5, "weight_decay": 0.01}},
-            "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16}, "bf16": {"enabled": precision == "bf16"},
-            "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 2e-5, "weight_decay": 0.01}},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+    }
 
 
 def batches(vocab: int, micro: int, seq: int, device, distinct: int = 4):
@@ -55,9 +68,14 @@ def batches(vocab: int, micro: int, seq: int, device, distinct: int = 4):
     import torch
 
     g = torch.Generator().manual_seed(0)
-    fixed = [{"input_ids": torch.randint(5, vocab, (micro, seq), generator=g).to(device),
-              "attention_mask": torch.ones(micro, seq, dtype=torch.long, device=device),
-              "labels": torch.randint(0, len(LABELS), (micro,), generator=g).to(device)} for _ in range(distinct)]
+    fixed = [
+        {
+            "input_ids": torch.randint(5, vocab, (micro, seq), generator=g).to(device),
+            "attention_mask": torch.ones(micro, seq, dtype=torch.long, device=device),
+            "labels": torch.randint(0, len(LABELS), (micro,), generator=g).to(device),
+        }
+        for _ in range(distinct)
+    ]
     while True:
         yield from fixed
 
@@ -103,16 +121,26 @@ def run_config(args, path: str, precision: str, stage: int, recompute: bool = Fa
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
-    step = statistics.median(times[args.warmup:])
-    result = {"precision": precision, "zero": stage, "recompute": recompute, "params_m": round(n_params / 1e6, 1),
-              "micro": args.micro, "seq": args.seq, "samples_per_s": round(args.micro / step, 2),
-              "loss_first_last": [round(losses[0], 3), round(statistics.mean(losses[-4:]), 3)],
-              "loss_fell": statistics.mean(losses[-4:]) < losses[0],
-              "loss_scale": float(engine.optimizer.loss_scale) if precision == "fp16" else None}
+    step = statistics.median(times[args.warmup :])
+    result = {
+        "precision": precision,
+        "zero": stage,
+        "recompute": recompute,
+        "params_m": round(n_params / 1e6, 1),
+        "micro": args.micro,
+        "seq": args.seq,
+        "samples_per_s": round(args.micro / step, 2),
+        "loss_first_last": [round(losses[0], 3), round(statistics.mean(losses[-4:]), 3)],
+        "loss_fell": statistics.mean(losses[-4:]) < losses[0],
+        "loss_scale": float(engine.optimizer.loss_scale) if precision == "fp16" else None,
+    }
     if cuda:
         measured, planned = torch.cuda.max_memory_allocated(), planned_bytes(path, stage, args.micro, args.seq, recompute)
-        result.update(peak_mem_gib=round(measured / 2**30, 2), plan_gib=round(planned / 2**30, 2),
-                      plan_within_15pct=abs(measured - planned) <= 0.15 * planned)
+        result.update(
+            peak_mem_gib=round(measured / 2**30, 2),
+            plan_gib=round(planned / 2**30, 2),
+            plan_within_15pct=abs(measured - planned) <= 0.15 * planned,
+        )
     peak = next((v for k, v in PEAK_16BIT_FLOPS.items() if cuda and k in torch.cuda.get_device_name(0)), None)
     flops = train_flops_per_sample(n_params, config.num_hidden_layers, config.hidden_size, args.seq) * args.micro / step
     result["tflops"] = round(flops / 1e12, 1)
@@ -130,13 +158,30 @@ def launch_check(tmp: str) -> dict:
 
     hostfile = Path(tmp, "one-gpu")
     hostfile.write_text("localhost slots=1\n")
-    cmd = [str(REPO / "launch.sh"), "--hostfile", str(hostfile), "--ds-config", "ds_configs/v100x8_fp16_zero2.json",
-           "--output-dir", str(Path(tmp, "runs")), "--run-name", "gpu-check", "--max-steps", "10", "--eval-every", "5",
-           "--max-length", "128"]
+    cmd = [
+        str(REPO / "launch.sh"),
+        "--hostfile",
+        str(hostfile),
+        "--ds-config",
+        "ds_configs/v100x8_fp16_zero2.json",
+        "--output-dir",
+        str(Path(tmp, "runs")),
+        "--run-name",
+        "gpu-check",
+        "--max-steps",
+        "10",
+        "--eval-every",
+        "5",
+        "--max-length",
+        "128",
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
     output = done.stdout + done.stderr
-    return {"exit_code": done.returncode, "ok": done.returncode == 0 and "export (verified)" in output
-            and "device cuda:0" in output, "tail": output[-1500:] if done.returncode else output[-300:]}
+    return {
+        "exit_code": done.returncode,
+        "ok": done.returncode == 0 and "export (verified)" in output and "device cuda:0" in output,
+        "tail": output[-1500:] if done.returncode else output[-300:],
+    }
 
 
 def loss_scaler_check(engine, data) -> dict:
@@ -154,22 +199,41 @@ def loss_scaler_check(engine, data) -> dict:
     before, skipped, scale = weights(), engine.skipped_steps, engine.optimizer.loss_scale
     micro_step(engine, next(data), poison=True)
     after_overflow = weights()
-    check = {"skipped_step": engine.skipped_steps == skipped + 1, "weights_unchanged": torch.equal(before, after_overflow),
-             "scale_halved": engine.optimizer.loss_scale == scale / 2, "scale_before": scale,
-             "scale_after": engine.optimizer.loss_scale}
+    check = {
+        "skipped_step": engine.skipped_steps == skipped + 1,
+        "weights_unchanged": torch.equal(before, after_overflow),
+        "scale_halved": engine.optimizer.loss_scale == scale / 2,
+        "scale_before": scale,
+        "scale_after": engine.optimizer.loss_scale,
+    }
     losses = []
     for _ in range(3):
         losses.append(float(micro_step(engine, next(data))[0]))
-    check["recovered"] = (engine.skipped_steps == skipped + 1 and not torch.equal(after_overflow, weights())
-                          and all(map(lambda x: x == x and abs(x) != float("inf"), losses)))
+    check["recovered"] = (
+        engine.skipped_steps == skipped + 1
+        and not torch.equal(after_overflow, weights())
+        and all(map(lambda x: x == x and abs(x) != float("inf"), losses))
+    )
     check["ok"] = all(check[k] for k in ("skipped_step", "weights_unchanged", "scale_halved", "recovered"))
     return check
 
 
 def table(results: list[dict]) -> str:
     """The rows as one markdown table, for docs/gpu-clusters.md."""
-    columns = ["precision", "zero", "recompute", "samples_per_s", "tflops", "mfu", "peak_mem_gib", "plan_gib",
-               "plan_within_15pct", "loss_first_last", "loss_fell", "loss_scale"]
+    columns = [
+        "precision",
+        "zero",
+        "recompute",
+        "samples_per_s",
+        "tflops",
+        "mfu",
+        "peak_mem_gib",
+        "plan_gib",
+        "plan_within_15pct",
+        "loss_first_last",
+        "loss_fell",
+        "loss_scale",
+    ]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(r.get(c)) for c in columns) + " |" for r in results]
     return "\n".join(lines)
@@ -211,11 +275,19 @@ def main(argv=None) -> int:
             print(json.dumps(launched), flush=True)
             checks["./launch.sh fp16 ZeRO-2 on this GPU: trained, exported, verified"] = launched["ok"]
     print(table(results))
-    plain = next((r for r in results if not r["recompute"] and r["precision"] == results[-1]["precision"]
-                  and r["zero"] == results[-1]["zero"]), None)
+    plain = next(
+        (
+            r
+            for r in results
+            if not r["recompute"] and r["precision"] == results[-1]["precision"] and r["zero"] == results[-1]["zero"]
+        ),
+        None,
+    )
     if plain and plain.get("peak_mem_gib"):
-        print(f"gradient checkpointing: peak {results[-1]['peak_mem_gib']} GiB vs {plain['peak_mem_gib']} GiB without, "
-              f"{results[-1]['samples_per_s']} vs {plain['samples_per_s']} samples/s")
+        print(
+            f"gradient checkpointing: peak {results[-1]['peak_mem_gib']} GiB vs {plain['peak_mem_gib']} GiB without, "
+            f"{results[-1]['samples_per_s']} vs {plain['samples_per_s']} samples/s"
+        )
     for name, ok in checks.items():
         print(f"{'ok    ' if ok else 'FAILED'}  {name}")
     return 0 if all(checks.values()) else 1

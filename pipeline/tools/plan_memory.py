@@ -13,6 +13,7 @@ follows live memory rather than heap fragmentation (with the adaptive threshold 
 slope moved between 23.6 and 25.1 bytes across runs).
 Prints one JSON object per measurement and, with --out, a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ import time
 from .. import dist
 from .common import collate, fixed_batch, standalone_rank
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def rss() -> int:
@@ -53,20 +54,42 @@ def measure(device: str, stage: int, hidden: int, layers: int, heads: int, micro
 
     cuda = device == "cuda"
     precision = "fp16" if cuda else "bf16"  # the 16-bit mixed precision DeepSpeed's estimators assume
-    config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden,
-                        vocab_size=21128, max_position_embeddings=max(512, seq), num_labels=2, attn_implementation="eager")
+    config = BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        vocab_size=21128,
+        max_position_embeddings=max(512, seq),
+        num_labels=2,
+        attn_implementation="eager",
+    )
     baseline = torch.cuda.memory_allocated() if cuda else rss()
     torch.manual_seed(0)
     model = BertForSequenceClassification(config)
-    shape = ModelShape(sum(p.numel() for p in model.parameters()),
-                       max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
-                       hidden, 4 * hidden, layers, heads)
-    ds = {"train_micro_batch_size_per_gpu": micros[0], "gradient_accumulation_steps": 1, precision: {"enabled": True},
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}},  # as the shipped configs: FusedAdam on GPUs
-          "zero_optimization": {"stage": stage, "reduce_bucket_size": int(5e7), "allgather_bucket_size": int(5e7),
-                                "stage3_prefetch_bucket_size": int(5e7)} if stage == 2 else
-          {"stage": 3, "reduce_bucket_size": int(5e7), "stage3_prefetch_bucket_size": int(5e7)},
-          "steps_per_print": 10 ** 9}
+    shape = ModelShape(
+        sum(p.numel() for p in model.parameters()),
+        max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
+        hidden,
+        4 * hidden,
+        layers,
+        heads,
+    )
+    ds = {
+        "train_micro_batch_size_per_gpu": micros[0],
+        "gradient_accumulation_steps": 1,
+        precision: {"enabled": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}},  # as the shipped configs: FusedAdam on GPUs
+        "zero_optimization": {
+            "stage": stage,
+            "reduce_bucket_size": int(5e7),
+            "allgather_bucket_size": int(5e7),
+            "stage3_prefetch_bucket_size": int(5e7),
+        }
+        if stage == 2
+        else {"stage": 3, "reduce_bucket_size": int(5e7), "stage3_prefetch_bucket_size": int(5e7)},
+        "steps_per_print": 10**9,
+    }
     engine = build_engine(model, ds)
     del model
 
@@ -82,22 +105,38 @@ def measure(device: str, stage: int, hidden: int, layers: int, heads: int, micro
         started = time.perf_counter()
         for _ in range(steps):
             micro_step(engine, batch)
-        rows.append({"device": device, "precision": precision, "stage": stage, "params": shape.params, "micro": micro,
-                     "seq": seq, "measured_after_init": after_init, "measured_peak": used(),
-                     "estimate_states": estimate_states, "estimate_activations": activation_bytes(shape, micro, seq),
-                     "step_s": (time.perf_counter() - started) / steps})
+        rows.append(
+            {
+                "device": device,
+                "precision": precision,
+                "stage": stage,
+                "params": shape.params,
+                "micro": micro,
+                "seq": seq,
+                "measured_after_init": after_init,
+                "measured_peak": used(),
+                "estimate_states": estimate_states,
+                "estimate_activations": activation_bytes(shape, micro, seq),
+                "step_s": (time.perf_counter() - started) / steps,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| device | ZeRO | params | micro x seq | measured after init | estimate: model states | measured peak of steps "
-             "| estimate: states + activations |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| device | ZeRO | params | micro x seq | measured after init | estimate: model states | measured peak of steps "
+        "| estimate: states + activations |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['device']} {r['precision']} | {r['stage']} | {r['params'] / 1e6:.0f}M | {r['micro']} x {r['seq']} "
-                     f"| {r['measured_after_init'] / GIB:.2f} GiB | {r['estimate_states'] / GIB:.2f} GiB "
-                     f"| {r['measured_peak'] / GIB:.2f} GiB "
-                     f"| {(r['estimate_states'] + r['estimate_activations']) / GIB:.2f} GiB |")
+        lines.append(
+            f"| {r['device']} {r['precision']} | {r['stage']} | {r['params'] / 1e6:.0f}M | {r['micro']} x {r['seq']} "
+            f"| {r['measured_after_init'] / GIB:.2f} GiB | {r['estimate_states'] / GIB:.2f} GiB "
+            f"| {r['measured_peak'] / GIB:.2f} GiB "
+            f"| {(r['estimate_states'] + r['estimate_activations']) / GIB:.2f} GiB |"
+        )
     return "\n".join(lines) + "\n"
 
 
