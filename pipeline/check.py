@@ -7,7 +7,7 @@ resolved by the same `resolve_ds_config` every rank runs, so what this prints is
 
 from __future__ import annotations
 
-from .config import Hardware, TrainConfig, ds_precision, load_json, resolve_ds_config
+from .config import OPTION_TYPES, Hardware, TrainConfig, ds_precision, load_json, resolve_ds_config
 from .hosts import world_from_hostfile
 
 
@@ -103,7 +103,7 @@ def add_parser(sub) -> None:
         p.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
-            type={"str": str, "int": int}[f.type],
+            type=OPTION_TYPES[f.type],
             default=getattr(defaults, name),
             help=f.metadata["help"],
         )

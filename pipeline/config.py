@@ -200,6 +200,9 @@ HF_ALIASES = {
 }
 
 
+OPTION_TYPES = {"str": str, "int": int, "float": float}  # a TrainConfig field's annotation -> argparse type
+
+
 def spellings(name: str) -> list[str]:
     """--max-length and --max_length: both spellings of an option name (HF scripts use underscores)."""
     return list(dict.fromkeys(["--" + name.replace("_", "-"), "--" + name.replace("-", "_")]))
@@ -209,7 +212,7 @@ def add_train_options(p) -> None:
     """Every TrainConfig field as an option, in both spellings and under its Hugging Face alias."""
     p.add_argument("--config", help="JSON file of training-config fields (command-line options override it)")
     for f in dataclasses.fields(TrainConfig):
-        kind = {"str": str, "int": int, "float": float}[f.type]
+        kind = OPTION_TYPES[f.type]
         p.add_argument(
             *spellings(f.name),
             *HF_ALIASES.get(f.name, []),

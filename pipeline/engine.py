@@ -1,4 +1,4 @@
-"""The one place that calls `deepspeed.initialize`.
+"""The runtime's one call of `deepspeed.initialize` (the benchmark's hand-written baseline makes its own).
 
 Optimizer, scheduler, precision, clipping and ZeRO come from the resolved DeepSpeed config; the
 engine owns gradient accumulation (it scales each micro-batch loss by 1/accumulation in

@@ -12,6 +12,7 @@ import hashlib
 from collections import Counter
 from pathlib import Path
 
+from . import task
 from .base import ConfigError, build_once, load_json
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -154,6 +155,7 @@ def build_model(
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
+        problem_type=task.PROBLEM_TYPE,  # the loss the task decides, saved with the export
     )
     zero3 = ds_config["zero_optimization"]["stage"] == 3
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None

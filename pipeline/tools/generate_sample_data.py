@@ -23,21 +23,20 @@ accuracy against the generating class.
 
 Determinism: one ``random.Random(seed)`` per split (plus one for the train
 noise), all tables are lists or are only used for key lookup, so two runs give
-byte-identical files.  Files are written atomically (temp file + os.replace).
+byte-identical files, written atomically (base.write_text).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..base import write_text
 from ..config import SAMPLE_DATA_DIR
 
 SEED = 20240611
@@ -637,18 +636,7 @@ def make_split(index: int, size: int, noisy: bool) -> list:
 
 
 def write_jsonl_atomic(path: Path, rows: list) -> None:
-    # Temp file in the same directory so os.replace is an atomic rename.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files should be world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def check(data: dict) -> None:
