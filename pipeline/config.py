@@ -111,6 +111,13 @@ class TrainConfig:
     dist_timeout_minutes: float = field(
         default=10.0, metadata={"help": "collective timeout: a rank waiting longer than this fails the job"}
     )
+    rank0_wait_minutes: float = field(
+        default=240.0,
+        metadata={
+            "help": "how long the other ranks wait for rank 0's one-off work (reading and tokenizing the data, "
+            "finishing checkpoints, the export); the collective timeout bounds training's collectives"
+        },
+    )
     tensorboard: int = field(
         default=1,
         metadata={"help": "1: also write TensorBoard event files to RUN_DIR/tensorboard (rank 0); 0: metrics.jsonl only"},
@@ -162,6 +169,7 @@ class TrainConfig:
             self.lr_scaling == "none" or self.reference_batch >= 1, "reference_batch", "at least 1 with lr_scaling linear or sqrt"
         )
         need(self.dist_timeout_minutes > 0, "dist_timeout_minutes", "> 0")
+        need(self.rank0_wait_minutes > 0, "rank0_wait_minutes", "> 0")
         need(self.tensorboard in (0, 1), "tensorboard", "0 or 1")
         need(self.gradient_checkpointing in (0, 1), "gradient_checkpointing", "0 or 1")
         need(self.flops_profiler_step >= 0, "flops_profiler_step", ">= 0")

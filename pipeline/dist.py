@@ -64,9 +64,17 @@ def get_logger() -> logging.Logger:
     return logger
 
 
-def init(timeout_minutes: float) -> None:
-    """Start the process group (gloo on the CPU, NCCL on GPUs) with a bounded collective timeout."""
+# A gloo group with its own, longer timeout, for the other ranks waiting on rank 0's one-off work
+# (`main_first`): tokenizing a million records must not trip the training collectives' timeout.
+_rank0_work = None
+
+
+def init(timeout_minutes: float, rank0_wait_minutes: float | None = None) -> None:
+    """Start the process group (gloo on the CPU, NCCL on GPUs) with a bounded collective timeout,
+    and the group `main_first` waits in (`rank0_wait_minutes`, default the same bound)."""
+    global _rank0_work
     import deepspeed
+    import torch.distributed as td
 
     if "OMPI_COMM_WORLD_RANK" in os.environ and "RANK" not in os.environ:
         _mpi_discovery()
@@ -90,6 +98,7 @@ def init(timeout_minutes: float) -> None:
 
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(timeout=timeout, verbose=False)
+    _rank0_work = td.new_group(backend="gloo", timeout=timedelta(minutes=rank0_wait_minutes or timeout_minutes))
     release_shared_memory()
 
 
@@ -176,12 +185,12 @@ def barrier() -> None:
     td.barrier()
 
 
-def broadcast_object(obj):
-    """Rank 0's value of `obj` on every rank."""
+def broadcast_object(obj, group=None):
+    """Rank 0's value of `obj` on every rank (of `group`, default all)."""
     import torch.distributed as td
 
     box = [obj]
-    td.broadcast_object_list(box, src=0)
+    td.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -204,7 +213,8 @@ def main_first(fn):
     """Run `fn` on rank 0 while the other ranks wait; every rank gets its result or its error.
 
     Used for work that must happen once (data checks and caching, writing the export). A failure
-    on rank 0 becomes an error on every rank instead of leaving the others waiting.
+    on rank 0 becomes an error on every rank instead of leaving the others waiting. The others wait
+    in their own group, bounded by `init`'s rank0_wait_minutes, not the collective timeout.
     """
     from .config import ConfigError
 
@@ -214,7 +224,7 @@ def main_first(fn):
             result = fn()
         except Exception as e:  # re-raised below on every rank
             error = e
-    shared = broadcast_object((result, None if error is None else (isinstance(error, ConfigError), f"{error}")))
+    shared = broadcast_object((result, None if error is None else (isinstance(error, ConfigError), f"{error}")), _rank0_work)
     if error is not None:
         raise error
     result, failure = shared

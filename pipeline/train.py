@@ -339,7 +339,7 @@ def run(cfg: TrainConfig) -> dict:
     for line in early.notes + [f"warning: {w}" for w in early.warnings]:
         log.info(line)  # rank 0 only: every rank resolves the same config
     check_model_dir(cfg.model, cfg.max_length)
-    dist.init(cfg.dist_timeout_minutes)
+    dist.init(cfg.dist_timeout_minutes, cfg.rank0_wait_minutes)
     torch.manual_seed(cfg.seed)
 
     run_dir, resume_from = start_or_resume(cfg, log)

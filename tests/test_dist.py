@@ -6,7 +6,7 @@ import time
 
 import psutil
 import pytest
-from conftest import REPO, cpu_env, ds_config, free_port
+from conftest import REPO, SAMPLE, cpu_env, ds_config, free_port, launch, read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
@@ -79,3 +79,40 @@ def test_the_first_runs_op_build_is_announced(tmp_path, monkeypatch):
     built.mkdir(exist_ok=True)
     (built / "deepspeed_shm_comm.so").write_bytes(b"")
     assert not unbuilt_comm_op()
+
+
+def test_rank_0s_data_preparation_may_outlast_the_collective_timeout(small_data, tmp_path):
+    """20,000 records to read and tokenize take rank 0 longer than a 3 s collective timeout; the other
+    rank waits in main_first's own group (--rank0-wait-minutes) instead of failing."""
+    rows = read_jsonl(SAMPLE / "train.jsonl")
+    big = write_jsonl(tmp_path / "train.jsonl", [{**row, "text": f"{row['text']} 第{i}例"} for i, row in enumerate(rows * 5)])
+    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
+    started = time.monotonic()
+    result = launch(
+        [
+            "train",
+            "--ds-config",
+            str(config),
+            "--train-file",
+            str(big),
+            "--dev-file",
+            str(small_data["dev"]),
+            "--output-dir",
+            str(tmp_path),
+            "--run-name",
+            "run",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--max-length",
+            "64",
+            "--max-steps",
+            "2",
+            "--eval-every",
+            "0",
+            "--dist-timeout-minutes",
+            "0.05",
+        ]
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "data: train" in result.stdout and "(20000 records) -> built cache" in result.stdout
+    print(f"run with a 3 s collective timeout took {time.monotonic() - started:.0f} s")
