@@ -14,7 +14,8 @@ import importlib
 import sys
 
 from . import check, dist, plan, plot
-from .config import ConfigError, TrainConfig, add_train_options
+from .base import ConfigError
+from .config import TrainConfig, add_train_options
 
 # Tool commands: (module in pipeline.tools, help). The module is imported only for its own command,
 # so `train` and the other runtime commands never load the tools.

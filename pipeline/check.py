@@ -7,7 +7,9 @@ resolved by the same `resolve_ds_config` every rank runs, so what this prints is
 
 from __future__ import annotations
 
-from .config import OPTION_TYPES, Hardware, TrainConfig, ds_precision, load_json, resolve_ds_config
+from .base import load_json
+from .config import OPTION_TYPES, TrainConfig
+from .ds_config import Hardware, ds_precision, resolve_ds_config
 from .hosts import world_from_hostfile
 
 

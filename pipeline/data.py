@@ -28,7 +28,8 @@ import numpy as np
 
 from . import task
 from .base import ConfigError, build_once, file_digest, write_json
-from .config import TrainConfig, steps_per_epoch
+from .config import TrainConfig
+from .ds_config import steps_per_epoch
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
 

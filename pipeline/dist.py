@@ -216,7 +216,7 @@ def main_first(fn):
     on rank 0 becomes an error on every rank instead of leaving the others waiting. The others wait
     in their own group, bounded by `init`'s rank0_wait_minutes, not the collective timeout.
     """
-    from .config import ConfigError
+    from .base import ConfigError
 
     result, error = None, None
     if is_main():

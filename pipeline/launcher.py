@@ -21,8 +21,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import HF_ALIASES, ConfigError, Hardware, TrainConfig, add_train_options, load_json, resolve_ds_config, spellings
+from .base import ConfigError, load_json
+from .config import HF_ALIASES, TrainConfig, add_train_options, spellings
 from .doctor import ACCELERATORS
+from .ds_config import Hardware, resolve_ds_config
 from .hosts import HOSTNAME, active_hosts, is_local, slurm_allocation
 from .stop import STOP_FILE
 

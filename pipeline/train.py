@@ -23,8 +23,9 @@ import torch
 from . import checkpoint, dist, task
 from .base import ConfigError, load_json, write_json, write_text
 from .checkpoint import TrainerState
-from .config import Hardware, RunShape, TrainConfig, ds_precision, resolve_ds_config
+from .config import TrainConfig
 from .data import TokenizedSplit, prepare_splits, train_batches
+from .ds_config import Hardware, RunShape, ds_precision, resolve_ds_config
 from .engine import build_engine
 from .evaluate import evaluate, to_device
 from .model import build_model, build_wordpiece_tokenizer, check_model_dir, has_tokenizer, load_tokenizer

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.__main__ import main
-from pipeline.config import ConfigError, Hardware, TrainConfig, resolve_ds_config
+from pipeline.base import ConfigError
+from pipeline.config import TrainConfig
+from pipeline.ds_config import Hardware, resolve_ds_config
 from pipeline.hosts import read_hostfile, world_from_hostfile
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.base import ConfigError
 from pipeline.checkpoint import (
     MANIFEST,
     CheckpointError,
@@ -23,7 +24,6 @@ from pipeline.checkpoint import (
     write_json,
     write_manifest,
 )
-from pipeline.config import ConfigError
 
 
 @pytest.fixture()

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from conftest import SAMPLE, read_jsonl, write_jsonl
 
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.base import ConfigError
+from pipeline.config import TrainConfig
 from pipeline.data import (
     RankMicroBatches,
     TokenizedSplit,

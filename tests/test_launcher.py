@@ -6,7 +6,7 @@ import subprocess
 import pytest
 from conftest import REPO, cpu_env, ds_config, free_port
 
-from pipeline.config import ConfigError
+from pipeline.base import ConfigError
 from pipeline.hosts import read_hostfile
 from pipeline.launcher import (
     deepspeed_command,

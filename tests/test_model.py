@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import REPO, cpu_env, write_jsonl
 
-from pipeline.config import ConfigError
+from pipeline.base import ConfigError
 from pipeline.data import count_unknown, read_split
 from pipeline.model import build_model, build_wordpiece_tokenizer, check_model_dir, has_tokenizer, has_weights, load_tokenizer
 

@@ -9,7 +9,9 @@ import pytest
 from conftest import REPO, cpu_env, train
 
 from pipeline.__main__ import main
-from pipeline.config import ConfigError, Hardware, TrainConfig, resolve_ds_config
+from pipeline.base import ConfigError
+from pipeline.config import TrainConfig
+from pipeline.ds_config import Hardware, resolve_ds_config
 from pipeline.plan import ModelShape, activation_bytes, ds_config_for, model_shape, model_state_bytes, plan, recommend
 
 MODELS = REPO / "pipeline" / "models"

@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO, cpu_env
 
 from pipeline.__main__ import main
-from pipeline.config import ConfigError
+from pipeline.base import ConfigError
 from pipeline.predict import predict
 
 

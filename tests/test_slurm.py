@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, STOP_SETTINGS, ds_config, free_port, losses, read_jsonl
 from safetensors.numpy import load_file
 
-from pipeline.config import ConfigError
+from pipeline.base import ConfigError
 from pipeline.launcher import check_slurm_gpus
 
 TEMPLATE = REPO / "hostfiles" / "slurm-v100x8.sbatch"

@@ -270,7 +270,7 @@ def test_progress_check_stops_on_what_the_loss_scaler_did_not_catch():
 
 
 def test_metrics_of_an_interrupted_run_drop_a_cut_short_last_line(tmp_path):
-    from pipeline.config import ConfigError
+    from pipeline.base import ConfigError
     from pipeline.train import metrics_up_to
 
     class Log(list):

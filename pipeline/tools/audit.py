@@ -22,7 +22,9 @@ would make both sides trivially equal).
 from __future__ import annotations
 
 from .. import dist
-from ..config import TINY_MODEL_DIR, ConfigError, Hardware, TrainConfig, ds_precision, load_json, resolve_batch, resolve_ds_config
+from ..base import ConfigError, load_json
+from ..config import TINY_MODEL_DIR, TrainConfig
+from ..ds_config import Hardware, ds_precision, resolve_batch, resolve_ds_config
 from .common import LABELS, collate, fixed_batch, standalone_rank
 
 # Largest relative difference accepted: fp32 differs only by summation order; 16-bit forward passes

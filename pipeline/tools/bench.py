@@ -31,8 +31,10 @@ import statistics
 import time
 from pathlib import Path
 
-from ..config import SAMPLE_DATA_DIR, TINY_MODEL_DIR, Hardware, TrainConfig, fill_schedule, load_json, resolve_ds_config
+from ..base import load_json
+from ..config import SAMPLE_DATA_DIR, TINY_MODEL_DIR, TrainConfig
 from ..dist import release_shared_memory
+from ..ds_config import Hardware, fill_schedule, resolve_ds_config
 from .common import launch_module, run_worker, sweep_config
 
 STACKS = ("pipeline", "reference", "hf")

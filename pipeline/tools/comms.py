@@ -17,7 +17,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from ..config import TINY_MODEL_DIR, Hardware, TrainConfig, load_json, resolve_ds_config
+from ..base import load_json
+from ..config import TINY_MODEL_DIR, TrainConfig
+from ..ds_config import Hardware, resolve_ds_config
 from .common import LABELS, collate, fixed_batch, launch_module, run_worker, sweep_config
 
 
