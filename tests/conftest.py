@@ -111,6 +111,22 @@ def launch(
     return result
 
 
+def run_options(data: dict, out: Path, name: str = "run") -> list[str]:
+    """The data and output options of a test run: train and dev files, output directory, run name, cache."""
+    return [
+        "--train-file",
+        str(data["train"]),
+        "--dev-file",
+        str(data["dev"]),
+        "--output-dir",
+        str(out),
+        "--run-name",
+        name,
+        "--cache-dir",
+        str(out / "cache"),
+    ]
+
+
 def train(tmp_path: Path, name: str, data: dict, config: Path, ranks: int = 2, extra: list[str] = ()) -> Path:
     """Run training to completion and return its run directory (fails the test on a non-zero exit).
 
@@ -119,16 +135,7 @@ def train(tmp_path: Path, name: str, data: dict, config: Path, ranks: int = 2, e
         "train",
         "--ds-config",
         str(config),
-        "--train-file",
-        str(data["train"]),
-        "--dev-file",
-        str(data["dev"]),
-        "--output-dir",
-        str(tmp_path),
-        "--run-name",
-        name,
-        "--cache-dir",
-        str(tmp_path / "cache"),
+        *run_options(data, tmp_path, name),
         *extra,
     ]
     result = launch(args, ranks=ranks)

@@ -6,7 +6,7 @@ import time
 
 import psutil
 import pytest
-from conftest import REPO, SAMPLE, cpu_env, ds_config, free_port, launch, read_jsonl, write_jsonl
+from conftest import REPO, SAMPLE, cpu_env, ds_config, free_port, launch, read_jsonl, run_options, write_jsonl
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
@@ -93,16 +93,7 @@ def test_rank_0s_data_preparation_may_outlast_the_collective_timeout(small_data,
             "train",
             "--ds-config",
             str(config),
-            "--train-file",
-            str(big),
-            "--dev-file",
-            str(small_data["dev"]),
-            "--output-dir",
-            str(tmp_path),
-            "--run-name",
-            "run",
-            "--cache-dir",
-            str(tmp_path / "cache"),
+            *run_options({"train": big, "dev": small_data["dev"]}, tmp_path),
             "--max-length",
             "64",
             "--max-steps",

@@ -6,7 +6,7 @@ import sys
 import time
 
 import pytest
-from conftest import DEAD_NODE, NODES, REPO, cpu_env, ds_config, free_port, losses
+from conftest import DEAD_NODE, NODES, REPO, cpu_env, ds_config, free_port, losses, run_options
 
 from pipeline.doctor import arch_problem, choose_accelerator
 
@@ -120,16 +120,7 @@ def test_a_hostfile_with_one_remote_host_runs_there_not_here(cluster, small_data
             str(config),
             "--master-port",
             str(free_port()),
-            "--train-file",
-            str(small_data["train"]),
-            "--dev-file",
-            str(small_data["dev"]),
-            "--output-dir",
-            str(tmp_path),
-            "--run-name",
-            "run",
-            "--cache-dir",
-            str(tmp_path / "cache"),
+            *run_options(small_data, tmp_path),
             "--max-length",
             "64",
             "--max-steps",

@@ -4,7 +4,7 @@ with the file and line named; the env file for remote ranks merges the user's ow
 import subprocess
 
 import pytest
-from conftest import REPO, cpu_env, ds_config, free_port
+from conftest import REPO, cpu_env, ds_config, free_port, run_options
 
 from pipeline.base import ConfigError
 from pipeline.hosts import read_hostfile
@@ -137,16 +137,7 @@ def test_cuda_visible_devices_picks_the_ranks_of_a_real_launch(tmp_path, small_d
             str(config),
             "--master-port",
             str(free_port()),
-            "--train-file",
-            str(small_data["train"]),
-            "--dev-file",
-            str(small_data["dev"]),
-            "--output-dir",
-            str(tmp_path),
-            "--run-name",
-            "run",
-            "--cache-dir",
-            str(tmp_path / "cache"),
+            *run_options(small_data, tmp_path),
             "--max-length",
             "64",
             "--max-steps",

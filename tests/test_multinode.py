@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import NODES, REPO, cpu_env, ds_config, free_port, losses, train
+from conftest import NODES, REPO, cpu_env, ds_config, free_port, losses, run_options, train
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
@@ -33,16 +33,7 @@ def launch_args(cluster, tmp_path, data, config, launcher, extra):
         str(tmp_path / "logs"),
         "--launcher",
         launcher,
-        "--train-file",
-        str(data["train"]),
-        "--dev-file",
-        str(data["dev"]),
-        "--output-dir",
-        str(tmp_path),
-        "--run-name",
-        "run",
-        "--cache-dir",
-        str(tmp_path / "cache"),
+        *run_options(data, tmp_path),
         *SHORT,
         *extra,
     ]

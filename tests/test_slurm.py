@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, STOP_SETTINGS, ds_config, free_port, losses, read_jsonl
+from conftest import REPO, STOP_SETTINGS, ds_config, free_port, losses, read_jsonl, run_options
 from safetensors.numpy import load_file
 
 from pipeline.base import ConfigError
@@ -28,16 +28,7 @@ def run_args(tmp_path, data, config):
         str(config),
         "--master-port",
         str(free_port()),
-        "--train-file",
-        str(data["train"]),
-        "--dev-file",
-        str(data["dev"]),
-        "--output-dir",
-        str(tmp_path),
-        "--run-name",
-        "run",
-        "--cache-dir",
-        str(tmp_path / "cache"),
+        *run_options(data, tmp_path),
         *STOP_SETTINGS,
     ]
 

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, STOP_SETTINGS, cpu_env, ds_config, free_port, launch, losses, read_jsonl
+from conftest import REPO, STOP_SETTINGS, cpu_env, ds_config, free_port, launch, losses, read_jsonl, run_options
 from safetensors.numpy import load_file
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
@@ -22,16 +22,7 @@ def start(tmp_path, data, config, extra=()):
         str(config),
         "--master-port",
         str(free_port()),
-        "--train-file",
-        str(data["train"]),
-        "--dev-file",
-        str(data["dev"]),
-        "--output-dir",
-        str(tmp_path),
-        "--run-name",
-        "run",
-        "--cache-dir",
-        str(tmp_path / "cache"),
+        *run_options(data, tmp_path),
         *STOP_SETTINGS,
         *extra,
     ]
@@ -64,16 +55,7 @@ def test_ctrl_c_saves_stops_and_the_resumed_run_equals_an_uninterrupted_one(unin
             "train",
             "--ds-config",
             str(config),
-            "--train-file",
-            str(small_data["train"]),
-            "--dev-file",
-            str(small_data["dev"]),
-            "--output-dir",
-            str(tmp_path),
-            "--run-name",
-            "run",
-            "--cache-dir",
-            str(tmp_path / "cache"),
+            *run_options(small_data, tmp_path),
             *STOP_SETTINGS,
             "--resume",
             "auto",

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, cpu_env, ds_config, launch, losses, read_jsonl, train, write_jsonl
+from conftest import REPO, cpu_env, ds_config, launch, losses, read_jsonl, run_options, train, write_jsonl
 from safetensors.numpy import load_file
 
 from pipeline import task
@@ -139,16 +139,7 @@ def test_a_nan_loss_stops_training_naming_the_step(small_data, tmp_path):
             "train",
             "--ds-config",
             str(config),
-            "--train-file",
-            str(small_data["train"]),
-            "--dev-file",
-            str(small_data["dev"]),
-            "--output-dir",
-            str(tmp_path),
-            "--run-name",
-            "run",
-            "--cache-dir",
-            str(tmp_path / "cache"),
+            *run_options(small_data, tmp_path),
             *SHORT,
             "--max-steps",
             "6",
