@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import itertools
 import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -39,89 +39,89 @@ FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
 # ----------------------------------------------------------------------------------------------
 
 
-def _decode(path: Path) -> str:
-    """The file's text: existence, format, emptiness and UTF-8 checked, errors with line and column."""
-    if path.suffix.lower() not in FORMATS:
-        raise ConfigError(f"{path}: unsupported data format '{path.suffix}', expected one of {', '.join(FORMATS)}")
-    if not path.is_file():
-        raise ConfigError(f"{path}: data file not found")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise ConfigError(f"{path}: data file is empty")
-    try:
-        return raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ConfigError(f"{path}: line {line}, column {column}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+def _lines(path: Path):
+    """(line number, text) of each line, read one at a time; UTF-8 errors name the line and column."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8").removeprefix("\ufeff") if number == 1 else raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(
+                    f"{path}: line {number}, column {e.start + 1}: not UTF-8 text (byte 0x{raw[e.start]:02x})"
+                ) from None
 
 
-def _json_records(path: Path, text: str) -> list:
-    """A JSON array (a .json file starting with '['), else JSON Lines; blank lines are skipped."""
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+def _jsonl_records(path: Path, lines):
+    """JSON Lines, one record per non-blank line."""
+    for number, line in lines:
         if line.strip():
             try:
-                records.append(json.loads(line))
+                yield json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: line {number}, column {e.colno}: invalid JSON ({e.msg})") from None
-    return records
 
 
-def _csv_records(path: Path, text: str) -> list[dict]:
+def _json_array(path: Path):
+    """A whole JSON array (read at once: large data belongs in JSON Lines or CSV)."""
+    text = "".join(line for _, line in _lines(path))
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
+    if not isinstance(records, list):
+        raise ConfigError(f"{path}: expected a JSON array of records or JSON Lines")
+    yield from records
+
+
+def _csv_records(path: Path, lines):
     """Rows of a CSV file with a header line; every value a string, as written."""
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader)
-    records = []
+    reader = csv.reader(line for _, line in lines)
+    header = next(reader, None)
     for row in reader:
         if not row:
             continue
         if len(row) != len(header):
             raise ConfigError(f"{path}: line {reader.line_num}: {len(row)} fields, the header has {len(header)}")
-        records.append(dict(zip(header, row)))
-    return records
+        yield dict(zip(header, row))
 
 
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """The records of a JSONL, JSON or CSV file, in file order.
+def _starts_with(path: Path, char: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(char)
+
+
+def iter_records(path: str | os.PathLike):
+    """The records of a JSONL, JSON or CSV file, in file order, one at a time: a million-record
+    file is never held in memory.
 
     Read here rather than with `datasets.load_dataset`, whose cache trusts file modification
     times: a file rewritten with its old mtime (cp -p, rsync -a, tar) gave the old records.
     """
     path = Path(path)
-    text = _decode(path)
-    records = _csv_records(path, text) if FORMATS[path.suffix.lower()] == "csv" else _json_records(path, text)
-    if not records:
-        raise ConfigError(f"{path}: data file has no records")
+    if path.suffix.lower() not in FORMATS:
+        raise ConfigError(f"{path}: unsupported data format '{path.suffix}', expected one of {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: data file not found")
+    if not any(line.strip() for _, line in _lines(path)):
+        raise ConfigError(f"{path}: data file is empty")
+    if FORMATS[path.suffix.lower()] == "csv":
+        records = _csv_records(path, _lines(path))
+    elif path.suffix.lower() == ".json" and _starts_with(path, b"["):
+        records = _json_array(path)
+    else:
+        records = _jsonl_records(path, _lines(path))
+    row = 0
     for row, record in enumerate(records, start=1):
         if not isinstance(record, dict):
             raise ConfigError(f"{path}: record {row}: expected an object with named fields, got {json.dumps(record)[:80]}")
-    return records
+        yield record
+    if row == 0:
+        raise ConfigError(f"{path}: data file has no records")
 
 
-@dataclass
-class Split:
-    """One data file: its texts and string labels, in file order."""
-
-    path: Path
-    texts: list[str]
-    labels: list[str]
-
-    @cached_property
-    def fingerprint(self) -> str:
-        """Hash of exactly what was read: covers the file's content and which columns were taken.
-
-        One JSON value per line, texts then labels after a null, hashed as it goes (no copy of the data).
-        """
-        h = hashlib.sha256()
-        for value in itertools.chain(self.texts, [None], self.labels):
-            h.update(json.dumps(value, ensure_ascii=False).encode() + b"\n")
-        return h.hexdigest()[:20]
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """All records of a (small) file, e.g. predict's input."""
+    return list(iter_records(path))
 
 
 def require_columns(path: Path, records: list[dict], columns: list[str]) -> None:
@@ -136,26 +136,52 @@ def _label(path: Path, row: int, column: str, value) -> str:
     return str(value)
 
 
-def read_split(path: str, text_column: str, label_column: str | None) -> Split:
-    """Read a data file and check its text and (unless None) label column in every record."""
-    records = read_records(path)
-    path = Path(path)
-    require_columns(path, records, [text_column] if label_column is None else [text_column, label_column])
-    texts = [record.get(text_column) for record in records]
-    for row, text in enumerate(texts, start=1):
-        if not isinstance(text, str) or not text.strip():
-            raise ConfigError(f"{path}: record {row}: '{text_column}' is empty or not text ({text!r})")
-    labels = (
-        []
-        if label_column is None
-        else [_label(path, row, label_column, record.get(label_column)) for row, record in enumerate(records, start=1)]
-    )
-    return Split(path, texts, labels)
+@dataclass
+class Split:
+    """One data file and the columns taken from it. Records are read on demand, one at a time."""
+
+    path: Path
+    text_column: str
+    label_column: str | None = None
+
+    def records(self):
+        """(record number, text, label or None), every record checked as it is read."""
+        columns = [self.text_column] if self.label_column is None else [self.text_column, self.label_column]
+        for row, record in enumerate(iter_records(self.path), start=1):
+            if row == 1:  # a column missing from the first record is taken for a wrong column name
+                require_columns(self.path, [record], columns)
+            text = record.get(self.text_column)
+            if not isinstance(text, str) or not text.strip():
+                raise ConfigError(f"{self.path}: record {row}: '{self.text_column}' is empty or not text ({text!r})")
+            label = (
+                None if self.label_column is None else _label(self.path, row, self.label_column, record.get(self.label_column))
+            )
+            yield row, text, label
+
+    def texts(self):
+        return (text for _, text, _ in self.records())
+
+    @cached_property
+    def digest(self) -> str:
+        return file_digest(self.path)
+
+    @property
+    def key(self) -> str:
+        """What is read, without reading it: the file's content (not its mtime) and the columns taken."""
+        return hashlib.sha256(json.dumps([self.digest, self.text_column, self.label_column]).encode()).hexdigest()[:20]
 
 
-def label_names_from(train: Split, others: list[Split]) -> list[str]:
-    """The task's label set for these splits (task.label_names)."""
-    return task.label_names(train.labels, train.path, {split.path: split.labels for split in others})
+class Records(NamedTuple):
+    split: Split
+    texts: list[str]
+    labels: list[str | None]
+
+
+def read_split(path: str, text_column: str, label_column: str | None) -> Records:
+    """A small file's records, all read and checked at once (tests and tools; training streams)."""
+    split = Split(Path(path), text_column, label_column)
+    rows = list(split.records())
+    return Records(split, [text for _, text, _ in rows], [label for _, _, label in rows])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,9 +196,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# The tokenized cache: one Arrow stream file, read memory-mapped, and the counts taken while it was
-# written. CACHE_FORMAT is part of the key: bump it when the layout changes.
-CACHE_FORMAT = 2
+# The tokenized cache: one Arrow stream file, read memory-mapped, and what was counted while it was
+# written. Labels are stored as written (strings): the label set is only known after every split is
+# read, and ids are given when the cache is loaded. CACHE_FORMAT is part of the key: bump it when the
+# layout changes.
+CACHE_FORMAT = 3
 CACHE_DATA, CACHE_INFO = "data.arrow", "info.json"
 # Records per tokenizer call and per Arrow record batch: memory is bounded by this, not by the file.
 # On 50,000 generated records, 10,000 at a time peaked at 2.3 GB RSS, 1,000 at 0.66 GB, no slower.
@@ -186,47 +214,60 @@ def count_unknown(tokenizer, ids: np.ndarray) -> tuple[int, int]:
     return int(np.count_nonzero(counted == tokenizer.unk_token_id)), int(counted.size)
 
 
-def _write_tokenized(split: Split, label_names: list[str], tokenizer, max_length: int, path: Path) -> dict:
-    """Tokenize `split` TOKENIZE_BATCH records at a time into an Arrow stream file at `path`.
+def in_batches(records, size: int):
+    """Lists of `size` items of an iterator (the last one shorter)."""
+    it = iter(records)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
 
-    Returns the cache's info: record count and the unknown-token share, counted here once rather
-    than over every token on every run.
+
+def _write_tokenized(split: Split, tokenizer, max_length: int, path: Path) -> dict:
+    """Read `split` and tokenize it TOKENIZE_BATCH records at a time into an Arrow stream file at `path`.
+
+    Returns the cache's info: record count, each label's count and first record (the label set and
+    its checks need no second reading), and the unknown-token share, counted here once rather than
+    over every token on every run.
     """
     import pyarrow as pa
 
-    unknown = tokens = 0
+    unknown = tokens = records = 0
+    labels = {}
     with pa.OSFile(str(path), "wb") as sink:
         writer = None
-        for start in range(0, len(split.texts), TOKENIZE_BATCH):
-            encoded = tokenizer(split.texts[start : start + TOKENIZE_BATCH], truncation=True, max_length=max_length)
+        for batch in in_batches(split.records(), TOKENIZE_BATCH):
+            encoded = tokenizer([text for _, text, _ in batch], truncation=True, max_length=max_length)
             # Token ids need int32; masks and segment ids fit int8 (a third of the file, as datasets stores them).
             columns = {
                 name: pa.array(encoded[name], type=pa.list_(pa.int32() if name == "input_ids" else pa.int8()))
                 for name in encoded.keys()
             }
-            columns["labels"] = pa.array(task.encode(split.labels[start : start + TOKENIZE_BATCH], label_names), pa.int64())
-            batch = pa.RecordBatch.from_pydict(columns)
-            writer = writer or pa.ipc.new_stream(sink, batch.schema)
-            writer.write_batch(batch)
+            columns["labels"] = pa.array([label for _, _, label in batch], pa.string())
+            for row, _, label in batch:
+                labels.setdefault(label, {"count": 0, "first_record": row})["count"] += 1
+            table = pa.RecordBatch.from_pydict(columns)
+            writer = writer or pa.ipc.new_stream(sink, table.schema)
+            writer.write_batch(table)
             batch_unknown, batch_tokens = count_unknown(tokenizer, columns["input_ids"].flatten().to_numpy())
-            unknown, tokens = unknown + batch_unknown, tokens + batch_tokens
+            unknown, tokens, records = unknown + batch_unknown, tokens + batch_tokens, records + len(batch)
         writer.close()
     return {
-        "num_records": len(split.texts),
+        "num_records": records,
+        "labels": labels,
         "tokens": tokens,
         "unknown_tokens": unknown,
         "unk_fraction": unknown / max(tokens, 1),
     }
 
 
-def tokenize_cached(split: Split, label_names: list[str], tokenizer, max_length: int, cache_dir: str):
-    """Tokenize a split once per (records read, tokenizer, max length, label names); reuse it afterwards.
+def tokenize_cached(split: Split, tokenizer, max_length: int, cache_dir: str):
+    """Tokenize a split once per (content and columns read, tokenizer, max length); reuse it afterwards.
 
-    Returns (path of the cached dataset, whether it was reused). The cache is written to a
-    temporary directory and renamed (`build_once`), so an interrupted build is never mistaken for a cache.
+    Returns (path of the cached dataset, whether it was reused). A reused cache costs one pass of
+    SHA-256 over the file, not a reading of its records. The cache is written to a temporary
+    directory and renamed (`build_once`), so an interrupted build is never mistaken for a cache.
     """
     key = hashlib.sha256(
-        json.dumps([CACHE_FORMAT, split.fingerprint, tokenizer_fingerprint(tokenizer), max_length, label_names]).encode()
+        json.dumps([CACHE_FORMAT, split.key, tokenizer_fingerprint(tokenizer), max_length]).encode()
     ).hexdigest()[:20]
     target = Path(cache_dir) / f"tokenized-{split.path.stem}-{key}"
     if (target / CACHE_INFO).is_file():
@@ -234,7 +275,7 @@ def tokenize_cached(split: Split, label_names: list[str], tokenizer, max_length:
 
     def build(tmp: Path) -> None:
         tmp.mkdir(parents=True)
-        write_json(tmp / CACHE_INFO, _write_tokenized(split, label_names, tokenizer, max_length, tmp / CACHE_DATA))
+        write_json(tmp / CACHE_INFO, _write_tokenized(split, tokenizer, max_length, tmp / CACHE_DATA))
 
     build_once(target, CACHE_INFO, build)
     return target, False
@@ -261,16 +302,13 @@ class TokenizedSplit:
     up to 2.6% of the step time at accumulation 8 in the benchmark of commit 7a88312.
     """
 
-    def __init__(self, path: str | os.PathLike, pad_id: int):
+    def __init__(self, path: str | os.PathLike, pad_id: int, label_names: list[str]):
         self.rows = load_tokenized(path).with_format("arrow")
         self.pad_id = pad_id
+        self.labels = task.encode(self.rows["labels"], label_names)  # once, for every record
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.rows["labels"].to_numpy()
 
     def batch(self, indices) -> dict:
         import pyarrow.compute as pc
@@ -279,7 +317,7 @@ class TokenizedSplit:
         table = self.rows[list(indices)]
         lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
         inside = np.arange(lengths.max()) < lengths[:, None]  # row-major, as the flattened values
-        out = {"labels": torch.from_numpy(table.column("labels").to_numpy().astype(np.int64))}
+        out = {"labels": torch.from_numpy(self.labels[list(indices)].astype(np.int64))}
         for name in table.column_names:
             if name != "labels":
                 padded = np.full(inside.shape, self.pad_id if name == "input_ids" else 0, dtype=np.int64)
@@ -334,11 +372,11 @@ def train_batches(
         yield split.batch(indices)
 
 
-def train_fingerprint(cfg: TrainConfig, train: Split, tokenizer) -> dict:
+def train_fingerprint(cfg: TrainConfig, train: Split, num_records: int, tokenizer) -> dict:
     """What fixes the training batches and their order: a resume must find all of it unchanged."""
     return {
-        "train file content (sha256)": file_digest(train.path),
-        "train records": len(train.texts),
+        "train file content (sha256)": train.digest,
+        "train records": num_records,
         "text_column": cfg.text_column,
         "label_column": cfg.label_column,
         "max_length": cfg.max_length,
@@ -347,34 +385,39 @@ def train_fingerprint(cfg: TrainConfig, train: Split, tokenizer) -> dict:
 
 
 def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict:
-    """Rank 0's data work: read and check all files, get a tokenizer, tokenize into the cache.
+    """Rank 0's data work: get a tokenizer, read, check and tokenize each file into the cache.
 
-    `tokenizer_for(train_split)` returns (tokenizer, tokenizer_dir). Returns a small, picklable
-    description the other ranks use to load the same cached data.
+    `tokenizer_for(train_split)` returns (tokenizer, tokenizer_dir). Files already in the cache are
+    not read again (only hashed), so a warm start of a million-record run takes seconds. Returns a
+    small, picklable description the other ranks use to load the same cached data.
     """
-    train = read_split(cfg.train_file, cfg.text_column, cfg.label_column)
-    others = {"dev": read_split(cfg.dev_file, cfg.text_column, cfg.label_column)}
+    splits = {"train": Split(Path(cfg.train_file), cfg.text_column, cfg.label_column)}
+    splits["dev"] = Split(Path(cfg.dev_file), cfg.text_column, cfg.label_column)
     if cfg.test_file:
-        others["test"] = read_split(cfg.test_file, cfg.text_column, cfg.label_column)
-    label_names = label_names_from(train, list(others.values()))
-    tokenizer, tokenizer_dir = tokenizer_for(train)
-    info = {
-        "label_names": label_names,
-        "tokenizer_dir": str(tokenizer_dir),
-        "splits": {},
-        "train_data": train_fingerprint(cfg, train, tokenizer),
-    }
-    for name, split in {"train": train, **others}.items():
-        path, reused = tokenize_cached(split, label_names, tokenizer, cfg.max_length, cache_dir)
-        info["splits"][name] = str(path)
-        log.info(f"data: {name} {split.path} ({len(split.texts)} records) -> {'reused' if reused else 'built'} cache {path}")
-    unk = cache_info(info["splits"]["train"])["unk_fraction"]
+        splits["test"] = Split(Path(cfg.test_file), cfg.text_column, cfg.label_column)
+    tokenizer, tokenizer_dir = tokenizer_for(splits["train"])
+    paths, infos = {}, {}
+    for name, split in splits.items():
+        paths[name], reused = tokenize_cached(split, tokenizer, cfg.max_length, cache_dir)
+        infos[name] = cache_info(paths[name])
+        log.info(
+            f"data: {name} {split.path} ({infos[name]['num_records']} records) -> {'reused' if reused else 'built'} cache {paths[name]}"
+        )
+    label_names = task.label_names(
+        infos["train"]["labels"], splits["train"].path, {splits[n].path: infos[n]["labels"] for n in splits if n != "train"}
+    )
+    unk = infos["train"]["unk_fraction"]
     if unk > cfg.max_unk_fraction:
         raise ConfigError(
-            f"tokenizer {tokenizer_dir}: {unk:.1%} of the training tokens of {train.path} are '{tokenizer.unk_token}' "
+            f"tokenizer {tokenizer_dir}: {unk:.1%} of the training tokens of {cfg.train_file} are '{tokenizer.unk_token}' "
             f"(limit max_unk_fraction={cfg.max_unk_fraction:.0%}). The vocabulary does not fit this text; a model "
             "trained so learns from lengths alone. (transformers 5 ignores BertTokenizerFast(vocab_file=...): "
             "load tokenizers with from_pretrained(dir).)"
         )
-    info["unk_fraction"] = unk
-    return info
+    return {
+        "label_names": label_names,
+        "tokenizer_dir": str(tokenizer_dir),
+        "splits": {name: str(path) for name, path in paths.items()},
+        "train_data": train_fingerprint(cfg, splits["train"], infos["train"]["num_records"], tokenizer),
+        "unk_fraction": unk,
+    }

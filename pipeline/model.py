@@ -94,7 +94,7 @@ def load_tokenizer(tokenizer_dir: str, max_length: int):
     return tokenizer
 
 
-def wordpiece_vocabulary(texts: list[str]) -> list[str]:
+def wordpiece_vocabulary(texts) -> list[str]:
     """A BERT vocabulary learned from `texts`, the same list on every run.
 
     Every character seen (alone and as a ##continuation, so any word of the data can be spelled)
@@ -115,8 +115,9 @@ def wordpiece_vocabulary(texts: list[str]) -> list[str]:
     return SPECIAL_TOKENS + chars + ["##" + c for c in chars] + words
 
 
-def build_wordpiece_tokenizer(texts: list[str], texts_key: str, cache_dir: str):
-    """Build (or reuse, keyed by `texts_key`, e.g. the training Split's fingerprint) a BERT tokenizer for `texts`.
+def build_wordpiece_tokenizer(texts, texts_key: str, cache_dir: str):
+    """Build (or reuse, keyed by `texts_key`, e.g. the training Split's key) a BERT tokenizer for the
+    iterable `texts` (read once, only when the tokenizer is built).
 
     Loaded back with `from_pretrained(dir)`: in transformers 5, `BertTokenizerFast(vocab_file=...)`
     ignores the file and maps every character to [UNK].

@@ -48,24 +48,28 @@ METRICS = (
 METRIC_NAMES = tuple(m.name for m in METRICS)
 
 
-def label_names(train_labels: list[str], train_path, others: dict) -> list[str]:
+def label_names(train: dict, train_path, others: dict) -> list[str]:
     """The sorted label set of the training data; a label only seen in another split is an error.
 
-    `others` maps each other split's path to its labels."""
-    names = sorted(set(train_labels))
+    `train` maps each training label to {"count", "first_record"} (data.py counts them while
+    tokenizing); `others` maps each other split's path to the same for its labels."""
+    names = sorted(train)
     if len(names) < 2:
         raise ConfigError(f"{train_path}: found {len(names)} distinct label(s); a classifier needs at least 2")
-    known = set(names)
     for path, labels in others.items():
-        for row, label in enumerate(labels, start=1):
-            if label not in known:
-                raise ConfigError(f"{path}: record {row}: label '{label}' never appears in the training file {train_path}")
+        unknown = sorted((seen["first_record"], label) for label, seen in labels.items() if label not in train)
+        if unknown:
+            row, label = unknown[0]
+            raise ConfigError(f"{path}: record {row}: label '{label}' never appears in the training file {train_path}")
     return names
 
 
-def encode(labels: list[str], names: list[str]) -> list[int]:
-    ids = {name: i for i, name in enumerate(names)}
-    return [ids[label] for label in labels]
+def encode(labels, names: list[str]) -> np.ndarray:
+    """Label ids of an Arrow array of label strings (the tokenized cache's column), all at once."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.index_in(labels, value_set=pa.array(names, pa.string())).to_numpy(zero_copy_only=False)
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:

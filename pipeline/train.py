@@ -307,12 +307,12 @@ def prepare_data(cfg: TrainConfig, cache_dir: str, log):
     def tokenizer_for(train_split):
         if has_tokenizer(cfg.model):
             return load_tokenizer(cfg.model, cfg.max_length), cfg.model
-        tokenizer_dir = build_wordpiece_tokenizer(train_split.texts, train_split.fingerprint, cache_dir)
+        tokenizer_dir = build_wordpiece_tokenizer(train_split.texts(), train_split.key, cache_dir)
         return load_tokenizer(str(tokenizer_dir), cfg.max_length), tokenizer_dir
 
     info = dist.main_first(lambda: prepare_splits(cfg, tokenizer_for, cache_dir, log))
     tokenizer = load_tokenizer(info["tokenizer_dir"], cfg.max_length)
-    data = {name: TokenizedSplit(path, tokenizer.pad_token_id) for name, path in info["splits"].items()}
+    data = {name: TokenizedSplit(path, tokenizer.pad_token_id, info["label_names"]) for name, path in info["splits"].items()}
     return data, tokenizer, info["label_names"], info["train_data"]
 
 

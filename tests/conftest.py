@@ -79,7 +79,7 @@ def initial_model(tmp_path_factory, small_data) -> Path:
 
     root = tmp_path_factory.mktemp("model")
     train = read_split(str(small_data["train"]), "text", "label")
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(train.texts, train.fingerprint, str(root / "cache"))), 128)
+    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(train.texts, train.split.key, str(root / "cache"))), 128)
     config = AutoConfig.from_pretrained(
         REPO / "pipeline" / "models" / "tiny-bert",
         hidden_size=32,

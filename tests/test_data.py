@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,9 +9,9 @@ from pipeline.base import ConfigError
 from pipeline.config import TrainConfig
 from pipeline.data import (
     RankMicroBatches,
+    Split,
     TokenizedSplit,
     epoch_global_batches,
-    label_names_from,
     load_tokenized,
     prepare_splits,
     read_split,
@@ -72,38 +73,50 @@ def test_unsupported_format(tmp_path):
         read_split(str(tmp_path / "a.parquet"), "text", "label")
 
 
+class Log:
+    def info(self, _):
+        pass
+
+
+def prepare(cfg: TrainConfig, cache: Path, tokenizer_dir=None) -> dict:
+    """prepare_splits as rank 0 runs it, with a tokenizer built from the training texts (or the one given)."""
+
+    def tokenizer_for(train):
+        directory = tokenizer_dir or build_wordpiece_tokenizer(train.texts(), train.key, str(cache))
+        return load_tokenizer(str(directory), cfg.max_length), directory
+
+    return prepare_splits(cfg, tokenizer_for, str(cache), Log())
+
+
 def test_label_seen_only_in_dev_is_an_error(tmp_path, files):
-    train = read_split(str(files["train"]), "text", "label")
-    dev = read_split(str(write_jsonl(tmp_path / "d.jsonl", ROWS + [{"text": "头痛", "label": "偏头痛"}])), "text", "label")
+    dev = write_jsonl(tmp_path / "d.jsonl", ROWS + [{"text": "头痛", "label": "偏头痛"}] * 2)
     with pytest.raises(ConfigError, match=r"d\.jsonl: record 4: label '偏头痛' never appears in the training file"):
-        label_names_from(train, [dev])
-    assert label_names_from(train, []) == sorted({r["label"] for r in ROWS})
+        prepare(TrainConfig(train_file=str(files["train"]), dev_file=str(dev)), tmp_path / "c")
+    info = prepare(TrainConfig(train_file=str(files["train"]), dev_file=str(files["dev"])), tmp_path / "c")
+    assert info["label_names"] == sorted({r["label"] for r in ROWS})
 
 
 def test_tokenized_cache_is_reused_and_keyed_by_content_and_max_length(tmp_path, files):
-    split = read_split(str(files["train"]), "text", "label")
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", str(tmp_path))), 64)
-    names = label_names_from(split, [])
-    path, reused = tokenize_cached(split, names, tokenizer, 64, str(tmp_path / "cache"))
+    split = Split(files["train"], "text", "label")
+    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts(), "d", str(tmp_path))), 64)
+    path, reused = tokenize_cached(split, tokenizer, 64, str(tmp_path / "cache"))
     assert not reused
-    again, reused = tokenize_cached(split, names, tokenizer, 64, str(tmp_path / "cache"))
+    again, reused = tokenize_cached(Split(files["train"], "text", "label"), tokenizer, 64, str(tmp_path / "cache"))
     assert reused and again == path
-    shorter, reused = tokenize_cached(split, names, tokenizer, 8, str(tmp_path / "cache"))
+    shorter, reused = tokenize_cached(split, tokenizer, 8, str(tmp_path / "cache"))
     assert not reused and shorter != path
     assert max(len(ids) for ids in load_tokenized(shorter)["input_ids"]) == 8
     write_jsonl(files["train"], ROWS * 5)
-    changed = read_split(str(files["train"]), "text", "label")
-    assert tokenize_cached(changed, names, tokenizer, 64, str(tmp_path / "cache"))[0] != path
-    assert load_tokenized(path)["labels"] == [names.index(r["label"]) for r in ROWS * 4]
+    assert tokenize_cached(Split(files["train"], "text", "label"), tokenizer, 64, str(tmp_path / "cache"))[0] != path
+    assert load_tokenized(path)["labels"] == [r["label"] for r in ROWS * 4]  # as written; ids are given on loading
 
 
 def test_switching_the_text_column_does_not_reuse_the_other_columns_cache(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [{"text": r["text"], "summary": r["label"], "label": r["label"]} for r in ROWS])
     by_text, by_summary = read_split(str(path), "text", "label"), read_split(str(path), "summary", "label")
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(by_text.texts + by_summary.texts, "d", str(tmp_path))), 64)
-    names = label_names_from(by_text, [])
-    first, _ = tokenize_cached(by_text, names, tokenizer, 64, str(tmp_path / "cache"))
-    second, reused = tokenize_cached(by_summary, names, tokenizer, 64, str(tmp_path / "cache"))
+    first, _ = tokenize_cached(by_text.split, tokenizer, 64, str(tmp_path / "cache"))
+    second, reused = tokenize_cached(by_summary.split, tokenizer, 64, str(tmp_path / "cache"))
     assert not reused and second != first
     assert load_tokenized(second)["input_ids"] == tokenizer(by_summary.texts)["input_ids"]
 
@@ -144,7 +157,7 @@ def test_tokenized_cache_is_written_in_bounded_batches_with_unknown_tokens_count
     monkeypatch.setattr(data, "TOKENIZE_BATCH", 5)
     split = read_split(str(files["train"]), "text", "label")  # 12 records
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts[:1], "first-text-only", str(tmp_path))), 64)
-    path, _ = tokenize_cached(split, label_names_from(split, []), tokenizer, 64, str(tmp_path / "cache"))
+    path, _ = tokenize_cached(split.split, tokenizer, 64, str(tmp_path / "cache"))
     with pa.memory_map(str(path / data.CACHE_DATA)) as source:
         assert [len(batch) for batch in pa.ipc.open_stream(source)] == [5, 5, 2]
     ids = tokenizer(split.texts)["input_ids"]
@@ -153,39 +166,31 @@ def test_tokenized_cache_is_written_in_bounded_batches_with_unknown_tokens_count
     assert 0 < unknown < tokens  # a vocabulary from one text: the others' characters are [UNK]
     assert data.cache_info(path) == {
         "num_records": 12,
+        "labels": {r["label"]: {"count": 4, "first_record": i} for i, r in enumerate(ROWS, start=1)},
         "tokens": tokens,
         "unknown_tokens": unknown,
         "unk_fraction": unknown / tokens,
     }
 
 
-def test_a_reused_cache_is_not_read_token_by_token(tmp_path, files, monkeypatch):
+def test_a_reused_cache_is_not_read_again(tmp_path, files, monkeypatch):
+    """A warm start hashes the files and loads what was counted with the cache: no record is read
+    and no token counted (a million records took minutes to read)."""
     import pipeline.data as data
 
     cfg = TrainConfig(train_file=str(files["train"]), dev_file=str(files["dev"]))
-    split = read_split(str(files["train"]), "text", "label")
-    tokenizer_dir = build_wordpiece_tokenizer(split.texts, split.fingerprint, str(tmp_path))
-
-    class Log:
-        def info(self, _):
-            pass
-
-    def prepare():
-        return prepare_splits(
-            cfg, lambda train: (load_tokenizer(str(tokenizer_dir), 64), tokenizer_dir), str(tmp_path / "c"), Log()
-        )
-
-    first = prepare()
+    first = prepare(cfg, tmp_path / "c")
+    monkeypatch.setattr(data, "iter_records", lambda path: pytest.fail(f"{path} read again"))
     monkeypatch.setattr(data, "load_tokenized", lambda path: pytest.fail(f"reused cache {path} read again"))
-    assert prepare() == first
+    assert prepare(cfg, tmp_path / "c") == first
 
 
 def _build_shared_caches(split, cache: str, barrier) -> None:
     """One run of a sweep: tokenizer, then tokenized data, each started at the same moment as the others'."""
     barrier.wait()
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", cache)), 64)
+    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts(), "d", cache)), 64)
     barrier.wait()
-    tokenize_cached(split, label_names_from(split, []), tokenizer, 64, cache)
+    tokenize_cached(split, tokenizer, 64, cache)
 
 
 def test_concurrent_runs_build_the_same_cache_entries_safely(tmp_path, files):
@@ -193,7 +198,7 @@ def test_concurrent_runs_build_the_same_cache_entries_safely(tmp_path, files):
     with the winner's entry and remove its own temporary directory."""
     import multiprocessing
 
-    split = read_split(str(files["train"]), "text", "label")
+    split = Split(files["train"], "text", "label")
     context = multiprocessing.get_context("fork")  # the children share this process's imported libraries
     barrier = context.Barrier(4)
     runs = [context.Process(target=_build_shared_caches, args=(split, str(tmp_path / "cache"), barrier)) for _ in range(4)]
@@ -213,9 +218,13 @@ def test_batches_equal_hf_padding_collator(tmp_path):
 
     split = read_split(str(SAMPLE / "dev.jsonl"), "text", "label")
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", str(tmp_path))), 512)
-    path, _ = tokenize_cached(split, label_names_from(split, []), tokenizer, 512, str(tmp_path / "cache"))
-    rows, collate = load_tokenized(path), DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    data = TokenizedSplit(path, tokenizer.pad_token_id)
+    path, _ = tokenize_cached(split.split, tokenizer, 512, str(tmp_path / "cache"))
+    names = sorted(set(split.labels))
+    rows, collate = (
+        load_tokenized(path).map(lambda r: {"labels": names.index(r["labels"])}),
+        DataCollatorWithPadding(tokenizer, return_tensors="pt"),
+    )
+    data = TokenizedSplit(path, tokenizer.pad_token_id, names)
     assert len(data) == len(rows) and data.labels.tolist() == rows["labels"]
     rng = np.random.default_rng(0)
     for size in (1, 3, 8, 32):
@@ -226,7 +235,7 @@ def test_batches_equal_hf_padding_collator(tmp_path):
             assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
     lengths = [len(ids) for ids in rows["input_ids"]]
     assert min(lengths) < max(lengths)  # so padding was exercised
-    padded = TokenizedSplit(path, pad_id=5).batch([lengths.index(min(lengths)), lengths.index(max(lengths))])
+    padded = TokenizedSplit(path, 5, names).batch([lengths.index(min(lengths)), lengths.index(max(lengths))])
     assert padded["input_ids"][0, min(lengths) :].eq(5).all() and padded["attention_mask"][0, min(lengths) :].eq(0).all()
 
 
@@ -241,13 +250,8 @@ def test_tokenizer_that_maps_text_to_unk_is_refused(tmp_path, files):
     broken.save_pretrained(broken_dir)
     (broken_dir / "config.json").write_text("{}")
     cfg = TrainConfig(train_file=str(files["train"]), dev_file=str(files["dev"]), model=str(broken_dir))
-
-    class Log:
-        def info(self, _):
-            pass
-
     with pytest.raises(ConfigError, match=r"of the training tokens .* are '\[UNK\]'"):
-        prepare_splits(cfg, lambda train: (load_tokenizer(str(broken_dir), 32), broken_dir), str(tmp_path / "c"), Log())
+        prepare(cfg, tmp_path / "c", tokenizer_dir=broken_dir)
 
 
 def _step_samples(num, micro, accum, world, step, seed=5, epoch=0):

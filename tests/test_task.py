@@ -55,13 +55,23 @@ def test_every_metric_is_logged_plotted_and_selectable_from_one_table():
     )
 
 
+def seen(*labels) -> dict:
+    """Labels as data.py counts them while tokenizing: {label: {"count", "first_record"}}."""
+    out = {}
+    for row, label in enumerate(labels, start=1):
+        out.setdefault(label, {"count": 0, "first_record": row})["count"] += 1
+    return out
+
+
 def test_labels_probabilities_and_predictions():
-    assert task.label_names(["b", "a", "b"], "train.jsonl", {"dev.jsonl": ["a"]}) == ["a", "b"]
+    import pyarrow as pa
+
+    assert task.label_names(seen("b", "a", "b"), "train.jsonl", {"dev.jsonl": seen("a")}) == ["a", "b"]
     with pytest.raises(ConfigError, match="dev.jsonl: record 2: label 'c' never appears in the training file train.jsonl"):
-        task.label_names(["b", "a"], "train.jsonl", {"dev.jsonl": ["a", "c"]})
+        task.label_names(seen("b", "a"), "train.jsonl", {"dev.jsonl": seen("a", "c", "d", "c")})
     with pytest.raises(ConfigError, match="a classifier needs at least 2"):
-        task.label_names(["a", "a"], "train.jsonl", {})
-    assert task.encode(["b", "a"], ["a", "b"]) == [1, 0]
+        task.label_names(seen("a", "a"), "train.jsonl", {})
+    assert task.encode(pa.array(["b", "a", "b"]), ["a", "b"]).tolist() == [1, 0, 1]
     logits = np.array([[0.0, 2.0], [3.0, -1.0]])
     assert task.predictions(logits).tolist() == [1, 0]
     probabilities = task.probabilities(logits)
