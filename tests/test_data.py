@@ -299,3 +299,14 @@ def test_bundled_sample_data_shape():
     lengths = [len(r["text"]) for r in splits["train"]]
     assert min(lengths) < 128 and max(lengths) > 512
     assert all(r["text"].startswith("主诉") or "现病史" in r["text"] for r in splits["train"][:50])
+
+
+def test_records_are_read_one_at_a_time(tmp_path):
+    """A million-record file is never held in memory: the first record comes before the file's end
+    is read (here, a broken last line is only met when the reading gets there)."""
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS) + '{"text": "cut sh', encoding="utf-8")
+    records = Split(path, "text", "label").records()
+    assert next(records) == (1, ROWS[0]["text"], ROWS[0]["label"])
+    with pytest.raises(ConfigError, match=r"train\.jsonl: line 4, column \d+: invalid JSON"):
+        list(records)
