@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import task
+from . import reading, task
 from .base import ConfigError, build_once, file_digest, write_json
 from .config import TrainConfig
 from .ds_config import steps_per_epoch
@@ -159,7 +159,7 @@ def label_names_from(train: Split, others: list[Split]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizing, with an on-disk cache keyed by the records, tokenizer, max length and label names
+# Tokenizing, with an on-disk cache keyed by the records, tokenizer, reading settings and label names
 # ----------------------------------------------------------------------------------------------
 
 
@@ -171,8 +171,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 # The tokenized cache: one Arrow stream file, read memory-mapped, and the counts taken while it was
-# written. CACHE_FORMAT is part of the key: bump it when the layout changes.
-CACHE_FORMAT = 2
+# written. CACHE_FORMAT is part of the key: bump it when the layout changes. One row per window
+# (one per record unless long records are read in chunks); RECORD holds the row's record index.
+CACHE_FORMAT = 3
+RECORD = "record"
 CACHE_DATA, CACHE_INFO = "data.arrow", "info.json"
 # Records per tokenizer call and per Arrow record batch: memory is bounded by this, not by the file.
 # On 50,000 generated records, 10,000 at a time peaked at 2.3 GB RSS, 1,000 at 0.66 GB, no slower.
@@ -186,25 +188,29 @@ def count_unknown(tokenizer, ids: np.ndarray) -> tuple[int, int]:
     return int(np.count_nonzero(counted == tokenizer.unk_token_id)), int(counted.size)
 
 
-def _write_tokenized(split: Split, label_names: list[str], tokenizer, max_length: int, path: Path) -> dict:
+def _write_tokenized(split: Split, label_names: list[str], tokenizer, how: reading.Reading, path: Path) -> dict:
     """Tokenize `split` TOKENIZE_BATCH records at a time into an Arrow stream file at `path`.
 
-    Returns the cache's info: record count and the unknown-token share, counted here once rather
-    than over every token on every run.
+    Records are read as `how` says (reading.encode): each window a row with its record's label and
+    index. Returns the cache's info: record and window counts and the unknown-token share, counted
+    here once rather than over every token on every run.
     """
     import pyarrow as pa
 
-    unknown = tokens = 0
+    unknown = tokens = windows = 0
     with pa.OSFile(str(path), "wb") as sink:
         writer = None
         for start in range(0, len(split.texts), TOKENIZE_BATCH):
-            encoded = tokenizer(split.texts[start : start + TOKENIZE_BATCH], truncation=True, max_length=max_length)
+            encoded, record = reading.encode(tokenizer, split.texts[start : start + TOKENIZE_BATCH], how)
             # Token ids need int32; masks and segment ids fit int8 (a third of the file, as datasets stores them).
             columns = {
-                name: pa.array(encoded[name], type=pa.list_(pa.int32() if name == "input_ids" else pa.int8()))
-                for name in encoded.keys()
+                name: pa.array(values, type=pa.list_(pa.int32() if name == "input_ids" else pa.int8()))
+                for name, values in encoded.items()
             }
-            columns["labels"] = pa.array(task.encode(split.labels[start : start + TOKENIZE_BATCH], label_names), pa.int64())
+            labels = task.encode(split.labels[start : start + TOKENIZE_BATCH], label_names)
+            columns["labels"] = pa.array([labels[i] for i in record], pa.int64())
+            columns[RECORD] = pa.array(np.asarray(record, dtype=np.int64) + start)
+            windows += len(record)
             batch = pa.RecordBatch.from_pydict(columns)
             writer = writer or pa.ipc.new_stream(sink, batch.schema)
             writer.write_batch(batch)
@@ -213,20 +219,21 @@ def _write_tokenized(split: Split, label_names: list[str], tokenizer, max_length
         writer.close()
     return {
         "num_records": len(split.texts),
+        "num_windows": windows,
         "tokens": tokens,
         "unknown_tokens": unknown,
         "unk_fraction": unknown / max(tokens, 1),
     }
 
 
-def tokenize_cached(split: Split, label_names: list[str], tokenizer, max_length: int, cache_dir: str):
-    """Tokenize a split once per (records read, tokenizer, max length, label names); reuse it afterwards.
+def tokenize_cached(split: Split, label_names: list[str], tokenizer, how: reading.Reading, cache_dir: str):
+    """Tokenize a split once per (records read, tokenizer, reading settings, label names); reuse it afterwards.
 
     Returns (path of the cached dataset, whether it was reused). The cache is written to a
     temporary directory and renamed (`build_once`), so an interrupted build is never mistaken for a cache.
     """
     key = hashlib.sha256(
-        json.dumps([CACHE_FORMAT, split.fingerprint, tokenizer_fingerprint(tokenizer), max_length, label_names]).encode()
+        json.dumps([CACHE_FORMAT, split.fingerprint, tokenizer_fingerprint(tokenizer), how.data_key(), label_names]).encode()
     ).hexdigest()[:20]
     target = Path(cache_dir) / f"tokenized-{split.path.stem}-{key}"
     if (target / CACHE_INFO).is_file():
@@ -234,7 +241,7 @@ def tokenize_cached(split: Split, label_names: list[str], tokenizer, max_length:
 
     def build(tmp: Path) -> None:
         tmp.mkdir(parents=True)
-        write_json(tmp / CACHE_INFO, _write_tokenized(split, label_names, tokenizer, max_length, tmp / CACHE_DATA))
+        write_json(tmp / CACHE_INFO, _write_tokenized(split, label_names, tokenizer, how, tmp / CACHE_DATA))
 
     build_once(target, CACHE_INFO, build)
     return target, False
@@ -253,7 +260,10 @@ def load_tokenized(path: str | os.PathLike):
 
 
 class TokenizedSplit:
-    """A cached tokenized split; `batch(indices)` returns those records as one padded batch of tensors.
+    """A cached tokenized split; `batch(indices)` returns those rows as one padded batch of tensors.
+
+    A row is a window of a record (reading.py): one per record unless long records are read in
+    chunks. `records` gives each row's record; evaluation pools rows per record with `pool`.
 
     Each batch is padded to its own longest record, not to max_length: less wasted compute. Records
     are taken as Arrow arrays and padded with numpy, about 0.3 ms for 8 records of the sample data;
@@ -261,16 +271,23 @@ class TokenizedSplit:
     up to 2.6% of the step time at accumulation 8 in the benchmark of commit 7a88312.
     """
 
-    def __init__(self, path: str | os.PathLike, pad_id: int):
+    def __init__(self, path: str | os.PathLike, pad_id: int, pool: str = "mean"):
         self.rows = load_tokenized(path).with_format("arrow")
-        self.pad_id = pad_id
+        self.pad_id, self.pool = pad_id, pool
 
     def __len__(self) -> int:
+        """Rows (training samples), not records."""
         return len(self.rows)
 
+    @cached_property
+    def records(self) -> np.ndarray:
+        return self.rows[RECORD].to_numpy()
+
     @property
-    def labels(self) -> np.ndarray:
-        return self.rows["labels"].to_numpy()
+    def record_labels(self) -> np.ndarray:
+        """One label per record: its first window's."""
+        first = np.r_[True, self.records[1:] != self.records[:-1]]
+        return self.rows["labels"].to_numpy()[first]
 
     def batch(self, indices) -> dict:
         import pyarrow.compute as pc
@@ -281,7 +298,7 @@ class TokenizedSplit:
         inside = np.arange(lengths.max()) < lengths[:, None]  # row-major, as the flattened values
         out = {"labels": torch.from_numpy(table.column("labels").to_numpy().astype(np.int64))}
         for name in table.column_names:
-            if name != "labels":
+            if name not in ("labels", RECORD):
                 padded = np.full(inside.shape, self.pad_id if name == "input_ids" else 0, dtype=np.int64)
                 padded[inside] = pc.list_flatten(table.column(name)).to_numpy()
                 out[name] = torch.from_numpy(padded)
@@ -342,6 +359,7 @@ def train_fingerprint(cfg: TrainConfig, train: Split, tokenizer) -> dict:
         "text_column": cfg.text_column,
         "label_column": cfg.label_column,
         "max_length": cfg.max_length,
+        "reading (max length, truncation, long records, stride)": reading.Reading.from_config(cfg).data_key(),
         "tokenizer (fingerprint)": tokenizer_fingerprint(tokenizer),
     }
 
@@ -365,9 +383,12 @@ def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict
         "train_data": train_fingerprint(cfg, train, tokenizer),
     }
     for name, split in {"train": train, **others}.items():
-        path, reused = tokenize_cached(split, label_names, tokenizer, cfg.max_length, cache_dir)
+        path, reused = tokenize_cached(split, label_names, tokenizer, reading.Reading.from_config(cfg), cache_dir)
         info["splits"][name] = str(path)
-        log.info(f"data: {name} {split.path} ({len(split.texts)} records) -> {'reused' if reused else 'built'} cache {path}")
+        windows = f" in {cache_info(path)['num_windows']} windows" if cfg.long_records == "chunks" else ""
+        log.info(
+            f"data: {name} {split.path} ({len(split.texts)} records{windows}) -> {'reused' if reused else 'built'} cache {path}"
+        )
     unk = cache_info(info["splits"]["train"])["unk_fraction"]
     if unk > cfg.max_unk_fraction:
         raise ConfigError(

@@ -17,6 +17,7 @@ from pipeline.data import (
     tokenize_cached,
 )
 from pipeline.model import build_wordpiece_tokenizer, load_tokenizer
+from pipeline.reading import Reading
 
 ROWS = [
     {"text": "主诉：发热3天，咳嗽。", "label": "肺炎"},
@@ -84,16 +85,16 @@ def test_tokenized_cache_is_reused_and_keyed_by_content_and_max_length(tmp_path,
     split = read_split(str(files["train"]), "text", "label")
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", str(tmp_path))), 64)
     names = label_names_from(split, [])
-    path, reused = tokenize_cached(split, names, tokenizer, 64, str(tmp_path / "cache"))
+    path, reused = tokenize_cached(split, names, tokenizer, Reading(64), str(tmp_path / "cache"))
     assert not reused
-    again, reused = tokenize_cached(split, names, tokenizer, 64, str(tmp_path / "cache"))
+    again, reused = tokenize_cached(split, names, tokenizer, Reading(64), str(tmp_path / "cache"))
     assert reused and again == path
-    shorter, reused = tokenize_cached(split, names, tokenizer, 8, str(tmp_path / "cache"))
+    shorter, reused = tokenize_cached(split, names, tokenizer, Reading(8), str(tmp_path / "cache"))
     assert not reused and shorter != path
     assert max(len(ids) for ids in load_tokenized(shorter)["input_ids"]) == 8
     write_jsonl(files["train"], ROWS * 5)
     changed = read_split(str(files["train"]), "text", "label")
-    assert tokenize_cached(changed, names, tokenizer, 64, str(tmp_path / "cache"))[0] != path
+    assert tokenize_cached(changed, names, tokenizer, Reading(64), str(tmp_path / "cache"))[0] != path
     assert load_tokenized(path)["labels"] == [names.index(r["label"]) for r in ROWS * 4]
 
 
@@ -102,8 +103,8 @@ def test_switching_the_text_column_does_not_reuse_the_other_columns_cache(tmp_pa
     by_text, by_summary = read_split(str(path), "text", "label"), read_split(str(path), "summary", "label")
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(by_text.texts + by_summary.texts, "d", str(tmp_path))), 64)
     names = label_names_from(by_text, [])
-    first, _ = tokenize_cached(by_text, names, tokenizer, 64, str(tmp_path / "cache"))
-    second, reused = tokenize_cached(by_summary, names, tokenizer, 64, str(tmp_path / "cache"))
+    first, _ = tokenize_cached(by_text, names, tokenizer, Reading(64), str(tmp_path / "cache"))
+    second, reused = tokenize_cached(by_summary, names, tokenizer, Reading(64), str(tmp_path / "cache"))
     assert not reused and second != first
     assert load_tokenized(second)["input_ids"] == tokenizer(by_summary.texts)["input_ids"]
 
@@ -144,7 +145,7 @@ def test_tokenized_cache_is_written_in_bounded_batches_with_unknown_tokens_count
     monkeypatch.setattr(data, "TOKENIZE_BATCH", 5)
     split = read_split(str(files["train"]), "text", "label")  # 12 records
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts[:1], "first-text-only", str(tmp_path))), 64)
-    path, _ = tokenize_cached(split, label_names_from(split, []), tokenizer, 64, str(tmp_path / "cache"))
+    path, _ = tokenize_cached(split, label_names_from(split, []), tokenizer, Reading(64), str(tmp_path / "cache"))
     with pa.memory_map(str(path / data.CACHE_DATA)) as source:
         assert [len(batch) for batch in pa.ipc.open_stream(source)] == [5, 5, 2]
     ids = tokenizer(split.texts)["input_ids"]
@@ -153,6 +154,7 @@ def test_tokenized_cache_is_written_in_bounded_batches_with_unknown_tokens_count
     assert 0 < unknown < tokens  # a vocabulary from one text: the others' characters are [UNK]
     assert data.cache_info(path) == {
         "num_records": 12,
+        "num_windows": 12,
         "tokens": tokens,
         "unknown_tokens": unknown,
         "unk_fraction": unknown / tokens,
@@ -185,7 +187,7 @@ def _build_shared_caches(split, cache: str, barrier) -> None:
     barrier.wait()
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", cache)), 64)
     barrier.wait()
-    tokenize_cached(split, label_names_from(split, []), tokenizer, 64, cache)
+    tokenize_cached(split, label_names_from(split, []), tokenizer, Reading(64), cache)
 
 
 def test_concurrent_runs_build_the_same_cache_entries_safely(tmp_path, files):
@@ -213,10 +215,10 @@ def test_batches_equal_hf_padding_collator(tmp_path):
 
     split = read_split(str(SAMPLE / "dev.jsonl"), "text", "label")
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", str(tmp_path))), 512)
-    path, _ = tokenize_cached(split, label_names_from(split, []), tokenizer, 512, str(tmp_path / "cache"))
-    rows, collate = load_tokenized(path), DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    path, _ = tokenize_cached(split, label_names_from(split, []), tokenizer, Reading(512), str(tmp_path / "cache"))
+    rows, collate = load_tokenized(path).remove_columns("record"), DataCollatorWithPadding(tokenizer, return_tensors="pt")
     data = TokenizedSplit(path, tokenizer.pad_token_id)
-    assert len(data) == len(rows) and data.labels.tolist() == rows["labels"]
+    assert len(data) == len(rows) and data.record_labels.tolist() == rows["labels"]
     rng = np.random.default_rng(0)
     for size in (1, 3, 8, 32):
         indices = rng.choice(len(rows), size, replace=False).tolist()
