@@ -297,3 +297,23 @@ def test_bundled_sample_data_shape():
     lengths = [len(r["text"]) for r in splits["train"]]
     assert min(lengths) < 128 and max(lengths) > 512
     assert all(r["text"].startswith("主诉") or "现病史" in r["text"] for r in splits["train"][:50])
+
+
+def test_tokenized_cache_is_keyed_by_how_records_are_read_but_not_by_pooling(tmp_path, files):
+    split = read_split(str(files["train"]), "text", "label")
+    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", str(tmp_path))), 8)
+    names, cache = label_names_from(split, []), str(tmp_path / "cache")
+    readings = [
+        Reading(8),
+        Reading(8, "tail"),
+        Reading(8, "head+tail"),
+        Reading(8, long_records="chunks"),
+        Reading(8, long_records="chunks", stride=2),
+    ]
+    paths = [tokenize_cached(split, names, tokenizer, reading, cache)[0] for reading in readings]
+    assert len(set(paths)) == len(readings)
+    again, reused = tokenize_cached(split, names, tokenizer, Reading(8, long_records="chunks", stride=2, pool="max"), cache)
+    assert reused and again == paths[-1]
+    windows = TokenizedSplit(paths[-1], tokenizer.pad_token_id)
+    assert len(windows) > len(split.texts) and windows.records.tolist() == sorted(windows.records.tolist())
+    assert windows.record_labels.tolist() == [names.index(label) for label in split.labels]
