@@ -14,7 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import task
@@ -64,7 +63,7 @@ def predict(export_dir: str, texts: list, batch_size: int = 32) -> list[dict]:
             model(**tokenizer.pad({k: v[w : w + batch_size] for k, v in inputs.items()}, return_tensors="pt")).logits
             for w in range(0, len(record), batch_size)
         ]
-        logits = pool(torch.cat(windows).float().numpy(), np.asarray(record), how.pool)
+        logits = pool(torch.cat(windows).float().numpy(), record, how.pool)
         for i, label, p in zip(chunk, task.predictions(logits), task.probabilities(logits)):
             rows[i] = {"label": names[label], "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)}}
     return rows
