@@ -173,21 +173,23 @@ def uninterrupted(tmp_path_factory, small_data) -> tuple[Path, Path]:
 
 # Long records read in overlapping windows (reading.py): a short 2-rank run, pooled with max.
 CHUNK_SETTINGS = ["--max-length", "64", "--long-records", "chunks", "--stride", "16", "--pool", "max"]
-# Notes whose label rests on one finding somewhere in boilerplate: only the window that holds it knows.
+# Notes whose label rests on a finding repeated through boilerplate (every few sentences, so a
+# few steps teach it and the predictions differ between records).
 FINDINGS = {"肺炎": "胸部CT示右下肺斑片影。", "脑卒中": "头颅CT示左侧基底节区低密度灶。", "其他": ""}
 BOILERPLATE = "患者一般情况可，饮食睡眠正常，无特殊不适。"
 
 
 def long_notes(count: int, seed: int) -> list[dict]:
-    """Records of 2 to 11 windows of 64 tokens, each of three labels, the finding at a random place."""
+    """Records of 3 to 14 windows of 64 tokens, of three labels in turn, the finding every 3-5 sentences."""
     import random
 
     rng = random.Random(seed)
     rows = []
     for i in range(count):
         label = list(FINDINGS)[i % 3]
-        parts = [BOILERPLATE] * rng.randint(4, 24)
-        parts.insert(rng.randint(0, len(parts)), FINDINGS[label])
+        parts = []
+        for _ in range(rng.randint(2, 6)):
+            parts += [BOILERPLATE] * rng.randint(3, 5) + [FINDINGS[label]]
         rows.append({"text": "".join(parts), "label": label})
     return rows
 

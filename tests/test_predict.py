@@ -86,7 +86,7 @@ def test_predict_reads_records_as_the_chunked_run_did_and_pools_its_windows(chun
         "pool": "max",
     }
     texts = [row["text"] for row in read_jsonl(chunked_run.parent / "dev.jsonl")]
-    rows = predict(str(chunked_run / "export"), texts, batch_size=5)  # records of up to 11 windows: several forwards
+    rows = predict(str(chunked_run / "export"), texts, batch_size=5)  # records of up to 14 windows: several forwards
     split, logits, names = export_window_logits(chunked_run)
     expected = probabilities(pool(logits, split.records, "max"))
     got = np.array([[row["probabilities"][name] for name in names] for row in rows])
