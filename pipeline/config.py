@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .base import ConfigError, load_json, unknown_key_message
+from .reading import LONG_RECORDS, POOLS, TRUNCATIONS
 from .task import METRIC_NAMES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -51,7 +52,34 @@ class TrainConfig:
             "help": "model directory: with weights it is fine-tuned, with config.json alone it is randomly initialised; without tokenizer files a WordPiece vocabulary is built from the training texts"
         },
     )
-    max_length: int = field(default=256, metadata={"help": "tokens per record; longer records are truncated"})
+    max_length: int = field(
+        default=256, metadata={"help": "tokens per record (per window with long_records chunks); longer records are cut"}
+    )
+    truncation: str = field(
+        default="head",
+        metadata={
+            "help": "head|tail|head+tail: which tokens of a longer record are kept; head+tail keeps the first quarter "
+            "of the text tokens from the start and the rest from the end (Sun et al. 2019)"
+        },
+    )
+    long_records: str = field(
+        default="truncate",
+        metadata={
+            "help": "truncate|chunks: chunks reads every record as overlapping windows of max_length tokens; each "
+            "window is a training sample with its record's label (long records weigh more), and evaluation and "
+            "predict pool the windows' logits per record (see pool)"
+        },
+    )
+    stride: int = field(
+        default=0,
+        metadata={
+            "help": "with long_records chunks: tokens that consecutive windows share (Hugging Face's stride with "
+            "return_overflowing_tokens); less than max_length minus the special tokens"
+        },
+    )
+    pool: str = field(
+        default="", metadata={"help": "with long_records chunks: mean|max of the windows' logits per record (default mean)"}
+    )
     epochs: int = field(default=2, metadata={"help": "passes over the training data"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: no limit)"})
     seed: int = field(default=42, metadata={"help": "seed for initialisation and data order"})
@@ -143,6 +171,22 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, expected):
                 raise ConfigError(f"training config: '{f.name}' = {value!r}, expected {f.type}")
         need(self.max_length >= 8, "max_length", "at least 8")
+        need(self.truncation in TRUNCATIONS, "truncation", " or ".join(TRUNCATIONS))
+        need(self.long_records in LONG_RECORDS, "long_records", " or ".join(LONG_RECORDS))
+        chunks = self.long_records == "chunks"
+        need(
+            not chunks or self.truncation == "head",
+            "truncation",
+            "the default head with long_records chunks (windows keep every token)",
+        )
+        need(self.stride >= 0, "stride", ">= 0")
+        need(self.stride == 0 or chunks, "stride", "0 unless long_records is chunks (only windows overlap)")
+        need(self.stride < self.max_length, "stride", f"less than max_length {self.max_length}")
+        need(
+            self.pool in ("", *POOLS) and (chunks or not self.pool),
+            "pool",
+            f"{' or '.join(POOLS)} with long_records chunks, else unset",
+        )
         need(self.epochs >= 1, "epochs", "at least 1")
         need(self.max_steps >= 0, "max_steps", ">= 0")
         need(self.precision in PRECISIONS, "precision", " or ".join(PRECISIONS))

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import task
+from . import reading, task
 from .base import ConfigError, build_once, file_digest, write_json
 from .config import TrainConfig
 from .ds_config import steps_per_epoch
@@ -185,7 +185,7 @@ def read_split(path: str, text_column: str, label_column: str | None) -> Records
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizing, with an on-disk cache keyed by the records, tokenizer, max length and label names
+# Tokenizing, with an on-disk cache keyed by the records, tokenizer, reading settings and label names
 # ----------------------------------------------------------------------------------------------
 
 
@@ -197,10 +197,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 # The tokenized cache: one Arrow stream file, read memory-mapped, and what was counted while it was
-# written. Labels are stored as written (strings): the label set is only known after every split is
-# read, and ids are given when the cache is loaded. CACHE_FORMAT is part of the key: bump it when the
-# layout changes.
-CACHE_FORMAT = 3
+# written. One row per window (one per record unless long records are read in chunks); RECORD holds
+# the row's record index. Labels are stored as written (strings): the label set is only known after
+# every split is read, and ids are given when the cache is loaded. CACHE_FORMAT is part of the key:
+# bump it when the layout changes.
+CACHE_FORMAT = 4
+RECORD = "record"
 CACHE_DATA, CACHE_INFO = "data.arrow", "info.json"
 # Records per tokenizer call and per Arrow record batch: memory is bounded by this, not by the file.
 # On 50,000 generated records, 10,000 at a time peaked at 2.3 GB RSS, 1,000 at 0.66 GB, no slower.
@@ -221,37 +223,41 @@ def in_batches(records, size: int):
         yield batch
 
 
-def _write_tokenized(split: Split, tokenizer, max_length: int, path: Path) -> dict:
+def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path) -> dict:
     """Read `split` and tokenize it TOKENIZE_BATCH records at a time into an Arrow stream file at `path`.
 
-    Returns the cache's info: record count, each label's count and first record (the label set and
-    its checks need no second reading), and the unknown-token share, counted here once rather than
-    over every token on every run.
+    Records are read as `how` says (reading.encode): each window a row with its record's label and
+    index. Returns the cache's info: record and window counts, each label's count and first record
+    (the label set and its checks need no second reading), and the unknown-token share, counted here
+    once rather than over every token on every run.
     """
     import pyarrow as pa
 
-    unknown = tokens = records = 0
+    unknown = tokens = records = windows = 0
     labels = {}
     with pa.OSFile(str(path), "wb") as sink:
         writer = None
         for batch in in_batches(split.records(), TOKENIZE_BATCH):
-            encoded = tokenizer([text for _, text, _ in batch], truncation=True, max_length=max_length)
+            encoded, record = reading.encode(tokenizer, [text for _, text, _ in batch], how)
             # Token ids need int32; masks and segment ids fit int8 (a third of the file, as datasets stores them).
             columns = {
-                name: pa.array(encoded[name], type=pa.list_(pa.int32() if name == "input_ids" else pa.int8()))
-                for name in encoded.keys()
+                name: pa.array(values, type=pa.list_(pa.int32() if name == "input_ids" else pa.int8()))
+                for name, values in encoded.items()
             }
-            columns["labels"] = pa.array([label for _, _, label in batch], pa.string())
+            columns["labels"] = pa.array([batch[i][2] for i in record], pa.string())
+            columns[RECORD] = pa.array(np.asarray(record, dtype=np.int64) + records)
             for row, _, label in batch:
                 labels.setdefault(label, {"count": 0, "first_record": row})["count"] += 1
             table = pa.RecordBatch.from_pydict(columns)
             writer = writer or pa.ipc.new_stream(sink, table.schema)
             writer.write_batch(table)
             batch_unknown, batch_tokens = count_unknown(tokenizer, columns["input_ids"].flatten().to_numpy())
-            unknown, tokens, records = unknown + batch_unknown, tokens + batch_tokens, records + len(batch)
+            unknown, tokens = unknown + batch_unknown, tokens + batch_tokens
+            records, windows = records + len(batch), windows + len(record)
         writer.close()
     return {
         "num_records": records,
+        "num_windows": windows,
         "labels": labels,
         "tokens": tokens,
         "unknown_tokens": unknown,
@@ -259,15 +265,15 @@ def _write_tokenized(split: Split, tokenizer, max_length: int, path: Path) -> di
     }
 
 
-def tokenize_cached(split: Split, tokenizer, max_length: int, cache_dir: str):
-    """Tokenize a split once per (content and columns read, tokenizer, max length); reuse it afterwards.
+def tokenize_cached(split: Split, tokenizer, how: reading.Reading, cache_dir: str):
+    """Tokenize a split once per (content and columns read, tokenizer, reading settings); reuse it afterwards.
 
     Returns (path of the cached dataset, whether it was reused). A reused cache costs one pass of
     SHA-256 over the file, not a reading of its records. The cache is written to a temporary
     directory and renamed (`build_once`), so an interrupted build is never mistaken for a cache.
     """
     key = hashlib.sha256(
-        json.dumps([CACHE_FORMAT, split.key, tokenizer_fingerprint(tokenizer), max_length]).encode()
+        json.dumps([CACHE_FORMAT, split.key, tokenizer_fingerprint(tokenizer), how.data_key()]).encode()
     ).hexdigest()[:20]
     target = Path(cache_dir) / f"tokenized-{split.path.stem}-{key}"
     if (target / CACHE_INFO).is_file():
@@ -275,7 +281,7 @@ def tokenize_cached(split: Split, tokenizer, max_length: int, cache_dir: str):
 
     def build(tmp: Path) -> None:
         tmp.mkdir(parents=True)
-        write_json(tmp / CACHE_INFO, _write_tokenized(split, tokenizer, max_length, tmp / CACHE_DATA))
+        write_json(tmp / CACHE_INFO, _write_tokenized(split, tokenizer, how, tmp / CACHE_DATA))
 
     build_once(target, CACHE_INFO, build)
     return target, False
@@ -294,7 +300,10 @@ def load_tokenized(path: str | os.PathLike):
 
 
 class TokenizedSplit:
-    """A cached tokenized split; `batch(indices)` returns those records as one padded batch of tensors.
+    """A cached tokenized split; `batch(indices)` returns those rows as one padded batch of tensors.
+
+    A row is a window of a record (reading.py): one per record unless long records are read in
+    chunks. `records` gives each row's record; evaluation pools rows per record with `pool`.
 
     Each batch is padded to its own longest record, not to max_length: less wasted compute. Records
     are taken as Arrow arrays and padded with numpy, about 0.3 ms for 8 records of the sample data;
@@ -302,13 +311,24 @@ class TokenizedSplit:
     up to 2.6% of the step time at accumulation 8 in the benchmark of commit 7a88312.
     """
 
-    def __init__(self, path: str | os.PathLike, pad_id: int, label_names: list[str]):
+    def __init__(self, path: str | os.PathLike, pad_id: int, label_names: list[str], pool: str = "mean"):
         self.rows = load_tokenized(path).with_format("arrow")
-        self.pad_id = pad_id
-        self.labels = task.encode(self.rows["labels"], label_names)  # once, for every record
+        self.pad_id, self.pool = pad_id, pool
+        self.labels = task.encode(self.rows["labels"], label_names)  # once, for every row
 
     def __len__(self) -> int:
+        """Rows (training samples), not records."""
         return len(self.rows)
+
+    @cached_property
+    def records(self) -> np.ndarray:
+        return self.rows[RECORD].to_numpy()
+
+    @property
+    def record_labels(self) -> np.ndarray:
+        """One label per record: its first window's."""
+        first = np.r_[True, self.records[1:] != self.records[:-1]]
+        return self.labels[first]
 
     def batch(self, indices) -> dict:
         import pyarrow.compute as pc
@@ -319,7 +339,7 @@ class TokenizedSplit:
         inside = np.arange(lengths.max()) < lengths[:, None]  # row-major, as the flattened values
         out = {"labels": torch.from_numpy(self.labels[list(indices)].astype(np.int64))}
         for name in table.column_names:
-            if name != "labels":
+            if name not in ("labels", RECORD):
                 padded = np.full(inside.shape, self.pad_id if name == "input_ids" else 0, dtype=np.int64)
                 padded[inside] = pc.list_flatten(table.column(name)).to_numpy()
                 out[name] = torch.from_numpy(padded)
@@ -380,6 +400,7 @@ def train_fingerprint(cfg: TrainConfig, train: Split, num_records: int, tokenize
         "text_column": cfg.text_column,
         "label_column": cfg.label_column,
         "max_length": cfg.max_length,
+        "reading (max length, truncation, long records, stride)": reading.Reading.from_config(cfg).data_key(),
         "tokenizer (fingerprint)": tokenizer_fingerprint(tokenizer),
     }
 
@@ -396,12 +417,15 @@ def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict
     if cfg.test_file:
         splits["test"] = Split(Path(cfg.test_file), cfg.text_column, cfg.label_column)
     tokenizer, tokenizer_dir = tokenizer_for(splits["train"])
+    how = reading.Reading.from_config(cfg)
     paths, infos = {}, {}
     for name, split in splits.items():
-        paths[name], reused = tokenize_cached(split, tokenizer, cfg.max_length, cache_dir)
+        paths[name], reused = tokenize_cached(split, tokenizer, how, cache_dir)
         infos[name] = cache_info(paths[name])
+        windows = f" in {infos[name]['num_windows']} windows" if cfg.long_records == "chunks" else ""
         log.info(
-            f"data: {name} {split.path} ({infos[name]['num_records']} records) -> {'reused' if reused else 'built'} cache {paths[name]}"
+            f"data: {name} {split.path} ({infos[name]['num_records']} records{windows}) -> "
+            f"{'reused' if reused else 'built'} cache {paths[name]}"
         )
     label_names = task.label_names(
         infos["train"]["labels"], splits["train"].path, {splits[n].path: infos[n]["labels"] for n in splits if n != "train"}

@@ -5,6 +5,10 @@ marked filler, so every rank runs the same number of forward passes: under ZeRO-
 gathers parameters collectively, and a rank that stops early would leave the others hanging. The
 fillers are dropped before metrics (unlike DistributedSampler, whose padding repeats real samples
 and would count them twice).
+
+The unit spread over ranks is a row of the tokenized split: a record, or one window of a record
+read in chunks (reading.py). Every rank gathers all rows' logits and then pools each record's
+windows, so each record is counted once however its windows fell across ranks.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import dist, task
+from . import dist, reading, task
 
 FILLER = -1
 
@@ -36,7 +40,7 @@ def forward_logits(engine, batch: dict) -> torch.Tensor:
 
 
 def predict_logits(engine, split, batch_size: int) -> np.ndarray:
-    """Logits for every record of `split` (a data.TokenizedSplit), in its order, identical on all ranks."""
+    """Logits for every row of `split` (a data.TokenizedSplit), in its order, identical on all ranks."""
     was_training = engine.training
     engine.eval()
     indices, logits = [], []
@@ -51,11 +55,12 @@ def predict_logits(engine, split, batch_size: int) -> np.ndarray:
     for rank_indices, rank_logits in dist.all_gather_objects((indices, np.concatenate(logits))):
         merged.update(zip(rank_indices, rank_logits))
     if sorted(merged) != list(range(len(split))):
-        raise RuntimeError(f"evaluation covered {len(merged)} of {len(split)} records")
+        raise RuntimeError(f"evaluation covered {len(merged)} of {len(split)} rows")
     return np.stack([merged[i] for i in range(len(split))])
 
 
 def evaluate(engine, split, batch_size: int, label_names: list[str]) -> tuple[dict, np.ndarray]:
     """The task's metrics and per-record predictions over exactly `split`; every rank must call this."""
-    predictions = task.predictions(predict_logits(engine, split, batch_size))
-    return task.metrics(split.labels, predictions, label_names), predictions
+    logits = reading.pool(predict_logits(engine, split, batch_size), split.records, split.pool)
+    predictions = task.predictions(logits)
+    return task.metrics(split.record_labels, predictions, label_names), predictions

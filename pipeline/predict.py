@@ -4,7 +4,8 @@ Input: a .jsonl/.json/.csv file with a text column, a .txt file with one text pe
 on stdin (one per line). Output: one JSON line per input line or record, in input order, with its
 line number (.txt, stdin) or record number and id (data files), the label and all class
 probabilities. A blank line or empty text gets a row with label null, so rows stay aligned with
-the input.
+the input. Texts are read as in training (the export's `record_reading`: truncation, or windows
+whose logits are pooled per text; see reading.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from . import task
 from .base import ConfigError, load_json
 from .checkpoint import load_export
 from .data import FORMATS, read_records, require_columns
+from .reading import Reading, encode, pool
 
 
 def read_inputs(input_path: str | None, text_column: str, id_column: str) -> list[dict]:
@@ -44,18 +46,24 @@ def _predictable(text) -> bool:
 
 @torch.no_grad()
 def predict(export_dir: str, texts: list, batch_size: int = 32) -> list[dict]:
-    """Label and class probabilities for each text, truncated as in training; None for an empty one."""
+    """Label and class probabilities for each text, read as in training; None for an empty one."""
     if not (Path(export_dir) / "config.json").is_file():
         raise ConfigError(f"{export_dir}: not an exported model (no config.json)")
     load_json(Path(export_dir) / "config.json")  # a syntax error as one line, not a traceback
     tokenizer, model = load_export(export_dir)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    how = Reading.saved(getattr(model.config, "record_reading", None), tokenizer.model_max_length)
     rows = [{"label": None, "probabilities": None} for _ in texts]
     todo = [i for i, text in enumerate(texts) if _predictable(text)]
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        batch = tokenizer([texts[i] for i in chunk], truncation=True, padding=True, return_tensors="pt")
-        logits = model(**batch).logits.float().numpy()
+        inputs, record = encode(tokenizer, [texts[i] for i in chunk], how)
+        # One forward per batch_size windows: a chunk of long texts may have many.
+        windows = [
+            model(**tokenizer.pad({k: v[w : w + batch_size] for k, v in inputs.items()}, return_tensors="pt")).logits
+            for w in range(0, len(record), batch_size)
+        ]
+        logits = pool(torch.cat(windows).float().numpy(), record, how.pool)
         for i, label, p in zip(chunk, task.predictions(logits), task.probabilities(logits)):
             rows[i] = {"label": names[label], "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)}}
     return rows

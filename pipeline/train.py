@@ -29,6 +29,7 @@ from .ds_config import Hardware, RunShape, ds_precision, resolve_ds_config
 from .engine import build_engine
 from .evaluate import evaluate, to_device
 from .model import build_model, build_wordpiece_tokenizer, check_model_dir, has_tokenizer, load_tokenizer
+from .reading import Reading
 from .stop import Stopped, StopRequests
 
 PROBE_SIZE = 8  # dev records whose logits the export must reproduce
@@ -312,7 +313,10 @@ def prepare_data(cfg: TrainConfig, cache_dir: str, log):
 
     info = dist.main_first(lambda: prepare_splits(cfg, tokenizer_for, cache_dir, log))
     tokenizer = load_tokenizer(info["tokenizer_dir"], cfg.max_length)
-    data = {name: TokenizedSplit(path, tokenizer.pad_token_id, info["label_names"]) for name, path in info["splits"].items()}
+    pool = Reading.from_config(cfg).pool
+    data = {
+        name: TokenizedSplit(path, tokenizer.pad_token_id, info["label_names"], pool) for name, path in info["splits"].items()
+    }
     return data, tokenizer, info["label_names"], info["train_data"]
 
 
@@ -356,6 +360,7 @@ def run(cfg: TrainConfig) -> dict:
         log.warning(f"warning: {line}")
 
     model = build_model(cfg.model, label_names, len(tokenizer), ds_config, cfg.seed, bool(cfg.gradient_checkpointing))
+    model.config.record_reading = Reading.from_config(cfg).as_dict()  # saved with the export; predict reads as training did
     state = TrainerState(
         world_size=dist.world_size(),
         train_batch_size=ds_config["train_batch_size"],
@@ -393,7 +398,7 @@ def run(cfg: TrainConfig) -> dict:
     log.info(
         f"batch: {ds_config['train_micro_batch_size_per_gpu']} per rank x {ds_config['gradient_accumulation_steps']} "
         f"accumulation x {dist.world_size()} ranks = {ds_config['train_batch_size']} per optimizer step; "
-        f"{per_epoch} steps per epoch ({len(data['train']) % ds_config['train_batch_size']} records left out each epoch), "
+        f"{per_epoch} steps per epoch ({len(data['train']) % ds_config['train_batch_size']} samples left out each epoch), "
         f"{total_steps} steps in all"
     )
 

@@ -171,6 +171,64 @@ def uninterrupted(tmp_path_factory, small_data) -> tuple[Path, Path]:
     return config, train(tmp, "run", small_data, config, extra=STOP_SETTINGS)
 
 
+# Long records read in overlapping windows (reading.py): a short 2-rank run, pooled with max.
+CHUNK_SETTINGS = ["--max-length", "64", "--long-records", "chunks", "--stride", "16", "--pool", "max"]
+# Notes whose label rests on a finding repeated through boilerplate (every few sentences, so a
+# few steps teach it and the predictions differ between records).
+FINDINGS = {"肺炎": "胸部CT示右下肺斑片影。", "脑卒中": "头颅CT示左侧基底节区低密度灶。", "其他": ""}
+BOILERPLATE = "患者一般情况可，饮食睡眠正常，无特殊不适。"
+
+
+def long_notes(count: int, seed: int) -> list[dict]:
+    """Records of 3 to 14 windows of 64 tokens, of three labels in turn, the finding every 3-5 sentences."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        label = list(FINDINGS)[i % 3]
+        parts = []
+        for _ in range(rng.randint(2, 6)):
+            parts += [BOILERPLATE] * rng.randint(3, 5) + [FINDINGS[label]]
+        rows.append({"text": "".join(parts), "label": label})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def chunked_run(tmp_path_factory) -> Path:
+    """Run directory of 40 steps on 2 CPU ranks with CHUNK_SETTINGS: 96 training notes and 37 dev
+    notes (37 does not divide by 2 ranks; the notes differ in window count)."""
+    tmp = tmp_path_factory.mktemp("chunked")
+    data = {
+        "train": write_jsonl(tmp / "train.jsonl", long_notes(96, 1)),
+        "dev": write_jsonl(tmp / "dev.jsonl", long_notes(37, 2)),
+    }
+    config = ds_config(tmp / "ds.json", 2, micro=4, accum=1, lr=2e-3)
+    extra = [*CHUNK_SETTINGS, "--max-steps", "40", "--epochs", "10", "--eval-every", "0", "--tensorboard", "0"]
+    return train(tmp, "run", data, config, extra=extra)
+
+
+def export_window_logits(run_dir: Path):
+    """(the run's dev windows as data.TokenizedSplit, their logits from the export in this one process,
+    label names): the plain single-process evaluation a distributed one must equal."""
+    import numpy as np
+    import torch
+
+    from pipeline.checkpoint import load_export
+    from pipeline.data import TokenizedSplit
+
+    tokenizer, model = load_export(run_dir / "export")
+    (cache,) = (run_dir.parent / "cache").glob("tokenized-dev-*")
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    split = TokenizedSplit(cache, tokenizer.pad_token_id, names, "max")
+    logits = []
+    with torch.no_grad():
+        for start in range(0, len(split), 16):
+            batch = split.batch(range(start, min(start + 16, len(split))))
+            logits.append(model(**{k: v for k, v in batch.items() if k != "labels"}).logits.numpy())
+    return split, np.concatenate(logits), names
+
+
 # ----------------------------------------------------------------------------------------------
 # A 2-node cluster on this machine, for the multi-node tests
 # ----------------------------------------------------------------------------------------------

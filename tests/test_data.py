@@ -18,6 +18,7 @@ from pipeline.data import (
     tokenize_cached,
 )
 from pipeline.model import build_wordpiece_tokenizer, load_tokenizer
+from pipeline.reading import Reading
 
 ROWS = [
     {"text": "主诉：发热3天，咳嗽。", "label": "肺炎"},
@@ -99,15 +100,15 @@ def test_label_seen_only_in_dev_is_an_error(tmp_path, files):
 def test_tokenized_cache_is_reused_and_keyed_by_content_and_max_length(tmp_path, files):
     split = Split(files["train"], "text", "label")
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts(), "d", str(tmp_path))), 64)
-    path, reused = tokenize_cached(split, tokenizer, 64, str(tmp_path / "cache"))
+    path, reused = tokenize_cached(split, tokenizer, Reading(64), str(tmp_path / "cache"))
     assert not reused
-    again, reused = tokenize_cached(Split(files["train"], "text", "label"), tokenizer, 64, str(tmp_path / "cache"))
+    again, reused = tokenize_cached(Split(files["train"], "text", "label"), tokenizer, Reading(64), str(tmp_path / "cache"))
     assert reused and again == path
-    shorter, reused = tokenize_cached(split, tokenizer, 8, str(tmp_path / "cache"))
+    shorter, reused = tokenize_cached(split, tokenizer, Reading(8), str(tmp_path / "cache"))
     assert not reused and shorter != path
     assert max(len(ids) for ids in load_tokenized(shorter)["input_ids"]) == 8
     write_jsonl(files["train"], ROWS * 5)
-    assert tokenize_cached(Split(files["train"], "text", "label"), tokenizer, 64, str(tmp_path / "cache"))[0] != path
+    assert tokenize_cached(Split(files["train"], "text", "label"), tokenizer, Reading(64), str(tmp_path / "cache"))[0] != path
     assert load_tokenized(path)["labels"] == [r["label"] for r in ROWS * 4]  # as written; ids are given on loading
 
 
@@ -115,8 +116,8 @@ def test_switching_the_text_column_does_not_reuse_the_other_columns_cache(tmp_pa
     path = write_jsonl(tmp_path / "train.jsonl", [{"text": r["text"], "summary": r["label"], "label": r["label"]} for r in ROWS])
     by_text, by_summary = read_split(str(path), "text", "label"), read_split(str(path), "summary", "label")
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(by_text.texts + by_summary.texts, "d", str(tmp_path))), 64)
-    first, _ = tokenize_cached(by_text.split, tokenizer, 64, str(tmp_path / "cache"))
-    second, reused = tokenize_cached(by_summary.split, tokenizer, 64, str(tmp_path / "cache"))
+    first, _ = tokenize_cached(by_text.split, tokenizer, Reading(64), str(tmp_path / "cache"))
+    second, reused = tokenize_cached(by_summary.split, tokenizer, Reading(64), str(tmp_path / "cache"))
     assert not reused and second != first
     assert load_tokenized(second)["input_ids"] == tokenizer(by_summary.texts)["input_ids"]
 
@@ -157,7 +158,7 @@ def test_tokenized_cache_is_written_in_bounded_batches_with_unknown_tokens_count
     monkeypatch.setattr(data, "TOKENIZE_BATCH", 5)
     split = read_split(str(files["train"]), "text", "label")  # 12 records
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts[:1], "first-text-only", str(tmp_path))), 64)
-    path, _ = tokenize_cached(split.split, tokenizer, 64, str(tmp_path / "cache"))
+    path, _ = tokenize_cached(split.split, tokenizer, Reading(64), str(tmp_path / "cache"))
     with pa.memory_map(str(path / data.CACHE_DATA)) as source:
         assert [len(batch) for batch in pa.ipc.open_stream(source)] == [5, 5, 2]
     ids = tokenizer(split.texts)["input_ids"]
@@ -166,6 +167,7 @@ def test_tokenized_cache_is_written_in_bounded_batches_with_unknown_tokens_count
     assert 0 < unknown < tokens  # a vocabulary from one text: the others' characters are [UNK]
     assert data.cache_info(path) == {
         "num_records": 12,
+        "num_windows": 12,
         "labels": {r["label"]: {"count": 4, "first_record": i} for i, r in enumerate(ROWS, start=1)},
         "tokens": tokens,
         "unknown_tokens": unknown,
@@ -190,7 +192,7 @@ def _build_shared_caches(split, cache: str, barrier) -> None:
     barrier.wait()
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts(), "d", cache)), 64)
     barrier.wait()
-    tokenize_cached(split, tokenizer, 64, cache)
+    tokenize_cached(split, tokenizer, Reading(64), cache)
 
 
 def test_concurrent_runs_build_the_same_cache_entries_safely(tmp_path, files):
@@ -218,14 +220,12 @@ def test_batches_equal_hf_padding_collator(tmp_path):
 
     split = read_split(str(SAMPLE / "dev.jsonl"), "text", "label")
     tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", str(tmp_path))), 512)
-    path, _ = tokenize_cached(split.split, tokenizer, 512, str(tmp_path / "cache"))
+    path, _ = tokenize_cached(split.split, tokenizer, Reading(512), str(tmp_path / "cache"))
     names = sorted(set(split.labels))
-    rows, collate = (
-        load_tokenized(path).map(lambda r: {"labels": names.index(r["labels"])}),
-        DataCollatorWithPadding(tokenizer, return_tensors="pt"),
-    )
+    rows = load_tokenized(path).remove_columns("record").map(lambda r: {"labels": names.index(r["labels"])})
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     data = TokenizedSplit(path, tokenizer.pad_token_id, names)
-    assert len(data) == len(rows) and data.labels.tolist() == rows["labels"]
+    assert len(data) == len(rows) and data.record_labels.tolist() == rows["labels"]
     rng = np.random.default_rng(0)
     for size in (1, 3, 8, 32):
         indices = rng.choice(len(rows), size, replace=False).tolist()
@@ -310,3 +310,23 @@ def test_records_are_read_one_at_a_time(tmp_path):
     assert next(records) == (1, ROWS[0]["text"], ROWS[0]["label"])
     with pytest.raises(ConfigError, match=r"train\.jsonl: line 4, column \d+: invalid JSON"):
         list(records)
+
+
+def test_tokenized_cache_is_keyed_by_how_records_are_read_but_not_by_pooling(tmp_path, files):
+    split = read_split(str(files["train"]), "text", "label")
+    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", str(tmp_path))), 8)
+    names, cache = sorted(set(split.labels)), str(tmp_path / "cache")
+    readings = [
+        Reading(8),
+        Reading(8, "tail"),
+        Reading(8, "head+tail"),
+        Reading(8, long_records="chunks"),
+        Reading(8, long_records="chunks", stride=2),
+    ]
+    paths = [tokenize_cached(split.split, tokenizer, reading, cache)[0] for reading in readings]
+    assert len(set(paths)) == len(readings)
+    again, reused = tokenize_cached(split.split, tokenizer, Reading(8, long_records="chunks", stride=2, pool="max"), cache)
+    assert reused and again == paths[-1]
+    windows = TokenizedSplit(paths[-1], tokenizer.pad_token_id, names)
+    assert len(windows) > len(split.texts) and windows.records.tolist() == sorted(windows.records.tolist())
+    assert windows.record_labels.tolist() == [names.index(label) for label in split.labels]

@@ -3,12 +3,15 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-from conftest import REPO, cpu_env
+from conftest import REPO, cpu_env, export_window_logits, read_jsonl
 
 from pipeline.__main__ import main
 from pipeline.base import ConfigError
 from pipeline.predict import predict
+from pipeline.reading import pool
+from pipeline.task import probabilities
 
 
 @pytest.mark.slow
@@ -70,3 +73,22 @@ def test_json_array_input_gives_one_row_per_record_with_its_id(initial_model, tm
     rows = run_predict(capsys, monkeypatch, initial_model, "--input", str(tmp_path / "in.json"))
     assert [(r["record"], r.get("id")) for r in rows] == [(1, "a7"), (2, 8), (3, None)]
     assert [r["label"] is None for r in rows] == [False, True, False]
+
+
+@pytest.mark.slow
+def test_predict_reads_records_as_the_chunked_run_did_and_pools_its_windows(chunked_run):
+    config = json.loads((chunked_run / "export" / "config.json").read_text())
+    assert config["record_reading"] == {
+        "max_length": 64,
+        "truncation": "head",
+        "long_records": "chunks",
+        "stride": 16,
+        "pool": "max",
+    }
+    texts = [row["text"] for row in read_jsonl(chunked_run.parent / "dev.jsonl")]
+    rows = predict(str(chunked_run / "export"), texts, batch_size=5)  # records of up to 14 windows: several forwards
+    split, logits, names = export_window_logits(chunked_run)
+    expected = probabilities(pool(logits, split.records, "max"))
+    got = np.array([[row["probabilities"][name] for name in names] for row in rows])
+    np.testing.assert_allclose(got, expected, atol=2e-6)  # predict rounds to 6 decimals
+    assert [row["label"] for row in rows] == [row["label"] for row in read_jsonl(chunked_run / "predictions-dev.jsonl")]

@@ -4,6 +4,7 @@ Run from the repository root:
 
     python -m pipeline.tools.generate_sample_data          # (re)writes pipeline/sample_data/{train,dev,test}.jsonl
     python -m pipeline.tools.generate_sample_data --check  # same, then prints counts, lengths and two baselines
+    python -m pipeline.tools.generate_sample_data --long   # writes pipeline/sample_data/long_{train,dev}.jsonl instead
 
 Each output line is ``{"text": "...", "label": "..."}`` (UTF-8, ``ensure_ascii=False``).
 ``text`` is an electronic-medical-record style note made of the sections
@@ -16,6 +17,13 @@ signs, history items, lab values, imaging results) are shared between classes
 with class-specific probabilities and overlapping numeric ranges, and every
 record also gets a few findings borrowed from other classes, so no single
 keyword decides the label.
+
+Long-record mode (``--long``): admission notes of about 600-1,200 characters, far past 512
+tokens for a character-level model, with the boilerplate of real notes (history statement,
+个人史 / 婚育史 / 家族史, a full normal general examination) between the opening and the tests.
+In most of them (LATE_SHARE) the opening is vague (general malaise), so the decisive findings are
+the 辅助检查 labs and imaging at the end, as in real notes; the rest open with the usual
+informative 主诉 / 现病史.  Small splits (LONG_SPLITS) for tests and the long-record measurement.
 
 Label noise: about 3% of *train* labels are replaced by a random other class
 (deterministically).  dev and test are noise-free, so evaluation measures
@@ -43,6 +51,10 @@ SEED = 20240611
 # (split name, number of records, apply label noise?)
 SPLITS = [("train", 4000, True), ("dev", 500, False), ("test", 500, False)]
 TRAIN_LABEL_NOISE = 0.03
+# Long-record mode: its own seed, small splits (a dev size not divisible by 2 ranks).
+LONG_SEED = 20261129
+LONG_SPLITS = [("long_train", 600, True), ("long_dev", 301, False)]
+LATE_SHARE = 0.7  # long notes whose opening says nothing specific: the exams at the end decide
 
 # Short class keys keep the probability tables below readable.
 # (key, label, sampling weight) -- weights make the balance roughly even, not exact.
@@ -439,7 +451,12 @@ def rand_range(rng: random.Random, lo_hi: tuple, decimals: int = 0) -> str:
 
 
 def make_record(rng: random.Random, key: str) -> str:
-    style = rng.choices(["short", "normal", "long"], weights=[15, 67, 18])[0]
+    return "".join(f"{title}：{body}。" for title, body in record_sections(rng, key))
+
+
+def record_sections(rng: random.Random, key: str, style: str = "") -> list:
+    """(title, body) sections of one note; `style` short|normal|long, else drawn."""
+    style = style or rng.choices(["short", "normal", "long"], weights=[15, 67, 18])[0]
     side = rng.choice(["左", "右"])
     # Motor symptoms are on the side opposite to the brain lesion.
     ctx = {"side": side, "lesion_side": "右" if side == "左" else "左"}
@@ -530,8 +547,7 @@ def make_record(rng: random.Random, key: str) -> str:
         aux = aux_exams(rng, key, ctx, style)
         if aux:
             sections.append(("辅助检查", aux))
-
-    return "".join(f"{title}：{body}。" for title, body in sections)
+    return sections
 
 
 def long_narrative(rng: random.Random, key: str, ctx: dict, present: list, negated: list) -> list:
@@ -601,6 +617,70 @@ def aux_exams(rng: random.Random, key: str, ctx: dict, style: str) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Long records: the same findings, wrapped in the boilerplate of real admission notes
+# ---------------------------------------------------------------------------
+
+# Shared by every class: they carry no information about the label.
+VAGUE_COMPLAINTS = ["全身不适", "身体不适", "自觉不适", "精神状态差", "周身酸痛不适"]
+VAGUE_COURSE = [
+    "症状时轻时重，与体位、活动及进食无明显关系",
+    "家属诉患者近期情绪低落，夜间睡眠较差",
+    "曾于社区卫生服务中心就诊，具体诊治经过不详",
+    "自行休息后未见明显好转",
+    "家属代诉病史，部分细节描述欠清",
+    "病程中无明显规律，亦无特殊加重或缓解因素",
+    "自觉上述不适影响日常生活",
+]
+STATEMENTS = ["病史陈述者：患者本人，可靠", "病史陈述者：患者家属，基本可靠", "病史陈述者：患者本人及家属，可靠"]
+PERSONAL = [
+    "生于原籍，久居本地，无疫区、疫水接触史",
+    "无工业毒物、粉尘及放射性物质接触史",
+    "无冶游史",
+    "退休，平素生活规律",
+    "务农，平素体力劳动为主",
+    "否认吸毒史",
+]
+MARITAL = ["适龄结婚，配偶体健，育有1子", "适龄结婚，配偶体健，育有1子1女", "已婚，育有2女，子女均体健", "丧偶，育有1女"]
+FAMILY = ["父母已故，死因不详", "父母健在", "否认家族遗传病史", "否认家族中类似疾病史", "兄弟姐妹体健"]
+GENERAL_EXAM = [
+    "发育正常，营养中等，自主体位，查体合作",
+    "全身皮肤黏膜无黄染，无皮疹及出血点",
+    "全身浅表淋巴结未触及肿大",
+    "头颅无畸形，眼睑无水肿，巩膜无黄染，双侧瞳孔等大等圆，对光反射灵敏",
+    "耳鼻无异常分泌物，伸舌居中，咽部无充血，扁桃体无肿大",
+    "颈软，无抵抗，颈静脉无怒张，气管居中，甲状腺未触及肿大",
+    "脊柱、四肢无畸形，关节无红肿",
+    "肛门及外生殖器未查",
+]
+
+
+def long_record(rng: random.Random, key: str) -> str:
+    """One long admission note; in LATE_SHARE of them only the tests at the end are specific."""
+    ctx = {"side": rng.choice(["左", "右"])}
+    ctx["lesion_side"] = "右" if ctx["side"] == "左" else "左"
+    found = dict(record_sections(rng, key, style="long"))
+    aux = aux_exams(rng, key, ctx, "long")
+    while not aux:  # the tests are the point of these notes
+        aux = aux_exams(rng, key, ctx, "long")
+    sections = [("入院记录", rng.choice(STATEMENTS))]
+    if rng.random() < LATE_SHARE:
+        complaint, days = rng.choice(VAGUE_COMPLAINTS), f"{rng.randint(2, 30)}天"
+        course = rng.sample(VAGUE_COURSE, rng.randint(3, 5))
+        sections += [("主诉", f"{complaint}{days}"), ("现病史", f"患者{days}前无明显诱因出现{complaint}，" + "，".join(course))]
+    else:
+        sections += [("主诉", found["主诉"]), ("现病史", found["现病史"])]
+    sections += [
+        ("既往史", found.get("既往史", "既往体健；" + rng.choice(ALLERGY))),
+        ("个人史", "，".join(rng.sample(PERSONAL, rng.randint(3, 5)))),
+        ("婚育史", rng.choice(MARITAL)),
+        ("家族史", "，".join(rng.sample(FAMILY, 2))),
+        ("体格检查", "，".join([found.get("体格检查", "神志清楚"), *GENERAL_EXAM])),
+        ("辅助检查", aux),
+    ]
+    return "".join(f"{title}：{body}。" for title, body in sections)
+
+
+# ---------------------------------------------------------------------------
 # Splits, noise, output
 # ---------------------------------------------------------------------------
 
@@ -622,12 +702,14 @@ def class_sequence(rng: random.Random, size: int) -> list:
     return keys
 
 
-def make_split(index: int, size: int, noisy: bool) -> list:
-    rng = random.Random(SEED + index)  # independent stream per split
-    rows = [{"text": make_record(rng, key), "label": LABEL_OF[key]} for key in class_sequence(rng, size)]
+def make_split(index: int, size: int, noisy: bool, long: bool = False) -> list:
+    seed = LONG_SEED if long else SEED
+    rng = random.Random(seed + index)  # independent stream per split
+    make = long_record if long else make_record
+    rows = [{"text": make(rng, key), "label": LABEL_OF[key]} for key in class_sequence(rng, size)]
     if noisy:
         # Separate stream so the noise rate can change without changing the texts.
-        noise_rng = random.Random(SEED + 1000 + index)
+        noise_rng = random.Random(seed + 1000 + index)
         labels = [label for _, label, _ in CLASSES]
         for row in rows:
             if noise_rng.random() < TRAIN_LABEL_NOISE:
@@ -650,7 +732,7 @@ def check(data: dict) -> None:
             f"{lengths[-1]} >512={sum(n > 512 for n in lengths)}"
         )
         print("  " + ", ".join(f"{lab}={counts[lab]}" for lab in labels))
-    train, dev = data["train"], data["dev"]
+    train, dev = list(data.values())[:2]
 
     # Baseline 1: bag-of-characters nearest centroid (cosine).
     def vec(text: str) -> dict:
@@ -696,10 +778,11 @@ def check(data: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="print counts, lengths and naive baselines")
+    parser.add_argument("--long", action="store_true", help="write the long-record splits (LONG_SPLITS) instead")
     args = parser.parse_args()
     data = {}
-    for index, (name, size, noisy) in enumerate(SPLITS):
-        rows = make_split(index, size, noisy)
+    for index, (name, size, noisy) in enumerate(LONG_SPLITS if args.long else SPLITS):
+        rows = make_split(index, size, noisy, long=args.long)
         write_jsonl_atomic(SAMPLE_DATA_DIR / f"{name}.jsonl", rows)
         data[name] = rows
         print(f"wrote {SAMPLE_DATA_DIR / f'{name}.jsonl'} ({len(rows)} records)")
