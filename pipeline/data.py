@@ -130,14 +130,20 @@ def require_columns(path: Path, records: list[dict], columns: list[str]) -> None
             raise ConfigError(f"{path}: no column '{column}' (columns: {', '.join(records[0])}); set text_column/label_column")
 
 
-def _label(path: Path, row: int, column: str, value) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
-        raise ConfigError(f"{path}: record {row}: '{column}' is empty or not a string or number ({value!r})")
-    return str(value)
+def _label(path: Path, row: int, column: str, value, parse, separator: str):
+    """The record's label (or label set) as the task reads it, with the file and record named on error."""
+    try:
+        return parse(value, separator)
+    except ValueError as e:
+        raise ConfigError(f"{path}: record {row}: '{column}' {e}") from None
 
 
-def read_split(path: str, text_column: str, label_column: str | None) -> Split:
-    """Read a data file and check its text and (unless None) label column in every record."""
+def read_split(
+    path: str, text_column: str, label_column: str | None, parse=task.SINGLE_LABEL.parse, label_separator: str = ""
+) -> Split:
+    """Read a data file and check its text and (unless None) label column in every record.
+
+    `parse` is the task's label reader (task.Task.parse): a string, or a list of strings for multi-label."""
     records = read_records(path)
     path = Path(path)
     require_columns(path, records, [text_column] if label_column is None else [text_column, label_column])
@@ -148,14 +154,17 @@ def read_split(path: str, text_column: str, label_column: str | None) -> Split:
     labels = (
         []
         if label_column is None
-        else [_label(path, row, label_column, record.get(label_column)) for row, record in enumerate(records, start=1)]
+        else [
+            _label(path, row, label_column, record.get(label_column), parse, label_separator)
+            for row, record in enumerate(records, start=1)
+        ]
     )
     return Split(path, texts, labels)
 
 
-def label_names_from(train: Split, others: list[Split]) -> list[str]:
-    """The task's label set for these splits (task.label_names)."""
-    return task.label_names(train.labels, train.path, {split.path: split.labels for split in others})
+def label_names_from(train: Split, others: list[Split], kind: task.Task = task.SINGLE_LABEL) -> list[str]:
+    """The task's label set for these splits (task.Task.label_names)."""
+    return kind.label_names(train.labels, train.path, {split.path: split.labels for split in others})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +195,7 @@ def count_unknown(tokenizer, ids: np.ndarray) -> tuple[int, int]:
     return int(np.count_nonzero(counted == tokenizer.unk_token_id)), int(counted.size)
 
 
-def _write_tokenized(split: Split, label_names: list[str], tokenizer, max_length: int, path: Path) -> dict:
+def _write_tokenized(split: Split, label_names: list[str], tokenizer, max_length: int, path: Path, kind: task.Task) -> dict:
     """Tokenize `split` TOKENIZE_BATCH records at a time into an Arrow stream file at `path`.
 
     Returns the cache's info: record count and the unknown-token share, counted here once rather
@@ -204,7 +213,8 @@ def _write_tokenized(split: Split, label_names: list[str], tokenizer, max_length
                 name: pa.array(encoded[name], type=pa.list_(pa.int32() if name == "input_ids" else pa.int8()))
                 for name in encoded.keys()
             }
-            columns["labels"] = pa.array(task.encode(split.labels[start : start + TOKENIZE_BATCH], label_names), pa.int64())
+            # Class ids (int64) or multi-hot rows (a list of floats per record), as the task encodes them.
+            columns["labels"] = pa.array(kind.encode(split.labels[start : start + TOKENIZE_BATCH], label_names))
             batch = pa.RecordBatch.from_pydict(columns)
             writer = writer or pa.ipc.new_stream(sink, batch.schema)
             writer.write_batch(batch)
@@ -219,14 +229,18 @@ def _write_tokenized(split: Split, label_names: list[str], tokenizer, max_length
     }
 
 
-def tokenize_cached(split: Split, label_names: list[str], tokenizer, max_length: int, cache_dir: str):
-    """Tokenize a split once per (records read, tokenizer, max length, label names); reuse it afterwards.
+def tokenize_cached(
+    split: Split, label_names: list[str], tokenizer, max_length: int, cache_dir: str, kind: task.Task = task.SINGLE_LABEL
+):
+    """Tokenize a split once per (records read, tokenizer, max length, label names, task); reuse it afterwards.
 
     Returns (path of the cached dataset, whether it was reused). The cache is written to a
     temporary directory and renamed (`build_once`), so an interrupted build is never mistaken for a cache.
     """
     key = hashlib.sha256(
-        json.dumps([CACHE_FORMAT, split.fingerprint, tokenizer_fingerprint(tokenizer), max_length, label_names]).encode()
+        json.dumps(
+            [CACHE_FORMAT, split.fingerprint, tokenizer_fingerprint(tokenizer), max_length, label_names, kind.name]
+        ).encode()
     ).hexdigest()[:20]
     target = Path(cache_dir) / f"tokenized-{split.path.stem}-{key}"
     if (target / CACHE_INFO).is_file():
@@ -234,7 +248,7 @@ def tokenize_cached(split: Split, label_names: list[str], tokenizer, max_length:
 
     def build(tmp: Path) -> None:
         tmp.mkdir(parents=True)
-        write_json(tmp / CACHE_INFO, _write_tokenized(split, label_names, tokenizer, max_length, tmp / CACHE_DATA))
+        write_json(tmp / CACHE_INFO, _write_tokenized(split, label_names, tokenizer, max_length, tmp / CACHE_DATA, kind))
 
     build_once(target, CACHE_INFO, build)
     return target, False
@@ -250,6 +264,16 @@ def load_tokenized(path: str | os.PathLike):
     import datasets
 
     return datasets.Dataset.from_file(str(Path(path) / CACHE_DATA))
+
+
+def _labels_array(column) -> np.ndarray:
+    """The labels column as the model takes it: class ids (int64), or multi-hot rows (float32, records x labels)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_list(column.type):
+        return pc.list_flatten(column).to_numpy().astype(np.float32).reshape(len(column), -1)
+    return column.to_numpy().astype(np.int64)
 
 
 class TokenizedSplit:
@@ -270,7 +294,7 @@ class TokenizedSplit:
 
     @property
     def labels(self) -> np.ndarray:
-        return self.rows["labels"].to_numpy()
+        return _labels_array(self.rows["labels"])
 
     def batch(self, indices) -> dict:
         import pyarrow.compute as pc
@@ -279,7 +303,7 @@ class TokenizedSplit:
         table = self.rows[list(indices)]
         lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
         inside = np.arange(lengths.max()) < lengths[:, None]  # row-major, as the flattened values
-        out = {"labels": torch.from_numpy(table.column("labels").to_numpy().astype(np.int64))}
+        out = {"labels": torch.from_numpy(_labels_array(table.column("labels")))}
         for name in table.column_names:
             if name != "labels":
                 padded = np.full(inside.shape, self.pad_id if name == "input_ids" else 0, dtype=np.int64)
@@ -352,20 +376,29 @@ def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict
     `tokenizer_for(train_split)` returns (tokenizer, tokenizer_dir). Returns a small, picklable
     description the other ranks use to load the same cached data.
     """
-    train = read_split(cfg.train_file, cfg.text_column, cfg.label_column)
-    others = {"dev": read_split(cfg.dev_file, cfg.text_column, cfg.label_column)}
+    kind = task.TASKS[cfg.task]
+
+    def read(path):
+        return read_split(path, cfg.text_column, cfg.label_column, kind.parse, cfg.label_separator)
+
+    train = read(cfg.train_file)
+    others = {"dev": read(cfg.dev_file)}
     if cfg.test_file:
-        others["test"] = read_split(cfg.test_file, cfg.text_column, cfg.label_column)
-    label_names = label_names_from(train, list(others.values()))
+        others["test"] = read(cfg.test_file)
+    label_names = label_names_from(train, list(others.values()), kind)
+    weights = task.class_weights(kind, cfg.class_weights, kind.encode(train.labels, label_names), label_names)
+    if cfg.threshold.endswith(".json"):
+        kind.thresholds(None, None, label_names, cfg.threshold)  # a file for other labels: refused before training
     tokenizer, tokenizer_dir = tokenizer_for(train)
     info = {
         "label_names": label_names,
+        "class_weights": dict(zip(label_names, weights)) if weights else {},
         "tokenizer_dir": str(tokenizer_dir),
         "splits": {},
         "train_data": train_fingerprint(cfg, train, tokenizer),
     }
     for name, split in {"train": train, **others}.items():
-        path, reused = tokenize_cached(split, label_names, tokenizer, cfg.max_length, cache_dir)
+        path, reused = tokenize_cached(split, label_names, tokenizer, cfg.max_length, cache_dir, kind)
         info["splits"][name] = str(path)
         log.info(f"data: {name} {split.path} ({len(split.texts)} records) -> {'reused' if reused else 'built'} cache {path}")
     unk = cache_info(info["splits"]["train"])["unk_fraction"]

@@ -55,7 +55,15 @@ def predict_logits(engine, split, batch_size: int) -> np.ndarray:
     return np.stack([merged[i] for i in range(len(split))])
 
 
-def evaluate(engine, split, batch_size: int, label_names: list[str]) -> tuple[dict, np.ndarray]:
-    """The task's metrics and per-record predictions over exactly `split`; every rank must call this."""
-    predictions = task.predictions(predict_logits(engine, split, batch_size))
-    return task.metrics(split.labels, predictions, label_names), predictions
+def evaluate(
+    engine, split, batch_size: int, label_names: list[str], kind: task.Task = task.SINGLE_LABEL, thresholds=""
+) -> tuple[dict, np.ndarray]:
+    """The task's metrics and per-record predictions over exactly `split`; every rank must call this.
+
+    Multi-label: `thresholds` is {label: threshold}, or a --threshold setting fitted on this split's
+    probabilities (dev); the thresholds used are in the metrics ("thresholds")."""
+    probabilities = kind.probabilities(predict_logits(engine, split, batch_size))
+    if not isinstance(thresholds, dict):
+        thresholds = kind.thresholds(split.labels, probabilities, label_names, thresholds)
+    predictions = kind.predict(probabilities, thresholds)
+    return kind.metrics(split.labels, predictions, label_names, thresholds), predictions

@@ -42,9 +42,10 @@ def test_macro_f1_averages_over_classes_present_in_the_reference():
 def test_every_metric_is_logged_plotted_and_selectable_from_one_table():
     """Adding a metric is one entry in task.METRICS: the config check, plot and log line follow it."""
     from pipeline.config import TrainConfig
-    from pipeline.plot import METRIC_NAMES as plotted
+    from pipeline.plot import ALL_METRIC_NAMES as plotted
 
-    assert plotted == task.METRIC_NAMES == ("accuracy", "macro_f1", "weighted_f1")
+    assert task.METRIC_NAMES == task.SINGLE_LABEL.metric_names == ("accuracy", "macro_f1", "weighted_f1")
+    assert plotted == ("accuracy", "macro_f1", "weighted_f1", "micro_f1", "samples_f1", "subset_accuracy")
     for name in task.METRIC_NAMES:
         TrainConfig(best_metric=name, eval_every=5, save_every=5)
     with pytest.raises(ConfigError, match="best_metric.*accuracy or macro_f1 or weighted_f1"):
