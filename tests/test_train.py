@@ -309,3 +309,23 @@ def test_multi_label_run_evaluates_every_record_once_and_exports_its_dev_thresho
     assert all(set(task.MULTI_LABEL.metric_names) <= set(row) for row in evals)
     console = (run.parent / "run.console.txt").read_text()
     assert console.count("recall per class:") == len(evals) and "class weights (balanced)" in console
+
+
+@pytest.mark.slow
+def test_class_weighted_accumulation_equals_the_big_batch(initial_model, small_data, tmp_path):
+    """With --class-weights balanced the loss is the weighted sum over the records divided by their
+    count (not by their weight sum), so 2 ranks x micro 4 x accum 2 still equals 1 rank x micro 16."""
+    weights, curves = {}, {}
+    for name, (ranks, micro, accum) in {"2x4x2": (2, 4, 2), "1x16x1": (1, 16, 1)}.items():
+        run = train(
+            tmp_path,
+            name,
+            small_data,
+            ds_config(tmp_path / f"{name}.json", 2, micro, accum),
+            ranks=ranks,
+            extra=[*SHORT, "--model", str(initial_model), "--max-steps", "3", "--eval-every", "0", "--class-weights", "balanced"],
+        )
+        weights[name], curves[name] = load_file(run / "export" / "model.safetensors"), losses(run)
+    diff = max(np.abs(weights["2x4x2"][k] - weights["1x16x1"][k]).max() for k in weights["1x16x1"])
+    assert diff < 5e-6, f"max |weight diff| {diff:.3g}"
+    assert np.allclose(curves["2x4x2"], curves["1x16x1"], rtol=0, atol=1e-5), curves
