@@ -54,6 +54,9 @@ def _predict_parser(sub) -> None:
     p.add_argument("--text-column", default="text")
     p.add_argument("--id-column", default="id", help="copied into each output row where a record has it (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--thresholds", help="multi-label models: a .json file {label: threshold} instead of the export's thresholds.json"
+    )
 
 
 def _export_parser(sub) -> None:

@@ -42,6 +42,7 @@ MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 HF_DIR = "hf"
 PROBE = "probe.json"
+THRESHOLDS = "thresholds.json"  # in an export of a multi-label model: {label: decision threshold}
 EXPORT_WEIGHTS = "model.safetensors"
 
 
@@ -66,6 +67,8 @@ class TrainerState:
     world_size: int = 1
     train_batch_size: int = 0
     label_names: list[str] = field(default_factory=list)
+    class_weights: dict = field(default_factory=dict)  # {label: weight} of the loss (--class-weights); empty: unweighted
+    thresholds: dict | None = None  # multi-label: {label: decision threshold} of the latest dev evaluation, exported
     train_data: dict = field(default_factory=dict)  # data.train_fingerprint: resume only on the same batches
     train_config: dict = field(default_factory=dict)
     ds_config: dict = field(default_factory=dict)
@@ -567,6 +570,9 @@ def _write_export(ckpt: Path, config, tmp: Path) -> None:
     AutoTokenizer.from_pretrained(ckpt / HF_DIR).save_pretrained(tmp)
     labels = [config.id2label[i] for i in range(config.num_labels)]
     write_json(tmp / "label_map.json", {name: i for i, name in enumerate(labels)})
+    thresholds = read_json(ckpt / STATE).get("thresholds")
+    if thresholds:
+        write_json(tmp / THRESHOLDS, thresholds)
     check_export_weights(tmp)
     verify_probe(tmp, read_json(ckpt / PROBE))
     write_manifest(tmp)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .base import ConfigError, load_json, unknown_key_message
 from .reading import LONG_RECORDS, POOLS, TRUNCATIONS
-from .task import METRIC_NAMES
+from .task import TASKS, THRESHOLD_EXPECTED, WEIGHT_EXPECTED, read_label_values, valid_threshold, valid_weight
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TINY_MODEL_DIR = PACKAGE_DIR / "models" / "tiny-bert"
@@ -45,7 +45,38 @@ class TrainConfig:
     )
     test_file: str = field(default="", metadata={"help": "optional test data, evaluated once after training"})
     text_column: str = field(default="text", metadata={"help": "name of the text column"})
-    label_column: str = field(default="label", metadata={"help": "name of the label column (string labels)"})
+    label_column: str = field(
+        default="label",
+        metadata={"help": "name of the label column (string labels; with --task multi_label a JSON list of labels)"},
+    )
+    task: str = field(
+        default="single_label",
+        metadata={
+            "help": "single_label (one label per record: softmax, cross-entropy) or multi_label (a set of labels per "
+            "record, e.g. several diagnoses: sigmoid, binary cross-entropy, a decision threshold per label)"
+        },
+    )
+    label_separator: str = field(
+        default="",
+        metadata={
+            "help": "multi_label: cut label strings at this separator, e.g. ';' for a CSV cell 'a;b' (default: labels are JSON lists)"
+        },
+    )
+    threshold: str = field(
+        default="",
+        metadata={
+            "help": "multi_label decision thresholds: per-label (the default: each label's threshold maximises its F1 on dev), "
+            "global (one threshold maximising micro-F1 on dev), a number in (0, 1), or a .json file {label: threshold}; "
+            "saved with the export (thresholds.json) and used by predict"
+        },
+    )
+    class_weights: str = field(
+        default="none",
+        metadata={
+            "help": "none, balanced (single_label: n / (k * count) per class; multi_label: pos_weight = negatives / positives "
+            "per label) or a .json file {label: weight}; recorded in the checkpoint and train_config.json"
+        },
+    )
     model: str = field(
         default=str(TINY_MODEL_DIR),
         metadata={
@@ -94,7 +125,10 @@ class TrainConfig:
     )
     best_metric: str = field(
         default="",
-        metadata={"help": f"also keep the checkpoint with the best dev value of this metric ({', '.join(METRIC_NAMES)})"},
+        metadata={
+            "help": "also keep the checkpoint with the best dev value of this metric "
+            + "; ".join(f"{name}: {', '.join(task.metric_names)}" for name, task in TASKS.items())
+        },
     )
     resume: str = field(
         default="",
@@ -194,7 +228,10 @@ class TrainConfig:
         need(self.eval_every >= 0, "eval_every", ">= 0")
         need(self.save_every >= 0, "save_every", ">= 0")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "at least 1")
-        need(self.best_metric in ("", *METRIC_NAMES), "best_metric", " or ".join(METRIC_NAMES))
+        need(self.task in TASKS, "task", " or ".join(TASKS))
+        metric_names = TASKS[self.task].metric_names
+        need(self.best_metric in ("", *metric_names), "best_metric", f"{' or '.join(metric_names)} (for task {self.task})")
+        self._check_labels_options(need)
         need(
             not self.best_metric or (self.eval_every and self.save_every and self.save_every % self.eval_every == 0),
             "save_every",
@@ -218,6 +255,27 @@ class TrainConfig:
         need(bool(self.dev_file), "dev_file", "a file path")
         need(bool(self.text_column), "text_column", "a column name")
         need(bool(self.label_column), "label_column", "a column name")
+
+    def _check_labels_options(self, need) -> None:
+        """The multi-label and class-weight options; files are checked for labels when the data is read."""
+        single = self.task == "single_label"
+        need(not (single and self.label_separator), "label_separator", "empty with task single_label (it cuts label lists)")
+        need(not (single and self.threshold), "threshold", "empty with task single_label (thresholds are for multi_label)")
+        if self.threshold.endswith(".json"):  # its labels are checked against the data's when it is read
+            read_label_values(self.threshold, "--threshold", valid_threshold, THRESHOLD_EXPECTED)
+        elif self.threshold not in ("", "per-label", "global"):
+            try:
+                number = float(self.threshold)
+            except ValueError:
+                number = None
+            need(
+                number is not None and valid_threshold(number),
+                "threshold",
+                "per-label, global, a number in (0, 1) or a .json file",
+            )
+        if self.class_weights not in ("none", "balanced"):
+            need(self.class_weights.endswith(".json"), "class_weights", "none, balanced or a .json file {label: weight}")
+            read_label_values(self.class_weights, "--class-weights", valid_weight, WEIGHT_EXPECTED)
 
     @classmethod
     def from_sources(cls, json_file: str | None = None, overrides: dict | None = None) -> TrainConfig:

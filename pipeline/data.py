@@ -130,19 +130,24 @@ def require_columns(path: Path, records: list[dict], columns: list[str]) -> None
             raise ConfigError(f"{path}: no column '{column}' (columns: {', '.join(records[0])}); set text_column/label_column")
 
 
-def _label(path: Path, row: int, column: str, value) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
-        raise ConfigError(f"{path}: record {row}: '{column}' is empty or not a string or number ({value!r})")
-    return str(value)
+def _label(path: Path, row: int, column: str, value, kind: task.Task, separator: str):
+    """The record's label (or label set) as the task reads it, with the file and record named on error."""
+    try:
+        return kind.parse(value, separator)
+    except ValueError as e:
+        raise ConfigError(f"{path}: record {row}: '{column}' {e}") from None
 
 
 @dataclass
 class Split:
-    """One data file and the columns taken from it. Records are read on demand, one at a time."""
+    """One data file, the columns taken from it and how its labels are read (the task's `parse`:
+    a string, or a set of strings for multi-label). Records are read on demand, one at a time."""
 
     path: Path
     text_column: str
     label_column: str | None = None
+    kind: task.Task = task.SINGLE_LABEL
+    label_separator: str = ""
 
     def records(self):
         """(record number, text, label or None), every record checked as it is read."""
@@ -153,10 +158,14 @@ class Split:
             text = record.get(self.text_column)
             if not isinstance(text, str) or not text.strip():
                 raise ConfigError(f"{self.path}: record {row}: '{self.text_column}' is empty or not text ({text!r})")
-            label = (
-                None if self.label_column is None else _label(self.path, row, self.label_column, record.get(self.label_column))
-            )
-            yield row, text, label
+            if self.label_column is None:
+                yield row, text, None
+            else:
+                yield (
+                    row,
+                    text,
+                    _label(self.path, row, self.label_column, record.get(self.label_column), self.kind, self.label_separator),
+                )
 
     def texts(self):
         return (text for _, text, _ in self.records())
@@ -167,19 +176,23 @@ class Split:
 
     @property
     def key(self) -> str:
-        """What is read, without reading it: the file's content (not its mtime) and the columns taken."""
-        return hashlib.sha256(json.dumps([self.digest, self.text_column, self.label_column]).encode()).hexdigest()[:20]
+        """What is read, without reading it: the file's content (not its mtime), the columns taken and
+        how labels are read."""
+        read = [self.digest, self.text_column, self.label_column, self.kind.name, self.label_separator]
+        return hashlib.sha256(json.dumps(read).encode()).hexdigest()[:20]
 
 
 class Records(NamedTuple):
     split: Split
     texts: list[str]
-    labels: list[str | None]
+    labels: list
 
 
-def read_split(path: str, text_column: str, label_column: str | None) -> Records:
+def read_split(
+    path: str, text_column: str, label_column: str | None, kind: task.Task = task.SINGLE_LABEL, label_separator: str = ""
+) -> Records:
     """A small file's records, all read and checked at once (tests and tools; training streams)."""
-    split = Split(Path(path), text_column, label_column)
+    split = Split(Path(path), text_column, label_column, kind, label_separator)
     rows = list(split.records())
     return Records(split, [text for _, text, _ in rows], [label for _, _, label in rows])
 
@@ -244,10 +257,11 @@ def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path) 
                 name: pa.array(values, type=pa.list_(pa.int32() if name == "input_ids" else pa.int8()))
                 for name, values in encoded.items()
             }
-            columns["labels"] = pa.array([batch[i][2] for i in record], pa.string())
+            columns["labels"] = pa.array([batch[i][2] for i in record])  # a string, or a list of them (multi-label)
             columns[RECORD] = pa.array(np.asarray(record, dtype=np.int64) + records)
             for row, _, label in batch:
-                labels.setdefault(label, {"count": 0, "first_record": row})["count"] += 1
+                for name in label if isinstance(label, list) else [label]:
+                    labels.setdefault(name, {"count": 0, "first_record": row})["count"] += 1
             table = pa.RecordBatch.from_pydict(columns)
             writer = writer or pa.ipc.new_stream(sink, table.schema)
             writer.write_batch(table)
@@ -311,10 +325,10 @@ class TokenizedSplit:
     up to 2.6% of the step time at accumulation 8 in the benchmark of commit 7a88312.
     """
 
-    def __init__(self, path: str | os.PathLike, pad_id: int, label_names: list[str], pool: str = "mean"):
+    def __init__(self, path: str | os.PathLike, pad_id: int, label_names: list[str], pool: str = "mean", kind=task.SINGLE_LABEL):
         self.rows = load_tokenized(path).with_format("arrow")
         self.pad_id, self.pool = pad_id, pool
-        self.labels = task.encode(self.rows["labels"], label_names)  # once, for every row
+        self.labels = kind.encode(self.rows["labels"], label_names)  # once, for every row: ids or multi-hot rows
 
     def __len__(self) -> int:
         """Rows (training samples), not records."""
@@ -326,7 +340,7 @@ class TokenizedSplit:
 
     @property
     def record_labels(self) -> np.ndarray:
-        """One label per record: its first window's."""
+        """One label (or multi-hot row) per record: its first window's."""
         first = np.r_[True, self.records[1:] != self.records[:-1]]
         return self.labels[first]
 
@@ -337,7 +351,7 @@ class TokenizedSplit:
         table = self.rows[list(indices)]
         lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
         inside = np.arange(lengths.max()) < lengths[:, None]  # row-major, as the flattened values
-        out = {"labels": torch.from_numpy(self.labels[list(indices)].astype(np.int64))}
+        out = {"labels": torch.from_numpy(self.labels[list(indices)])}
         for name in table.column_names:
             if name not in ("labels", RECORD):
                 padded = np.full(inside.shape, self.pad_id if name == "input_ids" else 0, dtype=np.int64)
@@ -412,10 +426,11 @@ def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict
     not read again (only hashed), so a warm start of a million-record run takes seconds. Returns a
     small, picklable description the other ranks use to load the same cached data.
     """
-    splits = {"train": Split(Path(cfg.train_file), cfg.text_column, cfg.label_column)}
-    splits["dev"] = Split(Path(cfg.dev_file), cfg.text_column, cfg.label_column)
+    kind = task.TASKS[cfg.task]
+    splits = {"train": Split(Path(cfg.train_file), cfg.text_column, cfg.label_column, kind, cfg.label_separator)}
+    splits["dev"] = Split(Path(cfg.dev_file), cfg.text_column, cfg.label_column, kind, cfg.label_separator)
     if cfg.test_file:
-        splits["test"] = Split(Path(cfg.test_file), cfg.text_column, cfg.label_column)
+        splits["test"] = Split(Path(cfg.test_file), cfg.text_column, cfg.label_column, kind, cfg.label_separator)
     tokenizer, tokenizer_dir = tokenizer_for(splits["train"])
     how = reading.Reading.from_config(cfg)
     paths, infos = {}, {}
@@ -427,9 +442,14 @@ def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict
             f"data: {name} {split.path} ({infos[name]['num_records']} records{windows}) -> "
             f"{'reused' if reused else 'built'} cache {paths[name]}"
         )
+    seen = infos["train"]["labels"]
     label_names = task.label_names(
-        infos["train"]["labels"], splits["train"].path, {splits[n].path: infos[n]["labels"] for n in splits if n != "train"}
+        seen, splits["train"].path, {splits[n].path: infos[n]["labels"] for n in splits if n != "train"}
     )
+    counts = {name: seen[name]["count"] for name in label_names}
+    weights = task.class_weights(kind, cfg.class_weights, counts, infos["train"]["num_records"], label_names)
+    if cfg.threshold.endswith(".json"):
+        kind.thresholds(None, None, label_names, cfg.threshold)  # a file for other labels: refused before training
     unk = infos["train"]["unk_fraction"]
     if unk > cfg.max_unk_fraction:
         raise ConfigError(
@@ -440,6 +460,7 @@ def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict
         )
     return {
         "label_names": label_names,
+        "class_weights": dict(zip(label_names, weights)) if weights else {},
         "tokenizer_dir": str(tokenizer_dir),
         "splits": {name: str(path) for name, path in paths.items()},
         "train_data": train_fingerprint(cfg, splits["train"], infos["train"]["num_records"], tokenizer),

@@ -59,8 +59,17 @@ def predict_logits(engine, split, batch_size: int) -> np.ndarray:
     return np.stack([merged[i] for i in range(len(split))])
 
 
-def evaluate(engine, split, batch_size: int, label_names: list[str]) -> tuple[dict, np.ndarray]:
-    """The task's metrics and per-record predictions over exactly `split`; every rank must call this."""
+def evaluate(
+    engine, split, batch_size: int, label_names: list[str], kind: task.Task = task.SINGLE_LABEL, thresholds=""
+) -> tuple[dict, np.ndarray]:
+    """The task's metrics and per-record predictions over exactly `split`; every rank must call this.
+
+    Windows of one record (long records read in chunks) are pooled into one row of logits first.
+    Multi-label: `thresholds` is {label: threshold}, or a --threshold setting fitted on this split's
+    probabilities (dev); the thresholds used are in the metrics ("thresholds")."""
     logits = reading.pool(predict_logits(engine, split, batch_size), split.records, split.pool)
-    predictions = task.predictions(logits)
-    return task.metrics(split.record_labels, predictions, label_names), predictions
+    probabilities = kind.probabilities(logits)
+    if not isinstance(thresholds, dict):
+        thresholds = kind.thresholds(split.record_labels, probabilities, label_names, thresholds)
+    predictions = kind.predict(probabilities, thresholds)
+    return kind.metrics(split.record_labels, predictions, label_names, thresholds), predictions

@@ -138,7 +138,13 @@ def write_tokenizer(directory: Path, vocabulary: list[str]) -> None:
 
 
 def build_model(
-    model_dir: str, label_names: list[str], vocab_size: int, ds_config: dict, seed: int, gradient_checkpointing: bool = False
+    model_dir: str,
+    label_names: list[str],
+    vocab_size: int,
+    ds_config: dict,
+    seed: int,
+    gradient_checkpointing: bool = False,
+    problem_type: str = task.PROBLEM_TYPE,
 ):
     """The classifier, partitioned while it is built under ZeRO-3, optionally recomputing activations.
 
@@ -156,7 +162,7 @@ def build_model(
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
-        problem_type=task.PROBLEM_TYPE,  # the loss the task decides, saved with the export
+        problem_type=problem_type,  # the loss the task decides (task.Task.problem_type), saved with the export
     )
     zero3 = ds_config["zero_optimization"]["stage"] == 3
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None

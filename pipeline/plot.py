@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .base import ConfigError
-from .task import METRIC_NAMES
+from .task import ALL_METRIC_NAMES
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -41,7 +41,7 @@ def plot_run(run_dir: Path, output: Path) -> Path:
     ax = axes[1, 1]
     for split in sorted({r["split"] for r in evals}):
         rows = [r for r in evals if r["split"] == split]
-        for metric in METRIC_NAMES:
+        for metric in [name for name in ALL_METRIC_NAMES if name in rows[0]]:  # the run's task's metrics
             ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker="o", label=f"{split} {metric}")
     ax.set_title("evaluation")
     if evals:

@@ -3,8 +3,10 @@
 Input: a .jsonl/.json/.csv file with a text column, a .txt file with one text per line, or texts
 on stdin (one per line). Output: one JSON line per input line or record, in input order, with its
 line number (.txt, stdin) or record number and id (data files), the label and all class
-probabilities. A blank line or empty text gets a row with label null, so rows stay aligned with
-the input. Texts are read as in training (the export's `record_reading`: truncation, or windows
+probabilities. A multi-label model (trained with --task multi_label) gives `labels`, the set of labels
+whose probability reaches its threshold (the export's thresholds.json, or --thresholds FILE), and each
+label's probability. A blank line or empty text gets a row with label(s) null, so rows stay aligned
+with the input. Texts are read as in training (the export's `record_reading`: truncation, or windows
 whose logits are pooled per text; see reading.py).
 """
 
@@ -18,7 +20,7 @@ import torch
 
 from . import task
 from .base import ConfigError, load_json
-from .checkpoint import load_export
+from .checkpoint import THRESHOLDS, load_export
 from .data import FORMATS, read_records, require_columns
 from .reading import Reading, encode, pool
 
@@ -44,16 +46,26 @@ def _predictable(text) -> bool:
     return isinstance(text, str) and bool(text.strip())
 
 
+def decision_thresholds(export_dir: str, names: list[str], override: str | None) -> dict[str, float]:
+    """A multi-label export's thresholds: `override` (a .json file) or its own thresholds.json, for exactly its labels."""
+    path = override or str(Path(export_dir) / THRESHOLDS)
+    if not Path(path).is_file():
+        raise ConfigError(f"{export_dir}: multi-label model without {THRESHOLDS}; give one with --thresholds FILE")
+    return dict(zip(names, task.label_values(path, names, "thresholds", task.valid_threshold, task.THRESHOLD_EXPECTED)))
+
+
 @torch.no_grad()
-def predict(export_dir: str, texts: list, batch_size: int = 32) -> list[dict]:
-    """Label and class probabilities for each text, read as in training; None for an empty one."""
+def predict(export_dir: str, texts: list, batch_size: int = 32, thresholds: str | None = None) -> list[dict]:
+    """Label (or label set) and class probabilities for each text, read as in training; None for an empty one."""
     if not (Path(export_dir) / "config.json").is_file():
         raise ConfigError(f"{export_dir}: not an exported model (no config.json)")
-    load_json(Path(export_dir) / "config.json")  # a syntax error as one line, not a traceback
+    config = load_json(Path(export_dir) / "config.json")  # a syntax error as one line, not a traceback
+    kind = task.by_problem_type(config.get("problem_type"))
+    names = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    decide = decision_thresholds(export_dir, names, thresholds) if kind is task.MULTI_LABEL else None
     tokenizer, model = load_export(export_dir)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     how = Reading.saved(getattr(model.config, "record_reading", None), tokenizer.model_max_length)
-    rows = [{"label": None, "probabilities": None} for _ in texts]
+    rows = [{kind.output_key: None, "probabilities": None} for _ in texts]
     todo = [i for i, text in enumerate(texts) if _predictable(text)]
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
@@ -63,15 +75,18 @@ def predict(export_dir: str, texts: list, batch_size: int = 32) -> list[dict]:
             model(**tokenizer.pad({k: v[w : w + batch_size] for k, v in inputs.items()}, return_tensors="pt")).logits
             for w in range(0, len(record), batch_size)
         ]
-        logits = pool(torch.cat(windows).float().numpy(), record, how.pool)
-        for i, label, p in zip(chunk, task.predictions(logits), task.probabilities(logits)):
-            rows[i] = {"label": names[label], "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)}}
+        probabilities = kind.probabilities(pool(torch.cat(windows).float().numpy(), record, how.pool))
+        for i, prediction, p in zip(chunk, kind.predict(probabilities, decide), probabilities):
+            rows[i] = {
+                kind.output_key: kind.describe(prediction, names),
+                "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)},
+            }
     return rows
 
 
 def main(args) -> None:
     inputs = read_inputs(args.input, args.text_column, args.id_column)
-    predictions = predict(args.model, [entry.pop("text") for entry in inputs], args.batch_size)
+    predictions = predict(args.model, [entry.pop("text") for entry in inputs], args.batch_size, args.thresholds)
     lines = "".join(json.dumps({**entry, **row}, ensure_ascii=False) + "\n" for entry, row in zip(inputs, predictions))
     if args.output:
         Path(args.output).write_text(lines, encoding="utf-8")

@@ -88,10 +88,12 @@ def timed(iterable, stats: dict):
 class RunLog:
     """Rank 0's record of the run: metrics.jsonl, TensorBoard events, eval JSON files and the console."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool = False):
+    def __init__(
+        self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool = False, kind: task.Task = task.SINGLE_LABEL
+    ):
         from tqdm import tqdm
 
-        self.run_dir, self.log = run_dir, dist.get_logger()
+        self.run_dir, self.log, self.kind = run_dir, dist.get_logger(), kind
         self.bar = tqdm(
             total=total_steps,
             initial=start_step,
@@ -136,10 +138,11 @@ class RunLog:
             )
 
     def eval(self, step: int, split: str, metrics: dict) -> None:
-        self.record({"step": step, "split": split, **{k: metrics[k] for k in task.METRIC_NAMES}})
+        self.record({"step": step, "split": split, **{k: metrics[k] for k in self.kind.metric_names}})
         if dist.is_main():
             write_json(self.run_dir / "eval" / f"{split}-step-{step}.json", metrics)
-            self.bar.write(f"eval {split} @ step {step}: {task.summary(metrics)}")
+            recall = "  ".join(f"{name} {row['recall']:.2f}" for name, row in metrics["per_class"].items())
+            self.bar.write(f"eval {split} @ step {step}: {self.kind.summary(metrics)}\n  recall per class: {recall}")
 
     def close(self) -> None:
         self.bar.close()
@@ -160,13 +163,19 @@ NAN_AT_STEP = "PIPELINE_TEST_NAN_AT_STEP"
 MIN_SCALE_PATIENCE = 10  # fp16 steps skipped in a row at the minimum loss scale before stopping
 
 
-def micro_step(engine, batch: dict, poison: bool = False):
+def micro_step(engine, batch: dict, poison: bool = False, loss_fn=None):
     """One micro-batch through the engine: forward, backward, and the optimizer step at a window's end.
 
     DeepSpeed scales the loss by 1/accumulation in `backward` and applies the update at the
-    window's boundary in `step`, so the loss is not divided here. Returns (loss, boundary).
+    window's boundary in `step`, so the loss is not divided here. The loss is the model's own
+    (its problem_type's), or `loss_fn(logits, labels)` (class weights: task.Task.weighted_loss), a
+    mean over the micro-batch's records either way. Returns (loss, boundary).
     """
-    loss = engine(**batch).loss
+    if loss_fn is None:
+        loss = engine(**batch).loss
+    else:
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        loss = loss_fn(engine(**inputs).logits, batch["labels"])
     if poison:
         loss = loss * float("nan")
     engine.backward(loss)
@@ -227,6 +236,9 @@ def train_loop(
     scheduler, so the run goes on until `total_steps` updates were applied and the schedule ends
     where it was planned. The logged loss is the mean over the window's micro-batches and ranks.
     """
+    kind = task.TASKS[cfg.task]
+    weights = torch.tensor(list(state.class_weights.values()), dtype=torch.float32)
+    loss_fn = kind.weighted_loss(weights) if state.class_weights else None
     micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     world, global_batch = dist.world_size(), engine.train_batch_size()
     fp16 = engine.fp16_enabled()
@@ -240,7 +252,7 @@ def train_loop(
         batches = train_batches(data["train"], micro, accum, world, dist.rank(), cfg.seed, epoch, state.step_in_epoch)
         for batch in timed(batches, stats):
             batch = to_device(batch, engine.device)
-            loss, boundary = micro_step(engine, batch, poison=state.optimizer_step + 1 == poison_step)
+            loss, boundary = micro_step(engine, batch, state.optimizer_step + 1 == poison_step, loss_fn)
             window[:2] += torch.stack([loss.float(), batch["attention_mask"].sum().float()])
             if not boundary:
                 continue
@@ -275,7 +287,8 @@ def train_loop(
             paused = time.perf_counter()
             done = state.applied_steps == total_steps
             if cfg.eval_every and step % cfg.eval_every == 0 and not done:
-                metrics = evaluate(engine, data["dev"], cfg.eval_batch_size, label_names)[0]
+                metrics = evaluate(engine, data["dev"], cfg.eval_batch_size, label_names, kind, cfg.threshold)[0]
+                state.thresholds = metrics.get("thresholds")  # multi-label: tuned on this dev evaluation
                 run.eval(step, "dev", metrics)
                 saving = cfg.save_every and step % cfg.save_every == 0  # the best must have a checkpoint
                 if saving and cfg.best_metric and (state.best_metric is None or metrics[cfg.best_metric] > state.best_metric):
@@ -313,11 +326,10 @@ def prepare_data(cfg: TrainConfig, cache_dir: str, log):
 
     info = dist.main_first(lambda: prepare_splits(cfg, tokenizer_for, cache_dir, log))
     tokenizer = load_tokenizer(info["tokenizer_dir"], cfg.max_length)
-    pool = Reading.from_config(cfg).pool
-    data = {
-        name: TokenizedSplit(path, tokenizer.pad_token_id, info["label_names"], pool) for name, path in info["splits"].items()
-    }
-    return data, tokenizer, info["label_names"], info["train_data"]
+    pool, kind = Reading.from_config(cfg).pool, task.TASKS[cfg.task]
+    names = info["label_names"]
+    data = {name: TokenizedSplit(path, tokenizer.pad_token_id, names, pool, kind) for name, path in info["splits"].items()}
+    return data, tokenizer, names, info["train_data"], info["class_weights"]
 
 
 def start_or_resume(cfg: TrainConfig, log) -> tuple[Path, Path | None]:
@@ -348,7 +360,10 @@ def run(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     run_dir, resume_from = start_or_resume(cfg, log)
-    data, tokenizer, label_names, train_data = prepare_data(cfg, cfg.cache_dir or str(Path(cfg.output_dir) / "cache"), log)
+    kind = task.TASKS[cfg.task]
+    data, tokenizer, label_names, train_data, class_weights = prepare_data(
+        cfg, cfg.cache_dir or str(Path(cfg.output_dir) / "cache"), log
+    )
     shape = RunShape(len(data["train"]), str(run_dir))
     if resume_from is not None:
         saved = checkpoint.read_state(resume_from)
@@ -359,12 +374,15 @@ def run(cfg: TrainConfig) -> dict:
     for line in resolved.warnings[len(early.warnings) :]:  # what resuming on another world size gives up
         log.warning(f"warning: {line}")
 
-    model = build_model(cfg.model, label_names, len(tokenizer), ds_config, cfg.seed, bool(cfg.gradient_checkpointing))
+    model = build_model(
+        cfg.model, label_names, len(tokenizer), ds_config, cfg.seed, bool(cfg.gradient_checkpointing), kind.problem_type
+    )
     model.config.record_reading = Reading.from_config(cfg).as_dict()  # saved with the export; predict reads as training did
     state = TrainerState(
         world_size=dist.world_size(),
         train_batch_size=ds_config["train_batch_size"],
         label_names=label_names,
+        class_weights=class_weights,
         train_data=train_data,
         train_config=asdict(cfg),
         ds_config=ds_config,
@@ -390,7 +408,11 @@ def run(cfg: TrainConfig) -> dict:
     if dist.is_main():
         write_json(run_dir / "train_config.json", asdict(cfg))
         write_json(run_dir / "ds_config.json", {**ds_config, "world_size": dist.world_size()})
+        if class_weights:  # the weights --class-weights resolved to (also in every checkpoint's trainer state)
+            write_json(run_dir / "class_weights.json", class_weights)
     log.info(f"run directory: {run_dir}")
+    if class_weights:
+        log.info(f"class weights ({cfg.class_weights}): " + ", ".join(f"{k} {w:.3g}" for k, w in class_weights.items()))
     log.info(
         f"device: {hardware.name} | world size {dist.world_size()} | ZeRO stage {ds_config['zero_optimization']['stage']} "
         f"| precision {ds_precision(ds_config)} | gradient checkpointing: {'on' if cfg.gradient_checkpointing else 'off'}"
@@ -407,16 +429,22 @@ def run(cfg: TrainConfig) -> dict:
     def save():
         return checkpoint.save(engine, run_dir, state, tokenizer, probe, ds_precision(ds_config), cfg.keep_checkpoints)
 
-    runlog = RunLog(run_dir, total_steps, state.optimizer_step, tensorboard=bool(cfg.tensorboard))
+    runlog = RunLog(run_dir, total_steps, state.optimizer_step, bool(cfg.tensorboard), kind)
     train_loop(engine, cfg, data, label_names, state, total_steps, per_epoch, runlog, save)
 
     results = {}
     for split in [name for name in ("dev", "test") if name in data]:
-        results[split], predictions = evaluate(engine, data[split], cfg.eval_batch_size, label_names)
+        # Multi-label: thresholds are fitted on dev, and test is decided with dev's thresholds.
+        thresholds = cfg.threshold if split == "dev" else state.thresholds
+        results[split], predictions = evaluate(engine, data[split], cfg.eval_batch_size, label_names, kind, thresholds)
+        state.thresholds = results["dev"].get("thresholds")
         runlog.eval(state.optimizer_step, split, results[split])
         if dist.is_main():
             (run_dir / f"predictions-{split}.jsonl").write_text(
-                "".join(json.dumps({"label": label_names[p]}, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8"
+                "".join(
+                    json.dumps({kind.output_key: kind.describe(p, label_names)}, ensure_ascii=False) + "\n" for p in predictions
+                ),
+                encoding="utf-8",
             )
     runlog.close()
     if dist.is_main():
@@ -424,7 +452,7 @@ def run(cfg: TrainConfig) -> dict:
 
     final = save()
     export_dir = dist.main_first(lambda: checkpoint.export_checkpoint(final, run_dir / "export", overwrite=True))
-    log.info(f"final dev: {task.summary(results['dev'])}")
+    log.info(f"final dev: {kind.summary(results['dev'])}")
     log.info(
         f"checkpoint: {final}\nexport (verified): {export_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\n"
         f"eval results: {run_dir / 'eval_results.json'}"

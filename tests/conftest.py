@@ -53,6 +53,21 @@ def small_data(tmp_path_factory) -> dict:
     }
 
 
+@pytest.fixture(scope="session")
+def multilabel_run(tmp_path_factory) -> Path:
+    """A 2-rank multi-label run with balanced class weights on 128 records of the bundled multilabel set,
+    37 dev records (odd: one rank gets a filler) and 21 test records; returns its run directory."""
+    root = tmp_path_factory.mktemp("multilabel")
+    data = {
+        "train": write_jsonl(root / "train.jsonl", read_jsonl(SAMPLE / "multilabel_train.jsonl")[:128]),
+        "dev": write_jsonl(root / "dev.jsonl", read_jsonl(SAMPLE / "multilabel_dev.jsonl")[:37]),
+    }
+    test = write_jsonl(root / "test.jsonl", read_jsonl(SAMPLE / "multilabel_test.jsonl")[:21])
+    options = ["--task", "multi_label", "--class-weights", "balanced", "--test-file", str(test), "--max-length", "64"]
+    options += ["--epochs", "2", "--eval-every", "4", "--log-every", "4", "--eval-batch-size", "8", "--tensorboard", "0"]
+    return train(root, "run", data, ds_config(root / "ds.json", 2, micro=4, accum=2), extra=options)
+
+
 def ds_config(path: Path, stage: int, micro: int, accum: int, lr: float = 1e-3, **extra) -> Path:
     """A small fp32 config: AdamW with a constant learning rate, ZeRO `stage`."""
     cfg = {

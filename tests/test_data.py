@@ -3,14 +3,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import SAMPLE, read_jsonl, write_jsonl
 
+from pipeline import task
 from pipeline.base import ConfigError
 from pipeline.config import TrainConfig
 from pipeline.data import (
     RankMicroBatches,
     Split,
     TokenizedSplit,
+    cache_info,
     epoch_global_batches,
     load_tokenized,
     prepare_splits,
@@ -330,3 +333,69 @@ def test_tokenized_cache_is_keyed_by_how_records_are_read_but_not_by_pooling(tmp
     windows = TokenizedSplit(paths[-1], tokenizer.pad_token_id, names)
     assert len(windows) > len(split.texts) and windows.records.tolist() == sorted(windows.records.tolist())
     assert windows.record_labels.tolist() == [names.index(label) for label in split.labels]
+
+
+MULTI_ROWS = [
+    {"text": "主诉：发热3天，咳嗽。胸痛2小时。", "label": ["肺炎", "心梗"]},
+    {"text": "主诉：胸痛2小时。", "label": ["心梗"]},
+    {"text": "主诉：腹痛，呕吐。", "label": ["胃肠炎"]},
+]
+
+
+def test_multi_label_lists_in_jsonl_and_separated_strings_in_csv(tmp_path):
+    jsonl = write_jsonl(tmp_path / "m.jsonl", MULTI_ROWS)
+    csv = tmp_path / "m.csv"
+    csv.write_text("text,label\n" + "".join(f"{r['text']},{';'.join(r['label'])}\n" for r in MULTI_ROWS), encoding="utf-8")
+    expected = [sorted(r["label"]) for r in MULTI_ROWS]
+    assert read_split(str(jsonl), "text", "label", task.MULTI_LABEL).labels == expected
+    assert read_split(str(csv), "text", "label", task.MULTI_LABEL, ";").labels == expected
+    with pytest.raises(ConfigError, match=r"m\.csv: record 1: 'label' is '.*;.*', not a list of labels.*--label-separator"):
+        read_split(str(csv), "text", "label", task.MULTI_LABEL)
+    with pytest.raises(ConfigError, match=r"m\.jsonl: record 1: 'label' is a list of labels .*--task multi_label"):
+        read_split(str(jsonl), "text", "label")
+    empty = write_jsonl(tmp_path / "e.jsonl", MULTI_ROWS + [{"text": "主诉：头痛。", "label": []}])
+    with pytest.raises(ConfigError, match=r"e\.jsonl: record 4: 'label' is an empty label set"):
+        read_split(str(empty), "text", "label", task.MULTI_LABEL)
+
+
+def test_multi_hot_labels_are_cached_and_batched_as_floats_under_a_key_with_the_task(tmp_path):
+    split = read_split(str(write_jsonl(tmp_path / "m.jsonl", MULTI_ROWS)), "text", "label", task.MULTI_LABEL)
+    names = ["心梗", "肺炎", "胃肠炎"]
+    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "m", str(tmp_path))), 32)
+    path, _ = tokenize_cached(split.split, tokenizer, Reading(32), str(tmp_path / "cache"))
+    assert sorted(cache_info(path)["labels"]) == names
+    tokenized = TokenizedSplit(path, tokenizer.pad_token_id, names, kind=task.MULTI_LABEL)
+    assert tokenized.labels.tolist() == [[1, 1, 0], [1, 0, 0], [0, 0, 1]]
+    batch = tokenized.batch([2, 0])
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [[0, 0, 1], [1, 1, 0]]
+    single = write_jsonl(tmp_path / "s.jsonl", [{"text": "主诉：胸痛。", "label": "a"}] * 2)
+    as_single = tokenize_cached(Split(single, "text", "label"), tokenizer, Reading(32), str(tmp_path / "cache"))[0]
+    as_multi = tokenize_cached(
+        Split(single, "text", "label", task.MULTI_LABEL, ";"), tokenizer, Reading(32), str(tmp_path / "cache")
+    )[0]
+    assert as_single != as_multi  # how labels are read is part of the cache key
+
+
+def test_label_files_that_name_other_labels_are_refused_before_training(tmp_path, files):
+    class Log:
+        def info(self, _):
+            pass
+
+    names = sorted({r["label"] for r in ROWS})
+    tokenizer_dir = build_wordpiece_tokenizer([r["text"] for r in ROWS], "d", str(tmp_path))
+    weights = tmp_path / "w.json"
+    weights.write_text(json.dumps({**dict.fromkeys(names[:2], 1.0), "偏头痛": 2.0}, ensure_ascii=False), encoding="utf-8")
+    cfg = TrainConfig(train_file=str(files["train"]), dev_file=str(files["dev"]), class_weights=str(weights))
+    with pytest.raises(
+        ConfigError, match=rf"--class-weights {weights}: unknown labels \['偏头痛'\]; missing labels \['{names[2]}'\]"
+    ):
+        prepare_splits(cfg, lambda train: (load_tokenizer(str(tokenizer_dir), 32), tokenizer_dir), str(tmp_path / "c"), Log())
+    multi = {"train": write_jsonl(tmp_path / "mt.jsonl", MULTI_ROWS * 2), "dev": write_jsonl(tmp_path / "md.jsonl", MULTI_ROWS)}
+    thresholds = tmp_path / "t.json"
+    thresholds.write_text('{"a": 0.5, "b": 0.5}')
+    cfg = TrainConfig(task="multi_label", train_file=str(multi["train"]), dev_file=str(multi["dev"]), threshold=str(thresholds))
+    with pytest.raises(ConfigError, match=r"--threshold .*t\.json: unknown labels \['a', 'b'\]"):
+        prepare_splits(cfg, lambda train: (load_tokenizer(str(tokenizer_dir), 32), tokenizer_dir), str(tmp_path / "c"), Log())
+    cfg = TrainConfig(task="multi_label", train_file=str(multi["train"]), dev_file=str(multi["dev"]), class_weights="balanced")
+    info = prepare_splits(cfg, lambda train: (load_tokenizer(str(tokenizer_dir), 32), tokenizer_dir), str(tmp_path / "c"), Log())
+    assert info["class_weights"] == {"心梗": pytest.approx(1 / 2), "肺炎": pytest.approx(2 / 1), "胃肠炎": pytest.approx(2 / 1)}

@@ -92,3 +92,25 @@ def test_predict_reads_records_as_the_chunked_run_did_and_pools_its_windows(chun
     got = np.array([[row["probabilities"][name] for name in names] for row in rows])
     np.testing.assert_allclose(got, expected, atol=2e-6)  # predict rounds to 6 decimals
     assert [row["label"] for row in rows] == [row["label"] for row in read_jsonl(chunked_run / "predictions-dev.jsonl")]
+
+
+def test_multi_label_predict_gives_label_sets_by_the_exported_thresholds(multilabel_run, tmp_path):
+    export = multilabel_run / "export"
+    thresholds = json.loads((export / "thresholds.json").read_text())
+    dev = [json.loads(line) for line in (multilabel_run.parent / "dev.jsonl").read_text().splitlines()]
+    rows = predict(str(export), [r["text"] for r in dev] + [""])
+    assert rows[-1] == {"labels": None, "probabilities": None}
+    trained = [json.loads(line) for line in (multilabel_run / "predictions-dev.jsonl").read_text().splitlines()]
+    for row, during_training in zip(rows, trained):
+        assert set(row["probabilities"]) == set(thresholds)
+        assert row["labels"] == [name for name, p in row["probabilities"].items() if p >= thresholds[name]]
+        # The export reproduces the training run's decisions (up to float noise right at a threshold).
+        clear = {name for name, p in row["probabilities"].items() if abs(p - thresholds[name]) > 1e-4}
+        assert set(row["labels"]) & clear == set(during_training["labels"]) & clear
+    lower = tmp_path / "lower.json"
+    lower.write_text(json.dumps({name: 0.01 for name in thresholds}, ensure_ascii=False), encoding="utf-8")
+    assert all(r["labels"] == sorted(thresholds) for r in predict(str(export), [dev[0]["text"]], thresholds=str(lower)))
+    other = tmp_path / "other.json"
+    other.write_text('{"偏头痛": 0.5}', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"thresholds .*other\.json: unknown labels \['偏头痛'\]; missing labels"):
+        predict(str(export), ["主诉：头痛。"], thresholds=str(other))

@@ -42,9 +42,10 @@ def test_macro_f1_averages_over_classes_present_in_the_reference():
 def test_every_metric_is_logged_plotted_and_selectable_from_one_table():
     """Adding a metric is one entry in task.METRICS: the config check, plot and log line follow it."""
     from pipeline.config import TrainConfig
-    from pipeline.plot import METRIC_NAMES as plotted
+    from pipeline.plot import ALL_METRIC_NAMES as plotted
 
-    assert plotted == task.METRIC_NAMES == ("accuracy", "macro_f1", "weighted_f1")
+    assert task.METRIC_NAMES == task.SINGLE_LABEL.metric_names == ("accuracy", "macro_f1", "weighted_f1")
+    assert plotted == ("accuracy", "macro_f1", "weighted_f1", "micro_f1", "samples_f1", "subset_accuracy")
     for name in task.METRIC_NAMES:
         TrainConfig(best_metric=name, eval_every=5, save_every=5)
     with pytest.raises(ConfigError, match="best_metric.*accuracy or macro_f1 or weighted_f1"):
@@ -76,3 +77,162 @@ def test_labels_probabilities_and_predictions():
     assert task.predictions(logits).tolist() == [1, 0]
     probabilities = task.probabilities(logits)
     assert np.allclose(probabilities.sum(axis=1), 1) and probabilities[0, 1] == pytest.approx(1 / (1 + np.exp(-2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-label, thresholds, class weights
+# ----------------------------------------------------------------------------------------------
+
+
+def test_label_parsing_for_each_task():
+    assert task.SINGLE_LABEL.parse(3) == "3"
+    with pytest.raises(ValueError, match="is a list of labels.*--task multi_label"):
+        task.SINGLE_LABEL.parse(["a", "b"])
+    assert task.MULTI_LABEL.parse(["b", "a", "b"]) == ["a", "b"]
+    assert task.MULTI_LABEL.parse("b; a;", ";") == ["a", "b"]
+    with pytest.raises(ValueError, match="not a list of labels.*--label-separator"):
+        task.MULTI_LABEL.parse("a;b")
+    with pytest.raises(ValueError, match="not a list of labels"):
+        task.MULTI_LABEL.parse(7)
+    for empty in ([], " ; ", ""):
+        with pytest.raises(ValueError, match="empty"):
+            task.MULTI_LABEL.parse(empty, ";")
+    with pytest.raises(ValueError, match="empty or not a string"):
+        task.MULTI_LABEL.parse(["a", None])
+
+
+def test_multi_label_names_and_encoding():
+    """Label sets are counted per label (data.py), so the label set and its checks are the single-label ones."""
+    import pyarrow as pa
+
+    names = task.label_names(seen("b", "a", "c"), "train.jsonl", {"dev.jsonl": seen("c")})
+    assert names == ["a", "b", "c"]
+    with pytest.raises(ConfigError, match="dev.jsonl: record 2: label 'd' never appears"):
+        task.label_names(seen("b", "a", "c"), "train.jsonl", {"dev.jsonl": seen("c", "d", "a")})
+    assert task.MULTI_LABEL.encode(pa.array([["a", "c"], ["b"]]), names).tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+
+
+def test_multi_label_metrics_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(1)
+    labels, predicted = rng.integers(0, 2, (41, 4)), rng.integers(0, 2, (41, 4))
+    labels[:, 3] = 0  # a label absent from the reference
+    names = ["a", "b", "c", "d"]
+    thresholds = dict.fromkeys(names, 0.5)
+    metrics = task.MULTI_LABEL.metrics(labels, predicted, names, thresholds)
+    assert metrics["micro_f1"] == pytest.approx(f1_score(labels, predicted, average="micro"))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(labels, predicted, labels=[0, 1, 2], average="macro"))
+    assert metrics["samples_f1"] == pytest.approx(f1_score(labels, predicted, average="samples", zero_division=0))
+    assert metrics["subset_accuracy"] == pytest.approx(accuracy_score(labels, predicted))
+    assert metrics["absent_from_reference"] == ["d"]
+    precision, recall, _, support = precision_recall_fscore_support(labels, predicted, zero_division=0)
+    for j, name in enumerate(names):
+        row = metrics["per_class"][name]
+        assert (row["precision"], row["recall"], row["support"]) == pytest.approx((precision[j], recall[j], support[j]))
+        truth, guess = labels[:, j] == 1, predicted[:, j] == 1
+        assert [row[k] for k in ("tp", "fp", "fn", "tn")] == [
+            int(np.sum(truth & guess)),
+            int(np.sum(~truth & guess)),
+            int(np.sum(truth & ~guess)),
+            int(np.sum(~truth & ~guess)),
+        ]
+    assert task.MULTI_LABEL.summary(metrics).startswith("micro-F1 ")
+
+
+def test_thresholds_per_label_maximise_each_labels_dev_f1_and_global_the_micro_f1(tmp_path):
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, (60, 3))
+    probabilities = np.clip(labels * rng.uniform(0.2, 0.9, (60, 3)) + (1 - labels) * rng.uniform(0.0, 0.6, (60, 3)), 0, 1)
+    names = ["a", "b", "c"]
+    per_label = task.MULTI_LABEL.thresholds(labels, probabilities, names, "per-label")
+    assert task.MULTI_LABEL.thresholds(labels, probabilities, names, "") == per_label
+    for j, name in enumerate(names):
+        best = max(f1_score(labels[:, j], probabilities[:, j] >= t) for t in task.THRESHOLD_GRID)
+        assert f1_score(labels[:, j], probabilities[:, j] >= per_label[name]) == pytest.approx(best)
+    one = task.MULTI_LABEL.thresholds(labels, probabilities, names, "global")
+    assert len(set(one.values())) == 1
+    best = max(f1_score(labels, probabilities >= t, average="micro") for t in task.THRESHOLD_GRID)
+    assert f1_score(labels, probabilities >= one["a"], average="micro") == pytest.approx(best)
+    assert task.MULTI_LABEL.thresholds(labels, probabilities, names, "0.3") == dict.fromkeys(names, 0.3)
+    predicted = task.MULTI_LABEL.predict(probabilities, per_label)
+    assert predicted.tolist() == (probabilities >= [per_label[n] for n in names]).astype(int).tolist()
+    (tmp_path / "t.json").write_text('{"a": 0.2, "b": 0.5, "c": 0.7}')
+    assert task.MULTI_LABEL.thresholds(None, None, names, str(tmp_path / "t.json")) == {"a": 0.2, "b": 0.5, "c": 0.7}
+    (tmp_path / "other.json").write_text('{"a": 0.2, "x": 0.5}')
+    with pytest.raises(ConfigError, match=r"other.json: unknown labels \['x'\]; missing labels \['b', 'c'\]"):
+        task.MULTI_LABEL.thresholds(None, None, names, str(tmp_path / "other.json"))
+
+
+def test_class_weights_balanced_and_from_a_file(tmp_path):
+    from sklearn.utils.class_weight import compute_class_weight
+
+    encoded = [0, 0, 0, 0, 1, 1, 2]
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=np.array(encoded))
+    counts = {"a": 4, "b": 2, "c": 1}  # records per label, as data.py counts them
+    assert task.class_weights(task.SINGLE_LABEL, "balanced", counts, 7, ["a", "b", "c"]) == pytest.approx(expected)
+    assert task.class_weights(task.SINGLE_LABEL, "none", counts, 7, ["a", "b", "c"]) is None
+    # multi-hot [[1, 0], [1, 1], [0, 1], [0, 1]]: a on 2 of 4 records, b on 3
+    assert task.class_weights(task.MULTI_LABEL, "balanced", {"a": 2, "b": 3}, 4, ["a", "b"]) == pytest.approx([2 / 2, 1 / 3])
+    with pytest.raises(ConfigError, match="label 'b' is on every training record"):
+        task.class_weights(task.MULTI_LABEL, "balanced", {"a": 1, "b": 2}, 2, ["a", "b"])
+    path = tmp_path / "w.json"
+    path.write_text('{"a": 1, "b": 2.5}')
+    assert task.class_weights(task.SINGLE_LABEL, str(path), counts, 7, ["a", "b"]) == [1.0, 2.5]
+    for content, message in [
+        ('{"a": 1, "b": 2, "z": 3}', r"unknown labels \['z'\]"),
+        ('{"a": 1}', r"missing labels \['b'\]"),
+        ('{"a": 1, "b": 0}', "label 'b' has 0, expected a positive number"),
+        ('{"a": 1, "b": "2"}', "label 'b' has '2', expected a positive number"),
+    ]:
+        path.write_text(content)
+        with pytest.raises(ConfigError, match=message):
+            task.class_weights(task.SINGLE_LABEL, str(path), counts, 7, ["a", "b"])
+
+
+def test_weighted_losses_as_computed_by_hand():
+    """Weighted cross-entropy and BCE with pos_weight on a small batch, against the formulas; each
+    is a mean over the records, so two equal micro-batches average to the big batch's loss."""
+    import torch
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0], [1.0, -2.0, 0.5]])
+    labels = torch.tensor([0, 1, 2, 2])
+    weights = torch.tensor([0.5, 2.0, 4.0])
+    by_hand = np.mean([weights[y].item() * -torch.log_softmax(row, dim=0)[y].item() for row, y in zip(logits, labels.tolist())])
+    loss = task.SINGLE_LABEL.weighted_loss(weights)
+    assert loss(logits, labels).item() == pytest.approx(by_hand, rel=1e-6)
+    halves = (loss(logits[:2], labels[:2]) + loss(logits[2:], labels[2:])) / 2
+    assert halves.item() == pytest.approx(loss(logits, labels).item(), rel=1e-6)
+    # torch's own weighted mean divides by the batch's weight sum: different per micro-batch, so not this.
+    torch_mean = torch.nn.functional.cross_entropy(logits, labels, weight=weights).item()
+    assert torch_mean != pytest.approx(by_hand, rel=1e-3)
+
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    sig = torch.sigmoid(logits)
+    by_hand = -(weights * targets * torch.log(sig) + (1 - targets) * torch.log(1 - sig)).mean().item()
+    assert task.MULTI_LABEL.weighted_loss(weights)(logits, targets).item() == pytest.approx(by_hand, rel=1e-6)
+    ones = task.MULTI_LABEL.weighted_loss(torch.ones(3))(logits, targets).item()
+    assert ones == pytest.approx(torch.nn.functional.binary_cross_entropy_with_logits(logits, targets).item(), rel=1e-6)
+
+
+def test_config_checks_the_task_options(tmp_path):
+    from pipeline.config import TrainConfig
+
+    for name in task.MULTI_LABEL.metric_names:
+        TrainConfig(task="multi_label", best_metric=name, eval_every=5, save_every=5)
+    for values, message in [
+        ({"task": "multilabel"}, "'task' = 'multilabel', expected single_label or multi_label"),
+        ({"best_metric": "micro_f1", "eval_every": 5, "save_every": 5}, "for task single_label"),
+        ({"label_separator": ";"}, "'label_separator'.*empty with task single_label"),
+        ({"threshold": "0.4"}, "'threshold'.*empty with task single_label"),
+        ({"task": "multi_label", "threshold": "1"}, "per-label, global, a number in \\(0, 1\\) or a .json file"),
+        ({"task": "multi_label", "threshold": str(tmp_path / "none.json")}, "none.json: file not found"),
+        ({"class_weights": "inverse"}, "none, balanced or a .json file"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(**values)
+    (tmp_path / "w.json").write_text('{"a": -1}')
+    with pytest.raises(ConfigError, match="w.json: label 'a' has -1, expected a positive number"):
+        TrainConfig(class_weights=str(tmp_path / "w.json"))

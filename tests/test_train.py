@@ -276,3 +276,56 @@ def test_metrics_of_an_interrupted_run_drop_a_cut_short_last_line(tmp_path):
     path.write_text(rows + "{oops\n" + rows, encoding="utf-8")
     with pytest.raises(ConfigError, match=r"metrics.jsonl: line 4 is not a JSON metrics record"):
         metrics_up_to(path, 2, log)
+
+
+@pytest.mark.slow
+def test_multi_label_run_evaluates_every_record_once_and_exports_its_dev_thresholds(multilabel_run):
+    """2 ranks, --task multi_label --class-weights balanced: metrics over exactly the 37 dev records,
+    per-label recall and 2x2 counts, the weights recorded, thresholds tuned on dev and exported."""
+    run = multilabel_run
+    results = json.loads((run / "eval_results.json").read_text())
+    dev, test = results["dev"], results["test"]
+    assert (dev["num_records"], test["num_records"]) == (37, 21)
+    dev_records = read_jsonl(run.parent / "dev.jsonl")
+    names = sorted({name for r in read_jsonl(run.parent / "train.jsonl") for name in r["label"]})
+    for name, row in dev["per_class"].items():
+        assert row["tp"] + row["fn"] == row["support"] == sum(name in r["label"] for r in dev_records)
+        assert row["tp"] + row["fp"] + row["fn"] + row["tn"] == 37 and 0 <= row["recall"] <= 1
+    predictions = read_jsonl(run / "predictions-dev.jsonl")
+    assert len(predictions) == 37 and all(set(p["labels"]) <= set(names) for p in predictions)
+    assert sum(name in p["labels"] for p in predictions) == dev["per_class"][name]["tp"] + dev["per_class"][name]["fp"]
+    assert set(dev["thresholds"]) == set(names) and test["thresholds"] == dev["thresholds"]
+    state = json.loads((run / "checkpoints" / "step-16" / "trainer_state.json").read_text())  # 2 epochs of 8 steps
+    assert json.loads((run / "export" / "thresholds.json").read_text()) == state["thresholds"] == dev["thresholds"]
+    config = json.loads((run / "export" / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification"
+    train_records = read_jsonl(run.parent / "train.jsonl")
+    positives = {name: sum(name in r["label"] for r in train_records) for name in names}
+    expected = {name: (128 - n) / n for name, n in positives.items()}
+    assert state["class_weights"] == pytest.approx(expected)
+    assert json.loads((run / "class_weights.json").read_text()) == pytest.approx(expected)
+    evals = [row for row in read_jsonl(run / "metrics.jsonl") if "split" in row]
+    assert [(row["split"], row["step"]) for row in evals] == [("dev", 4), ("dev", 8), ("dev", 12), ("dev", 16), ("test", 16)]
+    assert all(set(task.MULTI_LABEL.metric_names) <= set(row) for row in evals)
+    console = (run.parent / "run.console.txt").read_text()
+    assert console.count("recall per class:") == len(evals) and "class weights (balanced)" in console
+
+
+@pytest.mark.slow
+def test_class_weighted_accumulation_equals_the_big_batch(initial_model, small_data, tmp_path):
+    """With --class-weights balanced the loss is the weighted sum over the records divided by their
+    count (not by their weight sum), so 2 ranks x micro 4 x accum 2 still equals 1 rank x micro 16."""
+    weights, curves = {}, {}
+    for name, (ranks, micro, accum) in {"2x4x2": (2, 4, 2), "1x16x1": (1, 16, 1)}.items():
+        run = train(
+            tmp_path,
+            name,
+            small_data,
+            ds_config(tmp_path / f"{name}.json", 2, micro, accum),
+            ranks=ranks,
+            extra=[*SHORT, "--model", str(initial_model), "--max-steps", "3", "--eval-every", "0", "--class-weights", "balanced"],
+        )
+        weights[name], curves[name] = load_file(run / "export" / "model.safetensors"), losses(run)
+    diff = max(np.abs(weights["2x4x2"][k] - weights["1x16x1"][k]).max() for k in weights["1x16x1"])
+    assert diff < 5e-6, f"max |weight diff| {diff:.3g}"
+    assert np.allclose(curves["2x4x2"], curves["1x16x1"], rtol=0, atol=1e-5), curves

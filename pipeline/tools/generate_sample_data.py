@@ -4,7 +4,16 @@ Run from the repository root:
 
     python -m pipeline.tools.generate_sample_data          # (re)writes pipeline/sample_data/{train,dev,test}.jsonl
     python -m pipeline.tools.generate_sample_data --check  # same, then prints counts, lengths and two baselines
-    python -m pipeline.tools.generate_sample_data --long   # writes pipeline/sample_data/long_{train,dev}.jsonl instead
+    python -m pipeline.tools.generate_sample_data --mode long   # writes pipeline/sample_data/long_{train,dev}.jsonl instead
+    python -m pipeline.tools.generate_sample_data --mode multilabel  # multilabel_{train,dev,test}.jsonl
+    python -m pipeline.tools.generate_sample_data --mode imbalanced  # imbalanced_{train,dev,test}.jsonl
+
+Two small variants (a few hundred records a split, no label noise) for the multi-label and
+class-weight features; the default files do not change with them:
+- multilabel: co-morbid patients. A record mentions the findings of 1-3 diseases (50/35/15%),
+  section by section (the first disease's vital signs only), and ``label`` is the JSON list of them.
+- imbalanced: one disease per record as in the default set, but class shares from 24% down to 1.5%
+  (IMBALANCED_SHARES), so the rarest classes have a dozen training records.
 
 Each output line is ``{"text": "...", "label": "..."}`` (UTF-8, ``ensure_ascii=False``).
 ``text`` is an electronic-medical-record style note made of the sections
@@ -18,7 +27,7 @@ with class-specific probabilities and overlapping numeric ranges, and every
 record also gets a few findings borrowed from other classes, so no single
 keyword decides the label.
 
-Long-record mode (``--long``): admission notes of about 600-1,200 characters, far past 512
+Long-record mode (``--mode long``): admission notes of about 600-1,200 characters, far past 512
 tokens for a character-level model, with the boilerplate of real notes (history statement,
 个人史 / 婚育史 / 家族史, a full normal general examination) between the opening and the tests.
 In most of them (LATE_SHARE) the opening is vague (general malaise), so the decisive findings are
@@ -39,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -50,6 +60,9 @@ from ..config import SAMPLE_DATA_DIR
 SEED = 20240611
 # (split name, number of records, apply label noise?)
 SPLITS = [("train", 4000, True), ("dev", 500, False), ("test", 500, False)]
+VARIANT_SPLITS = [("train", 800), ("dev", 300), ("test", 300)]  # the small multilabel/imbalanced sets
+COMORBID_COUNTS = ([1, 2, 3], [50, 35, 15])  # diseases per multilabel record, and their weights
+IMBALANCED_SHARES = dict(P=0.24, B=0.20, C=0.15, A=0.12, M=0.09, H=0.07, D=0.05, G=0.04, Y=0.025, S=0.015)
 TRAIN_LABEL_NOISE = 0.03
 # Long-record mode: its own seed, small splits (a dev size not divisible by 2 ranks).
 LONG_SEED = 20261129
@@ -550,6 +563,25 @@ def record_sections(rng: random.Random, key: str, style: str = "") -> list:
     return sections
 
 
+# Items of a second disease's 体格检查 that the first disease's already states (vital signs, consciousness).
+VITALS = re.compile(r"(T|P|R|BP|SpO2) |神志清楚|嗜睡")
+
+
+def make_comorbid_record(rng: random.Random, keys: list) -> str:
+    """One note for a patient with every disease in `keys`: each section joins the diseases' findings
+    (repeated items once); the vital signs are the first disease's."""
+    merged = {}
+    for n, key in enumerate(keys):
+        for title, body in record_sections(rng, key):
+            items = [item for part in body.split("；") for item in ([part] if title != "体格检查" else part.split("，"))]
+            if title == "体格检查" and n:
+                items = [item for item in items if not VITALS.match(item)]
+            merged.setdefault(title, []).extend(items)
+    order = ["主诉", "现病史", "既往史", "体格检查", "辅助检查"]
+    sections = [(title, list(dict.fromkeys(merged[title]))) for title in order if merged.get(title)]
+    return "".join(f"{title}：{('，' if title == '体格检查' else '；').join(items)}。" for title, items in sections)
+
+
 def long_narrative(rng: random.Random, key: str, ctx: dict, present: list, negated: list) -> list:
     """Extra course-of-illness sentences that push long records past 512 chars.
 
@@ -685,14 +717,14 @@ def long_record(rng: random.Random, key: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def class_sequence(rng: random.Random, size: int) -> list:
-    """Class keys for one split: counts follow CLASSES weights, order is shuffled.
+def class_sequence(rng: random.Random, size: int, weights: list | None = None) -> list:
+    """Class keys for one split: counts follow `weights` (default: CLASSES weights), order is shuffled.
 
     Fixed counts (largest-remainder rounding) instead of independent draws, so
     even the 500-record splits are roughly, but not exactly, balanced.
     """
-    total = sum(w for _, _, w in CLASSES)
-    shares = [size * w / total for _, _, w in CLASSES]
+    weights = weights or [w for _, _, w in CLASSES]
+    shares = [size * w / sum(weights) for w in weights]
     counts = [int(s) for s in shares]
     by_remainder = sorted(range(len(shares)), key=lambda i: (-(shares[i] - counts[i]), i))
     for i in by_remainder[: size - sum(counts)]:
@@ -715,6 +747,22 @@ def make_split(index: int, size: int, noisy: bool, long: bool = False) -> list:
             if noise_rng.random() < TRAIN_LABEL_NOISE:
                 row["label"] = noise_rng.choice([lab for lab in labels if lab != row["label"]])
     return rows
+
+
+def make_variant_split(mode: str, index: int, size: int) -> list:
+    """A split of the multilabel or imbalanced set (own seeds: the default files are untouched)."""
+    rng = random.Random(SEED + 100 * (1 + list(VARIANTS).index(mode)) + index)
+    if mode == "imbalanced":
+        keys = class_sequence(rng, size, [IMBALANCED_SHARES[key] for key in KEYS])
+        return [{"text": make_record(rng, key), "label": LABEL_OF[key]} for key in keys]
+    rows = []
+    for _ in range(size):
+        keys = rng.sample(KEYS, rng.choices(*COMORBID_COUNTS)[0])
+        rows.append({"text": make_comorbid_record(rng, keys), "label": sorted(LABEL_OF[key] for key in keys)})
+    return rows
+
+
+VARIANTS = ("multilabel", "imbalanced")
 
 
 def write_jsonl_atomic(path: Path, rows: list) -> None:
@@ -778,11 +826,21 @@ def check(data: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="print counts, lengths and naive baselines")
-    parser.add_argument("--long", action="store_true", help="write the long-record splits (LONG_SPLITS) instead")
+    parser.add_argument(
+        "--mode", choices=["default", "long", *VARIANTS], default="default", help="which set to write (default: the sample data)"
+    )
     args = parser.parse_args()
+    if args.mode in VARIANTS:
+        for index, (name, size) in enumerate(VARIANT_SPLITS):
+            rows = make_variant_split(args.mode, index, size)
+            write_jsonl_atomic(SAMPLE_DATA_DIR / f"{args.mode}_{name}.jsonl", rows)
+            counts = Counter(label for row in rows for label in (row["label"] if args.mode == "multilabel" else [row["label"]]))
+            print(f"wrote {SAMPLE_DATA_DIR / f'{args.mode}_{name}.jsonl'} ({len(rows)} records; {dict(counts.most_common())})")
+        return
     data = {}
-    for index, (name, size, noisy) in enumerate(LONG_SPLITS if args.long else SPLITS):
-        rows = make_split(index, size, noisy, long=args.long)
+    long = args.mode == "long"
+    for index, (name, size, noisy) in enumerate(LONG_SPLITS if long else SPLITS):
+        rows = make_split(index, size, noisy, long=long)
         write_jsonl_atomic(SAMPLE_DATA_DIR / f"{name}.jsonl", rows)
         data[name] = rows
         print(f"wrote {SAMPLE_DATA_DIR / f'{name}.jsonl'} ({len(rows)} records)")
