@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .base import ConfigError, load_json, unknown_key_message
+from .model import VOCABULARIES
 from .task import METRIC_NAMES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -48,7 +49,13 @@ class TrainConfig:
     model: str = field(
         default=str(TINY_MODEL_DIR),
         metadata={
-            "help": "model directory: with weights it is fine-tuned, with config.json alone it is randomly initialised; without tokenizer files a WordPiece vocabulary is built from the training texts"
+            "help": "model directory: with weights it is fine-tuned, with config.json alone it is randomly initialised; without tokenizer files a vocabulary is built from the training texts (see vocabulary)"
+        },
+    )
+    vocabulary: str = field(
+        default="char",
+        metadata={
+            "help": "char|wordpiece: the vocabulary built from the training texts when the model directory has no tokenizer: every character seen at least twice (one token per character), or BERT WordPiece (characters, ##continuations and frequent words such as numbers)"
         },
     )
     max_length: int = field(default=256, metadata={"help": "tokens per record; longer records are truncated"})
@@ -66,7 +73,15 @@ class TrainConfig:
     )
     best_metric: str = field(
         default="",
-        metadata={"help": f"also keep the checkpoint with the best dev value of this metric ({', '.join(METRIC_NAMES)})"},
+        metadata={
+            "help": f"export the checkpoint with the best dev value of this metric ({', '.join(METRIC_NAMES)}) instead of the last one, and keep it; judged at the checkpointed evaluations"
+        },
+    )
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={
+            "help": "end training after this many checkpointed dev evaluations without a new best_metric value, exporting the best checkpoint (0: off; needs best_metric)"
+        },
     )
     resume: str = field(
         default="",
@@ -142,6 +157,7 @@ class TrainConfig:
             expected = {"str": (str,), "int": (int,), "float": (int, float)}[f.type]
             if isinstance(value, bool) or not isinstance(value, expected):
                 raise ConfigError(f"training config: '{f.name}' = {value!r}, expected {f.type}")
+        need(self.vocabulary in VOCABULARIES, "vocabulary", " or ".join(VOCABULARIES))
         need(self.max_length >= 8, "max_length", "at least 8")
         need(self.epochs >= 1, "epochs", "at least 1")
         need(self.max_steps >= 0, "max_steps", ">= 0")
@@ -155,6 +171,12 @@ class TrainConfig:
             not self.best_metric or (self.eval_every and self.save_every and self.save_every % self.eval_every == 0),
             "save_every",
             "a multiple of eval_every (both > 0) when best_metric is set, so the best step has a checkpoint",
+        )
+        need(self.early_stopping_patience >= 0, "early_stopping_patience", ">= 0")
+        need(
+            not self.early_stopping_patience or self.best_metric,
+            "early_stopping_patience",
+            "0 unless best_metric is set (early stopping watches the best_metric's dev value)",
         )
         need(self.eval_batch_size >= 1, "eval_batch_size", "at least 1")
         need(0.0 <= self.max_unk_fraction <= 1.0, "max_unk_fraction", "between 0 and 1")

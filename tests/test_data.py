@@ -16,7 +16,7 @@ from pipeline.data import (
     read_split,
     tokenize_cached,
 )
-from pipeline.model import build_wordpiece_tokenizer, load_tokenizer
+from pipeline.model import build_tokenizer, load_tokenizer
 
 ROWS = [
     {"text": "主诉：发热3天，咳嗽。", "label": "肺炎"},
@@ -82,7 +82,7 @@ def test_label_seen_only_in_dev_is_an_error(tmp_path, files):
 
 def test_tokenized_cache_is_reused_and_keyed_by_content_and_max_length(tmp_path, files):
     split = read_split(str(files["train"]), "text", "label")
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", str(tmp_path))), 64)
+    tokenizer = load_tokenizer(str(build_tokenizer(split.texts, "d", str(tmp_path))), 64)
     names = label_names_from(split, [])
     path, reused = tokenize_cached(split, names, tokenizer, 64, str(tmp_path / "cache"))
     assert not reused
@@ -100,7 +100,7 @@ def test_tokenized_cache_is_reused_and_keyed_by_content_and_max_length(tmp_path,
 def test_switching_the_text_column_does_not_reuse_the_other_columns_cache(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [{"text": r["text"], "summary": r["label"], "label": r["label"]} for r in ROWS])
     by_text, by_summary = read_split(str(path), "text", "label"), read_split(str(path), "summary", "label")
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(by_text.texts + by_summary.texts, "d", str(tmp_path))), 64)
+    tokenizer = load_tokenizer(str(build_tokenizer(by_text.texts + by_summary.texts, "d", str(tmp_path))), 64)
     names = label_names_from(by_text, [])
     first, _ = tokenize_cached(by_text, names, tokenizer, 64, str(tmp_path / "cache"))
     second, reused = tokenize_cached(by_summary, names, tokenizer, 64, str(tmp_path / "cache"))
@@ -143,7 +143,7 @@ def test_tokenized_cache_is_written_in_bounded_batches_with_unknown_tokens_count
 
     monkeypatch.setattr(data, "TOKENIZE_BATCH", 5)
     split = read_split(str(files["train"]), "text", "label")  # 12 records
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts[:1], "first-text-only", str(tmp_path))), 64)
+    tokenizer = load_tokenizer(str(build_tokenizer(split.texts[:1] * 2, "first-text-only", str(tmp_path))), 64)
     path, _ = tokenize_cached(split, label_names_from(split, []), tokenizer, 64, str(tmp_path / "cache"))
     with pa.memory_map(str(path / data.CACHE_DATA)) as source:
         assert [len(batch) for batch in pa.ipc.open_stream(source)] == [5, 5, 2]
@@ -164,7 +164,7 @@ def test_a_reused_cache_is_not_read_token_by_token(tmp_path, files, monkeypatch)
 
     cfg = TrainConfig(train_file=str(files["train"]), dev_file=str(files["dev"]))
     split = read_split(str(files["train"]), "text", "label")
-    tokenizer_dir = build_wordpiece_tokenizer(split.texts, split.fingerprint, str(tmp_path))
+    tokenizer_dir = build_tokenizer(split.texts, split.fingerprint, str(tmp_path))
 
     class Log:
         def info(self, _):
@@ -183,7 +183,7 @@ def test_a_reused_cache_is_not_read_token_by_token(tmp_path, files, monkeypatch)
 def _build_shared_caches(split, cache: str, barrier) -> None:
     """One run of a sweep: tokenizer, then tokenized data, each started at the same moment as the others'."""
     barrier.wait()
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", cache)), 64)
+    tokenizer = load_tokenizer(str(build_tokenizer(split.texts, "d", cache)), 64)
     barrier.wait()
     tokenize_cached(split, label_names_from(split, []), tokenizer, 64, cache)
 
@@ -212,7 +212,7 @@ def test_batches_equal_hf_padding_collator(tmp_path):
     from transformers import DataCollatorWithPadding
 
     split = read_split(str(SAMPLE / "dev.jsonl"), "text", "label")
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", str(tmp_path))), 512)
+    tokenizer = load_tokenizer(str(build_tokenizer(split.texts, "d", str(tmp_path))), 512)
     path, _ = tokenize_cached(split, label_names_from(split, []), tokenizer, 512, str(tmp_path / "cache"))
     rows, collate = load_tokenized(path), DataCollatorWithPadding(tokenizer, return_tensors="pt")
     data = TokenizedSplit(path, tokenizer.pad_token_id)
@@ -235,7 +235,9 @@ def test_tokenizer_that_maps_text_to_unk_is_refused(tmp_path, files):
     from transformers import BertTokenizerFast
 
     split = read_split(str(files["train"]), "text", "label")
-    vocab = build_wordpiece_tokenizer(split.texts, "d", str(tmp_path)) / "vocab.txt"
+    vocabulary = load_tokenizer(str(build_tokenizer(split.texts, "d", str(tmp_path))), 64).get_vocab()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(sorted(vocabulary, key=vocabulary.get)) + "\n", encoding="utf-8")
     broken = BertTokenizerFast(vocab_file=str(vocab))
     broken_dir = tmp_path / "broken"
     broken.save_pretrained(broken_dir)

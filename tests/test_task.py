@@ -66,3 +66,8 @@ def test_labels_probabilities_and_predictions():
     assert task.predictions(logits).tolist() == [1, 0]
     probabilities = task.probabilities(logits)
     assert np.allclose(probabilities.sum(axis=1), 1) and probabilities[0, 1] == pytest.approx(1 / (1 + np.exp(-2)))
+
+
+def test_confusion_matrix_rows_are_true_labels_and_columns_predictions():
+    matrix = task.metrics([0, 0, 0, 1, 2], [0, 2, 2, 1, 0], ["a", "b", "c"])["confusion_matrix"]
+    assert matrix == {"labels": ["a", "b", "c"], "counts": [[1, 0, 2], [0, 1, 0], [1, 0, 0]]}
