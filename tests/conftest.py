@@ -193,11 +193,18 @@ EARLY_STOP_SETTINGS = (
 
 
 @pytest.fixture(scope="session")
-def early_stopped(tmp_path_factory, small_data) -> tuple[Path, Path]:
-    """(DeepSpeed config, run directory) of EARLY_STOP_SETTINGS on 2 CPU ranks, ZeRO-2."""
-    tmp = tmp_path_factory.mktemp("early-stopped")
-    config = ds_config(tmp / "ds.json", 2, micro=4, accum=2, lr=3e-3)
-    return config, train(tmp, "run", small_data, config, extra=EARLY_STOP_SETTINGS)
+def early_stopped(tmp_path_factory, small_data):
+    """early_stopped(stage): (DeepSpeed config, run directory) of EARLY_STOP_SETTINGS on 2 CPU ranks."""
+    runs = {}
+
+    def get(stage: int) -> tuple[Path, Path]:
+        if stage not in runs:
+            tmp = tmp_path_factory.mktemp(f"early-stopped-zero{stage}")
+            config = ds_config(tmp / "ds.json", stage, micro=4, accum=2, lr=3e-3)
+            runs[stage] = config, train(tmp, "run", small_data, config, extra=EARLY_STOP_SETTINGS)
+        return runs[stage]
+
+    return get
 
 
 def early_stop_step(run_dir: Path, every: int, patience: int) -> tuple[int | None, int]:

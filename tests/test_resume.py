@@ -372,7 +372,7 @@ def test_a_full_disk_stops_every_rank_with_one_clear_error(initial_model, small_
 def test_a_resumed_run_keeps_the_patience_count_and_stops_where_the_uninterrupted_one_did(early_stopped, small_data, tmp_path):
     """Interrupted after a checkpointed evaluation that did not improve on the best: the count of such
     evaluations comes back from trainer_state.json, so the resumed run stops at the same step."""
-    config, ref = early_stopped
+    config, ref = early_stopped(2)
     stop, best = early_stop_step(ref, every=2, patience=3)
     assert stop is not None
     last_step = stop - 2  # two evaluations without a new best so far: one more stops the run

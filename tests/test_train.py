@@ -281,12 +281,14 @@ def test_metrics_of_an_interrupted_run_drop_a_cut_short_last_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_early_stopping_ends_the_run_and_exports_the_best_checkpoint(early_stopped, small_data, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_early_stopping_ends_the_run_and_exports_the_best_checkpoint(early_stopped, small_data, tmp_path, stage):
     """Stopped after 3 checkpointed evaluations without a new best dev macro-F1; the export, the
-    final dev evaluation and the predictions are the best checkpoint's, not the last step's."""
+    final dev evaluation and the predictions are the best checkpoint's (loaded into the engine, under
+    ZeRO-3 into its partitions), not the last step's."""
     from pipeline.checkpoint import consolidated_fp32_state_dict
 
-    _, run = early_stopped
+    _, run = early_stopped(stage)
     stop, best = early_stop_step(run, every=2, patience=3)
     assert stop is not None and stop < 96, "macro-F1 kept improving: early stopping never had to act"
     assert max(row["step"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row) == stop
