@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .base import ConfigError, load_json, unknown_key_message
-from .model import VOCABULARIES
+from .model import DEFAULT_VOCABULARY, VOCABULARIES
 from .task import METRIC_NAMES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -53,9 +53,9 @@ class TrainConfig:
         },
     )
     vocabulary: str = field(
-        default="char",
+        default=DEFAULT_VOCABULARY,
         metadata={
-            "help": "char|wordpiece: the vocabulary built from the training texts when the model directory has no tokenizer: every character seen at least twice (one token per character), or BERT WordPiece (characters, ##continuations and frequent words such as numbers)"
+            "help": "wordpiece|char: the vocabulary built from the training texts when the model directory has no tokenizer: BERT WordPiece (characters, ##continuations and frequent words such as numbers), or every character seen at least twice (one token per character)"
         },
     )
     max_length: int = field(default=256, metadata={"help": "tokens per record; longer records are truncated"})
