@@ -63,14 +63,27 @@ def plot_run(run_dir: Path, output: Path) -> Path:
 
 
 def dev_confusion(run_dir: Path) -> tuple[str, dict] | None:
-    """(title, confusion matrix) of the run's final dev evaluation, else of its latest; None before any."""
+    """(title, confusion matrix) of the run's final dev evaluation, else of its latest; None before
+    any, or for a run evaluated before evaluations held one."""
     if (run_dir / "eval_results.json").is_file():
         results = load_json(run_dir / "eval_results.json")
-        return f"dev, step {results['step']} (exported)", results["dev"]["confusion_matrix"]
-    evals = sorted(run_dir.glob("eval/dev-step-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
-    if not evals:
-        return None
-    return f"dev, step {evals[-1].stem.rsplit('-', 1)[1]} (latest)", load_json(evals[-1])["confusion_matrix"]
+        title, matrix = f"dev, step {results['step']} (exported)", results["dev"].get("confusion_matrix")
+    else:
+        evals = sorted(run_dir.glob("eval/dev-step-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+        if not evals:
+            return None
+        title, matrix = f"dev, step {evals[-1].stem.rsplit('-', 1)[1]} (latest)", load_json(evals[-1]).get("confusion_matrix")
+    return (title, matrix) if matrix else None
+
+
+def drawable(labels: list[str]) -> bool:
+    """Whether matplotlib's default font has a glyph for every character of the labels (Chinese label
+    names need a CJK font, which many servers lack: they would be drawn as empty boxes)."""
+    from matplotlib.font_manager import FontProperties, findfont
+    from matplotlib.ft2font import FT2Font
+
+    font = FT2Font(findfont(FontProperties()))
+    return all(font.get_char_index(ord(c)) for c in "".join(labels) if not c.isspace())
 
 
 def plot_confusion(title: str, matrix: dict, output: Path) -> Path:
@@ -80,6 +93,10 @@ def plot_confusion(title: str, matrix: dict, output: Path) -> Path:
     plt = pyplot()
 
     counts, labels = np.array(matrix["counts"]), matrix["labels"]
+    if not drawable(labels):
+        print("plot: no installed font draws these label names; the confusion matrix numbers them:")
+        print("\n".join(f"  {i}: {name}" for i, name in enumerate(labels)))
+        labels = [str(i) for i in range(len(labels))]
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = 2 + 0.6 * len(labels)
     fig, ax = plt.subplots(figsize=(size + 1, size))

@@ -37,3 +37,13 @@ def test_run_directory_has_tensorboard_events_flops_profile_and_plots(small_data
 def test_plot_of_a_directory_without_metrics_says_so(tmp_path):
     result = plot(tmp_path)
     assert result.returncode == 2 and "no metrics.jsonl" in result.stderr
+
+
+def test_confusion_png_numbers_labels_no_installed_font_draws(tmp_path, capsys):
+    from pipeline import task
+    from pipeline.plot import drawable, plot_confusion
+
+    matrix = task.metrics([0, 1, 1, 2], [0, 1, 2, 2], ["肺炎", "心梗", "哮喘"])["confusion_matrix"]
+    out = plot_confusion("dev, step 3 (latest)", matrix, tmp_path / "c.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ("0: 肺炎" in capsys.readouterr().out) != drawable(matrix["labels"])  # the key only where the names cannot be drawn
