@@ -62,8 +62,9 @@ class TrainerState:
     step_in_epoch: int = 0  # optimizer steps already taken in `epoch` (its data order is seeded)
     optimizer_step: int = 0  # accumulation windows done, as DeepSpeed's engine.global_steps counts them
     skipped_steps: int = 0  # of those, windows whose update fp16's loss scaler skipped (engine.skipped_steps)
-    best_metric: float | None = None
+    best_metric: float | None = None  # the best dev value of --best-metric at a checkpointed step
     best_step: int | None = None
+    evaluations_since_best: int = 0  # checkpointed evaluations after best_step: early stopping's count
     world_size: int = 1
     train_batch_size: int = 0
     label_names: list[str] = field(default_factory=list)
@@ -77,6 +78,13 @@ class TrainerState:
     def applied_steps(self) -> int:
         """Updates the weights received: the LR scheduler's position (DeepSpeed does not step it on a skip)."""
         return self.optimizer_step - self.skipped_steps
+
+    def note_evaluation(self, value: float, step: int) -> None:
+        """A dev value of the best metric at a checkpointed step: a new best, or one more without improvement."""
+        if self.best_metric is None or value > self.best_metric:
+            self.best_metric, self.best_step, self.evaluations_since_best = value, step, 0
+        else:
+            self.evaluations_since_best += 1
 
     def advance(self, steps_per_epoch: int, skipped: bool = False) -> None:
         """One accumulation window done: the data moves on even when fp16 skipped its update."""
@@ -447,6 +455,18 @@ def replay_cpu_adam_steps(optimizer) -> None:
         # groups with other betas make the kernel recompute pow(), as they did in the uninterrupted run.
         for group in optimizer.param_groups:
             call(step, group, *dummy)
+
+
+def load_weights(engine, ckpt: Path) -> None:
+    """Put a complete checkpoint's weights into the live engine (every rank), to evaluate them.
+
+    Consolidated from its ZeRO shards as the export is, so any stage and any world size will do
+    (also a checkpoint saved before a resume on another world size); under ZeRO-3 DeepSpeed gathers
+    each partitioned parameter and scatters rank 0's values. Only the module changes: the optimizer
+    keeps the last step's state, so this is for after training.
+    """
+    dist.main_first(lambda: verify_manifest(ckpt))
+    engine.load_module_state_dict({"module": consolidated_fp32_state_dict(ckpt)}, fetch_z3_params=True)
 
 
 def read_state(ckpt: Path) -> TrainerState:

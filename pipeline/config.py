@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .base import ConfigError, load_json, unknown_key_message
+from .model import DEFAULT_VOCABULARY, VOCABULARIES
 from .reading import LONG_RECORDS, POOLS, TRUNCATIONS
 from .task import TASKS, THRESHOLD_EXPECTED, WEIGHT_EXPECTED, read_label_values, valid_threshold, valid_weight
 
@@ -80,7 +81,13 @@ class TrainConfig:
     model: str = field(
         default=str(TINY_MODEL_DIR),
         metadata={
-            "help": "model directory: with weights it is fine-tuned, with config.json alone it is randomly initialised; without tokenizer files a WordPiece vocabulary is built from the training texts"
+            "help": "model directory: with weights it is fine-tuned, with config.json alone it is randomly initialised; without tokenizer files a vocabulary is built from the training texts (see vocabulary)"
+        },
+    )
+    vocabulary: str = field(
+        default=DEFAULT_VOCABULARY,
+        metadata={
+            "help": "wordpiece|char: the vocabulary built from the training texts when the model directory has no tokenizer: BERT WordPiece (characters, ##continuations and frequent words such as numbers), or every character seen at least twice (one token per character)"
         },
     )
     max_length: int = field(
@@ -126,8 +133,16 @@ class TrainConfig:
     best_metric: str = field(
         default="",
         metadata={
-            "help": "also keep the checkpoint with the best dev value of this metric "
+            "help": "export the checkpoint with the best dev value of this metric instead of the last one, and keep it; "
+            "judged at the checkpointed evaluations ("
             + "; ".join(f"{name}: {', '.join(task.metric_names)}" for name, task in TASKS.items())
+            + ")"
+        },
+    )
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={
+            "help": "end training after this many checkpointed dev evaluations without a new best_metric value, exporting the best checkpoint (0: off; needs best_metric)"
         },
     )
     resume: str = field(
@@ -204,6 +219,7 @@ class TrainConfig:
             expected = {"str": (str,), "int": (int,), "float": (int, float)}[f.type]
             if isinstance(value, bool) or not isinstance(value, expected):
                 raise ConfigError(f"training config: '{f.name}' = {value!r}, expected {f.type}")
+        need(self.vocabulary in VOCABULARIES, "vocabulary", " or ".join(VOCABULARIES))
         need(self.max_length >= 8, "max_length", "at least 8")
         need(self.truncation in TRUNCATIONS, "truncation", " or ".join(TRUNCATIONS))
         need(self.long_records in LONG_RECORDS, "long_records", " or ".join(LONG_RECORDS))
@@ -236,6 +252,12 @@ class TrainConfig:
             not self.best_metric or (self.eval_every and self.save_every and self.save_every % self.eval_every == 0),
             "save_every",
             "a multiple of eval_every (both > 0) when best_metric is set, so the best step has a checkpoint",
+        )
+        need(self.early_stopping_patience >= 0, "early_stopping_patience", ">= 0")
+        need(
+            not self.early_stopping_patience or self.best_metric,
+            "early_stopping_patience",
+            "0 unless best_metric is set (early stopping watches the best_metric's dev value)",
         )
         need(self.eval_batch_size >= 1, "eval_batch_size", "at least 1")
         need(0.0 <= self.max_unk_fraction <= 1.0, "max_unk_fraction", "between 0 and 1")

@@ -2,14 +2,17 @@
 
 A model directory is anything `AutoModelForSequenceClassification` and `AutoTokenizer` load. With
 weight files it is fine-tuned; with only `config.json` (like the shipped `models/tiny-bert`) it is
-randomly initialised. Without tokenizer files, a BERT WordPiece vocabulary is trained from the
-training texts, which works offline (Chinese BERT vocabularies are one token per character).
+randomly initialised. Without tokenizer files, a vocabulary is learned from the training texts
+(offline): by default a BERT WordPiece vocabulary (each CJK character a token, as in Chinese BERT
+vocabularies, plus frequent numbers and Latin words), or every character seen at least twice, one
+token per character (`--vocabulary char`).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 from . import task
@@ -19,6 +22,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDPIECE_VOCAB_SIZE = 8000
+CHAR_MIN_COUNT = 2  # a character vocabulary keeps the characters seen at least this often
 
 
 # Model types whose position ids start after the padding index (transformers'
@@ -94,47 +98,86 @@ def load_tokenizer(tokenizer_dir: str, max_length: int):
     return tokenizer
 
 
-def wordpiece_vocabulary(texts) -> list[str]:
-    """A BERT vocabulary learned from `texts`, the same list on every run.
+def _normalizer():
+    from tokenizers import normalizers
+
+    # BERT's own: drops control characters, lowercases, puts spaces around CJK characters.
+    return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
+
+
+def _pre_tokenizer(vocabulary: str):
+    """How text is cut before vocabulary lookup: BERT's words and punctuation (each CJK character
+    a word) for WordPiece; every non-space character on its own for the character vocabulary."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if vocabulary == "wordpiece":
+        return pre_tokenizers.BertPreTokenizer()
+    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), "isolated")])
+
+
+def char_vocabulary(counts: Counter) -> list[str]:
+    """Every character seen at least CHAR_MIN_COUNT times, in code-point order (the same ids every
+    run); a character seen once gets no embedding of its own, which training could hardly learn."""
+    return SPECIAL_TOKENS + sorted(c for c, n in counts.items() if n >= CHAR_MIN_COUNT)
+
+
+def wordpiece_vocabulary(counts: Counter) -> list[str]:
+    """A BERT vocabulary from the training words' counts, the same list on every run.
 
     Every character seen (alone and as a ##continuation, so any word of the data can be spelled)
-    plus the most frequent longer words (numbers, Latin terms), ties broken alphabetically.
-    Uses BERT's own normalizer and pre-tokenizer, so CJK characters are single tokens. (The
+    plus the most frequent longer words (numbers, Latin terms), ties broken alphabetically. (The
     `tokenizers` WordPiece trainer was not used: its vocabulary changes from run to run.)
     """
-    from tokenizers import normalizers, pre_tokenizers
-
-    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
-    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    counts = Counter()
-    for text in texts:
-        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
     chars = sorted({c for word in counts for c in word})
     budget = WORDPIECE_VOCAB_SIZE - len(SPECIAL_TOKENS) - 2 * len(chars)
     words = sorted((w for w, n in counts.items() if len(w) > 1 and n >= 2), key=lambda w: (-counts[w], w))[: max(budget, 0)]
     return SPECIAL_TOKENS + chars + ["##" + c for c in chars] + words
 
 
-def build_wordpiece_tokenizer(texts, texts_key: str, cache_dir: str):
-    """Build (or reuse, keyed by `texts_key`, e.g. the training Split's key) a BERT tokenizer for the
-    iterable `texts` (read once, only when the tokenizer is built).
+VOCABULARIES = {"char": char_vocabulary, "wordpiece": wordpiece_vocabulary}
+# The default: higher mean dev and test macro-F1 on the bundled sample (docs/data-and-models.md, 3 seeds).
+DEFAULT_VOCABULARY = "wordpiece"
 
-    Loaded back with `from_pretrained(dir)`: in transformers 5, `BertTokenizerFast(vocab_file=...)`
-    ignores the file and maps every character to [UNK].
+
+def build_tokenizer(texts: Iterable[str], texts_key: str, cache_dir: str, vocabulary: str = DEFAULT_VOCABULARY) -> Path:
+    """Build (or reuse, keyed by `texts_key`, e.g. the training Split's fingerprint, and the
+    vocabulary kind) a tokenizer whose vocabulary is learned from `texts`; returns its directory.
+
+    `texts` is read once, as it comes (a generator over a large file will do). Saved as
+    `tokenizer.json` and loaded with `from_pretrained(dir)` (in transformers 5,
+    `BertTokenizerFast(vocab_file=...)` ignores the file and maps every character to [UNK]).
     """
-    key = hashlib.sha256(f"{texts_key}:{WORDPIECE_VOCAB_SIZE}".encode()).hexdigest()[:20]
-    target = Path(cache_dir) / f"tokenizer-{key}"
+    limits = {"char": CHAR_MIN_COUNT, "wordpiece": WORDPIECE_VOCAB_SIZE}[vocabulary]
+    key = hashlib.sha256(f"{texts_key}:{vocabulary}:{limits}".encode()).hexdigest()[:20]
+    target = Path(cache_dir) / f"tokenizer-{vocabulary}-{key}"
     if not (target / "tokenizer_config.json").is_file():
-        build_once(target, "tokenizer_config.json", lambda tmp: write_tokenizer(tmp, wordpiece_vocabulary(texts)))
+        build_once(target, "tokenizer_config.json", lambda tmp: write_tokenizer(tmp, texts, vocabulary))
     return target
 
 
-def write_tokenizer(directory: Path, vocabulary: list[str]) -> None:
-    from transformers import BertTokenizerFast
+def write_tokenizer(directory: Path, texts: Iterable[str], vocabulary: str) -> None:
+    """Count the pre-tokenized pieces of `texts` in one pass, and save the tokenizer they give."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
 
-    directory.mkdir(parents=True)
-    (directory / "vocab.txt").write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
-    BertTokenizerFast.from_pretrained(str(directory)).save_pretrained(str(directory))
+    normalizer, pre_tokenizer = _normalizer(), _pre_tokenizer(vocabulary)
+    counts = Counter()
+    for text in texts:
+        counts.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    ids = {token: i for i, token in enumerate(VOCABULARIES[vocabulary](counts))}
+    if vocabulary == "wordpiece":
+        backend = Tokenizer(models.WordPiece(ids, unk_token="[UNK]"))
+        backend.decoder = decoders.WordPiece()
+    else:
+        backend = Tokenizer(models.WordLevel(ids, unk_token="[UNK]"))
+    backend.normalizer, backend.pre_tokenizer = normalizer, pre_tokenizer
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
+    )
+    named = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIAL_TOKENS))
+    PreTrainedTokenizerFast(tokenizer_object=backend, **named).save_pretrained(str(directory))
 
 
 def build_model(

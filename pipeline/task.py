@@ -102,10 +102,11 @@ def predictions(logits: np.ndarray) -> np.ndarray:
 
 
 def metrics(labels, predicted, names: list[str]) -> dict:
-    """The summary METRICS, per-class precision/recall/F1/support (scikit-learn), and the classes
+    """The summary METRICS, per-class precision/recall/F1/support (scikit-learn), the classes
     absent from the reference (their rows stay; a record wrongly predicted as one still lowers its
-    true class's recall and F1)."""
-    from sklearn.metrics import precision_recall_fscore_support
+    true class's recall and F1), and the confusion matrix: counts[i][j] records of true class
+    labels[i] predicted as labels[j]."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     ids = list(range(len(names)))
     present = np.unique(labels).tolist()
@@ -118,6 +119,7 @@ def metrics(labels, predicted, names: list[str]) -> dict:
             name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
             for i, name in enumerate(names)
         },
+        "confusion_matrix": {"labels": list(names), "counts": confusion_matrix(labels, predicted, labels=ids).tolist()},
     }
 
 

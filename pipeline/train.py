@@ -28,7 +28,7 @@ from .data import TokenizedSplit, prepare_splits, train_batches
 from .ds_config import Hardware, RunShape, ds_precision, resolve_ds_config
 from .engine import build_engine
 from .evaluate import evaluate, to_device
-from .model import build_model, build_wordpiece_tokenizer, check_model_dir, has_tokenizer, load_tokenizer
+from .model import build_model, build_tokenizer, check_model_dir, has_tokenizer, load_tokenizer
 from .reading import Reading
 from .stop import Stopped, StopRequests
 
@@ -226,10 +226,25 @@ def check_progress(step: int, epoch: int, loss: float, fp16: bool, skipped: bool
         )
 
 
+def note_best(state: TrainerState, metric: str, metrics: dict, step: int) -> None:
+    """Count a checkpointed dev evaluation toward the best checkpoint and early stopping.
+
+    Every rank computed the same metrics from the same gathered logits; rank 0's value is
+    broadcast all the same, so the stop decision cannot differ between ranks.
+    """
+    state.note_evaluation(dist.broadcast_object(metrics[metric]), step)
+
+
+def out_of_patience(cfg: TrainConfig, state: TrainerState) -> bool:
+    """Early stopping: the last `early_stopping_patience` checkpointed evaluations found no new best."""
+    return bool(cfg.early_stopping_patience) and state.evaluations_since_best >= cfg.early_stopping_patience
+
+
 def train_loop(
     engine, cfg: TrainConfig, data: dict, label_names, state: TrainerState, total_steps: int, per_epoch: int, run: RunLog, save
 ) -> None:
-    """Train from `state` until the weights have had `total_steps` updates, evaluating and saving on the way.
+    """Train from `state` until the weights have had `total_steps` updates, or early stopping ends
+    it after a checkpointed evaluation, evaluating and saving on the way.
 
     Step numbers count accumulation windows, as DeepSpeed's `global_steps` does, and the data
     order follows them; a window whose update fp16 skipped (overflow) does not step the LR
@@ -247,7 +262,7 @@ def train_loop(
     window = torch.zeros(3, device=engine.device)  # [sum of micro-batch losses, tokens, ranks asked to stop]
     stats, started, at_min_scale = {"data_wait": 0.0}, time.perf_counter(), 0
     engine.train()
-    while state.applied_steps < total_steps:
+    while state.applied_steps < total_steps and not out_of_patience(cfg, state):
         epoch = state.epoch
         batches = train_batches(data["train"], micro, accum, world, dist.rank(), cfg.seed, epoch, state.step_in_epoch)
         for batch in timed(batches, stats):
@@ -290,12 +305,11 @@ def train_loop(
                 metrics = evaluate(engine, data["dev"], cfg.eval_batch_size, label_names, kind, cfg.threshold)[0]
                 state.thresholds = metrics.get("thresholds")  # multi-label: tuned on this dev evaluation
                 run.eval(step, "dev", metrics)
-                saving = cfg.save_every and step % cfg.save_every == 0  # the best must have a checkpoint
-                if saving and cfg.best_metric and (state.best_metric is None or metrics[cfg.best_metric] > state.best_metric):
-                    state.best_metric, state.best_step = metrics[cfg.best_metric], step
+                if cfg.best_metric and cfg.save_every and step % cfg.save_every == 0:  # the best must have a checkpoint
+                    note_best(state, cfg.best_metric, metrics, step)
             if cfg.save_every and step % cfg.save_every == 0 and not done:
                 save()
-            if done:
+            if done or out_of_patience(cfg, state):
                 return
             if stop:  # every rank got the same sum: all stop after this step
                 raise Stopped(
@@ -321,7 +335,7 @@ def prepare_data(cfg: TrainConfig, cache_dir: str, log):
     def tokenizer_for(train_split):
         if has_tokenizer(cfg.model):
             return load_tokenizer(cfg.model, cfg.max_length), cfg.model
-        tokenizer_dir = build_wordpiece_tokenizer(train_split.texts(), train_split.key, cache_dir)
+        tokenizer_dir = build_tokenizer(train_split.texts(), train_split.key, cache_dir, cfg.vocabulary)
         return load_tokenizer(str(tokenizer_dir), cfg.max_length), tokenizer_dir
 
     info = dist.main_first(lambda: prepare_splits(cfg, tokenizer_for, cache_dir, log))
@@ -343,6 +357,61 @@ def start_or_resume(cfg: TrainConfig, log) -> tuple[Path, Path | None]:
 
     run_dir, ckpt = dist.main_first(decide)
     return Path(run_dir), (Path(ckpt) if ckpt else None)
+
+
+def finish(engine, cfg: TrainConfig, data: dict, label_names, state: TrainerState, run: RunLog, save, log) -> tuple[Path, dict]:
+    """After training: save the last step, choose the checkpoint to export (the last one, or with
+    best_metric the best one, loaded into the engine), and evaluate dev and test with exactly those
+    weights. Returns (that checkpoint, its metrics per split); writes predictions and eval_results.json.
+    """
+    kind = task.TASKS[cfg.task]
+    step, evaluated = state.optimizer_step, {}  # split -> (metrics, predictions) of the weights to export
+    if out_of_patience(cfg, state):
+        log.info(
+            f"early stopping after step {step}: dev {cfg.best_metric} did not improve in the last "
+            f"{state.evaluations_since_best} checkpointed evaluations (best {state.best_metric:.4f} at step {state.best_step})"
+        )
+    else:  # the last weights' dev evaluation; with best_metric they may be the best
+        evaluated["dev"] = evaluate(engine, data["dev"], cfg.eval_batch_size, label_names, kind, cfg.threshold)
+        state.thresholds = evaluated["dev"][0].get("thresholds")  # multi-label: saved with the checkpoint and export
+        run.eval(step, "dev", evaluated["dev"][0])
+        if cfg.best_metric:
+            note_best(state, cfg.best_metric, evaluated["dev"][0], step)
+    last = save()
+    exported = last.with_name(f"step-{state.best_step}") if cfg.best_metric else last
+    if exported != last:
+        log.info(
+            f"exporting the best checkpoint, step {state.best_step} (dev {cfg.best_metric} {state.best_metric:.4f}), not step {step}"
+        )
+        checkpoint.load_weights(engine, exported)
+        evaluated = {}
+    results = {}
+    for split in [name for name in ("dev", "test") if name in data]:
+        # Multi-label: the thresholds are fitted on dev, and test is decided with dev's.
+        thresholds = cfg.threshold if split == "dev" else results["dev"].get("thresholds")
+        results[split], predictions = evaluated.get(split) or evaluate(
+            engine, data[split], cfg.eval_batch_size, label_names, kind, thresholds
+        )
+        if split != "dev":  # dev was logged when it was evaluated at that step
+            run.eval(checkpoint.step_of(exported), split, results[split])
+        if dist.is_main():
+            (run.run_dir / f"predictions-{split}.jsonl").write_text(
+                "".join(
+                    json.dumps({kind.output_key: kind.describe(p, label_names)}, ensure_ascii=False) + "\n" for p in predictions
+                ),
+                encoding="utf-8",
+            )
+    run.close()
+    if dist.is_main():
+        chosen = {"best_metric": cfg.best_metric, "best_value": state.best_metric} if cfg.best_metric else {}
+        summary = {
+            "step": checkpoint.step_of(exported),
+            "last_step": step,
+            "stopped_early": out_of_patience(cfg, state),
+            **chosen,
+        }
+        write_json(run.run_dir / "eval_results.json", {**summary, **results})
+    return exported, results
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -392,6 +461,7 @@ def run(cfg: TrainConfig) -> dict:
         state.epoch, state.step_in_epoch, state.optimizer_step = saved.epoch, saved.step_in_epoch, saved.optimizer_step
         state.skipped_steps = saved.skipped_steps
         state.best_metric, state.best_step = saved.best_metric, saved.best_step
+        state.evaluations_since_best = saved.evaluations_since_best
     engine = build_engine(model, ds_config)
     if resume_from is not None:
         checkpoint.load(engine, resume_from, same_world_size=shape.resumed_world_size == dist.world_size())
@@ -431,30 +501,11 @@ def run(cfg: TrainConfig) -> dict:
 
     runlog = RunLog(run_dir, total_steps, state.optimizer_step, bool(cfg.tensorboard), kind)
     train_loop(engine, cfg, data, label_names, state, total_steps, per_epoch, runlog, save)
-
-    results = {}
-    for split in [name for name in ("dev", "test") if name in data]:
-        # Multi-label: thresholds are fitted on dev, and test is decided with dev's thresholds.
-        thresholds = cfg.threshold if split == "dev" else state.thresholds
-        results[split], predictions = evaluate(engine, data[split], cfg.eval_batch_size, label_names, kind, thresholds)
-        state.thresholds = results["dev"].get("thresholds")
-        runlog.eval(state.optimizer_step, split, results[split])
-        if dist.is_main():
-            (run_dir / f"predictions-{split}.jsonl").write_text(
-                "".join(
-                    json.dumps({kind.output_key: kind.describe(p, label_names)}, ensure_ascii=False) + "\n" for p in predictions
-                ),
-                encoding="utf-8",
-            )
-    runlog.close()
-    if dist.is_main():
-        write_json(run_dir / "eval_results.json", {"step": state.optimizer_step, **results})
-
-    final = save()
-    export_dir = dist.main_first(lambda: checkpoint.export_checkpoint(final, run_dir / "export", overwrite=True))
+    exported, results = finish(engine, cfg, data, label_names, state, runlog, save, log)
+    export_dir = dist.main_first(lambda: checkpoint.export_checkpoint(exported, run_dir / "export", overwrite=True))
     log.info(f"final dev: {kind.summary(results['dev'])}")
     log.info(
-        f"checkpoint: {final}\nexport (verified): {export_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\n"
+        f"checkpoint: {exported}\nexport (verified): {export_dir}\nmetrics: {run_dir / 'metrics.jsonl'}\n"
         f"eval results: {run_dir / 'eval_results.json'}"
     )
     return results

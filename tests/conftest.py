@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -90,11 +91,11 @@ def initial_model(tmp_path_factory, small_data) -> Path:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from pipeline.data import read_split
-    from pipeline.model import build_wordpiece_tokenizer, load_tokenizer
+    from pipeline.model import build_tokenizer, load_tokenizer
 
     root = tmp_path_factory.mktemp("model")
     train = read_split(str(small_data["train"]), "text", "label")
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(train.texts, train.split.key, str(root / "cache"))), 128)
+    tokenizer = load_tokenizer(str(build_tokenizer(train.texts, train.split.key, str(root / "cache"))), 128)
     config = AutoConfig.from_pretrained(
         REPO / "pipeline" / "models" / "tiny-bert",
         hidden_size=32,
@@ -124,6 +125,18 @@ def launch(
     leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not leaked, f"shared-memory buffers left behind: {leaked}"
     return result
+
+
+def plot(run_dir: Path, *options: str) -> subprocess.CompletedProcess:
+    """`python -m pipeline plot RUN_DIR OPTIONS` in a plain process; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "plot", str(run_dir), *options],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def run_options(data: dict, out: Path, name: str = "run") -> list[str]:
@@ -242,6 +255,46 @@ def export_window_logits(run_dir: Path):
             batch = split.batch(range(start, min(start + 16, len(split))))
             logits.append(model(**{k: v for k, v in batch.items() if k != "labels"}).logits.numpy())
     return split, np.concatenate(logits), names
+
+
+# A run that early stopping ends (test_train) and its resumed copy (test_resume): 16 steps per epoch,
+# a checkpointed dev evaluation every 2 steps, stopped after 3 of them without a new best macro-F1.
+EARLY_STOP_SETTINGS = (
+    "--max-length 64 --eval-batch-size 8 --epochs 6 --eval-every 2 --save-every 2 --keep-checkpoints 100 "
+    "--best-metric macro_f1 --early-stopping-patience 3 --log-every 1"
+).split()
+
+
+@pytest.fixture(scope="session")
+def early_stopped(tmp_path_factory, small_data):
+    """early_stopped(stage): (DeepSpeed config, run directory) of EARLY_STOP_SETTINGS on 2 CPU ranks."""
+    runs = {}
+
+    def get(stage: int) -> tuple[Path, Path]:
+        if stage not in runs:
+            tmp = tmp_path_factory.mktemp(f"early-stopped-zero{stage}")
+            config = ds_config(tmp / "ds.json", stage, micro=4, accum=2, lr=3e-3)
+            runs[stage] = config, train(tmp, "run", small_data, config, extra=EARLY_STOP_SETTINGS)
+        return runs[stage]
+
+    return get
+
+
+def early_stop_step(run_dir: Path, every: int, patience: int) -> tuple[int | None, int]:
+    """(step where early stopping should end the run, best step), counted by hand from its dev
+    evaluations at the checkpointed steps; (None, best) if it should not stop."""
+    best, best_step, since = None, 0, 0
+    for step in range(every, 10**6, every):
+        path = run_dir / "eval" / f"dev-step-{step}.json"
+        if not path.is_file():
+            return None, best_step
+        value = json.loads(path.read_text(encoding="utf-8"))["macro_f1"]
+        if best is None or value > best:
+            best, best_step, since = value, step, 0
+        else:
+            since += 1
+        if since == patience:
+            return step, best_step
 
 
 # ----------------------------------------------------------------------------------------------

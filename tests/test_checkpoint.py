@@ -173,6 +173,13 @@ def test_a_skipped_fp16_step_moves_the_data_on_but_not_the_schedule():
     assert (state.epoch, state.step_in_epoch) == (1, 1)  # the data position counts windows
 
 
+def test_the_best_value_and_the_evaluations_since_it_are_counted():
+    state = TrainerState()
+    for step, value in [(2, 0.5), (4, 0.5), (6, 0.7), (8, 0.6), (10, 0.7)]:  # a tie is no improvement
+        state.note_evaluation(value, step)
+    assert (state.best_metric, state.best_step, state.evaluations_since_best) == (0.7, 6, 2)
+
+
 def test_resume_on_other_training_data_names_what_changed(tmp_path):
     data = {
         "train file content (sha256)": "aa",

@@ -28,3 +28,15 @@ def test_train_config_checks_types_and_unknown_keys(tmp_path):
         TrainConfig.from_sources(str(cfg_file))
     cfg_file.write_text(json.dumps({"epochs": 3}))
     assert TrainConfig.from_sources(str(cfg_file), {"seed": 7}).epochs == 3
+
+
+def test_vocabulary_and_early_stopping_options_are_checked():
+    with pytest.raises(ConfigError, match="'vocabulary' = 'bpe', expected char or wordpiece"):
+        TrainConfig(vocabulary="bpe")
+    with pytest.raises(ConfigError, match="'early_stopping_patience' = 3, expected 0 unless best_metric is set"):
+        TrainConfig(early_stopping_patience=3)
+    with pytest.raises(ConfigError, match="'early_stopping_patience' = -1, expected >= 0"):
+        TrainConfig(early_stopping_patience=-1, best_metric="macro_f1", eval_every=5, save_every=5)
+    assert (
+        TrainConfig(early_stopping_patience=2, best_metric="macro_f1", eval_every=5, save_every=10).early_stopping_patience == 2
+    )

@@ -20,7 +20,7 @@ from pipeline.data import (
     read_split,
     tokenize_cached,
 )
-from pipeline.model import build_wordpiece_tokenizer, load_tokenizer
+from pipeline.model import build_tokenizer, load_tokenizer
 from pipeline.reading import Reading
 
 ROWS = [
@@ -86,7 +86,7 @@ def prepare(cfg: TrainConfig, cache: Path, tokenizer_dir=None) -> dict:
     """prepare_splits as rank 0 runs it, with a tokenizer built from the training texts (or the one given)."""
 
     def tokenizer_for(train):
-        directory = tokenizer_dir or build_wordpiece_tokenizer(train.texts(), train.key, str(cache))
+        directory = tokenizer_dir or build_tokenizer(train.texts(), train.key, str(cache))
         return load_tokenizer(str(directory), cfg.max_length), directory
 
     return prepare_splits(cfg, tokenizer_for, str(cache), Log())
@@ -102,7 +102,7 @@ def test_label_seen_only_in_dev_is_an_error(tmp_path, files):
 
 def test_tokenized_cache_is_reused_and_keyed_by_content_and_max_length(tmp_path, files):
     split = Split(files["train"], "text", "label")
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts(), "d", str(tmp_path))), 64)
+    tokenizer = load_tokenizer(str(build_tokenizer(split.texts(), "d", str(tmp_path))), 64)
     path, reused = tokenize_cached(split, tokenizer, Reading(64), str(tmp_path / "cache"))
     assert not reused
     again, reused = tokenize_cached(Split(files["train"], "text", "label"), tokenizer, Reading(64), str(tmp_path / "cache"))
@@ -118,7 +118,7 @@ def test_tokenized_cache_is_reused_and_keyed_by_content_and_max_length(tmp_path,
 def test_switching_the_text_column_does_not_reuse_the_other_columns_cache(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [{"text": r["text"], "summary": r["label"], "label": r["label"]} for r in ROWS])
     by_text, by_summary = read_split(str(path), "text", "label"), read_split(str(path), "summary", "label")
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(by_text.texts + by_summary.texts, "d", str(tmp_path))), 64)
+    tokenizer = load_tokenizer(str(build_tokenizer(by_text.texts + by_summary.texts, "d", str(tmp_path))), 64)
     first, _ = tokenize_cached(by_text.split, tokenizer, Reading(64), str(tmp_path / "cache"))
     second, reused = tokenize_cached(by_summary.split, tokenizer, Reading(64), str(tmp_path / "cache"))
     assert not reused and second != first
@@ -160,7 +160,7 @@ def test_tokenized_cache_is_written_in_bounded_batches_with_unknown_tokens_count
 
     monkeypatch.setattr(data, "TOKENIZE_BATCH", 5)
     split = read_split(str(files["train"]), "text", "label")  # 12 records
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts[:1], "first-text-only", str(tmp_path))), 64)
+    tokenizer = load_tokenizer(str(build_tokenizer(split.texts[:1] * 2, "first-text-only", str(tmp_path))), 64)
     path, _ = tokenize_cached(split.split, tokenizer, Reading(64), str(tmp_path / "cache"))
     with pa.memory_map(str(path / data.CACHE_DATA)) as source:
         assert [len(batch) for batch in pa.ipc.open_stream(source)] == [5, 5, 2]
@@ -193,7 +193,7 @@ def test_a_reused_cache_is_not_read_again(tmp_path, files, monkeypatch):
 def _build_shared_caches(split, cache: str, barrier) -> None:
     """One run of a sweep: tokenizer, then tokenized data, each started at the same moment as the others'."""
     barrier.wait()
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts(), "d", cache)), 64)
+    tokenizer = load_tokenizer(str(build_tokenizer(split.texts(), "d", cache)), 64)
     barrier.wait()
     tokenize_cached(split, tokenizer, Reading(64), cache)
 
@@ -222,7 +222,7 @@ def test_batches_equal_hf_padding_collator(tmp_path):
     from transformers import DataCollatorWithPadding
 
     split = read_split(str(SAMPLE / "dev.jsonl"), "text", "label")
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", str(tmp_path))), 512)
+    tokenizer = load_tokenizer(str(build_tokenizer(split.texts, "d", str(tmp_path))), 512)
     path, _ = tokenize_cached(split.split, tokenizer, Reading(512), str(tmp_path / "cache"))
     names = sorted(set(split.labels))
     rows = load_tokenized(path).remove_columns("record").map(lambda r: {"labels": names.index(r["labels"])})
@@ -247,7 +247,9 @@ def test_tokenizer_that_maps_text_to_unk_is_refused(tmp_path, files):
     from transformers import BertTokenizerFast
 
     split = read_split(str(files["train"]), "text", "label")
-    vocab = build_wordpiece_tokenizer(split.texts, "d", str(tmp_path)) / "vocab.txt"
+    vocabulary = load_tokenizer(str(build_tokenizer(split.texts, "d", str(tmp_path))), 64).get_vocab()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(sorted(vocabulary, key=vocabulary.get)) + "\n", encoding="utf-8")
     broken = BertTokenizerFast(vocab_file=str(vocab))
     broken_dir = tmp_path / "broken"
     broken.save_pretrained(broken_dir)
@@ -317,7 +319,7 @@ def test_records_are_read_one_at_a_time(tmp_path):
 
 def test_tokenized_cache_is_keyed_by_how_records_are_read_but_not_by_pooling(tmp_path, files):
     split = read_split(str(files["train"]), "text", "label")
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "d", str(tmp_path))), 8)
+    tokenizer = load_tokenizer(str(build_tokenizer(split.texts, "d", str(tmp_path))), 8)
     names, cache = sorted(set(split.labels)), str(tmp_path / "cache")
     readings = [
         Reading(8),
@@ -361,7 +363,7 @@ def test_multi_label_lists_in_jsonl_and_separated_strings_in_csv(tmp_path):
 def test_multi_hot_labels_are_cached_and_batched_as_floats_under_a_key_with_the_task(tmp_path):
     split = read_split(str(write_jsonl(tmp_path / "m.jsonl", MULTI_ROWS)), "text", "label", task.MULTI_LABEL)
     names = ["心梗", "肺炎", "胃肠炎"]
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts, "m", str(tmp_path))), 32)
+    tokenizer = load_tokenizer(str(build_tokenizer(split.texts, "m", str(tmp_path))), 32)
     path, _ = tokenize_cached(split.split, tokenizer, Reading(32), str(tmp_path / "cache"))
     assert sorted(cache_info(path)["labels"]) == names
     tokenized = TokenizedSplit(path, tokenizer.pad_token_id, names, kind=task.MULTI_LABEL)
@@ -382,7 +384,7 @@ def test_label_files_that_name_other_labels_are_refused_before_training(tmp_path
             pass
 
     names = sorted({r["label"] for r in ROWS})
-    tokenizer_dir = build_wordpiece_tokenizer([r["text"] for r in ROWS], "d", str(tmp_path))
+    tokenizer_dir = build_tokenizer([r["text"] for r in ROWS], "d", str(tmp_path))
     weights = tmp_path / "w.json"
     weights.write_text(json.dumps({**dict.fromkeys(names[:2], 1.0), "偏头痛": 2.0}, ensure_ascii=False), encoding="utf-8")
     cfg = TrainConfig(train_file=str(files["train"]), dev_file=str(files["dev"]), class_weights=str(weights))

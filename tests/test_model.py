@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from conftest import REPO, cpu_env, write_jsonl
 
 from pipeline.base import ConfigError
 from pipeline.data import count_unknown, read_split
-from pipeline.model import build_model, build_wordpiece_tokenizer, check_model_dir, has_tokenizer, has_weights, load_tokenizer
+from pipeline.model import build_model, build_tokenizer, check_model_dir, has_tokenizer, has_weights, load_tokenizer
 
 ROWS = [{"text": "主诉：发热3天，咳嗽。WBC 12.3", "label": "肺炎"}, {"text": "主诉：胸痛2小时。cTnI 2.1", "label": "心梗"}]
 
@@ -18,21 +19,37 @@ def split(tmp_path):
     return read_split(str(write_jsonl(tmp_path / "train.jsonl", ROWS * 3)), "text", "label")
 
 
-def test_wordpiece_tokenizer_is_character_level_for_chinese_and_cached(tmp_path, split):
-    first = build_wordpiece_tokenizer(split.texts, "digest", str(tmp_path))
-    again = build_wordpiece_tokenizer(["other texts"], "digest", str(tmp_path))
+@pytest.mark.parametrize("vocabulary", ["char", "wordpiece"])
+def test_built_tokenizer_is_character_level_for_chinese_cached_and_reads_its_texts_once(tmp_path, split, vocabulary):
+    first = build_tokenizer(iter(split.texts), "digest", str(tmp_path), vocabulary)  # an iterator: one pass only
+    again = build_tokenizer(["other texts"], "digest", str(tmp_path), vocabulary)
     assert first == again  # same training-file digest: reused, not retrained
     tokenizer = load_tokenizer(str(first), 64)
     assert tokenizer.tokenize("发热咳嗽")[:4] == ["发", "热", "咳", "嗽"]
     ids = np.concatenate(tokenizer(split.texts)["input_ids"])
     assert count_unknown(tokenizer, ids) == (0, len(ids) - 2 * len(split.texts))  # [CLS] and [SEP] not counted
-    rebuilt = build_wordpiece_tokenizer(split.texts, "digest", str(tmp_path / "elsewhere"))
-    assert (rebuilt / "vocab.txt").read_text() == (first / "vocab.txt").read_text()  # same ids every time
+    rebuilt = build_tokenizer(split.texts, "digest", str(tmp_path / "elsewhere"), vocabulary)
+    assert load_tokenizer(str(rebuilt), 64).get_vocab() == tokenizer.get_vocab()  # same ids every time
 
 
-def test_every_training_word_is_spelled_without_unk(tmp_path, split):
-    tokenizer = load_tokenizer(str(build_wordpiece_tokenizer(split.texts + ["Xylophone 987654"], "d2", str(tmp_path))), 64)
+def test_every_training_word_is_spelled_without_unk_by_wordpiece(tmp_path, split):
+    tokenizer = load_tokenizer(str(build_tokenizer(split.texts + ["Xylophone 987654"], "d2", str(tmp_path), "wordpiece")), 64)
     assert "[UNK]" not in tokenizer.tokenize("xylophone 987654 发热")
+
+
+def test_char_vocabulary_is_every_character_seen_twice_and_the_rest_is_unk(tmp_path):
+    texts = ["发热 39.5℃，咳嗽", "发热WBC 12", "咳 嗽 罕 3，"]  # 罕 9 . 5 ℃ w b c 1 2: once each
+    tokenizer = load_tokenizer(str(build_tokenizer(texts, "k", str(tmp_path), "char")), 64)
+    seen = Counter(c for text in texts for c in text.lower() if not c.isspace())
+    assert set(tokenizer.get_vocab()) == {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"} | {c for c, n in seen.items() if n >= 2}
+    assert tokenizer.tokenize("发热 39.5 罕见") == ["发", "热", "3", "[UNK]", "[UNK]", "[UNK]", "[UNK]", "[UNK]"]
+    assert tokenizer.tokenize("咳嗽，3") == ["咳", "嗽", "，", "3"]  # one token per character, spaces dropped
+
+
+def test_vocabulary_choice_is_part_of_the_tokenizer_cache_key(tmp_path, split):
+    char, wordpiece = (build_tokenizer(split.texts, "same-key", str(tmp_path), v) for v in ("char", "wordpiece"))
+    assert char != wordpiece
+    assert load_tokenizer(str(char), 64).get_vocab() != load_tokenizer(str(wordpiece), 64).get_vocab()
 
 
 def test_model_directory_checks(tmp_path):

@@ -1,10 +1,7 @@
 """Watching a run: TensorBoard events, `plot`, and the flops profiler's output, from a real 2-rank run."""
 
-import subprocess
-import sys
-
 import pytest
-from conftest import REPO, cpu_env, ds_config, read_jsonl, train
+from conftest import ds_config, plot, read_jsonl, train
 
 
 @pytest.mark.slow
@@ -28,14 +25,7 @@ def test_run_directory_has_tensorboard_events_flops_profile_and_plots(small_data
     assert "Flops Profiler" in (run / "flops_profile.txt").read_text()
 
     out = tmp_path / "plot.png"
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "plot", str(run), "--output", str(out)],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = plot(run, "--output", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from matplotlib.image import imread
@@ -45,12 +35,15 @@ def test_run_directory_has_tensorboard_events_flops_profile_and_plots(small_data
 
 @pytest.mark.slow
 def test_plot_of_a_directory_without_metrics_says_so(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "plot", str(tmp_path)],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = plot(tmp_path)
     assert result.returncode == 2 and "no metrics.jsonl" in result.stderr
+
+
+def test_confusion_png_numbers_labels_no_installed_font_draws(tmp_path, capsys):
+    from pipeline import task
+    from pipeline.plot import drawable, plot_confusion
+
+    matrix = task.metrics([0, 1, 1, 2], [0, 1, 2, 2], ["肺炎", "心梗", "哮喘"])["confusion_matrix"]
+    out = plot_confusion("dev, step 3 (latest)", matrix, tmp_path / "c.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ("0: 肺炎" in capsys.readouterr().out) != drawable(matrix["labels"])  # the key only where the names cannot be drawn

@@ -11,7 +11,19 @@ import time
 
 import psutil
 import pytest
-from conftest import REPO, cpu_env, ds_config, free_port, launch, losses, read_jsonl, write_jsonl
+from conftest import (
+    EARLY_STOP_SETTINGS,
+    REPO,
+    cpu_env,
+    ds_config,
+    early_stop_step,
+    free_port,
+    launch,
+    losses,
+    read_jsonl,
+    run_options,
+    write_jsonl,
+)
 from safetensors.numpy import load_file
 
 from pipeline.checkpoint import step_of
@@ -355,3 +367,23 @@ def test_a_full_disk_stops_every_rank_with_one_clear_error(initial_model, small_
     assert sorted(p.name for p in ckpts.glob("step-*")) == kept
     for name in kept:
         verify_manifest(ckpts / name)
+
+
+def test_a_resumed_run_keeps_the_patience_count_and_stops_where_the_uninterrupted_one_did(early_stopped, small_data, tmp_path):
+    """Interrupted after a checkpointed evaluation that did not improve on the best: the count of such
+    evaluations comes back from trainer_state.json, so the resumed run stops at the same step."""
+    config, ref = early_stopped(2)
+    stop, best = early_stop_step(ref, every=2, patience=3)
+    assert stop is not None
+    last_step = stop - 2  # two evaluations without a new best so far: one more stops the run
+    assert (
+        json.loads((ref / "checkpoints" / f"step-{last_step}" / "trainer_state.json").read_text())["evaluations_since_best"] == 2
+    )
+    copy = interrupted_copy(ref, tmp_path / "interrupted", last_step)
+    (copy / "eval_results.json").unlink()
+    args = ["train", "--ds-config", str(config), *run_options(small_data, tmp_path), *EARLY_STOP_SETTINGS]
+    result = launch([*args, "--resume", str(copy / "checkpoints" / f"step-{last_step}")])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"early stopping after step {stop}:" in result.stdout
+    assert json.loads((copy / "eval_results.json").read_text())["step"] == best
+    assert_same_run(copy, ref)

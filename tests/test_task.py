@@ -236,3 +236,8 @@ def test_config_checks_the_task_options(tmp_path):
     (tmp_path / "w.json").write_text('{"a": -1}')
     with pytest.raises(ConfigError, match="w.json: label 'a' has -1, expected a positive number"):
         TrainConfig(class_weights=str(tmp_path / "w.json"))
+
+
+def test_confusion_matrix_rows_are_true_labels_and_columns_predictions():
+    matrix = task.metrics([0, 0, 0, 1, 2], [0, 2, 2, 1, 0], ["a", "b", "c"])["confusion_matrix"]
+    assert matrix == {"labels": ["a", "b", "c"], "counts": [[1, 0, 2], [0, 1, 0], [1, 0, 0]]}

@@ -4,11 +4,12 @@ import json
 import re
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, cpu_env, ds_config, launch, losses, read_jsonl, run_options, train, write_jsonl
+from conftest import REPO, cpu_env, ds_config, early_stop_step, launch, losses, plot, read_jsonl, run_options, train, write_jsonl
 from safetensors.numpy import load_file
 
 from pipeline import task
@@ -63,13 +64,14 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
     assert (resolved["train_batch_size"], resolved["world_size"], resolved["zero_optimization"]["stage"]) == (16, 2, stage)
     assert resolved["scheduler"]["params"]["total_num_steps"] == 48
     assert json.loads((run / "train_config.json").read_text())["max_length"] == 64
-    # Kept: the newest checkpoint and the one with the best dev macro-F1 among the saved steps 16 and 32.
-    scores = {step: json.loads((run / "eval" / f"dev-step-{step}.json").read_text())["macro_f1"] for step in (16, 32)}
+    # Kept: the newest checkpoint and the one with the best dev macro-F1 among the saved steps 16, 32
+    # and 48 (the last step may be the best); that one is exported.
+    scores = {step: json.loads((run / "eval" / f"dev-step-{step}.json").read_text())["macro_f1"] for step in (16, 32, 48)}
     best = max(scores, key=lambda step: (scores[step], -step))
     kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
     assert kept == sorted({"step-48", f"step-{best}"}), (kept, scores)
     state = json.loads((run / "checkpoints" / "step-48" / "trainer_state.json").read_text())
-    assert state["best_step"] == best
+    assert state["best_step"] == json.loads((run / "eval_results.json").read_text())["step"] == best
     # The step count, skipped steps and the LR scheduler's position agree with DeepSpeed's own counters.
     states_file = sorted((run / "checkpoints" / "step-48").glob("*mp_rank_00_model_states.pt"))[
         0
@@ -329,3 +331,46 @@ def test_class_weighted_accumulation_equals_the_big_batch(initial_model, small_d
     diff = max(np.abs(weights["2x4x2"][k] - weights["1x16x1"][k]).max() for k in weights["1x16x1"])
     assert diff < 5e-6, f"max |weight diff| {diff:.3g}"
     assert np.allclose(curves["2x4x2"], curves["1x16x1"], rtol=0, atol=1e-5), curves
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_early_stopping_ends_the_run_and_exports_the_best_checkpoint(early_stopped, small_data, tmp_path, stage):
+    """Stopped after 3 checkpointed evaluations without a new best dev macro-F1; the export, the
+    final dev evaluation and the predictions are the best checkpoint's (loaded into the engine, under
+    ZeRO-3 into its partitions), not the last step's."""
+    from pipeline.checkpoint import consolidated_fp32_state_dict
+
+    _, run = early_stopped(stage)
+    stop, best = early_stop_step(run, every=2, patience=3)
+    assert stop is not None and stop < 96, "macro-F1 kept improving: early stopping never had to act"
+    assert max(row["step"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row) == stop
+    console = (run.parent / "run.console.txt").read_text()
+    assert f"early stopping after step {stop}: dev macro_f1 did not improve in the last 3 checkpointed evaluations" in console
+    assert f"exporting the best checkpoint, step {best}" in console
+
+    results = json.loads((run / "eval_results.json").read_text())
+    assert (results["step"], results["last_step"], results["stopped_early"]) == (best, stop, True)
+    # The final dev evaluation is of the best weights, loaded into the engine: it repeats step `best`'s.
+    assert results["dev"] == json.loads((run / "eval" / f"dev-step-{best}.json").read_text())
+    assert results["best_value"] == results["dev"]["macro_f1"]
+    exported = load_file(run / "export" / "model.safetensors")
+    saved = consolidated_fp32_state_dict(run / "checkpoints" / f"step-{best}")
+    assert exported.keys() == saved.keys() and all(np.array_equal(exported[k], saved[k].numpy()) for k in saved)
+    last = consolidated_fp32_state_dict(run / "checkpoints" / f"step-{stop}")
+    assert not all(torch.equal(last[k], saved[k]) for k in saved)  # the last step's weights were not exported
+
+    # The confusion matrix counts (true, predicted) pairs of the predictions file.
+    names = sorted({r["label"] for r in read_jsonl(small_data["train"])})
+    pairs = Counter(
+        zip((r["label"] for r in read_jsonl(small_data["dev"])), (r["label"] for r in read_jsonl(run / "predictions-dev.jsonl")))
+    )
+    matrix = results["dev"]["confusion_matrix"]
+    assert matrix["labels"] == names
+    assert matrix["counts"] == [[pairs[(true, predicted)] for predicted in names] for true in names]
+    assert sum(map(sum, matrix["counts"])) == 37
+
+    out = tmp_path / "curves.png"
+    plotted = plot(run, "--output", str(out))
+    assert plotted.returncode == 0, plotted.stderr[-2000:]
+    assert f"plot: {tmp_path / 'curves-confusion.png'}" in plotted.stdout
+    assert (tmp_path / "curves-confusion.png").read_bytes()[:8] == out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

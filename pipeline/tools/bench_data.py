@@ -47,12 +47,12 @@ def write_records(path: Path, size: int, seed: int) -> None:
 def prepare_cold(args) -> None:
     """Child process: rank 0's data preparation into an empty cache; prints time and peak RSS."""
     from ..data import prepare_splits
-    from ..model import build_wordpiece_tokenizer, load_tokenizer
+    from ..model import build_tokenizer, load_tokenizer
 
     cfg = TrainConfig(train_file=args.train, dev_file=args.dev, max_length=args.max_length)
 
     def tokenizer_for(train):
-        directory = build_wordpiece_tokenizer(train.texts(), train.key, args.cache)
+        directory = build_tokenizer(train.texts(), train.key, args.cache)
         return load_tokenizer(str(directory), cfg.max_length), directory
 
     class Log:
