@@ -87,7 +87,9 @@ def drawable(labels: list[str]) -> bool:
 
 
 def plot_confusion(title: str, matrix: dict, output: Path) -> Path:
-    """Counts per (true, predicted) label, each cell shaded by its share of the true label's records."""
+    """Counts per (true, predicted) label, each cell shaded by its share of the true label's records;
+    for a multi-label run, per label its outcome counts (`columns`: tp, fn, fp, tn) shaded by their
+    share of the records."""
     import numpy as np
 
     plt = pyplot()
@@ -97,16 +99,17 @@ def plot_confusion(title: str, matrix: dict, output: Path) -> Path:
         print("plot: no installed font draws these label names; the confusion matrix numbers them:")
         print("\n".join(f"  {i}: {name}" for i, name in enumerate(labels)))
         labels = [str(i) for i in range(len(labels))]
+    columns = matrix.get("columns", labels)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = 2 + 0.6 * len(labels)
     fig, ax = plt.subplots(figsize=(size + 1, size))
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for (i, j), n in np.ndenumerate(counts):
         ax.text(j, i, str(n), ha="center", va="center", fontsize=8, color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_xlabel("outcome" if "columns" in matrix else "predicted")
+    ax.set_ylabel("label" if "columns" in matrix else "true")
     ax.set_title(f"confusion matrix: {title}")
     fig.colorbar(image, ax=ax, label="share of the true label's records")
     fig.tight_layout()

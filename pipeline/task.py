@@ -157,6 +157,7 @@ def weighted_cross_entropy(weights):
 
 MULTI_PROBLEM_TYPE = "multi_label_classification"  # transformers: BCEWithLogits over a multi-hot target
 THRESHOLD_EXPECTED, WEIGHT_EXPECTED = "a number between 0 and 1", "a positive number"
+OUTCOMES = ("tp", "fn", "fp", "tn")  # a label's outcomes on one record: true/false positive/negative
 THRESHOLD_GRID = np.round(np.arange(0.01, 1.0, 0.01), 2)  # candidates when tuning on dev
 
 
@@ -307,6 +308,8 @@ def multi_metrics(labels, predicted, names: list[str], thresholds: dict[str, flo
         **{m.name: m.compute(labels, predicted, present) for m in MULTI_METRICS},
         "absent_from_reference": [names[i] for i in range(len(names)) if i not in present],
         "thresholds": thresholds,
+        # One row per label: its 2x2 outcome counts (what `plot` draws for a multi-label run).
+        "confusion_matrix": {"labels": names, "columns": list(OUTCOMES), "counts": np.stack([tp, fn, fp, tn], axis=1).tolist()},
         "per_class": {
             name: {
                 "precision": float(precision[i]),

@@ -1,5 +1,7 @@
 """Watching a run: TensorBoard events, `plot`, and the flops profiler's output, from a real 2-rank run."""
 
+import json
+
 import pytest
 from conftest import ds_config, plot, read_jsonl, train
 
@@ -47,3 +49,24 @@ def test_confusion_png_numbers_labels_no_installed_font_draws(tmp_path, capsys):
     out = plot_confusion("dev, step 3 (latest)", matrix, tmp_path / "c.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ("0: 肺炎" in capsys.readouterr().out) != drawable(matrix["labels"])  # the key only where the names cannot be drawn
+
+
+def test_a_multi_label_run_gets_its_per_label_outcome_counts_drawn(tmp_path):
+    """A multi-label evaluation's confusion matrix is one row of (tp, fn, fp, tn) per label."""
+    import numpy as np
+
+    from pipeline import task
+    from pipeline.plot import dev_confusion, plot_confusion
+
+    labels, predicted = np.array([[1, 0], [1, 1], [0, 1]]), np.array([[1, 1], [0, 1], [0, 0]])
+    metrics = task.MULTI_LABEL.metrics(labels, predicted, ["a", "b"], {"a": 0.5, "b": 0.5})
+    assert metrics["confusion_matrix"] == {
+        "labels": ["a", "b"],
+        "columns": ["tp", "fn", "fp", "tn"],
+        "counts": [[1, 1, 0, 1], [1, 1, 1, 0]],
+    }
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "dev-step-4.json").write_text(json.dumps(metrics))
+    title, matrix = dev_confusion(tmp_path)
+    assert title == "dev, step 4 (latest)"
+    assert plot_confusion(title, matrix, tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
