@@ -221,14 +221,28 @@ def check_same_data(ckpt: Path, saved: TrainerState, current: dict, log) -> None
         )
 
 
-def check_compatible(ckpt: Path, label_names: list[str], model_config) -> TrainerState:
-    """The checkpoint's state, after checking it belongs to this model and label set (JSON only)."""
+def check_compatible(ckpt: Path, label_names: list[str], model_config, class_weights: dict) -> TrainerState:
+    """The checkpoint's state, after checking it belongs to this model, task (problem_type), label set
+    and loss (class weights) (JSON only)."""
     state = read_state(ckpt)
     if state.label_names != label_names:
         raise CheckpointError(f"{ckpt}: trained with labels {state.label_names}, but the data has {label_names}")
+    if state.class_weights != class_weights:
+        raise CheckpointError(
+            f"{ckpt}: trained with class weights {state.class_weights or 'none'}, but this run has {class_weights or 'none'}; "
+            "resume with the --class-weights it was trained with"
+        )
     saved = read_json(ckpt / HF_DIR / "config.json")
     current = model_config.to_dict()
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    keys = (
+        "model_type",
+        "problem_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "vocab_size",
+    )
     differ = [f"{k}: checkpoint {saved.get(k)} vs model {current.get(k)}" for k in keys if saved.get(k) != current.get(k)]
     if differ:
         raise CheckpointError(f"{ckpt}: checkpoint is of a different model ({'; '.join(differ)})")

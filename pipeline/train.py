@@ -457,7 +457,7 @@ def run(cfg: TrainConfig) -> dict:
         ds_config=ds_config,
     )
     if resume_from is not None:
-        saved = checkpoint.check_compatible(resume_from, label_names, model.config)
+        saved = checkpoint.check_compatible(resume_from, label_names, model.config, class_weights)
         state.epoch, state.step_in_epoch, state.optimizer_step = saved.epoch, saved.step_in_epoch, saved.optimizer_step
         state.skipped_steps = saved.skipped_steps
         state.best_metric, state.best_step = saved.best_metric, saved.best_step

@@ -147,12 +147,17 @@ def test_checkpoint_of_another_label_set_or_model_is_refused(tmp_path):
 
     ckpt = fake_checkpoint(tmp_path, 2, labels=("a", "b"))
     model = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
-    assert check_compatible(ckpt, ["a", "b"], model).optimizer_step == 2
+    assert check_compatible(ckpt, ["a", "b"], model, {}).optimizer_step == 2
     with pytest.raises(CheckpointError, match=r"trained with labels \['a', 'b'\], but the data has \['a', 'c'\]"):
-        check_compatible(ckpt, ["a", "c"], model)
-    model.hidden_size = 64
+        check_compatible(ckpt, ["a", "c"], model, {})
+    with pytest.raises(CheckpointError, match=r"trained with class weights none, but this run has \{'a': 0.5, 'b': 2.0\}"):
+        check_compatible(ckpt, ["a", "b"], model, {"a": 0.5, "b": 2.0})
+    model.problem_type = "multi_label_classification"
+    with pytest.raises(CheckpointError, match="different model .*problem_type: checkpoint None vs model multi_label"):
+        check_compatible(ckpt, ["a", "b"], model, {})
+    model.problem_type, model.hidden_size = None, 64
     with pytest.raises(CheckpointError, match="different model .*hidden_size: checkpoint 32 vs model 64"):
-        check_compatible(ckpt, ["a", "b"], model)
+        check_compatible(ckpt, ["a", "b"], model, {})
 
 
 def test_prune_keeps_newest_and_best(tmp_path):
