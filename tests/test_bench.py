@@ -112,3 +112,29 @@ def test_table_rows_and_goal_lines(tmp_path):
 
     plot(results, tmp_path / "bench.png", "test")
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_data_preparation_benchmark_reports_cold_and_warm_numbers(tmp_path):
+    """bench_data end to end on 300 generated records: a cold preparation in its own process (time,
+    peak RSS) and a warm 2-rank start that reaches its first step through the cache it built."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, cpu_env
+
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline.tools.bench_data", "--records", "300", "--out", str(tmp_path), "--max-length", "64"],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads((tmp_path / "result-300.json").read_text())
+    assert result["records"] == 300 and sum(1 for _ in open(tmp_path / "train-300.jsonl", encoding="utf-8")) == 300
+    assert result["cold"]["seconds"] > 0 and 0 < result["cold"]["peak_rss_bytes"] < 4 * 2**30
+    assert 0 < result["warm_first_step_seconds"] < 600
+    assert "cold preparation:" in run.stdout and "warm start:" in run.stdout
