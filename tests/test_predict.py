@@ -94,6 +94,7 @@ def test_predict_reads_records_as_the_chunked_run_did_and_pools_its_windows(chun
     assert [row["label"] for row in rows] == [row["label"] for row in read_jsonl(chunked_run / "predictions-dev.jsonl")]
 
 
+@pytest.mark.slow
 def test_multi_label_predict_gives_label_sets_by_the_exported_thresholds(multilabel_run, tmp_path):
     export = multilabel_run / "export"
     thresholds = json.loads((export / "thresholds.json").read_text())

@@ -333,6 +333,7 @@ def test_class_weighted_accumulation_equals_the_big_batch(initial_model, small_d
     assert np.allclose(curves["2x4x2"], curves["1x16x1"], rtol=0, atol=1e-5), curves
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_early_stopping_ends_the_run_and_exports_the_best_checkpoint(early_stopped, small_data, tmp_path, stage):
     """Stopped after 3 checkpointed evaluations without a new best dev macro-F1; the export, the
