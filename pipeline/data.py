@@ -338,7 +338,7 @@ class TokenizedSplit:
     def records(self) -> np.ndarray:
         return self.rows[RECORD].to_numpy()
 
-    @property
+    @cached_property
     def record_labels(self) -> np.ndarray:
         """One label (or multi-hot row) per record: its first window's."""
         first = np.r_[True, self.records[1:] != self.records[:-1]]

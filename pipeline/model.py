@@ -155,6 +155,20 @@ def build_tokenizer(texts: Iterable[str], texts_key: str, cache_dir: str, vocabu
     return target
 
 
+def tokenizer_source(cfg, cache_dir: str):
+    """`tokenizer_for(train_split) -> (tokenizer, directory)` for data.prepare_splits: the model
+    directory's own tokenizer, or one whose vocabulary (cfg.vocabulary) is learned from the training
+    texts, built once into `cache_dir`."""
+
+    def tokenizer_for(train_split):
+        if has_tokenizer(cfg.model):
+            return load_tokenizer(cfg.model, cfg.max_length), cfg.model
+        directory = build_tokenizer(train_split.texts(), train_split.key, cache_dir, cfg.vocabulary)
+        return load_tokenizer(str(directory), cfg.max_length), directory
+
+    return tokenizer_for
+
+
 def write_tokenizer(directory: Path, texts: Iterable[str], vocabulary: str) -> None:
     """Count the pre-tokenized pieces of `texts` in one pass, and save the tokenizer they give."""
     from tokenizers import Tokenizer, decoders, models, processors

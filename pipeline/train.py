@@ -28,7 +28,7 @@ from .data import TokenizedSplit, prepare_splits, train_batches
 from .ds_config import Hardware, RunShape, ds_precision, resolve_ds_config
 from .engine import build_engine
 from .evaluate import evaluate, to_device
-from .model import build_model, build_tokenizer, check_model_dir, has_tokenizer, load_tokenizer
+from .model import build_model, check_model_dir, load_tokenizer, tokenizer_source
 from .reading import Reading
 from .stop import Stopped, StopRequests
 
@@ -332,13 +332,7 @@ def quiet_libraries() -> None:
 def prepare_data(cfg: TrainConfig, cache_dir: str, log):
     """Rank 0 reads, checks and tokenizes into the cache while the others wait; all load the cache."""
 
-    def tokenizer_for(train_split):
-        if has_tokenizer(cfg.model):
-            return load_tokenizer(cfg.model, cfg.max_length), cfg.model
-        tokenizer_dir = build_tokenizer(train_split.texts(), train_split.key, cache_dir, cfg.vocabulary)
-        return load_tokenizer(str(tokenizer_dir), cfg.max_length), tokenizer_dir
-
-    info = dist.main_first(lambda: prepare_splits(cfg, tokenizer_for, cache_dir, log))
+    info = dist.main_first(lambda: prepare_splits(cfg, tokenizer_source(cfg, cache_dir), cache_dir, log))
     tokenizer = load_tokenizer(info["tokenizer_dir"], cfg.max_length)
     pool, kind = Reading.from_config(cfg).pool, task.TASKS[cfg.task]
     names = info["label_names"]

@@ -20,7 +20,7 @@ from pipeline.data import (
     read_split,
     tokenize_cached,
 )
-from pipeline.model import build_tokenizer, load_tokenizer
+from pipeline.model import build_tokenizer, load_tokenizer, tokenizer_source
 from pipeline.reading import Reading
 
 ROWS = [
@@ -83,13 +83,12 @@ class Log:
 
 
 def prepare(cfg: TrainConfig, cache: Path, tokenizer_dir=None) -> dict:
-    """prepare_splits as rank 0 runs it, with a tokenizer built from the training texts (or the one given)."""
+    """prepare_splits as rank 0 runs it (with the tokenizer train.py would use), or with the tokenizer given."""
 
-    def tokenizer_for(train):
-        directory = tokenizer_dir or build_tokenizer(train.texts(), train.key, str(cache))
-        return load_tokenizer(str(directory), cfg.max_length), directory
+    def given(train):
+        return load_tokenizer(str(tokenizer_dir), cfg.max_length), tokenizer_dir
 
-    return prepare_splits(cfg, tokenizer_for, str(cache), Log())
+    return prepare_splits(cfg, given if tokenizer_dir else tokenizer_source(cfg, str(cache)), str(cache), Log())
 
 
 def test_label_seen_only_in_dev_is_an_error(tmp_path, files):

@@ -47,20 +47,16 @@ def write_records(path: Path, size: int, seed: int) -> None:
 def prepare_cold(args) -> None:
     """Child process: rank 0's data preparation into an empty cache; prints time and peak RSS."""
     from ..data import prepare_splits
-    from ..model import build_tokenizer, load_tokenizer
+    from ..model import tokenizer_source
 
     cfg = TrainConfig(train_file=args.train, dev_file=args.dev, max_length=args.max_length)
-
-    def tokenizer_for(train):
-        directory = build_tokenizer(train.texts(), train.key, args.cache)
-        return load_tokenizer(str(directory), cfg.max_length), directory
 
     class Log:
         def info(self, line):
             print(line, file=sys.stderr)
 
     start = time.perf_counter()
-    prepare_splits(cfg, tokenizer_for, args.cache, Log())
+    prepare_splits(cfg, tokenizer_source(cfg, args.cache), args.cache, Log())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_bytes": peak}))
 
