@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.tasks.single_label import SINGLE_LABEL
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "pipeline" / "sample_data"
 
@@ -90,11 +92,11 @@ def initial_model(tmp_path_factory, small_data) -> Path:
     from it starts from the same weights, whatever the world size or ZeRO stage."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from pipeline.data import read_split
-    from pipeline.model import build_tokenizer, load_tokenizer
+    from pipeline.data.cache import read_split
+    from pipeline.data.tokenizer import build_tokenizer, load_tokenizer
 
     root = tmp_path_factory.mktemp("model")
-    train = read_split(str(small_data["train"]), "text", "label")
+    train = read_split(str(small_data["train"]), "text", "label", SINGLE_LABEL)
     tokenizer = load_tokenizer(str(build_tokenizer(train.texts, train.split.key, str(root / "cache"))), 128)
     config = AutoConfig.from_pretrained(
         REPO / "pipeline" / "models" / "tiny-bert",
@@ -242,13 +244,13 @@ def export_window_logits(run_dir: Path):
     import numpy as np
     import torch
 
-    from pipeline.checkpoint import load_export
-    from pipeline.data import TokenizedSplit
+    from pipeline.checkpoint.export import load_export
+    from pipeline.data.cache import TokenizedSplit
 
     tokenizer, model = load_export(run_dir / "export")
     (cache,) = (run_dir.parent / "cache").glob("tokenized-dev-*")
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    split = TokenizedSplit(cache, tokenizer.pad_token_id, names, "max")
+    split = TokenizedSplit(cache, tokenizer.pad_token_id, names, SINGLE_LABEL, "max")
     logits = []
     with torch.no_grad():
         for start in range(0, len(split), 16):

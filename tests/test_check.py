@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.__main__ import main
-from pipeline.base import ConfigError
-from pipeline.config import TrainConfig
-from pipeline.ds_config import Hardware, resolve_ds_config
-from pipeline.hosts import read_hostfile, world_from_hostfile
+from pipeline.cli.main import main
+from pipeline.core.base import ConfigError
+from pipeline.core.ds_config import Hardware, resolve_ds_config
+from pipeline.core.options import TrainConfig
+from pipeline.launch.hosts import read_hostfile, world_from_hostfile
 
 REPO = Path(__file__).resolve().parent.parent
 WILD = REPO.parent / "shared" / "wild_ds_configs"

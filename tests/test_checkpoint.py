@@ -5,25 +5,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.base import ConfigError
-from pipeline.checkpoint import (
+from pipeline.checkpoint.checkpoints import (
     MANIFEST,
     CheckpointError,
-    ExportError,
-    TrainerState,
     check_compatible,
-    check_export_target,
-    check_export_weights,
     check_same_data,
     find_resume_checkpoint,
-    load_export,
     prune,
     scan,
     verify_manifest,
-    verify_probe,
-    write_json,
     write_manifest,
 )
+from pipeline.checkpoint.export import ExportError, check_export_target, check_export_weights, load_export, verify_probe
+from pipeline.core.base import ConfigError, write_json
+from pipeline.train.state import TrainerState, read_state
 
 
 @pytest.fixture()
@@ -147,17 +142,19 @@ def test_checkpoint_of_another_label_set_or_model_is_refused(tmp_path):
 
     ckpt = fake_checkpoint(tmp_path, 2, labels=("a", "b"))
     model = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
-    assert check_compatible(ckpt, ["a", "b"], model, {}).optimizer_step == 2
+    saved = read_state(ckpt)
+    assert saved.optimizer_step == 2
+    check_compatible(ckpt, saved, ["a", "b"], model, {})
     with pytest.raises(CheckpointError, match=r"trained with labels \['a', 'b'\], but the data has \['a', 'c'\]"):
-        check_compatible(ckpt, ["a", "c"], model, {})
+        check_compatible(ckpt, saved, ["a", "c"], model, {})
     with pytest.raises(CheckpointError, match=r"trained with class weights none, but this run has \{'a': 0.5, 'b': 2.0\}"):
-        check_compatible(ckpt, ["a", "b"], model, {"a": 0.5, "b": 2.0})
+        check_compatible(ckpt, saved, ["a", "b"], model, {"a": 0.5, "b": 2.0})
     model.problem_type = "multi_label_classification"
     with pytest.raises(CheckpointError, match="different model .*problem_type: checkpoint None vs model multi_label"):
-        check_compatible(ckpt, ["a", "b"], model, {})
+        check_compatible(ckpt, saved, ["a", "b"], model, {})
     model.problem_type, model.hidden_size = None, 64
     with pytest.raises(CheckpointError, match="different model .*hidden_size: checkpoint 32 vs model 64"):
-        check_compatible(ckpt, ["a", "b"], model, {})
+        check_compatible(ckpt, saved, ["a", "b"], model, {})
 
 
 def test_prune_keeps_newest_and_best(tmp_path):

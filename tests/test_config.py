@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from pipeline.base import ConfigError, load_json
-from pipeline.config import TrainConfig
+from pipeline.core.base import ConfigError, load_json
+from pipeline.core.options import TrainConfig
 
 
 def test_json_syntax_error_reports_line_and_column(tmp_path):

@@ -6,22 +6,15 @@ import pytest
 import torch
 from conftest import SAMPLE, read_jsonl, write_jsonl
 
-from pipeline import task
-from pipeline.base import ConfigError
-from pipeline.config import TrainConfig
-from pipeline.data import (
-    RankMicroBatches,
-    Split,
-    TokenizedSplit,
-    cache_info,
-    epoch_global_batches,
-    load_tokenized,
-    prepare_splits,
-    read_split,
-    tokenize_cached,
-)
-from pipeline.model import build_tokenizer, load_tokenizer, tokenizer_source
-from pipeline.reading import Reading
+from pipeline import tasks
+from pipeline.core.base import ConfigError
+from pipeline.core.options import TrainConfig
+from pipeline.data.batching import RankMicroBatches, epoch_global_batches
+from pipeline.data.cache import Split, TokenizedSplit, cache_info, load_tokenized, prepare_splits, read_split, tokenize_cached
+from pipeline.data.reading import Reading
+from pipeline.data.tokenizer import build_tokenizer, load_tokenizer, tokenizer_source
+from pipeline.tasks.multi_label import MULTI_LABEL
+from pipeline.tasks.single_label import SINGLE_LABEL
 
 ROWS = [
     {"text": "主诉：发热3天，咳嗽。", "label": "肺炎"},
@@ -40,13 +33,13 @@ def test_jsonl_and_csv_load_with_configurable_columns(tmp_path):
     csv = tmp_path / "a.csv"
     csv.write_text("record,dx\n" + "".join(f"{r['text']},{r['label']}\n" for r in ROWS), encoding="utf-8")
     for path in (jsonl, csv):
-        split = read_split(str(path), "record", "dx")
+        split = read_split(str(path), "record", "dx", SINGLE_LABEL)
         assert split.texts == [r["text"] for r in ROWS] and split.labels == [r["label"] for r in ROWS]
 
 
 def test_numeric_labels_become_strings(tmp_path):
     path = write_jsonl(tmp_path / "n.jsonl", [{"text": "a", "label": 3}, {"text": "b", "label": 10}])
-    assert read_split(str(path), "text", "label").labels == ["3", "10"]
+    assert read_split(str(path), "text", "label", SINGLE_LABEL).labels == ["3", "10"]
 
 
 @pytest.mark.parametrize(
@@ -67,14 +60,14 @@ def test_bad_data_files_name_file_and_place(tmp_path, content, message):
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(ConfigError, match=message) as e:
-        read_split(str(path), "text", "label")
+        read_split(str(path), "text", "label", SINGLE_LABEL)
     assert str(path) in str(e.value)
 
 
 def test_unsupported_format(tmp_path):
     (tmp_path / "a.parquet").write_bytes(b"x")
     with pytest.raises(ConfigError, match="unsupported data format '.parquet'"):
-        read_split(str(tmp_path / "a.parquet"), "text", "label")
+        read_split(str(tmp_path / "a.parquet"), "text", "label", SINGLE_LABEL)
 
 
 class Log:
@@ -88,7 +81,9 @@ def prepare(cfg: TrainConfig, cache: Path, tokenizer_dir=None) -> dict:
     def given(train):
         return load_tokenizer(str(tokenizer_dir), cfg.max_length), tokenizer_dir
 
-    return prepare_splits(cfg, given if tokenizer_dir else tokenizer_source(cfg, str(cache)), str(cache), Log())
+    return prepare_splits(
+        cfg, tasks.get(cfg.task), given if tokenizer_dir else tokenizer_source(cfg, str(cache)), str(cache), Log()
+    )
 
 
 def test_label_seen_only_in_dev_is_an_error(tmp_path, files):
@@ -100,23 +95,31 @@ def test_label_seen_only_in_dev_is_an_error(tmp_path, files):
 
 
 def test_tokenized_cache_is_reused_and_keyed_by_content_and_max_length(tmp_path, files):
-    split = Split(files["train"], "text", "label")
+    split = Split(files["train"], "text", "label", SINGLE_LABEL)
     tokenizer = load_tokenizer(str(build_tokenizer(split.texts(), "d", str(tmp_path))), 64)
     path, reused = tokenize_cached(split, tokenizer, Reading(64), str(tmp_path / "cache"))
     assert not reused
-    again, reused = tokenize_cached(Split(files["train"], "text", "label"), tokenizer, Reading(64), str(tmp_path / "cache"))
+    again, reused = tokenize_cached(
+        Split(files["train"], "text", "label", SINGLE_LABEL), tokenizer, Reading(64), str(tmp_path / "cache")
+    )
     assert reused and again == path
     shorter, reused = tokenize_cached(split, tokenizer, Reading(8), str(tmp_path / "cache"))
     assert not reused and shorter != path
     assert max(len(ids) for ids in load_tokenized(shorter)["input_ids"]) == 8
     write_jsonl(files["train"], ROWS * 5)
-    assert tokenize_cached(Split(files["train"], "text", "label"), tokenizer, Reading(64), str(tmp_path / "cache"))[0] != path
+    assert (
+        tokenize_cached(Split(files["train"], "text", "label", SINGLE_LABEL), tokenizer, Reading(64), str(tmp_path / "cache"))[0]
+        != path
+    )
     assert load_tokenized(path)["labels"] == [r["label"] for r in ROWS * 4]  # as written; ids are given on loading
 
 
 def test_switching_the_text_column_does_not_reuse_the_other_columns_cache(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [{"text": r["text"], "summary": r["label"], "label": r["label"]} for r in ROWS])
-    by_text, by_summary = read_split(str(path), "text", "label"), read_split(str(path), "summary", "label")
+    by_text, by_summary = (
+        read_split(str(path), "text", "label", SINGLE_LABEL),
+        read_split(str(path), "summary", "label", SINGLE_LABEL),
+    )
     tokenizer = load_tokenizer(str(build_tokenizer(by_text.texts + by_summary.texts, "d", str(tmp_path))), 64)
     first, _ = tokenize_cached(by_text.split, tokenizer, Reading(64), str(tmp_path / "cache"))
     second, reused = tokenize_cached(by_summary.split, tokenizer, Reading(64), str(tmp_path / "cache"))
@@ -130,24 +133,24 @@ def test_file_rewritten_with_its_old_mtime_is_read_again(tmp_path):
 
     path = write_jsonl(tmp_path / "train.jsonl", ROWS)
     before = path.stat()
-    assert read_split(str(path), "text", "label").texts == [r["text"] for r in ROWS]
+    assert read_split(str(path), "text", "label", SINGLE_LABEL).texts == [r["text"] for r in ROWS]
     rewritten = [{**r, "text": r["text"][::-1]} for r in ROWS]  # same size, other content
     write_jsonl(path, rewritten)
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert read_split(str(path), "text", "label").texts == [r["text"] for r in rewritten]
+    assert read_split(str(path), "text", "label", SINGLE_LABEL).texts == [r["text"] for r in rewritten]
 
 
 def test_json_array_csv_quoting_and_ragged_csv_rows(tmp_path):
     array = tmp_path / "a.json"
     array.write_text(json.dumps(ROWS, ensure_ascii=False, indent=2), encoding="utf-8")
-    assert read_split(str(array), "text", "label").labels == [r["label"] for r in ROWS]
+    assert read_split(str(array), "text", "label", SINGLE_LABEL).labels == [r["label"] for r in ROWS]
     quoted = tmp_path / "q.csv"
     quoted.write_text('text,label\n"发热, 咳嗽 ""3天""",肺炎\n', encoding="utf-8")
-    assert read_split(str(quoted), "text", "label").texts == ['发热, 咳嗽 "3天"']
+    assert read_split(str(quoted), "text", "label", SINGLE_LABEL).texts == ['发热, 咳嗽 "3天"']
     ragged = tmp_path / "r.csv"
     ragged.write_text("text,label\n发热,肺炎\n胸痛,心梗,extra\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"r\.csv: line 3: 3 fields, the header has 2"):
-        read_split(str(ragged), "text", "label")
+        read_split(str(ragged), "text", "label", SINGLE_LABEL)
 
 
 def test_tokenized_cache_is_written_in_bounded_batches_with_unknown_tokens_counted(tmp_path, files, monkeypatch):
@@ -155,10 +158,10 @@ def test_tokenized_cache_is_written_in_bounded_batches_with_unknown_tokens_count
     Arrow file as it comes, and the [UNK] share is counted then and stored with the cache."""
     import pyarrow as pa
 
-    import pipeline.data as data
+    import pipeline.data.cache as data
 
     monkeypatch.setattr(data, "TOKENIZE_BATCH", 5)
-    split = read_split(str(files["train"]), "text", "label")  # 12 records
+    split = read_split(str(files["train"]), "text", "label", SINGLE_LABEL)  # 12 records
     tokenizer = load_tokenizer(str(build_tokenizer(split.texts[:1] * 2, "first-text-only", str(tmp_path))), 64)
     path, _ = tokenize_cached(split.split, tokenizer, Reading(64), str(tmp_path / "cache"))
     with pa.memory_map(str(path / data.CACHE_DATA)) as source:
@@ -180,7 +183,7 @@ def test_tokenized_cache_is_written_in_bounded_batches_with_unknown_tokens_count
 def test_a_reused_cache_is_not_read_again(tmp_path, files, monkeypatch):
     """A warm start hashes the files and loads what was counted with the cache: no record is read
     and no token counted (a million records took minutes to read)."""
-    import pipeline.data as data
+    import pipeline.data.cache as data
 
     cfg = TrainConfig(train_file=str(files["train"]), dev_file=str(files["dev"]))
     first = prepare(cfg, tmp_path / "c")
@@ -202,7 +205,7 @@ def test_concurrent_runs_build_the_same_cache_entries_safely(tmp_path, files):
     with the winner's entry and remove its own temporary directory."""
     import multiprocessing
 
-    split = Split(files["train"], "text", "label")
+    split = Split(files["train"], "text", "label", SINGLE_LABEL)
     context = multiprocessing.get_context("fork")  # the children share this process's imported libraries
     barrier = context.Barrier(4)
     runs = [context.Process(target=_build_shared_caches, args=(split, str(tmp_path / "cache"), barrier)) for _ in range(4)]
@@ -220,13 +223,13 @@ def test_batches_equal_hf_padding_collator(tmp_path):
     import torch
     from transformers import DataCollatorWithPadding
 
-    split = read_split(str(SAMPLE / "dev.jsonl"), "text", "label")
+    split = read_split(str(SAMPLE / "dev.jsonl"), "text", "label", SINGLE_LABEL)
     tokenizer = load_tokenizer(str(build_tokenizer(split.texts, "d", str(tmp_path))), 512)
     path, _ = tokenize_cached(split.split, tokenizer, Reading(512), str(tmp_path / "cache"))
     names = sorted(set(split.labels))
     rows = load_tokenized(path).remove_columns("record").map(lambda r: {"labels": names.index(r["labels"])})
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    data = TokenizedSplit(path, tokenizer.pad_token_id, names)
+    data = TokenizedSplit(path, tokenizer.pad_token_id, names, SINGLE_LABEL)
     assert len(data) == len(rows) and data.record_labels.tolist() == rows["labels"]
     rng = np.random.default_rng(0)
     for size in (1, 3, 8, 32):
@@ -237,7 +240,7 @@ def test_batches_equal_hf_padding_collator(tmp_path):
             assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
     lengths = [len(ids) for ids in rows["input_ids"]]
     assert min(lengths) < max(lengths)  # so padding was exercised
-    padded = TokenizedSplit(path, 5, names).batch([lengths.index(min(lengths)), lengths.index(max(lengths))])
+    padded = TokenizedSplit(path, 5, names, SINGLE_LABEL).batch([lengths.index(min(lengths)), lengths.index(max(lengths))])
     assert padded["input_ids"][0, min(lengths) :].eq(5).all() and padded["attention_mask"][0, min(lengths) :].eq(0).all()
 
 
@@ -245,7 +248,7 @@ def test_tokenizer_that_maps_text_to_unk_is_refused(tmp_path, files):
     """transformers 5 ignores BertTokenizerFast(vocab_file=...): every character becomes [UNK]."""
     from transformers import BertTokenizerFast
 
-    split = read_split(str(files["train"]), "text", "label")
+    split = read_split(str(files["train"]), "text", "label", SINGLE_LABEL)
     vocabulary = load_tokenizer(str(build_tokenizer(split.texts, "d", str(tmp_path))), 64).get_vocab()
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(sorted(vocabulary, key=vocabulary.get)) + "\n", encoding="utf-8")
@@ -310,14 +313,14 @@ def test_records_are_read_one_at_a_time(tmp_path):
     is read (here, a broken last line is only met when the reading gets there)."""
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS) + '{"text": "cut sh', encoding="utf-8")
-    records = Split(path, "text", "label").records()
+    records = Split(path, "text", "label", SINGLE_LABEL).records()
     assert next(records) == (1, ROWS[0]["text"], ROWS[0]["label"])
     with pytest.raises(ConfigError, match=r"train\.jsonl: line 4, column \d+: invalid JSON"):
         list(records)
 
 
 def test_tokenized_cache_is_keyed_by_how_records_are_read_but_not_by_pooling(tmp_path, files):
-    split = read_split(str(files["train"]), "text", "label")
+    split = read_split(str(files["train"]), "text", "label", SINGLE_LABEL)
     tokenizer = load_tokenizer(str(build_tokenizer(split.texts, "d", str(tmp_path))), 8)
     names, cache = sorted(set(split.labels)), str(tmp_path / "cache")
     readings = [
@@ -331,7 +334,7 @@ def test_tokenized_cache_is_keyed_by_how_records_are_read_but_not_by_pooling(tmp
     assert len(set(paths)) == len(readings)
     again, reused = tokenize_cached(split.split, tokenizer, Reading(8, long_records="chunks", stride=2, pool="max"), cache)
     assert reused and again == paths[-1]
-    windows = TokenizedSplit(paths[-1], tokenizer.pad_token_id, names)
+    windows = TokenizedSplit(paths[-1], tokenizer.pad_token_id, names, SINGLE_LABEL)
     assert len(windows) > len(split.texts) and windows.records.tolist() == sorted(windows.records.tolist())
     assert windows.record_labels.tolist() == [names.index(label) for label in split.labels]
 
@@ -348,32 +351,32 @@ def test_multi_label_lists_in_jsonl_and_separated_strings_in_csv(tmp_path):
     csv = tmp_path / "m.csv"
     csv.write_text("text,label\n" + "".join(f"{r['text']},{';'.join(r['label'])}\n" for r in MULTI_ROWS), encoding="utf-8")
     expected = [sorted(r["label"]) for r in MULTI_ROWS]
-    assert read_split(str(jsonl), "text", "label", task.MULTI_LABEL).labels == expected
-    assert read_split(str(csv), "text", "label", task.MULTI_LABEL, ";").labels == expected
+    assert read_split(str(jsonl), "text", "label", MULTI_LABEL).labels == expected
+    assert read_split(str(csv), "text", "label", MULTI_LABEL, ";").labels == expected
     with pytest.raises(ConfigError, match=r"m\.csv: record 1: 'label' is '.*;.*', not a list of labels.*--label-separator"):
-        read_split(str(csv), "text", "label", task.MULTI_LABEL)
+        read_split(str(csv), "text", "label", MULTI_LABEL)
     with pytest.raises(ConfigError, match=r"m\.jsonl: record 1: 'label' is a list of labels .*--task multi_label"):
-        read_split(str(jsonl), "text", "label")
+        read_split(str(jsonl), "text", "label", SINGLE_LABEL)
     empty = write_jsonl(tmp_path / "e.jsonl", MULTI_ROWS + [{"text": "主诉：头痛。", "label": []}])
     with pytest.raises(ConfigError, match=r"e\.jsonl: record 4: 'label' is an empty label set"):
-        read_split(str(empty), "text", "label", task.MULTI_LABEL)
+        read_split(str(empty), "text", "label", MULTI_LABEL)
 
 
 def test_multi_hot_labels_are_cached_and_batched_as_floats_under_a_key_with_the_task(tmp_path):
-    split = read_split(str(write_jsonl(tmp_path / "m.jsonl", MULTI_ROWS)), "text", "label", task.MULTI_LABEL)
+    split = read_split(str(write_jsonl(tmp_path / "m.jsonl", MULTI_ROWS)), "text", "label", MULTI_LABEL)
     names = ["心梗", "肺炎", "胃肠炎"]
     tokenizer = load_tokenizer(str(build_tokenizer(split.texts, "m", str(tmp_path))), 32)
     path, _ = tokenize_cached(split.split, tokenizer, Reading(32), str(tmp_path / "cache"))
     assert sorted(cache_info(path)["labels"]) == names
-    tokenized = TokenizedSplit(path, tokenizer.pad_token_id, names, kind=task.MULTI_LABEL)
+    tokenized = TokenizedSplit(path, tokenizer.pad_token_id, names, MULTI_LABEL)
     assert tokenized.labels.tolist() == [[1, 1, 0], [1, 0, 0], [0, 0, 1]]
     batch = tokenized.batch([2, 0])
     assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [[0, 0, 1], [1, 1, 0]]
     single = write_jsonl(tmp_path / "s.jsonl", [{"text": "主诉：胸痛。", "label": "a"}] * 2)
-    as_single = tokenize_cached(Split(single, "text", "label"), tokenizer, Reading(32), str(tmp_path / "cache"))[0]
-    as_multi = tokenize_cached(
-        Split(single, "text", "label", task.MULTI_LABEL, ";"), tokenizer, Reading(32), str(tmp_path / "cache")
-    )[0]
+    as_single = tokenize_cached(Split(single, "text", "label", SINGLE_LABEL), tokenizer, Reading(32), str(tmp_path / "cache"))[0]
+    as_multi = tokenize_cached(Split(single, "text", "label", MULTI_LABEL, ";"), tokenizer, Reading(32), str(tmp_path / "cache"))[
+        0
+    ]
     assert as_single != as_multi  # how labels are read is part of the cache key
 
 
@@ -390,13 +393,31 @@ def test_label_files_that_name_other_labels_are_refused_before_training(tmp_path
     with pytest.raises(
         ConfigError, match=rf"--class-weights {weights}: unknown labels \['偏头痛'\]; missing labels \['{names[2]}'\]"
     ):
-        prepare_splits(cfg, lambda train: (load_tokenizer(str(tokenizer_dir), 32), tokenizer_dir), str(tmp_path / "c"), Log())
+        prepare_splits(
+            cfg,
+            tasks.get(cfg.task),
+            lambda train: (load_tokenizer(str(tokenizer_dir), 32), tokenizer_dir),
+            str(tmp_path / "c"),
+            Log(),
+        )
     multi = {"train": write_jsonl(tmp_path / "mt.jsonl", MULTI_ROWS * 2), "dev": write_jsonl(tmp_path / "md.jsonl", MULTI_ROWS)}
     thresholds = tmp_path / "t.json"
     thresholds.write_text('{"a": 0.5, "b": 0.5}')
     cfg = TrainConfig(task="multi_label", train_file=str(multi["train"]), dev_file=str(multi["dev"]), threshold=str(thresholds))
     with pytest.raises(ConfigError, match=r"--threshold .*t\.json: unknown labels \['a', 'b'\]"):
-        prepare_splits(cfg, lambda train: (load_tokenizer(str(tokenizer_dir), 32), tokenizer_dir), str(tmp_path / "c"), Log())
+        prepare_splits(
+            cfg,
+            tasks.get(cfg.task),
+            lambda train: (load_tokenizer(str(tokenizer_dir), 32), tokenizer_dir),
+            str(tmp_path / "c"),
+            Log(),
+        )
     cfg = TrainConfig(task="multi_label", train_file=str(multi["train"]), dev_file=str(multi["dev"]), class_weights="balanced")
-    info = prepare_splits(cfg, lambda train: (load_tokenizer(str(tokenizer_dir), 32), tokenizer_dir), str(tmp_path / "c"), Log())
+    info = prepare_splits(
+        cfg,
+        tasks.get(cfg.task),
+        lambda train: (load_tokenizer(str(tokenizer_dir), 32), tokenizer_dir),
+        str(tmp_path / "c"),
+        Log(),
+    )
     assert info["class_weights"] == {"心梗": pytest.approx(1 / 2), "肺炎": pytest.approx(2 / 1), "胃肠炎": pytest.approx(2 / 1)}

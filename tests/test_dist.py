@@ -70,7 +70,7 @@ def test_a_frozen_rank_fails_the_job_within_the_collective_timeout(small_data, t
 
 def test_the_first_runs_op_build_is_announced(tmp_path, monkeypatch):
     """DeepSpeed builds its CPU communication op silently on a machine's first run: we must know when."""
-    from pipeline.dist import unbuilt_comm_op
+    from pipeline.core.dist import unbuilt_comm_op
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a machine that never built it

@@ -8,7 +8,7 @@ import time
 import pytest
 from conftest import DEAD_NODE, NODES, REPO, cpu_env, ds_config, free_port, losses, run_options
 
-from pipeline.doctor import arch_problem, choose_accelerator
+from pipeline.launch.doctor import arch_problem, choose_accelerator
 
 
 def doctor(hostfile, *extra):

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.base import ConfigError, load_json
-from pipeline.config import TrainConfig
-from pipeline.ds_config import Hardware, fill_schedule, resolve_batch, resolve_ds_config, resolve_precision
+from pipeline.core.base import ConfigError, load_json
+from pipeline.core.ds_config import Hardware, fill_schedule, resolve_batch, resolve_ds_config, resolve_precision
+from pipeline.core.options import TrainConfig
 
 CPU = Hardware("cpu", fp16=False, bf16=True, name="CPU")
 V100 = Hardware("cuda", fp16=True, bf16=False, name="Tesla V100-SXM2-16GB")
@@ -144,7 +144,7 @@ def test_shipped_configs_resolve_on_their_target(tmp_path):
 
 @pytest.mark.skipif(not WILD.is_dir(), reason="shared/wild_ds_configs is not next to this checkout")
 def test_real_world_configs_have_no_false_unknown_keys():
-    from pipeline.ds_schema import validate
+    from pipeline.core.ds_schema import validate
 
     for path in sorted(WILD.glob("*.json")):
         assert validate(str(path), load_json(path))[0] == [], path
@@ -152,7 +152,7 @@ def test_real_world_configs_have_no_false_unknown_keys():
 
 def test_the_final_config_is_resolved_in_one_call_with_the_runs_shape():
     """Data size, run directory and a resumed checkpoint finish the dict: schedule, profiler, batch, universal load."""
-    from pipeline.ds_config import RunShape
+    from pipeline.core.ds_config import RunShape
 
     raw = {
         "train_batch_size": 16,
@@ -167,15 +167,15 @@ def test_the_final_config_is_resolved_in_one_call_with_the_runs_shape():
     }
     cfg = TrainConfig(epochs=2, flops_profiler_step=3)
     cpu = Hardware.named("cpu")
-    fresh = resolve_ds_config("c.json", raw, 2, cpu, cfg, run=RunShape(100, "/runs/r"))
+    fresh = resolve_ds_config("c.json", raw, 2, cpu, cfg).for_run(cfg, 2, RunShape(100, "/runs/r"))
     assert (fresh.steps_per_epoch, fresh.total_steps) == (6, 12)
     assert fresh.ds["scheduler"]["params"]["total_num_steps"] == 12 and fresh.ds["scheduler"]["params"]["warmup_num_steps"] == 2
     assert fresh.ds["flops_profiler"]["output_file"] == "/runs/r/flops_profile.txt" and "checkpoint" not in fresh.ds
     # The same checkpoint resumed on 4 ranks: global batch 16 kept, accumulation re-derived, universal load.
-    moved = resolve_ds_config("c.json", raw, 4, cpu, cfg, run=RunShape(100, "/runs/r", "ckpt/step-6", 2, 16))
+    moved = resolve_ds_config("c.json", raw, 4, cpu, cfg).for_run(cfg, 4, RunShape(100, "/runs/r", "ckpt/step-6", 2, 16))
     assert (moved.ds["train_batch_size"], moved.ds["gradient_accumulation_steps"]) == (16, 1)
     assert moved.ds["checkpoint"]["load_universal"] and "resuming a 2-rank checkpoint on 4 ranks" in moved.warnings[-1]
     with pytest.raises(ConfigError, match="ckpt/step-6: trained with a global batch of 32, but this config gives 16"):
-        resolve_ds_config("c.json", raw, 2, cpu, cfg, run=RunShape(100, "/runs/r", "ckpt/step-6", 2, 32))
+        resolve_ds_config("c.json", raw, 2, cpu, cfg).for_run(cfg, 2, RunShape(100, "/runs/r", "ckpt/step-6", 2, 32))
     with pytest.raises(ConfigError, match="10 records, fewer than one global batch"):
-        resolve_ds_config("c.json", raw, 2, cpu, cfg, run=RunShape(10, "/runs/r"))
+        resolve_ds_config("c.json", raw, 2, cpu, cfg).for_run(cfg, 2, RunShape(10, "/runs/r"))

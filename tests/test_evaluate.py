@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from conftest import export_window_logits, read_jsonl
 
-from pipeline import task
-from pipeline.evaluate import FILLER, eval_index_batches
-from pipeline.reading import pool
+from pipeline.data.reading import pool
+from pipeline.tasks.single_label import metrics as single_label_metrics
+from pipeline.tasks.single_label import predictions
+from pipeline.train.evaluate import FILLER, eval_index_batches
 
 
 @pytest.mark.parametrize("n, world, batch", [(37, 2, 8), (5, 4, 2), (3, 8, 4), (100, 3, 7), (16, 2, 8)])
@@ -27,9 +28,9 @@ def test_pooled_evaluation_on_two_ranks_counts_each_record_once_and_equals_one_p
     split, logits, names = export_window_logits(chunked_run)
     windows_per_record = np.bincount(split.records)
     assert len(windows_per_record) == 37 and len(set(windows_per_record)) > 1 and windows_per_record.min() > 1
-    predictions = task.predictions(pool(logits, split.records, "max"))
-    assert len(set(predictions)) > 1  # a model that predicts one class would hide a mix-up of records
-    assert [row["label"] for row in read_jsonl(chunked_run / "predictions-dev.jsonl")] == [names[p] for p in predictions]
-    expected = json.loads(json.dumps(task.metrics(split.record_labels, predictions, names)))
+    predicted = predictions(pool(logits, split.records, "max"))
+    assert len(set(predicted)) > 1  # a model that predicts one class would hide a mix-up of records
+    assert [row["label"] for row in read_jsonl(chunked_run / "predictions-dev.jsonl")] == [names[p] for p in predicted]
+    expected = json.loads(json.dumps(single_label_metrics(split.record_labels, predicted, names)))
     assert json.loads((chunked_run / "eval_results.json").read_text())["dev"] == expected
     assert expected["num_records"] == 37 and sum(c["support"] for c in expected["per_class"].values()) == 37

@@ -6,9 +6,9 @@ import subprocess
 import pytest
 from conftest import REPO, cpu_env, ds_config, free_port, run_options
 
-from pipeline.base import ConfigError
-from pipeline.hosts import read_hostfile
-from pipeline.launcher import (
+from pipeline.core.base import ConfigError
+from pipeline.launch.hosts import read_hostfile
+from pipeline.launch.launcher import (
     deepspeed_command,
     parse_args,
     rank_env,

@@ -7,16 +7,19 @@ import numpy as np
 import pytest
 from conftest import REPO, cpu_env, write_jsonl
 
-from pipeline.base import ConfigError
-from pipeline.data import count_unknown, read_split
-from pipeline.model import build_model, build_tokenizer, check_model_dir, has_tokenizer, has_weights, load_tokenizer
+from pipeline.core.base import ConfigError
+from pipeline.core.model_dir import check_model_dir, has_tokenizer, has_weights
+from pipeline.data.cache import count_unknown, read_split
+from pipeline.data.tokenizer import build_tokenizer, load_tokenizer
+from pipeline.tasks.single_label import SINGLE_LABEL
+from pipeline.train.model import build_model
 
 ROWS = [{"text": "主诉：发热3天，咳嗽。WBC 12.3", "label": "肺炎"}, {"text": "主诉：胸痛2小时。cTnI 2.1", "label": "心梗"}]
 
 
 @pytest.fixture()
 def split(tmp_path):
-    return read_split(str(write_jsonl(tmp_path / "train.jsonl", ROWS * 3)), "text", "label")
+    return read_split(str(write_jsonl(tmp_path / "train.jsonl", ROWS * 3)), "text", "label", SINGLE_LABEL)
 
 
 @pytest.mark.parametrize("vocabulary", ["char", "wordpiece"])
@@ -144,8 +147,8 @@ def test_train_stops_with_one_line_before_touching_data(tmp_path, config, messag
 
 
 def test_config_json_that_is_not_json_is_one_error_for_predict_and_plan(tmp_path):
-    from pipeline.plan import model_shape
-    from pipeline.predict import predict
+    from pipeline.cli.plan import model_shape
+    from pipeline.cli.predict import predict
 
     path = model_dir(tmp_path, '{"model_type": "bert",\n')
     for command in (lambda: predict(path, ["x"]), lambda: model_shape(path)):

@@ -8,11 +8,11 @@ import sys
 import pytest
 from conftest import REPO, cpu_env, train
 
-from pipeline.__main__ import main
-from pipeline.base import ConfigError
-from pipeline.config import TrainConfig
-from pipeline.ds_config import Hardware, resolve_ds_config
-from pipeline.plan import ModelShape, activation_bytes, ds_config_for, model_shape, model_state_bytes, plan, recommend
+from pipeline.cli.main import main
+from pipeline.cli.plan import ModelShape, activation_bytes, ds_config_for, model_shape, model_state_bytes, plan, recommend
+from pipeline.core.base import ConfigError
+from pipeline.core.ds_config import Hardware, resolve_ds_config
+from pipeline.core.options import TrainConfig
 
 MODELS = REPO / "pipeline" / "models"
 GIB = 1024**3

@@ -42,10 +42,10 @@ def test_plot_of_a_directory_without_metrics_says_so(tmp_path):
 
 
 def test_confusion_png_numbers_labels_no_installed_font_draws(tmp_path, capsys):
-    from pipeline import task
-    from pipeline.plot import drawable, plot_confusion
+    from pipeline.cli.plot import drawable, plot_confusion
+    from pipeline.tasks.single_label import metrics as single_label_metrics
 
-    matrix = task.metrics([0, 1, 1, 2], [0, 1, 2, 2], ["肺炎", "心梗", "哮喘"])["confusion_matrix"]
+    matrix = single_label_metrics([0, 1, 1, 2], [0, 1, 2, 2], ["肺炎", "心梗", "哮喘"])["confusion_matrix"]
     out = plot_confusion("dev, step 3 (latest)", matrix, tmp_path / "c.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ("0: 肺炎" in capsys.readouterr().out) != drawable(matrix["labels"])  # the key only where the names cannot be drawn
@@ -55,11 +55,11 @@ def test_a_multi_label_run_gets_its_per_label_outcome_counts_drawn(tmp_path):
     """A multi-label evaluation's confusion matrix is one row of (tp, fn, fp, tn) per label."""
     import numpy as np
 
-    from pipeline import task
-    from pipeline.plot import dev_confusion, plot_confusion
+    from pipeline.cli.plot import dev_confusion, plot_confusion
+    from pipeline.tasks.multi_label import MULTI_LABEL
 
     labels, predicted = np.array([[1, 0], [1, 1], [0, 1]]), np.array([[1, 1], [0, 1], [0, 0]])
-    metrics = task.MULTI_LABEL.metrics(labels, predicted, ["a", "b"], {"a": 0.5, "b": 0.5})
+    metrics = MULTI_LABEL.metrics(labels, predicted, ["a", "b"], {"a": 0.5, "b": 0.5})
     assert metrics["confusion_matrix"] == {
         "labels": ["a", "b"],
         "columns": ["tp", "fn", "fp", "tn"],

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from conftest import REPO, cpu_env, export_window_logits, read_jsonl
 
-from pipeline.__main__ import main
-from pipeline.base import ConfigError
-from pipeline.predict import predict
-from pipeline.reading import pool
-from pipeline.task import probabilities
+from pipeline.cli.main import main
+from pipeline.cli.predict import predict
+from pipeline.core.base import ConfigError
+from pipeline.data.reading import pool
+from pipeline.tasks.single_label import probabilities
 
 
 @pytest.mark.slow

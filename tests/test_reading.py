@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from conftest import SAMPLE, read_jsonl
 
-from pipeline.base import ConfigError
-from pipeline.config import TrainConfig
-from pipeline.model import build_tokenizer, load_tokenizer
-from pipeline.reading import HEAD_SHARE, Reading, encode, pool
+from pipeline.core.base import ConfigError
+from pipeline.core.options import TrainConfig
+from pipeline.data.reading import HEAD_SHARE, Reading, encode, pool
+from pipeline.data.tokenizer import build_tokenizer, load_tokenizer
 
 TEXTS = [r["text"] for r in read_jsonl(SAMPLE / "dev.jsonl")[:40]]
 MAX_LENGTH = 24

@@ -26,7 +26,7 @@ from conftest import (
 )
 from safetensors.numpy import load_file
 
-from pipeline.checkpoint import step_of
+from pipeline.checkpoint.checkpoints import step_of
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
@@ -319,7 +319,7 @@ def test_a_full_disk_stops_every_rank_with_one_clear_error(initial_model, small_
     earlier checkpoint intact, nothing half-written left behind."""
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.checkpoint import verify_manifest
+    from pipeline.checkpoint.checkpoints import verify_manifest
 
     # The first save's estimate (checkpoint.BYTES_PER_PARAMETER): 16 bytes per parameter.
     estimate = 16 * AutoModelForSequenceClassification.from_pretrained(initial_model).num_parameters()

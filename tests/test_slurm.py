@@ -10,8 +10,8 @@ import pytest
 from conftest import REPO, STOP_SETTINGS, ds_config, free_port, losses, read_jsonl, run_options
 from safetensors.numpy import load_file
 
-from pipeline.base import ConfigError
-from pipeline.launcher import check_slurm_gpus
+from pipeline.core.base import ConfigError
+from pipeline.launch.launcher import check_slurm_gpus
 
 TEMPLATE = REPO / "hostfiles" / "slurm-v100x8.sbatch"
 

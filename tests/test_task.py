@@ -4,15 +4,19 @@ import numpy as np
 import pytest
 from sklearn.metrics import classification_report
 
-from pipeline import task
-from pipeline.base import ConfigError
+from pipeline.core.base import ConfigError
+from pipeline.tasks.base import label_names, summary
+from pipeline.tasks.multi_label import MULTI_LABEL, THRESHOLD_GRID
+from pipeline.tasks.single_label import METRIC_NAMES, METRICS, SINGLE_LABEL, predictions, probabilities
+from pipeline.tasks.single_label import encode as single_label_encode
+from pipeline.tasks.single_label import metrics as single_label_metrics
 
 
 def test_metrics_match_scikit_learn_report():
     rng = np.random.default_rng(0)
     labels, preds = rng.integers(0, 4, 53), rng.integers(0, 4, 53)
     names = ["a", "b", "c", "d"]
-    metrics = task.metrics(labels, preds, names)
+    metrics = single_label_metrics(labels, preds, names)
     report = classification_report(labels, preds, labels=[0, 1, 2, 3], target_names=names, output_dict=True, zero_division=0)
     assert metrics["accuracy"] == pytest.approx(report["accuracy"])
     assert metrics["macro_f1"] == pytest.approx(report["macro avg"]["f1-score"])
@@ -24,34 +28,43 @@ def test_metrics_match_scikit_learn_report():
 
 
 def test_class_absent_from_eval_set_is_reported_with_zero_support():
-    metrics = task.metrics([0, 0, 1], [0, 1, 1], ["a", "b", "c"])
+    metrics = single_label_metrics([0, 0, 1], [0, 1, 1], ["a", "b", "c"])
     assert metrics["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
 
 
 def test_macro_f1_averages_over_classes_present_in_the_reference():
     """A training class missing from dev has no F1 to measure: perfect predictions score 1, not 0.667."""
-    metrics = task.metrics([0, 0, 1, 1], [0, 0, 1, 1], ["a", "b", "c"])
+    metrics = single_label_metrics([0, 0, 1, 1], [0, 0, 1, 1], ["a", "b", "c"])
     assert metrics["macro_f1"] == 1.0 and metrics["weighted_f1"] == 1.0
     assert metrics["absent_from_reference"] == ["c"]
     assert metrics["per_class"]["c"]["support"] == 0
-    wrong = task.metrics([0, 0, 1, 1], [0, 2, 1, 1], ["a", "b", "c"])  # a record predicted as the absent class
+    wrong = single_label_metrics([0, 0, 1, 1], [0, 2, 1, 1], ["a", "b", "c"])  # a record predicted as the absent class
     assert wrong["macro_f1"] == pytest.approx((2 / 3 + 1.0) / 2)
-    assert task.metrics([0, 1, 2], [0, 1, 2], ["a", "b", "c"])["absent_from_reference"] == []
+    assert single_label_metrics([0, 1, 2], [0, 1, 2], ["a", "b", "c"])["absent_from_reference"] == []
 
 
 def test_every_metric_is_logged_plotted_and_selectable_from_one_table():
-    """Adding a metric is one entry in task.METRICS: the config check, plot and log line follow it."""
-    from pipeline.config import TrainConfig
-    from pipeline.plot import ALL_METRIC_NAMES as plotted
+    """Adding a metric is one entry in METRICS: the config check, plot and log line follow it."""
+    from pipeline import tasks
+    from pipeline.core.options import TrainConfig
+    from pipeline.tasks import all_metric_names
 
-    assert task.METRIC_NAMES == task.SINGLE_LABEL.metric_names == ("accuracy", "macro_f1", "weighted_f1")
-    assert plotted == ("accuracy", "macro_f1", "weighted_f1", "micro_f1", "samples_f1", "subset_accuracy")
-    for name in task.METRIC_NAMES:
-        TrainConfig(best_metric=name, eval_every=5, save_every=5)
+    assert METRIC_NAMES == SINGLE_LABEL.metric_names == ("accuracy", "macro_f1", "weighted_f1")
+    names = all_metric_names()
+    assert len(names) == len(set(names)) and set(names) >= {
+        "accuracy",
+        "macro_f1",
+        "weighted_f1",
+        "micro_f1",
+        "samples_f1",
+        "subset_accuracy",
+    }
+    for name in METRIC_NAMES:
+        tasks.resolve(TrainConfig(best_metric=name, eval_every=5, save_every=5))
     with pytest.raises(ConfigError, match="best_metric.*accuracy or macro_f1 or weighted_f1"):
-        TrainConfig(best_metric="f1", eval_every=5, save_every=5)
+        tasks.resolve(TrainConfig(best_metric="f1", eval_every=5, save_every=5))
     assert (
-        task.summary({"accuracy": 0.5, "macro_f1": 0.25, "weighted_f1": 1.0})
+        summary({"accuracy": 0.5, "macro_f1": 0.25, "weighted_f1": 1.0}, METRICS)
         == "accuracy 0.5000  macro-F1 0.2500  weighted-F1 1.0000"
     )
 
@@ -67,16 +80,16 @@ def seen(*labels) -> dict:
 def test_labels_probabilities_and_predictions():
     import pyarrow as pa
 
-    assert task.label_names(seen("b", "a", "b"), "train.jsonl", {"dev.jsonl": seen("a")}) == ["a", "b"]
+    assert label_names(seen("b", "a", "b"), "train.jsonl", {"dev.jsonl": seen("a")}) == ["a", "b"]
     with pytest.raises(ConfigError, match="dev.jsonl: record 2: label 'c' never appears in the training file train.jsonl"):
-        task.label_names(seen("b", "a"), "train.jsonl", {"dev.jsonl": seen("a", "c", "d", "c")})
+        label_names(seen("b", "a"), "train.jsonl", {"dev.jsonl": seen("a", "c", "d", "c")})
     with pytest.raises(ConfigError, match="a classifier needs at least 2"):
-        task.label_names(seen("a", "a"), "train.jsonl", {})
-    assert task.encode(pa.array(["b", "a", "b"]), ["a", "b"]).tolist() == [1, 0, 1]
+        label_names(seen("a", "a"), "train.jsonl", {})
+    assert single_label_encode(pa.array(["b", "a", "b"]), ["a", "b"]).tolist() == [1, 0, 1]
     logits = np.array([[0.0, 2.0], [3.0, -1.0]])
-    assert task.predictions(logits).tolist() == [1, 0]
-    probabilities = task.probabilities(logits)
-    assert np.allclose(probabilities.sum(axis=1), 1) and probabilities[0, 1] == pytest.approx(1 / (1 + np.exp(-2)))
+    assert predictions(logits).tolist() == [1, 0]
+    p = probabilities(logits)
+    assert np.allclose(p.sum(axis=1), 1) and p[0, 1] == pytest.approx(1 / (1 + np.exp(-2)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,31 +98,31 @@ def test_labels_probabilities_and_predictions():
 
 
 def test_label_parsing_for_each_task():
-    assert task.SINGLE_LABEL.parse(3) == "3"
+    assert SINGLE_LABEL.parse(3) == "3"
     with pytest.raises(ValueError, match="is a list of labels.*--task multi_label"):
-        task.SINGLE_LABEL.parse(["a", "b"])
-    assert task.MULTI_LABEL.parse(["b", "a", "b"]) == ["a", "b"]
-    assert task.MULTI_LABEL.parse("b; a;", ";") == ["a", "b"]
+        SINGLE_LABEL.parse(["a", "b"])
+    assert MULTI_LABEL.parse(["b", "a", "b"]) == ["a", "b"]
+    assert MULTI_LABEL.parse("b; a;", ";") == ["a", "b"]
     with pytest.raises(ValueError, match="not a list of labels.*--label-separator"):
-        task.MULTI_LABEL.parse("a;b")
+        MULTI_LABEL.parse("a;b")
     with pytest.raises(ValueError, match="not a list of labels"):
-        task.MULTI_LABEL.parse(7)
+        MULTI_LABEL.parse(7)
     for empty in ([], " ; ", ""):
         with pytest.raises(ValueError, match="empty"):
-            task.MULTI_LABEL.parse(empty, ";")
+            MULTI_LABEL.parse(empty, ";")
     with pytest.raises(ValueError, match="empty or not a string"):
-        task.MULTI_LABEL.parse(["a", None])
+        MULTI_LABEL.parse(["a", None])
 
 
 def test_multi_label_names_and_encoding():
     """Label sets are counted per label (data.py), so the label set and its checks are the single-label ones."""
     import pyarrow as pa
 
-    names = task.label_names(seen("b", "a", "c"), "train.jsonl", {"dev.jsonl": seen("c")})
+    names = label_names(seen("b", "a", "c"), "train.jsonl", {"dev.jsonl": seen("c")})
     assert names == ["a", "b", "c"]
     with pytest.raises(ConfigError, match="dev.jsonl: record 2: label 'd' never appears"):
-        task.label_names(seen("b", "a", "c"), "train.jsonl", {"dev.jsonl": seen("c", "d", "a")})
-    assert task.MULTI_LABEL.encode(pa.array([["a", "c"], ["b"]]), names).tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+        label_names(seen("b", "a", "c"), "train.jsonl", {"dev.jsonl": seen("c", "d", "a")})
+    assert MULTI_LABEL.encode(pa.array([["a", "c"], ["b"]]), names).tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
 
 
 def test_multi_label_metrics_match_scikit_learn():
@@ -120,7 +133,7 @@ def test_multi_label_metrics_match_scikit_learn():
     labels[:, 3] = 0  # a label absent from the reference
     names = ["a", "b", "c", "d"]
     thresholds = dict.fromkeys(names, 0.5)
-    metrics = task.MULTI_LABEL.metrics(labels, predicted, names, thresholds)
+    metrics = MULTI_LABEL.metrics(labels, predicted, names, thresholds)
     assert metrics["micro_f1"] == pytest.approx(f1_score(labels, predicted, average="micro"))
     assert metrics["macro_f1"] == pytest.approx(f1_score(labels, predicted, labels=[0, 1, 2], average="macro"))
     assert metrics["samples_f1"] == pytest.approx(f1_score(labels, predicted, average="samples", zero_division=0))
@@ -137,7 +150,7 @@ def test_multi_label_metrics_match_scikit_learn():
             int(np.sum(truth & ~guess)),
             int(np.sum(~truth & ~guess)),
         ]
-    assert task.MULTI_LABEL.summary(metrics).startswith("micro-F1 ")
+    assert MULTI_LABEL.summary(metrics).startswith("micro-F1 ")
 
 
 def test_thresholds_per_label_maximise_each_labels_dev_f1_and_global_the_micro_f1(tmp_path):
@@ -147,23 +160,23 @@ def test_thresholds_per_label_maximise_each_labels_dev_f1_and_global_the_micro_f
     labels = rng.integers(0, 2, (60, 3))
     probabilities = np.clip(labels * rng.uniform(0.2, 0.9, (60, 3)) + (1 - labels) * rng.uniform(0.0, 0.6, (60, 3)), 0, 1)
     names = ["a", "b", "c"]
-    per_label = task.MULTI_LABEL.thresholds(labels, probabilities, names, "per-label")
-    assert task.MULTI_LABEL.thresholds(labels, probabilities, names, "") == per_label
+    per_label = MULTI_LABEL.thresholds(labels, probabilities, names, "per-label")
+    assert MULTI_LABEL.thresholds(labels, probabilities, names, "") == per_label
     for j, name in enumerate(names):
-        best = max(f1_score(labels[:, j], probabilities[:, j] >= t) for t in task.THRESHOLD_GRID)
+        best = max(f1_score(labels[:, j], probabilities[:, j] >= t) for t in THRESHOLD_GRID)
         assert f1_score(labels[:, j], probabilities[:, j] >= per_label[name]) == pytest.approx(best)
-    one = task.MULTI_LABEL.thresholds(labels, probabilities, names, "global")
+    one = MULTI_LABEL.thresholds(labels, probabilities, names, "global")
     assert len(set(one.values())) == 1
-    best = max(f1_score(labels, probabilities >= t, average="micro") for t in task.THRESHOLD_GRID)
+    best = max(f1_score(labels, probabilities >= t, average="micro") for t in THRESHOLD_GRID)
     assert f1_score(labels, probabilities >= one["a"], average="micro") == pytest.approx(best)
-    assert task.MULTI_LABEL.thresholds(labels, probabilities, names, "0.3") == dict.fromkeys(names, 0.3)
-    predicted = task.MULTI_LABEL.predict(probabilities, per_label)
+    assert MULTI_LABEL.thresholds(labels, probabilities, names, "0.3") == dict.fromkeys(names, 0.3)
+    predicted = MULTI_LABEL.predict(probabilities, per_label)
     assert predicted.tolist() == (probabilities >= [per_label[n] for n in names]).astype(int).tolist()
     (tmp_path / "t.json").write_text('{"a": 0.2, "b": 0.5, "c": 0.7}')
-    assert task.MULTI_LABEL.thresholds(None, None, names, str(tmp_path / "t.json")) == {"a": 0.2, "b": 0.5, "c": 0.7}
+    assert MULTI_LABEL.thresholds(None, None, names, str(tmp_path / "t.json")) == {"a": 0.2, "b": 0.5, "c": 0.7}
     (tmp_path / "other.json").write_text('{"a": 0.2, "x": 0.5}')
     with pytest.raises(ConfigError, match=r"other.json: unknown labels \['x'\]; missing labels \['b', 'c'\]"):
-        task.MULTI_LABEL.thresholds(None, None, names, str(tmp_path / "other.json"))
+        MULTI_LABEL.thresholds(None, None, names, str(tmp_path / "other.json"))
 
 
 def test_class_weights_balanced_and_from_a_file(tmp_path):
@@ -172,15 +185,15 @@ def test_class_weights_balanced_and_from_a_file(tmp_path):
     encoded = [0, 0, 0, 0, 1, 1, 2]
     expected = compute_class_weight("balanced", classes=np.arange(3), y=np.array(encoded))
     counts = {"a": 4, "b": 2, "c": 1}  # records per label, as data.py counts them
-    assert task.class_weights(task.SINGLE_LABEL, "balanced", counts, 7, ["a", "b", "c"]) == pytest.approx(expected)
-    assert task.class_weights(task.SINGLE_LABEL, "none", counts, 7, ["a", "b", "c"]) is None
+    assert SINGLE_LABEL.class_weights("balanced", counts, 7, ["a", "b", "c"]) == pytest.approx(expected)
+    assert SINGLE_LABEL.class_weights("none", counts, 7, ["a", "b", "c"]) is None
     # multi-hot [[1, 0], [1, 1], [0, 1], [0, 1]]: a on 2 of 4 records, b on 3
-    assert task.class_weights(task.MULTI_LABEL, "balanced", {"a": 2, "b": 3}, 4, ["a", "b"]) == pytest.approx([2 / 2, 1 / 3])
+    assert MULTI_LABEL.class_weights("balanced", {"a": 2, "b": 3}, 4, ["a", "b"]) == pytest.approx([2 / 2, 1 / 3])
     with pytest.raises(ConfigError, match="label 'b' is on every training record"):
-        task.class_weights(task.MULTI_LABEL, "balanced", {"a": 1, "b": 2}, 2, ["a", "b"])
+        MULTI_LABEL.class_weights("balanced", {"a": 1, "b": 2}, 2, ["a", "b"])
     path = tmp_path / "w.json"
     path.write_text('{"a": 1, "b": 2.5}')
-    assert task.class_weights(task.SINGLE_LABEL, str(path), counts, 7, ["a", "b"]) == [1.0, 2.5]
+    assert SINGLE_LABEL.class_weights(str(path), counts, 7, ["a", "b"]) == [1.0, 2.5]
     for content, message in [
         ('{"a": 1, "b": 2, "z": 3}', r"unknown labels \['z'\]"),
         ('{"a": 1}', r"missing labels \['b'\]"),
@@ -189,7 +202,7 @@ def test_class_weights_balanced_and_from_a_file(tmp_path):
     ]:
         path.write_text(content)
         with pytest.raises(ConfigError, match=message):
-            task.class_weights(task.SINGLE_LABEL, str(path), counts, 7, ["a", "b"])
+            SINGLE_LABEL.class_weights(str(path), counts, 7, ["a", "b"])
 
 
 def test_weighted_losses_as_computed_by_hand():
@@ -201,7 +214,7 @@ def test_weighted_losses_as_computed_by_hand():
     labels = torch.tensor([0, 1, 2, 2])
     weights = torch.tensor([0.5, 2.0, 4.0])
     by_hand = np.mean([weights[y].item() * -torch.log_softmax(row, dim=0)[y].item() for row, y in zip(logits, labels.tolist())])
-    loss = task.SINGLE_LABEL.weighted_loss(weights)
+    loss = SINGLE_LABEL.weighted_loss(weights)
     assert loss(logits, labels).item() == pytest.approx(by_hand, rel=1e-6)
     halves = (loss(logits[:2], labels[:2]) + loss(logits[2:], labels[2:])) / 2
     assert halves.item() == pytest.approx(loss(logits, labels).item(), rel=1e-6)
@@ -212,18 +225,19 @@ def test_weighted_losses_as_computed_by_hand():
     targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
     sig = torch.sigmoid(logits)
     by_hand = -(weights * targets * torch.log(sig) + (1 - targets) * torch.log(1 - sig)).mean().item()
-    assert task.MULTI_LABEL.weighted_loss(weights)(logits, targets).item() == pytest.approx(by_hand, rel=1e-6)
-    ones = task.MULTI_LABEL.weighted_loss(torch.ones(3))(logits, targets).item()
+    assert MULTI_LABEL.weighted_loss(weights)(logits, targets).item() == pytest.approx(by_hand, rel=1e-6)
+    ones = MULTI_LABEL.weighted_loss(torch.ones(3))(logits, targets).item()
     assert ones == pytest.approx(torch.nn.functional.binary_cross_entropy_with_logits(logits, targets).item(), rel=1e-6)
 
 
-def test_config_checks_the_task_options(tmp_path):
-    from pipeline.config import TrainConfig
+def test_the_task_checks_its_options_at_the_edge(tmp_path):
+    from pipeline import tasks
+    from pipeline.core.options import TrainConfig
 
-    for name in task.MULTI_LABEL.metric_names:
-        TrainConfig(task="multi_label", best_metric=name, eval_every=5, save_every=5)
+    for name in MULTI_LABEL.metric_names:
+        tasks.resolve(TrainConfig(task="multi_label", best_metric=name, eval_every=5, save_every=5))
     for values, message in [
-        ({"task": "multilabel"}, "'task' = 'multilabel', expected single_label or multi_label"),
+        ({"task": "multilabel"}, "'task' = 'multilabel', expected multi_label or single_label"),
         ({"best_metric": "micro_f1", "eval_every": 5, "save_every": 5}, "for task single_label"),
         ({"label_separator": ";"}, "'label_separator'.*empty with task single_label"),
         ({"threshold": "0.4"}, "'threshold'.*empty with task single_label"),
@@ -232,12 +246,12 @@ def test_config_checks_the_task_options(tmp_path):
         ({"class_weights": "inverse"}, "none, balanced or a .json file"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            TrainConfig(**values)
+            tasks.resolve(TrainConfig(**values))
     (tmp_path / "w.json").write_text('{"a": -1}')
     with pytest.raises(ConfigError, match="w.json: label 'a' has -1, expected a positive number"):
-        TrainConfig(class_weights=str(tmp_path / "w.json"))
+        tasks.resolve(TrainConfig(class_weights=str(tmp_path / "w.json")))
 
 
 def test_confusion_matrix_rows_are_true_labels_and_columns_predictions():
-    matrix = task.metrics([0, 0, 0, 1, 2], [0, 2, 2, 1, 0], ["a", "b", "c"])["confusion_matrix"]
+    matrix = single_label_metrics([0, 0, 0, 1, 2], [0, 2, 2, 1, 0], ["a", "b", "c"])["confusion_matrix"]
     assert matrix == {"labels": ["a", "b", "c"], "counts": [[1, 0, 2], [0, 1, 0], [1, 0, 0]]}

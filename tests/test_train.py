@@ -12,8 +12,9 @@ import torch
 from conftest import REPO, cpu_env, ds_config, early_stop_step, launch, losses, plot, read_jsonl, run_options, train, write_jsonl
 from safetensors.numpy import load_file
 
-from pipeline import task
-from pipeline.train import TrainingStopped, check_progress
+from pipeline.tasks.multi_label import MULTI_LABEL
+from pipeline.tasks.single_label import metrics as single_label_metrics
+from pipeline.train.loop import TrainingStopped, check_progress
 
 SHORT = ["--max-length", "64", "--eval-batch-size", "8"]
 TRAIN_ARGS = [
@@ -94,7 +95,9 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
     names = sorted({r["label"] for r in read_jsonl(small_data["train"])})
     trained_predictions = [r["label"] for r in read_jsonl(run / "predictions-dev.jsonl")]
     assert results["num_records"] == len(trained_predictions) == 37
-    single_process = task.metrics([names.index(r["label"]) for r in dev], [names.index(p) for p in trained_predictions], names)
+    single_process = single_label_metrics(
+        [names.index(r["label"]) for r in dev], [names.index(p) for p in trained_predictions], names
+    )
     assert results == single_process
 
     # ... and the export, loaded in a plain process by `predict`, reproduces those predictions.
@@ -263,8 +266,8 @@ def test_progress_check_stops_on_what_the_loss_scaler_did_not_catch():
 
 
 def test_metrics_of_an_interrupted_run_drop_a_cut_short_last_line(tmp_path):
-    from pipeline.base import ConfigError
-    from pipeline.train import metrics_up_to
+    from pipeline.core.base import ConfigError
+    from pipeline.train.runlog import metrics_up_to
 
     class Log(list):
         warning = list.append
@@ -308,7 +311,7 @@ def test_multi_label_run_evaluates_every_record_once_and_exports_its_dev_thresho
     assert json.loads((run / "class_weights.json").read_text()) == pytest.approx(expected)
     evals = [row for row in read_jsonl(run / "metrics.jsonl") if "split" in row]
     assert [(row["split"], row["step"]) for row in evals] == [("dev", 4), ("dev", 8), ("dev", 12), ("dev", 16), ("test", 16)]
-    assert all(set(task.MULTI_LABEL.metric_names) <= set(row) for row in evals)
+    assert all(set(MULTI_LABEL.metric_names) <= set(row) for row in evals)
     console = (run.parent / "run.console.txt").read_text()
     assert console.count("recall per class:") == len(evals) and "class weights (balanced)" in console
 
@@ -339,7 +342,7 @@ def test_early_stopping_ends_the_run_and_exports_the_best_checkpoint(early_stopp
     """Stopped after 3 checkpointed evaluations without a new best dev macro-F1; the export, the
     final dev evaluation and the predictions are the best checkpoint's (loaded into the engine, under
     ZeRO-3 into its partitions), not the last step's."""
-    from pipeline.checkpoint import consolidated_fp32_state_dict
+    from pipeline.checkpoint.checkpoints import consolidated_fp32_state_dict
 
     _, run = early_stopped(stage)
     stop, best = early_stop_step(run, every=2, patience=3)

@@ -21,10 +21,10 @@ would make both sides trivially equal).
 
 from __future__ import annotations
 
-from .. import dist
-from ..base import ConfigError, load_json
-from ..config import TINY_MODEL_DIR, TrainConfig
-from ..ds_config import Hardware, ds_precision, resolve_batch, resolve_ds_config
+from ..core import dist
+from ..core.base import ConfigError, load_json
+from ..core.ds_config import Hardware, ds_precision, resolve_batch, resolve_ds_config
+from ..core.options import TINY_MODEL_DIR, TrainConfig
 from .common import LABELS, collate, fixed_batch, standalone_rank
 
 # Largest relative difference accepted: fp32 differs only by summation order; 16-bit forward passes
@@ -64,9 +64,8 @@ def one_step(model_dir: str, ds: dict, records: list[dict], seed: int, broken: s
     from deepspeed.utils import safe_get_full_fp32_param
     from transformers import AutoConfig
 
-    from ..engine import build_engine
-    from ..model import build_model
-    from ..train import micro_step
+    from ..train.loop import micro_step
+    from ..train.model import build_engine, build_model
 
     model = build_model(model_dir, LABELS, AutoConfig.from_pretrained(model_dir).vocab_size, ds, seed)
     engine = Audited(build_engine(model, ds), broken)

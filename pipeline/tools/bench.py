@@ -31,10 +31,11 @@ import statistics
 import time
 from pathlib import Path
 
-from ..base import load_json
-from ..config import SAMPLE_DATA_DIR, TINY_MODEL_DIR, TrainConfig
-from ..dist import release_shared_memory
-from ..ds_config import Hardware, fill_schedule, resolve_ds_config
+from ..core.base import load_json
+from ..core.dist import release_shared_memory
+from ..core.ds_config import Hardware, fill_schedule, resolve_ds_config
+from ..core.options import SAMPLE_DATA_DIR, TINY_MODEL_DIR, TrainConfig
+from ..tasks.single_label import SINGLE_LABEL
 from .common import launch_module, run_worker, sweep_config
 
 STACKS = ("pipeline", "reference", "hf")
@@ -198,7 +199,7 @@ def global_tokens(per_step: list[float]) -> list[float]:
 
 def run_pipeline(spec: dict, ds: dict) -> tuple[list[dict], float]:
     from .. import dist
-    from ..train import run
+    from ..train.run import run
 
     cfg = TrainConfig(
         ds_config=spec["ds_path"],
@@ -235,7 +236,7 @@ def load_data(spec: dict):
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
     from .. import task
-    from ..data import load_tokenized
+    from ..data.cache import load_tokenized
 
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     data = load_tokenized(spec["train_data"])
@@ -250,7 +251,7 @@ def run_reference(spec: dict, ds: dict) -> tuple[list[dict], float]:
     import deepspeed
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from ..model import build_model
+    from ..train.model import build_model
 
     deepspeed.init_distributed()
     release_shared_memory()
@@ -292,7 +293,7 @@ def run_hf(spec: dict, ds: dict) -> tuple[list[dict], float]:
     import deepspeed
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from ..model import build_model
+    from ..train.model import build_model
 
     deepspeed.init_distributed()  # ZeRO-3 partitions while building: the process group must exist
     release_shared_memory()
@@ -385,7 +386,7 @@ def prepare(args, out: Path) -> dict:
     """The data every stack shares: a dev file for the pipeline's final evaluation, and the tokenizer
     and tokenized training set that a first, unmeasured pipeline run builds into the cache (that run
     also warms the file cache and DeepSpeed's JIT-built ops for all that follow)."""
-    from ..data import read_split
+    from ..data.cache import read_split
 
     dev = out / "dev.jsonl"
     dev.write_text(
@@ -399,7 +400,7 @@ def prepare(args, out: Path) -> dict:
         "seed": args.seed,
         "out": str(out),
         "cache_dir": str(out / "cache"),
-        "label_names": sorted(set(read_split(args.train_file, "text", "label").labels)),
+        "label_names": sorted(set(read_split(args.train_file, "text", "label", SINGLE_LABEL).labels)),
     }
     ds_path = write_config(args, out, 2, 1)
     launch(

@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import PACKAGE_DIR, TrainConfig
+from .. import tasks
+from ..core.options import PACKAGE_DIR, TrainConfig
 from .generate_sample_data import LABEL_OF, SEED, class_sequence, make_record
 
 REPO = PACKAGE_DIR.parent
@@ -46,8 +47,8 @@ def write_records(path: Path, size: int, seed: int) -> None:
 
 def prepare_cold(args) -> None:
     """Child process: rank 0's data preparation into an empty cache; prints time and peak RSS."""
-    from ..data import prepare_splits
-    from ..model import tokenizer_source
+    from ..data.cache import prepare_splits
+    from ..data.tokenizer import tokenizer_source
 
     cfg = TrainConfig(train_file=args.train, dev_file=args.dev, max_length=args.max_length)
 
@@ -56,7 +57,7 @@ def prepare_cold(args) -> None:
             print(line, file=sys.stderr)
 
     start = time.perf_counter()
-    prepare_splits(cfg, tokenizer_source(cfg, args.cache), args.cache, Log())
+    prepare_splits(cfg, tasks.get(cfg.task), tokenizer_source(cfg, args.cache), args.cache, Log())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_bytes": peak}))
 

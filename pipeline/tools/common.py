@@ -9,7 +9,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from ..ds_config import Hardware
+from ..core.ds_config import Hardware
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = ["a", "b"]

@@ -17,9 +17,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from ..base import load_json
-from ..config import TINY_MODEL_DIR, TrainConfig
-from ..ds_config import Hardware, resolve_ds_config
+from ..core.base import load_json
+from ..core.ds_config import Hardware, resolve_ds_config
+from ..core.options import TINY_MODEL_DIR, TrainConfig
 from .common import LABELS, collate, fixed_batch, launch_module, run_worker, sweep_config
 
 
@@ -46,9 +46,8 @@ def measure(spec: dict, stage: int, accum: int) -> list[dict]:
     from transformers import AutoConfig
 
     from .. import dist
-    from ..engine import build_engine
-    from ..model import build_model
-    from ..train import micro_step
+    from ..train.loop import micro_step
+    from ..train.model import build_engine, build_model
 
     base = load_json(spec["ds_config"])
     raw = {**sweep_config(base, stage, accum), "comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}

@@ -54,8 +54,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..base import write_text
-from ..config import SAMPLE_DATA_DIR
+from ..core.base import write_text
+from ..core.options import SAMPLE_DATA_DIR
 
 SEED = 20240611
 # (split name, number of records, apply label noise?)

@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 
-from ..config import PACKAGE_DIR
+from ..core.options import PACKAGE_DIR
 from .common import LABELS, REPO, standalone_rank
 
 SHAPE = PACKAGE_DIR / "models" / "roberta-wwm-ext-large-shape"
@@ -88,7 +88,7 @@ def train_flops_per_sample(n_params: int, layers: int, hidden: int, seq: int) ->
 
 def planned_bytes(path: str, stage: int, micro: int, seq: int, recompute: bool) -> int:
     """`plan`'s per-GPU estimate for one rank: DeepSpeed's model-state estimate plus activations."""
-    from ..plan import activation_bytes, model_shape, model_state_bytes
+    from ..cli.plan import activation_bytes, model_shape, model_state_bytes
 
     shape = model_shape(path)
     states, _ = model_state_bytes(shape, "zero2" if stage == 2 else "zero3", 1, 1)
@@ -99,9 +99,8 @@ def run_config(args, path: str, precision: str, stage: int, recompute: bool = Fa
     import torch
     from transformers import AutoConfig
 
-    from ..engine import build_engine
-    from ..model import build_model
-    from ..train import micro_step
+    from ..train.loop import micro_step
+    from ..train.model import build_engine, build_model
 
     cuda = args.device == "cuda"
     if cuda:
@@ -189,7 +188,7 @@ def loss_scaler_check(engine, data) -> dict:
     import torch
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from ..train import micro_step
+    from ..train.loop import micro_step
 
     watched = [p for p in engine.module.parameters()][-2]  # the classifier's weight
 

@@ -23,7 +23,7 @@ import os
 import resource
 import time
 
-from .. import dist
+from ..core import dist
 from .common import collate, fixed_batch, standalone_rank
 
 GIB = 1024**3
@@ -48,9 +48,9 @@ def measure(device: str, stage: int, hidden: int, layers: int, heads: int, micro
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from ..engine import build_engine
-    from ..plan import ModelShape, activation_bytes, model_state_bytes
-    from ..train import micro_step
+    from ..cli.plan import ModelShape, activation_bytes, model_state_bytes
+    from ..train.loop import micro_step
+    from ..train.model import build_engine
 
     cuda = device == "cuda"
     precision = "fp16" if cuda else "bf16"  # the 16-bit mixed precision DeepSpeed's estimators assume

@@ -18,19 +18,19 @@ import json
 
 import numpy as np
 
-from .. import task
-from ..config import SAMPLE_DATA_DIR
-from ..data import read_split
+from .. import tasks
+from ..core.options import SAMPLE_DATA_DIR
+from ..data.cache import read_split
 
 
-def encoded(kind: task.Task, split, names: list[str]) -> np.ndarray:
+def encoded(kind, split, names: list[str]) -> np.ndarray:
     """The split's labels as the model takes them (class ids or multi-hot rows), by the task's encoder."""
     import pyarrow as pa
 
     return kind.encode(pa.array(split.labels), names)
 
 
-def fit_predict(kind: task.Task, train, others: list, names: list[str], class_weights: str, seed: int) -> list[np.ndarray]:
+def fit_predict(kind, train, others: list, names: list[str], class_weights: str, seed: int) -> list[np.ndarray]:
     """Probabilities for each split in `others` from a TF-IDF + logistic-regression model fitted on `train`."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -41,14 +41,14 @@ def fit_predict(kind: task.Task, train, others: list, names: list[str], class_we
     weight = "balanced" if class_weights == "balanced" else None
     regression = LogisticRegression(max_iter=2000, C=10.0, class_weight=weight, random_state=seed)
     targets = encoded(kind, train, names)
-    model = OneVsRestClassifier(regression) if kind is task.MULTI_LABEL else regression
+    model = OneVsRestClassifier(regression) if kind.name == "multi_label" else regression
     model.fit(features, targets)
     return [model.predict_proba(vectorizer.transform(split.texts)) for split in others]
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", choices=list(task.TASKS), default="multi_label")
+    p.add_argument("--task", choices=tasks.names(), default="multi_label")
     p.add_argument("--train", default=str(SAMPLE_DATA_DIR / "multilabel_train.jsonl"))
     p.add_argument("--dev", default=str(SAMPLE_DATA_DIR / "multilabel_dev.jsonl"))
     p.add_argument("--test", default=str(SAMPLE_DATA_DIR / "multilabel_test.jsonl"))
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--class-weights", choices=["none", "balanced"], default="none")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    kind = task.TASKS[args.task]
+    kind = tasks.get(args.task)
     train, dev, test = (read_split(path, "text", "label", kind) for path in (args.train, args.dev, args.test))
     names = sorted({name for label in train.labels for name in (label if isinstance(label, list) else [label])})
     results = {}

@@ -28,71 +28,24 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import dist
-from .base import ConfigError, file_digest, write_json
+from ..core import dist
+from ..core.base import ConfigError, file_digest, write_json
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 HF_DIR = "hf"
 PROBE = "probe.json"
-THRESHOLDS = "thresholds.json"  # in an export of a multi-label model: {label: decision threshold}
-EXPORT_WEIGHTS = "model.safetensors"
 
 
 class CheckpointError(ConfigError):
     """A checkpoint that is incomplete, corrupted, or does not fit the run that wants to load it."""
-
-
-class ExportError(Exception):
-    """An export that is incomplete or does not reproduce the trained model."""
-
-
-@dataclass
-class TrainerState:
-    """Where training stands; saved in every checkpoint and restored on resume."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0  # optimizer steps already taken in `epoch` (its data order is seeded)
-    optimizer_step: int = 0  # accumulation windows done, as DeepSpeed's engine.global_steps counts them
-    skipped_steps: int = 0  # of those, windows whose update fp16's loss scaler skipped (engine.skipped_steps)
-    best_metric: float | None = None  # the best dev value of --best-metric at a checkpointed step
-    best_step: int | None = None
-    evaluations_since_best: int = 0  # checkpointed evaluations after best_step: early stopping's count
-    world_size: int = 1
-    train_batch_size: int = 0
-    label_names: list[str] = field(default_factory=list)
-    class_weights: dict = field(default_factory=dict)  # {label: weight} of the loss (--class-weights); empty: unweighted
-    thresholds: dict | None = None  # multi-label: {label: decision threshold} of the latest dev evaluation, exported
-    train_data: dict = field(default_factory=dict)  # data.train_fingerprint: resume only on the same batches
-    train_config: dict = field(default_factory=dict)
-    ds_config: dict = field(default_factory=dict)
-
-    @property
-    def applied_steps(self) -> int:
-        """Updates the weights received: the LR scheduler's position (DeepSpeed does not step it on a skip)."""
-        return self.optimizer_step - self.skipped_steps
-
-    def note_evaluation(self, value: float, step: int) -> None:
-        """A dev value of the best metric at a checkpointed step: a new best, or one more without improvement."""
-        if self.best_metric is None or value > self.best_metric:
-            self.best_metric, self.best_step, self.evaluations_since_best = value, step, 0
-        else:
-            self.evaluations_since_best += 1
-
-    def advance(self, steps_per_epoch: int, skipped: bool = False) -> None:
-        """One accumulation window done: the data moves on even when fp16 skipped its update."""
-        self.optimizer_step += 1
-        self.skipped_steps += skipped
-        self.step_in_epoch += 1
-        if self.step_in_epoch == steps_per_epoch:
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
 
 def read_json(path: Path):
@@ -203,7 +156,7 @@ def find_resume_checkpoint(spec: str, output_dir: str, run_name: str, log) -> Pa
     return None
 
 
-def check_same_data(ckpt: Path, saved: TrainerState, current: dict, log) -> None:
+def check_same_data(ckpt: Path, saved, current: dict, log) -> None:
     """A resume continues the saved position in the epoch's data order; on other data that position
     means other batches, or lies beyond the epoch's end."""
     if not saved.train_data:
@@ -221,10 +174,9 @@ def check_same_data(ckpt: Path, saved: TrainerState, current: dict, log) -> None
         )
 
 
-def check_compatible(ckpt: Path, label_names: list[str], model_config, class_weights: dict) -> TrainerState:
-    """The checkpoint's state, after checking it belongs to this model, task (problem_type), label set
-    and loss (class weights) (JSON only)."""
-    state = read_state(ckpt)
+def check_compatible(ckpt: Path, state, label_names: list[str], model_config, class_weights: dict) -> None:
+    """The checkpoint (its trainer state `state`) belongs to this model, task (problem_type), label
+    set and loss (class weights) (JSON only)."""
     if state.label_names != label_names:
         raise CheckpointError(f"{ckpt}: trained with labels {state.label_names}, but the data has {label_names}")
     if state.class_weights != class_weights:
@@ -246,7 +198,6 @@ def check_compatible(ckpt: Path, label_names: list[str], model_config, class_wei
     differ = [f"{k}: checkpoint {saved.get(k)} vs model {current.get(k)}" for k in keys if saved.get(k) != current.get(k)]
     if differ:
         raise CheckpointError(f"{ckpt}: checkpoint is of a different model ({'; '.join(differ)})")
-    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,19 +205,18 @@ def check_compatible(ckpt: Path, label_names: list[str], model_config, class_wei
 # ----------------------------------------------------------------------------------------------
 
 
-def save(engine, run_dir: Path, state: TrainerState, tokenizer, probe: dict, precision: str, keep: int) -> Path:
-    """Save a checkpoint on every rank; it becomes visible to resume only when complete."""
-    from .evaluate import forward_logits
+def save(engine, run_dir: Path, state, tokenizer, probe: dict, probe_logits, precision: str, keep: int) -> Path:
+    """Save a checkpoint on every rank; it becomes visible to resume only when complete.
 
+    `state` is the loop's TrainerState (saved as JSON); `probe_logits()` gives the live engine's
+    logits of the `probe` records, for the export to reproduce (every rank: a ZeRO-3 forward is
+    collective)."""
     root = run_dir / CHECKPOINTS
     ckpt = root / f"step-{state.optimizer_step}"
     if dist.main_first(lambda: (ckpt / MANIFEST).is_file()):
         return ckpt  # a resumed run that was already finished: never rewrite a complete checkpoint
     needed, free = dist.main_first(lambda: require_space(run_dir, state.optimizer_step, space_needed(root, engine)))
-    was_training = engine.training
-    engine.eval()
-    logits = forward_logits(engine, probe)  # every rank: a ZeRO-3 forward is collective
-    engine.train(was_training)
+    logits = probe_logits()
     dist.main_first(lambda: shutil.rmtree(ckpt, ignore_errors=True))  # a partial left by a crash
 
     def finish():
@@ -483,10 +433,6 @@ def load_weights(engine, ckpt: Path) -> None:
     engine.load_module_state_dict({"module": consolidated_fp32_state_dict(ckpt)}, fetch_z3_params=True)
 
 
-def read_state(ckpt: Path) -> TrainerState:
-    return TrainerState(**read_json(ckpt / STATE))
-
-
 # ----------------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------------
@@ -500,113 +446,3 @@ def consolidated_fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     return {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
-
-
-def check_export_weights(export_dir: Path) -> None:
-    """Refuse empty tensors and architecture keys with no weights (the known ZeRO-3 failure)."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    with safe_open(str(export_dir / EXPORT_WEIGHTS), framework="pt") as f:
-        empty = [name for name in f.keys() if 0 in f.get_slice(name).get_shape()]
-        saved = set(f.keys())
-    if empty:
-        raise ExportError(f"{export_dir}: empty tensors in the export: {', '.join(sorted(empty)[:10])}")
-    with torch.device("meta"):
-        expected = set(AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(export_dir)).state_dict())
-    missing = expected - saved
-    if missing:
-        raise ExportError(f"{export_dir}: export lacks {len(missing)} tensors the model needs: {', '.join(sorted(missing)[:10])}")
-
-
-def load_export(export_dir: str | os.PathLike):
-    """Tokenizer and model of an export, in eval mode on the CPU."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(export_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(export_dir, dtype=torch.float32)
-    return tokenizer, model.eval()
-
-
-def logits_tolerance(precision: str) -> float:
-    """How far the reloaded fp32 export may be from the live engine's logits.
-
-    fp32: the same weights and arithmetic, up to summation order. 16-bit: the live engine computes
-    with 16-bit weights while the export holds the fp32 master weights.
-    """
-    return 1e-4 if precision == "fp32" else 5e-2
-
-
-def verify_probe(export_dir: Path, probe: dict) -> None:
-    """The reloaded export must reproduce the logits the live engine gave the probe records."""
-    _, model = load_export(export_dir)
-    with torch.no_grad():
-        logits = model(**{k: torch.tensor(v) for k, v in probe["inputs"].items()}).logits
-    live = torch.tensor(probe["logits"])
-    bound = logits_tolerance(probe["precision"]) * max(1.0, live.abs().max().item())
-    diff = (logits - live).abs().max().item()
-    if diff > bound:
-        raise ExportError(
-            f"{export_dir}: reloaded export differs from the live model on the probe batch "
-            f"(max |logit diff| {diff:.3g} > {bound:.3g})"
-        )
-
-
-def is_export(directory: Path) -> bool:
-    """Whether `directory` holds an export and nothing else: every file is listed in its manifest."""
-    return (directory / MANIFEST).is_file() and set(_files(directory)) <= set(read_json(directory / MANIFEST)["files"])
-
-
-def check_export_target(export_dir: Path, overwrite: bool) -> None:
-    """An export may replace only an earlier export, and only when asked to."""
-    if not export_dir.exists() or (export_dir.is_dir() and not any(export_dir.iterdir())):
-        return
-    if not is_export(export_dir):
-        raise ConfigError(
-            f"export: {export_dir} exists and is not an export (it holds files no export writes); choose a new or empty directory"
-        )
-    if not overwrite:
-        raise ConfigError(
-            f"export: {export_dir} already holds an export; choose a new or empty directory, or pass --overwrite to replace it"
-        )
-
-
-def export_checkpoint(ckpt: Path, export_dir: Path, overwrite: bool = False) -> Path:
-    """Consolidate a complete checkpoint into a Hugging Face model directory, verified, atomically.
-
-    Works from the ZeRO-2 or ZeRO-3 shards of any world size. The result is written to a
-    temporary sibling and renamed only after its checks pass, so a directory named EXPORT is
-    complete; its manifest marks it as an export, the only kind of directory `overwrite` replaces.
-    """
-    from transformers import AutoConfig
-
-    check_export_target(export_dir, overwrite)
-    verify_manifest(ckpt)
-    config = AutoConfig.from_pretrained(ckpt / HF_DIR)
-    tmp = export_dir.with_name(f"{export_dir.name}.tmp{os.getpid()}")
-    try:
-        _write_export(ckpt, config, tmp)
-        if export_dir.exists():
-            shutil.rmtree(export_dir)  # an earlier export (checked above) or an empty directory
-        os.replace(tmp, export_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return export_dir
-
-
-def _write_export(ckpt: Path, config, tmp: Path) -> None:
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer
-
-    tmp.mkdir(parents=True)
-    save_file(consolidated_fp32_state_dict(ckpt), str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
-    config.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(ckpt / HF_DIR).save_pretrained(tmp)
-    labels = [config.id2label[i] for i in range(config.num_labels)]
-    write_json(tmp / "label_map.json", {name: i for i, name in enumerate(labels)})
-    thresholds = read_json(ckpt / STATE).get("thresholds")
-    if thresholds:
-        write_json(tmp / THRESHOLDS, thresholds)
-    check_export_weights(tmp)
-    verify_probe(tmp, read_json(ckpt / PROBE))
-    write_manifest(tmp)

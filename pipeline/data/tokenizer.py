@@ -1,8 +1,6 @@
-"""Model and tokenizer builders.
+"""The tokenizer: the model directory's own, or one built from the training texts.
 
-A model directory is anything `AutoModelForSequenceClassification` and `AutoTokenizer` load. With
-weight files it is fine-tuned; with only `config.json` (like the shipped `models/tiny-bert`) it is
-randomly initialised. Without tokenizer files, a vocabulary is learned from the training texts
+Without tokenizer files in the model directory, a vocabulary is learned from the training texts
 (offline): by default a BERT WordPiece vocabulary (each CJK character a token, as in Chinese BERT
 vocabularies, plus frequent numbers and Latin words), or every character seen at least twice, one
 token per character (`--vocabulary char`).
@@ -15,77 +13,13 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import task
-from .base import ConfigError, build_once, load_json
+from ..core.base import ConfigError, build_once
+from ..core.model_dir import has_tokenizer
+from ..core.options import DEFAULT_VOCABULARY
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDPIECE_VOCAB_SIZE = 8000
 CHAR_MIN_COUNT = 2  # a character vocabulary keeps the characters seen at least this often
-
-
-# Model types whose position ids start after the padding index (transformers'
-# create_position_ids_from_input_ids): pad_token_id + 1 positions are never a token's.
-PADDING_OFFSET_MODELS = frozenset(
-    {
-        "roberta",
-        "roberta-prelayernorm",
-        "xlm-roberta",
-        "xlm-roberta-xl",
-        "camembert",
-        "data2vec-text",
-        "ibert",
-        "longformer",
-        "luke",
-        "mpnet",
-        "xmod",
-        "markuplm",
-        "lilt",
-        "layoutlmv3",
-        "esm",
-    }
-)
-
-
-def max_positions(config: dict) -> int | None:
-    """Longest input the model's position embeddings take; None where they set no limit."""
-    if "max_position_embeddings" not in config or config.get("position_biased_input") is False:  # DeBERTa-v2/v3: relative only
-        return None
-    offset = config.get("pad_token_id", 1) + 1 if config.get("model_type") in PADDING_OFFSET_MODELS else 0
-    return config["max_position_embeddings"] - offset
-
-
-def check_model_dir(model_dir: str, max_length: int) -> None:
-    """config.json exists and parses, and `max_length` fits the position embeddings.
-
-    Checked before any rank tokenizes: a longer input would only fail at the first forward pass
-    with a tensor-size error (a device-side assert on a GPU).
-    """
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(
-            f"model: {model_dir} is not a model directory (no config.json); give a local directory "
-            "that AutoModelForSequenceClassification loads, e.g. a downloaded chinese-roberta-wwm-ext-large"
-        )
-    config = load_json(path)
-    limit = max_positions(config)
-    if limit is not None and max_length > limit:
-        reserved = config["max_position_embeddings"] - limit
-        why = f", of which {config.get('model_type')} reserves {reserved}" if reserved else ""
-        raise ConfigError(
-            f"--max-length {max_length} is more than model {model_dir} takes: {limit} tokens "
-            f"(max_position_embeddings {config['max_position_embeddings']}{why} in {path}); "
-            f"use --max-length {limit} or less"
-        )
-
-
-def has_weights(model_dir: str) -> bool:
-    return any((Path(model_dir) / name).is_file() for name in WEIGHT_FILES)
-
-
-def has_tokenizer(model_dir: str) -> bool:
-    return any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(tokenizer_dir: str, max_length: int):
@@ -134,9 +68,7 @@ def wordpiece_vocabulary(counts: Counter) -> list[str]:
     return SPECIAL_TOKENS + chars + ["##" + c for c in chars] + words
 
 
-VOCABULARIES = {"char": char_vocabulary, "wordpiece": wordpiece_vocabulary}
-# The default: higher mean dev and test macro-F1 on the bundled sample (docs/data-and-models.md, 3 seeds).
-DEFAULT_VOCABULARY = "wordpiece"
+VOCABULARIES = {"char": char_vocabulary, "wordpiece": wordpiece_vocabulary}  # --vocabulary (names in core.options)
 
 
 def build_tokenizer(texts: Iterable[str], texts_key: str, cache_dir: str, vocabulary: str = DEFAULT_VOCABULARY) -> Path:
@@ -192,52 +124,3 @@ def write_tokenizer(directory: Path, texts: Iterable[str], vocabulary: str) -> N
     )
     named = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIAL_TOKENS))
     PreTrainedTokenizerFast(tokenizer_object=backend, **named).save_pretrained(str(directory))
-
-
-def build_model(
-    model_dir: str,
-    label_names: list[str],
-    vocab_size: int,
-    ds_config: dict,
-    seed: int,
-    gradient_checkpointing: bool = False,
-    problem_type: str = task.PROBLEM_TYPE,
-):
-    """The classifier, partitioned while it is built under ZeRO-3, optionally recomputing activations.
-
-    Under stage 3, transformers' DeepSpeed integration (an `HfDeepSpeedConfig` alive during the
-    call) builds or loads the model inside `deepspeed.zero.Init`, so no rank ever holds the whole
-    model. The integration is switched off again afterwards, so later plain loads (export
-    verification) are not partitioned by accident.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
-
-    config = AutoConfig.from_pretrained(
-        model_dir,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-        problem_type=problem_type,  # the loss the task decides (task.Task.problem_type), saved with the export
-    )
-    zero3 = ds_config["zero_optimization"]["stage"] == 3
-    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
-    torch.manual_seed(seed)
-    try:
-        if has_weights(model_dir):
-            model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config)
-        else:
-            config.vocab_size = vocab_size
-            model = AutoModelForSequenceClassification.from_config(config)
-    finally:
-        del hf_ds_config
-        unset_hf_deepspeed_config()
-    if gradient_checkpointing:
-        if not model.supports_gradient_checkpointing:
-            raise ConfigError(f"model: {model_dir} ({config.model_type}) does not support gradient checkpointing")
-        # Non-reentrant checkpointing: the one PyTorch recommends, and it works with ZeRO-3's
-        # parameter hooks (the reentrant one re-gathers inside a nested autograd call).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False  # a decoder cache means nothing to a classifier; transformers warns otherwise
-    return model

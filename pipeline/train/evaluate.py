@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import dist, reading, task
+from ..core import dist
+from ..data import reading
 
 FILLER = -1
 
@@ -59,9 +60,7 @@ def predict_logits(engine, split, batch_size: int) -> np.ndarray:
     return np.stack([merged[i] for i in range(len(split))])
 
 
-def evaluate(
-    engine, split, batch_size: int, label_names: list[str], kind: task.Task = task.SINGLE_LABEL, thresholds=""
-) -> tuple[dict, np.ndarray]:
+def evaluate(engine, split, batch_size: int, label_names: list[str], kind, thresholds="") -> tuple[dict, np.ndarray]:
     """The task's metrics and per-record predictions over exactly `split`; every rank must call this.
 
     Windows of one record (long records read in chunks) are pooled into one row of logits first.

@@ -1,11 +1,12 @@
 """The DeepSpeed JSON, resolved once for a world size, the hardware and the run.
 
-`resolve_ds_config` returns the dict exactly as the engine will use it: the batch triple checked
-against the real world size ("auto" values filled the way HF Trainer fills them), the precision the
+`resolve_ds_config` returns the dict as the engine will use it: the batch triple checked against
+the real world size ("auto" values filled the way HF Trainer fills them), the precision the
 hardware can run, stage settings that would be silently ignored refused, learning rates scaled on
-request, and, once the data is read, the schedule's length, the profiler and a resumed run's global
-batch. It runs before any process group exists (and in `./launch.sh`, `check-config`, `plan`), so
-a bad config fails fast with the file and key named.
+request. It runs once, before any process group exists (and in `./launch.sh`, `check-config`,
+`plan`), so a bad config fails fast with the file and key named. Once the data is read and the run
+directory chosen, `ResolvedConfig.for_run` adds only what depends on them: the schedule's length,
+the profiler and a resumed run's global batch.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .base import ConfigError
-from .config import TrainConfig
+from .options import TrainConfig
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 MAX_AUTO_MICRO = 8  # HF Trainer's default per_device_train_batch_size: the cap where micro and accumulation are both "auto"
@@ -59,14 +60,48 @@ class Hardware:
 
 @dataclass
 class ResolvedConfig:
-    """The DeepSpeed config as the engine will use it, what was derived, and what may hurt; with a
-    RunShape also the run's length."""
+    """The DeepSpeed config as the engine will use it, what was derived, and what may hurt; after
+    `for_run` also the run's length."""
 
+    path: str
     ds: dict
     notes: list[str]
     warnings: list[str]
     steps_per_epoch: int = 0
     total_steps: int = 0
+
+    def for_run(self, cfg: TrainConfig, world_size: int, run: RunShape) -> ResolvedConfig:
+        """This config completed for the run: a resumed run's global batch, the schedule's length, the
+        profiler. Its `warnings` are only what this step adds (the first step's were shown already)."""
+        ds, warnings = copy.deepcopy(self.ds), []
+        total = ds["train_batch_size"]
+        if run.resumed_from:
+            total, micro, accum = _keep_global_batch(
+                run, total, ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], world_size
+            )
+            ds.update(train_batch_size=total, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
+        per_epoch = steps_per_epoch(run.num_records, total)
+        if per_epoch == 0:
+            raise ConfigError(
+                f"{cfg.train_file}: {run.num_records} records, fewer than one global batch (train_batch_size={total})"
+            )
+        total_steps = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
+        ds = fill_schedule(self.path, ds, total_steps, cfg.warmup_ratio)
+        if cfg.flops_profiler_step:
+            ds["flops_profiler"] = {
+                "enabled": True,
+                "profile_step": cfg.flops_profiler_step,
+                "output_file": str(Path(run.run_dir) / "flops_profile.txt"),
+            }
+        if run.resumed_from and run.resumed_world_size != world_size:  # DeepSpeed re-partitions from its universal format
+            ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+            warnings.append(
+                f"resuming a {run.resumed_world_size}-rank checkpoint on {world_size} ranks: global batch kept at "
+                f"{total} = {ds['train_micro_batch_size_per_gpu']} x {ds['gradient_accumulation_steps']} accumulation "
+                f"x {world_size}; not carried over: each rank's RNG state (dropout masks differ from an "
+                "uninterrupted run) and bit-exactness (reductions run in another order)"
+            )
+        return ResolvedConfig(self.path, ds, [], warnings, per_epoch, total_steps)
 
 
 @dataclass(frozen=True)
@@ -296,14 +331,12 @@ def resolve_ds_config(
     hw: Hardware,
     cfg: TrainConfig,
     pipeline_rules: bool = True,
-    run: RunShape | None = None,
 ) -> ResolvedConfig:
-    """Return the DeepSpeed config exactly as the engine will use it ("auto" values filled in), with
-    notes on what was derived and warnings: the one place the dict is edited. Keys and types are
-    checked at every level first, and every such error is reported at once. Without `run` (before
-    any data is read) everything but the run's length is resolved, which is how launchers and ranks
-    check a config early; with it the schedule, the profiler and a resumed run's global batch too.
-    `pipeline_rules=False` checks only what DeepSpeed needs (for configs meant for other trainers)."""
+    """Return the DeepSpeed config as the engine will use it ("auto" values filled in), with notes on
+    what was derived and warnings: the one place the dict is edited (and `for_run`, for what the
+    data decides). Keys and types are checked at every level first, and every such error is
+    reported at once. `pipeline_rules=False` checks only what DeepSpeed needs (for configs meant
+    for other trainers)."""
     from .ds_schema import validate
 
     errors, warnings = validate(path, raw)
@@ -312,8 +345,6 @@ def resolve_ds_config(
     ds = copy.deepcopy(raw)
     notes = []
     total, micro, accum = resolve_batch(path, ds, world_size, cfg.global_batch, cfg.micro_batch)
-    if run is not None and run.resumed_from:
-        total, micro, accum = _keep_global_batch(run, total, micro, accum, world_size)
     derived = [k for k in BATCH_KEYS if _is_auto(raw.get(k))]
     notes.append(
         f"batch: {micro} per rank x {accum} accumulation x {world_size} ranks = {total} per optimizer step"
@@ -334,27 +365,7 @@ def resolve_ds_config(
     lr_note = scale_learning_rates(path, ds, cfg.lr_scaling, cfg.reference_batch)
     if lr_note:
         notes.append(lr_note)
-    if run is None:
-        return ResolvedConfig(ds, notes, warnings)
-    per_epoch = steps_per_epoch(run.num_records, total)
-    if per_epoch == 0:
-        raise ConfigError(f"{cfg.train_file}: {run.num_records} records, fewer than one global batch (train_batch_size={total})")
-    total_steps = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
-    ds = fill_schedule(path, ds, total_steps, cfg.warmup_ratio)
-    if cfg.flops_profiler_step:
-        ds["flops_profiler"] = {
-            "enabled": True,
-            "profile_step": cfg.flops_profiler_step,
-            "output_file": str(Path(run.run_dir) / "flops_profile.txt"),
-        }
-    if run.resumed_from and run.resumed_world_size != world_size:  # DeepSpeed re-partitions from its universal format
-        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-        warnings.append(
-            f"resuming a {run.resumed_world_size}-rank checkpoint on {world_size} ranks: global batch kept at "
-            f"{total} = {micro} x {accum} accumulation x {world_size}; not carried over: each rank's RNG state "
-            "(dropout masks differ from an uninterrupted run) and bit-exactness (reductions run in another order)"
-        )
-    return ResolvedConfig(ds, notes, warnings, per_epoch, total_steps)
+    return ResolvedConfig(path, ds, notes, warnings)
 
 
 def _keep_global_batch(run: RunShape, total: int, micro: int, accum: int, world_size: int) -> tuple[int, int, int]:

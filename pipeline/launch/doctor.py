@@ -22,6 +22,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..core.options import cache_directory
 from . import probe as probe_module
 from .hosts import active_hosts, is_local, slurm_allocation
 from .probe import MARKER, PACKAGES
@@ -238,7 +239,7 @@ def main(args) -> int:
     ok, _, _ = check(
         hosts,
         args.output_dir,
-        args.cache_dir or str(Path(args.output_dir) / "cache"),
+        cache_directory(args.cache_dir, args.output_dir),
         args.master_port,
         args.accelerator,
         args.timeout,

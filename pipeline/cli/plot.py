@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .base import ConfigError, load_json
-from .task import ALL_METRIC_NAMES
+from .. import tasks
+from ..core.base import ConfigError, load_json
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -48,7 +48,7 @@ def plot_run(run_dir: Path, output: Path) -> Path:
     ax = axes[1, 1]
     for split in sorted({r["split"] for r in evals}):
         rows = [r for r in evals if r["split"] == split]
-        for metric in [name for name in ALL_METRIC_NAMES if name in rows[0]]:  # the run's task's metrics
+        for metric in [name for name in tasks.all_metric_names() if name in rows[0]]:  # the run's task's metrics
             ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker="o", label=f"{split} {metric}")
     ax.set_title("evaluation")
     if evals:

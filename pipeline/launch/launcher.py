@@ -21,12 +21,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import ConfigError, load_json
-from .config import HF_ALIASES, TrainConfig, add_train_options, spellings
+from ..core.base import ConfigError, load_json
+from ..core.ds_config import Hardware, resolve_ds_config
+from ..core.options import HF_ALIASES, TrainConfig, add_train_options, cache_directory, spellings
+from ..core.stop import STOP_FILE
 from .doctor import ACCELERATORS
-from .ds_config import Hardware, resolve_ds_config
 from .hosts import HOSTNAME, active_hosts, is_local, slurm_allocation
-from .stop import STOP_FILE
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The pdsh runner writes `export KEY="VALUE";` for a shell on every node, where these characters
@@ -398,7 +398,7 @@ def run(argv: list[str]) -> int:
         ok, accelerator, facts = doctor.check(
             hosts,
             out,
-            args.train.cache_dir or str(Path(out) / "cache"),
+            cache_directory(args.train.cache_dir, out),
             args.master_port,
             accelerator,
             args.doctor_timeout,

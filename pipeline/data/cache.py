@@ -14,7 +14,6 @@ each time (at most global batch - 1 per epoch).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import itertools
 import json
@@ -26,111 +25,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import reading, task
-from .base import ConfigError, build_once, file_digest, write_json
-from .config import TrainConfig
-from .ds_config import steps_per_epoch
-
-FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
-
+from ..core.base import ConfigError, build_once, file_digest, write_json
+from ..core.options import TrainConfig
+from . import reading
+from .readers import iter_records, require_columns
 
 # ----------------------------------------------------------------------------------------------
 # Reading and checking files
 # ----------------------------------------------------------------------------------------------
 
 
-def _lines(path: Path):
-    """(line number, text) of each line, read one at a time; UTF-8 errors name the line and column."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                yield number, raw.decode("utf-8").removeprefix("\ufeff") if number == 1 else raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ConfigError(
-                    f"{path}: line {number}, column {e.start + 1}: not UTF-8 text (byte 0x{raw[e.start]:02x})"
-                ) from None
-
-
-def _jsonl_records(path: Path, lines):
-    """JSON Lines, one record per non-blank line."""
-    for number, line in lines:
-        if line.strip():
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: line {number}, column {e.colno}: invalid JSON ({e.msg})") from None
-
-
-def _json_array(path: Path):
-    """A whole JSON array (read at once: large data belongs in JSON Lines or CSV)."""
-    text = "".join(line for _, line in _lines(path))
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
-    if not isinstance(records, list):
-        raise ConfigError(f"{path}: expected a JSON array of records or JSON Lines")
-    yield from records
-
-
-def _csv_records(path: Path, lines):
-    """Rows of a CSV file with a header line; every value a string, as written."""
-    reader = csv.reader(line for _, line in lines)
-    header = next(reader, None)
-    for row in reader:
-        if not row:
-            continue
-        if len(row) != len(header):
-            raise ConfigError(f"{path}: line {reader.line_num}: {len(row)} fields, the header has {len(header)}")
-        yield dict(zip(header, row))
-
-
-def _starts_with(path: Path, char: bytes) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(char)
-
-
-def iter_records(path: str | os.PathLike):
-    """The records of a JSONL, JSON or CSV file, in file order, one at a time: a million-record
-    file is never held in memory.
-
-    Read here rather than with `datasets.load_dataset`, whose cache trusts file modification
-    times: a file rewritten with its old mtime (cp -p, rsync -a, tar) gave the old records.
-    """
-    path = Path(path)
-    if path.suffix.lower() not in FORMATS:
-        raise ConfigError(f"{path}: unsupported data format '{path.suffix}', expected one of {', '.join(FORMATS)}")
-    if not path.is_file():
-        raise ConfigError(f"{path}: data file not found")
-    if not any(line.strip() for _, line in _lines(path)):
-        raise ConfigError(f"{path}: data file is empty")
-    if FORMATS[path.suffix.lower()] == "csv":
-        records = _csv_records(path, _lines(path))
-    elif path.suffix.lower() == ".json" and _starts_with(path, b"["):
-        records = _json_array(path)
-    else:
-        records = _jsonl_records(path, _lines(path))
-    row = 0
-    for row, record in enumerate(records, start=1):
-        if not isinstance(record, dict):
-            raise ConfigError(f"{path}: record {row}: expected an object with named fields, got {json.dumps(record)[:80]}")
-        yield record
-    if row == 0:
-        raise ConfigError(f"{path}: data file has no records")
-
-
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """All records of a (small) file, e.g. predict's input."""
-    return list(iter_records(path))
-
-
-def require_columns(path: Path, records: list[dict], columns: list[str]) -> None:
-    for column in columns:
-        if not any(column in record for record in records):
-            raise ConfigError(f"{path}: no column '{column}' (columns: {', '.join(records[0])}); set text_column/label_column")
-
-
-def _label(path: Path, row: int, column: str, value, kind: task.Task, separator: str):
+def _label(path: Path, row: int, column: str, value, kind, separator: str):
     """The record's label (or label set) as the task reads it, with the file and record named on error."""
     try:
         return kind.parse(value, separator)
@@ -146,7 +51,7 @@ class Split:
     path: Path
     text_column: str
     label_column: str | None = None
-    kind: task.Task = task.SINGLE_LABEL
+    kind: object = None  # the task (tasks.base.Task): how labels are read; None without a label column
     label_separator: str = ""
 
     def records(self):
@@ -188,9 +93,7 @@ class Records(NamedTuple):
     labels: list
 
 
-def read_split(
-    path: str, text_column: str, label_column: str | None, kind: task.Task = task.SINGLE_LABEL, label_separator: str = ""
-) -> Records:
+def read_split(path: str, text_column: str, label_column: str | None, kind, label_separator: str = "") -> Records:
     """A small file's records, all read and checked at once (tests and tools; training streams)."""
     split = Split(Path(path), text_column, label_column, kind, label_separator)
     rows = list(split.records())
@@ -325,7 +228,7 @@ class TokenizedSplit:
     up to 2.6% of the step time at accumulation 8 in the benchmark of commit 7a88312.
     """
 
-    def __init__(self, path: str | os.PathLike, pad_id: int, label_names: list[str], pool: str = "mean", kind=task.SINGLE_LABEL):
+    def __init__(self, path: str | os.PathLike, pad_id: int, label_names: list[str], kind, pool: str = "mean"):
         self.rows = load_tokenized(path).with_format("arrow")
         self.pad_id, self.pool = pad_id, pool
         self.labels = kind.encode(self.rows["labels"], label_names)  # once, for every row: ids or multi-hot rows
@@ -365,47 +268,6 @@ class TokenizedSplit:
 # ----------------------------------------------------------------------------------------------
 
 
-def epoch_global_batches(num_samples: int, global_batch: int, seed: int, epoch: int) -> np.ndarray:
-    """(steps, global_batch) sample indices: a seeded permutation of the epoch, remainder dropped."""
-    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
-    steps = steps_per_epoch(num_samples, global_batch)
-    return order[: steps * global_batch].reshape(steps, global_batch)
-
-
-class RankMicroBatches:
-    """This rank's micro-batches of each global batch, in step order.
-
-    Global batch g is split into `world` contiguous shares; share r is cut into `accum`
-    micro-batches. Every micro-batch has exactly `micro` samples.
-    """
-
-    def __init__(
-        self, num_samples: int, micro: int, accum: int, world: int, rank: int, seed: int, epoch: int, start_step: int = 0
-    ):
-        batches = epoch_global_batches(num_samples, micro * accum * world, seed, epoch)
-        if not 0 <= start_step < len(batches):  # an empty epoch would leave the training loop spinning
-            raise ValueError(f"start step {start_step} is outside the epoch's {len(batches)} optimizer steps")
-        self.batches = batches[start_step:]
-        self.micro, self.world, self.rank = micro, world, rank
-
-    def __len__(self) -> int:
-        return len(self.batches) * (self.batches.shape[1] // self.world // self.micro)
-
-    def __iter__(self):
-        for global_batch in self.batches:
-            share = global_batch.reshape(self.world, -1)[self.rank]
-            for micro_batch in share.reshape(-1, self.micro):
-                yield micro_batch.tolist()
-
-
-def train_batches(
-    split: TokenizedSplit, micro: int, accum: int, world: int, rank: int, seed: int, epoch: int, start_step: int = 0
-):
-    """This rank's padded micro-batches of one epoch, from optimizer step `start_step` on."""
-    for indices in RankMicroBatches(len(split), micro, accum, world, rank, seed, epoch, start_step):
-        yield split.batch(indices)
-
-
 def train_fingerprint(cfg: TrainConfig, train: Split, num_records: int, tokenizer) -> dict:
     """What fixes the training batches and their order: a resume must find all of it unchanged."""
     return {
@@ -419,14 +281,14 @@ def train_fingerprint(cfg: TrainConfig, train: Split, num_records: int, tokenize
     }
 
 
-def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict:
+def prepare_splits(cfg: TrainConfig, kind, tokenizer_for, cache_dir: str, log) -> dict:
     """Rank 0's data work: get a tokenizer, read, check and tokenize each file into the cache.
 
+    `kind` is the task (tasks.base.Task): how labels are read, the label set and class weights.
     `tokenizer_for(train_split)` returns (tokenizer, tokenizer_dir). Files already in the cache are
     not read again (only hashed), so a warm start of a million-record run takes seconds. Returns a
     small, picklable description the other ranks use to load the same cached data.
     """
-    kind = task.TASKS[cfg.task]
     splits = {"train": Split(Path(cfg.train_file), cfg.text_column, cfg.label_column, kind, cfg.label_separator)}
     splits["dev"] = Split(Path(cfg.dev_file), cfg.text_column, cfg.label_column, kind, cfg.label_separator)
     if cfg.test_file:
@@ -443,11 +305,11 @@ def prepare_splits(cfg: TrainConfig, tokenizer_for, cache_dir: str, log) -> dict
             f"{'reused' if reused else 'built'} cache {paths[name]}"
         )
     seen = infos["train"]["labels"]
-    label_names = task.label_names(
+    label_names = kind.label_names(
         seen, splits["train"].path, {splits[n].path: infos[n]["labels"] for n in splits if n != "train"}
     )
     counts = {name: seen[name]["count"] for name in label_names}
-    weights = task.class_weights(kind, cfg.class_weights, counts, infos["train"]["num_records"], label_names)
+    weights = kind.class_weights(cfg.class_weights, counts, infos["train"]["num_records"], label_names)
     if cfg.threshold.endswith(".json"):
         kind.thresholds(None, None, label_names, cfg.threshold)  # a file for other labels: refused before training
     unk = infos["train"]["unk_fraction"]

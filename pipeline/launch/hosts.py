@@ -11,7 +11,7 @@ import subprocess
 from collections import OrderedDict
 from pathlib import Path
 
-from .base import ConfigError
+from ..core.base import ConfigError
 
 # DeepSpeed's runner matches `^(\S+)\s+slots=(\d+)` and ignores the rest of the line, so
 # "gpu1 slots=4x" counts 4 and "slots=0" a host with no ranks; this pattern is strict.

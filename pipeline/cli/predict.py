@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from . import task
-from .base import ConfigError, load_json
-from .checkpoint import THRESHOLDS, load_export
-from .data import FORMATS, read_records, require_columns
-from .reading import Reading, encode, pool
+from .. import tasks
+from ..checkpoint.export import THRESHOLDS, load_export
+from ..core.base import ConfigError, load_json
+from ..data.readers import FORMATS, read_records, require_columns
+from ..data.reading import Reading, encode, pool
+from ..tasks.base import THRESHOLD_EXPECTED, label_values, valid_threshold
 
 
 def read_inputs(input_path: str | None, text_column: str, id_column: str) -> list[dict]:
@@ -51,7 +52,7 @@ def decision_thresholds(export_dir: str, names: list[str], override: str | None)
     path = override or str(Path(export_dir) / THRESHOLDS)
     if not Path(path).is_file():
         raise ConfigError(f"{export_dir}: multi-label model without {THRESHOLDS}; give one with --thresholds FILE")
-    return dict(zip(names, task.label_values(path, names, "thresholds", task.valid_threshold, task.THRESHOLD_EXPECTED)))
+    return dict(zip(names, label_values(path, names, "thresholds", valid_threshold, THRESHOLD_EXPECTED)))
 
 
 @torch.no_grad()
@@ -60,9 +61,9 @@ def predict(export_dir: str, texts: list, batch_size: int = 32, thresholds: str 
     if not (Path(export_dir) / "config.json").is_file():
         raise ConfigError(f"{export_dir}: not an exported model (no config.json)")
     config = load_json(Path(export_dir) / "config.json")  # a syntax error as one line, not a traceback
-    kind = task.by_problem_type(config.get("problem_type"))
+    kind = tasks.by_problem_type(config.get("problem_type"))
     names = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-    decide = decision_thresholds(export_dir, names, thresholds) if kind is task.MULTI_LABEL else None
+    decide = decision_thresholds(export_dir, names, thresholds) if kind.name == "multi_label" else None
     tokenizer, model = load_export(export_dir)
     how = Reading.saved(getattr(model.config, "record_reading", None), tokenizer.model_max_length)
     rows = [{kind.output_key: None, "probabilities": None} for _ in texts]

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import ConfigError, load_json
+from ..core.base import ConfigError, load_json
 
 GIB = 1024**3
 BUCKET = int(5e7)  # reduce/allgather/prefetch bucket elements in the configs written here (DeepSpeed's default is 5e8)

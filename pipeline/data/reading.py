@@ -25,11 +25,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .base import ConfigError
+from ..core.base import ConfigError
 
-TRUNCATIONS = ("head", "tail", "head+tail")
-LONG_RECORDS = ("truncate", "chunks")
-POOLS = ("mean", "max")
 HEAD_SHARE = 4  # head+tail keeps budget // HEAD_SHARE tokens from the start, the rest from the end
 
 

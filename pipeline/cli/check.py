@@ -7,10 +7,10 @@ resolved by the same `resolve_ds_config` every rank runs, so what this prints is
 
 from __future__ import annotations
 
-from .base import load_json
-from .config import OPTION_TYPES, TrainConfig
-from .ds_config import Hardware, ds_precision, resolve_ds_config
-from .hosts import world_from_hostfile
+from ..core.base import load_json
+from ..core.ds_config import Hardware, ds_precision, resolve_ds_config
+from ..core.options import OPTION_TYPES, TrainConfig
+from ..launch.hosts import world_from_hostfile
 
 
 def _params(section: dict | None) -> str:

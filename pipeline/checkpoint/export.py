@@ -1,0 +1,146 @@
+"""Export: a checkpoint consolidated into a Hugging Face model directory, verified, atomically.
+
+The export is checked before it is renamed into place: no empty tensors, every tensor the model
+needs, and the reloaded model reproduces the logits the live engine gave a few dev records (the
+checkpoint's probe).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..core.base import ConfigError, write_json
+from .checkpoints import (
+    HF_DIR,
+    MANIFEST,
+    PROBE,
+    STATE,
+    _files,
+    consolidated_fp32_state_dict,
+    read_json,
+    verify_manifest,
+    write_manifest,
+)
+
+THRESHOLDS = "thresholds.json"  # in an export of a multi-label model: {label: decision threshold}
+
+
+EXPORT_WEIGHTS = "model.safetensors"
+
+
+class ExportError(Exception):
+    """An export that is incomplete or does not reproduce the trained model."""
+
+
+def check_export_weights(export_dir: Path) -> None:
+    """Refuse empty tensors and architecture keys with no weights (the known ZeRO-3 failure)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    with safe_open(str(export_dir / EXPORT_WEIGHTS), framework="pt") as f:
+        empty = [name for name in f.keys() if 0 in f.get_slice(name).get_shape()]
+        saved = set(f.keys())
+    if empty:
+        raise ExportError(f"{export_dir}: empty tensors in the export: {', '.join(sorted(empty)[:10])}")
+    with torch.device("meta"):
+        expected = set(AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(export_dir)).state_dict())
+    missing = expected - saved
+    if missing:
+        raise ExportError(f"{export_dir}: export lacks {len(missing)} tensors the model needs: {', '.join(sorted(missing)[:10])}")
+
+
+def load_export(export_dir: str | os.PathLike):
+    """Tokenizer and model of an export, in eval mode on the CPU."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(export_dir, dtype=torch.float32)
+    return tokenizer, model.eval()
+
+
+def logits_tolerance(precision: str) -> float:
+    """How far the reloaded fp32 export may be from the live engine's logits.
+
+    fp32: the same weights and arithmetic, up to summation order. 16-bit: the live engine computes
+    with 16-bit weights while the export holds the fp32 master weights.
+    """
+    return 1e-4 if precision == "fp32" else 5e-2
+
+
+def verify_probe(export_dir: Path, probe: dict) -> None:
+    """The reloaded export must reproduce the logits the live engine gave the probe records."""
+    _, model = load_export(export_dir)
+    with torch.no_grad():
+        logits = model(**{k: torch.tensor(v) for k, v in probe["inputs"].items()}).logits
+    live = torch.tensor(probe["logits"])
+    bound = logits_tolerance(probe["precision"]) * max(1.0, live.abs().max().item())
+    diff = (logits - live).abs().max().item()
+    if diff > bound:
+        raise ExportError(
+            f"{export_dir}: reloaded export differs from the live model on the probe batch "
+            f"(max |logit diff| {diff:.3g} > {bound:.3g})"
+        )
+
+
+def is_export(directory: Path) -> bool:
+    """Whether `directory` holds an export and nothing else: every file is listed in its manifest."""
+    return (directory / MANIFEST).is_file() and set(_files(directory)) <= set(read_json(directory / MANIFEST)["files"])
+
+
+def check_export_target(export_dir: Path, overwrite: bool) -> None:
+    """An export may replace only an earlier export, and only when asked to."""
+    if not export_dir.exists() or (export_dir.is_dir() and not any(export_dir.iterdir())):
+        return
+    if not is_export(export_dir):
+        raise ConfigError(
+            f"export: {export_dir} exists and is not an export (it holds files no export writes); choose a new or empty directory"
+        )
+    if not overwrite:
+        raise ConfigError(
+            f"export: {export_dir} already holds an export; choose a new or empty directory, or pass --overwrite to replace it"
+        )
+
+
+def export_checkpoint(ckpt: Path, export_dir: Path, overwrite: bool = False) -> Path:
+    """Consolidate a complete checkpoint into a Hugging Face model directory, verified, atomically.
+
+    Works from the ZeRO-2 or ZeRO-3 shards of any world size. The result is written to a
+    temporary sibling and renamed only after its checks pass, so a directory named EXPORT is
+    complete; its manifest marks it as an export, the only kind of directory `overwrite` replaces.
+    """
+    from transformers import AutoConfig
+
+    check_export_target(export_dir, overwrite)
+    verify_manifest(ckpt)
+    config = AutoConfig.from_pretrained(ckpt / HF_DIR)
+    tmp = export_dir.with_name(f"{export_dir.name}.tmp{os.getpid()}")
+    try:
+        _write_export(ckpt, config, tmp)
+        if export_dir.exists():
+            shutil.rmtree(export_dir)  # an earlier export (checked above) or an empty directory
+        os.replace(tmp, export_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return export_dir
+
+
+def _write_export(ckpt: Path, config, tmp: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    tmp.mkdir(parents=True)
+    save_file(consolidated_fp32_state_dict(ckpt), str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
+    config.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(ckpt / HF_DIR).save_pretrained(tmp)
+    labels = [config.id2label[i] for i in range(config.num_labels)]
+    write_json(tmp / "label_map.json", {name: i for i, name in enumerate(labels)})
+    thresholds = read_json(ckpt / STATE).get("thresholds")
+    if thresholds:
+        write_json(tmp / THRESHOLDS, thresholds)
+    check_export_weights(tmp)
+    verify_probe(tmp, read_json(ckpt / PROBE))
+    write_manifest(tmp)

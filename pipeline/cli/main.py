@@ -1,0 +1,150 @@
+"""Command line: `python -m pipeline COMMAND ...` (see README.md; `--help` lists the commands).
+
+`train` is what every rank runs under the `deepspeed` launcher (./launch.sh, which is `launch`);
+the other commands (predict, export, doctor, check-config, plan, verify-accumulation, plot, comms,
+bench) are plain single processes or start their own ranks. verify-accumulation, comms and bench
+are tools (`pipeline.tools`): this front door imports one only when its command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+
+from ..core import dist
+from ..core.base import ConfigError
+from ..core.options import TrainConfig, add_train_options
+from . import check, plan, plot
+
+# Tool commands: (module in pipeline.tools, help). The module is imported only for its own command,
+# so `train` and the other runtime commands never load the tools.
+TOOLS = {
+    "verify-accumulation": (
+        "audit",
+        "one optimizer step as a big batch and as accumulated micro-batches: "
+        "largest parameter/gradient difference against the precision's tolerance",
+    ),
+    "comms": ("comms", "collectives per optimizer step by kind (DeepSpeed comms logger), per ZeRO stage and accumulation"),
+    "bench": ("bench", "throughput, start-up, data wait and memory: this pipeline vs a minimal DeepSpeed loop vs HF Trainer"),
+}
+
+
+def _tool(command: str):
+    return importlib.import_module(f"pipeline.tools.{TOOLS[command][0]}")
+
+
+def _run_tool(args):
+    return _tool(args.command).main(args)
+
+
+def _train_parser(sub) -> None:
+    add_train_options(
+        sub.add_parser(
+            "train", help="train, evaluate, checkpoint and export (run under the deepspeed launcher)", allow_abbrev=False
+        )
+    )
+
+
+def _predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="labels and probabilities from an exported model")
+    p.add_argument("--model", required=True, help="export directory (RUN_DIR/export)")
+    p.add_argument("--input", help=".jsonl/.json/.csv (with a text column) or .txt (one text per line); default: stdin")
+    p.add_argument("--output", help="write JSON lines here instead of stdout")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--id-column", default="id", help="copied into each output row where a record has it (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--thresholds", help="multi-label models: a .json file {label: threshold} instead of the export's thresholds.json"
+    )
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="consolidate a checkpoint's ZeRO shards into a Hugging Face model (any world size)")
+    p.add_argument("checkpoint", help="checkpoint directory, e.g. RUN_DIR/checkpoints/step-500")
+    p.add_argument("output", help="export directory to write (written beside it, renamed when verified); new or empty")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it holds an earlier export (nothing else)")
+
+
+def _doctor_parser(sub) -> None:
+    from ..launch.doctor import add_arguments
+
+    add_arguments(sub.add_parser("doctor", help="check every host of a hostfile before launching (ssh, versions, disk, port)"))
+
+
+def _train(args) -> int:
+    from ..core.stop import EXIT_CODE, Stopped, exit_as_stopped
+    from ..train.run import run
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    try:
+        run(TrainConfig.from_sources(args.config, overrides))
+    except Stopped as e:
+        exit_as_stopped()
+        dist.get_logger().info(str(e))
+        dist.shutdown()
+        return EXIT_CODE
+    dist.shutdown()
+    return 0
+
+
+def _export(args) -> None:
+    from pathlib import Path
+
+    from ..checkpoint.export import export_checkpoint
+
+    print(f"export (verified): {export_checkpoint(Path(args.checkpoint), Path(args.output), args.overwrite)}")
+
+
+def _predict(args) -> None:
+    from .predict import main as predict_main
+
+    predict_main(args)
+
+
+def _doctor(args) -> int:
+    from ..launch.doctor import main as doctor_main
+
+    return doctor_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # The deepspeed launcher may insert --local_rank=N anywhere; the rank comes from the environment.
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    if argv[:1] == ["launch"]:  # ./launch.sh: its own options, then training options passed on to `train`
+        from ..launch.launcher import main as launch_main
+
+        return launch_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _predict_parser(sub)
+    _doctor_parser(sub)
+    _export_parser(sub)
+    check.add_parser(sub)
+    plan.add_parser(sub)
+    plot.add_parser(sub)
+    for command, (_, help_text) in TOOLS.items():
+        tool_parser = sub.add_parser(command, help=help_text)
+        if argv[:1] == [command]:  # its options are the tool's own
+            _tool(command).add_arguments(tool_parser)
+    args = parser.parse_args(argv)
+    commands = {
+        "train": _train,
+        "predict": _predict,
+        "export": _export,
+        "doctor": _doctor,
+        "check-config": check.check_config,
+        "plan": plan.run_plan,
+        "plot": plot.main,
+        **dict.fromkeys(TOOLS, _run_tool),
+    }
+    try:
+        return commands[args.command](args) or 0
+    except ConfigError as e:
+        if dist.is_main():
+            print(f"error: {e}", file=sys.stderr)
+        dist.shutdown(wait_for_others=False)
+        return 2

@@ -1,0 +1,73 @@
+"""The model and its engine: the classifier built (partitioned under ZeRO-3), and the runtime's one
+call of `deepspeed.initialize` (the benchmark's hand-written baseline makes its own).
+
+Optimizer, scheduler, precision, clipping and ZeRO come from the resolved DeepSpeed config; the
+engine owns gradient accumulation (it scales each micro-batch loss by 1/accumulation in
+`backward` and applies the update at the window's boundary in `step`).
+"""
+
+from __future__ import annotations
+
+from ..core.base import ConfigError
+from ..core.model_dir import has_weights
+from ..tasks.single_label import PROBLEM_TYPE
+
+
+def build_engine(model, ds_config: dict):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+    )
+    return engine
+
+
+def build_model(
+    model_dir: str,
+    label_names: list[str],
+    vocab_size: int,
+    ds_config: dict,
+    seed: int,
+    gradient_checkpointing: bool = False,
+    problem_type: str = PROBLEM_TYPE,
+):
+    """The classifier, partitioned while it is built under ZeRO-3, optionally recomputing activations.
+
+    Under stage 3, transformers' DeepSpeed integration (an `HfDeepSpeedConfig` alive during the
+    call) builds or loads the model inside `deepspeed.zero.Init`, so no rank ever holds the whole
+    model. The integration is switched off again afterwards, so later plain loads (export
+    verification) are not partitioned by accident.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    config = AutoConfig.from_pretrained(
+        model_dir,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+        problem_type=problem_type,  # the loss the task decides (task.Task.problem_type), saved with the export
+    )
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
+    torch.manual_seed(seed)
+    try:
+        if has_weights(model_dir):
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config)
+        else:
+            config.vocab_size = vocab_size
+            model = AutoModelForSequenceClassification.from_config(config)
+    finally:
+        del hf_ds_config
+        unset_hf_deepspeed_config()
+    if gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ConfigError(f"model: {model_dir} ({config.model_type}) does not support gradient checkpointing")
+        # Non-reentrant checkpointing: the one PyTorch recommends, and it works with ZeRO-3's
+        # parameter hooks (the reentrant one re-gathers inside a nested autograd call).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # a decoder cache means nothing to a classifier; transformers warns otherwise
+    return model

@@ -1,0 +1,307 @@
+"""One training run, built once: `Run.setup(cfg)` -> `run.train()` -> `run.finish()`.
+
+    ./launch.sh                                          # the default run, 2 ranks on this machine
+    deepspeed --num_gpus 2 --module pipeline train --ds-config ds_configs/small_zero2.json
+
+Every rank runs this. `Run.setup` works out each fact once — the task, the reading, the cache
+directory, the DeepSpeed config (resolved before the process group, completed for the data and any
+resumed checkpoint), the data, the model and engine, the trainer state — and the loop
+(`loop.train_loop`), evaluation, saving and the final export read them from the run. Rank 0 alone
+prints, writes metrics and builds caches; collectives (forward passes in evaluation, the loss
+all-reduce, checkpoint saves) run on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import tasks
+from ..checkpoint import checkpoints as checkpoint
+from ..checkpoint.export import export_checkpoint
+from ..core import dist
+from ..core.base import ConfigError, load_json, write_json
+from ..core.ds_config import Hardware, ResolvedConfig, RunShape, ds_precision, resolve_ds_config
+from ..core.model_dir import check_model_dir
+from ..core.options import TrainConfig
+from ..data.cache import TokenizedSplit, prepare_splits
+from ..data.reading import Reading
+from ..data.tokenizer import load_tokenizer, tokenizer_source
+from ..tasks.base import Task
+from .evaluate import evaluate, forward_logits
+from .loop import note_best, out_of_patience, train_loop
+from .model import build_engine, build_model
+from .runlog import RunLog
+from .state import TrainerState, read_state
+
+PROBE_SIZE = 8  # dev records whose logits the export must reproduce
+
+
+def new_run_dir(cfg: TrainConfig) -> str:
+    """Rank 0 names the run once (the others receive it): never two clocks, never two names.
+
+    An existing run directory is only reused by `--resume if-present` (a retried job whose first
+    attempt died before its first checkpoint); otherwise it is an error, so no run is overwritten.
+    """
+    name = cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.output_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()) and cfg.resume != "if-present":
+        raise ConfigError(f"run directory {run_dir} already exists and is not empty; choose another run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return str(run_dir)
+
+
+def quiet_libraries() -> None:
+    """Library progress bars (dataset saving, weight loading) would interleave with ours."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*_tensor.* is deprecated")  # torch collectives inside DeepSpeed's ZeRO
+
+
+@dataclass
+class PreparedData:
+    """The tokenized splits every rank loads from rank 0's cache, and what was learned reading them."""
+
+    splits: dict[str, TokenizedSplit]  # train, dev and (if given) test
+    tokenizer: object
+    label_names: list[str]
+    train_data: dict  # data.cache.train_fingerprint: a resume must find it unchanged
+    class_weights: dict  # {label: weight} of the loss; empty: unweighted
+
+
+def prepare_data(cfg: TrainConfig, task: Task, reading: Reading, cache_dir: str, log) -> PreparedData:
+    """Rank 0 reads, checks and tokenizes into the cache while the others wait; all load the cache."""
+    info = dist.main_first(lambda: prepare_splits(cfg, task, tokenizer_source(cfg, cache_dir), cache_dir, log))
+    tokenizer = load_tokenizer(info["tokenizer_dir"], cfg.max_length)
+    names = info["label_names"]
+    splits = {
+        name: TokenizedSplit(path, tokenizer.pad_token_id, names, task, reading.pool) for name, path in info["splits"].items()
+    }
+    return PreparedData(splits, tokenizer, names, info["train_data"], info["class_weights"])
+
+
+def start_or_resume(cfg: TrainConfig, log) -> tuple[Path, Path | None]:
+    """Rank 0 picks the run directory (new, or the resumed checkpoint's) once; all ranks get it."""
+
+    def decide():
+        ckpt = checkpoint.find_resume_checkpoint(cfg.resume, cfg.output_dir, cfg.run_name, log) if cfg.resume else None
+        if ckpt is None:
+            return new_run_dir(cfg), None
+        return str(ckpt.parent.parent), str(ckpt)
+
+    run_dir, ckpt = dist.main_first(decide)
+    return Path(run_dir), (Path(ckpt) if ckpt else None)
+
+
+@dataclass
+class Run:
+    """Everything a training run decided, once; the loop, evaluation, saving and export read it here.
+
+    `Run.setup(cfg)` builds it on every rank; tests may build one from parts (a real engine in one
+    process) to drive `train_loop` directly."""
+
+    cfg: TrainConfig
+    task: Task
+    run_dir: Path
+    data: PreparedData
+    ds: ResolvedConfig  # the DeepSpeed config as the engine uses it, with the run's length
+    engine: object
+    state: TrainerState
+    log: RunLog
+    probe: dict  # a few dev records whose logits the export must reproduce
+
+    @property
+    def total_steps(self) -> int:
+        return self.ds.total_steps
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.ds.steps_per_epoch
+
+    @property
+    def loss_fn(self):
+        """The class-weighted loss, or None for the model's own."""
+        if not self.state.class_weights:
+            return None
+        return self.task.weighted_loss(torch.tensor(list(self.state.class_weights.values()), dtype=torch.float32))
+
+    @classmethod
+    def setup(cls, cfg: TrainConfig) -> Run:
+        """Check what needs no process group, start it, then data -> model -> engine -> state (or resume)."""
+        quiet_libraries()
+        log = dist.get_logger()
+        task = tasks.resolve(cfg)
+        reading = Reading.from_config(cfg)
+        hardware = Hardware.detect()
+        resolved = resolve_ds_config(cfg.ds_config, load_json(cfg.ds_config), dist.world_size(), hardware, cfg)
+        for line in resolved.notes + [f"warning: {w}" for w in resolved.warnings]:
+            log.info(line)  # rank 0 only: every rank resolves the same config
+        check_model_dir(cfg.model, cfg.max_length)
+        dist.init(cfg.dist_timeout_minutes, cfg.rank0_wait_minutes)
+        torch.manual_seed(cfg.seed)
+
+        run_dir, resume_from = start_or_resume(cfg, log)
+        data = prepare_data(cfg, task, reading, cfg.cache_directory(), log)
+        saved = read_state(resume_from) if resume_from is not None else None
+        shape = RunShape(len(data.splits["train"]), str(run_dir))
+        if saved is not None:
+            checkpoint.check_same_data(resume_from, saved, data.train_data, log)
+            shape = RunShape(shape.num_records, str(run_dir), str(resume_from), saved.world_size, saved.train_batch_size)
+        resolved = resolved.for_run(cfg, dist.world_size(), shape)
+        for line in resolved.warnings:  # what resuming on another world size gives up
+            log.warning(f"warning: {line}")
+        ds = resolved.ds
+
+        model = build_model(
+            cfg.model, data.label_names, len(data.tokenizer), ds, cfg.seed, bool(cfg.gradient_checkpointing), task.problem_type
+        )
+        model.config.record_reading = reading.as_dict()  # saved with the export; predict reads as training did
+        state = TrainerState(
+            world_size=dist.world_size(),
+            train_batch_size=ds["train_batch_size"],
+            label_names=data.label_names,
+            class_weights=data.class_weights,
+            train_data=data.train_data,
+            train_config=asdict(cfg),
+            ds_config=ds,
+        )
+        if saved is not None:
+            checkpoint.check_compatible(resume_from, saved, data.label_names, model.config, data.class_weights)
+            state.continue_from(saved)
+        engine = build_engine(model, ds)
+        if saved is not None:
+            checkpoint.load(engine, resume_from, same_world_size=shape.resumed_world_size == dist.world_size())
+            # Step numbers, the data position and the LR schedule follow DeepSpeed's own counters.
+            if (engine.global_steps, engine.skipped_steps) != (state.optimizer_step, state.skipped_steps):
+                raise checkpoint.CheckpointError(
+                    f"{resume_from}: DeepSpeed's counters (global_steps {engine.global_steps}, skipped {engine.skipped_steps}) "
+                    f"disagree with trainer_state.json (optimizer_step {state.optimizer_step}, skipped {state.skipped_steps})"
+                )
+            log.info(
+                f"resumed from {resume_from}: epoch {state.epoch}, {state.step_in_epoch} steps into it, "
+                f"optimizer step {state.optimizer_step}"
+            )
+        if dist.is_main():
+            write_json(run_dir / "train_config.json", asdict(cfg))
+            write_json(run_dir / "ds_config.json", {**ds, "world_size": dist.world_size()})
+            if data.class_weights:  # the weights --class-weights resolved to (also in every checkpoint's trainer state)
+                write_json(run_dir / "class_weights.json", data.class_weights)
+        log.info(f"run directory: {run_dir}")
+        if data.class_weights:
+            log.info(f"class weights ({cfg.class_weights}): " + ", ".join(f"{k} {w:.3g}" for k, w in data.class_weights.items()))
+        log.info(
+            f"device: {hardware.name} | world size {dist.world_size()} | ZeRO stage {ds['zero_optimization']['stage']} "
+            f"| precision {ds_precision(ds)} | gradient checkpointing: {'on' if cfg.gradient_checkpointing else 'off'}"
+        )
+        train_records = len(data.splits["train"])
+        log.info(
+            f"batch: {ds['train_micro_batch_size_per_gpu']} per rank x {ds['gradient_accumulation_steps']} "
+            f"accumulation x {dist.world_size()} ranks = {ds['train_batch_size']} per optimizer step; "
+            f"{resolved.steps_per_epoch} steps per epoch ({train_records % ds['train_batch_size']} samples left out each epoch), "
+            f"{resolved.total_steps} steps in all"
+        )
+        dev = data.splits["dev"]
+        probe = dev.batch(range(min(PROBE_SIZE, len(dev))))
+        runlog = RunLog(run_dir, resolved.total_steps, state.optimizer_step, bool(cfg.tensorboard), task)
+        return cls(cfg, task, run_dir, data, resolved, engine, state, runlog, probe)
+
+    def evaluate(self, split: str, thresholds=None):
+        """(metrics, predictions) of the live weights on a split; every rank must call this.
+        Multi-label: `thresholds` {label: threshold} decide, else --threshold is fitted on this split."""
+        return evaluate(
+            self.engine,
+            self.data.splits[split],
+            self.cfg.eval_batch_size,
+            self.data.label_names,
+            self.task,
+            self.cfg.threshold if thresholds is None else thresholds,
+        )
+
+    def save(self) -> Path:
+        """A complete checkpoint of this step on every rank (see checkpoint.checkpoints.save)."""
+        return checkpoint.save(
+            self.engine,
+            self.run_dir,
+            self.state,
+            self.data.tokenizer,
+            self.probe,
+            lambda: forward_logits(self.engine, self.probe),
+            ds_precision(self.ds.ds),
+            self.cfg.keep_checkpoints,
+        )
+
+    def train(self) -> None:
+        train_loop(self)
+
+    def finish(self) -> dict:
+        """After training: save the last step, choose the checkpoint to export (the last one, or with
+        best_metric the best one, loaded into the engine), evaluate dev and test with exactly those
+        weights, write predictions and eval_results.json, and export. Returns the metrics per split."""
+        cfg, state, log = self.cfg, self.state, dist.get_logger()
+        step, evaluated = state.optimizer_step, {}  # split -> (metrics, predictions) of the weights to export
+        if out_of_patience(cfg, state):
+            log.info(
+                f"early stopping after step {step}: dev {cfg.best_metric} did not improve in the last "
+                f"{state.evaluations_since_best} checkpointed evaluations (best {state.best_metric:.4f} at step {state.best_step})"
+            )
+        else:  # the last weights' dev evaluation; with best_metric they may be the best
+            evaluated["dev"] = self.evaluate("dev")
+            state.thresholds = evaluated["dev"][0].get("thresholds")  # multi-label: saved with the checkpoint and export
+            self.log.eval(step, "dev", evaluated["dev"][0])
+            if cfg.best_metric:
+                note_best(self, evaluated["dev"][0], step)
+        last = self.save()
+        exported = last.with_name(f"step-{state.best_step}") if cfg.best_metric else last
+        if exported != last:
+            log.info(
+                f"exporting the best checkpoint, step {state.best_step} (dev {cfg.best_metric} {state.best_metric:.4f}), not step {step}"
+            )
+            checkpoint.load_weights(self.engine, exported)
+            evaluated = {}
+        results = {}
+        for split in [name for name in ("dev", "test") if name in self.data.splits]:
+            # Multi-label: the thresholds are fitted on dev, and test is decided with dev's.
+            thresholds = None if split == "dev" else results["dev"].get("thresholds")
+            results[split], predictions = evaluated.get(split) or self.evaluate(split, thresholds)
+            if split != "dev":  # dev was logged when it was evaluated at that step
+                self.log.eval(checkpoint.step_of(exported), split, results[split])
+            if dist.is_main():
+                describe, key = self.task.describe, self.task.output_key
+                (self.run_dir / f"predictions-{split}.jsonl").write_text(
+                    "".join(
+                        json.dumps({key: describe(p, self.data.label_names)}, ensure_ascii=False) + "\n" for p in predictions
+                    ),
+                    encoding="utf-8",
+                )
+        self.log.close()
+        if dist.is_main():
+            chosen = {"best_metric": cfg.best_metric, "best_value": state.best_metric} if cfg.best_metric else {}
+            summary = {
+                "step": checkpoint.step_of(exported),
+                "last_step": step,
+                "stopped_early": out_of_patience(cfg, state),
+                **chosen,
+            }
+            write_json(self.run_dir / "eval_results.json", {**summary, **results})
+        export_dir = dist.main_first(lambda: export_checkpoint(exported, self.run_dir / "export", overwrite=True))
+        log.info(f"final dev: {self.task.summary(results['dev'])}")
+        log.info(
+            f"checkpoint: {exported}\nexport (verified): {export_dir}\nmetrics: {self.run_dir / 'metrics.jsonl'}\n"
+            f"eval results: {self.run_dir / 'eval_results.json'}"
+        )
+        return results
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train, evaluate, checkpoint and export; returns the final metrics (on every rank)."""
+    run = Run.setup(cfg)
+    run.train()
+    return run.finish()
