@@ -122,7 +122,7 @@ def test_data_preparation_benchmark_reports_cold_and_warm_numbers(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO, cpu_env
+    from helpers import REPO, cpu_env
 
     run = subprocess.run(
         [sys.executable, "-m", "pipeline.tools.bench_data", "--records", "300", "--out", str(tmp_path), "--max-length", "64"],

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE, read_jsonl, write_jsonl
+from helpers import SAMPLE, read_jsonl, write_jsonl
 
 from pipeline import tasks
 from pipeline.core.base import ConfigError

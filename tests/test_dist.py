@@ -6,7 +6,7 @@ import time
 
 import psutil
 import pytest
-from conftest import REPO, SAMPLE, cpu_env, ds_config, free_port, launch, read_jsonl, run_options, write_jsonl
+from helpers import REPO, SAMPLE, cpu_env, ds_config, free_port, launch, read_jsonl, run_options, write_jsonl
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 

@@ -6,7 +6,8 @@ import sys
 import time
 
 import pytest
-from conftest import DEAD_NODE, NODES, REPO, cpu_env, ds_config, free_port, losses, run_options
+from fixtures_cluster import DEAD_NODE, NODES
+from helpers import REPO, cpu_env, ds_config, free_port, losses, run_options
 
 from pipeline.launch.doctor import arch_problem, choose_accelerator
 

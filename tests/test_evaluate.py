@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import export_window_logits, read_jsonl
+from helpers import export_window_logits, read_jsonl
 
 from pipeline.data.reading import pool
 from pipeline.tasks.single_label import metrics as single_label_metrics

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, cpu_env
+from helpers import REPO, cpu_env
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 

@@ -3,7 +3,7 @@ constraints.txt, and the two agree."""
 
 import configparser
 
-from conftest import REPO
+from helpers import REPO
 from packaging.requirements import Requirement
 from packaging.version import Version
 

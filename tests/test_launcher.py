@@ -4,7 +4,7 @@ with the file and line named; the env file for remote ranks merges the user's ow
 import subprocess
 
 import pytest
-from conftest import REPO, cpu_env, ds_config, free_port, run_options
+from helpers import REPO, cpu_env, ds_config, free_port, run_options
 
 from pipeline.core.base import ConfigError
 from pipeline.launch.hosts import read_hostfile

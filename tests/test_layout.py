@@ -4,7 +4,7 @@ the tools. Every module of `pipeline/` is read with `ast`."""
 import ast
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 PACKAGE = REPO / "pipeline"
 # Lowest first: a module may import its own room and the rooms before it, never one after.
@@ -27,7 +27,11 @@ def imported_modules(path, package_dir=PACKAGE) -> list[str]:
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else [])) if node.level else node.module
+            base = (
+                ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+                if node.level
+                else node.module
+            )
             names += [base] + [f"{base}.{alias.name}" for alias in node.names]
     return [n for n in names if n == "pipeline" or n.startswith("pipeline.")]
 

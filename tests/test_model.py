@@ -5,7 +5,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import REPO, cpu_env, write_jsonl
+from helpers import REPO, cpu_env, write_jsonl
 
 from pipeline.core.base import ConfigError
 from pipeline.core.model_dir import check_model_dir, has_tokenizer, has_weights

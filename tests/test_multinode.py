@@ -7,7 +7,8 @@ import subprocess
 import time
 
 import pytest
-from conftest import NODES, REPO, cpu_env, ds_config, free_port, losses, run_options, train
+from fixtures_cluster import NODES
+from helpers import REPO, cpu_env, ds_config, free_port, losses, run_options, train
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 

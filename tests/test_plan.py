@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, cpu_env, train
+from helpers import REPO, cpu_env, train
 
 from pipeline.cli.main import main
 from pipeline.cli.plan import ModelShape, activation_bytes, ds_config_for, model_shape, model_state_bytes, plan, recommend

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import ds_config, plot, read_jsonl, train
+from helpers import ds_config, plot, read_jsonl, train
 
 
 @pytest.mark.slow

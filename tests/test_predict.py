@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, cpu_env, export_window_logits, read_jsonl
+from helpers import REPO, cpu_env, export_window_logits, read_jsonl
 
 from pipeline.cli.main import main
 from pipeline.cli.predict import predict

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import SAMPLE, read_jsonl
+from helpers import SAMPLE, read_jsonl
 
 from pipeline.core.base import ConfigError
 from pipeline.core.options import TrainConfig

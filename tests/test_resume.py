@@ -11,7 +11,7 @@ import time
 
 import psutil
 import pytest
-from conftest import (
+from helpers import (
     EARLY_STOP_SETTINGS,
     REPO,
     cpu_env,

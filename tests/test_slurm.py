@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, STOP_SETTINGS, ds_config, free_port, losses, read_jsonl, run_options
+from helpers import REPO, STOP_SETTINGS, ds_config, free_port, losses, read_jsonl, run_options
 from safetensors.numpy import load_file
 
 from pipeline.core.base import ConfigError

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, STOP_SETTINGS, cpu_env, ds_config, free_port, launch, losses, read_jsonl, run_options
+from helpers import REPO, STOP_SETTINGS, cpu_env, ds_config, free_port, launch, losses, read_jsonl, run_options
 from safetensors.numpy import load_file
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, cpu_env, ds_config, early_stop_step, launch, losses, plot, read_jsonl, run_options, train, write_jsonl
+from helpers import REPO, cpu_env, ds_config, early_stop_step, launch, losses, plot, read_jsonl, run_options, train, write_jsonl
 from safetensors.numpy import load_file
 
 from pipeline.tasks.multi_label import MULTI_LABEL

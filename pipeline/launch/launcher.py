@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import tasks
 from ..core.base import ConfigError, load_json
 from ..core.ds_config import Hardware, resolve_ds_config
 from ..core.options import HF_ALIASES, TrainConfig, add_train_options, cache_directory, spellings
@@ -284,6 +285,7 @@ def check_run_config(args: argparse.Namespace, world: int, accelerator: str, cap
         )
     overrides = {key: value for key, value in vars(args.train).items() if key != "config" and value is not None}
     cfg = TrainConfig.from_sources(args.train.config, {**overrides, "ds_config": args.ds_config})
+    tasks.resolve(cfg)  # the task's own options, before any rank starts
     resolved = resolve_ds_config(args.ds_config, load_json(args.ds_config), world, hardware, cfg)
     print(f"launch: {resolved.notes[0]}")
 

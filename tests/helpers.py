@@ -1,0 +1,229 @@
+"""Test helpers: small data files, DeepSpeed configs, and the one way the tests start real ranks
+(`launch`: the real `deepspeed` runner on DeepSpeed's CPU accelerator; `launch_sh`: ./launch.sh)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.tasks.single_label import SINGLE_LABEL
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "pipeline" / "sample_data"
+
+
+def cpu_env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    """The per-optimizer-step training losses a run logged."""
+    return [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row]
+
+
+def ds_config(path: Path, stage: int, micro: int, accum: int, lr: float = 1e-3, **extra) -> Path:
+    """A small fp32 config: AdamW with a constant learning rate, ZeRO `stage`."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.01}},
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 1000000,
+        **extra,
+    }
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    return path
+
+
+def launch(
+    args: list[str], ranks: int = 2, timeout: int = 300, cwd: Path = REPO, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus RANKS --module pipeline ARGS` on CPU ranks (plus `env`); output captured."""
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), "--module", "pipeline", *args]
+    result = subprocess.run(cmd, cwd=cwd, env={**cpu_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    # DeepSpeed's CPU backend leaves a ~70 MB /dev/shm buffer per rank unless the pipeline unlinks it.
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"shared-memory buffers left behind: {leaked}"
+    return result
+
+
+def plot(run_dir: Path, *options: str) -> subprocess.CompletedProcess:
+    """`python -m pipeline plot RUN_DIR OPTIONS` in a plain process; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "plot", str(run_dir), *options],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def run_options(data: dict, out: Path, name: str = "run") -> list[str]:
+    """The data and output options of a test run: train and dev files, output directory, run name, cache."""
+    return [
+        "--train-file",
+        str(data["train"]),
+        "--dev-file",
+        str(data["dev"]),
+        "--output-dir",
+        str(out),
+        "--run-name",
+        name,
+        "--cache-dir",
+        str(out / "cache"),
+    ]
+
+
+def train(tmp_path: Path, name: str, data: dict, config: Path, ranks: int = 2, extra: list[str] = ()) -> Path:
+    """Run training to completion and return its run directory (fails the test on a non-zero exit).
+
+    The launcher's console output is kept next to it, in NAME.console.txt."""
+    args = [
+        "train",
+        "--ds-config",
+        str(config),
+        *run_options(data, tmp_path, name),
+        *extra,
+    ]
+    result = launch(args, ranks=ranks)
+    assert result.returncode == 0, f"training failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    (tmp_path / f"{name}.console.txt").write_text(result.stdout + result.stderr, encoding="utf-8")
+    return tmp_path / name
+
+
+# Runs that are stopped and resumed (test_stop, test_slurm) and the uninterrupted run they must equal.
+STOP_SETTINGS = [
+    "--max-length",
+    "64",
+    "--max-steps",
+    "12",
+    "--epochs",
+    "3",
+    "--eval-every",
+    "4",
+    "--save-every",
+    "4",
+    "--log-every",
+    "1",
+    "--seed",
+    "5",
+]
+
+
+# Long records read in overlapping windows (reading.py): a short 2-rank run, pooled with max.
+CHUNK_SETTINGS = ["--max-length", "64", "--long-records", "chunks", "--stride", "16", "--pool", "max"]
+
+
+# Notes whose label rests on a finding repeated through boilerplate (every few sentences, so a
+# few steps teach it and the predictions differ between records).
+FINDINGS = {"肺炎": "胸部CT示右下肺斑片影。", "脑卒中": "头颅CT示左侧基底节区低密度灶。", "其他": ""}
+
+
+BOILERPLATE = "患者一般情况可，饮食睡眠正常，无特殊不适。"
+
+
+def long_notes(count: int, seed: int) -> list[dict]:
+    """Records of 3 to 14 windows of 64 tokens, of three labels in turn, the finding every 3-5 sentences."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        label = list(FINDINGS)[i % 3]
+        parts = []
+        for _ in range(rng.randint(2, 6)):
+            parts += [BOILERPLATE] * rng.randint(3, 5) + [FINDINGS[label]]
+        rows.append({"text": "".join(parts), "label": label})
+    return rows
+
+
+def export_window_logits(run_dir: Path):
+    """(the run's dev windows as data.TokenizedSplit, their logits from the export in this one process,
+    label names): the plain single-process evaluation a distributed one must equal."""
+    import numpy as np
+    import torch
+
+    from pipeline.checkpoint.export import load_export
+    from pipeline.data.cache import TokenizedSplit
+
+    tokenizer, model = load_export(run_dir / "export")
+    (cache,) = (run_dir.parent / "cache").glob("tokenized-dev-*")
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    split = TokenizedSplit(cache, tokenizer.pad_token_id, names, SINGLE_LABEL, "max")
+    logits = []
+    with torch.no_grad():
+        for start in range(0, len(split), 16):
+            batch = split.batch(range(start, min(start + 16, len(split))))
+            logits.append(model(**{k: v for k, v in batch.items() if k != "labels"}).logits.numpy())
+    return split, np.concatenate(logits), names
+
+
+# A run that early stopping ends (test_train) and its resumed copy (test_resume): 16 steps per epoch,
+# a checkpointed dev evaluation every 2 steps, stopped after 3 of them without a new best macro-F1.
+EARLY_STOP_SETTINGS = (
+    "--max-length 64 --eval-batch-size 8 --epochs 6 --eval-every 2 --save-every 2 --keep-checkpoints 100 "
+    "--best-metric macro_f1 --early-stopping-patience 3 --log-every 1"
+).split()
+
+
+def early_stop_step(run_dir: Path, every: int, patience: int) -> tuple[int | None, int]:
+    """(step where early stopping should end the run, best step), counted by hand from its dev
+    evaluations at the checkpointed steps; (None, best) if it should not stop."""
+    best, best_step, since = None, 0, 0
+    for step in range(every, 10**6, every):
+        path = run_dir / "eval" / f"dev-step-{step}.json"
+        if not path.is_file():
+            return None, best_step
+        value = json.loads(path.read_text(encoding="utf-8"))["macro_f1"]
+        if best is None or value > best:
+            best, best_step, since = value, step, 0
+        else:
+            since += 1
+        if since == patience:
+            return step, best_step
+
+
+def require(
+    *programs: str,
+    install: str = "apt-get install openssh-server pdsh openmpi-bin libopenmpi-dev",
+    why_root: str = "the test cluster needs root (sshd in UTS namespaces, /etc/ssh/ssh_config.d)",
+) -> None:
+    """Skip a test whose prerequisite is missing, saying which; under CI (CI=true) fail instead."""
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"  # sshd lives in sbin
+    missing = [p for p in programs if not shutil.which(p, path=path)]
+    message = ""
+    if missing:
+        message = f"missing {', '.join(missing)}: {install}"
+    elif os.geteuid() != 0:
+        message = why_root
+    if message:
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
