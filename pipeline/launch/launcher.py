@@ -294,11 +294,11 @@ def check_slurm_gpus(hosts: dict[str, int], facts: dict[str, dict], accelerator:
     """One task per GPU: an allocation whose GPUs per node differ from its tasks per node is refused."""
     if accelerator != "cuda":
         return
-    for host, tasks in hosts.items():
+    for host, ranks in hosts.items():
         gpus = facts.get(host, {}).get("gpus")
-        if gpus is not None and gpus != tasks:
+        if gpus is not None and gpus != ranks:
             raise ConfigError(
-                f"the allocation gives {host} {gpus} GPUs but {tasks} tasks: this pipeline runs one task per "
+                f"the allocation gives {host} {gpus} GPUs but {ranks} tasks: this pipeline runs one task per "
                 f"GPU; ask for --ntasks-per-node equal to --gpus-per-node (here {gpus})"
             )
 
