@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .base import ConfigError, load_json, unknown_key_message
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # pipeline/
 TINY_MODEL_DIR = PACKAGE_DIR / "models" / "tiny-bert"
 SAMPLE_DATA_DIR = PACKAGE_DIR / "sample_data"
 

@@ -157,7 +157,7 @@ def check(
 
     The first host (rank 0's) is probed first and writes the shared-directory markers; the others,
     probed all at once, must read them."""
-    repo = str(Path(__file__).resolve().parent.parent)
+    repo = str(Path(__file__).resolve().parents[2])  # the checkout: pipeline/launch/doctor.py
     first = next(iter(hosts))
     token = secrets.token_hex(8)
     request = {
