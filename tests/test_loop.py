@@ -1,0 +1,111 @@
+"""The training loop in this process: `Run.setup` builds a real DeepSpeed engine for a world of one
+CPU rank (gloo), and `train_loop` runs on it directly, without a launcher. What needs several ranks
+(exact evaluation, the stop vote across ranks, resume) is in test_train.py, test_stop.py and
+test_resume.py."""
+
+import os
+import signal
+
+import pytest
+from helpers import SAMPLE, ds_config, free_port, read_jsonl, write_jsonl
+
+from pipeline.checkpoint.checkpoints import MANIFEST
+from pipeline.core.options import TrainConfig
+from pipeline.core.stop import Stopped
+from pipeline.train.loop import NAN_AT_STEP, TrainingStopped
+from pipeline.train.run import Run
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """A world of one rank on this machine, as a launcher would describe it, and small data whose
+    tokenizer and tokenized cache are built once for every test here."""
+    root = tmp_path_factory.mktemp("loop")
+    env = pytest.MonkeyPatch()
+    for key, value in dict(
+        DS_ACCELERATOR="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    ).items():
+        env.setenv(key, value)
+    data = {
+        "train": write_jsonl(root / "train.jsonl", read_jsonl(SAMPLE / "train.jsonl")[:64]),
+        "dev": write_jsonl(root / "dev.jsonl", read_jsonl(SAMPLE / "dev.jsonl")[:16]),
+        "cache": root / "cache",
+    }
+    yield data
+    env.undo()
+
+
+def setup_run(one_rank, tmp_path, micro=2, accum=2, lr=1e-3, **options) -> Run:
+    """A run of the tiny model on the small data, ZeRO-2, set up in this process."""
+    cfg = TrainConfig(
+        ds_config=str(ds_config(tmp_path / "ds.json", 2, micro=micro, accum=accum, lr=lr)),
+        train_file=str(one_rank["train"]),
+        dev_file=str(one_rank["dev"]),
+        cache_dir=str(one_rank["cache"]),
+        output_dir=str(tmp_path),
+        run_name="run",
+        **{"max_length": 32, "eval_every": 0, "log_every": 1, "tensorboard": 0, **options},
+    )
+    return Run.setup(cfg)
+
+
+def forward_count(run: Run) -> list[int]:
+    """A one-element list that counts the model's forward passes (micro-batches and evaluation batches)."""
+    calls = [0]
+
+    def count(*_):
+        calls[0] += 1
+
+    run.engine.module.register_forward_pre_hook(count)
+    return calls
+
+
+def test_one_optimizer_step_per_accumulation_window(one_rank, tmp_path):
+    run = setup_run(one_rank, tmp_path, micro=2, accum=4, max_steps=3)
+    calls = forward_count(run)
+    run.train()
+    assert calls[0] == 3 * 4  # every micro-batch through the engine, none more
+    assert (run.state.optimizer_step, run.engine.global_steps, run.state.applied_steps) == (3, 3, 3)
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3] and all(row["grad_norm"] > 0 for row in rows)
+
+
+def test_a_nan_loss_stops_at_its_step_and_the_skipped_update_is_counted(one_rank, tmp_path, monkeypatch):
+    """ZeRO skips the update of a non-finite gradient even in fp32; without fp16's loss scaler to
+    handle it, the loop stops naming the step instead of going on with weights it cannot trust."""
+    monkeypatch.setenv(NAN_AT_STEP, "2")
+    run = setup_run(one_rank, tmp_path, max_steps=4)
+    with pytest.raises(TrainingStopped, match=r"optimizer step 2 \(epoch 0\): the training loss is nan \(DeepSpeed skipped"):
+        run.train()
+    assert (run.state.optimizer_step, run.state.skipped_steps, run.state.applied_steps) == (2, 1, 1)
+    assert run.engine.skipped_steps == 1
+
+
+def test_a_stop_request_ends_the_step_with_a_checkpoint(one_rank, tmp_path):
+    run = setup_run(one_rank, tmp_path, max_steps=6)
+    calls = forward_count(run)
+
+    def ask_to_stop(*_):  # in the middle of step 2's window (its first micro-batch): step 2 completes, then a save
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    run.engine.module.register_forward_pre_hook(ask_to_stop)
+    try:
+        with pytest.raises(Stopped, match="stopped on request after optimizer step 2"):
+            run.train()
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    assert run.state.optimizer_step == 2 and calls[0] == 2 * 2 + 1  # two windows, then the checkpoint probe's forward
+    assert (tmp_path / "run" / "checkpoints" / "step-2" / MANIFEST).is_file()
+
+
+def test_patience_ends_training_after_evaluations_without_a_new_best(one_rank, tmp_path):
+    """With a learning rate of 0 the dev accuracy never moves: the first checkpointed evaluation is
+    the best, and patience 2 ends training at the third."""
+    run = setup_run(
+        one_rank, tmp_path, lr=0.0, max_steps=10, best_metric="accuracy", eval_every=1, save_every=1, early_stopping_patience=2
+    )
+    run.train()
+    state = run.state
+    assert (state.optimizer_step, state.best_step, state.evaluations_since_best) == (3, 1, 2)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-1", "step-2", "step-3"]
