@@ -10,6 +10,7 @@ import pytest
 from helpers import SAMPLE, ds_config, free_port, read_jsonl, write_jsonl
 
 from pipeline.checkpoint.checkpoints import MANIFEST
+from pipeline.checkpoint.export import export_checkpoint
 from pipeline.core.options import TrainConfig
 from pipeline.core.stop import Stopped
 from pipeline.train.loop import NAN_AT_STEP, TrainingStopped
@@ -96,7 +97,9 @@ def test_a_stop_request_ends_the_step_with_a_checkpoint(one_rank, tmp_path):
     finally:
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     assert run.state.optimizer_step == 2 and calls[0] == 2 * 2 + 1  # two windows, then the checkpoint probe's forward
-    assert (tmp_path / "run" / "checkpoints" / "step-2" / MANIFEST).is_file()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-2"
+    assert (ckpt / MANIFEST).is_file()
+    export_checkpoint(ckpt, tmp_path / "export")  # the export reproduces the probe logits the loop's engine gave
 
 
 def test_patience_ends_training_after_evaluations_without_a_new_best(one_rank, tmp_path):

@@ -36,14 +36,18 @@ def to_device(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def forward_logits(engine, batch: dict) -> torch.Tensor:
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    return engine(**to_device(inputs, engine.device)).logits.float().cpu()
+    """The logits of one batch in eval mode (no dropout); the engine's mode is restored after."""
+    was_training = engine.training
+    engine.eval()
+    try:
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        return engine(**to_device(inputs, engine.device)).logits.float().cpu()
+    finally:
+        engine.train(was_training)
 
 
 def predict_logits(engine, split, batch_size: int) -> np.ndarray:
     """Logits for every row of `split` (a data.TokenizedSplit), in its order, identical on all ranks."""
-    was_training = engine.training
-    engine.eval()
     indices, logits = [], []
     for batch_indices in eval_index_batches(len(split), dist.world_size(), dist.rank(), batch_size):
         real = [i if i != FILLER else 0 for i in batch_indices]
@@ -51,7 +55,6 @@ def predict_logits(engine, split, batch_size: int) -> np.ndarray:
         keep = [j for j, i in enumerate(batch_indices) if i != FILLER]
         indices += [batch_indices[j] for j in keep]
         logits.append(batch_logits[keep].numpy())
-    engine.train(was_training)
     merged = {}
     for rank_indices, rank_logits in dist.all_gather_objects((indices, np.concatenate(logits))):
         merged.update(zip(rank_indices, rank_logits))
