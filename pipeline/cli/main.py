@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         return launch_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    # Listed for --help only: `launch` is handled above, before this parser (its options are launch.sh's).
+    sub.add_parser("launch", help="start training on every slot of a hostfile or SLURM allocation (./launch.sh; launch --help)")
     _train_parser(sub)
     _predict_parser(sub)
     _doctor_parser(sub)

@@ -2,8 +2,11 @@
 
 Each setting has one owner. `TrainConfig` owns data, model, paths and the loop's cadence; the
 DeepSpeed JSON (ds_config.py) owns batch size, accumulation, precision, optimizer, scheduler,
-clipping and ZeRO. Everything here runs before any process group exists, so a bad option fails
-fast with a message that names it, and the rest of the package trusts what it gets.
+clipping and ZeRO, where `global_batch`, `micro_batch` and `precision` only fill what it leaves
+"auto" (a contradiction is refused). Everything here runs before any process group exists, so a bad
+option fails fast with a message that names it, and the rest of the package trusts what it gets.
+The task's own options (best_metric, threshold, label_separator, class weight files) are checked by
+the task, at the same edge (`tasks.resolve`).
 """
 
 from __future__ import annotations
