@@ -82,3 +82,28 @@ def test_the_command_line_imports_no_tool_at_module_level():
     """`python -m pipeline train` loads the command line: a tool is imported only inside the function that runs its command."""
     tree = ast.parse((PACKAGE / "cli" / "main.py").read_text(encoding="utf-8"))
     assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n in tree.body and "tools" in (n.module or "")]
+
+
+ALL_MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", ALL_MODULES, ids=[module_name(p) for p in ALL_MODULES])
+def test_every_name_a_module_imports_from_the_package_exists(path):
+    """Imports inside functions too (tools import lazily): a name moved elsewhere fails here, not in
+    the middle of a run."""
+    import importlib.util
+
+    package = ["pipeline", *path.relative_to(PACKAGE).with_suffix("").parts[:-1]]
+    missing = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("pipeline")):
+            base = (
+                ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+                if node.level
+                else node.module
+            )
+            module = importlib.import_module(base)
+            for alias in node.names:
+                if not hasattr(module, alias.name) and importlib.util.find_spec(f"{base}.{alias.name}") is None:
+                    missing.append(f"{base}.{alias.name} (line {node.lineno})")
+    assert not missing, f"{module_name(path)} imports names that do not exist: {missing}"

@@ -198,7 +198,7 @@ def global_tokens(per_step: list[float]) -> list[float]:
 
 
 def run_pipeline(spec: dict, ds: dict) -> tuple[list[dict], float]:
-    from .. import dist
+    from ..core import dist
     from ..train.run import run
 
     cfg = TrainConfig(
@@ -235,12 +235,12 @@ def run_pipeline(spec: dict, ds: dict) -> tuple[list[dict], float]:
 def load_data(spec: dict):
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    from .. import task
     from ..data.cache import load_tokenized
+    from ..tasks.single_label import encode
 
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     data = load_tokenized(spec["train_data"])
-    ids = task.encode(data.data.column("labels"), spec["label_names"])  # the cache keeps labels as written
+    ids = encode(data.data.column("labels"), spec["label_names"])  # the cache keeps labels as written
     data = data.remove_columns("labels").add_column("labels", ids.tolist())
     return data, tokenizer, DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
@@ -348,7 +348,7 @@ def run_hf(spec: dict, ds: dict) -> tuple[list[dict], float]:
 
 
 def worker(spec_path: str) -> None:
-    from .. import dist
+    from ..core import dist
 
     spec = json.loads(Path(spec_path).read_text())
     ds = load_json(spec["ds_path"])

@@ -45,7 +45,7 @@ def measure(spec: dict, stage: int, accum: int) -> list[dict]:
     """Train `spec['steps']` optimizer steps; the collectives of each, by kind."""
     from transformers import AutoConfig
 
-    from .. import dist
+    from ..core import dist
     from ..train.loop import micro_step
     from ..train.model import build_engine, build_model
 
@@ -70,7 +70,7 @@ def measure(spec: dict, stage: int, accum: int) -> list[dict]:
 
 
 def worker(spec_path: str) -> None:
-    from .. import dist
+    from ..core import dist
 
     spec = json.loads(Path(spec_path).read_text())
     dist.init(timeout_minutes=10)

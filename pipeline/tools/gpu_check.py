@@ -241,7 +241,7 @@ def table(results: list[dict]) -> str:
 def main(argv=None) -> int:
     import tempfile
 
-    from .. import dist
+    from ..core import dist
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
