@@ -1,4 +1,4 @@
-"""The training options and JSON files of them (pipeline/config.py, pipeline/base.py)."""
+"""The training options and JSON files of them (pipeline/core/options.py, pipeline/core/base.py)."""
 
 import json
 

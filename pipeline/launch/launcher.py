@@ -221,7 +221,7 @@ def rank_env(args: argparse.Namespace, env: dict[str, str], accelerator: str) ->
     if accelerator == "cpu":  # one thread per rank: several ranks share a machine's cores
         ranks["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     if args.launcher in ("openmpi", "slurm"):
-        # Neither DeepSpeed's OpenMPI runner nor srun passes them; pipeline.dist keeps them over MPI discovery's guesses.
+        # Neither DeepSpeed's OpenMPI runner nor srun passes them; pipeline.core.dist keeps them over MPI discovery's guesses.
         ranks.update(MASTER_ADDR=args.master_addr, MASTER_PORT=str(args.master_port))
     return {**ranks, **env, "DS_ACCELERATOR": accelerator}
 

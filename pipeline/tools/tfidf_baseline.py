@@ -6,7 +6,7 @@
         --test pipeline/sample_data/imbalanced_test.jsonl --class-weights balanced
 
 The files are read, labels parsed, thresholds tuned (on dev) and metrics computed by the pipeline's
-own task functions (pipeline.task), so the numbers compare with a training run's eval files. Multi-label:
+own task functions (pipeline.tasks), so the numbers compare with a training run's eval files. Multi-label:
 one logistic regression per label (one-vs-rest) and decision thresholds per --threshold, fitted on dev
 and applied to test. Prints one JSON object: the metrics on dev and test.
 """
