@@ -60,12 +60,18 @@ def ds_config(path: Path, stage: int, micro: int, accum: int, lr: float = 1e-3, 
     return path
 
 
+def deepspeed_command(args: list[str], ranks: int = 2, port: int | None = None) -> list[str]:
+    """`deepspeed --num_gpus RANKS --master_port PORT --module pipeline ARGS`: how every test starts
+    ranks with the real runner (`launch`, or a Popen of its own where a test signals the job)."""
+    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port or free_port()), "--module", "pipeline", *args]
+
+
 def launch(
     args: list[str], ranks: int = 2, timeout: int = 300, cwd: Path = REPO, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus RANKS --module pipeline ARGS` on CPU ranks (plus `env`); output captured."""
     port = free_port()
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), "--module", "pipeline", *args]
+    cmd = deepspeed_command(args, ranks, port)
     result = subprocess.run(cmd, cwd=cwd, env={**cpu_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
     # DeepSpeed's CPU backend leaves a ~70 MB /dev/shm buffer per rank unless the pipeline unlinks it.
     leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
@@ -75,14 +81,7 @@ def launch(
 
 def plot(run_dir: Path, *options: str) -> subprocess.CompletedProcess:
     """`python -m pipeline plot RUN_DIR OPTIONS` in a plain process; output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "plot", str(run_dir), *options],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return pipeline_command("plot", str(run_dir), *options)
 
 
 def run_options(data: dict, out: Path, name: str = "run") -> list[str]:
@@ -101,18 +100,35 @@ def run_options(data: dict, out: Path, name: str = "run") -> list[str]:
     ]
 
 
+def train_args(config: Path, data: dict, out: Path, name: str = "run", *extra: str) -> list[str]:
+    """`train --ds-config CONFIG` with the data and output options of a test run, then `extra`."""
+    return ["train", "--ds-config", str(config), *run_options(data, out, name), *extra]
+
+
+def launch_sh(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`./launch.sh ARGS` (CPU ranks' environment plus `env`); output captured."""
+    command = [str(REPO / "launch.sh"), *args]
+    return subprocess.run(command, cwd=cwd, env={**cpu_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def pipeline_command(*args: str, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` in a plain process (predict, export, plot ...); output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
 def train(tmp_path: Path, name: str, data: dict, config: Path, ranks: int = 2, extra: list[str] = ()) -> Path:
     """Run training to completion and return its run directory (fails the test on a non-zero exit).
 
     The launcher's console output is kept next to it, in NAME.console.txt."""
-    args = [
-        "train",
-        "--ds-config",
-        str(config),
-        *run_options(data, tmp_path, name),
-        *extra,
-    ]
-    result = launch(args, ranks=ranks)
+    result = launch(train_args(config, data, tmp_path, name, *extra), ranks=ranks)
     assert result.returncode == 0, f"training failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     (tmp_path / f"{name}.console.txt").write_text(result.stdout + result.stderr, encoding="utf-8")
     return tmp_path / name

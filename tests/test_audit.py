@@ -1,10 +1,7 @@
 """verify-accumulation on the shipped configs, and on a deliberately broken loop."""
 
-import subprocess
-import sys
-
 import pytest
-from helpers import REPO, cpu_env
+from helpers import REPO, pipeline_command
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
@@ -12,14 +9,7 @@ CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "ds_configs").glob("*
 
 
 def verify(*args):
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "verify-accumulation", *args],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = pipeline_command("verify-accumulation", *args, timeout=300)
     return result.returncode, result.stdout + result.stderr
 
 

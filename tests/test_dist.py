@@ -6,43 +6,31 @@ import time
 
 import psutil
 import pytest
-from helpers import REPO, SAMPLE, cpu_env, ds_config, free_port, launch, read_jsonl, run_options, write_jsonl
+from helpers import REPO, SAMPLE, cpu_env, deepspeed_command, ds_config, launch, read_jsonl, train_args, write_jsonl
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
 
 def test_a_frozen_rank_fails_the_job_within_the_collective_timeout(small_data, tmp_path):
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
-    cmd = [
-        "deepspeed",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "pipeline",
-        "train",
-        "--ds-config",
-        str(config),
-        "--train-file",
-        str(small_data["train"]),
-        "--dev-file",
-        str(small_data["dev"]),
-        "--output-dir",
-        str(tmp_path),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--max-length",
-        "64",
-        "--epochs",
-        "50",
-        "--eval-every",
-        "0",
-        "--log-every",
-        "1",
-        "--dist-timeout-minutes",
-        "0.1",
-    ]
+    cmd = deepspeed_command(
+        train_args(
+            config,
+            small_data,
+            tmp_path,
+            "run",
+            "--max-length",
+            "64",
+            "--epochs",
+            "50",
+            "--eval-every",
+            "0",
+            "--log-every",
+            "1",
+            "--dist-timeout-minutes",
+            "0.1",
+        )
+    )
     log = tmp_path / "job.log"
     job = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
     frozen = []
@@ -88,22 +76,9 @@ def test_rank_0s_data_preparation_may_outlast_the_collective_timeout(small_data,
     big = write_jsonl(tmp_path / "train.jsonl", [{**row, "text": f"{row['text']} 第{i}例"} for i, row in enumerate(rows * 5)])
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
     started = time.monotonic()
-    result = launch(
-        [
-            "train",
-            "--ds-config",
-            str(config),
-            *run_options({"train": big, "dev": small_data["dev"]}, tmp_path),
-            "--max-length",
-            "64",
-            "--max-steps",
-            "2",
-            "--eval-every",
-            "0",
-            "--dist-timeout-minutes",
-            "0.05",
-        ]
-    )
+    data = {"train": big, "dev": small_data["dev"]}
+    extra = ["--max-length", "64", "--max-steps", "2", "--eval-every", "0", "--dist-timeout-minutes", "0.05"]
+    result = launch(train_args(config, data, tmp_path, "run", *extra))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "data: train" in result.stdout and "(20000 records) -> built cache" in result.stdout
     print(f"run with a 3 s collective timeout took {time.monotonic() - started:.0f} s")

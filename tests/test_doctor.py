@@ -1,26 +1,17 @@
 """`python -m pipeline doctor` and launch.sh's preflight against the 2-node test cluster (real sshd)."""
 
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 from fixtures_cluster import DEAD_NODE, NODES
-from helpers import REPO, cpu_env, ds_config, free_port, losses, run_options
+from helpers import ds_config, free_port, launch_sh, losses, pipeline_command, run_options
 
 from pipeline.launch.doctor import arch_problem, choose_accelerator
 
 
 def doctor(hostfile, *extra):
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "doctor", "--hostfile", str(hostfile), *extra],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return pipeline_command("doctor", "--hostfile", str(hostfile), *extra, timeout=120)
 
 
 @pytest.mark.slow
@@ -59,24 +50,17 @@ def test_doctor_finds_the_master_port_taken_on_the_first_node(cluster):
 @pytest.mark.slow
 def test_launch_on_a_dead_node_fails_fast_with_the_doctors_message(cluster, small_data, tmp_path):
     started = time.monotonic()
-    result = subprocess.run(
-        [
-            str(REPO / "launch.sh"),
-            "--hostfile",
-            str(cluster.hostfile("live-and-dead", ["127.0.1.1", DEAD_NODE])),
-            "--master-port",
-            str(free_port()),
-            "--train-file",
-            str(small_data["train"]),
-            "--dev-file",
-            str(small_data["dev"]),
-            "--output-dir",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
+    result = launch_sh(
+        "--hostfile",
+        str(cluster.hostfile("live-and-dead", ["127.0.1.1", DEAD_NODE])),
+        "--master-port",
+        str(free_port()),
+        "--train-file",
+        str(small_data["train"]),
+        "--dev-file",
+        str(small_data["dev"]),
+        "--output-dir",
+        str(tmp_path),
         timeout=120,
     )
     elapsed = time.monotonic() - started
@@ -112,27 +96,20 @@ def test_doctor_finds_an_output_directory_that_is_not_shared(cluster):
 def test_a_hostfile_with_one_remote_host_runs_there_not_here(cluster, small_data, tmp_path):
     """DeepSpeed starts one host's ranks locally, whatever its name; the launcher must go over ssh."""
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
-    result = subprocess.run(
-        [
-            str(REPO / "launch.sh"),
-            "--hostfile",
-            str(cluster.hostfile("node2-only", ["127.0.1.2"])),
-            "--ds-config",
-            str(config),
-            "--master-port",
-            str(free_port()),
-            *run_options(small_data, tmp_path),
-            "--max-length",
-            "64",
-            "--max-steps",
-            "2",
-            "--eval-every",
-            "0",
-        ],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
+    result = launch_sh(
+        "--hostfile",
+        str(cluster.hostfile("node2-only", ["127.0.1.2"])),
+        "--ds-config",
+        str(config),
+        "--master-port",
+        str(free_port()),
+        *run_options(small_data, tmp_path),
+        "--max-length",
+        "64",
+        "--max-steps",
+        "2",
+        "--eval-every",
+        "0",
         timeout=300,
     )
     output = result.stdout + result.stderr

@@ -4,7 +4,7 @@ with the file and line named; the env file for remote ranks merges the user's ow
 import subprocess
 
 import pytest
-from helpers import REPO, cpu_env, ds_config, free_port, run_options
+from helpers import REPO, cpu_env, ds_config, free_port, launch_sh, run_options
 
 from pipeline.core.base import ConfigError
 from pipeline.launch.hosts import read_hostfile
@@ -17,10 +17,6 @@ from pipeline.launch.launcher import (
     user_env,
     visible_devices_include,
 )
-
-
-def launch_sh(*args):
-    return subprocess.run([str(REPO / "launch.sh"), *args], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.slow
@@ -128,28 +124,22 @@ def test_cuda_visible_devices_picks_the_ranks_of_a_real_launch(tmp_path, small_d
     hostfile.write_text("localhost slots=2\n")
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
     env = {**cpu_env(), "CUDA_VISIBLE_DEVICES": "1"}
-    result = subprocess.run(
-        [
-            str(REPO / "launch.sh"),
-            "--hostfile",
-            str(hostfile),
-            "--ds-config",
-            str(config),
-            "--master-port",
-            str(free_port()),
-            *run_options(small_data, tmp_path),
-            "--max-length",
-            "64",
-            "--max-steps",
-            "1",
-            "--eval-every",
-            "0",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    result = launch_sh(
+        "--hostfile",
+        str(hostfile),
+        "--ds-config",
+        str(config),
+        "--master-port",
+        str(free_port()),
+        *run_options(small_data, tmp_path),
+        "--max-length",
+        "64",
+        "--max-steps",
+        "1",
+        "--eval-every",
+        "0",
         timeout=300,
+        env=env,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]

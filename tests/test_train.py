@@ -2,14 +2,12 @@
 
 import json
 import re
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, cpu_env, ds_config, early_stop_step, launch, losses, plot, read_jsonl, run_options, train, write_jsonl
+from helpers import ds_config, early_stop_step, launch, losses, pipeline_command, plot, read_jsonl, train, train_args, write_jsonl
 from safetensors.numpy import load_file
 
 from pipeline.tasks.multi_label import MULTI_LABEL
@@ -105,24 +103,7 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
     assert {"model.safetensors", "config.json", "label_map.json", "tokenizer.json"} <= {p.name for p in export.iterdir()}
     assert json.loads((export / "label_map.json").read_text(encoding="utf-8")) == {n: i for i, n in enumerate(names)}
     out = tmp_path / "pred.jsonl"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "predict",
-            "--model",
-            str(export),
-            "--input",
-            str(small_data["dev"]),
-            "--output",
-            str(out),
-        ],
-        cwd=REPO,
-        env=cpu_env(),
-        check=True,
-        capture_output=True,
-    )
+    pipeline_command("predict", "--model", str(export), "--input", str(small_data["dev"]), "--output", str(out), check=True)
     predicted = read_jsonl(out)
     assert [r["label"] for r in predicted] == trained_predictions
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in predicted)
@@ -140,17 +121,7 @@ def test_a_nan_loss_stops_training_naming_the_step(small_data, tmp_path):
     """The documented hook PIPELINE_TEST_NAN_AT_STEP makes step 3's loss NaN (fp32 has no loss scaler to skip it)."""
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
     result = launch(
-        [
-            "train",
-            "--ds-config",
-            str(config),
-            *run_options(small_data, tmp_path),
-            *SHORT,
-            "--max-steps",
-            "6",
-            "--eval-every",
-            "0",
-        ],
+        train_args(config, small_data, tmp_path, "run", *SHORT, "--max-steps", "6", "--eval-every", "0"),
         env={"PIPELINE_TEST_NAN_AT_STEP": "3"},
     )
     output = result.stdout + result.stderr
@@ -210,22 +181,7 @@ def test_accumulation_equals_the_big_batch(initial_model, small_data, tmp_path):
 def test_bad_input_stops_every_rank_before_training(small_data, tmp_path):
     dev = write_jsonl(tmp_path / "dev.jsonl", read_jsonl(small_data["dev"])[:3] + [{"text": "头痛三天", "label": "偏头痛"}])
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
-    result = launch(
-        [
-            "train",
-            "--ds-config",
-            str(config),
-            "--train-file",
-            str(small_data["train"]),
-            "--dev-file",
-            str(dev),
-            "--output-dir",
-            str(tmp_path),
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            *SHORT,
-        ]
-    )
+    result = launch(train_args(config, {**small_data, "dev": dev}, tmp_path, "run", *SHORT))
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert output.count("label '偏头痛' never appears in the training file") == 1, output[-3000:]
@@ -236,19 +192,7 @@ def test_bad_input_stops_every_rank_before_training(small_data, tmp_path):
 def test_config_syntax_error_stops_before_the_process_group(small_data, tmp_path):
     config = tmp_path / "ds.json"
     config.write_text('{\n  "train_micro_batch_size_per_gpu": 4\n  "zero_optimization": {"stage": 2}\n}\n')
-    result = launch(
-        [
-            "train",
-            "--ds-config",
-            str(config),
-            "--train-file",
-            str(small_data["train"]),
-            "--dev-file",
-            str(small_data["dev"]),
-            "--output-dir",
-            str(tmp_path),
-        ]
-    )
+    result = launch(train_args(config, small_data, tmp_path))
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert output.count(f"{config}: JSON syntax error at line 3") == 1, output[-3000:]
