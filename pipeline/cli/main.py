@@ -13,9 +13,10 @@ import dataclasses
 import importlib
 import sys
 
+from .. import tasks
 from ..core import dist
 from ..core.base import ConfigError
-from ..core.options import TrainConfig, add_train_options
+from ..core.options import TrainConfig, add_train_options, unknown_options_message
 from . import check, plan, plot
 
 # Tool commands: (module in pipeline.tools, help). The module is imported only for its own command,
@@ -39,12 +40,12 @@ def _run_tool(args):
     return _tool(args.command).main(args)
 
 
-def _train_parser(sub) -> None:
-    add_train_options(
-        sub.add_parser(
-            "train", help="train, evaluate, checkpoint and export (run under the deepspeed launcher)", allow_abbrev=False
-        )
+def _train_parser(sub):
+    parser = sub.add_parser(
+        "train", help="train, evaluate, checkpoint and export (run under the deepspeed launcher)", allow_abbrev=False
     )
+    add_train_options(parser, {"task": tasks.names()})
+    return parser
 
 
 def _predict_parser(sub) -> None:
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     # Listed for --help only: `launch` is handled above, before this parser (its options are launch.sh's).
     sub.add_parser("launch", help="start training on every slot of a hostfile or SLURM allocation (./launch.sh; launch --help)")
-    _train_parser(sub)
+    train_parser = _train_parser(sub)
     _predict_parser(sub)
     _doctor_parser(sub)
     _export_parser(sub)
@@ -132,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         tool_parser = sub.add_parser(command, help=help_text)
         if argv[:1] == [command]:  # its options are the tool's own
             _tool(command).add_arguments(tool_parser)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse's own message, with the nearest known option for a misspelt one
+        parser.error(unknown_options_message(unknown, train_parser if args.command == "train" else parser))
     commands = {
         "train": _train,
         "predict": _predict,

@@ -326,16 +326,44 @@ def spellings(name: str) -> list[str]:
     return list(dict.fromkeys(["--" + name.replace("_", "-"), "--" + name.replace("-", "_")]))
 
 
-def add_train_options(p) -> None:
-    """Every TrainConfig field as an option, in both spellings and under its Hugging Face alias."""
+# Options with a fixed set of values, shown by --help (the task's names come from the task registry).
+CHOICES = {
+    "vocabulary": VOCABULARIES,
+    "truncation": TRUNCATIONS,
+    "long_records": LONG_RECORDS,
+    "pool": POOLS,
+    "precision": PRECISIONS,
+    "lr_scaling": LR_SCALING,
+}
+
+
+def add_train_options(p, choices: dict[str, list[str]] | None = None) -> None:
+    """Every TrainConfig field as an option, in both spellings and under its Hugging Face alias;
+    `choices` adds fixed value sets known above this room (the registered tasks) to the help."""
     p.add_argument("--config", help="JSON file of training-config fields (command-line options override it)")
+    shown = {**CHOICES, **(choices or {})}
     for f in dataclasses.fields(TrainConfig):
         kind = OPTION_TYPES[f.type]
+        listed = f"choices: {', '.join(shown[f.name])}; " if f.name in shown else ""
         p.add_argument(
             *spellings(f.name),
             *HF_ALIASES.get(f.name, []),
             dest=f.name,
             type=kind,
             default=None,
-            help=f"{f.metadata['help']} (default: {f.default!r})",
+            help=f"{f.metadata['help']} ({listed}default: {f.default!r})",
         )
+
+
+def unknown_options_message(unknown: list[str], parser) -> str:
+    """`unrecognized arguments: ...`, with the nearest known option for each misspelt one (--epoch -> --epochs)."""
+    import difflib
+
+    known = [s for action in parser._actions for s in action.option_strings]  # argparse keeps no public list
+    hints = []
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75) if name.startswith("--") else []
+        if close:
+            hints.append(f"{name}: did you mean {close[0]}?")
+    return f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")

@@ -24,7 +24,7 @@ from pathlib import Path
 from .. import tasks
 from ..core.base import ConfigError, load_json
 from ..core.ds_config import Hardware, resolve_ds_config
-from ..core.options import HF_ALIASES, TrainConfig, add_train_options, cache_directory, spellings
+from ..core.options import HF_ALIASES, TrainConfig, add_train_options, cache_directory, spellings, unknown_options_message
 from ..core.stop import STOP_FILE
 from .doctor import ACCELERATORS
 from .hosts import HOSTNAME, active_hosts, is_local, slurm_allocation
@@ -179,11 +179,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, train_args = p.parse_known_args(argv)
     # Unknown options would otherwise reach every rank and fail there, after the doctor and the runner.
     train = argparse.ArgumentParser(prog="./launch.sh (training options)", allow_abbrev=False, add_help=False)
-    add_train_options(train)
+    add_train_options(train, {"task": tasks.names()})
     args.train, unknown = train.parse_known_args(train_args)
     if unknown:
         p.error(
-            f"unrecognized arguments: {' '.join(unknown)} (launch options: ./launch.sh --help; "
+            f"{unknown_options_message(unknown, train)} (launch options: ./launch.sh --help; "
             "training options: python -m pipeline train --help)"
         )
     return args, train_args
