@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from pipeline import tasks
 from pipeline.cli.main import TOOLS, main
 
 
@@ -32,6 +33,6 @@ def test_train_help_shows_each_options_choices(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "(choices: multi_label, single_label; default: 'single_label')" in shown
+    assert f"(choices: {', '.join(tasks.names())}; default: 'single_label')" in shown  # every registered task
     assert "(choices: head, tail, head+tail; default: 'head')" in shown
     assert "(choices: char, wordpiece; default: 'wordpiece')" in shown

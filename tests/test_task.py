@@ -237,7 +237,7 @@ def test_the_task_checks_its_options_at_the_edge(tmp_path):
     for name in MULTI_LABEL.metric_names:
         tasks.resolve(TrainConfig(task="multi_label", best_metric=name, eval_every=5, save_every=5))
     for values, message in [
-        ({"task": "multilabel"}, "'task' = 'multilabel', expected multi_label or single_label"),
+        ({"task": "multilabel"}, f"'task' = 'multilabel', expected {' or '.join(tasks.names())}"),  # every registered task
         ({"best_metric": "micro_f1", "eval_every": 5, "save_every": 5}, "for task single_label"),
         ({"label_separator": ";"}, "'label_separator'.*empty with task single_label"),
         ({"threshold": "0.4"}, "'threshold'.*empty with task single_label"),
@@ -255,3 +255,32 @@ def test_the_task_checks_its_options_at_the_edge(tmp_path):
 def test_confusion_matrix_rows_are_true_labels_and_columns_predictions():
     matrix = single_label_metrics([0, 0, 0, 1, 2], [0, 2, 2, 1, 0], ["a", "b", "c"])["confusion_matrix"]
     assert matrix == {"labels": ["a", "b", "c"], "counts": [[1, 0, 2], [0, 1, 0], [1, 0, 0]]}
+
+
+def test_a_saved_models_task_comes_from_its_problem_type_and_an_unknown_one_is_refused():
+    from pipeline import tasks
+
+    assert tasks.by_problem_type(None) is SINGLE_LABEL  # a base model, an older export
+    assert tasks.by_problem_type("multi_label_classification") is MULTI_LABEL
+    with pytest.raises(ConfigError, match="export/: config.json has problem_type 'ranking', which no task registers"):
+        tasks.by_problem_type("ranking", "export/")
+
+
+def test_what_a_classifier_task_writes_beside_its_export_and_prints_from_predict(tmp_path):
+    names = ["a", "b"]
+    config = {"id2label": {str(i): name for i, name in enumerate(names)}}
+    assert SINGLE_LABEL.config_label_names(config) == MULTI_LABEL.config_label_names(config) == names
+    assert SINGLE_LABEL.model_config(names) == {"num_labels": 2, "id2label": {0: "a", 1: "b"}, "label2id": {"a": 0, "b": 1}}
+    assert SINGLE_LABEL.export_files(names, None) == {"label_map.json": {"a": 0, "b": 1}}
+    assert MULTI_LABEL.export_files(names, {"a": 0.3, "b": 0.6}) == {
+        "label_map.json": {"a": 0, "b": 1},
+        "thresholds.json": {"a": 0.3, "b": 0.6},
+    }
+    assert SINGLE_LABEL.export_thresholds(str(tmp_path), names, None) is None
+    with pytest.raises(ConfigError, match="multi-label model without thresholds.json"):
+        MULTI_LABEL.export_thresholds(str(tmp_path), names, None)
+    assert SINGLE_LABEL.output(1, np.array([0.25, 0.75]), names) == {"label": "b", "probabilities": {"a": 0.25, "b": 0.75}}
+    assert MULTI_LABEL.output(None, None, names) == {"labels": None, "probabilities": None}
+    metrics = single_label_metrics([0, 1, 1], [0, 1, 0], names)
+    assert SINGLE_LABEL.report(metrics) == f"{SINGLE_LABEL.summary(metrics)}\n  recall per class: a 1.00  b 0.50"
+    assert [list(MULTI_LABEL.classes_of(["a", "b"])), list(SINGLE_LABEL.classes_of("a"))] == [["a", "b"], ["a"]]

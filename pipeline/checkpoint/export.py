@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
+from .. import tasks
 from ..core.base import ConfigError, write_json
+from ..tasks.base import Task
 from .checkpoints import (
     HF_DIR,
     MANIFEST,
@@ -26,9 +28,6 @@ from .checkpoints import (
     write_manifest,
 )
 
-THRESHOLDS = "thresholds.json"  # in an export of a multi-label model: {label: decision threshold}
-
-
 EXPORT_WEIGHTS = "model.safetensors"
 
 
@@ -36,10 +35,15 @@ class ExportError(Exception):
     """An export that is incomplete or does not reproduce the trained model."""
 
 
+def saved_task(model_dir: Path) -> Task:
+    """The task of a saved model (an export, a checkpoint's hf/), from its config.json's problem_type."""
+    return tasks.by_problem_type(read_json(Path(model_dir) / "config.json").get("problem_type"), str(model_dir))
+
+
 def check_export_weights(export_dir: Path) -> None:
     """Refuse empty tensors and architecture keys with no weights (the known ZeRO-3 failure)."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     with safe_open(str(export_dir / EXPORT_WEIGHTS), framework="pt") as f:
         empty = [name for name in f.keys() if 0 in f.get_slice(name).get_shape()]
@@ -47,7 +51,7 @@ def check_export_weights(export_dir: Path) -> None:
     if empty:
         raise ExportError(f"{export_dir}: empty tensors in the export: {', '.join(sorted(empty)[:10])}")
     with torch.device("meta"):
-        expected = set(AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(export_dir)).state_dict())
+        expected = set(saved_task(export_dir).model_class().from_config(AutoConfig.from_pretrained(export_dir)).state_dict())
     missing = expected - saved
     if missing:
         raise ExportError(f"{export_dir}: export lacks {len(missing)} tensors the model needs: {', '.join(sorted(missing)[:10])}")
@@ -55,10 +59,10 @@ def check_export_weights(export_dir: Path) -> None:
 
 def load_export(export_dir: str | os.PathLike):
     """Tokenizer and model of an export, in eval mode on the CPU."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(export_dir, dtype=torch.float32)
+    model = saved_task(export_dir).model_class().from_pretrained(export_dir, dtype=torch.float32)
     return tokenizer, model.eval()
 
 
@@ -136,11 +140,10 @@ def _write_export(ckpt: Path, config, tmp: Path) -> None:
     save_file(consolidated_fp32_state_dict(ckpt), str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
     config.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(ckpt / HF_DIR).save_pretrained(tmp)
-    labels = [config.id2label[i] for i in range(config.num_labels)]
-    write_json(tmp / "label_map.json", {name: i for i, name in enumerate(labels)})
-    thresholds = read_json(ckpt / STATE).get("thresholds")
-    if thresholds:
-        write_json(tmp / THRESHOLDS, thresholds)
+    task = saved_task(ckpt / HF_DIR)
+    names = task.config_label_names(read_json(ckpt / HF_DIR / "config.json"))
+    for name, content in task.export_files(names, read_json(ckpt / STATE).get("thresholds")).items():
+        write_json(tmp / name, content)  # the task's extras: e.g. the label map and decision thresholds
     check_export_weights(tmp)
     verify_probe(tmp, read_json(ckpt / PROBE))
     write_manifest(tmp)

@@ -49,7 +49,7 @@ def _train_parser(sub):
 
 
 def _predict_parser(sub) -> None:
-    p = sub.add_parser("predict", help="labels and probabilities from an exported model")
+    p = sub.add_parser("predict", help="predictions from an exported model (labels and probabilities, or what its task gives)")
     p.add_argument("--model", required=True, help="export directory (RUN_DIR/export)")
     p.add_argument("--input", help=".jsonl/.json/.csv (with a text column) or .txt (one text per line); default: stdin")
     p.add_argument("--output", help="write JSON lines here instead of stdout")

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import tasks
 from ..core.base import ConfigError, load_json
 
 GIB = 1024**3
@@ -38,7 +39,7 @@ class ModelShape:
 def model_shape(model: str) -> ModelShape:
     """Count parameters of `model` (a directory or a config.json) built on the meta device."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     path = Path(model)
     if not (path / "config.json").is_file() and not (path.suffix == ".json" and path.is_file()):
@@ -46,7 +47,7 @@ def model_shape(model: str) -> ModelShape:
     load_json(path if path.suffix == ".json" else path / "config.json")  # a syntax error as one line, not a traceback
     config = AutoConfig.from_pretrained(str(path))
     with torch.device("meta"):
-        net = AutoModelForSequenceClassification.from_config(config)
+        net = tasks.by_problem_type(config.problem_type, str(model)).model_class().from_config(config)
     params = sum(p.numel() for p in net.parameters())  # parameters() yields tied weights once
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules())
     hidden = config.hidden_size

@@ -1,11 +1,12 @@
-"""Predict labels with an exported model: `python -m pipeline predict --model RUN_DIR/export`.
+"""Predict with an exported model: `python -m pipeline predict --model RUN_DIR/export`.
 
 Input: a .jsonl/.json/.csv file with a text column, a .txt file with one text per line, or texts
 on stdin (one per line). Output: one JSON line per input line or record, in input order, with its
-line number (.txt, stdin) or record number and id (data files), the label and all class
-probabilities. A multi-label model (trained with --task multi_label) gives `labels`, the set of labels
-whose probability reaches its threshold (the export's thresholds.json, or --thresholds FILE), and each
-label's probability. A blank line or empty text gets a row with label(s) null, so rows stay aligned
+line number (.txt, stdin) or record number and id (data files) and what the model's task predicts
+(tasks.base.Task.output): for a single-label model the label and all class probabilities; for a
+multi-label model (trained with --task multi_label) `labels`, the set of labels whose probability
+reaches its threshold (the export's thresholds.json, or --thresholds FILE), and each label's
+probability. A blank line or empty text gets a row with its prediction null, so rows stay aligned
 with the input. Texts are read as in training (the export's `record_reading`: truncation, or windows
 whose logits are pooled per text; see reading.py).
 """
@@ -19,11 +20,10 @@ from pathlib import Path
 import torch
 
 from .. import tasks
-from ..checkpoint.export import THRESHOLDS, load_export
+from ..checkpoint.export import load_export
 from ..core.base import ConfigError, load_json
 from ..data.readers import FORMATS, read_records, require_columns
 from ..data.reading import Reading, encode, pool
-from ..tasks.base import THRESHOLD_EXPECTED, label_values, valid_threshold
 
 
 def read_inputs(input_path: str | None, text_column: str, id_column: str) -> list[dict]:
@@ -47,26 +47,18 @@ def _predictable(text) -> bool:
     return isinstance(text, str) and bool(text.strip())
 
 
-def decision_thresholds(export_dir: str, names: list[str], override: str | None) -> dict[str, float]:
-    """A multi-label export's thresholds: `override` (a .json file) or its own thresholds.json, for exactly its labels."""
-    path = override or str(Path(export_dir) / THRESHOLDS)
-    if not Path(path).is_file():
-        raise ConfigError(f"{export_dir}: multi-label model without {THRESHOLDS}; give one with --thresholds FILE")
-    return dict(zip(names, label_values(path, names, "thresholds", valid_threshold, THRESHOLD_EXPECTED)))
-
-
 @torch.no_grad()
 def predict(export_dir: str, texts: list, batch_size: int = 32, thresholds: str | None = None) -> list[dict]:
-    """Label (or label set) and class probabilities for each text, read as in training; None for an empty one."""
+    """The task's prediction row for each text (e.g. its label and class probabilities), read as in training."""
     if not (Path(export_dir) / "config.json").is_file():
         raise ConfigError(f"{export_dir}: not an exported model (no config.json)")
     config = load_json(Path(export_dir) / "config.json")  # a syntax error as one line, not a traceback
-    kind = tasks.by_problem_type(config.get("problem_type"))
-    names = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-    decide = decision_thresholds(export_dir, names, thresholds) if kind.name == "multi_label" else None
+    kind = tasks.by_problem_type(config.get("problem_type"), export_dir)
+    names = kind.config_label_names(config)
+    decide = kind.export_thresholds(export_dir, names, thresholds)
     tokenizer, model = load_export(export_dir)
     how = Reading.saved(getattr(model.config, "record_reading", None), tokenizer.model_max_length)
-    rows = [{kind.output_key: None, "probabilities": None} for _ in texts]
+    rows = [kind.output(None, None, names) for _ in texts]
     todo = [i for i, text in enumerate(texts) if _predictable(text)]
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
@@ -76,12 +68,9 @@ def predict(export_dir: str, texts: list, batch_size: int = 32, thresholds: str 
             model(**tokenizer.pad({k: v[w : w + batch_size] for k, v in inputs.items()}, return_tensors="pt")).logits
             for w in range(0, len(record), batch_size)
         ]
-        probabilities = kind.probabilities(pool(torch.cat(windows).float().numpy(), record, how.pool))
-        for i, prediction, p in zip(chunk, kind.predict(probabilities, decide), probabilities):
-            rows[i] = {
-                kind.output_key: kind.describe(prediction, names),
-                "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)},
-            }
+        scores = kind.scores(pool(torch.cat(windows).float().numpy(), record, how.pool))
+        for i, prediction, score in zip(chunk, kind.predict(scores, decide), scores):
+            rows[i] = kind.output(prediction, score, names)
     return rows
 
 

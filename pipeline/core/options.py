@@ -56,12 +56,15 @@ class TrainConfig:
     text_column: str = field(default="text", metadata={"help": "name of the text column"})
     label_column: str = field(
         default="label",
-        metadata={"help": "name of the label column (string labels; with --task multi_label a JSON list of labels)"},
+        metadata={
+            "help": "name of the label column (read as the task says: e.g. a string label; with --task multi_label a JSON list of labels)"
+        },
     )
     task: str = field(
         default="single_label",
         metadata={
-            "help": "single_label (one label per record: softmax, cross-entropy) or multi_label (a set of labels per "
+            "help": "the task, one module of pipeline/tasks/ each, e.g. "
+            "single_label (one label per record: softmax, cross-entropy) or multi_label (a set of labels per "
             "record, e.g. several diagnoses: sigmoid, binary cross-entropy, a decision threshold per label)"
         },
     )

@@ -160,10 +160,12 @@ def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path) 
                 name: pa.array(values, type=pa.list_(pa.int32() if name == "input_ids" else pa.int8()))
                 for name, values in encoded.items()
             }
-            columns["labels"] = pa.array([batch[i][2] for i in record])  # a string, or a list of them (multi-label)
+            columns["labels"] = pa.array(
+                [batch[i][2] for i in record]
+            )  # as the task parsed it: a string, a list of them, a number
             columns[RECORD] = pa.array(np.asarray(record, dtype=np.int64) + records)
             for row, _, label in batch:
-                for name in label if isinstance(label, list) else [label]:
+                for name in split.kind.classes_of(label):  # none for a task without a label set
                     labels.setdefault(name, {"count": 0, "first_record": row})["count"] += 1
             table = pa.RecordBatch.from_pydict(columns)
             writer = writer or pa.ipc.new_stream(sink, table.schema)
@@ -231,7 +233,7 @@ class TokenizedSplit:
     def __init__(self, path: str | os.PathLike, pad_id: int, label_names: list[str], kind, pool: str = "mean"):
         self.rows = load_tokenized(path).with_format("arrow")
         self.pad_id, self.pool = pad_id, pool
-        self.labels = kind.encode(self.rows["labels"], label_names)  # once, for every row: ids or multi-hot rows
+        self.labels = kind.encode(self.rows["labels"], label_names)  # once, for every row: as the model's loss takes them
 
     def __len__(self) -> int:
         """Rows (training samples), not records."""

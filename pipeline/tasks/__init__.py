@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from ..core.base import ConfigError
 from .base import REGISTRY, WEIGHT_EXPECTED, Task, option_error, read_label_values, valid_weight
 
 # Importing each module registers its task: a new task is a new file here, nothing else.
@@ -48,9 +49,14 @@ def all_metric_names() -> tuple[str, ...]:
     return tuple(dict.fromkeys(name for task in REGISTRY.values() for name in task.metric_names))
 
 
-def by_problem_type(problem_type: str | None) -> Task:
-    """The task of an exported model, from its config's problem_type (older exports: single-label)."""
+def by_problem_type(problem_type: str | None, where: str = "model") -> Task:
+    """The task of a saved model, from its config's problem_type; a config without one (a base model,
+    an older export) is single-label. A problem_type no task registers is refused: `where` names the
+    model in the error."""
+    if problem_type is None:
+        return REGISTRY["single_label"]
     for task in REGISTRY.values():
         if task.problem_type == problem_type:
             return task
-    return REGISTRY["single_label"]
+    known = " or ".join(sorted(task.problem_type for task in REGISTRY.values()))
+    raise ConfigError(f"{where}: config.json has problem_type {problem_type!r}, which no task registers (known: {known})")

@@ -1,10 +1,11 @@
 """What a task is: the `Task` every task module fills in, its `Metric`s, the registry, and the
 helpers tasks share (label sets, {label: number} files, class weights).
 
-A task decides, in one place: how a label is read, the label set and encoding, the model's
-`problem_type` (and so its loss), class weights, logits -> probabilities and predictions, decision
-thresholds, and the metrics. Data, the model builder, evaluation, predict, the run log, plot and
-the config check all ask the task. Each task is one module of this package that calls `register`;
+A task decides, in one place: how a label is read, the label space (a set of labels, or one
+number) and encoding, the model class and its `problem_type` (and so its loss), class weights,
+logits -> scores and predictions, decision thresholds, the metrics and their direction, the
+console report, the export's extra files and what `predict` prints. Data, the model builder,
+evaluation, export, predict, the run log, plot and the config check all ask the task. Each task is one module of this package that calls `register`;
 the package imports every module, so a new task is one new file.
 """
 
@@ -115,25 +116,65 @@ def valid_threshold(value: float) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+# Defaults of a task with a label set (a classifier); a task without one (a number per record) sets
+# its own in their place.
+
+
+def sequence_classifier():
+    """transformers' auto class for a text classifier (or regressor): a head of num_labels outputs."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification
+
+
+def class_config(names: list[str]) -> dict:
+    """The model config's label space: one output per label, named."""
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
+
+
+def config_label_names(config: dict) -> list[str]:
+    """The label names of a saved model config (config.json: id2label's keys are strings there)."""
+    id2label = config.get("id2label") or {}
+    return [id2label[key] for key in sorted(id2label, key=int)]
+
+
+def recall_per_class(metrics: dict) -> str:
+    return "\n  recall per class: " + "  ".join(f"{name} {row['recall']:.2f}" for name, row in metrics["per_class"].items())
+
+
+def label_map(names: list[str], thresholds) -> dict:
+    """An export's label_map.json {label: output index}."""
+    return {"label_map.json": {name: i for i, name in enumerate(names)}}
+
+
 @dataclass(frozen=True)
 class Task:
-    """One task's answers to what the pipeline asks; fields are plain functions."""
+    """One task's answers to what the pipeline asks; fields are plain functions. The fields with
+    defaults are those of a classifier."""
 
     name: str
     problem_type: str  # transformers' problem_type: the model's own loss, saved with the export
     metric_table: tuple[Metric, ...]
-    output_key: str  # the key of a predicted label (set) in prediction files and `predict` output
+    output_key: str  # the key of a prediction in prediction files and `predict` output
     parse: Callable  # (file value, separator) -> label; ValueError says what is wrong
     label_names: Callable  # (training label counts, train path, {other path: counts}) -> the label set
-    encode: Callable  # (Arrow array of the cache's labels, names) -> class ids, or multi-hot rows
-    probabilities: Callable  # logits -> probabilities
-    balanced_weights: Callable  # (training label counts, records, names) -> a weight per label
-    weighted_loss: Callable  # weights tensor -> (logits, labels) -> the micro-batch's mean loss
-    thresholds: Callable  # (labels, probabilities, names, --threshold) -> {label: threshold} or None
-    predict: Callable  # (probabilities, thresholds) -> predictions
+    encode: Callable  # (Arrow array of the cache's labels, names) -> what the model's loss takes
+    scores: Callable  # pooled logits -> what predictions are decided from (class probabilities)
+    predict: Callable  # (scores, thresholds) -> predictions
     metrics: Callable  # (labels, predictions, names, thresholds) -> the evaluation's dict
-    describe: Callable  # (one prediction, names) -> what `predict` prints for it
-    check_options: Callable  # (TrainConfig, need) -> None: refuses options this task does not take
+    describe: Callable  # (one prediction, names) -> how prediction files and `predict` write it
+    check_options: Callable  # (TrainConfig) -> None: refuses options this task does not take
+    model_class: Callable = sequence_classifier  # () -> the transformers auto class that builds and loads the model
+    model_config: Callable = class_config  # label names -> the model config's label space (num_labels, ...)
+    config_label_names: Callable = config_label_names  # saved config.json -> label names (predict, export)
+    classes_of: Callable = lambda label: [label]  # a parsed label -> the label names it counts toward (data)
+    balanced_weights: Callable | None = None  # (training label counts, records, names) -> a weight per label
+    weighted_loss: Callable | None = None  # weights tensor -> (logits, labels) -> the micro-batch's mean loss
+    thresholds: Callable = lambda labels, scores, names, setting: None  # -> {label: threshold} or None
+    details: Callable = recall_per_class  # metrics -> what the console shows after the summary line
+    export_files: Callable = label_map  # (names, thresholds) -> {file name: JSON} written beside the export's weights
+    export_thresholds: Callable = lambda export_dir, names, override: None  # what `predict` decides with
+    scores_in_output: bool = True  # `predict` prints each label's probability
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -144,6 +185,17 @@ class Task:
 
     def summary(self, values: dict) -> str:
         return summary(values, self.metric_table)
+
+    def report(self, values: dict) -> str:
+        """The console's text of an evaluation: the summary line and the task's details."""
+        return self.summary(values) + self.details(values)
+
+    def output(self, prediction, scores, names: list[str]) -> dict:
+        """What `predict` prints for one text; prediction None: an empty text, whose row stays."""
+        row = {self.output_key: None if prediction is None else self.describe(prediction, names)}
+        if self.scores_in_output:
+            row["probabilities"] = None if scores is None else {n: round(float(v), 6) for n, v in zip(names, scores)}
+        return row
 
     def class_weights(self, setting: str, counts: dict, num_records: int, names: list[str]) -> list[float] | None:
         """--class-weights: none -> None; balanced -> from the training labels' counts; a .json file -> {label: weight}."""

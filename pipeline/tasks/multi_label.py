@@ -4,6 +4,7 @@ label, a decision threshold per label tuned on dev."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +14,7 @@ from .base import (
     Metric,
     Task,
     f1_over_present,
+    label_map,
     label_names,
     label_values,
     option_error,
@@ -166,6 +168,22 @@ def multi_metrics(labels, predicted, names: list[str], thresholds: dict[str, flo
     }
 
 
+THRESHOLDS = "thresholds.json"  # in an export of a multi-label model: {label: decision threshold}
+
+
+def export_files(names: list[str], thresholds: dict | None) -> dict:
+    """An export's label map and the decision thresholds of its last dev evaluation."""
+    return {**label_map(names, thresholds), **({THRESHOLDS: thresholds} if thresholds else {})}
+
+
+def export_thresholds(export_dir: str, names: list[str], override: str | None) -> dict[str, float]:
+    """What `predict` decides with: `override` (a .json file) or the export's thresholds.json, for exactly its labels."""
+    path = override or str(Path(export_dir) / THRESHOLDS)
+    if not Path(path).is_file():
+        raise ConfigError(f"{export_dir}: multi-label model without {THRESHOLDS}; give one with --thresholds FILE")
+    return dict(zip(names, label_values(path, names, "thresholds", valid_threshold, THRESHOLD_EXPECTED)))
+
+
 def check_options(cfg) -> None:
     """--threshold: per-label, global, a number in (0, 1) or a .json file (its labels are checked
     against the data's when it is read)."""
@@ -189,13 +207,16 @@ MULTI_LABEL = register(
         parse=multi_parse,
         label_names=label_names,
         encode=multi_hot,
-        probabilities=sigmoid,
-        balanced_weights=pos_weights,
-        weighted_loss=weighted_bce,
-        thresholds=fit_thresholds,
+        scores=sigmoid,
         predict=multi_predict,
         metrics=multi_metrics,
         describe=lambda prediction, names: [name for name, on in zip(names, prediction) if on],
         check_options=check_options,
+        classes_of=lambda labels: labels,
+        balanced_weights=pos_weights,
+        weighted_loss=weighted_bce,
+        thresholds=fit_thresholds,
+        export_files=export_files,
+        export_thresholds=export_thresholds,
     )
 )

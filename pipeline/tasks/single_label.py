@@ -98,13 +98,12 @@ SINGLE_LABEL = register(
         parse=parse_label,
         label_names=label_names,
         encode=encode,
-        probabilities=probabilities,
-        balanced_weights=balanced_weights,
-        weighted_loss=weighted_cross_entropy,
-        thresholds=lambda labels, probabilities, names, setting: None,
+        scores=probabilities,
         predict=lambda probabilities, thresholds: predictions(probabilities),
         metrics=lambda labels, predicted, names, thresholds: metrics(labels, predicted, names),
         describe=lambda prediction, names: names[prediction],
         check_options=check_options,
+        balanced_weights=balanced_weights,
+        weighted_loss=weighted_cross_entropy,
     )
 )

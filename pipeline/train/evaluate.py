@@ -70,8 +70,8 @@ def evaluate(engine, split, batch_size: int, label_names: list[str], kind, thres
     Multi-label: `thresholds` is {label: threshold}, or a --threshold setting fitted on this split's
     probabilities (dev); the thresholds used are in the metrics ("thresholds")."""
     logits = reading.pool(predict_logits(engine, split, batch_size), split.records, split.pool)
-    probabilities = kind.probabilities(logits)
+    scores = kind.scores(logits)
     if not isinstance(thresholds, dict):
-        thresholds = kind.thresholds(split.record_labels, probabilities, label_names, thresholds)
-    predictions = kind.predict(probabilities, thresholds)
+        thresholds = kind.thresholds(split.record_labels, scores, label_names, thresholds)
+    predictions = kind.predict(scores, thresholds)
     return kind.metrics(split.record_labels, predictions, label_names, thresholds), predictions

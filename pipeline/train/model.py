@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from ..core.base import ConfigError
 from ..core.model_dir import has_weights
-from ..tasks.single_label import PROBLEM_TYPE
+from ..tasks.base import Task
+from ..tasks.single_label import SINGLE_LABEL
 
 
 def build_engine(model, ds_config: dict):
@@ -31,9 +32,10 @@ def build_model(
     ds_config: dict,
     seed: int,
     gradient_checkpointing: bool = False,
-    problem_type: str = PROBLEM_TYPE,
+    task: Task = SINGLE_LABEL,
 ):
-    """The classifier, partitioned while it is built under ZeRO-3, optionally recomputing activations.
+    """The task's model (its class, label space and problem_type), partitioned while it is built under
+    ZeRO-3, optionally recomputing activations.
 
     Under stage 3, transformers' DeepSpeed integration (an `HfDeepSpeedConfig` alive during the
     call) builds or loads the model inside `deepspeed.zero.Init`, so no rank ever holds the whole
@@ -41,25 +43,24 @@ def build_model(
     verification) are not partitioned by accident.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     config = AutoConfig.from_pretrained(
         model_dir,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-        problem_type=problem_type,  # the loss the task decides (task.Task.problem_type), saved with the export
+        **task.model_config(label_names),
+        problem_type=task.problem_type,  # the loss the task decides, saved with the export
     )
+    model_class = task.model_class()
     zero3 = ds_config["zero_optimization"]["stage"] == 3
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
     torch.manual_seed(seed)
     try:
         if has_weights(model_dir):
-            model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config)
+            model = model_class.from_pretrained(model_dir, config=config)
         else:
             config.vocab_size = vocab_size
-            model = AutoModelForSequenceClassification.from_config(config)
+            model = model_class.from_config(config)
     finally:
         del hf_ds_config
         unset_hf_deepspeed_config()

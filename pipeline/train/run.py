@@ -161,7 +161,7 @@ class Run:
         ds = resolved.ds
 
         model = build_model(
-            cfg.model, data.label_names, len(data.tokenizer), ds, cfg.seed, bool(cfg.gradient_checkpointing), task.problem_type
+            cfg.model, data.label_names, len(data.tokenizer), ds, cfg.seed, bool(cfg.gradient_checkpointing), task
         )
         model.config.record_reading = reading.as_dict()  # saved with the export; predict reads as training did
         state = TrainerState(

@@ -87,8 +87,7 @@ class RunLog:
         self.record({"step": step, "split": split, **{k: metrics[k] for k in self.kind.metric_names}})
         if dist.is_main():
             write_json(self.run_dir / "eval" / f"{split}-step-{step}.json", metrics)
-            recall = "  ".join(f"{name} {row['recall']:.2f}" for name, row in metrics["per_class"].items())
-            self.bar.write(f"eval {split} @ step {step}: {self.kind.summary(metrics)}\n  recall per class: {recall}")
+            self.bar.write(f"eval {split} @ step {step}: {self.kind.report(metrics)}")
 
     def close(self) -> None:
         self.bar.close()
