@@ -3,7 +3,7 @@
 Input: a .jsonl/.json/.csv file with a text column, a .txt file with one text per line, or texts
 on stdin (one per line). Output: one JSON line per input line or record, in input order, with its
 line number (.txt, stdin) or record number and id (data files) and what the model's task predicts
-(tasks.base.Task.output): for a single-label model the label and all class probabilities; for a
+(tasks.base.Task.output): e.g. for a single-label model the label and all class probabilities; for a
 multi-label model (trained with --task multi_label) `labels`, the set of labels whose probability
 reaches its threshold (the export's thresholds.json, or --thresholds FILE), and each label's
 probability. A blank line or empty text gets a row with its prediction null, so rows stay aligned
