@@ -92,6 +92,8 @@ def test_every_format_gives_the_same_records(tmp_path):
         assert (split.texts, split.labels) == ([r["text"] for r in rows], [r["label"] for r in rows]), path.name
     numbers = write_parquet(tmp_path / "n.parquet", [{"text": "a", "label": 3}, {"text": "b", "label": 10}])
     assert read_split(str(numbers), "text", "label", SINGLE_LABEL).labels == ["3", "10"]
+    info = prepare(TrainConfig(train_file=str(tmp_path / "a.parquet"), dev_file=str(tmp_path / "a.tsv")), tmp_path / "c")
+    assert info["label_names"] == sorted({r["label"] for r in ROWS})  # training reads them as it reads JSONL
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(ConfigError, match=r"broken\.parquet: not a readable Parquet file"):
         read_split(str(tmp_path / "broken.parquet"), "text", "label", SINGLE_LABEL)
