@@ -263,7 +263,7 @@ def test_a_reused_cache_is_not_read_again(tmp_path, files, monkeypatch):
 
     cfg = TrainConfig(train_file=str(files["train"]), dev_file=str(files["dev"]))
     first = prepare(cfg, tmp_path / "c")
-    monkeypatch.setattr(data, "iter_records", lambda path: pytest.fail(f"{path} read again"))
+    monkeypatch.setattr(data, "iter_records", lambda path, digest: pytest.fail(f"{path} read again"))
     monkeypatch.setattr(data, "load_tokenized", lambda path: pytest.fail(f"reused cache {path} read again"))
     assert prepare(cfg, tmp_path / "c") == first
 
