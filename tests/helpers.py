@@ -192,7 +192,7 @@ def export_window_logits(run_dir: Path):
     tokenizer, model = load_export(run_dir / "export")
     (cache,) = (run_dir.parent / "cache").glob("tokenized-dev-*")
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    split = TokenizedSplit(cache, tokenizer.pad_token_id, names, SINGLE_LABEL, "max")
+    split = TokenizedSplit.from_cache(cache, tokenizer.pad_token_id, names, SINGLE_LABEL, "max")
     logits = []
     with torch.no_grad():
         for start in range(0, len(split), 16):

@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 from helpers import SAMPLE, read_jsonl, write_jsonl
 
 from pipeline import tasks
-from pipeline.core.base import ConfigError
+from pipeline.core.base import ConfigError, file_digest
 from pipeline.core.options import TrainConfig
 from pipeline.data.batching import RankMicroBatches, epoch_global_batches
 from pipeline.data.cache import Split, TokenizedSplit, cache_info, load_tokenized, prepare_splits, read_split, tokenize_cached
@@ -64,10 +65,84 @@ def test_bad_data_files_name_file_and_place(tmp_path, content, message):
     assert str(path) in str(e.value)
 
 
-def test_unsupported_format(tmp_path):
-    (tmp_path / "a.parquet").write_bytes(b"x")
-    with pytest.raises(ConfigError, match="unsupported data format '.parquet'"):
-        read_split(str(tmp_path / "a.parquet"), "text", "label", SINGLE_LABEL)
+def test_an_unknown_format_is_refused_naming_the_file_and_the_known_formats(tmp_path):
+    (tmp_path / "a.xlsx").write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"a\.xlsx: unknown data format '\.xlsx'; known formats: \.jsonl, .*\.parquet"):
+        read_split(str(tmp_path / "a.xlsx"), "text", "label", SINGLE_LABEL)
+
+
+def write_parquet(path: Path, rows: list[dict], row_group_size: int = 2) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+    return path
+
+
+def test_every_format_gives_the_same_records(tmp_path):
+    """One reader per format (by extension), Parquet a binary one read a record batch at a time."""
+    rows = [{**r, "id": i} for i, r in enumerate(ROWS * 3)]
+    (tmp_path / "a.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    for name, separator in (("a.csv", ","), ("a.tsv", "\t")):
+        lines = [separator.join(["text", "label"])] + [separator.join([r["text"], r["label"]]) for r in rows]
+        (tmp_path / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    files = [write_jsonl(tmp_path / "a.jsonl", rows), tmp_path / "a.json", tmp_path / "a.csv", tmp_path / "a.tsv"]
+    for path in files + [write_parquet(tmp_path / "a.parquet", rows)]:
+        split = read_split(str(path), "text", "label", SINGLE_LABEL)
+        assert (split.texts, split.labels) == ([r["text"] for r in rows], [r["label"] for r in rows]), path.name
+    numbers = write_parquet(tmp_path / "n.parquet", [{"text": "a", "label": 3}, {"text": "b", "label": 10}])
+    assert read_split(str(numbers), "text", "label", SINGLE_LABEL).labels == ["3", "10"]
+    info = prepare(TrainConfig(train_file=str(tmp_path / "a.parquet"), dev_file=str(tmp_path / "a.tsv")), tmp_path / "c")
+    assert info["label_names"] == sorted({r["label"] for r in ROWS})  # training reads them as it reads JSONL
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ConfigError, match=r"broken\.parquet: not a readable Parquet file"):
+        read_split(str(tmp_path / "broken.parquet"), "text", "label", SINGLE_LABEL)
+
+
+def test_csv_from_the_wild_long_cells_and_cr_line_endings(tmp_path):
+    """A cell over csv's default limit of 131,072 characters, and old-Mac (CR-only) line endings."""
+    long_text = "主诉：发热。" * 30000  # 180,000 characters
+    path = tmp_path / "long.csv"
+    path.write_text(f"text,label\n{ROWS[0]['text']},a\n{long_text},b\n", encoding="utf-8")
+    assert read_split(str(path), "text", "label", SINGLE_LABEL).texts == [ROWS[0]["text"], long_text]
+    cr = tmp_path / "cr.csv"
+    cr.write_bytes('text,label\r"发热,\r咳嗽",肺炎\r胸痛,心梗\r'.encode())
+    assert read_split(str(cr), "text", "label", SINGLE_LABEL).texts == ["发热,\r咳嗽", "胸痛"]
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_bytes(b"text,label\rok,a\rtoo,many,fields\r")
+    with pytest.raises(ConfigError, match=r"ragged\.csv: line 3: 3 fields, the header has 2"):
+        read_split(str(ragged), "text", "label", SINGLE_LABEL)
+
+
+def test_a_column_named_twice_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "twice.csv"
+    path.write_text("text,label,label\n发热,a,b\n", encoding="utf-8")
+    parquet = tmp_path / "twice.parquet"
+    pq.write_table(
+        pa.Table.from_arrays([pa.array(["发热"]), pa.array(["a"]), pa.array(["b"])], ["text", "label", "label"]), parquet
+    )
+    for file in (path, parquet):
+        with pytest.raises(ConfigError, match=rf"{file.name}: column 'label' appears twice in the header"):
+            read_split(str(file), "text", "label", SINGLE_LABEL)
+
+
+def test_one_label_is_one_class_however_the_file_spells_it(tmp_path):
+    """A float column from pandas (1.0) and a trailing space from Excel (" 1") are the label 1."""
+    spellings = [1, "1", 1.0, " 1", "1.0 ", "2", 2.0]
+    path = write_jsonl(tmp_path / "l.jsonl", [{"text": "主诉：发热。", "label": value} for value in spellings])
+    assert read_split(str(path), "text", "label", SINGLE_LABEL).labels == ["1"] * 5 + ["2"] * 2
+    csv = tmp_path / "l.csv"
+    csv.write_text("text,label\n发热,1.0\n胸痛,2 \n腹痛,01\n", encoding="utf-8")
+    assert read_split(str(csv), "text", "label", SINGLE_LABEL).labels == ["1", "2", "01"]
+    multi = write_jsonl(tmp_path / "m.jsonl", [{"text": "主诉：发热。", "label": [1.0, " 1", "肺炎 "]}])
+    assert read_split(str(multi), "text", "label", MULTI_LABEL).labels == [["1", "肺炎"]]
+    nan = tmp_path / "nan.jsonl"
+    nan.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": NaN}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"nan\.jsonl: record 2: 'label' is not a finite number \(nan\)"):
+        read_split(str(nan), "text", "label", SINGLE_LABEL)
 
 
 class Log:
@@ -171,6 +246,7 @@ def test_tokenized_cache_is_written_in_bounded_batches_with_unknown_tokens_count
     unknown, tokens = data.count_unknown(tokenizer, np.concatenate(ids))
     assert 0 < unknown < tokens  # a vocabulary from one text: the others' characters are [UNK]
     assert data.cache_info(path) == {
+        "sha256": file_digest(files["train"]),  # of the bytes read, which here are the file's
         "num_records": 12,
         "num_windows": 12,
         "labels": {r["label"]: {"count": 4, "first_record": i} for i, r in enumerate(ROWS, start=1)},
@@ -187,9 +263,52 @@ def test_a_reused_cache_is_not_read_again(tmp_path, files, monkeypatch):
 
     cfg = TrainConfig(train_file=str(files["train"]), dev_file=str(files["dev"]))
     first = prepare(cfg, tmp_path / "c")
-    monkeypatch.setattr(data, "iter_records", lambda path: pytest.fail(f"{path} read again"))
+    monkeypatch.setattr(data, "iter_records", lambda path, digest: pytest.fail(f"{path} read again"))
     monkeypatch.setattr(data, "load_tokenized", lambda path: pytest.fail(f"reused cache {path} read again"))
     assert prepare(cfg, tmp_path / "c") == first
+
+
+def test_a_file_replaced_between_hashing_and_reading_is_not_cached_under_the_old_content(tmp_path, files):
+    """The cache key is the file's digest before reading: a file that changes after it (a sweep
+    writing data while a run starts) must not leave the new records under the old records' key."""
+    split = Split(files["train"], "text", "label", SINGLE_LABEL)
+    tokenizer = load_tokenizer(str(build_tokenizer(split.texts(), "d", str(tmp_path))), 64)
+    assert split.digest  # hashed, as tokenize_cached does to find the key
+    replacement = write_jsonl(tmp_path / "new.jsonl", ROWS * 5)
+    os.replace(replacement, files["train"])
+    with pytest.raises(ConfigError, match=r"train\.jsonl: the file changed while it was read"):
+        tokenize_cached(split, tokenizer, Reading(64), str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_a_file_rewritten_during_reading_is_refused_and_the_fingerprint_has_what_was_read(tmp_path, monkeypatch):
+    import pipeline.data.cache as data
+
+    # Larger than the readers' buffers, so a rewrite changes what is read next; every line of the
+    # same length, so the rewritten file reads on cleanly from any line (only labels differ).
+    rows = [{"text": f"主诉：发热{i % 10}天。", "label": ["肺炎", "心梗"][i % 2]} for i in range(1200)]
+    swapped = [{**r, "label": ["心梗", "肺炎"][i % 2]} for i, r in enumerate(rows)]
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", rows), "dev": write_jsonl(tmp_path / "dev.jsonl", rows[:4])}
+    cfg = TrainConfig(train_file=str(files["train"]), dev_file=str(files["dev"]))
+    tokenizer_dir = build_tokenizer([r["text"] for r in rows], "d", str(tmp_path))
+    monkeypatch.setattr(data, "TOKENIZE_BATCH", 100)
+    encode, rewritten = data.reading.encode, []
+
+    def rewrite_after_the_first_batch(tokenizer, texts, how):
+        if not rewritten:  # the training file's first batch is read (and the readers' buffers filled)
+            write_jsonl(files["train"], swapped)  # in place: the open file reads on into it
+            rewritten.append(files["train"])
+        return encode(tokenizer, texts, how)
+
+    monkeypatch.setattr(data.reading, "encode", rewrite_after_the_first_batch)
+    with pytest.raises(ConfigError, match=r"train\.jsonl: the file changed while it was read"):
+        prepare(cfg, tmp_path / "c", tokenizer_dir)
+    assert not list((tmp_path / "c").glob("tokenized-train-*"))
+    monkeypatch.setattr(data.reading, "encode", encode)
+    info = prepare(cfg, tmp_path / "c", tokenizer_dir)
+    (train,) = (tmp_path / "c").glob("tokenized-train-*")
+    assert info["train_data"]["train file content (sha256)"] == cache_info(train)["sha256"] == file_digest(files["train"])
+    assert load_tokenized(train)["labels"] == [r["label"] for r in swapped]
 
 
 def _build_shared_caches(split, cache: str, barrier) -> None:
@@ -229,7 +348,7 @@ def test_batches_equal_hf_padding_collator(tmp_path):
     names = sorted(set(split.labels))
     rows = load_tokenized(path).remove_columns("record").map(lambda r: {"labels": names.index(r["labels"])})
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    data = TokenizedSplit(path, tokenizer.pad_token_id, names, SINGLE_LABEL)
+    data = TokenizedSplit.from_cache(path, tokenizer.pad_token_id, names, SINGLE_LABEL)
     assert len(data) == len(rows) and data.record_labels.tolist() == rows["labels"]
     rng = np.random.default_rng(0)
     for size in (1, 3, 8, 32):
@@ -240,7 +359,9 @@ def test_batches_equal_hf_padding_collator(tmp_path):
             assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
     lengths = [len(ids) for ids in rows["input_ids"]]
     assert min(lengths) < max(lengths)  # so padding was exercised
-    padded = TokenizedSplit(path, 5, names, SINGLE_LABEL).batch([lengths.index(min(lengths)), lengths.index(max(lengths))])
+    padded = TokenizedSplit.from_cache(path, 5, names, SINGLE_LABEL).batch(
+        [lengths.index(min(lengths)), lengths.index(max(lengths))]
+    )
     assert padded["input_ids"][0, min(lengths) :].eq(5).all() and padded["attention_mask"][0, min(lengths) :].eq(0).all()
 
 
@@ -334,7 +455,7 @@ def test_tokenized_cache_is_keyed_by_how_records_are_read_but_not_by_pooling(tmp
     assert len(set(paths)) == len(readings)
     again, reused = tokenize_cached(split.split, tokenizer, Reading(8, long_records="chunks", stride=2, pool="max"), cache)
     assert reused and again == paths[-1]
-    windows = TokenizedSplit(paths[-1], tokenizer.pad_token_id, names, SINGLE_LABEL)
+    windows = TokenizedSplit.from_cache(paths[-1], tokenizer.pad_token_id, names, SINGLE_LABEL)
     assert len(windows) > len(split.texts) and windows.records.tolist() == sorted(windows.records.tolist())
     assert windows.record_labels.tolist() == [names.index(label) for label in split.labels]
 
@@ -368,7 +489,7 @@ def test_multi_hot_labels_are_cached_and_batched_as_floats_under_a_key_with_the_
     tokenizer = load_tokenizer(str(build_tokenizer(split.texts, "m", str(tmp_path))), 32)
     path, _ = tokenize_cached(split.split, tokenizer, Reading(32), str(tmp_path / "cache"))
     assert sorted(cache_info(path)["labels"]) == names
-    tokenized = TokenizedSplit(path, tokenizer.pad_token_id, names, MULTI_LABEL)
+    tokenized = TokenizedSplit.from_cache(path, tokenizer.pad_token_id, names, MULTI_LABEL)
     assert tokenized.labels.tolist() == [[1, 1, 0], [1, 0, 0], [0, 0, 1]]
     batch = tokenized.batch([2, 0])
     assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [[0, 0, 1], [1, 1, 0]]

@@ -49,7 +49,7 @@ def test_predict_refuses_a_directory_that_is_not_an_export(tmp_path):
 
 def run_predict(capsys, monkeypatch, model, *args, stdin="") -> list[dict]:
     """`python -m pipeline predict`, in this process."""
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8")), encoding="utf-8"))
     capsys.readouterr()
     assert main(["predict", "--model", str(model), *args]) == 0
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -115,3 +115,38 @@ def test_multi_label_predict_gives_label_sets_by_the_exported_thresholds(multila
     other.write_text('{"偏头痛": 0.5}', encoding="utf-8")
     with pytest.raises(ConfigError, match=r"thresholds .*other\.json: unknown labels \['偏头痛'\]; missing labels"):
         predict(str(export), ["主诉：头痛。"], thresholds=str(other))
+
+
+def test_lines_end_only_at_line_breaks_so_line_numbers_stay_right(initial_model, tmp_path, capsys, monkeypatch):
+    """str.splitlines() also cuts at \\x0b \\x0c \\x1c-\\x1e \\x85 \\u2028 \\u2029 (text pasted from Word
+    or PDFs): every later prediction was given the wrong line number. \\n, \\r\\n and \\r end a line."""
+    inside = "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+    texts = [f"主诉：发热3天{c}咳嗽。" for c in inside] + ["主诉：胸痛2小时。", "主诉：腹痛。", "主诉：头痛。"]
+    content = "\n".join(texts[:-2]) + "\r\n" + texts[-2] + "\r" + texts[-1] + "\n"
+    (tmp_path / "in.txt").write_text(content, encoding="utf-8", newline="")
+    expected = predict(str(initial_model), texts)
+    for rows in (
+        run_predict(capsys, monkeypatch, initial_model, "--input", str(tmp_path / "in.txt")),
+        run_predict(capsys, monkeypatch, initial_model, stdin=content),
+    ):
+        assert [r["line"] for r in rows] == list(range(1, len(texts) + 1))
+        assert [{k: v for k, v in r.items() if k != "line"} for r in rows] == expected
+
+
+def test_predict_reads_every_training_format_with_its_reader(initial_model, tmp_path, capsys, monkeypatch):
+    """One reader per format for training and predict: Parquet, and a CSV from the wild (CR line
+    endings, a cell longer than csv's default limit of 131,072 characters)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["主诉：发热3天，咳嗽。", "主诉：胸痛2小时。" * 20000]
+    pq.write_table(pa.Table.from_pylist([{"id": i, "text": t} for i, t in enumerate(texts)]), tmp_path / "in.parquet")
+    (tmp_path / "in.csv").write_bytes(("id,text\r" + "".join(f'{i},"{t}"\r' for i, t in enumerate(texts))).encode())
+    expected = [{"record": i + 1, "id": i, **row} for i, row in enumerate(predict(str(initial_model), texts))]
+    assert run_predict(capsys, monkeypatch, initial_model, "--input", str(tmp_path / "in.parquet")) == expected
+    from_csv = run_predict(capsys, monkeypatch, initial_model, "--input", str(tmp_path / "in.csv"))
+    assert from_csv == [{**row, "id": str(row["id"])} for row in expected]  # CSV values are strings
+    (tmp_path / "in.docx").write_bytes(b"PK")
+    assert main(["predict", "--model", str(initial_model), "--input", str(tmp_path / "in.docx")]) == 2
+    message = f"error: {tmp_path / 'in.docx'}: unknown input format '.docx'; predict reads .txt (one text per line), .jsonl"
+    assert capsys.readouterr().err.startswith(message)

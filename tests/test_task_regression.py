@@ -47,7 +47,7 @@ def test_numbers_are_cached_and_batched_as_float_targets_without_a_label_set(tmp
     info = prepare_splits(cfg, REGRESSION, tokenizer_source(cfg, str(tmp_path / "cache")), str(tmp_path / "cache"), Log())
     assert info["label_names"] == [] and info["class_weights"] == {}
     tokenizer = load_tokenizer(info["tokenizer_dir"], 32)
-    split = TokenizedSplit(info["splits"]["train"], tokenizer.pad_token_id, [], REGRESSION)
+    split = TokenizedSplit.from_cache(info["splits"]["train"], tokenizer.pad_token_id, [], REGRESSION)
     assert split.record_labels.tolist() == [r["label"] for r in rows]
     batch = split.batch([4, 1])
     assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [4.5, 1.5]

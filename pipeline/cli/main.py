@@ -51,7 +51,9 @@ def _train_parser(sub):
 def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="predictions from an exported model (labels and probabilities, or what its task gives)")
     p.add_argument("--model", required=True, help="export directory (RUN_DIR/export)")
-    p.add_argument("--input", help=".jsonl/.json/.csv (with a text column) or .txt (one text per line); default: stdin")
+    p.add_argument(
+        "--input", help=".jsonl/.json/.csv/.tsv/.parquet (with a text column) or .txt (one text per line); default: stdin"
+    )
     p.add_argument("--output", help="write JSON lines here instead of stdout")
     p.add_argument("--text-column", default="text")
     p.add_argument("--id-column", default="id", help="copied into each output row where a record has it (default: %(default)s)")

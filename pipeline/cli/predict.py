@@ -1,14 +1,17 @@
 """Predict with an exported model: `python -m pipeline predict --model RUN_DIR/export`.
 
-Input: a .jsonl/.json/.csv file with a text column, a .txt file with one text per line, or texts
-on stdin (one per line). Output: one JSON line per input line or record, in input order, with its
-line number (.txt, stdin) or record number and id (data files) and what the model's task predicts
-(tasks.base.Task.output): e.g. for a single-label model the label and all class probabilities; for a
-multi-label model (trained with --task multi_label) `labels`, the set of labels whose probability
-reaches its threshold (the export's thresholds.json, or --thresholds FILE), and each label's
-probability. A blank line or empty text gets a row with its prediction null, so rows stay aligned
-with the input. Texts are read as in training (the export's `record_reading`: truncation, or windows
-whose logits are pooled per text; see reading.py).
+Input: a data file with a text column (any format training reads: .jsonl, .json, .csv, .tsv,
+.parquet), a .txt file with one text per line, or texts on stdin (one per line). Lines end at \n,
+\r\n or \r only (see readers.text_lines), so line numbers are the ones an editor shows. Output: one
+JSON line per input line or record, in input order, with its line number (.txt, stdin) or record
+number and id (data files) and what the model's task predicts (tasks.base.Task.output): e.g. for a
+single-label model the label and all class probabilities; for a multi-label model (trained with
+--task multi_label) `labels`, the set of labels whose probability reaches its threshold (the
+export's thresholds.json, or --thresholds FILE), and each label's probability. A blank line or empty
+text gets a row with its prediction null, so rows stay aligned with the input. Texts are read,
+batched and pooled by evaluation's code (TokenizedSplit, evaluate.record_logits) with the export's
+`record_reading`: truncation, or windows whose logits are pooled per text (see reading.py). One
+process, no process group.
 """
 
 from __future__ import annotations
@@ -22,25 +25,36 @@ import torch
 from .. import tasks
 from ..checkpoint.export import load_export
 from ..core.base import ConfigError, load_json
-from ..data.readers import FORMATS, read_records, require_columns
-from ..data.reading import Reading, encode, pool
+from ..data.cache import TOKENIZE_BATCH, TokenizedSplit, in_batches
+from ..data.readers import READERS, iter_records, require_columns, text_lines
+from ..data.reading import Reading
+from ..train.evaluate import record_logits
+
+
+def _numbered_lines(path, file) -> list[dict]:
+    return [{"line": number, "text": line.rstrip("\r\n")} for number, line in text_lines(path, file)]
 
 
 def read_inputs(input_path: str | None, text_column: str, id_column: str) -> list[dict]:
     """One entry per input line or record: where it is ({"line": n} or {"record": n, "id": ...}) and its text."""
     if input_path is None:
-        return [{"line": n, "text": line} for n, line in enumerate(sys.stdin.read().splitlines(), 1)]
+        return _numbered_lines("<stdin>", sys.stdin.buffer)
     path = Path(input_path)
-    if path.suffix.lower() in FORMATS:
-        records = read_records(path)
-        require_columns(path, records, [text_column])
-        return [
-            {"record": n, **({"id": r[id_column]} if id_column in r else {}), "text": r.get(text_column)}
-            for n, r in enumerate(records, 1)
-        ]
-    if not path.is_file():
-        raise ConfigError(f"{path}: input file not found")
-    return [{"line": n, "text": line} for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise ConfigError(f"{path}: input file not found")
+        with open(path, "rb") as file:
+            return _numbered_lines(path, file)
+    if path.suffix.lower() not in READERS:
+        raise ConfigError(
+            f"{path}: unknown input format '{path.suffix}'; predict reads .txt (one text per line), {', '.join(READERS)}"
+        )
+    records = list(iter_records(path))
+    require_columns(path, records, [text_column])
+    return [
+        {"record": n, **({"id": r[id_column]} if id_column in r else {}), "text": r.get(text_column)}
+        for n, r in enumerate(records, 1)
+    ]
 
 
 def _predictable(text) -> bool:
@@ -60,15 +74,9 @@ def predict(export_dir: str, texts: list, batch_size: int = 32, thresholds: str 
     how = Reading.saved(getattr(model.config, "record_reading", None), tokenizer.model_max_length)
     rows = [kind.output(None, None, names) for _ in texts]
     todo = [i for i, text in enumerate(texts) if _predictable(text)]
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        inputs, record = encode(tokenizer, [texts[i] for i in chunk], how)
-        # One forward per batch_size windows: a chunk of long texts may have many.
-        windows = [
-            model(**tokenizer.pad({k: v[w : w + batch_size] for k, v in inputs.items()}, return_tensors="pt")).logits
-            for w in range(0, len(record), batch_size)
-        ]
-        scores = kind.scores(pool(torch.cat(windows).float().numpy(), record, how.pool))
+    for chunk in in_batches(todo, TOKENIZE_BATCH):  # memory bounded as when a cache is built
+        split = TokenizedSplit.from_texts(tokenizer, [texts[i] for i in chunk], how)
+        scores = kind.scores(record_logits(model, split, batch_size))
         for i, prediction, score in zip(chunk, kind.predict(scores, decide), scores):
             rows[i] = kind.output(prediction, score, names)
     return rows

@@ -47,7 +47,7 @@ class TrainConfig:
 
     ds_config: str = field(default="ds_configs/small_zero2.json", metadata={"help": "DeepSpeed JSON config"})
     train_file: str = field(
-        default=str(SAMPLE_DATA_DIR / "train.jsonl"), metadata={"help": "training data (.jsonl, .json array or .csv)"}
+        default=str(SAMPLE_DATA_DIR / "train.jsonl"), metadata={"help": "training data (.jsonl, .json, .csv, .tsv or .parquet)"}
     )
     dev_file: str = field(
         default=str(SAMPLE_DATA_DIR / "dev.jsonl"), metadata={"help": "dev data, evaluated during and after training"}

@@ -55,9 +55,14 @@ class Split:
     label_separator: str = ""
 
     def records(self):
-        """(record number, text, label or None), every record checked as it is read."""
+        """(record number, text, label or None), every record checked as it is read.
+
+        A file whose bytes, as read, are not the ones `digest` was taken from (replaced or rewritten
+        after hashing, or while being read) is refused after its last record: what was built from
+        it (a tokenizer, a tokenized cache) must not be kept under the old content's key."""
         columns = [self.text_column] if self.label_column is None else [self.text_column, self.label_column]
-        for row, record in enumerate(iter_records(self.path), start=1):
+        expected, read = self.digest, hashlib.sha256()
+        for row, record in enumerate(iter_records(self.path, read), start=1):
             if row == 1:  # a column missing from the first record is taken for a wrong column name
                 require_columns(self.path, [record], columns)
             text = record.get(self.text_column)
@@ -71,12 +76,21 @@ class Split:
                     text,
                     _label(self.path, row, self.label_column, record.get(self.label_column), self.kind, self.label_separator),
                 )
+        if read.hexdigest() != expected:
+            raise ConfigError(
+                f"{self.path}: the file changed while it was read (sha256 {expected[:12]} before reading, "
+                f"{read.hexdigest()[:12]} read); start again once it is completely written"
+            )
 
     def texts(self):
         return (text for _, text, _ in self.records())
 
     @cached_property
     def digest(self) -> str:
+        """The file's SHA-256, taken before it is read: what caches are looked up by. A complete
+        reading of `records` has read exactly these bytes."""
+        if not self.path.is_file():
+            raise ConfigError(f"{self.path}: data file not found")
         return file_digest(self.path)
 
     @property
@@ -116,8 +130,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 # written. One row per window (one per record unless long records are read in chunks); RECORD holds
 # the row's record index. Labels are stored as written (strings): the label set is only known after
 # every split is read, and ids are given when the cache is loaded. CACHE_FORMAT is part of the key:
-# bump it when the layout changes.
-CACHE_FORMAT = 4
+# bump it when the layout (or how labels are read) changes.
+CACHE_FORMAT = 5
 RECORD = "record"
 CACHE_DATA, CACHE_INFO = "data.arrow", "info.json"
 # Records per tokenizer call and per Arrow record batch: memory is bounded by this, not by the file.
@@ -139,13 +153,28 @@ def in_batches(records, size: int):
         yield batch
 
 
+def encoded_columns(tokenizer, texts: list[str], how: reading.Reading, first_record: int = 0) -> tuple[dict, list[int]]:
+    """The cache's Arrow columns of `texts` read as `how` says (reading.encode), labels aside, and
+    each window's text index in `texts`. RECORD numbers the texts from `first_record`."""
+    import pyarrow as pa
+
+    encoded, record = reading.encode(tokenizer, texts, how)
+    # Token ids need int32; masks and segment ids fit int8 (a third of the file, as datasets stores them).
+    columns = {
+        name: pa.array(values, type=pa.list_(pa.int32() if name == "input_ids" else pa.int8()))
+        for name, values in encoded.items()
+    }
+    columns[RECORD] = pa.array(np.asarray(record, dtype=np.int64) + first_record)
+    return columns, record
+
+
 def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path) -> dict:
     """Read `split` and tokenize it TOKENIZE_BATCH records at a time into an Arrow stream file at `path`.
 
-    Records are read as `how` says (reading.encode): each window a row with its record's label and
-    index. Returns the cache's info: record and window counts, each label's count and first record
-    (the label set and its checks need no second reading), and the unknown-token share, counted here
-    once rather than over every token on every run.
+    Each window is a row with its record's label and index. Returns the cache's info: the SHA-256
+    of the bytes the records were read from, record and window counts, each label's count and
+    first record (the label set and its checks need no second reading), and the unknown-token
+    share, counted here once rather than over every token on every run.
     """
     import pyarrow as pa
 
@@ -154,16 +183,10 @@ def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path) 
     with pa.OSFile(str(path), "wb") as sink:
         writer = None
         for batch in in_batches(split.records(), TOKENIZE_BATCH):
-            encoded, record = reading.encode(tokenizer, [text for _, text, _ in batch], how)
-            # Token ids need int32; masks and segment ids fit int8 (a third of the file, as datasets stores them).
-            columns = {
-                name: pa.array(values, type=pa.list_(pa.int32() if name == "input_ids" else pa.int8()))
-                for name, values in encoded.items()
-            }
+            columns, record = encoded_columns(tokenizer, [text for _, text, _ in batch], how, records)
             columns["labels"] = pa.array(
                 [batch[i][2] for i in record]
             )  # as the task parsed it: a string, a list of them, a number
-            columns[RECORD] = pa.array(np.asarray(record, dtype=np.int64) + records)
             for row, _, label in batch:
                 for name in split.kind.classes_of(label):  # none for a task without a label set
                     labels.setdefault(name, {"count": 0, "first_record": row})["count"] += 1
@@ -175,6 +198,7 @@ def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path) 
             records, windows = records + len(batch), windows + len(record)
         writer.close()
     return {
+        "sha256": split.digest,  # what was read: records() refuses a file that changed
         "num_records": records,
         "num_windows": windows,
         "labels": labels,
@@ -189,7 +213,8 @@ def tokenize_cached(split: Split, tokenizer, how: reading.Reading, cache_dir: st
 
     Returns (path of the cached dataset, whether it was reused). A reused cache costs one pass of
     SHA-256 over the file, not a reading of its records. The cache is written to a temporary
-    directory and renamed (`build_once`), so an interrupted build is never mistaken for a cache.
+    directory and renamed (`build_once`), so an interrupted build is never mistaken for a cache;
+    nor is a file that changed between hashing and reading cached under the old content's key.
     """
     key = hashlib.sha256(
         json.dumps([CACHE_FORMAT, split.key, tokenizer_fingerprint(tokenizer), how.data_key()]).encode()
@@ -199,7 +224,7 @@ def tokenize_cached(split: Split, tokenizer, how: reading.Reading, cache_dir: st
         return target, True
 
     def build(tmp: Path) -> None:
-        tmp.mkdir(parents=True)
+        tmp.mkdir(parents=True)  # a file changed while read is refused here, before the rename
         write_json(tmp / CACHE_INFO, _write_tokenized(split, tokenizer, how, tmp / CACHE_DATA))
 
     build_once(target, CACHE_INFO, build)
@@ -219,10 +244,11 @@ def load_tokenized(path: str | os.PathLike):
 
 
 class TokenizedSplit:
-    """A cached tokenized split; `batch(indices)` returns those rows as one padded batch of tensors.
+    """A tokenized split (a cache, or predict's texts); `batch(indices)` returns those rows as one
+    padded batch of tensors.
 
     A row is a window of a record (reading.py): one per record unless long records are read in
-    chunks. `records` gives each row's record; evaluation pools rows per record with `pool`.
+    chunks. `records` gives each row's record; evaluation and predict pool rows per record with `pool`.
 
     Each batch is padded to its own longest record, not to max_length: less wasted compute. Records
     are taken as Arrow arrays and padded with numpy, about 0.3 ms for 8 records of the sample data;
@@ -230,10 +256,28 @@ class TokenizedSplit:
     up to 2.6% of the step time at accumulation 8 in the benchmark of commit 7a88312.
     """
 
-    def __init__(self, path: str | os.PathLike, pad_id: int, label_names: list[str], kind, pool: str = "mean"):
-        self.rows = load_tokenized(path).with_format("arrow")
-        self.pad_id, self.pool = pad_id, pool
-        self.labels = kind.encode(self.rows["labels"], label_names)  # once, for every row: as the model's loss takes them
+    def __init__(self, rows, pad_id: int, labels: np.ndarray | None, pool: str = "mean"):
+        """`rows`: a datasets.Dataset of the cache's columns in Arrow format; `labels`: each row's
+        labels as the model's loss takes them, None for unlabelled texts."""
+        self.rows, self.pad_id, self.labels, self.pool = rows, pad_id, labels, pool
+
+    @classmethod
+    def from_cache(cls, path: str | os.PathLike, pad_id: int, label_names: list[str], kind, pool: str = "mean"):
+        """The tokenized cache at `path`, memory-mapped; labels encoded once, for every row, by the task."""
+        rows = load_tokenized(path).with_format("arrow")
+        return cls(rows, pad_id, kind.encode(rows["labels"], label_names), pool)
+
+    @classmethod
+    def from_texts(cls, tokenizer, texts: list[str], how: reading.Reading):
+        """Unlabelled texts (predict) encoded in memory into the rows a cache holds: batched and
+        pooled by the same code as evaluation."""
+        import datasets
+        import pyarrow as pa
+        from datasets.table import InMemoryTable
+
+        columns, _ = encoded_columns(tokenizer, texts, how)
+        rows = datasets.Dataset(InMemoryTable(pa.table(columns))).with_format("arrow")
+        return cls(rows, tokenizer.pad_token_id, None, how.pool)
 
     def __len__(self) -> int:
         """Rows (training samples), not records."""
@@ -256,7 +300,7 @@ class TokenizedSplit:
         table = self.rows[list(indices)]
         lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
         inside = np.arange(lengths.max()) < lengths[:, None]  # row-major, as the flattened values
-        out = {"labels": torch.from_numpy(self.labels[list(indices)])}
+        out = {} if self.labels is None else {"labels": torch.from_numpy(self.labels[list(indices)])}
         for name in table.column_names:
             if name not in ("labels", RECORD):
                 padded = np.full(inside.shape, self.pad_id if name == "input_ids" else 0, dtype=np.int64)
@@ -270,11 +314,12 @@ class TokenizedSplit:
 # ----------------------------------------------------------------------------------------------
 
 
-def train_fingerprint(cfg: TrainConfig, train: Split, num_records: int, tokenizer) -> dict:
-    """What fixes the training batches and their order: a resume must find all of it unchanged."""
+def train_fingerprint(cfg: TrainConfig, train: dict, tokenizer) -> dict:
+    """What fixes the training batches and their order: a resume must find all of it unchanged.
+    `train` is the training cache's info: the digest of what was read, not of the file now."""
     return {
-        "train file content (sha256)": train.digest,
-        "train records": num_records,
+        "train file content (sha256)": train["sha256"],
+        "train records": train["num_records"],
         "text_column": cfg.text_column,
         "label_column": cfg.label_column,
         "max_length": cfg.max_length,
@@ -327,6 +372,6 @@ def prepare_splits(cfg: TrainConfig, kind, tokenizer_for, cache_dir: str, log) -
         "class_weights": dict(zip(label_names, weights)) if weights else {},
         "tokenizer_dir": str(tokenizer_dir),
         "splits": {name: str(path) for name, path in paths.items()},
-        "train_data": train_fingerprint(cfg, splits["train"], infos["train"]["num_records"], tokenizer),
+        "train_data": train_fingerprint(cfg, infos["train"], tokenizer),
         "unk_fraction": unk,
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,9 +42,17 @@ def f1_over_present(average: str) -> Callable:
     return compute
 
 
-def parse_label(value, separator: str = "") -> str:
-    """One record's label as read from its file: a string or a number (read as a string).
+# A whole number written as a decimal: "1.0" (pandas writes an integer column with a missing value
+# as floats), "2." — read as the integer, so 1, "1", 1.0 and "1.0" are one class.
+WHOLE_DECIMAL = re.compile(r"(-?\d+)\.0*")
 
+
+def parse_label(value, separator: str = "") -> str:
+    """One record's label as read from its file: a string or a number, as a string.
+
+    One label is one class however a file spells it: surrounding whitespace is dropped (" 1", a
+    trailing space from Excel) and a whole number written as a decimal is the integer (1.0, "1.0"
+    -> "1"). Other spellings stay as written: "01", "1e0" and "0.5" are labels of their own.
     Raises ValueError saying what is wrong; the reader adds the file, record and column."""
     if isinstance(value, list):
         raise ValueError(
@@ -51,7 +60,11 @@ def parse_label(value, separator: str = "") -> str:
         )
     if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
         raise ValueError(f"is empty or not a string or number ({value!r})")
-    return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"is not a finite number ({value!r})")
+    text = str(value).strip()
+    whole = WHOLE_DECIMAL.fullmatch(text)
+    return whole.group(1) if whole else text
 
 
 def label_names(train: dict, train_path, others: dict) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as td
 
 from ..core import dist
 from ..data import reading
@@ -47,20 +48,31 @@ def forward_logits(engine, batch: dict) -> torch.Tensor:
 
 
 def predict_logits(engine, split, batch_size: int) -> np.ndarray:
-    """Logits for every row of `split` (a data.TokenizedSplit), in its order, identical on all ranks."""
+    """Logits for every row of `split` (a data.TokenizedSplit), in its order, identical on all ranks.
+
+    Without a process group (`predict`: one process, a plain model as `engine`) this process
+    computes every row."""
+    world, rank = (dist.world_size(), dist.rank()) if td.is_initialized() else (1, 0)
     indices, logits = [], []
-    for batch_indices in eval_index_batches(len(split), dist.world_size(), dist.rank(), batch_size):
+    for batch_indices in eval_index_batches(len(split), world, rank, batch_size):
         real = [i if i != FILLER else 0 for i in batch_indices]
         batch_logits = forward_logits(engine, split.batch(real))
         keep = [j for j, i in enumerate(batch_indices) if i != FILLER]
         indices += [batch_indices[j] for j in keep]
         logits.append(batch_logits[keep].numpy())
     merged = {}
-    for rank_indices, rank_logits in dist.all_gather_objects((indices, np.concatenate(logits))):
+    mine = (indices, np.concatenate(logits))
+    for rank_indices, rank_logits in dist.all_gather_objects(mine) if world > 1 else [mine]:
         merged.update(zip(rank_indices, rank_logits))
     if sorted(merged) != list(range(len(split))):
         raise RuntimeError(f"evaluation covered {len(merged)} of {len(split)} rows")
     return np.stack([merged[i] for i in range(len(split))])
+
+
+def record_logits(engine, split, batch_size: int) -> np.ndarray:
+    """One row of logits per record of `split`: its windows' rows pooled (`split.pool`) when long
+    records are read in chunks. Evaluation and `predict` both come through here."""
+    return reading.pool(predict_logits(engine, split, batch_size), split.records, split.pool)
 
 
 def evaluate(engine, split, batch_size: int, label_names: list[str], kind, thresholds="") -> tuple[dict, np.ndarray]:
@@ -69,8 +81,7 @@ def evaluate(engine, split, batch_size: int, label_names: list[str], kind, thres
     Windows of one record (long records read in chunks) are pooled into one row of logits first.
     Multi-label: `thresholds` is {label: threshold}, or a --threshold setting fitted on this split's
     probabilities (dev); the thresholds used are in the metrics ("thresholds")."""
-    logits = reading.pool(predict_logits(engine, split, batch_size), split.records, split.pool)
-    scores = kind.scores(logits)
+    scores = kind.scores(record_logits(engine, split, batch_size))
     if not isinstance(thresholds, dict):
         thresholds = kind.thresholds(split.record_labels, scores, label_names, thresholds)
     predictions = kind.predict(scores, thresholds)

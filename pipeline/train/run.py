@@ -83,7 +83,8 @@ def prepare_data(cfg: TrainConfig, task: Task, reading: Reading, cache_dir: str,
     tokenizer = load_tokenizer(info["tokenizer_dir"], cfg.max_length)
     names = info["label_names"]
     splits = {
-        name: TokenizedSplit(path, tokenizer.pad_token_id, names, task, reading.pool) for name, path in info["splits"].items()
+        name: TokenizedSplit.from_cache(path, tokenizer.pad_token_id, names, task, reading.pool)
+        for name, path in info["splits"].items()
     }
     return PreparedData(splits, tokenizer, names, info["train_data"], info["class_weights"])
 
