@@ -91,7 +91,7 @@ def cluster(tmp_path_factory):
         (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
         port = free_port()
         SSH_CLIENT_CONFIG.write_text(
-            "# Written by the zero-pipeline test cluster fixture (tests/conftest.py) and removed after it.\n"
+            "# Written by the zero-pipeline test cluster fixture (tests/fixtures_cluster.py) and removed after it.\n"
             f"Host {' '.join([*NODES, DEAD_NODE])}\n    Port {port}\n    User root\n    IdentityFile {root}/client_key\n"
             "    IdentitiesOnly yes\n    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n    LogLevel ERROR\n"
         )

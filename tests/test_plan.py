@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, cpu_env, train
+from helpers import REPO, cpu_env, free_port, train
 
 from pipeline.cli.main import main
 from pipeline.cli.plan import ModelShape, activation_bytes, ds_config_for, model_shape, model_state_bytes, plan, recommend
@@ -149,7 +149,7 @@ def measure(hidden: int) -> list[dict]:
         "--steps",
         "2",
     ]
-    env = dict(cpu_env(), MASTER_PORT=str(__import__("conftest").free_port()))
+    env = dict(cpu_env(), MASTER_PORT=str(free_port()))
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
