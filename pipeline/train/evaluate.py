@@ -40,6 +40,16 @@ def forward_logits(engine, batch: dict) -> torch.Tensor:
     return engine(**to_device(inputs, engine.device)).logits.float().cpu()
 
 
+def probe_logits(engine, batch: dict) -> torch.Tensor:
+    """The live weights' logits of a checkpoint's probe records in eval mode (no dropout), as the
+    export and a resumed engine compute them."""
+    was_training = engine.training
+    engine.eval()
+    logits = forward_logits(engine, batch)
+    engine.train(was_training)
+    return logits
+
+
 def predict_logits(engine, split, batch_size: int) -> np.ndarray:
     """Logits for every row of `split` (a data.TokenizedSplit), in its order, identical on all ranks."""
     was_training = engine.training

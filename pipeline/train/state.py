@@ -47,6 +47,7 @@ class TrainerState:
         self.skipped_steps = saved.skipped_steps
         self.best_metric, self.best_step = saved.best_metric, saved.best_step
         self.evaluations_since_best = saved.evaluations_since_best
+        self.thresholds = saved.thresholds  # multi-label: until the next dev evaluation tunes new ones
 
     def advance(self, steps_per_epoch: int, skipped: bool = False) -> None:
         """One accumulation window done: the data moves on even when fp16 skipped its update."""
