@@ -144,6 +144,21 @@ def note_best(run, metrics: dict, step: int) -> None:
     run.state.note_evaluation(dist.broadcast_object(metrics[metric.name]), step, metric.higher_is_better)
 
 
+def evaluate_dev(run, step: int) -> None:
+    """The periodic dev evaluation; at a checkpointed step with best_metric it counts toward the best
+    checkpoint and early stopping (the best must have a checkpoint)."""
+    metrics = run.evaluate("dev")[0]
+    run.state.thresholds = metrics.get("thresholds")  # multi-label: tuned on this dev evaluation
+    run.log.eval(step, "dev", metrics)
+    if run.cfg.best_metric and due(run.cfg.save_every, step):
+        note_best(run, metrics, step)
+
+
+def due(every: int, step: int) -> bool:
+    """Whether an interval (--eval-every, --save-every; 0: never) falls on `step`."""
+    return bool(every) and step % every == 0
+
+
 def out_of_patience(cfg, state) -> bool:
     """Early stopping: the last `early_stopping_patience` checkpointed evaluations found no new best."""
     return bool(cfg.early_stopping_patience) and state.evaluations_since_best >= cfg.early_stopping_patience
@@ -178,8 +193,8 @@ def train_loop(run) -> None:
     order follows them; a window whose update fp16 skipped (overflow) does not step the LR
     scheduler, so the run goes on until `total_steps` updates were applied and the schedule ends
     where it was planned. The logged loss is the mean over the window's micro-batches and ranks.
-    A stop request (any rank) is saved at the boundary it is seen at, without the dev evaluation;
-    one that came during an evaluation or a save is acted on right after it.
+    A stop request (any rank) is saved at the boundary it is seen at, leaving a due dev evaluation
+    to the resumed run; one that came during an evaluation or a save is acted on right after it.
     """
     engine, cfg, state = run.engine, run.cfg, run.state
     micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
@@ -189,6 +204,9 @@ def train_loop(run) -> None:
     window = WindowTotals(engine.device)
     stats, started, at_min_scale = {"data_wait": 0.0}, time.perf_counter(), 0
     engine.train()
+    if state.dev_evaluation_due:  # skipped by the stop that saved the checkpoint this run resumed from
+        evaluate_dev(run, state.optimizer_step)
+        state.dev_evaluation_due = False
     while state.applied_steps < run.total_steps and not out_of_patience(cfg, state):
         epoch = state.epoch
         batches = train_batches(run.data.splits["train"], micro, accum, world, dist.rank(), cfg.seed, epoch, state.step_in_epoch)
@@ -226,17 +244,13 @@ def train_loop(run) -> None:
                 show=step % cfg.log_every == 0,
             )
             paused = time.perf_counter()
-            if stop:  # every rank got the same sum: all save at once, without the dev evaluation, and stop
-                raise stopped(step, run.save())
             done = state.applied_steps == run.total_steps
-            eval_due = bool(cfg.eval_every) and step % cfg.eval_every == 0 and not done
-            save_due = bool(cfg.save_every) and step % cfg.save_every == 0 and not done
+            eval_due, save_due = due(cfg.eval_every, step) and not done, due(cfg.save_every, step) and not done
+            if stop:  # every rank got the same sum: all save at once and stop; the evaluation runs on resume
+                state.dev_evaluation_due = eval_due
+                raise stopped(step, run.save())
             if eval_due:
-                metrics = run.evaluate("dev")[0]
-                state.thresholds = metrics.get("thresholds")  # multi-label: tuned on this dev evaluation
-                run.log.eval(step, "dev", metrics)
-                if cfg.best_metric and save_due:  # the best must have a checkpoint
-                    note_best(run, metrics, step)
+                evaluate_dev(run, step)
             saved = run.save() if save_due else None
             if (eval_due or save_due) and stop_agreed(run.stops):  # asked during them: act now, not a step later
                 raise stopped(step, saved or run.save())

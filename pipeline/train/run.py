@@ -198,16 +198,19 @@ class Run:
         if saved is not None:
             aside = dist.main_first(lambda: checkpoint.supersede_later(resume_from))
             if aside:
-                log.warning(f"checkpoints after {resume_from.name} (a branch this run abandons) moved aside to {aside}")
+                log.info(f"warning: checkpoints after {resume_from.name} (a branch this run abandons) moved aside to {aside}")
             log.info(
                 f"resumed from {resume_from}: epoch {state.epoch}, {state.step_in_epoch} steps into it, "
                 f"optimizer step {state.optimizer_step}"
             )
-        if dist.is_main():
+
+        def write_run_files():  # rank 0's, through main_first: a full disk stops every rank with one line
             write_json(run_dir / "train_config.json", asdict(cfg))
             write_json(run_dir / "ds_config.json", {**ds, "world_size": dist.world_size()})
             if data.class_weights:  # the weights --class-weights resolved to (also in every checkpoint's trainer state)
                 write_json(run_dir / "class_weights.json", data.class_weights)
+
+        dist.main_first(write_run_files)
         log.info(f"run directory: {run_dir}")
         if data.class_weights:
             log.info(f"class weights ({cfg.class_weights}): " + ", ".join(f"{k} {w:.3g}" for k, w in data.class_weights.items()))
