@@ -10,6 +10,7 @@ from pipeline.checkpoint.checkpoints import (
     CheckpointError,
     check_compatible,
     check_same_data,
+    check_same_settings,
     find_resume_checkpoint,
     prune,
     scan,
@@ -180,6 +181,20 @@ def test_the_best_value_and_the_evaluations_since_it_are_counted():
     for step, value in [(2, 0.5), (4, 0.5), (6, 0.7), (8, 0.6), (10, 0.7)]:  # a tie is no improvement
         state.note_evaluation(value, step)
     assert (state.best_metric, state.best_step, state.evaluations_since_best) == (0.7, 6, 2)
+
+
+def test_a_resumed_state_keeps_the_multilabel_thresholds():
+    """Checkpoints saved after a resume and before the next dev evaluation keep them (and so their exports)."""
+    state = TrainerState()
+    state.continue_from(TrainerState(optimizer_step=6, thresholds={"肺炎": 0.4, "其他": 0.6}))
+    assert state.thresholds == {"肺炎": 0.4, "其他": 0.6}
+
+
+def test_resume_with_another_seed_or_best_metric_is_refused_naming_both(tmp_path):
+    saved = TrainerState(train_config={"seed": 5, "best_metric": "macro_f1"})
+    check_same_settings(tmp_path, saved, {"seed": 5, "best_metric": "macro_f1", "epochs": 9})
+    with pytest.raises(CheckpointError, match=r"--seed 5 -> 6; --best-metric 'macro_f1' -> 'accuracy'"):
+        check_same_settings(tmp_path, saved, {"seed": 6, "best_metric": "accuracy"})
 
 
 def test_resume_on_other_training_data_names_what_changed(tmp_path):

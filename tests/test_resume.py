@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -22,11 +23,12 @@ from helpers import (
     losses,
     read_jsonl,
     run_options,
+    train,
     write_jsonl,
 )
 from safetensors.numpy import load_file
 
-from pipeline.checkpoint.checkpoints import step_of
+from pipeline.checkpoint.checkpoints import consolidated_fp32_state_dict, step_of
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
@@ -387,3 +389,108 @@ def test_a_resumed_run_keeps_the_patience_count_and_stops_where_the_uninterrupte
     assert f"early stopping after step {stop}:" in result.stdout
     assert json.loads((copy / "eval_results.json").read_text())["step"] == best
     assert_same_run(copy, ref)
+
+
+# A run that finishes all 4 steps with a dev evaluation and a checkpoint every 2; patience 1 makes a
+# final evaluation counted twice (a resumed finished run) end it "early".
+BRANCH_SETTINGS = (
+    "--max-length 64 --max-steps 4 --epochs 2 --eval-every 2 --save-every 2 --keep-checkpoints 10 "
+    "--best-metric macro_f1 --early-stopping-patience 1 --log-every 1 --tensorboard 0"
+).split()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, small_data):
+    """(DeepSpeed config, run directory) of BRANCH_SETTINGS at lr 1e-3 on 2 CPU ranks."""
+    tmp = tmp_path_factory.mktemp("finished")
+    config = ds_config(tmp / "ds.json", 2, micro=4, accum=2)
+    return config, train(tmp, "run", small_data, config, extra=BRANCH_SETTINGS)
+
+
+def resume_copy(run_dir, tmp_path, data, config, resume):
+    """Resume a copy of `run_dir` (as tmp_path/run) with `config`, from `resume` ("auto" or a
+    checkpoint name, "step-N"); returns (the launch's result, the copy)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    where = resume if resume == "auto" else str(copy / "checkpoints" / resume)
+    args = ["train", "--ds-config", str(config), *run_options(data, tmp_path), *BRANCH_SETTINGS, "--resume", where]
+    return launch(args), copy
+
+
+def test_resuming_an_older_checkpoint_owns_the_later_steps(finished, small_data, tmp_path):
+    """Resumed from step 2 (to go on another way): the old step 4 is moved aside, named; the new
+    step 4 is saved; the export holds this run's weights."""
+    config, first = finished
+    result, copy = resume_copy(first, tmp_path, small_data, config, "step-2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (aside,) = (copy / "checkpoints").glob("superseded-after-step-2-*")
+    assert f"moved aside to {aside}" in result.stdout + result.stderr
+    assert (aside / "step-4" / "manifest.json").is_file() and (copy / "checkpoints" / "step-4" / "manifest.json").is_file()
+    exported = json.loads((copy / "eval_results.json").read_text())["step"]
+    mine = load_file(copy / "export" / "model.safetensors")
+    theirs = consolidated_fp32_state_dict(copy / "checkpoints" / f"step-{exported}")
+    assert all((mine[k] == theirs[k].numpy()).all() for k in theirs)
+
+
+def test_a_new_learning_rate_on_resume_is_applied_and_said(finished, small_data, tmp_path):
+    _, first = finished
+    faster = ds_config(tmp_path / "ds-faster.json", 2, micro=4, accum=2, lr=4e-3)
+    result, copy = resume_copy(first, tmp_path, small_data, faster, "step-2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [row["lr"] for row in read_jsonl(copy / "metrics.jsonl") if "loss" in row] == [1e-3, 1e-3, 4e-3, 4e-3]
+    assert "resumed optimizer: lr 0.001 -> 0.004 (this run's DeepSpeed config applies, not the checkpoint's)" in result.stdout
+
+
+def test_resuming_a_finished_run_counts_its_final_evaluation_once(finished, small_data, tmp_path):
+    config, first = finished
+    results = json.loads((first / "eval_results.json").read_text())
+    assert results["stopped_early"] is False and results["last_step"] == 4  # it ran all its steps
+    result, copy = resume_copy(first, tmp_path, small_data, config, "auto")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "early stopping" not in result.stdout
+    assert json.loads((copy / "eval_results.json").read_text()) == results
+
+
+def test_every_file_of_a_run_follows_the_umask(finished):
+    _, run_dir = finished
+    mask = os.umask(0)
+    os.umask(mask)
+    # Read and write bits (DeepSpeed adds execute to its zero_to_fp32.py scripts).
+    modes = {str(p.relative_to(run_dir)): p.stat().st_mode & 0o666 for p in run_dir.rglob("*") if p.is_file()}
+    assert "export/model.safetensors" in modes
+    assert {name: mode for name, mode in modes.items() if mode != 0o666 & ~mask} == {}
+
+
+def test_an_export_that_cannot_delete_the_earlier_one_keeps_one_in_place(finished, tmp_path, monkeypatch):
+    """Files busy on NFS: the earlier export cannot be deleted entirely. One export stays, complete."""
+    from pipeline.checkpoint import export as export_module
+
+    _, run_dir = finished
+    target = export_module.export_checkpoint(run_dir / "checkpoints" / "step-2", tmp_path / "export")
+    real_rmtree = shutil.rmtree
+
+    def busy_rmtree(path, ignore_errors=False):
+        if ".tmp" in str(path):
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        (Path(path) / "model.safetensors").unlink(missing_ok=True)  # deleted part of it, then
+        if not ignore_errors:
+            raise OSError(16, "Device or resource busy", str(path))
+
+    monkeypatch.setattr(export_module.shutil, "rmtree", busy_rmtree)
+    with contextlib.suppress(OSError):
+        export_module.export_checkpoint(run_dir / "checkpoints" / "step-4", target, overwrite=True)
+    assert export_module.is_export(target) and (target / "model.safetensors").is_file()
+    export_module.check_export_weights(target)
+
+
+def test_a_full_disk_outside_a_save_stops_every_rank_with_one_line(initial_model, small_data, tmp_path, small_fs):
+    """A 16 KB output file system fills while metrics.jsonl grows (no checkpoint is due)."""
+    out = small_fs(16 * 1024)
+    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
+    args = ["train", "--ds-config", str(config), "--train-file", str(small_data["train"]), "--dev-file", str(small_data["dev"])]
+    args += ["--output-dir", str(out), "--run-name", "run", "--cache-dir", str(tmp_path / "cache"), "--model", str(initial_model)]
+    args += ["--max-length", "64", "--max-steps", "150", "--epochs", "10", "--save-every", "0", "--eval-every", "0"]
+    result = launch([*args, "--tensorboard", "0", "--dist-timeout-minutes", "1"], timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output[-4000:]
+    assert "error: no space left on the output file system: " in result.stderr

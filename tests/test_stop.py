@@ -1,6 +1,8 @@
 """Graceful stop under ./launch.sh (pdsh/local runner): the first Ctrl-C finishes the optimizer step,
 saves a checkpoint and exits 75, and the resumed run equals an uninterrupted one; a second Ctrl-C aborts."""
 
+import json
+import os
 import signal
 import subprocess
 import time
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 EXIT_STOPPED = 75
 
 
-def start(tmp_path, data, config, extra=()):
+def start(tmp_path, data, config, extra=(), env=None):
     cmd = [
         str(REPO / "launch.sh"),
         "--ds-config",
@@ -27,7 +29,7 @@ def start(tmp_path, data, config, extra=()):
         *extra,
     ]
     console = open(tmp_path / "console.txt", "w")
-    return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=console, stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=REPO, env={**cpu_env(), **(env or {})}, stdout=console, stderr=subprocess.STDOUT)
 
 
 def wait_for_steps(job, tmp_path, steps: int) -> None:
@@ -84,3 +86,52 @@ def test_a_second_ctrl_c_aborts(small_data, tmp_path):
     console = (tmp_path / "console.txt").read_text()
     assert code not in (0, EXIT_STOPPED), console[-3000:]
     assert "stopped on request" not in console and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def signal_at(job, tmp_path, marker) -> None:
+    """Wait until rank 0 pauses at the test hook's stage (PIPELINE_TEST_PAUSE_AT), send it SIGUSR1, let it go on."""
+    deadline = time.monotonic() + 240
+    while not (marker.is_file() and marker.read_text()):
+        assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "console.txt").read_text()[-4000:]
+        time.sleep(0.2)
+    os.kill(int(marker.read_text()), signal.SIGUSR1)
+    marker.unlink()
+
+
+@pytest.mark.parametrize(
+    "stage, extra, step",
+    [
+        ("data", [], None),  # before the first step: exit 75, nothing to save
+        ("evaluate", ["--eval-every", "2"], 2),  # a dev evaluation with no save due: saved right after it
+        ("save", [], 4),  # the save at step 4: no step 5, no second save
+        ("step-4", [], 4),  # known at the boundary of a step with an evaluation due: saved without it
+        ("step-12", [], 12),  # the last step: not dropped; the resumed run finishes
+    ],
+)
+def test_a_stop_at_any_stage_ends_in_a_checkpoint_within_one_step_and_one_save(small_data, tmp_path, stage, extra, step):
+    """SIGUSR1 to rank 0 at a stage outside the step boundary (held there by the test hook): every rank
+    exits 75, with the checkpoint of the step it was in (before the first step: nothing), no traceback."""
+    config, marker = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2), tmp_path / "paused"
+    job = start(tmp_path, small_data, config, extra, env={"PIPELINE_TEST_PAUSE_AT": f"{stage}:{marker}"})
+    signal_at(job, tmp_path, marker)
+    code = job.wait(timeout=240)
+    console = (tmp_path / "console.txt").read_text()
+    assert code == EXIT_STOPPED and "Traceback" not in console, console[-4000:]
+    run = tmp_path / "run"
+    if step is None:
+        assert "stopped on request during data preparation, before the first optimizer step: nothing to save" in console
+        assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+        return
+    assert f"stopped on request after optimizer step {step}: checkpoint {run / 'checkpoints' / f'step-{step}'} saved" in console
+    assert max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")) == step
+    assert (run / "checkpoints" / f"step-{step}" / "manifest.json").is_file()
+    assert [row["step"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row] == list(range(1, step + 1))
+    if stage == "step-4":  # the evaluation due at step 4 is left to the resumed run
+        assert not (run / "eval" / "dev-step-4.json").exists()
+    if stage in ("step-4", "step-12"):
+        resumed = launch(
+            ["train", "--ds-config", str(config), *run_options(small_data, tmp_path), *STOP_SETTINGS, "--resume", "auto"]
+        )
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert json.loads((run / "eval_results.json").read_text())["last_step"] == 12
+        assert [row["step"] for row in read_jsonl(run / "metrics.jsonl") if row.get("split") == "dev"] == [4, 8, 12]

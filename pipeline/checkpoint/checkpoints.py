@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -174,6 +175,23 @@ def check_same_data(ckpt: Path, saved, current: dict, log) -> None:
         )
 
 
+RESUME_SETTINGS = ("seed", "best_metric")  # the data order; what the saved best value measures
+
+
+def check_same_settings(ckpt: Path, saved, current: dict) -> None:
+    """A resume keeps the settings its saved position and best value depend on (`current`: this run's train_config)."""
+    changed = [
+        f"--{key.replace('_', '-')} {saved.train_config[key]!r} -> {current[key]!r}"
+        for key in RESUME_SETTINGS
+        if key in saved.train_config and saved.train_config[key] != current[key]
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{ckpt}: resumed with other settings than it was trained with ({'; '.join(changed)}): the seed "
+            "fixes the data order and the saved best value is one of --best-metric; resume with the checkpoint's, or start a new run"
+        )
+
+
 def check_compatible(ckpt: Path, state, label_names: list[str], model_config, class_weights: dict) -> None:
     """The checkpoint (its trainer state `state`) belongs to this model, task (problem_type), label
     set and loss (class weights) (JSON only)."""
@@ -214,7 +232,13 @@ def save(engine, run_dir: Path, state, tokenizer, probe: dict, probe_logits, pre
     root = run_dir / CHECKPOINTS
     ckpt = root / f"step-{state.optimizer_step}"
     if dist.main_first(lambda: (ckpt / MANIFEST).is_file()):
-        return ckpt  # a resumed run that was already finished: never rewrite a complete checkpoint
+        # Only the checkpoint a run resumed from and has not trained past (later ones were moved
+        # aside at resume): never rewrite a complete checkpoint, but it must hold these weights.
+        saved = torch.tensor(dist.main_first(lambda: read_json(ckpt / PROBE)["logits"]))
+        live = probe_logits()
+        if (live - saved).abs().max().item() > logits_tolerance(precision) * max(1.0, saved.abs().max().item()):
+            raise CheckpointError(f"{ckpt} exists and holds other weights than this run's; move it aside and resume again")
+        return ckpt
     needed, free = dist.main_first(lambda: require_space(run_dir, state.optimizer_step, space_needed(root, engine)))
     logits = probe_logits()
     dist.main_first(lambda: shutil.rmtree(ckpt, ignore_errors=True))  # a partial left by a crash
@@ -241,6 +265,29 @@ def save(engine, run_dir: Path, state, tokenizer, probe: dict, probe_logits, pre
         failure = error  # the name `error` is unbound when the except block ends
         dist.main_first(lambda: discard_failed_save(ckpt, run_dir, state.optimizer_step, needed, free, failure))
     return ckpt
+
+
+def logits_tolerance(precision: str) -> float:
+    """How far logits of the same weights may be apart when computed another way.
+
+    fp32: the same weights and arithmetic, up to summation order. 16-bit: the live engine computes
+    with 16-bit weights while a reloaded export holds the fp32 master weights.
+    """
+    return 1e-4 if precision == "fp32" else 5e-2
+
+
+def supersede_later(ckpt: Path) -> Path | None:
+    """Move the checkpoints after `ckpt` (the branch a run resumed from `ckpt` abandons) aside into
+    `checkpoints/superseded-after-step-N-TIME/`, so the resumed run owns every later step and
+    `--resume auto` never picks the old branch. Returns that directory, or None if there were none."""
+    later = [p for p in ckpt.parent.glob("step-*") if step_of(p.with_name(p.name.split(".")[0])) > step_of(ckpt)]
+    if not later:
+        return None
+    aside = ckpt.parent / f"superseded-after-{ckpt.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for path in later:  # step-N and its step-N.universal conversion
+        os.replace(path, aside / path.name)
+    return aside
 
 
 BYTES_PER_PARAMETER = 16  # the first save's estimate: weights, ZeRO's fp32 copy and Adam's two moments

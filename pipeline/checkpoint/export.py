@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import tasks
-from ..core.base import ConfigError, write_json
+from ..core.base import ConfigError, follow_umask, write_json
 from ..tasks.base import Task
 from .checkpoints import (
     HF_DIR,
@@ -23,6 +23,7 @@ from .checkpoints import (
     STATE,
     _files,
     consolidated_fp32_state_dict,
+    logits_tolerance,
     read_json,
     verify_manifest,
     write_manifest,
@@ -66,15 +67,6 @@ def load_export(export_dir: str | os.PathLike):
     return tokenizer, model.eval()
 
 
-def logits_tolerance(precision: str) -> float:
-    """How far the reloaded fp32 export may be from the live engine's logits.
-
-    fp32: the same weights and arithmetic, up to summation order. 16-bit: the live engine computes
-    with 16-bit weights while the export holds the fp32 master weights.
-    """
-    return 1e-4 if precision == "fp32" else 5e-2
-
-
 def verify_probe(export_dir: Path, probe: dict) -> None:
     """The reloaded export must reproduce the logits the live engine gave the probe records."""
     _, model = load_export(export_dir)
@@ -109,12 +101,15 @@ def check_export_target(export_dir: Path, overwrite: bool) -> None:
         )
 
 
-def export_checkpoint(ckpt: Path, export_dir: Path, overwrite: bool = False) -> Path:
+def export_checkpoint(ckpt: Path, export_dir: Path, overwrite: bool = False, thresholds: dict | None = None) -> Path:
     """Consolidate a complete checkpoint into a Hugging Face model directory, verified, atomically.
 
     Works from the ZeRO-2 or ZeRO-3 shards of any world size. The result is written to a
     temporary sibling and renamed only after its checks pass, so a directory named EXPORT is
     complete; its manifest marks it as an export, the only kind of directory `overwrite` replaces.
+    An earlier export is renamed aside before the new one moves in and deleted after, so one of
+    them is in place at every moment. Multi-label: `thresholds` (the run's final dev evaluation's)
+    replace the checkpoint's.
     """
     from transformers import AutoConfig
 
@@ -122,27 +117,30 @@ def export_checkpoint(ckpt: Path, export_dir: Path, overwrite: bool = False) -> 
     verify_manifest(ckpt)
     config = AutoConfig.from_pretrained(ckpt / HF_DIR)
     tmp = export_dir.with_name(f"{export_dir.name}.tmp{os.getpid()}")
+    old = export_dir.with_name(f"{export_dir.name}.old{os.getpid()}")
     try:
-        _write_export(ckpt, config, tmp)
+        _write_export(ckpt, config, tmp, thresholds or read_json(ckpt / STATE).get("thresholds"))
         if export_dir.exists():
-            shutil.rmtree(export_dir)  # an earlier export (checked above) or an empty directory
+            os.replace(export_dir, old)  # an earlier export (checked above) or an empty directory
         os.replace(tmp, export_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # a file it cannot delete yet (NFS) leaves EXPORT.oldPID, never a gap
     return export_dir
 
 
-def _write_export(ckpt: Path, config, tmp: Path) -> None:
+def _write_export(ckpt: Path, config, tmp: Path, thresholds: dict | None) -> None:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     tmp.mkdir(parents=True)
     save_file(consolidated_fp32_state_dict(ckpt), str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
+    follow_umask(tmp / EXPORT_WEIGHTS)
     config.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(ckpt / HF_DIR).save_pretrained(tmp)
     task = saved_task(ckpt / HF_DIR)
     names = task.config_label_names(read_json(ckpt / HF_DIR / "config.json"))
-    for name, content in task.export_files(names, read_json(ckpt / STATE).get("thresholds")).items():
+    for name, content in task.export_files(names, thresholds).items():
         write_json(tmp / name, content)  # the task's extras: e.g. the label map and decision thresholds
     check_export_weights(tmp)
     verify_probe(tmp, read_json(ckpt / PROBE))

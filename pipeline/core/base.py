@@ -49,6 +49,19 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file the mode a plain open() would have: writers that go through a private temporary
+    file (safetensors) leave it 0600, unreadable to the group the umask would let in."""
+    mask = os.umask(0)  # the only way to read the umask is to set it
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error` is the file system running out of space (or of the user's quota)."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, ensure_ascii=False, indent=2))
 

@@ -212,11 +212,12 @@ def all_reduce_sum(tensor):
 def main_first(fn):
     """Run `fn` on rank 0 while the other ranks wait; every rank gets its result or its error.
 
-    Used for work that must happen once (data checks and caching, writing the export). A failure
-    on rank 0 becomes an error on every rank instead of leaving the others waiting. The others wait
+    Used for work that must happen once (data checks and caching, writing the export, rank 0's
+    files). A failure on rank 0 becomes an error on every rank instead of leaving the others
+    waiting; a full disk becomes a ConfigError (one line, exit 2). The others wait
     in their own group, bounded by `init`'s rank0_wait_minutes, not the collective timeout.
     """
-    from .base import ConfigError
+    from .base import ConfigError, disk_full
 
     result, error = None, None
     if is_main():
@@ -224,6 +225,8 @@ def main_first(fn):
             result = fn()
         except Exception as e:  # re-raised below on every rank
             error = e
+            if disk_full(e):  # the user can fix it: one line on every rank, not a traceback
+                error = ConfigError(f"no space left on the output file system: {e.filename or e}; free some space and resume")
     shared = broadcast_object((result, None if error is None else (isinstance(error, ConfigError), f"{error}")), _rank0_work)
     if error is not None:
         raise error

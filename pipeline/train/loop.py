@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,6 +38,34 @@ class TrainingStopped(ConfigError):
 # Test hook (documented in docs/troubleshooting.md): make every micro-batch loss of this optimizer
 # step NaN, to show the divergence stop on hardware without fp16.
 NAN_AT_STEP = "PIPELINE_TEST_NAN_AT_STEP"
+
+
+# Test hook (documented in docs/troubleshooting.md): "STAGE:PATH" makes rank 0, the first time it
+# reaches STAGE (data, evaluate, save, step-N: before step N's stop vote), write its pid to PATH and
+# wait until PATH is removed, so a test can send a signal at that stage.
+PAUSE_AT = "PIPELINE_TEST_PAUSE_AT"
+
+
+def pause_for_test(stage: str) -> None:
+    wanted, _, marker = os.environ.get(PAUSE_AT, "").partition(":")
+    if stage != wanted or not dist.is_main():
+        return
+    del os.environ[PAUSE_AT]  # once
+    Path(marker).write_text(str(os.getpid()), encoding="utf-8")
+    while os.path.exists(marker):
+        time.sleep(0.1)
+
+
+def stop_agreed(stops: StopRequests) -> bool:
+    """Whether any rank has been asked to stop (a collective: every rank calls it at the same point);
+    for the points between steps, where no all-reduce of the step carries the vote."""
+    return any(dist.all_gather_objects(stops.pending()))
+
+
+def stopped(step: int, ckpt) -> Stopped:
+    return Stopped(
+        f"stopped on request after optimizer step {step}: checkpoint {ckpt} saved; rerun with --resume if-present (or auto) to continue"
+    )
 
 
 MIN_SCALE_PATIENCE = 10  # fp16 steps skipped in a row at the minimum loss scale before stopping
@@ -115,6 +144,21 @@ def note_best(run, metrics: dict, step: int) -> None:
     run.state.note_evaluation(dist.broadcast_object(metrics[metric.name]), step, metric.higher_is_better)
 
 
+def evaluate_dev(run, step: int) -> None:
+    """The periodic dev evaluation; at a checkpointed step with best_metric it counts toward the best
+    checkpoint and early stopping (the best must have a checkpoint)."""
+    metrics = run.evaluate("dev")[0]
+    run.state.thresholds = metrics.get("thresholds")  # multi-label: tuned on this dev evaluation
+    run.log.eval(step, "dev", metrics)
+    if run.cfg.best_metric and due(run.cfg.save_every, step):
+        note_best(run, metrics, step)
+
+
+def due(every: int, step: int) -> bool:
+    """Whether an interval (--eval-every, --save-every; 0: never) falls on `step`."""
+    return bool(every) and step % every == 0
+
+
 def out_of_patience(cfg, state) -> bool:
     """Early stopping: the last `early_stopping_patience` checkpointed evaluations found no new best."""
     return bool(cfg.early_stopping_patience) and state.evaluations_since_best >= cfg.early_stopping_patience
@@ -149,16 +193,20 @@ def train_loop(run) -> None:
     order follows them; a window whose update fp16 skipped (overflow) does not step the LR
     scheduler, so the run goes on until `total_steps` updates were applied and the schedule ends
     where it was planned. The logged loss is the mean over the window's micro-batches and ranks.
+    A stop request (any rank) is saved at the boundary it is seen at, leaving a due dev evaluation
+    to the resumed run; one that came during an evaluation or a save is acted on right after it.
     """
     engine, cfg, state = run.engine, run.cfg, run.state
     micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     world, global_batch = dist.world_size(), engine.train_batch_size()
     fp16 = engine.fp16_enabled()
     poison_step = int(os.environ.get(NAN_AT_STEP, 0))
-    stops = StopRequests()
     window = WindowTotals(engine.device)
     stats, started, at_min_scale = {"data_wait": 0.0}, time.perf_counter(), 0
     engine.train()
+    if state.dev_evaluation_due:  # skipped by the stop that saved the checkpoint this run resumed from
+        evaluate_dev(run, state.optimizer_step)
+        state.dev_evaluation_due = False
     while state.applied_steps < run.total_steps and not out_of_patience(cfg, state):
         epoch = state.epoch
         batches = train_batches(run.data.splits["train"], micro, accum, world, dist.rank(), cfg.seed, epoch, state.step_in_epoch)
@@ -168,7 +216,8 @@ def train_loop(run) -> None:
             window.add(loss, batch["attention_mask"].sum())
             if not boundary:
                 continue
-            loss_sum, tokens, stop = window.reduce(stops.pending())
+            pause_for_test(f"step-{state.optimizer_step + 1}")
+            loss_sum, tokens, stop = window.reduce(run.stops.pending())
             skipped = engine.skipped_steps > state.skipped_steps
             state.advance(run.steps_per_epoch, skipped)
             step = state.optimizer_step
@@ -196,19 +245,15 @@ def train_loop(run) -> None:
             )
             paused = time.perf_counter()
             done = state.applied_steps == run.total_steps
-            if cfg.eval_every and step % cfg.eval_every == 0 and not done:
-                metrics = run.evaluate("dev")[0]
-                state.thresholds = metrics.get("thresholds")  # multi-label: tuned on this dev evaluation
-                run.log.eval(step, "dev", metrics)
-                if cfg.best_metric and cfg.save_every and step % cfg.save_every == 0:  # the best must have a checkpoint
-                    note_best(run, metrics, step)
-            if cfg.save_every and step % cfg.save_every == 0 and not done:
-                run.save()
+            eval_due, save_due = due(cfg.eval_every, step) and not done, due(cfg.save_every, step) and not done
+            if stop:  # every rank got the same sum: all save at once and stop; the evaluation runs on resume
+                state.dev_evaluation_due = eval_due
+                raise stopped(step, run.save())
+            if eval_due:
+                evaluate_dev(run, step)
+            saved = run.save() if save_due else None
+            if (eval_due or save_due) and stop_agreed(run.stops):  # asked during them: act now, not a step later
+                raise stopped(step, saved or run.save())
             if done or out_of_patience(cfg, state):
                 return
-            if stop:  # every rank got the same sum: all stop after this step
-                raise Stopped(
-                    f"stopped on request after optimizer step {step}: checkpoint {run.save()} saved; rerun "
-                    "with --resume if-present (or auto) to continue"
-                )
             started += time.perf_counter() - paused

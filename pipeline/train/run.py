@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,16 +25,17 @@ from .. import tasks
 from ..checkpoint import checkpoints as checkpoint
 from ..checkpoint.export import export_checkpoint
 from ..core import dist
-from ..core.base import ConfigError, load_json, write_json
+from ..core.base import ConfigError, load_json, write_json, write_text
 from ..core.ds_config import Hardware, ResolvedConfig, RunShape, ds_precision, resolve_ds_config
 from ..core.model_dir import check_model_dir
 from ..core.options import TrainConfig
+from ..core.stop import Stopped, StopRequests
 from ..data.cache import TokenizedSplit, prepare_splits
 from ..data.reading import Reading
 from ..data.tokenizer import load_tokenizer, tokenizer_source
 from ..tasks.base import Task
 from .evaluate import evaluate, forward_logits
-from .loop import note_best, out_of_patience, train_loop
+from .loop import note_best, out_of_patience, pause_for_test, stop_agreed, stopped, train_loop
 from .model import build_engine, build_model
 from .runlog import RunLog
 from .state import TrainerState, read_state
@@ -79,6 +80,7 @@ class PreparedData:
 
 def prepare_data(cfg: TrainConfig, task: Task, reading: Reading, cache_dir: str, log) -> PreparedData:
     """Rank 0 reads, checks and tokenizes into the cache while the others wait; all load the cache."""
+    pause_for_test("data")
     info = dist.main_first(lambda: prepare_splits(cfg, task, tokenizer_source(cfg, cache_dir), cache_dir, log))
     tokenizer = load_tokenizer(info["tokenizer_dir"], cfg.max_length)
     names = info["label_names"]
@@ -118,6 +120,7 @@ class Run:
     state: TrainerState
     log: RunLog
     probe: dict  # a few dev records whose logits the export must reproduce
+    stops: StopRequests = field(default_factory=StopRequests)  # stop requests (signals, stop file) since setup began
 
     @property
     def total_steps(self) -> int:
@@ -136,7 +139,10 @@ class Run:
 
     @classmethod
     def setup(cls, cfg: TrainConfig) -> Run:
-        """Check what needs no process group, start it, then data -> model -> engine -> state (or resume)."""
+        """Check what needs no process group, start it, then data -> model -> engine -> state (or resume).
+
+        A stop requested during setup ends it at the next stage with Stopped: nothing to save yet."""
+        stops = StopRequests()  # first: a signal during data preparation must not kill a rank
         quiet_libraries()
         log = dist.get_logger()
         task = tasks.resolve(cfg)
@@ -151,10 +157,12 @@ class Run:
 
         run_dir, resume_from = start_or_resume(cfg, log)
         data = prepare_data(cfg, task, reading, cfg.cache_directory(), log)
+        stop_before_training(stops, "data preparation")
         saved = read_state(resume_from) if resume_from is not None else None
         shape = RunShape(len(data.splits["train"]), str(run_dir))
         if saved is not None:
             checkpoint.check_same_data(resume_from, saved, data.train_data, log)
+            checkpoint.check_same_settings(resume_from, saved, asdict(cfg))
             shape = RunShape(shape.num_records, str(run_dir), str(resume_from), saved.world_size, saved.train_batch_size)
         resolved = resolved.for_run(cfg, dist.world_size(), shape)
         for line in resolved.warnings:  # what resuming on another world size gives up
@@ -186,15 +194,24 @@ class Run:
                     f"{resume_from}: DeepSpeed's counters (global_steps {engine.global_steps}, skipped {engine.skipped_steps}) "
                     f"disagree with trainer_state.json (optimizer_step {state.optimizer_step}, skipped {state.skipped_steps})"
                 )
+            apply_optimizer_settings(engine, ds, log)
+        stop_before_training(stops, "model build and checkpoint load")
+        if saved is not None:
+            aside = dist.main_first(lambda: checkpoint.supersede_later(resume_from))
+            if aside:
+                log.info(f"warning: checkpoints after {resume_from.name} (a branch this run abandons) moved aside to {aside}")
             log.info(
                 f"resumed from {resume_from}: epoch {state.epoch}, {state.step_in_epoch} steps into it, "
                 f"optimizer step {state.optimizer_step}"
             )
-        if dist.is_main():
+
+        def write_run_files():  # rank 0's, through main_first: a full disk stops every rank with one line
             write_json(run_dir / "train_config.json", asdict(cfg))
             write_json(run_dir / "ds_config.json", {**ds, "world_size": dist.world_size()})
             if data.class_weights:  # the weights --class-weights resolved to (also in every checkpoint's trainer state)
                 write_json(run_dir / "class_weights.json", data.class_weights)
+
+        dist.main_first(write_run_files)
         log.info(f"run directory: {run_dir}")
         if data.class_weights:
             log.info(f"class weights ({cfg.class_weights}): " + ", ".join(f"{k} {w:.3g}" for k, w in data.class_weights.items()))
@@ -212,11 +229,12 @@ class Run:
         dev = data.splits["dev"]
         probe = dev.batch(range(min(PROBE_SIZE, len(dev))))
         runlog = RunLog(run_dir, resolved.total_steps, state.optimizer_step, bool(cfg.tensorboard), task)
-        return cls(cfg, task, run_dir, data, resolved, engine, state, runlog, probe)
+        return cls(cfg, task, run_dir, data, resolved, engine, state, runlog, probe, stops)
 
     def evaluate(self, split: str, thresholds=None):
         """(metrics, predictions) of the live weights on a split; every rank must call this.
         Multi-label: `thresholds` {label: threshold} decide, else --threshold is fitted on this split."""
+        pause_for_test("evaluate")
         return evaluate(
             self.engine,
             self.data.splits[split],
@@ -228,6 +246,7 @@ class Run:
 
     def save(self) -> Path:
         """A complete checkpoint of this step on every rank (see checkpoint.checkpoints.save)."""
+        pause_for_test("save")
         return checkpoint.save(
             self.engine,
             self.run_dir,
@@ -243,23 +262,32 @@ class Run:
         train_loop(self)
 
     def finish(self) -> dict:
-        """After training: save the last step, choose the checkpoint to export (the last one, or with
-        best_metric the best one, loaded into the engine), evaluate dev and test with exactly those
-        weights, write predictions and eval_results.json, and export. Returns the metrics per split."""
+        """After training: save the last step (before anything else, so a stop or kill from here on
+        loses no step), choose the checkpoint to export (the last one, or with best_metric the best
+        one, loaded into the engine), evaluate dev and test with exactly those weights, write
+        predictions and eval_results.json, and export. Returns the metrics per split.
+
+        The final dev evaluation is not in the last checkpoint: a finished run resumed from it
+        evaluates once more and counts that evaluation once."""
         cfg, state, log = self.cfg, self.state, dist.get_logger()
         step, evaluated = state.optimizer_step, {}  # split -> (metrics, predictions) of the weights to export
-        if out_of_patience(cfg, state):
+        stopped_early = out_of_patience(cfg, state)
+        last = self.save()
+        if stop_agreed(self.stops):
+            raise stopped(step, last)
+        if stopped_early:
             log.info(
                 f"early stopping after step {step}: dev {cfg.best_metric} did not improve in the last "
                 f"{state.evaluations_since_best} checkpointed evaluations (best {state.best_metric:.4f} at step {state.best_step})"
             )
         else:  # the last weights' dev evaluation; with best_metric they may be the best
             evaluated["dev"] = self.evaluate("dev")
-            state.thresholds = evaluated["dev"][0].get("thresholds")  # multi-label: saved with the checkpoint and export
+            state.thresholds = evaluated["dev"][0].get("thresholds")  # multi-label: exported with the last weights
             self.log.eval(step, "dev", evaluated["dev"][0])
             if cfg.best_metric:
                 note_best(self, evaluated["dev"][0], step)
-        last = self.save()
+            if stop_agreed(self.stops):
+                raise stopped(step, last)
         exported = last.with_name(f"step-{state.best_step}") if cfg.best_metric else last
         if exported != last:
             log.info(
@@ -274,31 +302,52 @@ class Run:
             results[split], predictions = evaluated.get(split) or self.evaluate(split, thresholds)
             if split != "dev":  # dev was logged when it was evaluated at that step
                 self.log.eval(checkpoint.step_of(exported), split, results[split])
-            if dist.is_main():
-                describe, key = self.task.describe, self.task.output_key
-                (self.run_dir / f"predictions-{split}.jsonl").write_text(
-                    "".join(
-                        json.dumps({key: describe(p, self.data.label_names)}, ensure_ascii=False) + "\n" for p in predictions
-                    ),
-                    encoding="utf-8",
-                )
+            describe, key = self.task.describe, self.task.output_key
+            rows = "".join(json.dumps({key: describe(p, self.data.label_names)}, ensure_ascii=False) + "\n" for p in predictions)
+            dist.main_first(lambda: write_text(self.run_dir / f"predictions-{split}.jsonl", rows))
         self.log.close()
-        if dist.is_main():
-            chosen = {"best_metric": cfg.best_metric, "best_value": state.best_metric} if cfg.best_metric else {}
-            summary = {
-                "step": checkpoint.step_of(exported),
-                "last_step": step,
-                "stopped_early": out_of_patience(cfg, state),
-                **chosen,
-            }
-            write_json(self.run_dir / "eval_results.json", {**summary, **results})
-        export_dir = dist.main_first(lambda: export_checkpoint(exported, self.run_dir / "export", overwrite=True))
+        chosen = {"best_metric": cfg.best_metric, "best_value": state.best_metric} if cfg.best_metric else {}
+        summary = {"step": checkpoint.step_of(exported), "last_step": step, "stopped_early": stopped_early, **chosen}
+        dist.main_first(lambda: write_json(self.run_dir / "eval_results.json", {**summary, **results}))
+        thresholds = state.thresholds if exported == last else None  # the best checkpoint's are its own
+        export_dir = dist.main_first(lambda: export_checkpoint(exported, self.run_dir / "export", True, thresholds))
         log.info(f"final dev: {self.task.summary(results['dev'])}")
         log.info(
             f"checkpoint: {exported}\nexport (verified): {export_dir}\nmetrics: {self.run_dir / 'metrics.jsonl'}\n"
             f"eval results: {self.run_dir / 'eval_results.json'}"
         )
         return results
+
+
+def stop_before_training(stops: StopRequests, stage: str) -> None:
+    """A stop asked for on any rank during `stage` of setup ends the run on every rank: nothing to save yet."""
+    if stop_agreed(stops):
+        raise Stopped(
+            f"stopped on request during {stage}, before the first optimizer step: nothing to save; rerun to start again"
+        )
+
+
+OPTIMIZER_SETTINGS = ("lr", "betas", "eps", "weight_decay")
+
+
+def apply_optimizer_settings(engine, ds: dict, log) -> None:
+    """This run's optimizer settings, not the checkpoint's: DeepSpeed's load restored the saved
+    param_groups, which would silently keep the first run's learning rate. With an LR scheduler the
+    learning rate is the scheduler's at this step (its parameters come from this run's config;
+    DeepSpeed restores only its position)."""
+    params = dict(ds.get("optimizer", {}).get("params", {}))
+    groups = engine.optimizer.param_groups
+    if getattr(engine, "lr_scheduler", None) is not None and hasattr(engine.lr_scheduler, "get_lr"):
+        params["lr"] = engine.lr_scheduler.get_lr()[0]
+    changed = []
+    for key in (k for k in OPTIMIZER_SETTINGS if k in params):
+        value = tuple(params[key]) if key == "betas" else params[key]
+        if groups[0].get(key) != value:
+            changed.append(f"{key} {groups[0].get(key)} -> {value}")
+        for group in groups:
+            group[key] = value
+    if changed:
+        log.info(f"resumed optimizer: {', '.join(changed)} (this run's DeepSpeed config applies, not the checkpoint's)")
 
 
 def run(cfg: TrainConfig) -> dict:

@@ -53,9 +53,7 @@ class RunLog:
         # A resumed run drops what the interrupted one logged after its checkpoint: the file then
         # reads as one uninterrupted run. On rank 0 alone, but a failure reaches every rank.
         dist.main_first(lambda: write_text(path, "".join(metrics_up_to(path, start_step, self.log))))
-        if dist.is_main():
-            (run_dir / "eval").mkdir(exist_ok=True)
-            self.metrics = open(path, "a", encoding="utf-8")
+        dist.main_first(lambda: (run_dir / "eval").mkdir(exist_ok=True))
         self.tensorboard = None
         if tensorboard and dist.is_main():
             from torch.utils.tensorboard import SummaryWriter
@@ -66,9 +64,11 @@ class RunLog:
             )
 
     def record(self, row: dict) -> None:
-        if dist.is_main():
-            self.metrics.write(json.dumps(row, ensure_ascii=False) + "\n")
-            self.metrics.flush()
+        def append():  # opened per row: a write that fails leaves no buffered row behind
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+                metrics.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+        dist.main_first(append)  # a full disk on rank 0 stops every rank with one line
         if self.tensorboard:
             for key, value in row.items():
                 if key not in ("step", "epoch", "split"):
@@ -85,13 +85,11 @@ class RunLog:
 
     def eval(self, step: int, split: str, metrics: dict) -> None:
         self.record({"step": step, "split": split, **{k: metrics[k] for k in self.kind.metric_names}})
+        dist.main_first(lambda: write_json(self.run_dir / "eval" / f"{split}-step-{step}.json", metrics))
         if dist.is_main():
-            write_json(self.run_dir / "eval" / f"{split}-step-{step}.json", metrics)
             self.bar.write(f"eval {split} @ step {step}: {self.kind.report(metrics)}")
 
     def close(self) -> None:
         self.bar.close()
-        if dist.is_main():
-            self.metrics.close()
         if self.tensorboard:
             self.tensorboard.close()

@@ -19,6 +19,7 @@ class TrainerState:
     best_metric: float | None = None  # the best dev value of --best-metric at a checkpointed step
     best_step: int | None = None
     evaluations_since_best: int = 0  # checkpointed evaluations after best_step: early stopping's count
+    dev_evaluation_due: bool = False  # a stop saved this step before its periodic dev evaluation: the resumed run does it
     world_size: int = 1
     train_batch_size: int = 0
     label_names: list[str] = field(default_factory=list)
@@ -47,6 +48,8 @@ class TrainerState:
         self.skipped_steps = saved.skipped_steps
         self.best_metric, self.best_step = saved.best_metric, saved.best_step
         self.evaluations_since_best = saved.evaluations_since_best
+        self.dev_evaluation_due = saved.dev_evaluation_due
+        self.thresholds = saved.thresholds  # multi-label: until the next dev evaluation tunes new ones
 
     def advance(self, steps_per_epoch: int, skipped: bool = False) -> None:
         """One accumulation window done: the data moves on even when fp16 skipped its update."""
