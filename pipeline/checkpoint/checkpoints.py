@@ -294,13 +294,13 @@ def write_rank_files(engine, root: Path, ckpt: Path) -> list[str]:
         except OSError as e:
             error = e
     # A gather, not a barrier: every rank's files are on disk before rank 0 declares the checkpoint
-    # complete, every rank learns of a failure instead of waiting for a rank that gave up, and rank 0
-    # learns the names of files its own node may not list yet.
-    gathered = dist.all_gather_objects((error and f"rank {dist.rank()}: {type(error).__name__}: {error}", _files(ckpt)))
-    errors = [e for e, _ in gathered if e]
-    if errors:
-        raise RuntimeError("; ".join(errors))
-    return sorted({name for _, names in gathered for name in names})
+    # complete, and every rank learns of a failure instead of waiting for a rank that gave up.
+    errors = dist.all_gather_objects(error and f"rank {dist.rank()}: {type(error).__name__}: {error}")
+    if any(errors):
+        raise RuntimeError("; ".join(e for e in errors if e))
+    # Now that all writes are done (no temporary names left), each rank names what it sees, its own
+    # files at least: rank 0's node may not list another node's yet.
+    return sorted({name for names in dist.all_gather_objects(_files(ckpt)) for name in names})
 
 
 def discard_failed_save(ckpt: Path, run_dir: Path, step: int, needed: int, free: int, error: Exception) -> None:
