@@ -5,7 +5,7 @@ import time
 
 import pytest
 from fixtures_cluster import DEAD_NODE, NODES
-from helpers import ds_config, free_port, launch_sh, losses, pipeline_command, run_options
+from helpers import REPO, ds_config, free_port, launch_sh, losses, pipeline_command, run_options
 
 from pipeline.core.base import load_json
 from pipeline.launch.doctor import (
