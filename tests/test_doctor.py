@@ -16,6 +16,7 @@ from pipeline.launch.doctor import (
     network_problems,
     ops_to_build,
 )
+from pipeline.launch.probe import build_facts, network_facts
 
 
 def doctor(hostfile, *extra):
@@ -218,3 +219,13 @@ def test_network_interfaces_host_names_and_shared_memory_are_checked_per_host():
     (small,) = network_problems({**facts, "shm_gb": 0.067}, {}, 8, True)
     assert small.startswith("/dev/shm has 0.07 GB, less than 1 GB: the 8 ranks here share memory")
     assert network_problems({**facts, "shm_gb": 0.067}, {}, 1, True) == []
+
+
+def test_the_probe_reads_build_and_network_facts_here():
+    """The probe's parts that run only on GPU hosts or across hosts, run here: keys and types the checks read."""
+    import torch
+
+    facts = {**build_facts(torch), **network_facts()}
+    assert set(facts) >= {"cuda_home", "nvcc", "ninja", "cxx", "built_ops", "interfaces", "addresses", "shm_gb"}
+    assert "lo" in facts["interfaces"] and facts["shm_gb"] > 0 and isinstance(facts["built_ops"], list)
+    assert isinstance(facts["ninja"], bool) and isinstance(facts["cxx"], bool)
