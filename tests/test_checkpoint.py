@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.checkpoint import checkpoints
 from pipeline.checkpoint.checkpoints import (
     MANIFEST,
     CheckpointError,
@@ -13,6 +14,7 @@ from pipeline.checkpoint.checkpoints import (
     check_same_settings,
     find_resume_checkpoint,
     prune,
+    read_json,
     scan,
     verify_manifest,
     write_manifest,
@@ -233,3 +235,16 @@ def test_export_replaces_only_an_earlier_export_and_only_when_asked(tmp_path, ex
     (export / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="exists and is not an export"):
         check_export_target(export, overwrite=True)
+
+
+def test_the_manifest_lists_the_files_the_ranks_report_when_a_listing_misses_them(tmp_path, monkeypatch):
+    """On NFS rank 0's cached listing can lack another node's shards; the names the ranks report count."""
+    ckpt = fake_checkpoint(tmp_path, 4, complete=False)
+    (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"other node" * 10)
+    everything = checkpoints._files(ckpt)
+    stale = [name for name in everything if "rank_1" not in name]
+    monkeypatch.setattr(checkpoints, "_files", lambda _: stale)
+    write_manifest(ckpt, everything)
+    monkeypatch.undo()
+    verify_manifest(ckpt)
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in read_json(ckpt / "manifest.json")["files"]

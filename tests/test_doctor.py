@@ -5,9 +5,18 @@ import time
 
 import pytest
 from fixtures_cluster import DEAD_NODE, NODES
-from helpers import ds_config, free_port, launch_sh, losses, pipeline_command, run_options
+from helpers import REPO, ds_config, free_port, launch_sh, losses, pipeline_command, run_options
 
-from pipeline.launch.doctor import arch_problem, choose_accelerator
+from pipeline.core.base import load_json
+from pipeline.launch.doctor import (
+    arch_problem,
+    build_problem,
+    choose_accelerator,
+    driver_problem,
+    network_problems,
+    ops_to_build,
+)
+from pipeline.launch.probe import build_facts, network_facts
 
 
 def doctor(hostfile, *extra):
@@ -142,3 +151,81 @@ def test_a_torch_build_without_the_gpus_architecture_is_named():
     assert arch_problem("8.9", ["sm_90", "compute_80"], "x") is None  # PTX compiles for newer GPUs
     assert arch_problem("8.0", ["sm_90"], "x") is not None
     assert "a CPU build" in arch_problem("7.0", [], "2.13.0+cpu")
+
+
+V100_NODE = {
+    "gpus": 8,
+    "capabilities": ["7.0"],
+    "arch_list": ["sm_70", "sm_80"],
+    "torch": "2.13.0+cu126",
+    "torch_cuda": "12.6",
+    "driver": "550.54.15",
+    "cuda_available": True,
+}
+
+
+def test_gpus_torch_cannot_use_are_refused_with_the_driver_it_needs():
+    """A driver too old for the wheel: no compute capability to check, or CUDA unavailable to torch.
+    Neither may pass as 'no architecture problem' (the loop over capabilities would be empty)."""
+    hosts = {"gpu1": 8}
+    old = {**V100_NODE, "cuda_available": False, "arch_list": [], "driver": "470.82.01"}
+    _, problems = choose_accelerator("auto", {"gpu1": old}, hosts)
+    assert problems == [
+        "gpu1: torch 2.13.0+cu126 (CUDA 12.6) cannot use the GPUs here (torch.cuda.is_available() is False) "
+        "with NVIDIA driver 470.82.01; CUDA 12.x needs driver 525.60.13 or newer"
+    ]
+    _, problems = choose_accelerator("auto", {"gpu1": {**V100_NODE, "capabilities": []}}, hosts)
+    assert len(problems) == 1 and "lists 8 GPUs but no compute capability" in problems[0]
+    assert driver_problem(V100_NODE) is None
+
+
+def test_the_ops_a_config_builds_and_what_building_them_needs():
+    shipped = load_json(REPO / "ds_configs" / "v100x8_fp16_zero2.json")
+    assert ops_to_build(shipped) == ["fused_adam"]
+    assert ops_to_build(load_json(REPO / "ds_configs" / "v100x8_fp16_zero3_offload.json")) == ["cpu_adam"]
+    assert ops_to_build({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}) == []
+    toolkit = {"cuda_home": "/usr/local/cuda-12.6", "nvcc": "12.6", "ninja": True, "cxx": True, "built_ops": []}
+    node = {**V100_NODE, **toolkit}
+    assert build_problem(["fused_adam"], node) is None
+    assert build_problem(["fused_adam"], {**node, "nvcc": "12.2"}) is None  # minor versions may differ
+    assert build_problem(["fused_adam"], {**node, "cuda_home": None, "nvcc": None, "built_ops": ["fused_adam"]}) is None
+    problem = build_problem(["fused_adam"], {**node, "cuda_home": None, "nvcc": None, "ninja": False})
+    assert problem == (
+        "DeepSpeed builds fused_adam at the first step and this host lacks ninja (pip install ninja); a CUDA 12 "
+        "toolkit (CUDA_HOME is not set and no nvcc was found): install them, or prebuild with "
+        "`DS_BUILD_FUSED_ADAM=1 pip install deepspeed` (`ds_report` shows what is built)"
+    )
+    assert "nvcc of CUDA 12.x to match torch (CUDA_HOME has nvcc 11.8)" in build_problem(["fused_adam"], {**node, "nvcc": "11.8"})
+    assert build_problem(["cpu_adam"], {**node, "cuda_home": None, "nvcc": None}) is None  # a C++ op: no nvcc
+    assert "a C++ compiler" in build_problem(["cpu_adam"], {**node, "cxx": False})
+
+
+def test_network_interfaces_host_names_and_shared_memory_are_checked_per_host():
+    facts = {"hostname": "gpu1", "interfaces": ["lo", "eth0", "ib0"], "addresses": ["10.0.0.1"], "shm_gb": 64.0}
+    assert network_problems(facts, {"GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "ib"}, 8, True) == []
+    assert network_problems(facts, {"NCCL_SOCKET_IFNAME": "^docker,lo"}, 8, True) == []
+    assert network_problems(facts, {"GLOO_SOCKET_IFNAME": "eth1"}, 8, True) == [
+        "GLOO_SOCKET_IFNAME names eth1, not an interface here (lo, eth0, ib0)"
+    ]
+    assert network_problems(facts, {"NCCL_SOCKET_IFNAME": "=ib"}, 8, True) == [
+        "NCCL_SOCKET_IFNAME==ib matches no interface here (lo, eth0, ib0)"
+    ]
+    debian = {**facts, "addresses": ["127.0.1.1"]}  # /etc/hosts' default entry for the host's own name
+    (problem,) = network_problems(debian, {}, 8, True)
+    assert problem.startswith("host name gpu1 resolves to 127.0.1.1: the other hosts cannot reach gloo there")
+    assert network_problems(debian, {}, 8, False) == []  # one host: loopback is where the ranks are
+    assert network_problems(debian, {"GLOO_SOCKET_IFNAME": "eth0"}, 8, True) == []
+    assert "resolves to no address" in network_problems({**facts, "addresses": []}, {}, 8, True)[0]
+    (small,) = network_problems({**facts, "shm_gb": 0.067}, {}, 8, True)
+    assert small.startswith("/dev/shm has 0.07 GB, less than 1 GB: the 8 ranks here share memory")
+    assert network_problems({**facts, "shm_gb": 0.067}, {}, 1, True) == []
+
+
+def test_the_probe_reads_build_and_network_facts_here():
+    """The probe's parts that run only on GPU hosts or across hosts, run here: keys and types the checks read."""
+    import torch
+
+    facts = {**build_facts(torch), **network_facts()}
+    assert set(facts) >= {"cuda_home", "nvcc", "ninja", "cxx", "built_ops", "interfaces", "addresses", "shm_gb"}
+    assert "lo" in facts["interfaces"] and facts["shm_gb"] > 0 and isinstance(facts["built_ops"], list)
+    assert isinstance(facts["ninja"], bool) and isinstance(facts["cxx"], bool)

@@ -7,13 +7,15 @@ import pytest
 from helpers import REPO, cpu_env, ds_config, free_port, launch_sh, run_options
 
 from pipeline.core.base import ConfigError
-from pipeline.launch.hosts import read_hostfile
+from pipeline.core.dist import device_index
+from pipeline.launch.hosts import parse_node_address, read_hostfile
 from pipeline.launch.launcher import (
     deepspeed_command,
     parse_args,
     rank_env,
     read_env_file,
     requested_accelerator,
+    slurm_command,
     user_env,
     visible_devices_include,
 )
@@ -290,3 +292,25 @@ def test_master_addr_that_is_not_a_host_name_stops_the_launch(tmp_path):
     result = launch_sh("--hostfile", str(hostfile), "--master-addr", "node1;id")
     assert result.returncode == 2
     assert "launch: error: --master-addr 'node1;id' is not a host name" in result.stderr, result.stderr
+
+
+def test_each_rank_binds_the_gpu_it_was_given():
+    """Local rank N takes GPU N of the node; a SLURM task bound to one GPU (--gpus-per-task=1,
+    --gpu-bind=single:1) sees only that one, as device 0, whatever its SLURM_LOCALID."""
+    assert device_index(3, 8, slurm_step=False) == 3
+    assert device_index(3, 8, slurm_step=True) == 3
+    assert device_index(3, 1, slurm_step=True) == 0
+    assert device_index(0, 1, slurm_step=True) == 0
+    assert device_index(1, 1, slurm_step=False) is None  # more hostfile slots than GPUs
+    assert device_index(3, 2, slurm_step=True) is None  # two GPUs per task: not one per rank
+
+
+def test_srun_gets_the_allocations_cpus_per_task_and_the_nodes_address():
+    args, train = parse_args(["--launcher", "slurm", "--rank-logs", "logs"])
+    with_cpus = slurm_command(args, train, {"SLURM_CPUS_PER_TASK": "6"})
+    assert with_cpus[:4] == ["srun", "--kill-on-bad-exit=0", "--cpus-per-task=6", "--output=logs/rank-%t.log"]
+    assert "--cpus-per-task=6" not in slurm_command(args, train, {"SLURM_CPUS_PER_TASK": "6", "SRUN_CPUS_PER_TASK": "6"})
+    assert not any(arg.startswith("--cpus-per-task") for arg in slurm_command(args, train, {}))
+    shown = "NodeName=gpu1 Arch=x86_64 CoresPerSocket=16 NodeAddr=10.1.2.3 NodeHostName=gpu1 Version=22.05.8\n"
+    assert parse_node_address(shown, "gpu1") == "10.1.2.3"
+    assert parse_node_address("NodeName=gpu1 Arch=x86_64\n", "gpu1") == "gpu1"

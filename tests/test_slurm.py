@@ -1,7 +1,9 @@
 """Training under a real SLURM (munged, slurmctld, slurmd on this machine): an sbatch job trains like
 the deepspeed launcher; a job signalled mid-run checkpoints, requeues itself and ends with the
-uninterrupted run's losses and weights; what does not fit the allocation is refused before training."""
+uninterrupted run's losses and weights, as does a job requeued (killed) mid-run; a job at its time
+limit saves on the signal sent ahead; what does not fit the allocation is refused before training."""
 
+import re
 import subprocess
 import time
 
@@ -10,6 +12,7 @@ import pytest
 from helpers import REPO, STOP_SETTINGS, ds_config, free_port, losses, read_jsonl, run_options
 from safetensors.numpy import load_file
 
+from pipeline.checkpoint.checkpoints import verify_manifest
 from pipeline.core.base import ConfigError
 from pipeline.launch.launcher import check_slurm_gpus
 
@@ -49,10 +52,8 @@ def test_sbatch_job_trains_like_the_deepspeed_launcher(slurm, uninterrupted, sma
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
 
 
-@pytest.mark.slow
-def test_signalled_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm, uninterrupted, small_data, tmp_path):
-    """The shipped template (GPU lines dropped): USR1 mid-run -> checkpoint, exit 75, requeue, resume."""
-    config, expected = uninterrupted
+def submit_template(slurm, tmp_path, data, config) -> str:
+    """The shipped template (GPU lines dropped) on 2 tasks; returns the job id."""
     script = tmp_path / "job.sbatch"
     script.write_text(
         "".join(
@@ -69,31 +70,85 @@ def test_signalled_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(s
         "-o",
         str(tmp_path / "job.out"),
         str(script),
-        *run_args(tmp_path, small_data, config),
+        *run_args(tmp_path, data, config),
     )
     assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip().split(";")[0]
+    return submitted.stdout.strip().split(";")[0]
+
+
+def wait_past_first_checkpoint(tmp_path) -> None:
     metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 240
     while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 5):  # past the step-4 checkpoint
         assert time.monotonic() < deadline, (tmp_path / "job.out").read_text()[-4000:]
         time.sleep(0.3)
-    subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
+
+
+def wait_until_gone(slurm, job: str, tmp_path) -> str:
+    """The job's output once it has left the queue (a requeued job comes back first)."""
+    deadline = time.monotonic() + 480
     while subprocess.run(["squeue", "-h", "-j", job], env=slurm, capture_output=True, text=True).stdout.strip():
-        assert time.monotonic() < deadline + 240, (tmp_path / "job.out").read_text()[-4000:]
+        assert time.monotonic() < deadline, (tmp_path / "job.out").read_text()[-4000:]
         time.sleep(1)
-    output = (tmp_path / "job.out").read_text()
+    return (tmp_path / "job.out").read_text(errors="replace")  # a killed rank may have cut a character in two
+
+
+def assert_ends_like(run_dir, expected) -> None:
+    """Bit-exact losses and weights, as the CPU allows, and every step logged once."""
+    assert losses(run_dir) == losses(expected)
+    ours, theirs = load_file(run_dir / "export" / "model.safetensors"), load_file(expected / "export" / "model.safetensors")
+    assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+    assert [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row] == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_signalled_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm, uninterrupted, small_data, tmp_path):
+    """USR1 mid-run -> checkpoint, exit 75, the template requeues, the job resumes."""
+    config, expected = uninterrupted
+    job = submit_template(slurm, tmp_path, small_data, config)
+    wait_past_first_checkpoint(tmp_path)
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
+    output = wait_until_gone(slurm, job, tmp_path)
     stopped = [line for line in output.splitlines() if line.startswith("stopped on request after optimizer step")]
     assert len(stopped) == 1 and "exited with exit code 75" in output.lower(), output[-4000:]
     step = int(stopped[0].split("optimizer step ")[1].split(":")[0])
     assert 5 <= step < 12
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step-{step}'}" in output, output[-4000:]
-    assert losses(tmp_path / "run") == losses(expected)  # bit-exact, as the CPU allows
-    ours, theirs = (
-        load_file(tmp_path / "run" / "export" / "model.safetensors"),
-        load_file(expected / "export" / "model.safetensors"),
-    )
-    assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)
-    assert [row["step"] for row in read_jsonl(metrics) if "loss" in row] == list(range(1, 13))
+    assert_ends_like(tmp_path / "run", expected)
+
+
+@pytest.mark.slow
+def test_a_job_requeued_mid_run_resumes_from_its_last_complete_checkpoint(slurm, uninterrupted, small_data, tmp_path):
+    """`scontrol requeue`: the kill-and-requeue path a preemption with PreemptMode=REQUEUE takes. The
+    ranks are killed without a stop; the requeued job resumes from the newest complete checkpoint."""
+    config, expected = uninterrupted
+    job = submit_template(slurm, tmp_path, small_data, config)
+    wait_past_first_checkpoint(tmp_path)
+    subprocess.run(["scontrol", "requeue", job], env=slurm, check=True)
+    output = wait_until_gone(slurm, job, tmp_path)
+    assert "stopped on request" not in output, output[-4000:]
+    resumed = re.findall(r"^resumed from (\S+):", output, re.MULTILINE)
+    assert resumed in ([str(tmp_path / "run" / "checkpoints" / f"step-{step}")] for step in (4, 8)), output[-4000:]
+    assert_ends_like(tmp_path / "run", expected)
+
+
+@pytest.mark.slow
+def test_a_job_at_its_time_limit_saves_on_the_signal_sent_ahead_of_it(slurm, small_data, tmp_path):
+    """--time=3 with --signal=USR1@60: SLURM signals the ranks when 60-120 s remain (`man sbatch`: up
+    to 60 s early), after training has started; they stop after the step and save, and the job ends
+    with 75 before the limit kills it. --rank-logs names a directory that does not exist yet."""
+    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
+    endless = ["--max-length", "64", "--epochs", "1000", "--eval-every", "100000", "--save-every", "100000"]
+    logs = tmp_path / "logs" / "ranks"  # created by launch.sh: srun would not
+    options = ["--ds-config", str(config), "--master-port", str(free_port()), "--rank-logs", str(logs)]
+    options += [*run_options(small_data, tmp_path), *endless]
+    script = job_script(tmp_path, f"./launch.sh --launcher slurm {' '.join(options)}\n")
+    result = sbatch(slurm, "--wait", "--time=3", "--signal=USR1@60", "-o", str(tmp_path / "job.out"), str(script))
+    output = (tmp_path / "job.out").read_text() + "".join(log.read_text() for log in sorted(logs.glob("rank-*.log")))
+    assert result.returncode == 75, output[-4000:]
+    assert sorted(log.name for log in logs.iterdir()) == ["rank-0.log", "rank-1.log"]
+    assert "SIGUSR1: stopping after this optimizer step" in output, output[-4000:]
+    (step,) = re.findall(r"stopped on request after optimizer step (\d+)", output)  # after a progress bar's \r
+    verify_manifest(tmp_path / "run" / "checkpoints" / f"step-{step}")  # complete: a resume would take it
 
 
 @pytest.mark.slow

@@ -90,8 +90,13 @@ def _files(ckpt: Path) -> list[str]:
     return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(ckpt: Path) -> None:
-    files = {name: {"size": (ckpt / name).stat().st_size, "sha256": file_digest(ckpt / name)} for name in _files(ckpt)}
+def write_manifest(ckpt: Path, reported: tuple[str, ...] | list[str] = ()) -> None:
+    """The manifest of the files the ranks `reported` writing, and those this rank sees (its own).
+
+    Not a listing alone: on NFS this node's cached directory listing can miss another node's
+    shards for tens of seconds, while opening a file by its name finds it."""
+    names = sorted(set(reported) | set(_files(ckpt)))
+    files = {name: {"size": (ckpt / name).stat().st_size, "sha256": file_digest(ckpt / name)} for name in names}
     write_json(ckpt / MANIFEST, {"files": files})
 
 
@@ -255,11 +260,11 @@ def save(engine, run_dir: Path, state, tokenizer, probe: dict, probe_logits, pre
                 "inputs": {k: v.tolist() for k, v in probe.items() if k != "labels"},
             },
         )
-        write_manifest(ckpt)
+        write_manifest(ckpt, reported)
         prune(root, keep, state.best_step)
 
     try:
-        write_rank_files(engine, root, ckpt)
+        reported = write_rank_files(engine, root, ckpt)
         dist.main_first(finish)
     except (OSError, RuntimeError) as error:  # on every rank: write_rank_files and main_first raise everywhere
         failure = error  # the name `error` is unbound when the except block ends
@@ -318,8 +323,10 @@ def require_space(run_dir: Path, step: int, needed: int) -> tuple[int, int]:
     return needed, free
 
 
-def write_rank_files(engine, root: Path, ckpt: Path) -> None:
-    """Every rank writes its DeepSpeed files and RNG state; a failure on any rank is raised on all."""
+def write_rank_files(engine, root: Path, ckpt: Path) -> list[str]:
+    """Every rank writes its DeepSpeed files and RNG state; a failure on any rank is raised on all.
+
+    Returns the names of the files under `ckpt` that the ranks see, each its own at least."""
     try:
         engine.save_checkpoint(str(root), tag=ckpt.name, save_latest=False)
     except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError ("unexpected pos")
@@ -338,6 +345,9 @@ def write_rank_files(engine, root: Path, ckpt: Path) -> None:
     errors = dist.all_gather_objects(error and f"rank {dist.rank()}: {type(error).__name__}: {error}")
     if any(errors):
         raise RuntimeError("; ".join(e for e in errors if e))
+    # Now that all writes are done (no temporary names left), each rank names what it sees, its own
+    # files at least: rank 0's node may not list another node's yet.
+    return sorted({name for names in dist.all_gather_objects(_files(ckpt)) for name in names})
 
 
 def discard_failed_save(ckpt: Path, run_dir: Path, step: int, needed: int, free: int, error: Exception) -> None:

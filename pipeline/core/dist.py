@@ -98,7 +98,11 @@ def init(timeout_minutes: float, rank0_wait_minutes: float | None = None) -> Non
 
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(timeout=timeout, verbose=False)
-    _rank0_work = td.new_group(backend="gloo", timeout=timedelta(minutes=rank0_wait_minutes or timeout_minutes))
+    # Gloo connects every pair of ranks while the group is created, within the group's timeout: a rank
+    # whose host name resolves to loopback would make the others wait that long. Create it with the
+    # collective timeout, so a bad address fails as fast as the default group, then let it wait longer.
+    _rank0_work = td.new_group(backend="gloo", timeout=timeout)
+    c10d._set_pg_timeout(timedelta(minutes=rank0_wait_minutes or timeout_minutes), _rank0_work)
     release_shared_memory()
 
 
@@ -116,17 +120,33 @@ def bind_device() -> str:
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         return "cpu"
-    index, count = local_rank(), accelerator.device_count()
-    if index >= count:  # said by the rank that finds it: it may not be rank 0, which prints config errors
+    index = device_index(local_rank(), accelerator.device_count(), in_slurm_step())
+    if index is None:  # said by the rank that finds it: it may not be rank 0, which prints config errors
         print(
-            f"[rank {rank()}] error: local rank {index} on {socket.gethostname()} but only {count} "
-            f"{accelerator.device_name()} device(s) visible there: the hostfile gives this host more slots than GPUs",
+            f"[rank {rank()}] error: local rank {local_rank()} on {socket.gethostname()} but only "
+            f"{accelerator.device_count()} {accelerator.device_name()} device(s) visible there: "
+            "the hostfile or allocation gives this host more ranks than GPUs",
             file=sys.stderr,
             flush=True,
         )
         raise SystemExit(2)
+    # DeepSpeed takes the device from LOCAL_RANK (init_distributed's device_id, the engine's set_device).
+    os.environ["LOCAL_RANK"] = str(index)
     accelerator.set_device(index)
     return accelerator.device_name(index)
+
+
+def device_index(local: int, visible: int, slurm_step: bool) -> int | None:
+    """The device a rank with local rank `local` uses among the `visible` ones, or None if it has none.
+
+    Every launcher shows each rank all of the node's GPUs, and local rank N takes GPU N, except
+    SLURM with --gpus-per-task=1 or --gpu-bind=single:1: it narrows CUDA_VISIBLE_DEVICES to the
+    task's own GPU, which the task sees as device 0 whatever its SLURM_LOCALID."""
+    if local < visible:
+        return local
+    if slurm_step and visible == 1:
+        return 0
+    return None
 
 
 def unbuilt_comm_op() -> bool:

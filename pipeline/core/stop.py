@@ -1,10 +1,12 @@
 """Graceful stop: finish the optimizer step, save a checkpoint, exit with EXIT_CODE, resume later.
 
 A stop is asked for by
-- SIGUSR1 to any rank (`#SBATCH --signal=USR1@120`, `scancel --signal=USR1 JOB`),
-- SIGTERM to a rank started by srun (what SLURM sends on preemption and at the time limit; under
-  DeepSpeed's own launcher SIGTERM is how it tears a failed job down, so there it still ends a rank),
+- SIGUSR1 to any rank (`#SBATCH --signal=USR1@120` ahead of the time limit, `scancel --signal=USR1 JOB`,
+  preemption with SlurmctldParameters=preempt_send_user_signal),
 - the stop file `./launch.sh` creates on the first Ctrl-C (PIPELINE_STOP_FILE, looked at by rank 0).
+SIGTERM is not a stop: at a time limit, `scancel` or a preemption SLURM sends it to the ranks and to
+srun, which answers it by killing its tasks (SIGKILL); DeepSpeed's launcher tears a failed job down
+with it. It ends a rank at once, and resume starts from the last complete checkpoint.
 Each rank's request travels in the all-reduce the training loop does at every accumulation
 boundary anyway, so all ranks stop after the same optimizer step. A second signal ends the process
 at once.
@@ -31,8 +33,7 @@ class StopRequests:
     def __init__(self):
         self.requested = False
         self.file = os.environ.get(STOP_FILE)
-        for signum in (signal.SIGUSR1, *([signal.SIGTERM] if dist.in_slurm_step() else [])):
-            signal.signal(signum, self._handle)
+        signal.signal(signal.SIGUSR1, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.requested:  # asked twice: stop now, as the signal would have without us

@@ -15,6 +15,7 @@ host, not from the machine that launches.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shlex
 import subprocess
@@ -28,7 +29,14 @@ from .hosts import active_hosts, is_local, slurm_allocation
 from .probe import MARKER, PACKAGES
 
 ACCELERATORS = ("auto", "cuda", "cpu")
+SOCKET_IFNAMES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 V100_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+# The oldest Linux driver each CUDA major version runs on (NVIDIA's CUDA compatibility guide: minor
+# version compatibility within a major version).
+MIN_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+# Below this, NCCL's shared-memory transport between a node's ranks fails (NCCL's troubleshooting
+# guide: Docker's default /dev/shm of 64 MB; it suggests --shm-size=1g).
+MIN_SHM_GB = 1.0
 
 
 def remote_probe(host: str, request: dict, timeout: float, transport: str = "ssh") -> dict:
@@ -37,9 +45,15 @@ def remote_probe(host: str, request: dict, timeout: float, transport: str = "ssh
         cmd = ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host}", "--overlap", sys.executable, "-", json.dumps(request)]
     else:
         command = shlex.join([sys.executable, "-", json.dumps(request)])
-        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(timeout))}", host, command]
+        connect = min(10, max(1, int(timeout)))  # a dead host fails fast; the probe itself may take longer
+        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect}", host, command]
+    # The probe step counts the node's GPUs: without the job's per-task binding, which srun would
+    # otherwise read from the environment (SLURM_GPUS_PER_TASK, SLURM_GPU_BIND) and show it one GPU.
+    env = {key: value for key, value in os.environ.items() if key not in ("SLURM_GPUS_PER_TASK", "SLURM_GPU_BIND")}
     try:  # probe.py arrives on stdin
-        result = subprocess.run(cmd, input=Path(probe_module.__file__).read_bytes(), capture_output=True, timeout=timeout)
+        result = subprocess.run(
+            cmd, input=Path(probe_module.__file__).read_bytes(), capture_output=True, timeout=timeout, env=env
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"no answer within {timeout:g} s (host down, or a firewall dropping {transport}?)"}
     stderr = result.stderr.decode(errors="replace").strip().splitlines()
@@ -89,6 +103,96 @@ def arch_problem(capability: str, arch_list: list[str], torch_version: str | Non
     )
 
 
+def driver_problem(facts: dict) -> str | None:
+    """Why torch cannot use this host's GPUs at all, or None: no compute capability to check the
+    build against, or a driver too old for torch's CUDA (then is_available() is False and the
+    architecture list is empty)."""
+    if not facts["capabilities"]:
+        return (
+            f"nvidia-smi lists {facts['gpus']} GPUs but no compute capability (drivers older than 510 do not "
+            "report it): update the NVIDIA driver"
+        )
+    if facts.get("cuda_available") is False:
+        major = int(str(facts.get("torch_cuda") or "0").split(".")[0])
+        needed = f"; CUDA {major}.x needs driver {MIN_DRIVER[major]} or newer" if major in MIN_DRIVER else ""
+        return (
+            f"torch {facts['torch']} (CUDA {facts.get('torch_cuda')}) cannot use the GPUs here "
+            f"(torch.cuda.is_available() is False) with NVIDIA driver {facts.get('driver')}{needed}"
+        )
+    return None
+
+
+def ops_to_build(ds: dict) -> list[str]:
+    """The DeepSpeed ops this config's optimizer builds at the first step on a GPU, unless prebuilt
+    (runtime/engine.py `_configure_basic_optimizer`: Adam/AdamW is FusedAdam without offload,
+    DeepSpeedCPUAdam with it; `torch_adam` uses torch's own)."""
+    optimizer = ds.get("optimizer") or {}
+    name = str(optimizer.get("type", "")).lower()
+    offload = ((ds.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+    if name in ("adam", "adamw") and not (optimizer.get("params") or {}).get("torch_adam"):
+        return ["cpu_adam" if offload else "fused_adam"]
+    if name in ("lion", "adagrad") and offload:
+        return [f"cpu_{name}"]
+    if name in ("lion", "lamb"):
+        return [f"fused_{name}"]
+    return []
+
+
+def build_problem(ops: list[str], facts: dict) -> str | None:
+    """What stops this host from building `ops` at the first step (then every rank dies inside
+    `deepspeed.initialize`), or None: JIT builds need ninja and a C++ compiler, CUDA ops also
+    CUDA_HOME with an nvcc of torch's CUDA major version (op_builder/builder.py)."""
+    missing = [op for op in ops if op not in facts.get("built_ops", [])]
+    if not missing:
+        return None
+    lacks = [] if facts.get("ninja") else ["ninja (pip install ninja)"]
+    lacks += [] if facts.get("cxx") else ["a C++ compiler (c++)"]
+    torch_major = str(facts.get("torch_cuda") or "").split(".")[0]
+    if any(not op.startswith("cpu_") for op in missing):
+        if not facts.get("cuda_home"):
+            lacks.append(f"a CUDA {torch_major} toolkit (CUDA_HOME is not set and no nvcc was found)")
+        elif not facts.get("nvcc"):
+            lacks.append(f"nvcc in CUDA_HOME={facts['cuda_home']}/bin")
+        elif facts["nvcc"].split(".")[0] != torch_major:
+            lacks.append(f"nvcc of CUDA {torch_major}.x to match torch (CUDA_HOME has nvcc {facts['nvcc']})")
+    if not lacks:
+        return None
+    prebuild = " ".join(f"DS_BUILD_{op.upper()}=1" for op in missing)
+    return (
+        f"DeepSpeed builds {', '.join(missing)} at the first step and this host lacks {'; '.join(lacks)}: install "
+        f"them, or prebuild with `{prebuild} pip install deepspeed` (`ds_report` shows what is built)"
+    )
+
+
+def network_problems(facts: dict, ifnames: dict[str, str], ranks: int, multi_host: bool) -> list[str]:
+    """Interfaces named in GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME that this host lacks; a host name
+    that gloo would turn into a loopback or no address when ranks on other hosts must reach it
+    (gloo then falls back to loopback and the other hosts wait until the timeout); a /dev/shm
+    too small for the ranks of one node to share memory."""
+    found, have = [], facts["interfaces"]
+    gloo = [name for name in ifnames.get("GLOO_SOCKET_IFNAME", "").split(",") if name]
+    found += [f"GLOO_SOCKET_IFNAME names {name}, not an interface here ({', '.join(have)})" for name in gloo if name not in have]
+    nccl = ifnames.get("NCCL_SOCKET_IFNAME", "")
+    if nccl and not nccl.startswith("^"):  # ^ excludes; =NAME is exact; otherwise NAME is a prefix
+        names = [name for name in nccl.lstrip("=").split(",") if name]
+        exact = nccl.startswith("=")
+        if not any(i == n or (not exact and i.startswith(n)) for i in have for n in names):
+            found.append(f"NCCL_SOCKET_IFNAME={nccl} matches no interface here ({', '.join(have)})")
+    if multi_host and not gloo:
+        where = ", ".join(facts["addresses"]) or "no address"
+        if not facts["addresses"] or all(a.startswith("127.") for a in facts["addresses"]):
+            found.append(
+                f"host name {facts['hostname']} resolves to {where}: the other hosts cannot reach gloo there; "
+                "fix its entry in /etc/hosts or DNS, or set GLOO_SOCKET_IFNAME to the cluster interface in the env file"
+            )
+    if ranks > 1 and facts["shm_gb"] < MIN_SHM_GB:
+        found.append(
+            f"/dev/shm has {facts['shm_gb']:.2f} GB, less than {MIN_SHM_GB:g} GB: the {ranks} ranks here share memory "
+            "through it (NCCL, DeepSpeed's CPU all-reduce); in a container, start it with --shm-size=1g or more"
+        )
+    return found
+
+
 def choose_accelerator(requested: str, facts: dict[str, dict], hosts: dict[str, int]) -> tuple[str, list[str]]:
     """The accelerator every rank uses, from what each host has; with the problems that forbid it.
 
@@ -113,6 +217,9 @@ def choose_accelerator(requested: str, facts: dict[str, dict], hosts: dict[str, 
                 problems.append(
                     f"{host}: slots={hosts[host]} but {f['gpus']} GPUs (fix the hostfile's slots, or --accelerator cpu)"
                 )
+            if f["gpus"] and driver_problem(f):
+                problems.append(f"{host}: {driver_problem(f)}")
+                continue
             for capability in f["capabilities"]:
                 issue = arch_problem(capability, f["arch_list"], f["torch"])
                 if issue:
@@ -121,7 +228,7 @@ def choose_accelerator(requested: str, facts: dict[str, dict], hosts: dict[str, 
 
 
 def problems(facts: dict, here: dict, min_free_gb: float, port: int) -> list[str]:
-    """What is wrong with one host, apart from its accelerator (see `choose_accelerator`)."""
+    """What is wrong with one host, apart from its accelerator (see `choose_accelerator`) and network."""
     if "error" in facts:
         return [facts["error"]]
     found = [
@@ -149,11 +256,16 @@ def check(
     cache_dir: str,
     master_port: int,
     requested: str = "auto",
-    timeout: float = 10.0,
+    timeout: float = 60.0,
     min_free_gb: float = 1.0,
     transport: str = "ssh",
+    ops: tuple[str, ...] = (),
+    ifnames: dict[str, str] | None = None,
 ) -> tuple[bool, str, dict]:
     """Probe every host, print one row per host and each problem; (no problems, accelerator, facts per host).
+
+    `ops`: the DeepSpeed ops the run builds on GPUs (`ops_to_build`); `ifnames`: the ranks'
+    GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME, where set.
 
     The first host (rank 0's) is probed first and writes the shared-directory markers; the others,
     probed all at once, must read them."""
@@ -181,6 +293,10 @@ def check(
         f = facts[host]
         found[host] = problems(f, here, min_free_gb, master_port)
         found[host] += [p.split(": ", 1)[1] for p in accelerator_problems if p.startswith(f"{host}: ")]
+        if "error" not in f:
+            found[host] += network_problems(f, ifnames or {}, slots, len(hosts) > 1)
+            built = build_problem(list(ops), f) if accelerator == "cuda" else None
+            found[host] += [built] if built else []
         cells = (
             ("-",) * 6
             if "error" in f
@@ -230,12 +346,23 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--cache-dir", default="", help="checked for sharing (default: OUTPUT_DIR/cache)")
     p.add_argument("--min-free-gb", type=float, default=1.0, help="(default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per host (default: %(default)s)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds per host, a cold torch import from a shared file system included (default: %(default)s)",
+    )
 
 
 def main(args) -> int:
     slurm = args.launcher == "slurm"
     hosts = slurm_allocation() if slurm else active_hosts(args.hostfile, args.include, args.exclude)
+    # Imported here: the launcher imports this module. The ranks see the interfaces named in the
+    # cluster's env file (HOSTFILE.env, as ./launch.sh reads it) or in this environment.
+    from .launcher import read_env_file
+
+    env_file = Path(args.hostfile + ".env")
+    env = {**os.environ, **(read_env_file(env_file) if not slurm and env_file.is_file() else {})}
     ok, _, _ = check(
         hosts,
         args.output_dir,
@@ -245,5 +372,6 @@ def main(args) -> int:
         args.timeout,
         args.min_free_gb,
         transport="srun" if slurm else "ssh",
+        ifnames={key: env[key] for key in SOCKET_IFNAMES if key in env},
     )
     return 0 if ok else 1

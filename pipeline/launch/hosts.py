@@ -115,3 +115,17 @@ def slurm_allocation() -> dict[str, int]:
         count, _, repeat = part.partition("(x")
         tasks += [int(count)] * int(repeat.rstrip(")") or 1)
     return dict(zip(listing.stdout.split(), tasks))
+
+
+def node_address(node: str) -> str:
+    """The address slurm.conf gives `node` (NodeAddr; the name itself where none is set)."""
+    shown = subprocess.run(["scontrol", "show", "node", "--oneliner", node], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise ConfigError(f"scontrol show node {node}: {shown.stderr.strip()}")
+    return parse_node_address(shown.stdout, node)
+
+
+def parse_node_address(shown: str, node: str) -> str:
+    """NodeAddr from `scontrol show node` output."""
+    match = re.search(r"\bNodeAddr=(\S+)", shown)
+    return match[1] if match else node

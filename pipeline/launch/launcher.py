@@ -26,8 +26,8 @@ from ..core.base import ConfigError, load_json
 from ..core.ds_config import Hardware, resolve_ds_config
 from ..core.options import HF_ALIASES, TrainConfig, add_train_options, cache_directory, spellings, unknown_options_message
 from ..core.stop import STOP_FILE
-from .doctor import ACCELERATORS
-from .hosts import HOSTNAME, active_hosts, is_local, slurm_allocation
+from .doctor import ACCELERATORS, SOCKET_IFNAMES, ops_to_build
+from .hosts import HOSTNAME, active_hosts, is_local, node_address, slurm_allocation
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The pdsh runner writes `export KEY="VALUE";` for a shell on every node, where these characters
@@ -173,8 +173,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         *spellings("doctor-timeout"),
         dest="doctor_timeout",
         type=float,
-        default=10.0,
-        help="seconds per host for the doctor's checks (default: %(default)s)",
+        default=60.0,
+        help="seconds per host for the doctor's checks, a cold torch import included (default: %(default)s)",
     )
     args, train_args = p.parse_known_args(argv)
     # Unknown options would otherwise reach every rank and fail there, after the doctor and the runner.
@@ -279,7 +279,7 @@ def check_run_config(args: argparse.Namespace, world: int, accelerator: str, cap
     if accelerator == "cpu":
         hardware = Hardware.named("cpu")
     else:
-        bf16 = all(float(c) >= 8.0 for c in capabilities)
+        bf16 = bool(capabilities) and all(float(c) >= 8.0 for c in capabilities)  # unknown GPUs: no bf16
         hardware = Hardware(
             "cuda", fp16=True, bf16=bf16, name=f"GPUs of compute capability {', '.join(capabilities) or 'unknown'}"
         )
@@ -351,13 +351,17 @@ def deepspeed_command(args: argparse.Namespace, hosts: dict[str, int], train_arg
     return cmd + ["--module", "pipeline", "train", "--ds-config", args.ds_config, *train_args]
 
 
-def slurm_command(args: argparse.Namespace, train_args: list[str]) -> list[str]:
+def slurm_command(args: argparse.Namespace, train_args: list[str], environ: dict[str, str]) -> list[str]:
     """One srun task per rank over the whole allocation.
 
     --kill-on-bad-exit=0: after a stop every rank exits 75 having saved, and SLURM would kill the
     ranks still leaving as soon as the first one exits non-zero. A rank that dies still ends the
-    others: their next collective fails as its connections close, or at the collective timeout."""
+    others: their next collective fails as its connections close, or at the collective timeout.
+    --cpus-per-task: since SLURM 22.05 srun no longer inherits the allocation's (`man srun`), and
+    each rank would get one core for tokenizing and loading data."""
     cmd = ["srun", "--kill-on-bad-exit=0"]
+    if "SLURM_CPUS_PER_TASK" in environ and "SRUN_CPUS_PER_TASK" not in environ:
+        cmd.append(f"--cpus-per-task={environ['SLURM_CPUS_PER_TASK']}")
     if args.rank_logs:
         cmd.append(BACKENDS["slurm"].rank_logs.format(dir=args.rank_logs))
     cmd += args.launcher_args.split()
@@ -388,7 +392,9 @@ def run(argv: list[str]) -> int:
     hosts = launch_hosts(args, env)
     check_launcher(args, hosts)
     local = not slurm and all(is_local(host) for host in hosts)
-    args.master_addr = args.master_addr or ("127.0.0.1" if local else next(iter(hosts)))
+    if not args.master_addr:
+        # Under SLURM the node's NodeAddr, not its name: a name may resolve to loopback on the node itself.
+        args.master_addr = "127.0.0.1" if local else node_address(next(iter(hosts))) if slurm else next(iter(hosts))
     if not HOSTNAME.fullmatch(args.master_addr):  # it goes into the command line pdsh runs on every node
         raise ConfigError(f"--master-addr {args.master_addr!r} is not a host name or IPv4 address")
     accelerator, capabilities = requested_accelerator(args, env), []
@@ -405,6 +411,8 @@ def run(argv: list[str]) -> int:
             accelerator,
             args.doctor_timeout,
             transport="srun" if slurm else "ssh",
+            ops=tuple(ops_to_build(load_json(args.ds_config))),
+            ifnames={key: value for key, value in {**os.environ, **env}.items() if key in SOCKET_IFNAMES},
         )
         if not ok:
             return 1
@@ -427,9 +435,11 @@ def run(argv: list[str]) -> int:
     )
     stop_file = Path(out).resolve() / f".stop-request-{os.getpid()}"  # on the shared file system, seen by rank 0
     env = {**rank_env(args, env, accelerator), STOP_FILE: str(stop_file)}
+    if args.rank_logs:  # neither srun nor mpirun creates a missing log directory
+        Path(args.rank_logs).mkdir(parents=True, exist_ok=True)
     if slurm:
-        # Under SLURM the ranks get preemption and --signal signals from slurmd themselves.
-        return exit_code(subprocess.call(slurm_command(args, train_args), env={**os.environ, **env}))
+        # Under SLURM the ranks get the --signal signal from slurmd themselves.
+        return exit_code(subprocess.call(slurm_command(args, train_args, dict(os.environ)), env={**os.environ, **env}))
 
     with tempfile.NamedTemporaryFile("w", prefix="deepspeed_env-", suffix=".txt", delete=False) as f:
         f.write("".join(f"{key}={value}\n" for key, value in env.items()))

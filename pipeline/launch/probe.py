@@ -6,7 +6,11 @@ this to answer (a missing torch is one of the facts). `doctor.py` compares the a
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,27 +22,79 @@ MARKER = ".pipeline-doctor-marker"  # written by the doctor into the output and 
 
 
 def gpu_facts() -> dict:
-    """GPUs of this host (nvidia-smi) and the CUDA architectures its torch build has kernels for."""
-    gpus, capabilities = 0, []
+    """GPUs of this host (nvidia-smi), its driver, whether torch can use them, and the CUDA
+    architectures its torch build has kernels for."""
+    gpus, capabilities, driver = 0, [], None
     if shutil.which("nvidia-smi"):
         query = subprocess.run(
-            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+            ["nvidia-smi", "--query-gpu=compute_cap,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         if query.returncode == 0:
-            capabilities = [line.strip() for line in query.stdout.splitlines() if line.strip()]
-            gpus = len(capabilities)
+            rows = [[cell.strip() for cell in line.split(",")] for line in query.stdout.splitlines() if line.strip()]
+            capabilities, driver, gpus = [row[0] for row in rows], rows[0][1] if rows else None, len(rows)
         else:  # drivers older than 510 have no compute_cap field
             listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
             gpus = sum(line.startswith("GPU ") for line in listing.splitlines())
-    arch_list, torch_cuda = [], None
+    facts = {"arch_list": [], "torch_cuda": None, "cuda_available": None}
     if gpus:
         try:
             import torch
 
-            arch_list, torch_cuda = torch.cuda.get_arch_list(), torch.version.cuda
+            facts = {
+                "arch_list": torch.cuda.get_arch_list(),  # empty when the driver is too old for the build
+                "torch_cuda": torch.version.cuda,
+                "cuda_available": torch.cuda.is_available(),
+                **build_facts(torch),
+            }
         except ImportError:
             pass  # reported as a missing torch by the version check
-    return {"gpus": gpus, "capabilities": sorted(set(capabilities)), "arch_list": arch_list, "torch_cuda": torch_cuda}
+    return {"gpus": gpus, "capabilities": sorted(set(capabilities)), "driver": driver, **facts}
+
+
+def build_facts(torch) -> dict:
+    """What DeepSpeed needs to JIT-build a CUDA op here (op_builder/builder.py), and the ops already
+    built: installed prebuilt (DS_BUILD_*=1 pip install deepspeed), or in torch's JIT cache."""
+    from torch.utils.cpp_extension import CUDA_HOME, _get_build_directory
+
+    nvcc = None
+    if CUDA_HOME and Path(CUDA_HOME, "bin", "nvcc").is_file():
+        shown = subprocess.run([str(Path(CUDA_HOME, "bin", "nvcc")), "-V"], capture_output=True, text=True, timeout=10)
+        release = re.search(r"release (\d+\.\d+)", shown.stdout)
+        nvcc = release[1] if release else None
+    built = []
+    spec = importlib.util.find_spec("deepspeed")
+    installed = Path(spec.origin).with_name("git_version_info_installed.py") if spec else None
+    if installed and installed.is_file():  # read, not imported: importing deepspeed takes seconds
+        for node in ast.parse(installed.read_text()).body:
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "installed_ops":
+                built = [op for op, present in ast.literal_eval(node.value).items() if present]
+    for op in ("fused_adam", "fused_lamb", "fused_lion", "cpu_adam", "cpu_adagrad", "cpu_lion"):
+        if Path(_get_build_directory(op, verbose=False), f"{op}.so").is_file():
+            built.append(op)
+    return {
+        "cuda_home": CUDA_HOME,
+        "nvcc": nvcc,
+        "ninja": shutil.which("ninja") is not None,
+        "cxx": shutil.which(os.environ.get("CXX", "c++")) is not None,
+        "built_ops": sorted(set(built)),
+    }
+
+
+def network_facts() -> dict:
+    """This host's network interfaces, the addresses its name resolves to (gloo listens on them
+    unless GLOO_SOCKET_IFNAME names an interface), and the size of /dev/shm."""
+    try:
+        addresses = sorted({info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)})
+    except OSError:
+        addresses = []
+    return {
+        "interfaces": [name for _, name in socket.if_nameindex()],
+        "addresses": addresses,
+        "shm_gb": shutil.disk_usage("/dev/shm").total / 1e9 if Path("/dev/shm").is_dir() else 0.0,
+    }
 
 
 def shared_dirs(repo: str, dirs: list[str], token: str, write: bool) -> dict:
@@ -89,6 +145,7 @@ def probe(request: dict) -> dict:
         **versions,
         "project": spec.origin if spec else None,
         **gpu_facts(),
+        **network_facts(),
         "free_gb": shutil.disk_usage(out).free / 1e9,
         "port_free": port_free,
         "shared": shared,
