@@ -42,7 +42,8 @@ class StopRequests:
             return
         self.requested = True
         print(
-            f"[rank {dist.rank()}] {signal.Signals(signum).name}: stopping after this optimizer step, with a checkpoint",
+            f"[rank {dist.rank()}] {signal.Signals(signum).name}: stopping after this optimizer step with a checkpoint "
+            "(before the first step: at once, with nothing to save)",
             flush=True,
         )
 
