@@ -105,9 +105,14 @@ def train_args(config: Path, data: dict, out: Path, name: str = "run", *extra: s
     return ["train", "--ds-config", str(config), *run_options(data, out, name), *extra]
 
 
+def launch_sh_command(*args: str) -> list[str]:
+    """`./launch.sh ARGS`: for `launch_sh`, or a Popen of its own where a test signals or waits on the job."""
+    return [str(REPO / "launch.sh"), *args]
+
+
 def launch_sh(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`./launch.sh ARGS` (CPU ranks' environment plus `env`); output captured."""
-    command = [str(REPO / "launch.sh"), *args]
+    command = launch_sh_command(*args)
     return subprocess.run(command, cwd=cwd, env={**cpu_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from fixtures_cluster import NODES
-from helpers import REPO, cpu_env, ds_config, free_port, losses, run_options, train
+from helpers import REPO, cpu_env, ds_config, free_port, launch_sh_command, losses, run_options, train
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
@@ -38,7 +38,7 @@ def launch_args(cluster, tmp_path, data, config, launcher, extra):
         *SHORT,
         *extra,
     ]
-    return [str(REPO / "launch.sh"), *args, *(["--launcher-args", OPENMPI_ARGS] if launcher == "openmpi" else [])]
+    return launch_sh_command(*args, *(["--launcher-args", OPENMPI_ARGS] if launcher == "openmpi" else []))
 
 
 @pytest.fixture(scope="module")

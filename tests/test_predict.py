@@ -1,11 +1,10 @@
 import io
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, cpu_env, export_window_logits, read_jsonl
+from helpers import export_window_logits, pipeline_command, read_jsonl
 
 from pipeline.cli.main import main
 from pipeline.cli.predict import predict
@@ -18,26 +17,11 @@ from pipeline.tasks.single_label import probabilities
 def test_predict_from_stdin_and_txt_file_agree(initial_model, tmp_path):
     texts = ["主诉：发热3天，咳嗽。", "主诉：胸痛2小时。"]
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-    from_stdin = subprocess.run(
-        [sys.executable, "-m", "pipeline", "predict", "--model", str(initial_model)],
-        input="\n".join(texts),
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    from_stdin = pipeline_command("predict", "--model", str(initial_model), input="\n".join(texts), check=True).stdout
     rows = [json.loads(line) for line in from_stdin.splitlines()]
     assert [{k: v for k, v in r.items() if k != "line"} for r in rows] == predict(str(initial_model), texts)
     assert [r["line"] for r in rows] == [1, 2]
-    from_file = subprocess.run(
-        [sys.executable, "-m", "pipeline", "predict", "--model", str(initial_model), "--input", str(tmp_path / "in.txt")],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    from_file = pipeline_command("predict", "--model", str(initial_model), "--input", str(tmp_path / "in.txt"), check=True)
     assert from_file.stdout == from_stdin
     assert all(set(r["probabilities"]) == set(json.loads((initial_model / "config.json").read_text())["label2id"]) for r in rows)
 

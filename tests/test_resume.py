@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,11 +15,12 @@ from helpers import (
     EARLY_STOP_SETTINGS,
     REPO,
     cpu_env,
+    deepspeed_command,
     ds_config,
     early_stop_step,
-    free_port,
     launch,
     losses,
+    pipeline_command,
     read_jsonl,
     run_options,
     train,
@@ -124,16 +124,7 @@ def kill_rank(launcher: subprocess.Popen, rank: int) -> None:
 
 def start_killable_run(config, data, tmp_path, *extra) -> subprocess.Popen:
     """A training run named 'killed', in the background; its console goes to killed.log."""
-    cmd = [
-        "deepspeed",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "pipeline",
-        *train_args(config, data, tmp_path, "--run-name", "killed", "--dist-timeout-minutes", "0.5", *extra),
-    ]
+    cmd = deepspeed_command(train_args(config, data, tmp_path, "--run-name", "killed", "--dist-timeout-minutes", "0.5", *extra))
     return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=open(tmp_path / "killed.log", "w"), stderr=subprocess.STDOUT)
 
 
@@ -222,34 +213,15 @@ def test_resume_on_changed_training_data_is_refused(reference, small_data, tmp_p
 def test_export_from_zero3_shards_reproduces_the_training_predictions(reference, small_data, tmp_path):
     ref, _ = reference(3)
     out = tmp_path / "exported"
-    subprocess.run(
-        [sys.executable, "-m", "pipeline", "export", str(ref / "checkpoints" / "step-32"), str(out)],
-        cwd=REPO,
-        env=cpu_env(),
-        check=True,
-        capture_output=True,
-    )
+    pipeline_command("export", str(ref / "checkpoints" / "step-32"), str(out), check=True)
     # Into the run directory itself: refused, and nothing deleted.
     before = sorted(p.relative_to(ref) for p in ref.rglob("*"))
-    refused = subprocess.run(
-        [sys.executable, "-m", "pipeline", "export", str(ref / "checkpoints" / "step-32"), str(ref)],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-    )
+    refused = pipeline_command("export", str(ref / "checkpoints" / "step-32"), str(ref))
     assert refused.returncode == 2 and f"error: export: {ref} exists and is not an export" in refused.stderr, refused.stderr
     assert sorted(p.relative_to(ref) for p in ref.rglob("*")) == before
     mine, theirs = load_file(out / "model.safetensors"), load_file(ref / "export" / "model.safetensors")
     assert mine.keys() == theirs.keys() and all((mine[k] == theirs[k]).all() for k in theirs)
-    predicted = subprocess.run(
-        [sys.executable, "-m", "pipeline", "predict", "--model", str(out), "--input", str(small_data["dev"])],
-        cwd=REPO,
-        env=cpu_env(),
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    predicted = pipeline_command("predict", "--model", str(out), "--input", str(small_data["dev"]), check=True)
     labels = [json.loads(line)["label"] for line in predicted.stdout.splitlines()]
     assert labels == [row["label"] for row in read_jsonl(ref / "predictions-dev.jsonl")]
 

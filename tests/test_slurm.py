@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import REPO, STOP_SETTINGS, ds_config, free_port, losses, read_jsonl, run_options
+from helpers import REPO, STOP_SETTINGS, ds_config, free_port, launch_sh_command, losses, read_jsonl, run_options
 from safetensors.numpy import load_file
 
 from pipeline.checkpoint.checkpoints import verify_manifest
@@ -165,10 +165,10 @@ def test_a_batch_config_that_does_not_fit_the_allocation_is_refused_before_train
 @pytest.mark.slow
 def test_launcher_slurm_outside_an_allocation_or_with_a_hostfile_is_an_error():
     env = {key: value for key, value in __import__("os").environ.items() if not key.startswith("SLURM_")}
-    outside = subprocess.run([str(REPO / "launch.sh"), "--launcher", "slurm"], cwd=REPO, env=env, capture_output=True, text=True)
+    outside = subprocess.run(launch_sh_command("--launcher", "slurm"), cwd=REPO, env=env, capture_output=True, text=True)
     assert outside.returncode == 2 and "--launcher slurm outside a SLURM allocation" in outside.stderr, outside.stderr
     both = subprocess.run(
-        [str(REPO / "launch.sh"), "--launcher", "slurm", "--hostfile", "hostfiles/localhost"],
+        launch_sh_command("--launcher", "slurm", "--hostfile", "hostfiles/localhost"),
         cwd=REPO,
         env={**env, "SLURM_JOB_ID": "1"},
         capture_output=True,

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import REPO, STOP_SETTINGS, cpu_env, ds_config, free_port, launch, losses, read_jsonl, run_options
+from helpers import REPO, STOP_SETTINGS, cpu_env, ds_config, free_port, launch, launch_sh_command, losses, read_jsonl, run_options
 from safetensors.numpy import load_file
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
@@ -18,16 +18,9 @@ EXIT_STOPPED = 75
 
 
 def start(tmp_path, data, config, extra=(), env=None):
-    cmd = [
-        str(REPO / "launch.sh"),
-        "--ds-config",
-        str(config),
-        "--master-port",
-        str(free_port()),
-        *run_options(data, tmp_path),
-        *STOP_SETTINGS,
-        *extra,
-    ]
+    cmd = launch_sh_command(
+        "--ds-config", str(config), "--master-port", str(free_port()), *run_options(data, tmp_path), *STOP_SETTINGS, *extra
+    )
     console = open(tmp_path / "console.txt", "w")
     return subprocess.Popen(cmd, cwd=REPO, env={**cpu_env(), **(env or {})}, stdout=console, stderr=subprocess.STDOUT)
 
