@@ -9,7 +9,20 @@ import time
 
 import numpy as np
 import pytest
-from helpers import REPO, STOP_SETTINGS, cpu_env, ds_config, free_port, launch, launch_sh_command, losses, read_jsonl, run_options
+from helpers import (
+    REPO,
+    SAMPLE,
+    STOP_SETTINGS,
+    cpu_env,
+    ds_config,
+    free_port,
+    launch,
+    launch_sh_command,
+    losses,
+    read_jsonl,
+    run_options,
+    write_jsonl,
+)
 from safetensors.numpy import load_file
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
@@ -128,3 +141,20 @@ def test_a_stop_at_any_stage_ends_in_a_checkpoint_within_one_step_and_one_save(s
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         assert json.loads((run / "eval_results.json").read_text())["last_step"] == 12
         assert [row["step"] for row in read_jsonl(run / "metrics.jsonl") if row.get("split") == "dev"] == [4, 8, 12]
+
+
+def test_a_stop_while_rank_0_tokenizes_ends_the_preparation_at_once(small_data, tmp_path):
+    """3,000 training records take three tokenizer batches: SIGUSR1 after the first ends the data
+    preparation there (not after the whole file), every rank exits 75, and no half-built cache is left."""
+    rows = read_jsonl(SAMPLE / "train.jsonl")
+    big = write_jsonl(
+        tmp_path / "big.jsonl", [{**row, "text": f"{row['text']} 第{i}例"} for i, row in enumerate((rows * 3)[:3000])]
+    )
+    config, marker = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2), tmp_path / "paused"
+    job = start(tmp_path, {**small_data, "train": big}, config, env={"PIPELINE_TEST_PAUSE_AT": f"tokenize:{marker}"})
+    signal_at(job, tmp_path, marker)
+    code = job.wait(timeout=240)
+    console = (tmp_path / "console.txt").read_text()
+    assert code == EXIT_STOPPED and "Traceback" not in console, console[-4000:]
+    assert console.count("stopped on request during data preparation, before the first optimizer step: nothing to save") >= 1
+    assert not list((tmp_path / "cache").glob("tokenized-big-*")), list((tmp_path / "cache").iterdir())

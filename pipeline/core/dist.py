@@ -238,6 +238,7 @@ def main_first(fn):
     in their own group, bounded by `init`'s rank0_wait_minutes, not the collective timeout.
     """
     from .base import ConfigError, disk_full
+    from .stop import Stopped  # here, not at the top: stop.py imports this module
 
     result, error = None, None
     if is_main():
@@ -247,11 +248,14 @@ def main_first(fn):
             error = e
             if disk_full(e):  # the user can fix it: one line on every rank, not a traceback
                 error = ConfigError(f"no space left on the output file system: {e.filename or e}; free some space and resume")
-    shared = broadcast_object((result, None if error is None else (isinstance(error, ConfigError), f"{error}")), _rank0_work)
+    # What the other ranks raise: the same kind for a user's error and a stop request, else "rank 0 failed".
+    kind = next((k for k in (ConfigError, Stopped) if isinstance(error, k)), None)
+    shared = broadcast_object((result, None if error is None else (kind and kind.__name__, f"{error}")), _rank0_work)
     if error is not None:
         raise error
     result, failure = shared
     if failure is not None:
-        is_config_error, message = failure
-        raise (ConfigError(message) if is_config_error else RuntimeError(f"rank 0 failed: {message}"))
+        kind_name, message = failure
+        known = {k.__name__: k for k in (ConfigError, Stopped)}
+        raise known[kind_name](message) if kind_name else RuntimeError(f"rank 0 failed: {message}")
     return result

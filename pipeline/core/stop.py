@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 from . import dist
 
@@ -24,16 +26,28 @@ STOP_FILE = "PIPELINE_STOP_FILE"
 
 
 class Stopped(Exception):
-    """Training stopped on request after saving a complete checkpoint (the message says which)."""
+    """Training stopped on request: after saving a complete checkpoint, or before the first step with
+    nothing to save (the message says which)."""
+
+    @classmethod
+    def before_training(cls, stage: str) -> Stopped:
+        return cls(f"stopped on request during {stage}, before the first optimizer step: nothing to save; rerun to start again")
+
+
+# This process's stop request (signal handlers are per process): long one-off work that has no
+# collective to vote in, rank 0's tokenizing, asks it between batches (`raise_if_requested`).
+_requests = None
 
 
 class StopRequests:
     """This rank's stop request: set by a signal, or by rank 0 finding the launcher's stop file."""
 
     def __init__(self):
+        global _requests
         self.requested = False
         self.file = os.environ.get(STOP_FILE)
         signal.signal(signal.SIGUSR1, self._handle)
+        _requests = self
 
     def _handle(self, signum, frame) -> None:
         if self.requested:  # asked twice: stop now, as the signal would have without us
@@ -52,6 +66,30 @@ class StopRequests:
         if not self.requested and self.file and dist.is_main() and os.path.exists(self.file):
             self.requested = True
         return float(self.requested)
+
+
+def raise_if_requested(stage: str) -> None:
+    """End `stage` at once when this process was asked to stop before the first step: there is no
+    checkpoint to make, and what the stage half built is discarded (its caches are built aside)."""
+    if _requests is not None and _requests.pending():
+        raise Stopped.before_training(stage)
+
+
+# Test hook (documented in docs/troubleshooting.md): "STAGE:PATH" makes rank 0, the first time it
+# reaches STAGE (data, tokenize: after the first batch of records is tokenized, evaluate, save,
+# step-N: before step N's stop vote), write its pid to PATH and
+# wait until PATH is removed, so a test can send a signal at that stage.
+PAUSE_AT = "PIPELINE_TEST_PAUSE_AT"
+
+
+def pause_for_test(stage: str) -> None:
+    wanted, _, marker = os.environ.get(PAUSE_AT, "").partition(":")
+    if stage != wanted or not dist.is_main():
+        return
+    del os.environ[PAUSE_AT]  # once
+    Path(marker).write_text(str(os.getpid()), encoding="utf-8")
+    while os.path.exists(marker):
+        time.sleep(0.1)
 
 
 def exit_as_stopped() -> None:

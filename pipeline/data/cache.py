@@ -27,6 +27,7 @@ import numpy as np
 
 from ..core.base import ConfigError, build_once, file_digest, write_json
 from ..core.options import TrainConfig
+from ..core.stop import pause_for_test, raise_if_requested
 from . import reading
 from .readers import iter_records, require_columns
 
@@ -193,6 +194,8 @@ def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path) 
             table = pa.RecordBatch.from_pydict(columns)
             writer = writer or pa.ipc.new_stream(sink, table.schema)
             writer.write_batch(table)
+            pause_for_test("tokenize")
+            raise_if_requested("data preparation")  # hours of tokenizing must not outlast a stop request
             batch_unknown, batch_tokens = count_unknown(tokenizer, columns["input_ids"].flatten().to_numpy())
             unknown, tokens = unknown + batch_unknown, tokens + batch_tokens
             records, windows = records + len(batch), windows + len(record)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 
 from ..core import dist
 from ..core.base import ConfigError
-from ..core.stop import Stopped, StopRequests
+from ..core.stop import Stopped, StopRequests, pause_for_test
 from ..data.batching import train_batches
 from .evaluate import to_device
 
@@ -38,22 +37,6 @@ class TrainingStopped(ConfigError):
 # Test hook (documented in docs/troubleshooting.md): make every micro-batch loss of this optimizer
 # step NaN, to show the divergence stop on hardware without fp16.
 NAN_AT_STEP = "PIPELINE_TEST_NAN_AT_STEP"
-
-
-# Test hook (documented in docs/troubleshooting.md): "STAGE:PATH" makes rank 0, the first time it
-# reaches STAGE (data, evaluate, save, step-N: before step N's stop vote), write its pid to PATH and
-# wait until PATH is removed, so a test can send a signal at that stage.
-PAUSE_AT = "PIPELINE_TEST_PAUSE_AT"
-
-
-def pause_for_test(stage: str) -> None:
-    wanted, _, marker = os.environ.get(PAUSE_AT, "").partition(":")
-    if stage != wanted or not dist.is_main():
-        return
-    del os.environ[PAUSE_AT]  # once
-    Path(marker).write_text(str(os.getpid()), encoding="utf-8")
-    while os.path.exists(marker):
-        time.sleep(0.1)
 
 
 def stop_agreed(stops: StopRequests) -> bool:

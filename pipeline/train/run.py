@@ -29,13 +29,13 @@ from ..core.base import ConfigError, load_json, write_json, write_text
 from ..core.ds_config import Hardware, ResolvedConfig, RunShape, ds_precision, resolve_ds_config
 from ..core.model_dir import check_model_dir
 from ..core.options import TrainConfig
-from ..core.stop import Stopped, StopRequests
+from ..core.stop import Stopped, StopRequests, pause_for_test
 from ..data.cache import TokenizedSplit, prepare_splits
 from ..data.reading import Reading
 from ..data.tokenizer import load_tokenizer, tokenizer_source
 from ..tasks.base import Task
 from .evaluate import evaluate, forward_logits
-from .loop import note_best, out_of_patience, pause_for_test, stop_agreed, stopped, train_loop
+from .loop import note_best, out_of_patience, stop_agreed, stopped, train_loop
 from .model import build_engine, build_model
 from .runlog import RunLog
 from .state import TrainerState, read_state
@@ -322,9 +322,7 @@ class Run:
 def stop_before_training(stops: StopRequests, stage: str) -> None:
     """A stop asked for on any rank during `stage` of setup ends the run on every rank: nothing to save yet."""
     if stop_agreed(stops):
-        raise Stopped(
-            f"stopped on request during {stage}, before the first optimizer step: nothing to save; rerun to start again"
-        )
+        raise Stopped.before_training(stage)
 
 
 OPTIMIZER_SETTINGS = ("lr", "betas", "eps", "weight_decay")
