@@ -286,6 +286,9 @@ class Run:
             self.log.eval(step, "dev", evaluated["dev"][0])
             if cfg.best_metric:
                 note_best(self, evaluated["dev"][0], step)
+                # The final evaluation may make the last step the best: the earlier best goes, as at a save.
+                root = self.run_dir / checkpoint.CHECKPOINTS
+                dist.main_first(lambda: checkpoint.prune(root, cfg.keep_checkpoints, state.best_step))
             if stop_agreed(self.stops):
                 raise stopped(step, last)
         exported = last.with_name(f"step-{state.best_step}") if cfg.best_metric else last
