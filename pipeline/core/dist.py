@@ -7,6 +7,7 @@ the process group exists, which is what lets configs be checked before any rank 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -190,12 +191,17 @@ def _mpi_discovery() -> None:
 def shutdown(wait_for_others: bool = True) -> None:
     """Leave the process group; exiting with it alive aborts in gloo's threads (SIGABRT).
 
-    After an error, don't wait: the other ranks may never arrive."""
+    After an error, wait only briefly: the other ranks may never arrive. Ranks that raised the same
+    error together (a full disk, a bad checkpoint) then leave together; one tearing its connections
+    down while another's gloo threads still use them has aborted both (seen on CPU ranks)."""
     import torch.distributed as td
 
     if td.is_initialized():
         if wait_for_others:
             td.barrier()
+        elif _rank0_work is not None:
+            with contextlib.suppress(Exception):  # a rank that never arrives: leave anyway
+                td.monitored_barrier(group=_rank0_work, timeout=timedelta(seconds=10))
         td.destroy_process_group()
 
 
