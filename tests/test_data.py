@@ -151,7 +151,7 @@ class Log:
 
 
 def prepare(cfg: TrainConfig, cache: Path, tokenizer_dir=None) -> dict:
-    """prepare_splits as rank 0 runs it (with the tokenizer train.py would use), or with the tokenizer given."""
+    """prepare_splits as rank 0 runs it (with the tokenizer a run would use: data.tokenizer.tokenizer_source), or with the tokenizer given."""
 
     def given(train):
         return load_tokenizer(str(tokenizer_dir), cfg.max_length), tokenizer_dir
@@ -514,31 +514,13 @@ def test_label_files_that_name_other_labels_are_refused_before_training(tmp_path
     with pytest.raises(
         ConfigError, match=rf"--class-weights {weights}: unknown labels \['偏头痛'\]; missing labels \['{names[2]}'\]"
     ):
-        prepare_splits(
-            cfg,
-            tasks.get(cfg.task),
-            lambda train: (load_tokenizer(str(tokenizer_dir), 32), tokenizer_dir),
-            str(tmp_path / "c"),
-            Log(),
-        )
+        prepare(cfg, tmp_path / "c", tokenizer_dir)
     multi = {"train": write_jsonl(tmp_path / "mt.jsonl", MULTI_ROWS * 2), "dev": write_jsonl(tmp_path / "md.jsonl", MULTI_ROWS)}
     thresholds = tmp_path / "t.json"
     thresholds.write_text('{"a": 0.5, "b": 0.5}')
     cfg = TrainConfig(task="multi_label", train_file=str(multi["train"]), dev_file=str(multi["dev"]), threshold=str(thresholds))
     with pytest.raises(ConfigError, match=r"--threshold .*t\.json: unknown labels \['a', 'b'\]"):
-        prepare_splits(
-            cfg,
-            tasks.get(cfg.task),
-            lambda train: (load_tokenizer(str(tokenizer_dir), 32), tokenizer_dir),
-            str(tmp_path / "c"),
-            Log(),
-        )
+        prepare(cfg, tmp_path / "c", tokenizer_dir)
     cfg = TrainConfig(task="multi_label", train_file=str(multi["train"]), dev_file=str(multi["dev"]), class_weights="balanced")
-    info = prepare_splits(
-        cfg,
-        tasks.get(cfg.task),
-        lambda train: (load_tokenizer(str(tokenizer_dir), 32), tokenizer_dir),
-        str(tmp_path / "c"),
-        Log(),
-    )
+    info = prepare(cfg, tmp_path / "c", tokenizer_dir)
     assert info["class_weights"] == {"心梗": pytest.approx(1 / 2), "肺炎": pytest.approx(2 / 1), "胃肠炎": pytest.approx(2 / 1)}
