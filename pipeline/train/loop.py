@@ -184,6 +184,7 @@ def train_loop(run) -> None:
     world, global_batch = dist.world_size(), engine.train_batch_size()
     fp16 = engine.fp16_enabled()
     poison_step = int(os.environ.get(NAN_AT_STEP, 0))
+    loss_fn = run.loss_fn  # built once: the class weights do not change during training
     window = WindowTotals(engine.device)
     stats, started, at_min_scale = {"data_wait": 0.0}, time.perf_counter(), 0
     engine.train()
@@ -195,7 +196,7 @@ def train_loop(run) -> None:
         batches = train_batches(run.data.splits["train"], micro, accum, world, dist.rank(), cfg.seed, epoch, state.step_in_epoch)
         for batch in timed(batches, stats):
             batch = to_device(batch, engine.device)
-            loss, boundary = micro_step(engine, batch, state.optimizer_step + 1 == poison_step, run.loss_fn)
+            loss, boundary = micro_step(engine, batch, state.optimizer_step + 1 == poison_step, loss_fn)
             window.add(loss, batch["attention_mask"].sum())
             if not boundary:
                 continue
