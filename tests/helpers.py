@@ -46,12 +46,13 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def ds_config(path: Path, stage: int, micro: int, accum: int, lr: float = 1e-3, **extra) -> Path:
-    """A small fp32 config: AdamW with a constant learning rate, ZeRO `stage`."""
+    """A small fp32 config: AdamW with a constant learning rate (a warmup from lr to lr), ZeRO `stage`."""
     cfg = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.01}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": lr, "warmup_max_lr": lr}},
         "zero_optimization": {"stage": stage},
         "steps_per_print": 1000000,
         **extra,

@@ -213,9 +213,10 @@ def test_options_take_underscores_and_hugging_face_names():
 
 
 def test_unknown_option_is_refused_before_the_doctor_and_the_ranks():
-    result = launch_sh("--max-steps", "2", "--learning_rate", "3e-5")
+    result = launch_sh("--max-steps", "2", "--learning_rat", "3e-5")
     assert result.returncode == 2
-    assert "unrecognized arguments: --learning_rate 3e-5" in result.stderr, result.stderr
+    assert "unrecognized arguments: --learning_rat 3e-5" in result.stderr, result.stderr
+    assert "did you mean --learning_rate?" in result.stderr, result.stderr
     assert "host" not in result.stdout and "runner.py" not in result.stdout + result.stderr  # no doctor table, no runner
 
 
