@@ -381,7 +381,7 @@ def fill_hyperparameters(path: str, ds: dict, cfg: TrainConfig) -> str:
         f", {key} {params[key]}" for key in ("betas", "eps", "weight_decay") if key in params
     )
 
-    origin = f"--lr-scheduler-type {value['lr_scheduler_type']}"
+    origin = f"--lr-scheduler-type {cfg.lr_scheduler_type}" if cfg.lr_scheduler_type else "HF's default, linear"
     if "scheduler" not in ds:
         if SCHEDULERS[value["lr_scheduler_type"]] is None:
             return summary + f"; no scheduler ({origin}); gradient_clipping {ds['gradient_clipping']}"

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base import ConfigError, load_json, unknown_key_message
+from .base import ConfigError, load_json, unknown_key_message, write_text
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # pipeline/
 TINY_MODEL_DIR = PACKAGE_DIR / "models" / "tiny-bert"
@@ -391,6 +391,13 @@ PATH_FIELDS = (
     "class_weights",
     "threshold",
 )
+
+
+def write_run_file(path: Path, values: dict) -> None:
+    """A run file that `launch PATH` reads back (YAML: options in the order given)."""
+    import yaml
+
+    write_text(path, yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
 
 
 def read_run_file(path: str) -> dict:
