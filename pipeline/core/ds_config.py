@@ -357,34 +357,45 @@ def fill_hyperparameters(path: str, ds: dict, cfg: TrainConfig) -> str:
     """Fill the optimizer, scheduler and clipping values the JSON leaves "auto" from the Hugging Face
     flags (--learning-rate, ...), as HF Trainer's DeepSpeed integration does; returns one line with
     every value the engine will use."""
-    given = {key: getattr(cfg, key) for key in (*HYPERPARAMETER_DEFAULTS, "learning_rate")}
-    value = {key: HYPERPARAMETER_DEFAULTS[key] if given[key] is None else given[key] for key in HYPERPARAMETER_DEFAULTS}
+    value = {
+        key: HYPERPARAMETER_DEFAULTS[key] if getattr(cfg, key) is None else getattr(cfg, key) for key in HYPERPARAMETER_DEFAULTS
+    }
+    lr, optimizer = _fill_optimizer(path, ds, cfg, value)
+    _fill(path, ds, "", "gradient_clipping", value["max_grad_norm"], cfg.max_grad_norm, "--max-grad-norm")
+    return f"{optimizer}; {_fill_scheduler(path, ds, cfg, lr, value)}; gradient_clipping {ds['gradient_clipping']}"
+
+
+def _fill_optimizer(path: str, ds: dict, cfg: TrainConfig, value: dict) -> tuple[float, str]:
+    """The optimizer's learning rate, weight decay and Adam's betas and epsilon; a JSON without an
+    optimizer gets AdamW, as HF Trainer does. Returns the learning rate and a line saying it all."""
     lr, why = (cfg.learning_rate, "--learning-rate") if cfg.learning_rate is not None else default_learning_rate(cfg.model)
     optimizer = ds.setdefault("optimizer", {"type": "AdamW"})
     params = optimizer.setdefault("params", {})
     if not _is_auto(params.get("lr")):
         why = "the JSON's"
-    lr = _fill(path, params, "optimizer.params", "lr", lr, given["learning_rate"], "--learning-rate")
-    _fill(path, params, "optimizer.params", "weight_decay", value["weight_decay"], given["weight_decay"], "--weight-decay")
+    lr = _fill(path, params, "optimizer.params", "lr", lr, cfg.learning_rate, "--learning-rate")
+    _fill(path, params, "optimizer.params", "weight_decay", value["weight_decay"], cfg.weight_decay, "--weight-decay")
     if "adam" in str(optimizer.get("type", "")).lower() or "lamb" in str(optimizer.get("type", "")).lower():
         if _is_auto(params.get("betas")):
             params["betas"] = [value["adam_beta1"], value["adam_beta2"]]
         for i, key in enumerate(("adam_beta1", "adam_beta2")):
-            if given[key] is not None and params["betas"][i] != given[key]:
+            if getattr(cfg, key) is not None and params["betas"][i] != getattr(cfg, key):
                 raise ConfigError(
-                    f"{path}: optimizer.params.betas={params['betas']} contradicts --{key.replace('_', '-')} {given[key]}; "
-                    'set betas to "auto" in the JSON or drop the flag'
+                    f"{path}: optimizer.params.betas={params['betas']} contradicts --{key.replace('_', '-')} "
+                    f'{getattr(cfg, key)}; set betas to "auto" in the JSON or drop the flag'
                 )
-        _fill(path, params, "optimizer.params", "eps", value["adam_epsilon"], given["adam_epsilon"], "--adam-epsilon")
-    _fill(path, ds, "", "gradient_clipping", value["max_grad_norm"], given["max_grad_norm"], "--max-grad-norm")
-    summary = f"optimizer: {optimizer.get('type')} lr {lr:g} ({why})" + "".join(
-        f", {key} {params[key]}" for key in ("betas", "eps", "weight_decay") if key in params
-    )
+        _fill(path, params, "optimizer.params", "eps", value["adam_epsilon"], cfg.adam_epsilon, "--adam-epsilon")
+    shown = "".join(f", {key} {params[key]}" for key in ("betas", "eps", "weight_decay") if key in params)
+    return lr, f"optimizer: {optimizer.get('type')} lr {lr:g} ({why}){shown}"
 
+
+def _fill_scheduler(path: str, ds: dict, cfg: TrainConfig, lr: float, value: dict) -> str:
+    """The --lr-scheduler-type's DeepSpeed scheduler where the JSON has none; warmup and peak
+    filled; a JSON scheduler whose peak would override the optimizer's learning rate refused."""
     origin = f"--lr-scheduler-type {cfg.lr_scheduler_type}" if cfg.lr_scheduler_type else "HF's default, linear"
     if "scheduler" not in ds:
         if SCHEDULERS[value["lr_scheduler_type"]] is None:
-            return summary + f"; no scheduler ({origin}); gradient_clipping {ds['gradient_clipping']}"
+            return f"no scheduler ({origin})"
         ds["scheduler"] = copy.deepcopy(SCHEDULERS[value["lr_scheduler_type"]])
         ds["scheduler"]["params"]["warmup_type"] = "linear"
     else:
@@ -407,7 +418,7 @@ def fill_hyperparameters(path: str, ds: dict, cfg: TrainConfig) -> str:
     if ds["scheduler"].get("type") in ("WarmupLR", "WarmupDecayLR"):
         if schedule.get("warmup_min_lr") == "auto":
             schedule["warmup_min_lr"] = 0
-        peak = _fill(path, schedule, "scheduler.params", "warmup_max_lr", lr, given["learning_rate"], "--learning-rate")
+        peak = _fill(path, schedule, "scheduler.params", "warmup_max_lr", lr, cfg.learning_rate, "--learning-rate")
         if peak != lr:  # the scheduler sets the learning rate itself: optimizer.params.lr is never used
             raise ConfigError(
                 f"{path}: scheduler.params.warmup_max_lr={peak} overrides optimizer.params.lr={lr} "
@@ -417,9 +428,7 @@ def fill_hyperparameters(path: str, ds: dict, cfg: TrainConfig) -> str:
     warmup = (
         f"{cfg.warmup_steps} warmup steps" if cfg.warmup_steps is not None else f"warmup {value['warmup_ratio']:g} of the steps"
     )
-    return (
-        summary + f"; scheduler: {ds['scheduler'].get('type')} ({origin}), {warmup}; gradient_clipping {ds['gradient_clipping']}"
-    )
+    return f"scheduler: {ds['scheduler'].get('type')} ({origin}), {warmup}"
 
 
 def scale_learning_rates(path: str, ds: dict, rule: str, reference_batch: int) -> str | None:
