@@ -8,6 +8,7 @@ import pytest
 from helpers import REPO, cpu_env, ds_config, free_port, launch_sh, run_options
 
 from pipeline.core.base import ConfigError
+from pipeline.core.options import DEFAULT_DS_CONFIG
 from pipeline.core.dist import device_index
 from pipeline.launch.hosts import parse_node_address, read_hostfile
 from pipeline.launch.launcher import (
@@ -171,7 +172,7 @@ def test_deepspeed_command_per_launcher():
     cmd = deepspeed_command(args, hosts, train_args, ssh_checked=True)
     assert cmd[:8] == ["deepspeed", "--hostfile", "nodes", "--master_addr", "node1", "--master_port", "29500", "--no_ssh_check"]
     assert "--enable_each_rank_log" in cmd and "--launcher" not in cmd
-    assert cmd[-7:] == ["--module", "pipeline", "train", "--ds-config", "ds_configs/small_zero2.json", "--max-steps", "4"]
+    assert cmd[-7:] == ["--module", "pipeline", "train", "--ds-config", str(DEFAULT_DS_CONFIG), "--max-steps", "4"]
     args.launcher, args.launcher_args = "openmpi", "--allow-run-as-root"
     cmd = deepspeed_command(args, hosts, train_args, ssh_checked=True)
     assert cmd[cmd.index("--launcher") + 1] == "openmpi" and "--enable_each_rank_log" not in cmd
