@@ -26,6 +26,7 @@ from ..core.base import ConfigError, load_json
 from ..core.ds_config import Hardware, resolve_ds_config
 from ..core.options import HF_ALIASES, TrainConfig, add_train_options, cache_directory, spellings, unknown_options_message
 from ..core.stop import STOP_FILE
+from ..train.tracking import check_trackers
 from .doctor import ACCELERATORS, SOCKET_IFNAMES, ops_to_build
 from .hosts import HOSTNAME, active_hosts, is_local, node_address, slurm_allocation
 
@@ -286,6 +287,7 @@ def check_run_config(args: argparse.Namespace, world: int, accelerator: str, cap
     overrides = {key: value for key, value in vars(args.train).items() if key != "config" and value is not None}
     cfg = TrainConfig.from_sources(args.train.config, {**overrides, "ds_config": args.ds_config})
     tasks.resolve(cfg)  # the task's own options, before any rank starts
+    check_trackers(cfg)  # --report-to: installed, and an MLflow server that answers
     resolved = resolve_ds_config(args.ds_config, load_json(args.ds_config), world, hardware, cfg)
     print(f"launch: {resolved.notes[0]}")
 
