@@ -41,14 +41,15 @@ def test_plot_of_a_directory_without_metrics_says_so(tmp_path):
     assert result.returncode == 2 and "no metrics.jsonl" in result.stderr
 
 
-def test_confusion_png_numbers_labels_no_installed_font_draws(tmp_path, capsys):
-    from pipeline.cli.plot import drawable, plot_confusion
+def test_confusion_png_key_goes_to_the_terminal_only_where_no_installed_font_draws_the_names(tmp_path, capsys):
+    from pipeline.cli.plot import plot_confusion
     from pipeline.tasks.single_label import metrics as single_label_metrics
+    from pipeline.train.figures import label_font
 
     matrix = single_label_metrics([0, 1, 1, 2], [0, 1, 2, 2], ["肺炎", "心梗", "哮喘"])["confusion_matrix"]
     out = plot_confusion("dev, step 3 (latest)", matrix, tmp_path / "c.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert ("0: 肺炎" in capsys.readouterr().out) != drawable(matrix["labels"])  # the key only where the names cannot be drawn
+    assert ("0: 肺炎" in capsys.readouterr().out) == (label_font(matrix["labels"]) is None)
 
 
 def test_a_multi_label_run_gets_its_per_label_outcome_counts_drawn(tmp_path):
