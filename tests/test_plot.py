@@ -71,3 +71,21 @@ def test_a_multi_label_run_gets_its_per_label_outcome_counts_drawn(tmp_path):
     title, matrix = dev_confusion(tmp_path)
     assert title == "dev, step 4 (latest)"
     assert plot_confusion(title, matrix, tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_draws_eval_loss_loss_scale_and_the_baseline_from_the_rows_a_run_writes(tmp_path):
+    """Evaluation rows carry their own loss (they stay out of the training curves), fp16 rows a loss
+    scale, and a baseline run leaves eval/baseline.json: all land on the figure."""
+    from pipeline.cli.plot import plot_run, read_metrics, smoothed
+
+    rows = [{"step": s, "epoch": 0, "loss": 2.0 / s, "lr": 1e-3, "grad_norm": 1.0 / s, "loss_scale": 2.0**s} for s in range(1, 9)]
+    rows += [{"step": s, "split": "dev", "loss": 1.0 / s, "accuracy": 0.1 * s, "macro_f1": 0.05 * s} for s in (4, 8)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval").mkdir()
+    baseline = {"name": "tfidf", "description": "", "dev": {"accuracy": 0.6, "macro_f1": 0.5}, "test": {}}
+    (tmp_path / "eval" / "baseline.json").write_text(json.dumps(baseline))
+    train, evals = read_metrics(tmp_path)
+    assert [r["step"] for r in train] == list(range(1, 9)) and [r["step"] for r in evals] == [4, 8]
+    assert smoothed([3.0, 3.0, 3.0]) == pytest.approx([3.0, 3.0, 3.0])  # debiased: no ramp up from zero
+    assert smoothed([0.0, 10.0]) == pytest.approx([0.0, 1.0 / 0.19])
+    assert plot_run(tmp_path, tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
