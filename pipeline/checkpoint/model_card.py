@@ -116,6 +116,13 @@ def model_card(task: Task, state: dict, step: int, run_dir: Path, thresholds: di
     )
     zero = ds.get("zero_optimization", {}).get("stage")
     precision = next((p for p in ("fp16", "bf16") if ds.get(p, {}).get("enabled")), "fp32")
+    names = state["label_names"]
+    labels = (
+        f"Labels ({len(names)}; counts are the evaluation sets' records):\n\n"
+        + "\n".join(label_lines(names, results, thresholds))
+        if names
+        else "One number per record (regression)."
+    )
     special = []
     if cfg["long_records"] == "chunks" or cfg["truncation"] != "head":
         special.append(f"reads each record as {reading_line(cfg)}")
@@ -123,7 +130,16 @@ def model_card(task: Task, state: dict, step: int, run_dir: Path, thresholds: di
         special.append("decides each label by its threshold in `thresholds.json`, not at 0.5")
     caveat = (
         f'`pipeline("text-classification", truncation=True, max_length={cfg["max_length"]})` reads the first tokens of a '
-        + ("record and gives each label's sigmoid score" if thresholds else "record and gives the softmax over the labels")
+        + (
+            "record and "
+            + (
+                "gives each label's sigmoid score"
+                if thresholds
+                else "gives the softmax over the labels"
+                if names
+                else "applies a sigmoid to the one output (function_to_apply='none' gives the value)"
+            )
+        )
         + (
             "; this model " + " and ".join(special) + ", which it does not: `python -m pipeline predict --model DIR` does."
             if special
@@ -142,9 +158,7 @@ Text column `{cfg["text_column"]}`, label column `{cfg["label_column"]}`.
 
 {chr(10).join(data_lines(cfg, state))}
 
-Labels ({len(state["label_names"])}; counts are the evaluation sets' records):
-
-{chr(10).join(label_lines(state["label_names"], results, thresholds))}
+{labels}
 
 Reading: {reading_line(cfg)}.
 
