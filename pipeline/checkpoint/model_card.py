@@ -137,7 +137,7 @@ def model_card(task: Task, state: dict, step: int, run_dir: Path, thresholds: di
                 if thresholds
                 else "gives the softmax over the labels"
                 if names
-                else "applies a sigmoid to the one output (function_to_apply='none' gives the value)"
+                else "gives the one output as it is (problem_type regression)"
             )
         )
         + (
