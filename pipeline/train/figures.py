@@ -84,7 +84,8 @@ def confusion_figure(title: str, matrix: dict):
     columns = matrix.get("columns", shown)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = 2 + 0.6 * len(labels)
-    fig, ax = plt.subplots(figsize=(size + 1, size + (0 if font else 0.3 * len(labels) + 0.6)))
+    key_height = 0 if font else 0.15 * (len(labels) + 1) + 0.3  # inches for the legend's lines at 8 pt
+    fig, ax = plt.subplots(figsize=(size + 1, size + key_height))
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for (i, j), n in np.ndenumerate(counts):
         ax.text(j, i, str(n), ha="center", va="center", fontsize=8, color="white" if share[i, j] > 0.5 else "black")
@@ -97,7 +98,7 @@ def confusion_figure(title: str, matrix: dict):
     if not font:
         key = "\n".join(f"{i}: {escaped(name)}" for i, name in enumerate(labels))
         fig.text(0.01, 0.01, f"labels (no installed font draws their names; {NO_FONT}):\n{key}", fontsize=8, va="bottom")
-        fig.tight_layout(rect=(0, (0.3 * len(labels) + 0.6) / fig.get_figheight(), 1, 1))
+        fig.tight_layout(rect=(0, key_height / fig.get_figheight(), 1, 1))
     else:
         fig.tight_layout()
     return fig
