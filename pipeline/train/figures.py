@@ -44,7 +44,8 @@ def fontconfig_candidates(chars: frozenset[str]) -> list[str]:
     if not wide or not shutil.which("fc-list"):
         return []
     listed = subprocess.run(["fc-list", f":charset={' '.join(wide)}", "file"], capture_output=True, text=True, timeout=30)
-    return sorted(line.split(":")[0].strip() for line in listed.stdout.splitlines() if line.strip())
+    paths = {line.split(":")[0].strip() for line in listed.stdout.splitlines() if line.strip()}
+    return sorted(paths, key=lambda path: ("Bold" in path, path))  # regular weights first, as tick labels are
 
 
 @functools.lru_cache(maxsize=8)
