@@ -149,5 +149,6 @@ def main(args) -> int:
     if confusion:
         title, matrix = confusion
         path = output.with_name(output.stem + "-confusion.png")
-        print(f"plot: {plot_confusion(f'confusion matrix, {title}: {describe_run(run_dir)}', matrix, path)}")
+        heading = f"confusion matrix, {title}\n{describe_run(run_dir)}"
+        print(f"plot: {plot_confusion(heading, matrix, path)}")
     return 0

@@ -98,7 +98,7 @@ class RunLog:
         }
         self.trackers.metrics(per_class, step)
         if metrics.get("confusion_matrix"):
-            title = f"confusion matrix, {split} step {step}: run {self.run_dir.name}"
+            title = f"confusion matrix, {split} step {step}\nrun {self.run_dir.name}"
             self.trackers.image(
                 f"{split}/confusion_matrix", figures.rgb(figures.confusion_figure(title, metrics["confusion_matrix"])), step
             )
