@@ -42,7 +42,7 @@ def multilabel_run(tmp_path_factory) -> Path:
     }
     test = write_jsonl(root / "test.jsonl", read_jsonl(SAMPLE / "multilabel_test.jsonl")[:21])
     options = ["--task", "multi_label", "--class-weights", "balanced", "--test-file", str(test), "--max-length", "64"]
-    options += ["--epochs", "2", "--eval-every", "4", "--log-every", "4", "--eval-batch-size", "8", "--tensorboard", "0"]
+    options += ["--epochs", "2", "--eval-every", "4", "--log-every", "4", "--eval-batch-size", "8", "--report-to", "none"]
     return train(root, "run", data, ds_config(root / "ds.json", 2, micro=4, accum=2), extra=options)
 
 
@@ -94,7 +94,7 @@ def chunked_run(tmp_path_factory) -> Path:
         "dev": write_jsonl(tmp / "dev.jsonl", long_notes(37, 2)),
     }
     config = ds_config(tmp / "ds.json", 2, micro=4, accum=1, lr=2e-3)
-    extra = [*CHUNK_SETTINGS, "--max-steps", "40", "--epochs", "10", "--eval-every", "0", "--tensorboard", "0"]
+    extra = [*CHUNK_SETTINGS, "--max-steps", "40", "--epochs", "10", "--eval-every", "0", "--report-to", "none"]
     return train(tmp, "run", data, config, extra=extra)
 
 

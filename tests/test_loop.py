@@ -45,7 +45,7 @@ def setup_run(one_rank, tmp_path, micro=2, accum=2, lr=1e-3, **options) -> Run:
         cache_dir=str(one_rank["cache"]),
         output_dir=str(tmp_path),
         run_name="run",
-        **{"max_length": 32, "eval_every": 0, "log_every": 1, "tensorboard": 0, **options},
+        **{"max_length": 32, "eval_every": 0, "log_every": 1, "report_to": "none", **options},
     )
     return Run.setup(cfg)
 
@@ -130,7 +130,7 @@ def test_every_hugging_face_flag_lands_in_the_engine(one_rank, tmp_path):
             output_dir=str(tmp_path),
             run_name="run",
             max_length=32,
-            tensorboard=0,
+            report_to="none",
             **dict(
                 learning_rate=3e-4,
                 weight_decay=0.05,

@@ -41,14 +41,15 @@ def test_plot_of_a_directory_without_metrics_says_so(tmp_path):
     assert result.returncode == 2 and "no metrics.jsonl" in result.stderr
 
 
-def test_confusion_png_numbers_labels_no_installed_font_draws(tmp_path, capsys):
-    from pipeline.cli.plot import drawable, plot_confusion
+def test_confusion_png_key_goes_to_the_terminal_only_where_no_installed_font_draws_the_names(tmp_path, capsys):
+    from pipeline.cli.plot import plot_confusion
     from pipeline.tasks.single_label import metrics as single_label_metrics
+    from pipeline.train.figures import label_font
 
     matrix = single_label_metrics([0, 1, 1, 2], [0, 1, 2, 2], ["肺炎", "心梗", "哮喘"])["confusion_matrix"]
     out = plot_confusion("dev, step 3 (latest)", matrix, tmp_path / "c.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert ("0: 肺炎" in capsys.readouterr().out) != drawable(matrix["labels"])  # the key only where the names cannot be drawn
+    assert ("0: 肺炎" in capsys.readouterr().out) == (label_font(matrix["labels"]) is None)
 
 
 def test_a_multi_label_run_gets_its_per_label_outcome_counts_drawn(tmp_path):
@@ -70,3 +71,21 @@ def test_a_multi_label_run_gets_its_per_label_outcome_counts_drawn(tmp_path):
     title, matrix = dev_confusion(tmp_path)
     assert title == "dev, step 4 (latest)"
     assert plot_confusion(title, matrix, tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_draws_eval_loss_loss_scale_and_the_baseline_from_the_rows_a_run_writes(tmp_path):
+    """Evaluation rows carry their own loss (they stay out of the training curves), fp16 rows a loss
+    scale, and a baseline run leaves eval/baseline.json: all land on the figure."""
+    from pipeline.cli.plot import plot_run, read_metrics, smoothed
+
+    rows = [{"step": s, "epoch": 0, "loss": 2.0 / s, "lr": 1e-3, "grad_norm": 1.0 / s, "loss_scale": 2.0**s} for s in range(1, 9)]
+    rows += [{"step": s, "split": "dev", "loss": 1.0 / s, "accuracy": 0.1 * s, "macro_f1": 0.05 * s} for s in (4, 8)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval").mkdir()
+    baseline = {"name": "tfidf", "description": "", "dev": {"accuracy": 0.6, "macro_f1": 0.5}, "test": {}}
+    (tmp_path / "eval" / "baseline.json").write_text(json.dumps(baseline))
+    train, evals = read_metrics(tmp_path)
+    assert [r["step"] for r in train] == list(range(1, 9)) and [r["step"] for r in evals] == [4, 8]
+    assert smoothed([3.0, 3.0, 3.0]) == pytest.approx([3.0, 3.0, 3.0])  # debiased: no ramp up from zero
+    assert smoothed([0.0, 10.0]) == pytest.approx([0.0, 1.0 / 0.19])
+    assert plot_run(tmp_path, tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

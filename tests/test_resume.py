@@ -367,7 +367,7 @@ def test_a_resumed_run_keeps_the_patience_count_and_stops_where_the_uninterrupte
 # final evaluation counted twice (a resumed finished run) end it "early".
 BRANCH_SETTINGS = (
     "--max-length 64 --max-steps 4 --epochs 2 --eval-every 2 --save-every 2 --keep-checkpoints 10 "
-    "--best-metric macro_f1 --early-stopping-patience 1 --log-every 1 --tensorboard 0"
+    "--best-metric macro_f1 --early-stopping-patience 1 --log-every 1 --report-to none"
 ).split()
 
 
@@ -462,7 +462,7 @@ def test_a_full_disk_outside_a_save_stops_every_rank_with_one_line(initial_model
     args = ["train", "--ds-config", str(config), "--train-file", str(small_data["train"]), "--dev-file", str(small_data["dev"])]
     args += ["--output-dir", str(out), "--run-name", "run", "--cache-dir", str(tmp_path / "cache"), "--model", str(initial_model)]
     args += ["--max-length", "64", "--max-steps", "150", "--epochs", "10", "--save-every", "0", "--eval-every", "0"]
-    result = launch([*args, "--tensorboard", "0", "--dist-timeout-minutes", "1"], timeout=300)
+    result = launch([*args, "--report-to", "none", "--dist-timeout-minutes", "1"], timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in output, output[-4000:]
     assert "error: no space left on the output file system: " in result.stderr

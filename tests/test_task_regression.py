@@ -138,7 +138,7 @@ def test_a_two_rank_regression_run_keeps_the_lowest_dev_mse_and_its_export_predi
         "dev": write_jsonl(tmp_path / "dev.jsonl", stays(37, 2)),
     }
     options = ["--task", "regression", "--max-length", "48", "--epochs", "4", "--eval-every", "8", "--save-every", "8"]
-    options += ["--best-metric", "mse", "--keep-checkpoints", "100", "--eval-batch-size", "8", "--tensorboard", "0"]
+    options += ["--best-metric", "mse", "--keep-checkpoints", "100", "--eval-batch-size", "8", "--report-to", "none"]
     run = train(tmp_path, "run", data, ds_config(tmp_path / "ds.json", 2, micro=4, accum=1, lr=3e-3), extra=options)
 
     results = json.loads((run / "eval_results.json").read_text(encoding="utf-8"))

@@ -28,6 +28,7 @@ from .checkpoints import (
     verify_manifest,
     write_manifest,
 )
+from .model_card import write_model_card
 
 EXPORT_WEIGHTS = "model.safetensors"
 
@@ -144,4 +145,5 @@ def _write_export(ckpt: Path, config, tmp: Path, thresholds: dict | None) -> Non
         write_json(tmp / name, content)  # the task's extras: e.g. the label map and decision thresholds
     check_export_weights(tmp)
     verify_probe(tmp, read_json(ckpt / PROBE))
+    write_model_card(tmp, ckpt, task, thresholds)
     write_manifest(tmp)

@@ -1,5 +1,5 @@
-"""`python -m pipeline plot RUN_DIR`: one PNG of a run's loss, learning rate, throughput and
-evaluation metrics over optimizer steps, read from RUN_DIR/metrics.jsonl (works on a running job),
+"""`python -m pipeline plot RUN_DIR`: one PNG of a run's loss, learning rate, gradient norm and
+dev metrics over optimizer steps, read from RUN_DIR/metrics.jsonl (works on a running job),
 and one of a dev evaluation's confusion matrix: the exported weights' once the run has finished
 (eval_results.json), else the latest evaluation's (eval/dev-step-N.json)."""
 
@@ -10,52 +10,94 @@ from pathlib import Path
 
 from .. import tasks
 from ..core.base import ConfigError, load_json
+from ..train.figures import NO_FONT, confusion_figure, label_font, pyplot
+
+SMOOTHING = 0.9  # weight of the loss curve's moving average
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(training rows, evaluation rows) of metrics.jsonl."""
+    """(training rows, evaluation rows) of metrics.jsonl: evaluation rows name their split."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no metrics.jsonl (not a run directory, or the run has not logged a step yet)")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in rows if "loss" in r], [r for r in rows if "split" in r]
+    return [r for r in rows if "split" not in r], [r for r in rows if "split" in r]
 
 
-def pyplot():
-    import matplotlib
+def describe_run(run_dir: Path) -> str:
+    """'run NAME, model M, data TRAIN' for titles, from the run's train_config.json (names, not paths)."""
+    config = run_dir / "train_config.json"
+    if not config.is_file():
+        return f"run {run_dir.name}"
+    cfg = load_json(config)
+    return f"run {run_dir.name}, model {Path(cfg['model']).name}, data {Path(cfg['train_file']).name}"
 
-    matplotlib.use("Agg")  # files only: no display on cluster nodes
-    import matplotlib.pyplot as plt
 
-    return plt
+def baseline(run_dir: Path) -> dict | None:
+    """The run's baseline (RUN_DIR/eval/baseline.json: name, dev and test metrics), if it has one."""
+    path = run_dir / "eval" / "baseline.json"
+    return load_json(path) if path.is_file() else None
+
+
+def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so it starts at the first values."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
 
 
 def plot_run(run_dir: Path, output: Path) -> Path:
+    """Loss (raw faint, smoothed, and the evaluations' loss), learning rate, gradient norm (and the
+    fp16 loss scale), and the dev metrics with the baseline's as dashed lines."""
     plt = pyplot()
     train, evals = read_metrics(run_dir)
     if not train:
         raise ConfigError(f"{run_dir}/metrics.jsonl: no training steps logged yet")
     steps = [r["step"] for r in train]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    panels = [
-        (axes[0, 0], "loss", "loss (mean over the window and ranks)"),
-        (axes[0, 1], "lr", "learning rate"),
-        (axes[1, 0], "samples_per_s", "throughput (samples/s)"),
-    ]
-    for ax, key, title in panels:
-        ax.plot(steps, [r[key] for r in train], lw=1)
-        ax.set_title(title)
+
+    ax = axes[0, 0]
+    losses = [r["loss"] for r in train]
+    ax.plot(steps, losses, lw=0.8, alpha=0.3, color="C0", label="train (per step)")
+    ax.plot(steps, smoothed(losses), lw=2, color="C0", label=f"train (smoothed, EMA {SMOOTHING})")
+    for i, split in enumerate(sorted({r["split"] for r in evals if "loss" in r}), start=1):
+        rows = [r for r in evals if r["split"] == split and "loss" in r]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o", color=f"C{i}", label=f"{split} loss")
+    ax.set_title("loss")
+    ax.legend(fontsize=8)
+
+    ax = axes[0, 1]
+    ax.plot(steps, [r["lr"] for r in train], lw=1.5)
+    ax.set_title("learning rate")
+
+    ax = axes[1, 0]
+    norms = [(r["step"], r["grad_norm"]) for r in train if "grad_norm" in r]
+    if norms:
+        ax.plot(*zip(*norms), lw=1, color="C0")
+    ax.set_title("gradient norm" + (" and fp16 loss scale" if any("loss_scale" in r for r in train) else ""))
+    scales = [(r["step"], r["loss_scale"]) for r in train if "loss_scale" in r]
+    if scales:
+        twin = ax.twinx()
+        twin.step(*zip(*scales), where="post", color="C3", lw=1)
+        twin.set_yscale("log", base=2)
+        twin.set_ylabel("loss scale", color="C3")
+
     ax = axes[1, 1]
-    for split in sorted({r["split"] for r in evals}):
-        rows = [r for r in evals if r["split"] == split]
-        for metric in [name for name in tasks.all_metric_names() if name in rows[0]]:  # the run's task's metrics
-            ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker="o", label=f"{split} {metric}")
-    ax.set_title("evaluation")
-    if evals:
+    dev = [r for r in evals if r["split"] == "dev"]
+    reference = baseline(run_dir)
+    names = [name for name in tasks.all_metric_names() if dev and name in dev[0]]  # the run's task's metrics
+    for i, metric in enumerate(names):
+        ax.plot([r["step"] for r in dev], [r[metric] for r in dev], marker="o", color=f"C{i}", label=f"dev {metric}")
+        if reference and metric in reference.get("dev", {}):
+            ax.axhline(reference["dev"][metric], ls="--", lw=1, color=f"C{i}", label=f"{reference['name']} {metric}")
+    ax.set_title("dev metrics" + (f" (dashed: the {reference['name']} baseline)" if reference else ""))
+    if names:
         ax.legend(fontsize=8)
     for ax in axes[1]:
         ax.set_xlabel("optimizer step")
-    fig.suptitle(str(run_dir))
+    fig.suptitle(describe_run(run_dir))
     fig.tight_layout()
     fig.savefig(output, dpi=100)
     plt.close(fig)
@@ -76,52 +118,22 @@ def dev_confusion(run_dir: Path) -> tuple[str, dict] | None:
     return (title, matrix) if matrix else None
 
 
-def drawable(labels: list[str]) -> bool:
-    """Whether matplotlib's default font has a glyph for every character of the labels (Chinese label
-    names need a CJK font, which many servers lack: they would be drawn as empty boxes)."""
-    from matplotlib.font_manager import FontProperties, findfont
-    from matplotlib.ft2font import FT2Font
-
-    font = FT2Font(findfont(FontProperties()))
-    return all(font.get_char_index(ord(c)) for c in "".join(labels) if not c.isspace())
-
-
 def plot_confusion(title: str, matrix: dict, output: Path) -> Path:
-    """Counts per (true, predicted) label, each cell shaded by its share of the true label's records;
-    for a multi-label run, per label its outcome counts (`columns`: tp, fn, fp, tn) shaded by their
-    share of the records."""
-    import numpy as np
-
-    plt = pyplot()
-
-    counts, labels = np.array(matrix["counts"]), matrix["labels"]
-    if not drawable(labels):
-        print("plot: no installed font draws these label names; the confusion matrix numbers them:")
-        print("\n".join(f"  {i}: {name}" for i, name in enumerate(labels)))
-        labels = [str(i) for i in range(len(labels))]
-    columns = matrix.get("columns", labels)
-    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    size = 2 + 0.6 * len(labels)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for (i, j), n in np.ndenumerate(counts):
-        ax.text(j, i, str(n), ha="center", va="center", fontsize=8, color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("outcome" if "columns" in matrix else "predicted")
-    ax.set_ylabel("label" if "columns" in matrix else "true")
-    ax.set_title(f"confusion matrix: {title}")
-    fig.colorbar(image, ax=ax, label="share of the true label's records")
-    fig.tight_layout()
+    """The confusion matrix (train.figures.confusion_figure) as a PNG; where no installed font draws
+    the label names, the key is printed as well as drawn in the picture."""
+    if not label_font(matrix["labels"]):
+        print(f"plot: no installed font draws these label names ({NO_FONT} gives one); the confusion matrix numbers them:")
+        print("\n".join(f"  {i}: {name}" for i, name in enumerate(matrix["labels"])))
+    fig = confusion_figure(title, matrix)
     fig.savefig(output, dpi=100)
-    plt.close(fig)
+    pyplot().close(fig)
     return output
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "plot",
-        help="PNGs of a run's loss, learning rate, throughput and eval metrics over steps, and of its dev confusion matrix",
+        help="PNGs of a run's loss, learning rate, gradient norm and dev metrics over steps, and of its dev confusion matrix",
     )
     p.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
     p.add_argument(
@@ -135,5 +147,8 @@ def main(args) -> int:
     print(f"plot: {plot_run(run_dir, output)}")
     confusion = dev_confusion(run_dir)
     if confusion:
-        print(f"plot: {plot_confusion(*confusion, output.with_name(output.stem + '-confusion.png'))}")
+        title, matrix = confusion
+        path = output.with_name(output.stem + "-confusion.png")
+        heading = f"confusion matrix, {title}\n{describe_run(run_dir)}"
+        print(f"plot: {plot_confusion(heading, matrix, path)}")
     return 0

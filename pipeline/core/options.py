@@ -40,6 +40,8 @@ VOCABULARIES = ("char", "wordpiece")
 # The default: higher mean dev and test macro-F1 on the bundled sample (docs/data-and-models.md, 3 seeds).
 DEFAULT_VOCABULARY = "wordpiece"
 LR_SCALING = ("none", "linear", "sqrt")
+# --report-to: tracker name -> the module it needs (installed by the extras of the same name, tensorboard always).
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 # Hugging Face's lr_scheduler_type names this pipeline maps to DeepSpeed schedulers (ds_config.py).
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup", "constant")
 
@@ -246,9 +248,13 @@ class TrainConfig:
             "finishing checkpoints, the export); the collective timeout bounds training's collectives"
         },
     )
-    tensorboard: int = field(
-        default=1,
-        metadata={"help": "1: also write TensorBoard event files to RUN_DIR/tensorboard (rank 0); 0: metrics.jsonl only"},
+    report_to: str = field(
+        default="tensorboard",
+        metadata={
+            "help": "where rank 0 also reports the run, as Hugging Face's report_to: a comma-separated list of "
+            "tensorboard (RUN_DIR/tensorboard), mlflow (MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlruns), "
+            "wandb (WANDB_PROJECT, WANDB_MODE=offline), or all (every one installed) or none; metrics.jsonl is always written"
+        },
     )
     gradient_checkpointing: int = field(
         default=0,
@@ -331,7 +337,11 @@ class TrainConfig:
         )
         need(self.dist_timeout_minutes > 0, "dist_timeout_minutes", "> 0")
         need(self.rank0_wait_minutes > 0, "rank0_wait_minutes", "> 0")
-        need(self.tensorboard in (0, 1), "tensorboard", "0 or 1")
+        need(
+            self.report_to in ("all", "none") or set(self.trackers()) <= set(TRACKERS),
+            "report_to",
+            f"all, none, or a comma-separated list of {', '.join(TRACKERS)}",
+        )
         need(self.gradient_checkpointing in (0, 1), "gradient_checkpointing", "0 or 1")
         need(self.flops_profiler_step >= 0, "flops_profiler_step", ">= 0")
         need(bool(self.train_file), "train_file", "a file path")
@@ -348,6 +358,16 @@ class TrainConfig:
             self.dev_file = str(SAMPLE_DATA_DIR / "dev.jsonl")
         need(bool(self.text_column), "text_column", "a column name")
         need(bool(self.label_column), "label_column", "a column name")
+
+    def trackers(self) -> list[str]:
+        """The trackers --report-to names ("all": every one whose package is installed, as Hugging Face does)."""
+        if self.report_to == "none":
+            return []
+        if self.report_to == "all":
+            import importlib.util
+
+            return [name for name, module in TRACKERS.items() if importlib.util.find_spec(module)]
+        return list(dict.fromkeys(name.strip() for name in self.report_to.split(",") if name.strip()))
 
     def cache_directory(self) -> str:
         return cache_directory(self.cache_dir, self.output_dir)

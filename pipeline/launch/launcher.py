@@ -40,6 +40,7 @@ from ..core.options import (
     unknown_options_message,
 )
 from ..core.stop import STOP_FILE
+from ..train.tracking import check_trackers
 from .doctor import ACCELERATORS, SOCKET_IFNAMES, ops_to_build
 from .hosts import HOSTNAME, active_hosts, is_local, node_address, slurm_allocation
 from .inputs import check_inputs
@@ -331,6 +332,7 @@ def run_config(args: argparse.Namespace) -> TrainConfig:
     overrides = {key: value for key, value in vars(args.train).items() if key != "config" and value is not None}
     cfg = TrainConfig.from_sources(args.train.config, {**overrides, "ds_config": args.ds_config})
     tasks.resolve(cfg)  # the task's own options, before any rank starts
+    check_trackers(cfg)  # --report-to: installed, and an MLflow server that answers
     return cfg
 
 

@@ -39,6 +39,7 @@ from .loop import note_best, out_of_patience, stop_agreed, stopped, train_loop
 from .model import build_engine, build_model
 from .runlog import RunLog
 from .state import TrainerState, read_state
+from .tracking import Trackers
 
 PROBE_SIZE = 8  # dev records whose logits the export must reproduce
 RUN_DS_CONFIG = "ds_config.given.json"  # the DeepSpeed JSON as the run was given it
@@ -239,7 +240,12 @@ class Run:
         )
         dev = data.splits["dev"]
         probe = dev.batch(range(min(PROBE_SIZE, len(dev))))
-        runlog = RunLog(run_dir, resolved.total_steps, state.optimizer_step, bool(cfg.tensorboard), task)
+        trackers = None
+        if dist.is_main():  # rank 0 reports; a tracker's run id goes into every checkpoint, for a resumed run
+            trackers = Trackers(cfg, run_dir, state.optimizer_step, state.tracker_runs, log)
+            state.tracker_runs.update(trackers.run_ids)
+            trackers.params({"train": asdict(cfg), "ds": {**ds, "world_size": dist.world_size()}})
+        runlog = RunLog(run_dir, resolved.total_steps, state.optimizer_step, task, trackers)
         return cls(cfg, task, run_dir, data, resolved, engine, state, runlog, probe, stops)
 
     def evaluate(self, split: str, thresholds=None):
@@ -319,12 +325,13 @@ class Run:
             describe, key = self.task.describe, self.task.output_key
             rows = "".join(json.dumps({key: describe(p, self.data.label_names)}, ensure_ascii=False) + "\n" for p in predictions)
             dist.main_first(lambda: write_text(self.run_dir / f"predictions-{split}.jsonl", rows))
-        self.log.close()
         chosen = {"best_metric": cfg.best_metric, "best_value": state.best_metric} if cfg.best_metric else {}
         summary = {"step": checkpoint.step_of(exported), "last_step": step, "stopped_early": stopped_early, **chosen}
         dist.main_first(lambda: write_json(self.run_dir / "eval_results.json", {**summary, **results}))
         thresholds = state.thresholds if exported == last else None  # the best checkpoint's are its own
         export_dir = dist.main_first(lambda: export_checkpoint(exported, self.run_dir / "export", True, thresholds))
+        files = [self.run_dir / "eval_results.json", export_dir / "README.md"]
+        self.log.close(step, files, {"export": str(Path(export_dir).resolve()), "checkpoint": str(exported)})
         log.info(f"final dev: {self.task.summary(results['dev'])}")
         log.info(
             f"checkpoint: {exported}\nexport (verified): {export_dir}\nmetrics: {self.run_dir / 'metrics.jsonl'}\n"

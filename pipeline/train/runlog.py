@@ -1,4 +1,5 @@
-"""Rank 0's record of a run: metrics.jsonl, TensorBoard events, evaluation JSON files and the console."""
+"""Rank 0's record of a run: metrics.jsonl, evaluation JSON files, the console, and the trackers
+(--report-to: TensorBoard, MLflow, W&B; train/tracking.py) that get every row."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import sys
 from pathlib import Path
 
 from ..core import dist
-from ..core.base import ConfigError, write_json, write_text
+from ..core.base import ConfigError, load_json, write_json, write_text
+from . import figures
+
+ROW_KEYS = ("step", "epoch", "split")  # what a metrics.jsonl row says about itself, not a measurement
 
 
 def metrics_up_to(path: Path, step: int, log) -> list[str]:
@@ -34,12 +38,13 @@ def metrics_up_to(path: Path, step: int, log) -> list[str]:
 
 
 class RunLog:
-    """Rank 0's record of the run: metrics.jsonl, TensorBoard events, eval JSON files and the console."""
+    """Rank 0's record of the run: metrics.jsonl, eval JSON files, the console and the trackers."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool, kind):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, kind, trackers=None):
+        """`trackers`: rank 0's train.tracking.Trackers (--report-to), None elsewhere."""
         from tqdm import tqdm
 
-        self.run_dir, self.log, self.kind = run_dir, dist.get_logger(), kind
+        self.run_dir, self.log, self.kind, self.trackers = run_dir, dist.get_logger(), kind, trackers
         self.bar = tqdm(
             total=total_steps,
             initial=start_step,
@@ -54,14 +59,6 @@ class RunLog:
         # reads as one uninterrupted run. On rank 0 alone, but a failure reaches every rank.
         dist.main_first(lambda: write_text(path, "".join(metrics_up_to(path, start_step, self.log))))
         dist.main_first(lambda: (run_dir / "eval").mkdir(exist_ok=True))
-        self.tensorboard = None
-        if tensorboard and dist.is_main():
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step drops the events of an interrupted run after its checkpoint, as above.
-            self.tensorboard = SummaryWriter(
-                str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None, flush_secs=10
-            )
 
     def record(self, row: dict) -> None:
         def append():  # opened per row: a write that fails leaves no buffered row behind
@@ -69,10 +66,10 @@ class RunLog:
                 metrics.write(json.dumps(row, ensure_ascii=False) + "\n")
 
         dist.main_first(append)  # a full disk on rank 0 stops every rank with one line
-        if self.tensorboard:
-            for key, value in row.items():
-                if key not in ("step", "epoch", "split"):
-                    self.tensorboard.add_scalar(f"{row.get('split', 'train')}/{key}", value, row["step"])
+        if self.trackers:  # every number of the row, as SPLIT/KEY (train/loss, dev/macro_f1, dev/loss)
+            split = row.get("split", "train")
+            values = {f"{split}/{k}": v for k, v in row.items() if k not in ROW_KEYS and isinstance(v, (int, float))}
+            self.trackers.metrics(values, row["step"])
 
     def step(self, row: dict, show: bool) -> None:
         self.record(row)
@@ -88,8 +85,39 @@ class RunLog:
         dist.main_first(lambda: write_json(self.run_dir / "eval" / f"{split}-step-{step}.json", metrics))
         if dist.is_main():
             self.bar.write(f"eval {split} @ step {step}: {self.kind.report(metrics)}")
+        if self.trackers:
+            self.track_details(step, split, metrics)
 
-    def close(self) -> None:
+    def track_details(self, step: int, split: str, metrics: dict) -> None:
+        """What metrics.jsonl leaves to the evaluation files: per-class recall and F1, the confusion matrix as an image."""
+        per_class = {
+            f"{split}/{measure}/{name}": row[measure]
+            for name, row in metrics.get("per_class", {}).items()
+            for measure in ("recall", "f1")
+            if measure in row
+        }
+        self.trackers.metrics(per_class, step)
+        if metrics.get("confusion_matrix"):
+            title = f"confusion matrix, {split} step {step}\nrun {self.run_dir.name}"
+            self.trackers.image(
+                f"{split}/confusion_matrix", figures.rgb(figures.confusion_figure(title, metrics["confusion_matrix"])), step
+            )
+
+    def close(self, step: int | None = None, files: list[Path] = (), tags: dict | None = None) -> None:
+        """End the record; at the end of training (`step`), the baseline's metrics (RUN_DIR/eval/baseline.json,
+        where a baseline was run), `files` and `tags` go to the trackers before they close."""
         self.bar.close()
-        if self.tensorboard:
-            self.tensorboard.close()
+        if not self.trackers:
+            return
+        baseline = self.run_dir / "eval" / "baseline.json"
+        if step is not None and baseline.is_file():
+            scores = load_json(baseline)
+            values = {
+                f"baseline/{split}/{metric}": value
+                for split in ("dev", "test")
+                for metric, value in scores.get(split, {}).items()
+                if isinstance(value, (int, float))
+            }
+            self.trackers.metrics(values, step)
+        self.trackers.files(list(files), tags or {})
+        self.trackers.close()

@@ -28,6 +28,7 @@ class TrainerState:
     train_data: dict = field(default_factory=dict)  # data.train_fingerprint: resume only on the same batches
     train_config: dict = field(default_factory=dict)
     ds_config: dict = field(default_factory=dict)
+    tracker_runs: dict = field(default_factory=dict)  # {tracker: its run's id} (--report-to): a resumed run continues them
 
     @property
     def applied_steps(self) -> int:
@@ -50,6 +51,7 @@ class TrainerState:
         self.evaluations_since_best = saved.evaluations_since_best
         self.dev_evaluation_due = saved.dev_evaluation_due
         self.thresholds = saved.thresholds  # multi-label: until the next dev evaluation tunes new ones
+        self.tracker_runs = dict(saved.tracker_runs)
 
     def advance(self, steps_per_epoch: int, skipped: bool = False) -> None:
         """One accumulation window done: the data moves on even when fp16 skipped its update."""
