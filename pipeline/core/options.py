@@ -252,7 +252,7 @@ class TrainConfig:
         default="tensorboard",
         metadata={
             "help": "where rank 0 also reports the run, as Hugging Face's report_to: a comma-separated list of "
-            "tensorboard (RUN_DIR/tensorboard), mlflow (MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlruns), "
+            "tensorboard (RUN_DIR/tensorboard), mlflow (MLFLOW_TRACKING_URI, else sqlite:///OUTPUT_DIR/mlflow.db), "
             "wandb (WANDB_PROJECT, WANDB_MODE=offline), or all (every one installed) or none; metrics.jsonl is always written"
         },
     )
