@@ -8,8 +8,8 @@ import pytest
 from helpers import REPO, cpu_env, ds_config, free_port, launch_sh, run_options
 
 from pipeline.core.base import ConfigError
-from pipeline.core.options import DEFAULT_DS_CONFIG
 from pipeline.core.dist import device_index
+from pipeline.core.options import DEFAULT_DS_CONFIG
 from pipeline.launch.hosts import parse_node_address, read_hostfile
 from pipeline.launch.launcher import (
     deepspeed_command,
