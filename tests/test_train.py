@@ -267,6 +267,31 @@ def test_multi_label_run_evaluates_every_record_once_and_exports_its_dev_thresho
 
 
 @pytest.mark.slow
+def test_a_run_reports_the_tfidf_baseline_beside_the_model(multilabel_run):
+    """The baseline, fitted in rank 0's background process with the run's class weights and dev-tuned
+    thresholds, is in eval/baseline.json and eval_results.json, and the console sets it beside the model."""
+    from pipeline.data.cache import read_split
+    from pipeline.train.baseline import evaluate_baseline
+
+    run = multilabel_run
+    beside = json.loads((run / "eval" / "baseline.json").read_text(encoding="utf-8"))
+    assert json.loads((run / "eval_results.json").read_text(encoding="utf-8"))["baseline"] == beside
+    splits = [read_split(str(run.parent / f"{name}.jsonl"), "text", "label", MULTI_LABEL) for name in ("train", "dev", "test")]
+    weights = list(json.loads((run / "class_weights.json").read_text(encoding="utf-8")).values())
+    names = sorted({name for labels in splits[0].labels for name in labels})
+    assert beside == json.loads(json.dumps(evaluate_baseline(MULTI_LABEL, *splits, names, weights, "")))
+    console = (run.parent / "run.console.txt").read_text(encoding="utf-8")
+    for line in ("baseline: fitting in the background", "final test:", "baseline test:"):
+        assert console.count(line) == 1, line
+    model, base = (
+        json.loads((run / "eval_results.json").read_text(encoding="utf-8"))["test"]["macro_f1"],
+        beside["test"]["macro_f1"],
+    )
+    verdict = "THE BASELINE WINS" if base > model else "the model beats the baseline"
+    assert console.count(f"{verdict}: test macro-F1 {model:.4f} for the model, {base:.4f} for the baseline") == 1
+
+
+@pytest.mark.slow
 def test_class_weighted_accumulation_equals_the_big_batch(initial_model, small_data, tmp_path):
     """With --class-weights balanced the loss is the weighted sum over the records divided by their
     count (not by their weight sum), so 2 ranks x micro 4 x accum 2 still equals 1 rank x micro 16."""

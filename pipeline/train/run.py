@@ -34,6 +34,7 @@ from ..data.cache import TokenizedSplit, prepare_splits
 from ..data.reading import Reading
 from ..data.tokenizer import load_tokenizer, tokenizer_source
 from ..tasks.base import Task
+from . import baseline
 from .evaluate import evaluate, forward_logits
 from .loop import note_best, out_of_patience, stop_agreed, stopped, train_loop
 from .model import build_engine, build_model
@@ -76,6 +77,7 @@ class PreparedData:
     label_names: list[str]
     train_data: dict  # data.cache.train_fingerprint: a resume must find it unchanged
     class_weights: dict  # {label: weight} of the loss; empty: unweighted
+    cache_paths: dict  # split -> its tokenized cache directory (the baseline's key reads their digests)
 
 
 def prepare_data(cfg: TrainConfig, task: Task, reading: Reading, cache_dir: str, log) -> PreparedData:
@@ -88,7 +90,7 @@ def prepare_data(cfg: TrainConfig, task: Task, reading: Reading, cache_dir: str,
         name: TokenizedSplit.from_cache(path, tokenizer.pad_token_id, names, task, reading.pool)
         for name, path in info["splits"].items()
     }
-    return PreparedData(splits, tokenizer, names, info["train_data"], info["class_weights"])
+    return PreparedData(splits, tokenizer, names, info["train_data"], info["class_weights"], info["splits"])
 
 
 def start_or_resume(cfg: TrainConfig, log) -> tuple[Path, Path | None]:
@@ -121,6 +123,7 @@ class Run:
     log: RunLog
     probe: dict  # a few dev records whose logits the export must reproduce
     stops: StopRequests = field(default_factory=StopRequests)  # stop requests (signals, stop file) since setup began
+    baseline: baseline.BaselineJob | None = None  # rank 0's: the TF-IDF baseline, cached or fitting in the background
 
     @property
     def total_steps(self) -> int:
@@ -158,6 +161,7 @@ class Run:
         run_dir, resume_from = start_or_resume(cfg, log)
         data = prepare_data(cfg, task, reading, cfg.cache_directory(), log)
         stop_before_training(stops, "data preparation")
+        baseline_job = baseline.start(cfg, task, data, run_dir, log) if dist.is_main() else None  # runs beside training
         saved = read_state(resume_from) if resume_from is not None else None
         shape = RunShape(len(data.splits["train"]), str(run_dir))
         if saved is not None:
@@ -169,8 +173,10 @@ class Run:
             log.warning(f"warning: {line}")
         ds = resolved.ds
 
+        weights = list(data.class_weights.values()) or None
+        bias = task.initial_bias(data.splits["train"].record_labels, weights) if task.initial_bias else None
         model = build_model(
-            cfg.model, data.label_names, len(data.tokenizer), ds, cfg.seed, bool(cfg.gradient_checkpointing), task
+            cfg.model, data.label_names, len(data.tokenizer), ds, cfg.seed, bool(cfg.gradient_checkpointing), task, bias
         )
         model.config.record_reading = reading.as_dict()  # saved with the export; predict reads as training did
         state = TrainerState(
@@ -229,7 +235,7 @@ class Run:
         dev = data.splits["dev"]
         probe = dev.batch(range(min(PROBE_SIZE, len(dev))))
         runlog = RunLog(run_dir, resolved.total_steps, state.optimizer_step, bool(cfg.tensorboard), task)
-        return cls(cfg, task, run_dir, data, resolved, engine, state, runlog, probe, stops)
+        return cls(cfg, task, run_dir, data, resolved, engine, state, runlog, probe, stops, baseline_job)
 
     def evaluate(self, split: str, thresholds=None):
         """(metrics, predictions) of the live weights on a split; every rank must call this.
@@ -311,10 +317,23 @@ class Run:
         self.log.close()
         chosen = {"best_metric": cfg.best_metric, "best_value": state.best_metric} if cfg.best_metric else {}
         summary = {"step": checkpoint.step_of(exported), "last_step": step, "stopped_early": stopped_early, **chosen}
-        dist.main_first(lambda: write_json(self.run_dir / "eval_results.json", {**summary, **results}))
+
+        def write_results():  # rank 0's; the other ranks wait here if the baseline is still being fitted
+            beside = self.baseline.collect(log) if self.baseline else None
+            if beside:
+                write_json(self.run_dir / "eval" / baseline.RESULT, beside)
+            write_json(self.run_dir / "eval_results.json", {**summary, **results, **({"baseline": beside} if beside else {})})
+            return beside
+
+        beside = dist.main_first(write_results)
         thresholds = state.thresholds if exported == last else None  # the best checkpoint's are its own
         export_dir = dist.main_first(lambda: export_checkpoint(exported, self.run_dir / "export", True, thresholds))
-        log.info(f"final dev: {self.task.summary(results['dev'])}")
+        for split in results:
+            log.info(f"final {split}: {self.task.summary(results[split])}")
+            if beside:
+                log.info(f"baseline {split}: {self.task.summary(beside[split])}  ({beside['description']})")
+        if beside:
+            log.info(baseline.verdict(self.task, results, beside, cfg.best_metric))
         log.info(
             f"checkpoint: {exported}\nexport (verified): {export_dir}\nmetrics: {self.run_dir / 'metrics.jsonl'}\n"
             f"eval results: {self.run_dir / 'eval_results.json'}"
