@@ -35,6 +35,15 @@ In most of them (LATE_SHARE) the opening is vague (general malaise), so the deci
 the 辅助检查 labs and imaging at the end, as in real notes; the rest open with the usual
 informative 主诉 / 现病史.  Small splits (LONG_SPLITS) for tests and the long-record measurement.
 
+Realistic mode (``--mode realistic``): the default notes with the character statistics of real
+ones, for decisions that depend on them (the vocabulary): a long tail of rare characters (patients'
+and relatives' names, places, input-method typos drawn by Zipf's law over the CJK block, so most are
+seen once), Latin abbreviations beside the Chinese test names (WBC, CRP, cTnI, HbA1c, ECG ...), other
+spellings of units (°C, mmhg, bpm), now and then traditional characters or half-width punctuation
+(pasted text), and free-text sentences with dates, phone and record numbers and prescriptions, so
+lengths run from one line to a page. ``--check`` prints how many characters training sees once.
+Its own seed and files (realistic_{train,dev,test}.jsonl, 4,000/500/500, train noise as default).
+
 Label noise: about 3% of *train* labels are replaced by a random other class
 (deterministically).  dev and test are noise-free, so evaluation measures
 accuracy against the generating class.
