@@ -183,17 +183,21 @@ def start(cfg, task, data, run_dir: Path, log) -> BaselineJob | None:
         "threshold": cfg.threshold,
         "target": str(target),
     }
-    write_json(run_dir / "baseline-spec.json", spec)
     # Niced and single-threaded: on a machine whose cores the ranks use, training goes first.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log_path, "w", encoding="utf-8") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.train.baseline", str(run_dir / "baseline-spec.json")],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            preexec_fn=lambda: os.nice(10),
-        )
+    try:  # rank 0 alone is here: a failure must not leave the other ranks waiting
+        write_json(run_dir / "baseline-spec.json", spec)
+        with open(log_path, "w", encoding="utf-8") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.train.baseline", str(run_dir / "baseline-spec.json")],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=lambda: os.nice(10),
+            )
+    except OSError as e:
+        log.warning(f"warning: the baseline was not started: {e}")
+        return None
     log.info(f"baseline: fitting in the background (pid {process.pid}, log {log_path}) -> {target}")
     return BaselineJob(target, process, log_path, time.time())
 

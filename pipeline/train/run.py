@@ -123,7 +123,7 @@ class Run:
     log: RunLog
     probe: dict  # a few dev records whose logits the export must reproduce
     stops: StopRequests = field(default_factory=StopRequests)  # stop requests (signals, stop file) since setup began
-    baseline: baseline.BaselineJob | None = None  # rank 0's: the TF-IDF baseline, cached or fitting in the background
+    baseline_job: baseline.BaselineJob | None = None  # rank 0's: the TF-IDF baseline, cached or fitting in the background
 
     @property
     def total_steps(self) -> int:
@@ -319,7 +319,7 @@ class Run:
         summary = {"step": checkpoint.step_of(exported), "last_step": step, "stopped_early": stopped_early, **chosen}
 
         def write_results():  # rank 0's; the other ranks wait here if the baseline is still being fitted
-            beside = self.baseline.collect(log) if self.baseline else None
+            beside = self.baseline_job.collect(log) if self.baseline_job else None
             if beside:
                 write_json(self.run_dir / "eval" / baseline.RESULT, beside)
             write_json(self.run_dir / "eval_results.json", {**summary, **results, **({"baseline": beside} if beside else {})})
