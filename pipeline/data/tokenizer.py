@@ -1,9 +1,9 @@
 """The tokenizer: the model directory's own, or one built from the training texts.
 
 Without tokenizer files in the model directory, a vocabulary is learned from the training texts
-(offline): by default a BERT WordPiece vocabulary (each CJK character a token, as in Chinese BERT
-vocabularies, plus frequent numbers and Latin words), or one token per character (`--vocabulary
-char`). In both, a character seen fewer than `--min-char-count` times in training has no token of its
+(offline): by default one token per character (`--vocabulary char`), or a BERT WordPiece
+vocabulary (`wordpiece`: each CJK character a token, as in Chinese BERT vocabularies, plus frequent
+numbers and Latin words). In both, a character seen fewer than `--min-char-count` times in training has no token of its
 own and reads as [UNK]: an embedding trained on one record is noise at test time, while [UNK] is
 trained on every record that has a rare character (real notes have a long tail of them).
 """
