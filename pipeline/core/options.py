@@ -230,7 +230,7 @@ class TrainConfig:
     baseline: str = field(
         default="tfidf",
         metadata={
-            "help": "tfidf: fit TF-IDF (character 1-3-grams) + logistic regression (one-vs-rest for multi_label, ridge for regression) "
+            "help": "tfidf: fit TF-IDF (character 1-3-grams) + logistic regression (one model per label for multi_label, ridge for regression) "
             "on the training split in a background process on rank 0, cached per data, and report it beside the model's dev and "
             "test metrics (RUN_DIR/eval/baseline.json, eval_results.json); none: no baseline"
         },
