@@ -85,7 +85,12 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
         == (48, 0)
     )
     assert engine_state["lr_scheduler"]["last_batch_iteration"] == 48 - 0 - 1  # applied steps, counted from -1
-    assert sorted(p.name for p in (run / "eval").iterdir()) == ["dev-step-16.json", "dev-step-32.json", "dev-step-48.json"]
+    assert sorted(p.name for p in (run / "eval").iterdir()) == [
+        "baseline.json",  # the TF-IDF baseline beside the model's evaluations
+        "dev-step-16.json",
+        "dev-step-32.json",
+        "dev-step-48.json",
+    ]
     # Step times leave out evaluating and saving (after steps 16 and 32): the steps after them are not outliers.
     times = {row["step"]: row["step_time_s"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row}
     assert max(times[17], times[33]) < 3 * np.median(list(times.values())), times
