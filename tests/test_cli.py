@@ -35,7 +35,7 @@ def test_train_help_shows_each_options_choices(capsys):
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert f"(choices: {', '.join(tasks.names())}; default: 'single_label')" in shown  # every registered task
     assert "(choices: head, tail, head+tail; default: 'head')" in shown
-    assert "(choices: char, wordpiece; default: 'wordpiece')" in shown
+    assert "(choices: char, wordpiece; default: 'char')" in shown
 
 
 @pytest.mark.slow

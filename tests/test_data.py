@@ -507,7 +507,7 @@ def test_label_files_that_name_other_labels_are_refused_before_training(tmp_path
             pass
 
     names = sorted({r["label"] for r in ROWS})
-    tokenizer_dir = build_tokenizer([r["text"] for r in ROWS], "d", str(tmp_path))
+    tokenizer_dir = build_tokenizer([r["text"] for r in ROWS] * 2, "d", str(tmp_path))  # every character twice: none is [UNK]
     weights = tmp_path / "w.json"
     weights.write_text(json.dumps({**dict.fromkeys(names[:2], 1.0), "偏头痛": 2.0}, ensure_ascii=False), encoding="utf-8")
     cfg = TrainConfig(train_file=str(files["train"]), dev_file=str(files["dev"]), class_weights=str(weights))

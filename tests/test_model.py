@@ -35,9 +35,23 @@ def test_built_tokenizer_is_character_level_for_chinese_cached_and_reads_its_tex
     assert load_tokenizer(str(rebuilt), 64).get_vocab() == tokenizer.get_vocab()  # same ids every time
 
 
-def test_every_training_word_is_spelled_without_unk_by_wordpiece(tmp_path, split):
-    tokenizer = load_tokenizer(str(build_tokenizer(split.texts + ["Xylophone 987654"], "d2", str(tmp_path), "wordpiece")), 64)
+def test_every_training_word_of_recurring_characters_is_spelled_without_unk_by_wordpiece(tmp_path, split):
+    texts = split.texts + ["Xylophone 987654"] * 2
+    tokenizer = load_tokenizer(str(build_tokenizer(texts, "d2", str(tmp_path), "wordpiece")), 64)
     assert "[UNK]" not in tokenizer.tokenize("xylophone 987654 发热")
+
+
+@pytest.mark.parametrize("vocabulary", ["char", "wordpiece"])
+def test_a_character_seen_fewer_than_min_char_count_times_is_unk(tmp_path, vocabulary):
+    texts = ["患者发热，咳嗽，CT示肺炎", "发热伴咳嗽，CT未见异常", "咳嗽三天，偶见罕"]  # 罕 偶 三 天 once each
+    rare = load_tokenizer(str(build_tokenizer(texts, "k", str(tmp_path), vocabulary)), 64)  # the default: 2
+    assert rare.tokenize("罕见发热") == ["[UNK]", "见", "发", "热"]  # 见 twice (未见, 偶见)
+    assert "罕" not in rare.get_vocab() and "##罕" not in rare.get_vocab()
+    assert rare.tokenize("CT") == (["c", "t"] if vocabulary == "char" else ["ct"])  # Latin seen twice: kept
+    kept = load_tokenizer(str(build_tokenizer(texts, "k", str(tmp_path), vocabulary, min_char_count=1)), 64)
+    assert kept.tokenize("罕见发热")[0] == "罕"  # min_char_count 1: every character has a token
+    strict = load_tokenizer(str(build_tokenizer(texts, "k", str(tmp_path), vocabulary, min_char_count=3)), 64)
+    assert strict.tokenize("发热咳嗽") == ["[UNK]", "[UNK]", "咳", "嗽"]  # 发 热 twice, 咳 嗽 three times
 
 
 def test_char_vocabulary_is_every_character_seen_twice_and_the_rest_is_unk(tmp_path):
@@ -70,6 +84,25 @@ def test_random_init_takes_labels_and_vocabulary_from_the_data():
     assert model.config.num_labels == 3 and model.config.id2label == {0: "a", 1: "b", 2: "c"}
     assert model.bert.embeddings.word_embeddings.weight.shape[0] == 321
     assert all((p == q).all() for p, q in zip(model.parameters(), again.parameters()))  # seeded
+
+
+def test_multi_label_model_starts_at_the_label_priors():
+    from pipeline.tasks.multi_label import MULTI_LABEL
+
+    targets = np.array([[1, 0, 1], [0, 0, 1], [0, 0, 1], [0, 1, 0]], dtype=np.float32)  # priors 1/4, 1/4, 3/4
+    bias = MULTI_LABEL.initial_bias(targets, None)
+    model = build_model(
+        str(REPO / "pipeline" / "models" / "tiny-bert"),
+        ["a", "b", "c"],
+        99,
+        {"zero_optimization": {"stage": 2}},
+        1,
+        False,
+        MULTI_LABEL,
+        bias,
+    )
+    assert model.classifier.bias.tolist() == pytest.approx([np.log(1 / 3), np.log(1 / 3), np.log(3)], rel=1e-6)
+    assert MULTI_LABEL.initial_bias(targets, [3.0, 3.0, 1 / 3]) == pytest.approx([0, 0, 0], abs=1e-9)  # balanced: 1/2 each
 
 
 def test_pretrained_directory_is_fine_tuned_not_reinitialised(initial_model):

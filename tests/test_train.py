@@ -85,7 +85,12 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
         == (48, 0)
     )
     assert engine_state["lr_scheduler"]["last_batch_iteration"] == 48 - 0 - 1  # applied steps, counted from -1
-    assert sorted(p.name for p in (run / "eval").iterdir()) == ["dev-step-16.json", "dev-step-32.json", "dev-step-48.json"]
+    assert sorted(p.name for p in (run / "eval").iterdir()) == [
+        "baseline.json",  # the TF-IDF baseline beside the model's evaluations
+        "dev-step-16.json",
+        "dev-step-32.json",
+        "dev-step-48.json",
+    ]
     # Step times leave out evaluating and saving (after steps 16 and 32): the steps after them are not outliers.
     times = {row["step"]: row["step_time_s"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row}
     assert max(times[17], times[33]) < 3 * np.median(list(times.values())), times
@@ -264,6 +269,31 @@ def test_multi_label_run_evaluates_every_record_once_and_exports_its_dev_thresho
     assert all(set(MULTI_LABEL.metric_names) <= set(row) for row in evals)
     console = (run.parent / "run.console.txt").read_text()
     assert console.count("recall per class:") == len(evals) and "class weights (balanced)" in console
+
+
+@pytest.mark.slow
+def test_a_run_reports_the_tfidf_baseline_beside_the_model(multilabel_run):
+    """The baseline, fitted in rank 0's background process with the run's class weights and dev-tuned
+    thresholds, is in eval/baseline.json and eval_results.json, and the console sets it beside the model."""
+    from pipeline.data.cache import read_split
+    from pipeline.train.baseline import evaluate_baseline
+
+    run = multilabel_run
+    beside = json.loads((run / "eval" / "baseline.json").read_text(encoding="utf-8"))
+    assert json.loads((run / "eval_results.json").read_text(encoding="utf-8"))["baseline"] == beside
+    splits = [read_split(str(run.parent / f"{name}.jsonl"), "text", "label", MULTI_LABEL) for name in ("train", "dev", "test")]
+    weights = list(json.loads((run / "class_weights.json").read_text(encoding="utf-8")).values())
+    names = sorted({name for labels in splits[0].labels for name in labels})
+    assert beside == json.loads(json.dumps(evaluate_baseline(MULTI_LABEL, *splits, names, weights, "")))
+    console = (run.parent / "run.console.txt").read_text(encoding="utf-8")
+    for line in ("baseline: fitting in the background", "final test:", "baseline test:"):
+        assert console.count(line) == 1, line
+    model, base = (
+        json.loads((run / "eval_results.json").read_text(encoding="utf-8"))["test"]["macro_f1"],
+        beside["test"]["macro_f1"],
+    )
+    verdict = "THE BASELINE WINS" if base > model else "the model beats the baseline"
+    assert console.count(f"{verdict}: test macro-F1 {model:.4f} for the model, {base:.4f} for the baseline") == 1
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
 """The tokenizer: the model directory's own, or one built from the training texts.
 
 Without tokenizer files in the model directory, a vocabulary is learned from the training texts
-(offline): by default a BERT WordPiece vocabulary (each CJK character a token, as in Chinese BERT
-vocabularies, plus frequent numbers and Latin words), or every character seen at least twice, one
-token per character (`--vocabulary char`).
+(offline): by default one token per character (`--vocabulary char`), or a BERT WordPiece
+vocabulary (`wordpiece`: each CJK character a token, as in Chinese BERT vocabularies, plus frequent
+numbers and Latin words). In both, a character seen fewer than `--min-char-count` times in training has no token of its
+own and reads as [UNK]: an embedding trained on one record is noise at test time, while [UNK] is
+trained on every record that has a rare character (real notes have a long tail of them).
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ from pathlib import Path
 
 from ..core.base import ConfigError, build_once
 from ..core.model_dir import has_tokenizer
-from ..core.options import DEFAULT_VOCABULARY
+from ..core.options import DEFAULT_MIN_CHAR_COUNT, DEFAULT_VOCABULARY
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDPIECE_VOCAB_SIZE = 8000
-CHAR_MIN_COUNT = 2  # a character vocabulary keeps the characters seen at least this often
 
 
 def load_tokenizer(tokenizer_dir: str, max_length: int):
@@ -49,20 +50,30 @@ def _pre_tokenizer(vocabulary: str):
     return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), "isolated")])
 
 
-def char_vocabulary(counts: Counter) -> list[str]:
-    """Every character seen at least CHAR_MIN_COUNT times, in code-point order (the same ids every
-    run); a character seen once gets no embedding of its own, which training could hardly learn."""
-    return SPECIAL_TOKENS + sorted(c for c, n in counts.items() if n >= CHAR_MIN_COUNT)
+def frequent_chars(counts: Counter, min_count: int) -> list[str]:
+    """The characters of the counted pieces seen at least `min_count` times in all, in code-point
+    order (the same ids every run)."""
+    chars = Counter()
+    for piece, n in counts.items():
+        for c in piece:
+            chars[c] += n
+    return sorted(c for c, n in chars.items() if n >= min_count)
 
 
-def wordpiece_vocabulary(counts: Counter) -> list[str]:
+def char_vocabulary(counts: Counter, min_count: int) -> list[str]:
+    """One token per character seen at least `min_count` times."""
+    return SPECIAL_TOKENS + frequent_chars(counts, min_count)
+
+
+def wordpiece_vocabulary(counts: Counter, min_count: int) -> list[str]:
     """A BERT vocabulary from the training words' counts, the same list on every run.
 
-    Every character seen (alone and as a ##continuation, so any word of the data can be spelled)
-    plus the most frequent longer words (numbers, Latin terms), ties broken alphabetically. (The
-    `tokenizers` WordPiece trainer was not used: its vocabulary changes from run to run.)
+    Every character seen at least `min_count` times (alone and as a ##continuation, so any word
+    of them can be spelled; a word with a rarer character is [UNK], as in BERT) plus the most
+    frequent longer words (numbers, Latin terms), ties broken alphabetically. (The `tokenizers`
+    WordPiece trainer was not used: its vocabulary changes from run to run.)
     """
-    chars = sorted({c for word in counts for c in word})
+    chars = frequent_chars(counts, min_count)
     budget = WORDPIECE_VOCAB_SIZE - len(SPECIAL_TOKENS) - 2 * len(chars)
     words = sorted((w for w, n in counts.items() if len(w) > 1 and n >= 2), key=lambda w: (-counts[w], w))[: max(budget, 0)]
     return SPECIAL_TOKENS + chars + ["##" + c for c in chars] + words
@@ -71,19 +82,25 @@ def wordpiece_vocabulary(counts: Counter) -> list[str]:
 VOCABULARIES = {"char": char_vocabulary, "wordpiece": wordpiece_vocabulary}  # --vocabulary (names in core.options)
 
 
-def build_tokenizer(texts: Iterable[str], texts_key: str, cache_dir: str, vocabulary: str = DEFAULT_VOCABULARY) -> Path:
-    """Build (or reuse, keyed by `texts_key`, e.g. the training Split's fingerprint, and the
-    vocabulary kind) a tokenizer whose vocabulary is learned from `texts`; returns its directory.
+def build_tokenizer(
+    texts: Iterable[str],
+    texts_key: str,
+    cache_dir: str,
+    vocabulary: str = DEFAULT_VOCABULARY,
+    min_char_count: int = DEFAULT_MIN_CHAR_COUNT,
+) -> Path:
+    """Build (or reuse, keyed by `texts_key`, e.g. the training Split's fingerprint, the vocabulary
+    kind and `min_char_count`) a tokenizer whose vocabulary is learned from `texts`; returns its directory.
 
     `texts` is read once, as it comes (a generator over a large file will do). Saved as
     `tokenizer.json` and loaded with `from_pretrained(dir)` (in transformers 5,
     `BertTokenizerFast(vocab_file=...)` ignores the file and maps every character to [UNK]).
     """
-    limits = {"char": CHAR_MIN_COUNT, "wordpiece": WORDPIECE_VOCAB_SIZE}[vocabulary]
+    limits = {"char": min_char_count, "wordpiece": (WORDPIECE_VOCAB_SIZE, min_char_count)}[vocabulary]
     key = hashlib.sha256(f"{texts_key}:{vocabulary}:{limits}".encode()).hexdigest()[:20]
     target = Path(cache_dir) / f"tokenizer-{vocabulary}-{key}"
     if not (target / "tokenizer_config.json").is_file():
-        build_once(target, "tokenizer_config.json", lambda tmp: write_tokenizer(tmp, texts, vocabulary))
+        build_once(target, "tokenizer_config.json", lambda tmp: write_tokenizer(tmp, texts, vocabulary, min_char_count))
     return target
 
 
@@ -95,13 +112,13 @@ def tokenizer_source(cfg, cache_dir: str):
     def tokenizer_for(train_split):
         if has_tokenizer(cfg.model):
             return load_tokenizer(cfg.model, cfg.max_length), cfg.model
-        directory = build_tokenizer(train_split.texts(), train_split.key, cache_dir, cfg.vocabulary)
+        directory = build_tokenizer(train_split.texts(), train_split.key, cache_dir, cfg.vocabulary, cfg.min_char_count)
         return load_tokenizer(str(directory), cfg.max_length), directory
 
     return tokenizer_for
 
 
-def write_tokenizer(directory: Path, texts: Iterable[str], vocabulary: str) -> None:
+def write_tokenizer(directory: Path, texts: Iterable[str], vocabulary: str, min_char_count: int) -> None:
     """Count the pre-tokenized pieces of `texts` in one pass, and save the tokenizer they give."""
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
@@ -110,7 +127,7 @@ def write_tokenizer(directory: Path, texts: Iterable[str], vocabulary: str) -> N
     counts = Counter()
     for text in texts:
         counts.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
-    ids = {token: i for i, token in enumerate(VOCABULARIES[vocabulary](counts))}
+    ids = {token: i for i, token in enumerate(VOCABULARIES[vocabulary](counts, min_char_count))}
     if vocabulary == "wordpiece":
         backend = Tokenizer(models.WordPiece(ids, unk_token="[UNK]"))
         backend.decoder = decoders.WordPiece()

@@ -184,6 +184,7 @@ class Task:
     balanced_weights: Callable | None = None  # (training label counts, records, names) -> a weight per label
     weighted_loss: Callable | None = None  # weights tensor -> (logits, labels) -> the micro-batch's mean loss
     thresholds: Callable = lambda labels, scores, names, setting: None  # -> {label: threshold} or None
+    initial_bias: Callable | None = None  # (training targets, class weights or None) -> the output layer's starting bias
     details: Callable = recall_per_class  # metrics -> what the console shows after the summary line
     export_files: Callable = label_map  # (names, thresholds) -> {file name: JSON} written beside the export's weights
     export_thresholds: Callable = lambda export_dir, names, override: None  # what `predict` decides with

@@ -7,6 +7,7 @@ Run from the repository root:
     python -m pipeline.tools.generate_sample_data --mode long   # writes pipeline/sample_data/long_{train,dev}.jsonl instead
     python -m pipeline.tools.generate_sample_data --mode multilabel  # multilabel_{train,dev,test}.jsonl
     python -m pipeline.tools.generate_sample_data --mode imbalanced  # imbalanced_{train,dev,test}.jsonl
+    python -m pipeline.tools.generate_sample_data --mode realistic --check  # realistic_{train,dev,test}.jsonl
 
 Two small variants (a few hundred records a split, no label noise) for the multi-label and
 class-weight features; the default files do not change with them:
@@ -34,6 +35,15 @@ In most of them (LATE_SHARE) the opening is vague (general malaise), so the deci
 the 辅助检查 labs and imaging at the end, as in real notes; the rest open with the usual
 informative 主诉 / 现病史.  Small splits (LONG_SPLITS) for tests and the long-record measurement.
 
+Realistic mode (``--mode realistic``): the default notes with the character statistics of real
+ones, for decisions that depend on them (the vocabulary): a long tail of rare characters (patients'
+and relatives' names, places, input-method typos drawn by Zipf's law over the CJK block, so most are
+seen once), Latin abbreviations beside the Chinese test names (WBC, CRP, cTnI, HbA1c, ECG ...), other
+spellings of units (°C, mmhg, bpm), now and then traditional characters or half-width punctuation
+(pasted text), and free-text sentences with dates, phone and record numbers and prescriptions, so
+lengths run from one line to a page. ``--check`` prints how many characters training sees once.
+Its own seed and files (realistic_{train,dev,test}.jsonl, 4,000/500/500, train noise as default).
+
 Label noise: about 3% of *train* labels are replaced by a random other class
 (deterministically).  dev and test are noise-free, so evaluation measures
 accuracy against the generating class.
@@ -46,6 +56,7 @@ byte-identical files, written atomically (base.write_text).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import re
@@ -713,6 +724,108 @@ def long_record(rng: random.Random, key: str) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Realistic mode: character statistics of real notes on top of the default findings
+# ---------------------------------------------------------------------------
+
+# Its own seed and files; the default records' findings (and so their labels' evidence) underneath.
+REALISTIC_SEED = 20261205
+REALISTIC_SPLITS = [("realistic_train", 4000, True), ("realistic_dev", 500, False), ("realistic_test", 500, False)]
+# Rare characters (names, places, typos) are drawn by Zipf's law over the CJK block in a fixed
+# shuffled order: a few hundred recur, thousands are seen once, as in real text.
+CJK_POOL = [chr(c) for c in range(0x4E00, 0x9FA6)]
+random.Random(REALISTIC_SEED).shuffle(CJK_POOL)
+ZIPF_CUMULATIVE = list(itertools.accumulate(1.0 / rank**1.3 for rank in range(1, len(CJK_POOL) + 1)))
+TYPO_RATE = 0.004  # per character: an input-method slip to another character
+# How notes spell the same test: Latin abbreviations beside the Chinese names (per record, either).
+ABBREVIATIONS = [
+    ("白细胞计数", ["WBC ", "WBC", "wbc "]),
+    ("中性粒细胞百分比", ["NEUT% ", "N% ", "NE%"]),
+    ("血红蛋白", ["Hb ", "HGB ", "HB"]),
+    ("C反应蛋白", ["CRP ", "CRP", "hs-CRP "]),
+    ("肌钙蛋白I", ["cTnI", "TnI", "CTNI"]),
+    ("糖化血红蛋白", ["HbA1c ", "HBA1C "]),
+    ("尿素氮", ["BUN ", "Urea "]),
+    ("肌酐", ["Cr ", "Scr ", "CREA "]),
+    ("D-二聚体", ["D-D ", "D-dimer "]),
+    ("心电图", ["ECG", "EKG"]),
+    ("心脏彩超", ["UCG", "超声心动图"]),
+    ("胸部CT", ["胸片CT", "肺部CT", "胸部HRCT"]),
+    ("头颅MRI", ["头颅MR", "颅脑MRI+DWI"]),
+]
+# Other spellings of the same thing: units, temperature, half-width punctuation (pasted text).
+VARIANT_SPELLINGS = [
+    ("℃", ["°C", "度", "℃"]),
+    ("mmHg", ["mmhg", "mmHg"]),
+    ("次/分", ["bpm", "次/min"]),
+    ("×10^9/L", ["*10^9/L", "x10^9/L"]),
+]
+PASTED = str.maketrans({"，": ",", "：": ":", "；": ";", "（": "(", "）": ")"})
+TRADITIONAL = str.maketrans("发热咳痰压检诊疗医无头颈脉气厥应显图阳阴", "發熱欬痰壓檢診療醫無頭頸脈氣厥應顯圖陽陰")
+HEADER = ["门诊病历", "急诊病历", "入院记录", "会诊记录", "首次病程记录"]
+FREE_TEXT = [
+    "患者{name}，{age}岁，{job}，住{place}",
+    "{date}由{place}转入",
+    "家属{name}陪同就诊，联系电话{phone}",
+    "住院号{number}",
+    "{date} {time}查房：患者诉{vague}",
+    "自带外院病历，{place}医院{date}检查",
+    "既往于{place}诊所多次输液治疗，具体用药不详",
+    "医嘱：{drug}",
+]
+JOBS = ["退休", "务农", "工人", "个体", "教师", "司机", "无业", "职员"]
+
+
+def rare_chars(rng: random.Random, n: int) -> str:
+    return "".join(rng.choices(CJK_POOL, cum_weights=ZIPF_CUMULATIVE, k=n))
+
+
+def free_text(rng: random.Random) -> str:
+    """A sentence of the kind real notes carry beside the findings: names, places, dates, numbers."""
+    month, day = rng.randint(1, 12), rng.randint(1, 28)
+    values = {
+        "name": rng.choice("王李张刘陈杨赵黄周吴徐孙胡朱高林何郭马罗") + rare_chars(rng, rng.randint(1, 2)),
+        "age": str(rng.randint(18, 92)),
+        "job": rng.choice(JOBS),
+        "place": rare_chars(rng, rng.randint(2, 3)) + rng.choice(["县", "市", "镇", "村", "区"]),
+        "date": rng.choice([f"2023-{month:02d}-{day:02d}", f"2023年{month}月{day}日", f"{month}.{day}"]),
+        "time": f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}",
+        "phone": f"1{rng.randint(3, 9)}{rng.randint(0, 999999999):09d}",
+        "number": f"{rng.randint(0, 99999999):08d}",
+        "vague": rng.choice(VAGUE_COMPLAINTS + ["无特殊不适", "睡眠一般"]),
+        "drug": rng.choice(DRUGS + ANTIHYPERTENSIVES)
+        + f" {rng.choice([0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40])}{rng.choice(['mg', 'g', 'ml'])} {rng.choice(['qd', 'bid', 'tid', 'q8h', 'prn', 'st'])}",
+    }
+    return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], rng.choice(FREE_TEXT))
+
+
+def realistic_record(rng: random.Random, key: str) -> str:
+    """A default note made to read like real ones: lengths from a line to a page (sections dropped,
+    free text added), Latin abbreviations and other spellings, names and places of rare characters,
+    typos, now and then traditional characters or half-width punctuation from pasted text."""
+    sections = record_sections(rng, key)
+    if rng.random() < 0.25:  # a short outpatient note: complaint and one more section
+        sections = sections[:1] + rng.sample(sections[1:], min(1, len(sections) - 1))
+    extra = [free_text(rng) for _ in range(min(int(rng.expovariate(0.6)), 12))]  # mostly 0-2, a long tail
+    text = rng.choice(HEADER) + "：" + "".join(f"{title}：{body}。" for title, body in sections)
+    text += "".join(f"{sentence}。" for sentence in extra)
+    for name, spellings in ABBREVIATIONS:
+        if name in text and rng.random() < 0.5:
+            text = text.replace(name, rng.choice(spellings))
+    for name, spellings in VARIANT_SPELLINGS:
+        if name in text and rng.random() < 0.3:
+            text = text.replace(name, rng.choice(spellings))
+    if rng.random() < 0.05:
+        text = text.translate(TRADITIONAL)
+    if rng.random() < 0.1:
+        text = text.translate(PASTED)
+    chars = list(text)
+    for i in range(len(chars)):
+        if "\u4e00" <= chars[i] <= "\u9fa5" and rng.random() < TYPO_RATE:
+            chars[i] = rare_chars(rng, 1)
+    return "".join(chars)
+
+
+# ---------------------------------------------------------------------------
 # Splits, noise, output
 # ---------------------------------------------------------------------------
 
@@ -734,10 +847,10 @@ def class_sequence(rng: random.Random, size: int, weights: list | None = None) -
     return keys
 
 
-def make_split(index: int, size: int, noisy: bool, long: bool = False) -> list:
-    seed = LONG_SEED if long else SEED
+def make_split(index: int, size: int, noisy: bool, long: bool = False, realistic: bool = False) -> list:
+    seed = LONG_SEED if long else REALISTIC_SEED if realistic else SEED
     rng = random.Random(seed + index)  # independent stream per split
-    make = long_record if long else make_record
+    make = long_record if long else realistic_record if realistic else make_record
     rows = [{"text": make(rng, key), "label": LABEL_OF[key]} for key in class_sequence(rng, size)]
     if noisy:
         # Separate stream so the noise rate can change without changing the texts.
@@ -823,11 +936,28 @@ def check(data: dict) -> None:
     print(f"dev accuracy, best single keyword per class: {correct / len(dev):.3f}")
 
 
+def char_statistics(data: dict) -> None:
+    """What the realistic mode is for: how many characters the training split sees rarely, and how
+    many of dev's characters it never saw."""
+    train, *others = data.values()
+    counts = Counter(c for row in train for c in row["text"])
+    once = sum(n == 1 for n in counts.values())
+    print(
+        f"train: {len(counts)} distinct characters, {once} seen once, {sum(n >= 2 for n in counts.values())} seen twice or more"
+    )
+    for name, rows in list(data.items())[1:]:
+        unseen = sum(counts[c] == 0 for row in rows for c in row["text"])
+        print(f"{name}: {unseen} characters never seen in train ({unseen / sum(len(r['text']) for r in rows):.2%})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="print counts, lengths and naive baselines")
     parser.add_argument(
-        "--mode", choices=["default", "long", *VARIANTS], default="default", help="which set to write (default: the sample data)"
+        "--mode",
+        choices=["default", "long", "realistic", *VARIANTS],
+        default="default",
+        help="which set to write (default: the sample data)",
     )
     args = parser.parse_args()
     if args.mode in VARIANTS:
@@ -838,14 +968,16 @@ def main() -> None:
             print(f"wrote {SAMPLE_DATA_DIR / f'{args.mode}_{name}.jsonl'} ({len(rows)} records; {dict(counts.most_common())})")
         return
     data = {}
-    long = args.mode == "long"
-    for index, (name, size, noisy) in enumerate(LONG_SPLITS if long else SPLITS):
-        rows = make_split(index, size, noisy, long=long)
+    long, realistic = args.mode == "long", args.mode == "realistic"
+    for index, (name, size, noisy) in enumerate(LONG_SPLITS if long else REALISTIC_SPLITS if realistic else SPLITS):
+        rows = make_split(index, size, noisy, long=long, realistic=realistic)
         write_jsonl_atomic(SAMPLE_DATA_DIR / f"{name}.jsonl", rows)
         data[name] = rows
         print(f"wrote {SAMPLE_DATA_DIR / f'{name}.jsonl'} ({len(rows)} records)")
     if args.check:
         check(data)
+        if realistic:
+            char_statistics(data)
 
 
 if __name__ == "__main__":

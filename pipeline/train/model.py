@@ -8,6 +8,8 @@ engine owns gradient accumulation (it scales each micro-batch loss by 1/accumula
 
 from __future__ import annotations
 
+import contextlib
+
 from ..core.base import ConfigError
 from ..core.model_dir import has_weights
 from ..tasks.base import Task
@@ -33,9 +35,11 @@ def build_model(
     seed: int,
     gradient_checkpointing: bool = False,
     task: Task = SINGLE_LABEL,
+    output_bias: list[float] | None = None,
 ):
     """The task's model (its class, label space and problem_type), partitioned while it is built under
-    ZeRO-3, optionally recomputing activations.
+    ZeRO-3, optionally recomputing activations; `output_bias` (the task's initial_bias) starts the
+    output layer's bias there instead of at 0.
 
     Under stage 3, transformers' DeepSpeed integration (an `HfDeepSpeedConfig` alive during the
     call) builds or loads the model inside `deepspeed.zero.Init`, so no rank ever holds the whole
@@ -64,6 +68,8 @@ def build_model(
     finally:
         del hf_ds_config
         unset_hf_deepspeed_config()
+    if output_bias is not None:
+        set_output_bias(model, output_bias, zero3)
     if gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise ConfigError(f"model: {model_dir} ({config.model_type}) does not support gradient checkpointing")
@@ -72,3 +78,15 @@ def build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # a decoder cache means nothing to a classifier; transformers warns otherwise
     return model
+
+
+def set_output_bias(model, values: list[float], zero3: bool) -> None:
+    """Set the bias of the model's output layer (its last linear layer with one output per value);
+    under ZeRO-3 the partitioned bias is gathered, set on rank 0 and partitioned again."""
+    import deepspeed
+    import torch
+
+    layer = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == len(values)][-1]
+    gathered = deepspeed.zero.GatheredParameters([layer.bias], modifier_rank=0) if zero3 else contextlib.nullcontext()
+    with gathered, torch.no_grad():
+        layer.bias.copy_(torch.tensor(values, dtype=layer.bias.dtype))

@@ -34,6 +34,7 @@ from ..data.cache import TokenizedSplit, prepare_splits
 from ..data.reading import Reading
 from ..data.tokenizer import load_tokenizer, tokenizer_source
 from ..tasks.base import Task
+from . import baseline
 from .evaluate import evaluate, forward_logits
 from .loop import note_best, out_of_patience, stop_agreed, stopped, train_loop
 from .model import build_engine, build_model
@@ -78,6 +79,7 @@ class PreparedData:
     label_names: list[str]
     train_data: dict  # data.cache.train_fingerprint: a resume must find it unchanged
     class_weights: dict  # {label: weight} of the loss; empty: unweighted
+    cache_paths: dict  # split -> its tokenized cache directory (the baseline's key reads their digests)
     dev_records: list | None = None  # with --val-size: the training file's record numbers held out as dev
 
 
@@ -91,7 +93,7 @@ def prepare_data(cfg: TrainConfig, task: Task, reading: Reading, cache_dir: str,
         name: TokenizedSplit.from_cache(path, tokenizer.pad_token_id, names, task, reading.pool)
         for name, path in info["splits"].items()
     }
-    return PreparedData(splits, tokenizer, names, info["train_data"], info["class_weights"], info["dev_records"])
+    return PreparedData(splits, tokenizer, names, info["train_data"], info["class_weights"], info["splits"], info["dev_records"])
 
 
 def start_or_resume(cfg: TrainConfig, log) -> tuple[Path, Path | None]:
@@ -124,6 +126,7 @@ class Run:
     log: RunLog
     probe: dict  # a few dev records whose logits the export must reproduce
     stops: StopRequests = field(default_factory=StopRequests)  # stop requests (signals, stop file) since setup began
+    baseline_job: baseline.BaselineJob | None = None  # rank 0's: the TF-IDF baseline, cached or fitting in the background
 
     @property
     def total_steps(self) -> int:
@@ -161,6 +164,7 @@ class Run:
         run_dir, resume_from = start_or_resume(cfg, log)
         data = prepare_data(cfg, task, reading, cfg.cache_directory(), log)
         stop_before_training(stops, "data preparation")
+        baseline_job = baseline.start(cfg, task, data, run_dir, log) if dist.is_main() else None  # runs beside training
         saved = read_state(resume_from) if resume_from is not None else None
         shape = RunShape(len(data.splits["train"]), str(run_dir))
         if saved is not None:
@@ -172,8 +176,10 @@ class Run:
             log.warning(f"warning: {line}")
         ds = resolved.ds
 
+        weights = list(data.class_weights.values()) or None
+        bias = task.initial_bias(data.splits["train"].record_labels, weights) if task.initial_bias else None
         model = build_model(
-            cfg.model, data.label_names, len(data.tokenizer), ds, cfg.seed, bool(cfg.gradient_checkpointing), task
+            cfg.model, data.label_names, len(data.tokenizer), ds, cfg.seed, bool(cfg.gradient_checkpointing), task, bias
         )
         model.config.record_reading = reading.as_dict()  # saved with the export; predict reads as training did
         state = TrainerState(
@@ -246,7 +252,7 @@ class Run:
             state.tracker_runs.update(trackers.run_ids)
             trackers.params({"train": asdict(cfg), "ds": {**ds, "world_size": dist.world_size()}})
         runlog = RunLog(run_dir, resolved.total_steps, state.optimizer_step, task, trackers)
-        return cls(cfg, task, run_dir, data, resolved, engine, state, runlog, probe, stops)
+        return cls(cfg, task, run_dir, data, resolved, engine, state, runlog, probe, stops, baseline_job)
 
     def evaluate(self, split: str, thresholds=None):
         """(metrics, predictions) of the live weights on a split; every rank must call this.
@@ -327,12 +333,25 @@ class Run:
             dist.main_first(lambda: write_text(self.run_dir / f"predictions-{split}.jsonl", rows))
         chosen = {"best_metric": cfg.best_metric, "best_value": state.best_metric} if cfg.best_metric else {}
         summary = {"step": checkpoint.step_of(exported), "last_step": step, "stopped_early": stopped_early, **chosen}
-        dist.main_first(lambda: write_json(self.run_dir / "eval_results.json", {**summary, **results}))
+
+        def write_results():  # rank 0's; the other ranks wait here if the baseline is still being fitted
+            beside = self.baseline_job.collect(log) if self.baseline_job else None
+            if beside:
+                write_json(self.run_dir / "eval" / baseline.RESULT, beside)
+            write_json(self.run_dir / "eval_results.json", {**summary, **results, **({"baseline": beside} if beside else {})})
+            return beside
+
+        beside = dist.main_first(write_results)
         thresholds = state.thresholds if exported == last else None  # the best checkpoint's are its own
         export_dir = dist.main_first(lambda: export_checkpoint(exported, self.run_dir / "export", True, thresholds))
         files = [self.run_dir / "eval_results.json", export_dir / "README.md"]
         self.log.close(step, files, {"export": str(Path(export_dir).resolve()), "checkpoint": str(exported)})
-        log.info(f"final dev: {self.task.summary(results['dev'])}")
+        for split in results:
+            log.info(f"final {split}: {self.task.summary(results[split])}")
+            if beside:
+                log.info(f"baseline {split}: {self.task.summary(beside[split])}  ({beside['description']})")
+        if beside:
+            log.info(baseline.verdict(self.task, results, beside, cfg.best_metric))
         log.info(
             f"checkpoint: {exported}\nexport (verified): {export_dir}\nmetrics: {self.run_dir / 'metrics.jsonl'}\n"
             f"eval results: {self.run_dir / 'eval_results.json'}"
