@@ -36,6 +36,7 @@ VOCABULARIES = ("char", "wordpiece")
 # The default: higher mean dev and test macro-F1 on the bundled sample (docs/data-and-models.md, 3 seeds).
 DEFAULT_VOCABULARY = "wordpiece"
 LR_SCALING = ("none", "linear", "sqrt")
+MASKINGS = ("whole-word", "token")  # data/masking.py
 
 
 @dataclass
@@ -218,6 +219,31 @@ class TrainConfig:
         },
     )
 
+    text_file: str = field(
+        default="",
+        metadata={
+            "help": "pretrain: unlabelled records, one file or several separated by commas (.jsonl/.json/.csv/.tsv/.parquet "
+            "with text_column, or .txt with one record per line), read and cached as training files are"
+        },
+    )
+    heldout_fraction: float = field(
+        default=0.05,
+        metadata={
+            "help": "pretrain: share of the records (seeded, at least one) held out to score masked-LM loss and perplexity on"
+        },
+    )
+    masking: str = field(
+        default="whole-word",
+        metadata={
+            "help": "pretrain: whole-word (every token of a word segmented by jieba is masked together, as in Chinese "
+            "RoBERTa-wwm) or token (each token on its own, as in the original BERT)"
+        },
+    )
+    mask_probability: float = field(
+        default=0.15,
+        metadata={"help": "pretrain: share of each record's tokens predicted (of them 80% [MASK], 10% random, 10% kept)"},
+    )
+
     def __post_init__(self):
         def need(ok: bool, key: str, expected: str):
             if not ok:
@@ -282,6 +308,9 @@ class TrainConfig:
         need(bool(self.dev_file), "dev_file", "a file path")
         need(bool(self.text_column), "text_column", "a column name")
         need(bool(self.label_column), "label_column", "a column name")
+        need(0.0 < self.heldout_fraction < 1.0, "heldout_fraction", "in (0, 1)")
+        need(self.masking in MASKINGS, "masking", " or ".join(MASKINGS))
+        need(0.0 < self.mask_probability < 1.0, "mask_probability", "in (0, 1)")
 
     def cache_directory(self) -> str:
         return cache_directory(self.cache_dir, self.output_dir)
@@ -337,7 +366,22 @@ CHOICES = {
     "pool": POOLS,
     "precision": PRECISIONS,
     "lr_scaling": LR_SCALING,
+    "masking": MASKINGS,
 }
+
+# `pretrain` is `train` with the masked-LM task, every long record read in windows.
+PRETRAIN_SETTINGS = {"task": "masked_lm", "long_records": "chunks"}
+
+
+def command_settings(command: str, overrides: dict) -> dict:
+    """The options of `command` (train or pretrain): pretrain's settings under the user's, its task fixed."""
+    if command != "pretrain":
+        return overrides
+    if overrides.get("task", "masked_lm") != "masked_lm":
+        raise ConfigError(
+            f"pretrain: --task {overrides['task']}: pretrain trains a masked LM (task masked_lm); use train for {overrides['task']}"
+        )
+    return {**PRETRAIN_SETTINGS, **overrides}
 
 
 def add_train_options(p, choices: dict[str, list[str]] | None = None) -> None:

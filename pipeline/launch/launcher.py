@@ -24,8 +24,17 @@ from pathlib import Path
 from .. import tasks
 from ..core.base import ConfigError, load_json
 from ..core.ds_config import Hardware, resolve_ds_config
-from ..core.options import HF_ALIASES, TrainConfig, add_train_options, cache_directory, spellings, unknown_options_message
+from ..core.options import (
+    HF_ALIASES,
+    TrainConfig,
+    add_train_options,
+    cache_directory,
+    command_settings,
+    spellings,
+    unknown_options_message,
+)
 from ..core.stop import STOP_FILE
+from ..data.tokenizer import check_model_tokenizer
 from .doctor import ACCELERATORS, SOCKET_IFNAMES, ops_to_build
 from .hosts import HOSTNAME, active_hosts, is_local, node_address, slurm_allocation
 
@@ -110,7 +119,10 @@ BACKENDS = {
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Launch options here; the rest must be training options (checked now, not on every rank later)."""
+    """Launch options here; the rest must be training options (checked now, not on every rank later).
+    A leading word `pretrain` makes the ranks run `pipeline pretrain` (args.command) instead of train."""
+    command = "pretrain" if argv[:1] == ["pretrain"] else "train"
+    argv = argv[1:] if command == "pretrain" else argv
     p = argparse.ArgumentParser(
         prog="./launch.sh",
         allow_abbrev=False,  # no abbreviations: unknown options are training options
@@ -177,6 +189,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="seconds per host for the doctor's checks, a cold torch import included (default: %(default)s)",
     )
     args, train_args = p.parse_known_args(argv)
+    args.command = command
     # Unknown options would otherwise reach every rank and fail there, after the doctor and the runner.
     train = argparse.ArgumentParser(prog="./launch.sh (training options)", allow_abbrev=False, add_help=False)
     add_train_options(train, {"task": tasks.names()})
@@ -284,8 +297,9 @@ def check_run_config(args: argparse.Namespace, world: int, accelerator: str, cap
             "cuda", fp16=True, bf16=bf16, name=f"GPUs of compute capability {', '.join(capabilities) or 'unknown'}"
         )
     overrides = {key: value for key, value in vars(args.train).items() if key != "config" and value is not None}
-    cfg = TrainConfig.from_sources(args.train.config, {**overrides, "ds_config": args.ds_config})
+    cfg = TrainConfig.from_sources(args.train.config, command_settings(args.command, {**overrides, "ds_config": args.ds_config}))
     tasks.resolve(cfg)  # the task's own options, before any rank starts
+    check_model_tokenizer(cfg.model)  # a model trained here comes with its own tokenizer
     resolved = resolve_ds_config(args.ds_config, load_json(args.ds_config), world, hardware, cfg)
     print(f"launch: {resolved.notes[0]}")
 
@@ -348,7 +362,7 @@ def deepspeed_command(args: argparse.Namespace, hosts: dict[str, int], train_arg
         cmd += ["--enable_each_rank_log", args.rank_logs]
     if launcher_args:
         cmd += ["--launcher_args", launcher_args]
-    return cmd + ["--module", "pipeline", "train", "--ds-config", args.ds_config, *train_args]
+    return cmd + ["--module", "pipeline", args.command, "--ds-config", args.ds_config, *train_args]
 
 
 def slurm_command(args: argparse.Namespace, train_args: list[str], environ: dict[str, str]) -> list[str]:
@@ -365,7 +379,7 @@ def slurm_command(args: argparse.Namespace, train_args: list[str], environ: dict
     if args.rank_logs:
         cmd.append(BACKENDS["slurm"].rank_logs.format(dir=args.rank_logs))
     cmd += args.launcher_args.split()
-    return cmd + [sys.executable, "-u", "-m", "pipeline", "train", "--ds-config", args.ds_config, *train_args]
+    return cmd + [sys.executable, "-u", "-m", "pipeline", args.command, "--ds-config", args.ds_config, *train_args]
 
 
 def launch_hosts(args: argparse.Namespace, env: dict[str, str]) -> dict[str, int]:

@@ -64,6 +64,7 @@ def build_model(
     finally:
         del hf_ds_config
         unset_hf_deepspeed_config()
+    model.config.architectures = [type(model).__name__]  # what it is now (a pretrain export is a masked LM)
     if gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise ConfigError(f"model: {model_dir} ({config.model_type}) does not support gradient checkpointing")
