@@ -241,7 +241,9 @@ class TrainConfig:
     )
     mask_probability: float = field(
         default=0.15,
-        metadata={"help": "pretrain: share of each record's tokens predicted (of them 80% [MASK], 10% random, 10% kept)"},
+        metadata={
+            "help": "pretrain: share of each record's tokens predicted (of them 8 in 10 become [MASK], 1 in 10 a random token, 1 in 10 stay)"
+        },
     )
 
     def __post_init__(self):
