@@ -14,8 +14,9 @@ random order while they fit the budget of round(probability x tokens).
 The choice is a pure function of (seed, epoch, row): a row is masked the same whatever batch,
 rank or world size it falls in, so a resumed run (or one resumed on another world size) masks
 exactly what the uninterrupted run did. Training rows are masked afresh each epoch; held-out rows
-the same every evaluation. (Hugging Face's collators draw from one running random state per batch,
-which a resume or another micro-batch size would change.)
+the same every evaluation. (transformers 5.24's DataCollatorForLanguageModeling draws from one
+generator seeded once, so what a row gets depends on every batch before it, and its whole-word mode
+groups tokens by gaps between their offsets: a Chinese sentence, without spaces, is one "word".)
 """
 
 from __future__ import annotations
