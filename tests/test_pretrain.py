@@ -11,6 +11,8 @@ from helpers import SAMPLE, ds_config, free_port, launch, launch_sh, losses, rea
 from safetensors.numpy import load_file
 from test_resume import interrupted_copy
 
+from pipeline.core.options import TINY_MODEL_DIR
+
 pytestmark = pytest.mark.slow  # every test here launches ranks
 
 # 64 notes as JSONL and 16 as plain text, windows of 64 tokens (long notes give several): 12 steps
@@ -114,3 +116,30 @@ def test_a_pretrain_export_without_its_tokenizer_is_refused_before_the_ranks(ref
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert f"launch: error: model: {model} was trained with its own tokenizer" in result.stderr
     assert "runner.py" not in result.stdout + result.stderr and "rank 0" not in result.stdout
+
+
+def test_pretrain_resumes_on_another_world_size(texts, tmp_path):
+    """2 ranks, then 1 from step 8 (universal checkpoint): each row is masked the same whatever rank
+    it falls on. Without dropout only the order of floating-point sums differs from the
+    uninterrupted run."""
+    model = tmp_path / "no-dropout"
+    model.mkdir()
+    config = json.loads((TINY_MODEL_DIR / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
+    accum = {2: 2, 1: 4}  # 4 per rank x accum x ranks = 16
+    settings = ("--model", str(model))
+    ds = ds_config(tmp_path / "ds.json", 2, micro=4, accum=accum[2])
+    result = launch(["pretrain", *pretrain_args(ds, texts, tmp_path, "ref", *settings)], ranks=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ref = tmp_path / "ref"
+    copy = interrupted_copy(ref, tmp_path / "interrupted", 8)
+    resume = ("--resume", str(copy / "checkpoints" / "step-8"))
+    result = launch(["pretrain", *pretrain_args(ds, texts, tmp_path, "interrupted", *settings, *resume)], ranks=1)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "global batch kept at 16 = 4 x 4 accumulation x 1" in output
+    resumed, reference_curve = losses(copy), losses(ref)
+    assert len(resumed) == len(reference_curve) == 12
+    assert max(abs(a - b) for a, b in zip(resumed, reference_curve)) < 1e-5, (resumed, reference_curve)
+    mine, theirs = load_file(copy / "export" / "model.safetensors"), load_file(ref / "export" / "model.safetensors")
+    assert max(abs(mine[k] - theirs[k]).max() for k in theirs) < 1e-5
