@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
-# Launch training on every slot of a hostfile through the real `deepspeed` runner.
+# `zero-pipeline launch` without installing: check a launch, then start `train` on every slot through
+# the real `deepspeed` runner. Paths are the caller's: run it from anywhere.
 #
-#   ./launch.sh                      2 ranks on this machine: sample data, tiny BERT, ZeRO-2 (the default run)
+#   ./launch.sh                      the default run: sample data, tiny BERT, ZeRO-2, every local GPU (2 CPU ranks without)
+#   ./launch.sh run.yaml             a run file (every run directory holds one: RUN_DIR/run.yaml repeats that run)
 #   ./launch.sh --hostfile hostfiles/H --ds-config ds_configs/X.json [launch options] [training options]
 #
-# Launch options (./launch.sh --help): --launcher pdsh|openmpi, --include/--exclude, --master-addr,
-# --master-port, --env-file, --launcher-args, --rank-logs, --no-doctor. The hostfile, env file and
-# launcher options are checked here and every host by `python -m pipeline doctor` before any rank
-# starts. Other options are training options (`python -m pipeline train --help`). Without a GPU the
-# ranks run on DeepSpeed's CPU accelerator (gloo).
+# Launch options: ./launch.sh --help. Training options: zero-pipeline train --help.
 set -euo pipefail
-cd "$(dirname "$0")"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+here="$(cd "$(dirname "$0")" && pwd)"
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 exec python -m pipeline launch "$@"

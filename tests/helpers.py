@@ -42,16 +42,17 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> list[float]:
     """The per-optimizer-step training losses a run logged."""
-    return [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row]
+    return [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row and "split" not in row]
 
 
 def ds_config(path: Path, stage: int, micro: int, accum: int, lr: float = 1e-3, **extra) -> Path:
-    """A small fp32 config: AdamW with a constant learning rate, ZeRO `stage`."""
+    """A small fp32 config: AdamW with a constant learning rate (a warmup from lr to lr), ZeRO `stage`."""
     cfg = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.01}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": lr, "warmup_max_lr": lr}},
         "zero_optimization": {"stage": stage},
         "steps_per_print": 1000000,
         **extra,

@@ -36,3 +36,54 @@ def test_train_help_shows_each_options_choices(capsys):
     assert f"(choices: {', '.join(tasks.names())}; default: 'single_label')" in shown  # every registered task
     assert "(choices: head, tail, head+tail; default: 'head')" in shown
     assert "(choices: char, wordpiece; default: 'wordpiece')" in shown
+
+
+@pytest.mark.slow
+def test_the_installed_command_runs_from_the_users_directory_and_its_run_file_repeats_the_run(tmp_path):
+    """`zero-pipeline launch` from a directory of one's own, every path relative to it: one training
+    file with a held-out dev part, one's own DeepSpeed JSON, HF flags; then RUN_DIR/run.yaml again."""
+    import json
+    import shutil
+    import subprocess
+    from collections import Counter
+
+    from helpers import REPO, SAMPLE, cpu_env, free_port, losses, read_jsonl, require, write_jsonl
+
+    require("zero-pipeline", install="pip install -e . (the console script)", why_root="")
+    records = read_jsonl(SAMPLE / "train.jsonl")[:200]
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "notes.jsonl", records)
+    shutil.copy(REPO / "ds_configs" / "small_zero2.json", tmp_path / "my_ds.json")
+
+    def zero_pipeline(*args):
+        command = ["zero-pipeline", "launch", *args, "--no-doctor", "--master-port", str(free_port())]
+        result = subprocess.run(command, cwd=tmp_path, env=cpu_env(), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    common = ["--max-steps", "4", "--max-length", "48", "--eval-every", "0", "--log-every", "1", "--output-dir", "out"]
+    out = zero_pipeline(
+        "--ds-config",
+        "my_ds.json",
+        "--train-file",
+        "data/notes.jsonl",
+        "--val-size",
+        "0.2",
+        "--learning-rate",
+        "5e-4",
+        "--weight-decay",
+        "0.0",
+        "--run-name",
+        "first",
+        *common,
+    )
+    run = tmp_path / "out" / "first"
+    assert "no --hostfile: 2 ranks on this machine" in out and "lr 0.0005 (--learning-rate)" in out
+    assert (run / "export" / "config.json").is_file() and "export (verified)" in out, out[-2000:]
+    held_out = json.loads((run / "val_split.json").read_text())["dev_records"]
+    labels = Counter(r["label"] for r in records)
+    assert Counter(records[i - 1]["label"] for i in held_out) == {k: round(0.2 * n) for k, n in labels.items() if round(0.2 * n)}
+    # The run file holds every option with absolute paths, and repeats the run exactly.
+    again = zero_pipeline(str(run / "run.yaml"), "--run-name", "again")
+    assert "lr 0.0005 (--learning-rate)" in again
+    assert losses(tmp_path / "out" / "again") == losses(run) and len(losses(run)) == 4

@@ -524,3 +524,29 @@ def test_label_files_that_name_other_labels_are_refused_before_training(tmp_path
     cfg = TrainConfig(task="multi_label", train_file=str(multi["train"]), dev_file=str(multi["dev"]), class_weights="balanced")
     info = prepare(cfg, tmp_path / "c", tokenizer_dir)
     assert info["class_weights"] == {"心梗": pytest.approx(1 / 2), "肺炎": pytest.approx(2 / 1), "胃肠炎": pytest.approx(2 / 1)}
+
+
+def test_val_size_holds_out_a_stratified_seeded_share_of_the_training_file(tmp_path):
+    from collections import Counter
+
+    from pipeline.data.cache import hold_out
+
+    rows = [{"text": f"记录{i}", "label": "甲" if i % 4 else "乙"} for i in range(200)]  # 150 甲, 50 乙
+    rows.append({"text": "只出现一次", "label": "丙"})
+    split = Split(write_jsonl(tmp_path / "all.jsonl", rows), "text", "label", SINGLE_LABEL)
+    train, dev = hold_out(split, 0.2, seed=1)
+    assert not train.rows & dev.rows and len(train.rows | dev.rows) == 201
+    labels = {row: label for row, _, label in split.records()}
+    assert Counter(labels[r] for r in dev.rows) == {"甲": 30, "乙": 10}  # each label's share; 丙 stays in training
+    assert hold_out(split, 0.2, seed=1)[1].rows == dev.rows and hold_out(split, 0.2, seed=2)[1].rows != dev.rows
+    assert [row for row, _, _ in dev.records()] == sorted(dev.rows)  # records() yields only the held-out ones
+    assert train.key != dev.key != split.key  # their caches and tokenizers are keyed apart
+
+
+def test_a_training_file_of_ones_own_never_pairs_with_the_bundled_dev_set():
+    with pytest.raises(ConfigError, match="give its dev set \\(--dev-file\\) or hold part of it out \\(--val-size 0.1\\)"):
+        TrainConfig(train_file="my.csv")
+    with pytest.raises(ConfigError, match="'val_size' .* 0 when a dev_file is given"):
+        TrainConfig(train_file="my.csv", dev_file="dev.csv", val_size=0.1)
+    assert TrainConfig(train_file="my.csv", val_size=0.1).dev_file == ""
+    assert TrainConfig().dev_file == str(SAMPLE / "dev.jsonl")

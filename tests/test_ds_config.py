@@ -70,11 +70,14 @@ def test_unknown_top_level_key_suggests_the_right_one():
         resolve_ds_config("cfg.json", ds, 2, CPU, AUTO)
 
 
-def test_stage_zero_and_missing_optimizer_are_refused():
+def test_stage_zero_and_an_optimizer_without_type_are_refused():
     with pytest.raises(ConfigError, match="zero_optimization.stage must be 1, 2 or 3"):
         resolve_ds_config("c.json", base(train_micro_batch_size_per_gpu=4, zero_optimization={"stage": 0}), 1, CPU, AUTO)
-    with pytest.raises(ConfigError, match="'optimizer'"):
-        resolve_ds_config("c.json", {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}, 1, CPU, AUTO)
+    with pytest.raises(ConfigError, match="'optimizer' with a 'type'"):
+        resolve_ds_config("c.json", base(train_micro_batch_size_per_gpu=4, optimizer={"params": {"lr": 1e-3}}), 1, CPU, AUTO)
+    # No optimizer at all: HF Trainer's AdamW, as its DeepSpeed integration does.
+    ds = resolve_ds_config("c.json", {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}, 1, CPU, AUTO).ds
+    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}}
 
 
 @pytest.mark.parametrize(
@@ -118,18 +121,116 @@ def test_resolved_config_fills_batch_precision_and_schedule():
     resolved = resolve_ds_config("c.json", ds, 2, V100, AUTO).ds
     assert resolved["train_batch_size"] == 16 and resolved["fp16"] == {"enabled": True, "loss_scale": 0}
     assert resolved["bf16"] == {"enabled": False}
-    filled = fill_schedule("c.json", resolved, total_steps=95, warmup_ratio=0.1)
-    assert filled["scheduler"]["params"] == {"warmup_num_steps": 10, "total_num_steps": 95}
+    filled = fill_schedule("c.json", resolved, total_steps=95, warmup=10)
+    assert filled["scheduler"]["params"] == {"warmup_num_steps": 10, "total_num_steps": 95, "warmup_max_lr": 1e-4}
     assert ds["fp16"]["enabled"] == "auto"  # the user's dict is not modified
     with pytest.raises(ConfigError, match="shorter than the run"):
         fill_schedule("c.json", {"scheduler": {"params": {"total_num_steps": 10}}}, 95, 0.1)
 
 
-def test_auto_optimizer_values_are_refused():
+def test_auto_values_no_flag_fills_are_refused():
     ds = base(train_micro_batch_size_per_gpu=4)
-    ds["optimizer"]["params"]["lr"] = "auto"
-    with pytest.raises(ConfigError, match='optimizer.params.lr is "auto"'):
+    ds["optimizer"]["params"]["amsgrad"] = "auto"
+    with pytest.raises(ConfigError, match='optimizer.params.amsgrad is "auto"'):
         resolve_ds_config("c.json", ds, 1, CPU, AUTO)
+
+
+SHIPPED = REPO / "ds_configs" / "small_zero2.json"
+
+
+def test_hf_flags_fill_the_auto_values_of_the_shipped_config():
+    flags = dict(
+        learning_rate=3e-4,
+        weight_decay=0.05,
+        adam_beta1=0.8,
+        adam_beta2=0.95,
+        adam_epsilon=1e-6,
+        max_grad_norm=0.5,
+        lr_scheduler_type="cosine",
+        warmup_steps=7,
+        micro_batch=2,
+        gradient_accumulation_steps=8,
+        precision="bf16",
+    )
+    resolved = resolve_ds_config(str(SHIPPED), load_json(SHIPPED), 2, CPU, TrainConfig(**flags))
+    ds = resolved.ds
+    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.05}}
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 2, 8)
+    assert ds["scheduler"]["type"] == "WarmupCosineLR" and ds["scheduler"]["params"]["warmup_type"] == "linear"
+    run = resolved.for_run(TrainConfig(**flags), 2, __import__("pipeline.core.ds_config").core.ds_config.RunShape(160, "/r"))
+    assert run.ds["scheduler"]["params"]["warmup_num_steps"] == 7 and run.ds["scheduler"]["params"]["total_num_steps"] == 10
+    assert any("lr 0.0003 (--learning-rate)" in note for note in resolved.notes), resolved.notes
+
+
+def test_unset_flags_give_the_defaults_and_the_default_learning_rate_follows_the_model(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    ds = resolve_ds_config(str(SHIPPED), load_json(SHIPPED), 2, CPU, AUTO).ds
+    assert ds["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
+    assert ds["scheduler"] == {
+        "type": "WarmupDecayLR",
+        "params": {
+            "warmup_min_lr": 0,
+            "warmup_max_lr": 1e-3,
+            "warmup_num_steps": "auto",
+            "total_num_steps": "auto",
+            "warmup_type": "linear",
+        },
+    }
+    assert ds["gradient_clipping"] == 1.0
+    # A model directory with pretrained weights: HF Trainer's fine-tuning default.
+    config = BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
+    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    pretrained = resolve_ds_config(str(SHIPPED), load_json(SHIPPED), 2, CPU, TrainConfig(model=str(tmp_path))).ds
+    assert pretrained["optimizer"]["params"]["lr"] == 5e-5 and pretrained["scheduler"]["params"]["warmup_max_lr"] == 5e-5
+
+
+@pytest.mark.parametrize(
+    "json_values, flags, message",
+    [
+        (
+            {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
+            {"learning_rate": 2e-5},
+            r"optimizer.params.lr=0.001 contradicts --learning-rate 2e-05",
+        ),
+        ({"gradient_clipping": 1.0}, {"max_grad_norm": 0.5}, r"gradient_clipping=1.0 contradicts --max-grad-norm 0.5"),
+        (
+            {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.999]}}},
+            {"adam_beta2": 0.98},
+            r"betas=\[0.9, 0.999\] contradicts --adam-beta2 0.98",
+        ),
+        (
+            {"gradient_accumulation_steps": 2},
+            {"gradient_accumulation_steps": 4},
+            r"gradient_accumulation_steps=2 contradicts --gradient-accumulation-steps 4",
+        ),
+        (
+            {"scheduler": {"type": "WarmupLR", "params": {}}},
+            {"lr_scheduler_type": "linear"},
+            r"scheduler.type='WarmupLR' contradicts --lr-scheduler-type linear",
+        ),
+        (
+            {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 100}}},
+            {"warmup_ratio": 0.2},
+            r"warmup_num_steps=100 contradicts --warmup-ratio 0.2",
+        ),
+    ],
+)
+def test_a_flag_that_contradicts_a_number_in_the_json_is_refused_naming_both(json_values, flags, message):
+    ds = {**base(train_micro_batch_size_per_gpu=4), **json_values}
+    with pytest.raises(ConfigError, match=message):
+        resolve_ds_config("c.json", ds, 2, CPU, TrainConfig(**flags))
+
+
+def test_an_optimizer_peak_the_scheduler_overrides_is_refused():
+    ds = base(
+        train_micro_batch_size_per_gpu=4,
+        optimizer={"type": "AdamW", "params": {"lr": 2e-5}},
+        scheduler={"type": "WarmupDecayLR", "params": {"warmup_max_lr": 1e-3, "total_num_steps": "auto"}},
+    )
+    with pytest.raises(ConfigError, match=r"warmup_max_lr=0.001 overrides optimizer.params.lr=2e-05 .*the peak would be 0.001"):
+        resolve_ds_config("c.json", ds, 2, CPU, AUTO)
 
 
 def test_shipped_configs_resolve_on_their_target(tmp_path):

@@ -1,6 +1,7 @@
 """launch.sh's checks that need no host: each bad input stops it before the deepspeed runner starts,
 with the file and line named; the env file for remote ranks merges the user's own files, unchanged."""
 
+import os
 import subprocess
 
 import pytest
@@ -11,6 +12,7 @@ from pipeline.core.dist import device_index
 from pipeline.launch.hosts import parse_node_address, read_hostfile
 from pipeline.launch.launcher import (
     deepspeed_command,
+    local_world,
     parse_args,
     rank_env,
     read_env_file,
@@ -18,6 +20,7 @@ from pipeline.launch.launcher import (
     slurm_command,
     user_env,
     visible_devices_include,
+    warn_idle_gpus,
 )
 
 
@@ -213,9 +216,10 @@ def test_options_take_underscores_and_hugging_face_names():
 
 
 def test_unknown_option_is_refused_before_the_doctor_and_the_ranks():
-    result = launch_sh("--max-steps", "2", "--learning_rate", "3e-5")
+    result = launch_sh("--max-steps", "2", "--learning_rat", "3e-5")
     assert result.returncode == 2
-    assert "unrecognized arguments: --learning_rate 3e-5" in result.stderr, result.stderr
+    assert "unrecognized arguments: --learning_rat 3e-5" in result.stderr, result.stderr
+    assert "did you mean --learning_rate?" in result.stderr, result.stderr
     assert "host" not in result.stdout and "runner.py" not in result.stdout + result.stderr  # no doctor table, no runner
 
 
@@ -314,3 +318,68 @@ def test_srun_gets_the_allocations_cpus_per_task_and_the_nodes_address():
     shown = "NodeName=gpu1 Arch=x86_64 CoresPerSocket=16 NodeAddr=10.1.2.3 NodeHostName=gpu1 Version=22.05.8\n"
     assert parse_node_address(shown, "gpu1") == "10.1.2.3"
     assert parse_node_address("NodeName=gpu1 Arch=x86_64\n", "gpu1") == "gpu1"
+
+
+def fake_nvidia_smi(bin_dir, gpus: int) -> str:
+    """A PATH on which `nvidia-smi` answers the probe's query as a node with `gpus` V100s would."""
+    bin_dir.mkdir()
+    script = bin_dir / "nvidia-smi"
+    script.write_text("#!/bin/sh\n" + "".join("echo '7.0, 535.104.05'\n" for _ in range(gpus)))
+    script.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def test_without_a_hostfile_every_gpu_is_a_rank_and_without_gpus_two_cpu_ranks(tmp_path, monkeypatch):
+    args, _ = parse_args([])
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path / "bin", 8))
+    assert local_world(args)[0] == 8
+    assert local_world(parse_args(["--num-gpus", "3"])[0])[0] == 3
+    with pytest.raises(ConfigError, match="--num-gpus 9, but this machine has 8 GPUs"):
+        local_world(parse_args(["--num-gpus", "9"])[0])
+    assert local_world(parse_args(["--accelerator", "cpu"])[0])[0] == 2  # CPU ranks asked for on a GPU node
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no nvidia-smi: no GPU
+    ranks, why = local_world(args)
+    assert ranks == 2 and "no GPU" in why
+
+
+def test_a_hostfile_with_fewer_slots_than_gpus_is_warned_about(capsys):
+    args, _ = parse_args(["--hostfile", "h"])
+    warn_idle_gpus(args, {"node1": 4, "node2": 8}, {"node1": {"gpus": 8}, "node2": {"gpus": 8}})
+    out = capsys.readouterr().out
+    assert "node1 has 8 GPUs but the hostfile gives it slots=4: 4 stay idle" in out and "node2" not in out
+
+
+def test_a_run_file_gives_options_and_the_command_line_overrides_it(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("hostfile: h\nno_doctor: true\nlearning-rate: 3.0e-5\nepochs: 3\nrank_logs: null\n")
+    args, train_args = parse_args([str(run), "--epochs", "1"])
+    assert args.hostfile == "h" and args.no_doctor and args.train.learning_rate == 3e-5 and args.train.epochs == 1
+    assert train_args == ["--learning_rate", "3e-05", "--epochs", "3", "--epochs", "1"]  # the ranks see the same
+    run.write_text("learning_rat: 3.0e-5\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown key 'learning_rat' \(did you mean 'learning_rate'\?\)"):
+        parse_args([str(run)])
+
+
+BAD_INPUTS = [
+    (["--train-file", "missing.jsonl", "--val-size", "0.1"], "missing.jsonl: data file not found"),
+    (["--train-file", "data.csv"], "give its dev set (--dev-file) or hold part of it out (--val-size 0.1)"),
+    (["--train-file", "data.csv", "--val-size", "0.1", "--label-column", "diagnosis"], "data.csv: no column 'diagnosis'"),
+    (["--train-file", "notes.xlsx", "--val-size", "0.1"], "notes.xlsx: unknown data format '.xlsx'"),
+    (["--model", "nomodel"], "nomodel is not a model directory (no config.json)"),
+    (["--output-dir", "data.csv/runs"], "output directory data.csv/runs is not writable"),
+    (["--learning-rate", "2e-5", "--ds-config", "concrete.json"], "optimizer.params.lr=0.001 contradicts --learning-rate 2e-05"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options, message", BAD_INPUTS, ids=[m.split(":")[0][:30] for _, m in BAD_INPUTS])
+def test_bad_inputs_get_one_line_before_any_rank_starts(tmp_path, options, message):
+    """From the user's own directory, with relative paths: one line, exit 2, no doctor, no runner."""
+    (tmp_path / "data.csv").write_text("text,label\n胸痛三天,冠心病\n", encoding="utf-8")
+    (tmp_path / "nomodel").mkdir()
+    ds_config(tmp_path / "concrete.json", 2, micro=4, accum=2)
+    result = launch_sh(*options, "--master-port", str(free_port()), cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "host " not in result.stdout and "runner.py" not in result.stdout

@@ -112,3 +112,50 @@ def test_patience_ends_training_after_evaluations_without_a_new_best(one_rank, t
     state = run.state
     assert (state.optimizer_step, state.best_step, state.evaluations_since_best) == (3, 1, 2)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-1", "step-2", "step-3"]
+
+
+def test_every_hugging_face_flag_lands_in_the_engine(one_rank, tmp_path):
+    """The shipped config's "auto" values filled by the flags, read back from the engine DeepSpeed built."""
+    import shutil
+
+    from helpers import REPO
+
+    shutil.copy(REPO / "ds_configs" / "small_zero2.json", tmp_path / "auto.json")
+    run = Run.setup(
+        TrainConfig(
+            ds_config=str(tmp_path / "auto.json"),
+            train_file=str(one_rank["train"]),
+            dev_file=str(one_rank["dev"]),
+            cache_dir=str(one_rank["cache"]),
+            output_dir=str(tmp_path),
+            run_name="run",
+            max_length=32,
+            tensorboard=0,
+            **dict(
+                learning_rate=3e-4,
+                weight_decay=0.05,
+                adam_beta1=0.8,
+                adam_beta2=0.95,
+                adam_epsilon=1e-6,
+                max_grad_norm=0.5,
+                lr_scheduler_type="cosine",
+                warmup_steps=3,
+                micro_batch=4,
+                gradient_accumulation_steps=8,
+                precision="bf16",
+            ),
+        )
+    )
+    engine = run.engine
+    group = engine.optimizer.optimizer.param_groups[0]  # ZeRO's wrapper holds the torch AdamW
+    assert (group["weight_decay"], tuple(group["betas"]), group["eps"]) == (0.05, (0.8, 0.95), 1e-6)
+    scheduler = engine.lr_scheduler
+    assert type(scheduler).__name__ == "WarmupCosineLR" and scheduler.org_lrs == [3e-4] * len(scheduler.org_lrs)
+    assert (scheduler.warmup_num_steps, scheduler.warmup_type) == (3, "linear")
+    assert engine.gradient_clipping() == 0.5 and engine.bfloat16_enabled() and not engine.fp16_enabled()
+    assert (engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(), engine.train_batch_size()) == (
+        4,
+        8,
+        32,
+    )
+    assert "run.yaml" in {p.name for p in (tmp_path / "run").iterdir()}

@@ -7,9 +7,11 @@ resolved by the same `resolve_ds_config` every rank runs, so what this prints is
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..core.base import load_json
 from ..core.ds_config import Hardware, ds_precision, resolve_ds_config
-from ..core.options import OPTION_TYPES, TrainConfig
+from ..core.options import DS_CONFIG_OPTIONS, TINY_MODEL_DIR, TrainConfig, add_train_options
 from ..launch.hosts import world_from_hostfile
 
 
@@ -20,7 +22,7 @@ def _params(section: dict | None) -> str:
     return f"{section.get('type')} {params}".strip()
 
 
-def describe(resolved, world: dict, hw: Hardware, warmup_ratio: float) -> list[str]:
+def describe(resolved, world: dict, hw: Hardware) -> list[str]:
     """The lines check-config prints: world, batch, ZeRO, offload, precision, optimizer, scheduler."""
     ds = resolved.ds
     zero = ds.get("zero_optimization") or {}
@@ -44,8 +46,8 @@ def describe(resolved, world: dict, hw: Hardware, warmup_ratio: float) -> list[s
     ]
     if "auto" in (sched.get("total_num_steps"), sched.get("warmup_num_steps")):
         lines.append(
-            f'  scheduler "auto" steps are filled at run time: total = optimizer steps of the run '
-            f"(dataset size / global batch x epochs), warmup = {warmup_ratio:g} x total"
+            'scheduler "auto" steps are filled at run time: total = optimizer steps of the run '
+            "(dataset size / global batch x epochs), warmup as above"
         )
     return lines
 
@@ -55,18 +57,14 @@ def check_config(args) -> int:
     world = world_from_hostfile(args.hostfile, args.include, args.exclude, args.num_nodes, args.num_gpus)
     world_size = sum(len(slots) for slots in world.values())
     hw = Hardware.named(args.gpu) if args.gpu else Hardware.detect()
-    cfg = TrainConfig(
-        ds_config=args.ds_config,
-        precision=args.precision,
-        global_batch=args.global_batch,
-        micro_batch=args.micro_batch,
-        lr_scaling=args.lr_scaling,
-        reference_batch=args.reference_batch,
-    )
+    options = {name: getattr(args, name) for name in DS_CONFIG_OPTIONS if getattr(args, name) is not None}
+    # The model decides the default learning rate (pretrained weights or not).
+    model = str(Path(args.model).parent if args.model.endswith(".json") else args.model or TINY_MODEL_DIR)
+    cfg = TrainConfig(ds_config=args.ds_config, model=model, **options)
     resolved = resolve_ds_config(
         args.ds_config, load_json(args.ds_config), world_size, hw, cfg, pipeline_rules=not args.deepspeed_only
     )
-    lines = describe(resolved, world, hw, cfg.warmup_ratio)
+    lines = describe(resolved, world, hw)
     if args.model:
         from .plan import memory_for_config
 
@@ -99,13 +97,4 @@ def add_parser(sub) -> None:
         action="store_true",
         help="check only what DeepSpeed needs, not this pipeline's rules (for configs of other trainers)",
     )
-    defaults = TrainConfig()
-    for name in ("precision", "global_batch", "micro_batch", "lr_scaling", "reference_batch"):
-        f = next(f for f in TrainConfig.__dataclass_fields__.values() if f.name == name)
-        p.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            type=OPTION_TYPES[f.type],
-            default=getattr(defaults, name),
-            help=f.metadata["help"],
-        )
+    add_train_options(p, only=DS_CONFIG_OPTIONS)

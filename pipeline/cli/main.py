@@ -1,6 +1,6 @@
-"""Command line: `python -m pipeline COMMAND ...` (see README.md; `--help` lists the commands).
+"""Command line: `zero-pipeline COMMAND ...`, or `python -m pipeline COMMAND ...` (see README.md; `--help` lists the commands).
 
-`train` is what every rank runs under the `deepspeed` launcher (./launch.sh, which is `launch`);
+`train` is what every rank runs under the `deepspeed` launcher (`zero-pipeline launch`, or ./launch.sh);
 the other commands (predict, export, doctor, check-config, plan, verify-accumulation, plot, comms,
 bench) are plain single processes or start their own ranks. verify-accumulation, comms and bench
 are tools (`pipeline.tools`): this front door imports one only when its command runs.
@@ -124,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         from ..launch.launcher import main as launch_main
 
         return launch_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="zero-pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     # Listed for --help only: `launch` is handled above, before this parser (its options are launch.sh's).
-    sub.add_parser("launch", help="start training on every slot of a hostfile or SLURM allocation (./launch.sh; launch --help)")
+    sub.add_parser(
+        "launch",
+        help="check, then start training on every local GPU, a hostfile's slots or a SLURM allocation (./launch.sh; launch --help)",
+    )
     train_parsers = {command: _train_parser(sub, command) for command in TRAIN_COMMANDS}
     _predict_parser(sub)
     _doctor_parser(sub)

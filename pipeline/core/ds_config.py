@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .base import ConfigError
+from .model_dir import has_weights
 from .options import TrainConfig
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -25,6 +26,36 @@ MAX_AUTO_MICRO = 8  # HF Trainer's default per_device_train_batch_size: the cap 
 # Absolute learning rates in optimizer.params and scheduler.params (WarmupLR, WarmupDecayLR, OneCycle,
 # LRRangeTest). Scaling all of them keeps the schedule's shape; WarmupCosineLR's ratios follow the lr.
 LR_KEYS = ("lr", "warmup_min_lr", "warmup_max_lr", "cycle_min_lr", "cycle_max_lr", "lr_range_test_min_lr")
+# Where the JSON says "auto" (or leaves the key out) and no flag is given: HF Trainer's defaults,
+# except weight decay and warmup, BERT's fine-tuning values (Devlin et al. 2019), and the learning
+# rate of a model trained from its config alone (default_learning_rate).
+HYPERPARAMETER_DEFAULTS = {
+    "weight_decay": 0.01,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "warmup_ratio": 0.1,
+    "lr_scheduler_type": "linear",
+}
+# --lr-scheduler-type -> the DeepSpeed scheduler with the same shape, used where the JSON has none
+# (as HF Trainer uses its own scheduler then). DeepSpeed's warmup is logarithmic unless told.
+SCHEDULERS = {
+    "linear": {
+        "type": "WarmupDecayLR",
+        "params": {"warmup_min_lr": 0, "warmup_max_lr": "auto", "warmup_num_steps": "auto", "total_num_steps": "auto"},
+    },
+    "cosine": {
+        "type": "WarmupCosineLR",
+        "params": {"warmup_min_ratio": 0.0, "cos_min_ratio": 0.0, "warmup_num_steps": "auto", "total_num_steps": "auto"},
+    },
+    "constant_with_warmup": {
+        "type": "WarmupLR",
+        "params": {"warmup_min_lr": 0, "warmup_max_lr": "auto", "warmup_num_steps": "auto"},
+    },
+    "constant": None,  # no scheduler: DeepSpeed keeps the optimizer's learning rate
+}
+WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 # Compute capability of GPUs people name on the command line (bf16 needs 8.0+).
 GPU_CAPABILITY = {"v100": 7.0, "t4": 7.5, "a100": 8.0, "a10": 8.6, "a40": 8.6, "l4": 8.9, "h100": 9.0, "h200": 9.0}
 
@@ -86,7 +117,7 @@ class ResolvedConfig:
                 f"{cfg.train_file}: {run.num_records} records, fewer than one global batch (train_batch_size={total})"
             )
         total_steps = min(per_epoch * cfg.epochs, cfg.max_steps or per_epoch * cfg.epochs)
-        ds = fill_schedule(self.path, ds, total_steps, cfg.warmup_ratio)
+        ds = fill_schedule(self.path, ds, total_steps, warmup_steps(cfg, total_steps))
         if cfg.flops_profiler_step:
             ds["flops_profiler"] = {
                 "enabled": True,
@@ -154,11 +185,13 @@ def _from_option(path: str, json_value, key: str, option: int, flag: str):
     return option
 
 
-def resolve_batch(path: str, ds: dict, world_size: int, global_batch: int = 0, micro_batch: int = 0) -> tuple[int, int, int]:
+def resolve_batch(
+    path: str, ds: dict, world_size: int, global_batch: int = 0, micro_batch: int = 0, accumulation: int = 0
+) -> tuple[int, int, int]:
     """Resolve (train_batch_size, micro_batch_per_gpu, accumulation) against the real world size.
 
     Two of the three determine the third (as DeepSpeed does); all three must agree. `global_batch`
-    and `micro_batch` (0: unset) fill "auto" values. With only the global batch known, the micro
+    `micro_batch` and `accumulation` (0: unset) fill "auto" values. With only the global batch known, the micro
     batch is the largest divisor of the per-rank batch up to MAX_AUTO_MICRO.
     """
     given = {k: _positive_int(path, k, ds[k]) for k in BATCH_KEYS if not _is_auto(ds.get(k))}
@@ -166,6 +199,7 @@ def resolve_batch(path: str, ds: dict, world_size: int, global_batch: int = 0, m
     shown = ", ".join(f"{k}={ds.get(k, 'missing')}" for k in BATCH_KEYS) + f", world size={world_size}"
     total = _from_option(path, total, "train_batch_size", global_batch, "--global-batch")
     micro = _from_option(path, micro, "train_micro_batch_size_per_gpu", micro_batch, "--micro-batch")
+    accum = _from_option(path, accum, "gradient_accumulation_steps", accumulation, "--gradient-accumulation-steps")
     if total is None and micro is not None:
         total = micro * (accum or 1) * world_size
     if micro is None and total is not None:
@@ -274,8 +308,8 @@ def check_stage_settings(path: str, ds: dict) -> list[str]:
 
 
 def _check_pipeline_rules(path: str, ds: dict) -> None:
-    """What this pipeline needs beyond DeepSpeed: a sharded stage to export from, and a named optimizer
-    whose values are given (HF Trainer would fill "auto" from its own arguments; nothing here does)."""
+    """What this pipeline needs beyond DeepSpeed: a sharded stage to export from, a named optimizer,
+    and no "auto" left that no flag fills (fill_hyperparameters has filled the rest)."""
     zero = ds.get("zero_optimization") or {}
     if zero.get("stage", 0) not in (1, 2, 3):
         raise ConfigError(
@@ -288,6 +322,104 @@ def _check_pipeline_rules(path: str, ds: dict) -> None:
         for key, value in ((ds.get(where) or {}).get("params") or {}).items():
             if value == "auto" and not (where == "scheduler" and key in auto_steps):
                 raise ConfigError(f'{path}: {where}.params.{key} is "auto" but this pipeline cannot derive it; give a value')
+
+
+def default_learning_rate(model_dir: str) -> tuple[float, str]:
+    """HF's 5e-5 for fine-tuning pretrained weights; a model initialised from its config alone (the
+    bundled tiny one) trains from scratch, where 5e-5 would barely move it in a short run."""
+    if has_weights(model_dir):
+        return 5e-5, "default for a model with pretrained weights"
+    return 1e-3, "default for a model initialised from its config alone"
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """--warmup-steps, else --warmup-ratio (or its default) of the run's steps, as HF Trainer counts them."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    ratio = HYPERPARAMETER_DEFAULTS["warmup_ratio"] if cfg.warmup_ratio is None else cfg.warmup_ratio
+    return math.ceil(ratio * total_steps)
+
+
+def _fill(path: str, section: dict, where: str, key: str, value, given, flag: str):
+    """HF Trainer's rule: an "auto" (or absent) value takes the flag's value or its default; a number
+    in the JSON that a given flag contradicts is refused, naming both."""
+    if _is_auto(section.get(key)):
+        section[key] = value
+    elif given is not None and section[key] != given:
+        name = f"{where}.{key}" if where else key
+        raise ConfigError(
+            f'{path}: {name}={section[key]!r} contradicts {flag} {given!r}; set it to "auto" in the JSON or drop {flag}'
+        )
+    return section[key]
+
+
+def fill_hyperparameters(path: str, ds: dict, cfg: TrainConfig) -> str:
+    """Fill the optimizer, scheduler and clipping values the JSON leaves "auto" from the Hugging Face
+    flags (--learning-rate, ...), as HF Trainer's DeepSpeed integration does; returns one line with
+    every value the engine will use."""
+    given = {key: getattr(cfg, key) for key in (*HYPERPARAMETER_DEFAULTS, "learning_rate")}
+    value = {key: HYPERPARAMETER_DEFAULTS[key] if given[key] is None else given[key] for key in HYPERPARAMETER_DEFAULTS}
+    lr, why = (cfg.learning_rate, "--learning-rate") if cfg.learning_rate is not None else default_learning_rate(cfg.model)
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW"})
+    params = optimizer.setdefault("params", {})
+    if not _is_auto(params.get("lr")):
+        why = "the JSON's"
+    lr = _fill(path, params, "optimizer.params", "lr", lr, given["learning_rate"], "--learning-rate")
+    _fill(path, params, "optimizer.params", "weight_decay", value["weight_decay"], given["weight_decay"], "--weight-decay")
+    if "adam" in str(optimizer.get("type", "")).lower() or "lamb" in str(optimizer.get("type", "")).lower():
+        if _is_auto(params.get("betas")):
+            params["betas"] = [value["adam_beta1"], value["adam_beta2"]]
+        for i, key in enumerate(("adam_beta1", "adam_beta2")):
+            if given[key] is not None and params["betas"][i] != given[key]:
+                raise ConfigError(
+                    f"{path}: optimizer.params.betas={params['betas']} contradicts --{key.replace('_', '-')} {given[key]}; "
+                    'set betas to "auto" in the JSON or drop the flag'
+                )
+        _fill(path, params, "optimizer.params", "eps", value["adam_epsilon"], given["adam_epsilon"], "--adam-epsilon")
+    _fill(path, ds, "", "gradient_clipping", value["max_grad_norm"], given["max_grad_norm"], "--max-grad-norm")
+    summary = f"optimizer: {optimizer.get('type')} lr {lr:g} ({why})" + "".join(
+        f", {key} {params[key]}" for key in ("betas", "eps", "weight_decay") if key in params
+    )
+
+    origin = f"--lr-scheduler-type {cfg.lr_scheduler_type}" if cfg.lr_scheduler_type else "HF's default, linear"
+    if "scheduler" not in ds:
+        if SCHEDULERS[value["lr_scheduler_type"]] is None:
+            return summary + f"; no scheduler ({origin}); gradient_clipping {ds['gradient_clipping']}"
+        ds["scheduler"] = copy.deepcopy(SCHEDULERS[value["lr_scheduler_type"]])
+        ds["scheduler"]["params"]["warmup_type"] = "linear"
+    else:
+        origin = "the JSON's"
+        wanted = cfg.lr_scheduler_type and (SCHEDULERS[cfg.lr_scheduler_type] or {"type": "none"})["type"]
+        if wanted and ds["scheduler"].get("type") != wanted:
+            raise ConfigError(
+                f"{path}: scheduler.type={ds['scheduler'].get('type')!r} contradicts --lr-scheduler-type "
+                f"{cfg.lr_scheduler_type} (DeepSpeed's {wanted}); remove the JSON's scheduler section to choose it by flag"
+            )
+    schedule = ds["scheduler"].setdefault("params", {})
+    if ds["scheduler"].get("type") in WARMUP_SCHEDULERS:  # DeepSpeed's default, 1000 steps, outlasts a short fine-tune
+        schedule.setdefault("warmup_num_steps", "auto")
+    if not _is_auto(schedule.get("warmup_num_steps", "auto")) and (cfg.warmup_steps is not None or cfg.warmup_ratio is not None):
+        flag = f"--warmup-steps {cfg.warmup_steps}" if cfg.warmup_steps is not None else f"--warmup-ratio {cfg.warmup_ratio}"
+        raise ConfigError(
+            f"{path}: scheduler.params.warmup_num_steps={schedule['warmup_num_steps']} contradicts {flag}; "
+            'set it to "auto" in the JSON or drop the flag'
+        )
+    if ds["scheduler"].get("type") in ("WarmupLR", "WarmupDecayLR"):
+        if schedule.get("warmup_min_lr") == "auto":
+            schedule["warmup_min_lr"] = 0
+        peak = _fill(path, schedule, "scheduler.params", "warmup_max_lr", lr, given["learning_rate"], "--learning-rate")
+        if peak != lr:  # the scheduler sets the learning rate itself: optimizer.params.lr is never used
+            raise ConfigError(
+                f"{path}: scheduler.params.warmup_max_lr={peak} overrides optimizer.params.lr={lr} "
+                f"({ds['scheduler']['type']} sets the learning rate itself, so the peak would be {peak}); "
+                'make them equal, or set warmup_max_lr to "auto"'
+            )
+    warmup = (
+        f"{cfg.warmup_steps} warmup steps" if cfg.warmup_steps is not None else f"warmup {value['warmup_ratio']:g} of the steps"
+    )
+    return (
+        summary + f"; scheduler: {ds['scheduler'].get('type')} ({origin}), {warmup}; gradient_clipping {ds['gradient_clipping']}"
+    )
 
 
 def scale_learning_rates(path: str, ds: dict, rule: str, reference_batch: int) -> str | None:
@@ -344,13 +476,14 @@ def resolve_ds_config(
         raise ConfigError("\n".join(errors))
     ds = copy.deepcopy(raw)
     notes = []
-    total, micro, accum = resolve_batch(path, ds, world_size, cfg.global_batch, cfg.micro_batch)
+    total, micro, accum = resolve_batch(path, ds, world_size, cfg.global_batch, cfg.micro_batch, cfg.gradient_accumulation_steps)
     derived = [k for k in BATCH_KEYS if _is_auto(raw.get(k))]
     notes.append(
         f"batch: {micro} per rank x {accum} accumulation x {world_size} ranks = {total} per optimizer step"
         + (f" (derived: {', '.join(derived)})" if derived else "")
     )
     ds.update(train_batch_size=total, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
+    notes.append(fill_hyperparameters(path, ds, cfg))
     if pipeline_rules:
         _check_pipeline_rules(path, ds)
     warnings += check_stage_settings(path, ds)
@@ -359,9 +492,7 @@ def resolve_ds_config(
     ds.pop("bfloat16", None)
     ds["fp16"] = {**(ds.get("fp16") or {}), "enabled": choice == "fp16"}
     ds["bf16"] = {**(ds.get("bf16") or raw.get("bfloat16") or {}), "enabled": choice == "bf16"}
-    if _is_auto(ds.get("gradient_clipping", 0.0)):
-        ds["gradient_clipping"] = 1.0
-        notes.append('gradient_clipping "auto" -> 1.0 (HF Trainer\'s max_grad_norm default)')
+    notes.append(f"precision: {choice}")
     lr_note = scale_learning_rates(path, ds, cfg.lr_scaling, cfg.reference_batch)
     if lr_note:
         notes.append(lr_note)
@@ -384,14 +515,14 @@ def _keep_global_batch(run: RunShape, total: int, micro: int, accum: int, world_
     )
 
 
-def fill_schedule(path: str, ds: dict, total_steps: int, warmup_ratio: float) -> dict:
+def fill_schedule(path: str, ds: dict, total_steps: int, warmup: int) -> dict:
     """Fill a scheduler's "auto" step counts from the run's real length."""
     ds = copy.deepcopy(ds)
     params = (ds.get("scheduler") or {}).get("params") or {}
     if params.get("total_num_steps") == "auto":
         params["total_num_steps"] = total_steps
     if params.get("warmup_num_steps") == "auto":
-        params["warmup_num_steps"] = math.ceil(warmup_ratio * total_steps)
+        params["warmup_num_steps"] = warmup
     if isinstance(params.get("total_num_steps"), int) and params["total_num_steps"] < total_steps:
         raise ConfigError(
             f"{path}: scheduler.params.total_num_steps={params['total_num_steps']} is shorter than the run "

@@ -15,11 +15,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base import ConfigError, load_json, unknown_key_message
+from .base import ConfigError, load_json, unknown_key_message, write_text
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # pipeline/
 TINY_MODEL_DIR = PACKAGE_DIR / "models" / "tiny-bert"
 SAMPLE_DATA_DIR = PACKAGE_DIR / "sample_data"
+# pipeline/ds_configs links to the repository's ds_configs/ (a wheel holds copies): the default run
+# finds its config from any working directory, installed or not.
+DS_CONFIG_DIR = PACKAGE_DIR / "ds_configs"
+DEFAULT_DS_CONFIG = DS_CONFIG_DIR / "small_zero2.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -36,6 +40,8 @@ VOCABULARIES = ("char", "wordpiece")
 # The default: higher mean dev and test macro-F1 on the bundled sample (docs/data-and-models.md, 3 seeds).
 DEFAULT_VOCABULARY = "wordpiece"
 LR_SCALING = ("none", "linear", "sqrt")
+# Hugging Face's lr_scheduler_type names this pipeline maps to DeepSpeed schedulers (ds_config.py).
+LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup", "constant")
 MASKINGS = ("whole-word", "token")  # data/masking.py
 
 
@@ -46,12 +52,21 @@ class TrainConfig:
     Batch sizes, accumulation, optimizer, scheduler and precision live in the DeepSpeed JSON.
     """
 
-    ds_config: str = field(default="ds_configs/small_zero2.json", metadata={"help": "DeepSpeed JSON config"})
+    ds_config: str = field(default=str(DEFAULT_DS_CONFIG), metadata={"help": "DeepSpeed JSON config"})
     train_file: str = field(
         default=str(SAMPLE_DATA_DIR / "train.jsonl"), metadata={"help": "training data (.jsonl, .json, .csv, .tsv or .parquet)"}
     )
     dev_file: str = field(
-        default=str(SAMPLE_DATA_DIR / "dev.jsonl"), metadata={"help": "dev data, evaluated during and after training"}
+        default="",
+        metadata={
+            "help": "dev data, evaluated during and after training (needed with a --train-file of your own, unless --val-size holds part of it out; the bundled sample's dev set goes with the bundled training set)"
+        },
+    )
+    val_size: float = field(
+        default=0.0,
+        metadata={
+            "help": "hold out this fraction of --train-file as the dev set instead of a --dev-file: stratified by label, seeded by --seed, the held-out line numbers written to RUN_DIR/val_split.json (0: off)"
+        },
     )
     test_file: str = field(default="", metadata={"help": "optional test data, evaluated once after training"})
     text_column: str = field(default="text", metadata={"help": "name of the text column"})
@@ -168,8 +183,38 @@ class TrainConfig:
     max_unk_fraction: float = field(
         default=0.02, metadata={"help": "refuse to train when more of the training tokens than this are the unknown token"}
     )
-    warmup_ratio: float = field(
-        default=0.1, metadata={"help": 'warmup share of all steps, used where the scheduler\'s warmup_num_steps is "auto"'}
+    # Hugging Face Trainer's hyperparameters: they fill the DeepSpeed JSON's "auto" values (unset: the
+    # default in the help); a flag that contradicts a number in the JSON is refused (ds_config.py).
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "peak learning rate (default: 5e-5 for a model directory with weights, HF's default for fine-tuning; 1e-3 for a model initialised from its config alone, like the bundled tiny model)"
+        },
+    )
+    weight_decay: float | None = field(default=None, metadata={"help": "AdamW weight decay (default: 0.01)"})
+    adam_beta1: float | None = field(default=None, metadata={"help": "AdamW beta1 (default: 0.9)"})
+    adam_beta2: float | None = field(default=None, metadata={"help": "AdamW beta2 (default: 0.999)"})
+    adam_epsilon: float | None = field(default=None, metadata={"help": "AdamW epsilon (default: 1e-8)"})
+    lr_scheduler_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "learning-rate schedule where the JSON has no scheduler, as HF Trainer: linear (DeepSpeed's WarmupDecayLR), cosine (WarmupCosineLR) or constant_with_warmup (WarmupLR), each with a linear warmup, or constant (no scheduler) (default: linear)"
+        },
+    )
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata={"help": 'warmup share of all steps where the scheduler\'s warmup_num_steps is "auto" (default: 0.1)'},
+    )
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": 'warmup steps where the scheduler\'s warmup_num_steps is "auto"; overrides warmup_ratio'}
+    )
+    max_grad_norm: float | None = field(
+        default=None,
+        metadata={"help": 'gradient clipping where the JSON\'s gradient_clipping is "auto" or absent (default: 1.0)'},
+    )
+    gradient_accumulation_steps: int = field(
+        default=0,
+        metadata={"help": 'accumulation steps where the JSON\'s gradient_accumulation_steps is "auto" (0: derived)'},
     )
     global_batch: int = field(
         default=0,
@@ -253,9 +298,11 @@ class TrainConfig:
 
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            expected = {"str": (str,), "int": (int,), "float": (int, float)}[f.type]
-            if isinstance(value, bool) or not isinstance(value, expected):
-                raise ConfigError(f"training config: '{f.name}' = {value!r}, expected {f.type}")
+            kind, optional = option_type(f)
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+                raise ConfigError(f"training config: '{f.name}' = {value!r}, expected {kind.__name__}")
         need(self.vocabulary in VOCABULARIES, "vocabulary", " or ".join(VOCABULARIES))
         need(self.max_length >= 8, "max_length", "at least 8")
         need(self.truncation in TRUNCATIONS, "truncation", " or ".join(TRUNCATIONS))
@@ -294,7 +341,16 @@ class TrainConfig:
         )
         need(self.eval_batch_size >= 1, "eval_batch_size", "at least 1")
         need(0.0 <= self.max_unk_fraction <= 1.0, "max_unk_fraction", "between 0 and 1")
-        need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "in [0, 1)")
+        need(self.learning_rate is None or self.learning_rate > 0, "learning_rate", "> 0")
+        need(self.weight_decay is None or self.weight_decay >= 0, "weight_decay", ">= 0")
+        for beta in ("adam_beta1", "adam_beta2"):
+            need(getattr(self, beta) is None or 0 <= getattr(self, beta) < 1, beta, "in [0, 1)")
+        need(self.adam_epsilon is None or self.adam_epsilon > 0, "adam_epsilon", "> 0")
+        need(self.lr_scheduler_type in (None, *LR_SCHEDULERS), "lr_scheduler_type", " or ".join(LR_SCHEDULERS))
+        need(self.warmup_ratio is None or 0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "in [0, 1)")
+        need(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", ">= 0")
+        need(self.max_grad_norm is None or self.max_grad_norm >= 0, "max_grad_norm", ">= 0")
+        need(self.gradient_accumulation_steps >= 0, "gradient_accumulation_steps", ">= 0")
         need(self.global_batch >= 0, "global_batch", ">= 0")
         need(self.micro_batch >= 0, "micro_batch", ">= 0")
         need(self.lr_scaling in LR_SCALING, "lr_scaling", " or ".join(LR_SCALING))
@@ -307,7 +363,17 @@ class TrainConfig:
         need(self.gradient_checkpointing in (0, 1), "gradient_checkpointing", "0 or 1")
         need(self.flops_profiler_step >= 0, "flops_profiler_step", ">= 0")
         need(bool(self.train_file), "train_file", "a file path")
-        need(bool(self.dev_file), "dev_file", "a file path")
+        need(0.0 <= self.val_size < 1.0, "val_size", "a fraction in [0, 1) of the training records")
+        need(not (self.val_size and self.dev_file), "val_size", "0 when a dev_file is given (one dev set)")
+        if not self.dev_file and not self.val_size:
+            # Never pair the user's training data with the bundled sample's dev set.
+            need(
+                self.train_file == TrainConfig.train_file,
+                "dev_file",
+                f"a file path: train_file {self.train_file} is not the bundled sample, so give its dev set "
+                "(--dev-file) or hold part of it out (--val-size 0.1)",
+            )
+            self.dev_file = str(SAMPLE_DATA_DIR / "dev.jsonl")
         need(bool(self.text_column), "text_column", "a column name")
         need(bool(self.label_column), "label_column", "a column name")
         need(0.0 < self.heldout_fraction < 1.0, "heldout_fraction", "in (0, 1)")
@@ -318,17 +384,69 @@ class TrainConfig:
         return cache_directory(self.cache_dir, self.output_dir)
 
     @classmethod
-    def from_sources(cls, json_file: str | None = None, overrides: dict | None = None) -> TrainConfig:
-        """Defaults, then a JSON file of fields, then command-line overrides."""
+    def from_sources(cls, config_file: str | None = None, overrides: dict | None = None) -> TrainConfig:
+        """Defaults, then a YAML or JSON file of fields, then command-line overrides."""
         values = {}
-        if json_file:
-            values = load_json(json_file)
+        if config_file:
+            values = read_run_file(config_file)
             known = {f.name for f in dataclasses.fields(cls)}
             for key in values:
                 if key not in known:
-                    raise ConfigError(unknown_key_message(json_file, key, known))
+                    raise ConfigError(unknown_key_message(config_file, key, known))
         values.update(overrides or {})
         return cls(**values)
+
+    def run_file(self) -> dict:
+        """The options that repeat this run (`launch RUN_DIR/run.yaml`): every field set, with
+        absolute paths; not the run's name or a checkpoint to resume (a repeat is a new run)."""
+        values = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("run_name", "resume") or value is None:
+                continue
+            if f.name in PATH_FIELDS and value and Path(value).exists():
+                value = str(Path(value).resolve())
+            values[f.name] = value
+        return values
+
+
+# Fields that name files or directories: written absolute into a run's run.yaml.
+PATH_FIELDS = (
+    "ds_config",
+    "train_file",
+    "dev_file",
+    "test_file",
+    "model",
+    "output_dir",
+    "cache_dir",
+    "class_weights",
+    "threshold",
+)
+
+
+def write_run_file(path: Path, values: dict) -> None:
+    """A run file that `launch PATH` reads back (YAML: options in the order given)."""
+    import yaml
+
+    write_text(path, yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
+
+
+def read_run_file(path: str) -> dict:
+    """A run file: YAML (.yaml/.yml) or JSON (.json) mapping option names to values."""
+    if Path(path).suffix.lower() not in (".yaml", ".yml"):
+        values = load_json(path)
+    else:
+        import yaml
+
+        try:
+            values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"run file {path} not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values, got {type(values).__name__}")
+    return {str(key).replace("-", "_"): value for key, value in values.items()}
 
 
 def cache_directory(cache_dir: str, output_dir: str) -> str:
@@ -339,20 +457,26 @@ def cache_directory(cache_dir: str, output_dir: str) -> str:
 # Hugging Face Trainer's names for the same settings, accepted as aliases (the habits users bring).
 HF_ALIASES = {
     "ds_config": ["--deepspeed"],
-    "epochs": ["--num_train_epochs"],
-    "eval_batch_size": ["--per_device_eval_batch_size"],
-    "micro_batch": ["--per_device_train_batch_size"],
-    "resume": ["--resume_from_checkpoint"],
-    "model": ["--model_name_or_path"],
-    "log_every": ["--logging_steps"],
-    "eval_every": ["--eval_steps"],
-    "save_every": ["--save_steps"],
-    "keep_checkpoints": ["--save_total_limit"],
-    "best_metric": ["--metric_for_best_model"],
+    "epochs": ["--num_train_epochs", "--num-train-epochs"],
+    "eval_batch_size": ["--per_device_eval_batch_size", "--per-device-eval-batch-size"],
+    "micro_batch": ["--per_device_train_batch_size", "--per-device-train-batch-size"],
+    "resume": ["--resume_from_checkpoint", "--resume-from-checkpoint"],
+    "model": ["--model_name_or_path", "--model-name-or-path"],
+    "log_every": ["--logging_steps", "--logging-steps"],
+    "eval_every": ["--eval_steps", "--eval-steps"],
+    "save_every": ["--save_steps", "--save-steps"],
+    "keep_checkpoints": ["--save_total_limit", "--save-total-limit"],
+    "best_metric": ["--metric_for_best_model", "--metric-for-best-model"],
 }
 
 
-OPTION_TYPES = {"str": str, "int": int, "float": float}  # a TrainConfig field's annotation -> argparse type
+OPTION_TYPES = {"str": str, "int": int, "float": float}  # a TrainConfig field's annotation -> its type
+
+
+def option_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """A TrainConfig field's type and whether it may be None (unset: "auto" values get the default)."""
+    name, optional = f.type.removesuffix(" | None"), f.type.endswith(" | None")
+    return OPTION_TYPES[name], optional
 
 
 def spellings(name: str) -> list[str]:
@@ -368,6 +492,7 @@ CHOICES = {
     "pool": POOLS,
     "precision": PRECISIONS,
     "lr_scaling": LR_SCALING,
+    "lr_scheduler_type": LR_SCHEDULERS,
     "masking": MASKINGS,
 }
 
@@ -386,22 +511,50 @@ def command_settings(command: str, overrides: dict) -> dict:
     return {**PRETRAIN_SETTINGS, **overrides}
 
 
-def add_train_options(p, choices: dict[str, list[str]] | None = None) -> None:
-    """Every TrainConfig field as an option, in both spellings and under its Hugging Face alias;
-    `choices` adds fixed value sets known above this room (the registered tasks) to the help."""
-    p.add_argument("--config", help="JSON file of training-config fields (command-line options override it)")
+# What decides the DeepSpeed config besides the JSON (check-config takes these alone).
+DS_CONFIG_OPTIONS = (
+    "precision",
+    "global_batch",
+    "micro_batch",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "warmup_steps",
+    "max_grad_norm",
+    "lr_scaling",
+    "reference_batch",
+)
+
+
+def add_train_options(p, choices: dict[str, list[str]] | None = None, only: tuple[str, ...] = ()) -> None:
+    """Every TrainConfig field (or those in `only`) as an option, in both spellings and under its
+    Hugging Face alias; `choices` adds fixed value sets known above this room (the registered tasks)."""
+    if not only:
+        p.add_argument("--config", help="YAML or JSON file of training-config fields (command-line options override it)")
     shown = {**CHOICES, **(choices or {})}
     for f in dataclasses.fields(TrainConfig):
-        kind = OPTION_TYPES[f.type]
-        listed = f"choices: {', '.join(shown[f.name])}; " if f.name in shown else ""
+        if only and f.name not in only:
+            continue
+        kind, optional = option_type(f)
+        listed = f"choices: {', '.join(shown[f.name])}" if f.name in shown else ""
+        default = "" if optional else f"default: {f.default!r}"  # an unset one's default is in its help
+        note = "; ".join(x for x in (listed, default) if x)
         p.add_argument(
             *spellings(f.name),
             *HF_ALIASES.get(f.name, []),
             dest=f.name,
             type=kind,
             default=None,
-            help=f"{f.metadata['help']} ({listed}default: {f.default!r})",
+            help=f"{f.metadata['help']}" + (f" ({note})" if note else ""),
         )
+    # HF Trainer's precision switches, the same as --precision fp16|bf16.
+    for precision in ("fp16", "bf16"):
+        p.add_argument(f"--{precision}", dest="precision", action="store_const", const=precision, help=f"--precision {precision}")
 
 
 def unknown_options_message(unknown: list[str], parser) -> str:

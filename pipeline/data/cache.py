@@ -14,10 +14,12 @@ each time (at most global batch - 1 per epoch).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
 import os
+from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -54,6 +56,7 @@ class Split:
     label_column: str | None = None
     kind: object = None  # the task (tasks.base.Task): how labels are read; None without a label column
     label_separator: str = ""
+    rows: frozenset | None = None  # record numbers taken (--val-size); None: all
 
     def records(self):
         """(record number, text, label or None), every record checked as it is read.
@@ -69,6 +72,8 @@ class Split:
             text = record.get(self.text_column)
             if not isinstance(text, str) or not text.strip():
                 raise ConfigError(f"{self.path}: record {row}: '{self.text_column}' is empty or not text ({text!r})")
+            if self.rows is not None and row not in self.rows:
+                continue
             if self.label_column is None:
                 yield row, text, None
             else:
@@ -99,7 +104,28 @@ class Split:
         """What is read, without reading it: the file's content (not its mtime), the columns taken and
         how labels are read."""
         read = [self.digest, self.text_column, self.label_column, self.kind.name, self.label_separator]
+        if self.rows is not None:
+            read.append(hashlib.sha256(json.dumps(sorted(self.rows)).encode()).hexdigest())
         return hashlib.sha256(json.dumps(read).encode()).hexdigest()[:20]
+
+
+def hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """--val-size: (training, dev) parts of one file. Each label gives round(fraction x its records)
+    of them, drawn with the seed, so the dev set has the training set's label shares and the same
+    seed gives the same split; a label seen once stays in training. Labels that are not one string
+    (multi-label sets, numbers) are drawn from as one group."""
+    by_label = defaultdict(list)
+    for row, _, label in split.records():
+        by_label[label if isinstance(label, str) else ""].append(row)
+    rng = np.random.default_rng(seed)
+    dev = set()
+    for label in sorted(by_label):
+        rows = by_label[label]
+        dev.update(int(row) for row in rng.permutation(rows)[: round(fraction * len(rows))])
+    if not dev:
+        raise ConfigError(f"{split.path}: --val-size {fraction} of its records holds out none; use a larger fraction")
+    train = {row for rows in by_label.values() for row in rows} - dev
+    return dataclasses.replace(split, rows=frozenset(train)), dataclasses.replace(split, rows=frozenset(dev))
 
 
 class Records(NamedTuple):
@@ -353,6 +379,7 @@ def train_fingerprint(cfg: TrainConfig, train: dict, tokenizer) -> dict:
         **held_out,
         "train file content (sha256)": train["sha256"],
         "train records": train["num_records"],
+        "held out as dev (val_size)": cfg.val_size,
         "text_column": cfg.text_column,
         "label_column": cfg.label_column,
         "max_length": cfg.max_length,
@@ -370,7 +397,10 @@ def prepare_splits(cfg: TrainConfig, kind, tokenizer_for, cache_dir: str, log) -
     small, picklable description the other ranks use to load the same cached data.
     """
     splits = {"train": Split(Path(cfg.train_file), cfg.text_column, cfg.label_column, kind, cfg.label_separator)}
-    splits["dev"] = Split(Path(cfg.dev_file), cfg.text_column, cfg.label_column, kind, cfg.label_separator)
+    if cfg.val_size:
+        splits["train"], splits["dev"] = hold_out(splits["train"], cfg.val_size, cfg.seed)
+    else:
+        splits["dev"] = Split(Path(cfg.dev_file), cfg.text_column, cfg.label_column, kind, cfg.label_separator)
     if cfg.test_file:
         splits["test"] = Split(Path(cfg.test_file), cfg.text_column, cfg.label_column, kind, cfg.label_separator)
     tokenizer, tokenizer_dir = tokenizer_for(splits["train"])
@@ -380,8 +410,9 @@ def prepare_splits(cfg: TrainConfig, kind, tokenizer_for, cache_dir: str, log) -
         paths[name], reused = tokenize_cached(split, tokenizer, how, cache_dir)
         infos[name] = cache_info(paths[name])
         windows = f" in {infos[name]['num_windows']} windows" if cfg.long_records == "chunks" else ""
+        part = f" (held out: --val-size {cfg.val_size})" if cfg.val_size and name == "dev" else ""
         log.info(
-            f"data: {name} {split.path} ({infos[name]['num_records']} records{windows}) -> "
+            f"data: {name} {split.path}{part} ({infos[name]['num_records']} records{windows}) -> "
             f"{'reused' if reused else 'built'} cache {paths[name]}"
         )
     seen = infos["train"]["labels"]
@@ -401,6 +432,7 @@ def prepare_splits(cfg: TrainConfig, kind, tokenizer_for, cache_dir: str, log) -
         "splits": {name: str(path) for name, path in paths.items()},
         "train_data": train_fingerprint(cfg, infos["train"], tokenizer),
         "unk_fraction": unk,
+        "dev_records": sorted(splits["dev"].rows) if cfg.val_size else None,
     }
 
 
@@ -460,4 +492,5 @@ def prepare_text_files(cfg: TrainConfig, kind, tokenizer_for, cache_dir: str, lo
         "splits": {"text": paths},
         "train_data": train_fingerprint(cfg, combined, tokenizer),
         "unk_fraction": unk,
+        "dev_records": None,  # the held-out part is cut when the caches are loaded (TokenizedSplit.held_out)
     }

@@ -1,4 +1,10 @@
-"""`./launch.sh` (`python -m pipeline launch`): check a launch here, then hand it to the `deepspeed` runner.
+"""`zero-pipeline launch` (`./launch.sh`): check a launch here, then hand it to the `deepspeed` runner.
+
+    zero-pipeline launch                              # the default run: every local GPU, or 2 CPU ranks
+    zero-pipeline launch run.yaml --learning-rate 2e-5    # a run file, flags override it
+    zero-pipeline launch --hostfile hosts --ds-config ds.json --train-file a.csv --val-size 0.1
+
+Every path is the caller's: relative paths are looked up in the working directory it is run from.
 
 DeepSpeed's runner discovers many mistakes late, on a remote node, or never: a missing hostfile
 only warns and falls back to the local GPUs, a `.deepspeed_env` line without `=` crashes it, the
@@ -22,14 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import tasks
-from ..core.base import ConfigError, load_json
+from ..core.base import ConfigError, load_json, unknown_key_message
 from ..core.ds_config import Hardware, resolve_ds_config
 from ..core.options import (
+    DEFAULT_DS_CONFIG,
     HF_ALIASES,
     TrainConfig,
     add_train_options,
-    cache_directory,
     command_settings,
+    read_run_file,
     spellings,
     unknown_options_message,
 )
@@ -37,6 +44,11 @@ from ..core.stop import STOP_FILE
 from ..data.tokenizer import check_model_tokenizer
 from .doctor import ACCELERATORS, SOCKET_IFNAMES, ops_to_build
 from .hosts import HOSTNAME, active_hosts, is_local, node_address, slurm_allocation
+from .inputs import check_inputs
+from .probe import gpu_facts
+
+CPU_RANKS = 2  # ranks on a machine without GPUs and without a hostfile
+RUN_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The pdsh runner writes `export KEY="VALUE";` for a shell on every node, where these characters
@@ -118,27 +130,34 @@ BACKENDS = {
 }
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Launch options here; the rest must be training options (checked now, not on every rank later).
-    A leading word `pretrain` makes the ranks run `pipeline pretrain` (args.command) instead of train."""
-    command = "pretrain" if argv[:1] == ["pretrain"] else "train"
-    argv = argv[1:] if command == "pretrain" else argv
+def launch_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="./launch.sh",
+        prog="zero-pipeline launch",
         allow_abbrev=False,  # no abbreviations: unknown options are training options
-        description="Check hosts (pipeline doctor), then run `python -m pipeline train` on every slot of a hostfile "
-        "through the deepspeed runner. Options not listed here are training options "
-        "(python -m pipeline train --help). Every option also takes its underscore spelling.",
+        usage="zero-pipeline launch [RUN_FILE] [launch options] [training options]",
+        description="Check the inputs and hosts, then run `zero-pipeline train` on every slot of a hostfile "
+        "(default: every GPU of this machine) through the deepspeed runner. RUN_FILE (.yaml or .json) holds "
+        "options by name; the command line overrides it. Options not listed here are training options "
+        "(zero-pipeline train --help). Every option also takes its underscore spelling.",
     )
     p.add_argument(
-        *spellings("hostfile"), default="", help="lines 'HOST slots=N' (default: hostfiles/localhost; not with --launcher slurm)"
+        *spellings("hostfile"),
+        default="",
+        help="lines 'HOST slots=N' (default: this machine, every GPU, or 2 CPU ranks without GPUs; not with --launcher slurm)",
+    )
+    p.add_argument(
+        *spellings("num-gpus"),
+        dest="num_gpus",
+        type=int,
+        default=0,
+        help="ranks on this machine when there is no --hostfile (default: every GPU it has, as deepspeed does; 2 CPU ranks without GPUs)",
     )
     p.add_argument(
         *spellings("ds-config"),
         *HF_ALIASES["ds_config"],
         dest="ds_config",
-        default="ds_configs/small_zero2.json",
-        help="DeepSpeed JSON (default: %(default)s)",
+        default=str(DEFAULT_DS_CONFIG),
+        help="DeepSpeed JSON (default: the bundled small_zero2.json)",
     )
     p.add_argument(
         *spellings("launcher"),
@@ -188,16 +207,44 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         default=60.0,
         help="seconds per host for the doctor's checks, a cold torch import included (default: %(default)s)",
     )
+    return p
+
+
+def run_file_args(path: str, launch: argparse.ArgumentParser, train: argparse.ArgumentParser) -> list[str]:
+    """A run file's options as command-line arguments (they come first, so the command line overrides
+    them); a key that is no option is refused naming the file."""
+    known = {action.dest for parser in (launch, train) for action in parser._actions} - {"help"}
+    args = []
+    for key, value in read_run_file(path).items():
+        if key not in known:
+            raise ConfigError(unknown_key_message(path, key, known))
+        if value is True:
+            args.append(f"--{key}")
+        elif value is not None and value is not False:
+            args += [f"--{key}", str(value)]
+    return args
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Launch options here; the rest must be training options (checked now, not on every rank later).
+    A leading word `pretrain` makes the ranks run `pipeline pretrain` (args.command) instead of train."""
+    command = "pretrain" if argv[:1] == ["pretrain"] else "train"
+    argv = argv[1:] if command == "pretrain" else argv
+    p = launch_parser()
+    train = argparse.ArgumentParser(prog="zero-pipeline launch (training options)", allow_abbrev=False, add_help=False)
+    add_train_options(train, {"task": tasks.names()})
+    if argv and not argv[0].startswith("-"):
+        if not argv[0].endswith(RUN_FILE_SUFFIXES):
+            p.error(f"{argv[0]}: expected a run file ({', '.join(RUN_FILE_SUFFIXES)}) or options")
+        argv = run_file_args(argv[0], p, train) + argv[1:]
     args, train_args = p.parse_known_args(argv)
     args.command = command
     # Unknown options would otherwise reach every rank and fail there, after the doctor and the runner.
-    train = argparse.ArgumentParser(prog="./launch.sh (training options)", allow_abbrev=False, add_help=False)
-    add_train_options(train, {"task": tasks.names()})
     args.train, unknown = train.parse_known_args(train_args)
     if unknown:
         p.error(
-            f"{unknown_options_message(unknown, train)} (launch options: ./launch.sh --help; "
-            "training options: python -m pipeline train --help)"
+            f"{unknown_options_message(unknown, train)} (launch options: zero-pipeline launch --help; "
+            "training options: zero-pipeline train --help)"
         )
     return args, train_args
 
@@ -285,10 +332,24 @@ def visible_devices_include(args: argparse.Namespace, hosts: dict[str, int], env
     return f"{host}:{','.join(ids)}"
 
 
-def check_run_config(args: argparse.Namespace, world: int, accelerator: str, capabilities: list[str]) -> None:
-    """Resolve the DeepSpeed config for this launch's world size and accelerator, as every rank will:
-    batch sizes that do not fit the hosts or allocation, or a precision the accelerator cannot run
-    (fp16 on CPU ranks), stop the launch before any rank starts."""
+def run_config(args: argparse.Namespace) -> TrainConfig:
+    """The training config every rank will build, with the task's own options checked."""
+    overrides = {key: value for key, value in vars(args.train).items() if key != "config" and value is not None}
+    cfg = TrainConfig.from_sources(args.train.config, command_settings(args.command, {**overrides, "ds_config": args.ds_config}))
+    tasks.resolve(cfg)  # the task's own options, before any rank starts
+    check_model_tokenizer(cfg.model)  # a model trained here comes with its own tokenizer
+    return cfg
+
+
+def check_run_config(cfg: TrainConfig, world: int, accelerator: str, capabilities: list[str]) -> None:
+    """Resolve the DeepSpeed config for this launch's world size and accelerator, as every rank will,
+    and print every value it resolved: batch sizes that do not fit the hosts or allocation, a flag
+    that contradicts the JSON, or a precision the accelerator cannot run (fp16 on CPU ranks), stop
+    the launch before any rank starts. Before the doctor has seen the hosts (accelerator "auto")
+    everything but the precision is checked, and nothing printed."""
+    if accelerator == "auto":
+        resolve_ds_config(cfg.ds_config, load_json(cfg.ds_config), world, Hardware("cuda", fp16=True, bf16=True), cfg)
+        return
     if accelerator == "cpu":
         hardware = Hardware.named("cpu")
     else:
@@ -296,12 +357,33 @@ def check_run_config(args: argparse.Namespace, world: int, accelerator: str, cap
         hardware = Hardware(
             "cuda", fp16=True, bf16=bf16, name=f"GPUs of compute capability {', '.join(capabilities) or 'unknown'}"
         )
-    overrides = {key: value for key, value in vars(args.train).items() if key != "config" and value is not None}
-    cfg = TrainConfig.from_sources(args.train.config, command_settings(args.command, {**overrides, "ds_config": args.ds_config}))
-    tasks.resolve(cfg)  # the task's own options, before any rank starts
-    check_model_tokenizer(cfg.model)  # a model trained here comes with its own tokenizer
-    resolved = resolve_ds_config(args.ds_config, load_json(args.ds_config), world, hardware, cfg)
-    print(f"launch: {resolved.notes[0]}")
+    resolved = resolve_ds_config(cfg.ds_config, load_json(cfg.ds_config), world, hardware, cfg)
+    for line in resolved.notes + [f"warning: {w}" for w in resolved.warnings]:
+        print(f"launch: {line}")
+
+
+def local_world(args: argparse.Namespace) -> tuple[int, str]:
+    """Ranks on this machine without a hostfile, as `deepspeed` counts them: every GPU (nvidia-smi,
+    the doctor's probe), --num-gpus to choose; CPU_RANKS where there is none."""
+    gpus = gpu_facts()["gpus"] if args.accelerator != "cpu" else 0
+    if args.num_gpus:
+        if gpus and args.num_gpus > gpus:
+            raise ConfigError(f"--num-gpus {args.num_gpus}, but this machine has {gpus} GPUs")
+        return args.num_gpus, f"--num-gpus {args.num_gpus}"
+    if gpus:
+        return gpus, f"every GPU of this machine ({gpus})"
+    return CPU_RANKS, f"no GPU on this machine: {CPU_RANKS} CPU ranks (--num-gpus N for another number)"
+
+
+def warn_idle_gpus(args: argparse.Namespace, hosts: dict[str, int], facts: dict[str, dict]) -> None:
+    """A hostfile with fewer slots than a host's GPUs leaves GPUs idle: said once, not refused (a
+    shared node may be meant so; --include chooses GPUs without this note)."""
+    if args.include or args.exclude:
+        return
+    for host, slots in hosts.items():
+        gpus = facts.get(host, {}).get("gpus") or 0
+        if gpus > slots:
+            print(f"launch: warning: {host} has {gpus} GPUs but the hostfile gives it slots={slots}: {gpus - slots} stay idle")
 
 
 def check_slurm_gpus(hosts: dict[str, int], facts: dict[str, dict], accelerator: str) -> None:
@@ -398,10 +480,24 @@ def launch_hosts(args: argparse.Namespace, env: dict[str, str]) -> dict[str, int
 
 def run(argv: list[str]) -> int:
     args, train_args = parse_args(argv)
-    slurm = args.launcher == "slurm"
-    args.hostfile = args.hostfile or ("" if slurm else "hostfiles/localhost")
+    if args.num_gpus and (args.hostfile or args.launcher == "slurm"):
+        raise ConfigError("--num-gpus counts this machine's ranks without a hostfile; with a hostfile its slots decide")
     if not Path(args.ds_config).is_file():
         raise ConfigError(f"DeepSpeed config {args.ds_config} not found")
+    cfg = run_config(args)
+    for line in check_inputs(cfg):
+        print(f"launch: {line}")
+    with tempfile.TemporaryDirectory(prefix="zero-pipeline-launch-") as scratch:
+        if not args.hostfile and args.launcher != "slurm":
+            ranks, why = local_world(args)
+            args.hostfile = str(Path(scratch) / "hostfile")
+            Path(args.hostfile).write_text(f"localhost slots={ranks}\n")
+            print(f"launch: no --hostfile: {ranks} ranks on this machine, {why}")
+        return launch(args, train_args, cfg, Path(scratch))
+
+
+def launch(args: argparse.Namespace, train_args: list[str], cfg: TrainConfig, scratch: Path) -> int:
+    slurm = args.launcher == "slurm"
     env = user_env(args, Path(args.hostfile) if args.hostfile else None)
     hosts = launch_hosts(args, env)
     check_launcher(args, hosts)
@@ -412,15 +508,14 @@ def run(argv: list[str]) -> int:
     if not HOSTNAME.fullmatch(args.master_addr):  # it goes into the command line pdsh runs on every node
         raise ConfigError(f"--master-addr {args.master_addr!r} is not a host name or IPv4 address")
     accelerator, capabilities = requested_accelerator(args, env), []
-
-    out = args.train.output_dir or "runs"
+    check_run_config(cfg, sum(hosts.values()), accelerator, capabilities)  # before the doctor's minute
     if not args.no_doctor:
         from . import doctor
 
         ok, accelerator, facts = doctor.check(
             hosts,
-            out,
-            cache_directory(args.train.cache_dir, out),
+            cfg.output_dir,
+            cfg.cache_directory(),
             args.master_port,
             accelerator,
             args.doctor_timeout,
@@ -433,6 +528,7 @@ def run(argv: list[str]) -> int:
         capabilities = sorted({c for f in facts.values() for c in f.get("capabilities", [])})
         if slurm:
             check_slurm_gpus(hosts, facts, accelerator)
+        warn_idle_gpus(args, hosts, facts)
     elif accelerator == "auto":
         if not local:
             raise ConfigError(
@@ -442,12 +538,12 @@ def run(argv: list[str]) -> int:
         import torch
 
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    check_run_config(args, sum(hosts.values()), accelerator, capabilities)
+    check_run_config(cfg, sum(hosts.values()), accelerator, capabilities)
     print(
         f"launch: ranks use {'CUDA (NCCL)' if accelerator == 'cuda' else 'DeepSpeed CPU accelerator (gloo)'} "
         f"on {len(hosts)} host(s): DS_ACCELERATOR={accelerator}"
     )
-    stop_file = Path(out).resolve() / f".stop-request-{os.getpid()}"  # on the shared file system, seen by rank 0
+    stop_file = Path(cfg.output_dir).resolve() / f".stop-request-{os.getpid()}"  # on the shared file system, seen by rank 0
     env = {**rank_env(args, env, accelerator), STOP_FILE: str(stop_file)}
     if args.rank_logs:  # neither srun nor mpirun creates a missing log directory
         Path(args.rank_logs).mkdir(parents=True, exist_ok=True)
@@ -455,12 +551,12 @@ def run(argv: list[str]) -> int:
         # Under SLURM the ranks get the --signal signal from slurmd themselves.
         return exit_code(subprocess.call(slurm_command(args, train_args, dict(os.environ)), env={**os.environ, **env}))
 
-    with tempfile.NamedTemporaryFile("w", prefix="deepspeed_env-", suffix=".txt", delete=False) as f:
-        f.write("".join(f"{key}={value}\n" for key, value in env.items()))
+    # An absolute DS_ENV_FILE replaces the runner's ~/.deepspeed_env and ./.deepspeed_env (merged
+    # above), so the user's files are never written. Local ranks inherit the same values directly.
+    env_file = scratch / "deepspeed_env.txt"
+    env_file.write_text("".join(f"{key}={value}\n" for key, value in env.items()))
     try:
-        # An absolute DS_ENV_FILE replaces the runner's ~/.deepspeed_env and ./.deepspeed_env (merged
-        # above), so the user's files are never written. Local ranks inherit the same values directly.
-        runner_env = {**os.environ, **env, "DS_ENV_FILE": f.name}
+        runner_env = {**os.environ, **env, "DS_ENV_FILE": str(env_file)}
         cmd = deepspeed_command(args, hosts, train_args, ssh_checked=local or not args.no_doctor)
         # Its own session: Ctrl-C reaches this process only, which asks for a graceful stop first.
         proc = subprocess.Popen(cmd, env=runner_env, start_new_session=True)
@@ -479,7 +575,6 @@ def run(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, on_interrupt)
         code = proc.wait()
     finally:
-        os.unlink(f.name)
         stop_file.unlink(missing_ok=True)
     return exit_code(code)
 

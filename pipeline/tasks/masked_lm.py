@@ -9,7 +9,6 @@ encoder under a new classifier head.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -93,9 +92,9 @@ def check_options(cfg: TrainConfig) -> None:
     and starts from a masked LM or a config."""
     if not cfg.text_file:
         raise option_error("text_file", cfg.text_file, "one or more text files (comma-separated) with task masked_lm")
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for key in ("train_file", "dev_file", "test_file"):
-        if getattr(cfg, key) != defaults[key]:
+    defaults = TrainConfig()
+    for key in ("train_file", "dev_file", "val_size", "test_file"):
+        if getattr(cfg, key) != getattr(defaults, key):
             raise option_error(
                 key, getattr(cfg, key), "unset with pretrain (it reads --text-file and holds out --heldout-fraction)"
             )

@@ -28,7 +28,7 @@ from ..core import dist
 from ..core.base import ConfigError, load_json, write_json, write_text
 from ..core.ds_config import Hardware, ResolvedConfig, RunShape, ds_precision, resolve_ds_config
 from ..core.model_dir import check_model_dir
-from ..core.options import TrainConfig
+from ..core.options import TrainConfig, write_run_file
 from ..core.stop import Stopped, StopRequests, pause_for_test
 from ..data.cache import TokenizedSplit, prepare_splits, prepare_text_files, tokenizer_fingerprint
 from ..data.reading import Reading
@@ -41,6 +41,7 @@ from .runlog import RunLog
 from .state import TrainerState, read_state
 
 PROBE_SIZE = 8  # dev records whose logits the export must reproduce
+RUN_DS_CONFIG = "ds_config.given.json"  # the DeepSpeed JSON as the run was given it
 
 
 def new_run_dir(cfg: TrainConfig) -> str:
@@ -76,6 +77,7 @@ class PreparedData:
     label_names: list[str]
     train_data: dict  # data.cache.train_fingerprint: a resume must find it unchanged
     class_weights: dict  # {label: weight} of the loss; empty: unweighted
+    dev_records: list | None = None  # with --val-size: the training file's record numbers held out as dev
 
 
 def prepare_data(cfg: TrainConfig, task: Task, reading: Reading, cache_dir: str, log) -> PreparedData:
@@ -95,7 +97,7 @@ def prepare_data(cfg: TrainConfig, task: Task, reading: Reading, cache_dir: str,
             name: TokenizedSplit.from_cache(path, tokenizer.pad_token_id, names, task, reading.pool)
             for name, path in info["splits"].items()
         }
-    return PreparedData(splits, tokenizer, names, info["train_data"], info["class_weights"])
+    return PreparedData(splits, tokenizer, names, info["train_data"], info["class_weights"], info["dev_records"])
 
 
 def start_or_resume(cfg: TrainConfig, log) -> tuple[Path, Path | None]:
@@ -216,6 +218,15 @@ class Run:
         def write_run_files():  # rank 0's, through main_first: a full disk stops every rank with one line
             write_json(run_dir / "train_config.json", asdict(cfg))
             write_json(run_dir / "ds_config.json", {**ds, "world_size": dist.world_size()})
+            # `launch RUN_DIR/run.yaml` repeats the run: every option, and the DeepSpeed JSON as given
+            # ("auto" values and all: another world size resolves it again).
+            write_json(run_dir / RUN_DS_CONFIG, load_json(cfg.ds_config))
+            write_run_file(run_dir / "run.yaml", {**cfg.run_file(), "ds_config": str((run_dir / RUN_DS_CONFIG).resolve())})
+            if data.dev_records is not None:
+                write_json(
+                    run_dir / "val_split.json",
+                    {"train_file": cfg.train_file, "val_size": cfg.val_size, "seed": cfg.seed, "dev_records": data.dev_records},
+                )
             if data.class_weights:  # the weights --class-weights resolved to (also in every checkpoint's trainer state)
                 write_json(run_dir / "class_weights.json", data.class_weights)
 

@@ -1,0 +1,67 @@
+"""A launch's inputs, checked on this machine before any rank starts: the data files, the model
+directory and the output directory, one line each.
+
+Every rank would find the same mistakes, but only after the doctor, the runner and a torch import
+(seconds to minutes), and once per rank. Only what is cheap is checked here: the first record of
+each file (its columns), the model's config.json, a test file in the output directory. Reading every
+record stays with rank 0's data preparation.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..core.base import ConfigError, load_json
+from ..core.model_dir import check_model_dir, has_tokenizer, has_weights
+from ..core.options import TrainConfig
+from ..data.readers import iter_records, require_columns
+
+
+def check_data_file(path: str, columns: list[str]) -> str:
+    """The file exists, its format is known and its first record has the columns."""
+    first = next(iter_records(path))  # the generator closes the file when dropped
+    require_columns(Path(path), [first], columns)
+    return f"{path} (columns {', '.join(columns)} present)"
+
+
+def check_model(cfg: TrainConfig) -> str:
+    """config.json parses, names a model type this transformers knows, and fits --max-length."""
+    check_model_dir(cfg.model, cfg.max_length)
+    config = load_json(Path(cfg.model) / "config.json")
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(
+            f"model: {cfg.model}/config.json has model_type {model_type!r}, which this transformers does not know; "
+            "a model directory saved by transformers' save_pretrained has one"
+        )
+    weights = "pretrained weights" if has_weights(cfg.model) else "no weights (initialised from its config)"
+    tokenizer = "its tokenizer" if has_tokenizer(cfg.model) else f"a {cfg.vocabulary} vocabulary built from the training texts"
+    return f"{cfg.model} ({model_type}, {weights}, {tokenizer})"
+
+
+def check_output_dir(path: str) -> str:
+    """The directory can be created and written (a test file, removed at once)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise ConfigError(f"output directory {path} is not writable: {e.strerror}") from None
+    return f"{Path(path).resolve()} (writable)"
+
+
+def check_inputs(cfg: TrainConfig, label_column: bool = True) -> list[str]:
+    """One line per input, or the first ConfigError."""
+    columns = [cfg.text_column, *([cfg.label_column] if label_column else [])]
+    files = {"train": cfg.train_file, "dev": "" if cfg.val_size else cfg.dev_file, "test": cfg.test_file}
+    lines = [f"{name} data: {check_data_file(path, columns)}" for name, path in files.items() if path]
+    if cfg.val_size:
+        lines.append(f"dev data: --val-size {cfg.val_size} of {cfg.train_file}, stratified by label, seed {cfg.seed}")
+    lines.append(f"model: {check_model(cfg)}")
+    lines.append(f"output: {check_output_dir(cfg.output_dir)}")
+    return lines
