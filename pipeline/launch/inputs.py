@@ -16,6 +16,7 @@ from pathlib import Path
 from ..core.base import ConfigError, load_json
 from ..core.model_dir import check_model_dir, has_tokenizer, has_weights
 from ..core.options import TrainConfig
+from ..data.cache import text_file_paths
 from ..data.readers import iter_records, require_columns
 
 
@@ -39,7 +40,8 @@ def check_model(cfg: TrainConfig) -> str:
             "a model directory saved by transformers' save_pretrained has one"
         )
     weights = "pretrained weights" if has_weights(cfg.model) else "no weights (initialised from its config)"
-    tokenizer = "its tokenizer" if has_tokenizer(cfg.model) else f"a {cfg.vocabulary} vocabulary built from the training texts"
+    texts = "text files" if cfg.text_file else "training texts"
+    tokenizer = "its tokenizer" if has_tokenizer(cfg.model) else f"a {cfg.vocabulary} vocabulary built from the {texts}"
     return f"{cfg.model} ({model_type}, {weights}, {tokenizer})"
 
 
@@ -58,8 +60,10 @@ def check_output_dir(path: str) -> str:
 def check_inputs(cfg: TrainConfig, label_column: bool = True) -> list[str]:
     """One line per input, or the first ConfigError."""
     columns = [cfg.text_column, *([cfg.label_column] if label_column else [])]
-    files = {"train": cfg.train_file, "dev": "" if cfg.val_size else cfg.dev_file, "test": cfg.test_file}
-    lines = [f"{name} data: {check_data_file(path, columns)}" for name, path in files.items() if path]
+    files = [("train", cfg.train_file), ("dev", "" if cfg.val_size else cfg.dev_file), ("test", cfg.test_file)]
+    if cfg.text_file:  # pretrain reads unlabelled text files, not the labelled ones
+        files, columns = [("text", str(path)) for path in text_file_paths(cfg.text_file)], [cfg.text_column]
+    lines = [f"{name} data: {check_data_file(path, columns)}" for name, path in files if path]
     if cfg.val_size:
         lines.append(f"dev data: --val-size {cfg.val_size} of {cfg.train_file}, stratified by label, seed {cfg.seed}")
     lines.append(f"model: {check_model(cfg)}")
