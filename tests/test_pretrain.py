@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import SAMPLE, ds_config, free_port, launch, launch_sh, losses, read_jsonl, train, write_jsonl
+from helpers import SAMPLE, ds_config, free_port, launch, launch_sh, losses, output_options, read_jsonl, train, write_jsonl
 from safetensors.numpy import load_file
 from test_resume import interrupted_copy
 
@@ -31,20 +31,7 @@ def texts(tmp_path_factory):
 
 
 def pretrain_args(config, texts, out, name, *extra):
-    return [
-        "--ds-config",
-        str(config),
-        "--text-file",
-        texts,
-        "--output-dir",
-        str(out),
-        "--run-name",
-        name,
-        "--cache-dir",
-        str(out / "cache"),
-        *PRETRAIN_ARGS,
-        *extra,
-    ]
+    return ["--ds-config", str(config), "--text-file", texts, *output_options(out, name), *PRETRAIN_ARGS, *extra]
 
 
 @pytest.fixture(scope="module")
