@@ -85,20 +85,14 @@ def plot(run_dir: Path, *options: str) -> subprocess.CompletedProcess:
     return pipeline_command("plot", str(run_dir), *options)
 
 
+def output_options(out: Path, name: str = "run") -> list[str]:
+    """The output options of a test run: output directory, run name, cache."""
+    return ["--output-dir", str(out), "--run-name", name, "--cache-dir", str(out / "cache")]
+
+
 def run_options(data: dict, out: Path, name: str = "run") -> list[str]:
     """The data and output options of a test run: train and dev files, output directory, run name, cache."""
-    return [
-        "--train-file",
-        str(data["train"]),
-        "--dev-file",
-        str(data["dev"]),
-        "--output-dir",
-        str(out),
-        "--run-name",
-        name,
-        "--cache-dir",
-        str(out / "cache"),
-    ]
+    return ["--train-file", str(data["train"]), "--dev-file", str(data["dev"]), *output_options(out, name)]
 
 
 def train_args(config: Path, data: dict, out: Path, name: str = "run", *extra: str) -> list[str]:

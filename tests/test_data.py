@@ -294,11 +294,11 @@ def test_a_file_rewritten_during_reading_is_refused_and_the_fingerprint_has_what
     monkeypatch.setattr(data, "TOKENIZE_BATCH", 100)
     encode, rewritten = data.reading.encode, []
 
-    def rewrite_after_the_first_batch(tokenizer, texts, how):
+    def rewrite_after_the_first_batch(tokenizer, texts, how, words=False):
         if not rewritten:  # the training file's first batch is read (and the readers' buffers filled)
             write_jsonl(files["train"], swapped)  # in place: the open file reads on into it
             rewritten.append(files["train"])
-        return encode(tokenizer, texts, how)
+        return encode(tokenizer, texts, how, words)
 
     monkeypatch.setattr(data.reading, "encode", rewrite_after_the_first_batch)
     with pytest.raises(ConfigError, match=r"train\.jsonl: the file changed while it was read"):

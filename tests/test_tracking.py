@@ -14,7 +14,8 @@ from helpers import free_port, launch_sh, read_jsonl
 
 from pipeline.core.base import ConfigError
 from pipeline.core.options import TrainConfig
-from pipeline.train.tracking import check_trackers, flatten
+from pipeline.launch.inputs import check_trackers
+from pipeline.train.tracking import flatten
 
 
 def history(run_dir: Path) -> tuple[list[dict], list[dict]]:

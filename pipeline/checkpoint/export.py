@@ -72,7 +72,7 @@ def verify_probe(export_dir: Path, probe: dict) -> None:
     """The reloaded export must reproduce the logits the live engine gave the probe records."""
     _, model = load_export(export_dir)
     with torch.no_grad():
-        logits = model(**{k: torch.tensor(v) for k, v in probe["inputs"].items()}).logits
+        logits = saved_task(export_dir).probe_view(model(**{k: torch.tensor(v) for k, v in probe["inputs"].items()}).logits)
     live = torch.tensor(probe["logits"])
     bound = logits_tolerance(probe["precision"]) * max(1.0, live.abs().max().item())
     diff = (logits - live).abs().max().item()

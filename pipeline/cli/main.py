@@ -16,7 +16,7 @@ import sys
 from .. import tasks
 from ..core import dist
 from ..core.base import ConfigError
-from ..core.options import TrainConfig, add_train_options, unknown_options_message
+from ..core.options import TrainConfig, add_train_options, command_settings, unknown_options_message
 from . import check, plan, plot
 
 # Tool commands: (module in pipeline.tools, help). The module is imported only for its own command,
@@ -40,10 +40,14 @@ def _run_tool(args):
     return _tool(args.command).main(args)
 
 
-def _train_parser(sub):
-    parser = sub.add_parser(
-        "train", help="train, evaluate, checkpoint and export (run under the deepspeed launcher)", allow_abbrev=False
-    )
+TRAIN_COMMANDS = {
+    "train": "train, evaluate, checkpoint and export (run under the deepspeed launcher)",
+    "pretrain": "masked-LM pretraining on unlabelled --text-file records (train with task masked_lm; ./launch.sh pretrain)",
+}
+
+
+def _train_parser(sub, command: str):
+    parser = sub.add_parser(command, help=TRAIN_COMMANDS[command], allow_abbrev=False)
     add_train_options(parser, {"task": tasks.names()})
     return parser
 
@@ -82,7 +86,7 @@ def _train(args) -> int:
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     try:
-        run(TrainConfig.from_sources(args.config, overrides))
+        run(TrainConfig.from_sources(args.config, command_settings(args.command, overrides)))
     except Stopped as e:
         exit_as_stopped()
         dist.get_logger().info(str(e))
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "launch",
         help="check, then start training on every local GPU, a hostfile's slots or a SLURM allocation (./launch.sh; launch --help)",
     )
-    train_parser = _train_parser(sub)
+    train_parsers = {command: _train_parser(sub, command) for command in TRAIN_COMMANDS}
     _predict_parser(sub)
     _doctor_parser(sub)
     _export_parser(sub)
@@ -140,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             _tool(command).add_arguments(tool_parser)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse's own message, with the nearest known option for a misspelt one
-        parser.error(unknown_options_message(unknown, train_parser if args.command == "train" else parser))
+        parser.error(unknown_options_message(unknown, train_parsers.get(args.command, parser)))
     commands = {
         "train": _train,
+        "pretrain": _train,
         "predict": _predict,
         "export": _export,
         "doctor": _doctor,

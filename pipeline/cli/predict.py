@@ -47,7 +47,7 @@ def read_inputs(input_path: str | None, text_column: str, id_column: str) -> lis
             return _numbered_lines(path, file)
     if path.suffix.lower() not in READERS:
         raise ConfigError(
-            f"{path}: unknown input format '{path.suffix}'; predict reads .txt (one text per line), {', '.join(READERS)}"
+            f"{path}: unknown input format '{path.suffix}'; predict reads .txt (one text per line), {', '.join(e for e in READERS if e != '.txt')}"
         )
     records = list(iter_records(path))
     require_columns(path, records, [text_column])

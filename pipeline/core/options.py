@@ -12,6 +12,7 @@ the task, at the same edge (`tasks.resolve`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,9 +45,15 @@ DEFAULT_MIN_CHAR_COUNT = 2  # characters seen fewer times in training read as [U
 LR_SCALING = ("none", "linear", "sqrt")
 # --report-to: tracker name -> the module it needs (installed by the extras of the same name, tensorboard always).
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+TRACKER_INSTALL = {
+    "tensorboard": "pip install tensorboard",
+    "mlflow": "pip install '.[mlflow]'",
+    "wandb": "pip install '.[wandb]'",
+}
 # Hugging Face's lr_scheduler_type names this pipeline maps to DeepSpeed schedulers (ds_config.py).
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup", "constant")
 BASELINES = ("tfidf", "none")
+MASKINGS = ("whole-word", "token")  # data/masking.py
 
 
 @dataclass
@@ -290,6 +297,32 @@ class TrainConfig:
         default=200_000,
         metadata={"help": "skip the baseline, with a note, when the training split has more records than this"},
     )
+    text_file: str = field(
+        default="",
+        metadata={
+            "help": "pretrain: unlabelled records, one file or several separated by commas (.jsonl/.json/.csv/.tsv/.parquet "
+            "with text_column, or .txt with one record per line), read and cached as training files are"
+        },
+    )
+    heldout_fraction: float = field(
+        default=0.05,
+        metadata={
+            "help": "pretrain: share of the records (seeded, at least one) held out to score masked-LM loss and perplexity on"
+        },
+    )
+    masking: str = field(
+        default="whole-word",
+        metadata={
+            "help": "pretrain: whole-word (every token of a word segmented by jieba is masked together, as in Chinese "
+            "RoBERTa-wwm) or token (each token on its own, as in the original BERT)"
+        },
+    )
+    mask_probability: float = field(
+        default=0.15,
+        metadata={
+            "help": "pretrain: share of each record's tokens predicted (of them 8 in 10 become [MASK], 1 in 10 a random token, 1 in 10 stay)"
+        },
+    )
 
     def __post_init__(self):
         def need(ok: bool, key: str, expected: str):
@@ -383,6 +416,9 @@ class TrainConfig:
             self.dev_file = str(SAMPLE_DATA_DIR / "dev.jsonl")
         need(bool(self.text_column), "text_column", "a column name")
         need(bool(self.label_column), "label_column", "a column name")
+        need(0.0 < self.heldout_fraction < 1.0, "heldout_fraction", "in (0, 1)")
+        need(self.masking in MASKINGS, "masking", " or ".join(MASKINGS))
+        need(0.0 < self.mask_probability < 1.0, "mask_probability", "in (0, 1)")
 
     def trackers(self) -> list[str]:
         """The trackers --report-to names ("all": every one whose package is installed, as Hugging Face does)."""
@@ -463,6 +499,11 @@ def read_run_file(path: str) -> dict:
     return {str(key).replace("-", "_"): value for key, value in values.items()}
 
 
+def mlflow_uri(cfg: TrainConfig, environ=os.environ) -> str:
+    """MLFLOW_TRACKING_URI, else a SQLite store in the output directory (MLflow's file store is deprecated)."""
+    return environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
+
+
 def cache_directory(cache_dir: str, output_dir: str) -> str:
     """Where tokenized data and built tokenizers are cached: --cache-dir, else OUTPUT_DIR/cache."""
     return cache_dir or str(Path(output_dir) / "cache")
@@ -508,7 +549,22 @@ CHOICES = {
     "lr_scaling": LR_SCALING,
     "lr_scheduler_type": LR_SCHEDULERS,
     "baseline": BASELINES,
+    "masking": MASKINGS,
 }
+
+# `pretrain` is `train` with the masked-LM task, every long record read in windows.
+PRETRAIN_SETTINGS = {"task": "masked_lm", "long_records": "chunks"}
+
+
+def command_settings(command: str, overrides: dict) -> dict:
+    """The options of `command` (train or pretrain): pretrain's settings under the user's, its task fixed."""
+    if command != "pretrain":
+        return overrides
+    if overrides.get("task", "masked_lm") != "masked_lm":
+        raise ConfigError(
+            f"pretrain: --task {overrides['task']}: pretrain trains a masked LM (task masked_lm); use train for {overrides['task']}"
+        )
+    return {**PRETRAIN_SETTINGS, **overrides}
 
 
 # What decides the DeepSpeed config besides the JSON (check-config takes these alone).

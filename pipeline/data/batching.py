@@ -52,6 +52,7 @@ class RankMicroBatches:
 
 
 def train_batches(split, micro: int, accum: int, world: int, rank: int, seed: int, epoch: int, start_step: int = 0):
-    """This rank's padded micro-batches of one epoch, from optimizer step `start_step` on."""
+    """This rank's padded micro-batches of one epoch, from optimizer step `start_step` on (masked
+    as this epoch's, for pretraining)."""
     for indices in RankMicroBatches(len(split), micro, accum, world, rank, seed, epoch, start_step):
-        yield split.batch(indices)
+        yield split.batch(indices, epoch)

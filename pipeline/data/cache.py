@@ -180,12 +180,15 @@ def in_batches(records, size: int):
         yield batch
 
 
-def encoded_columns(tokenizer, texts: list[str], how: reading.Reading, first_record: int = 0) -> tuple[dict, list[int]]:
-    """The cache's Arrow columns of `texts` read as `how` says (reading.encode), labels aside, and
-    each window's text index in `texts`. RECORD numbers the texts from `first_record`."""
+def encoded_columns(
+    tokenizer, texts: list[str], how: reading.Reading, first_record: int = 0, words: bool = False
+) -> tuple[dict, list[int]]:
+    """The cache's Arrow columns of `texts` read as `how` says (reading.encode; `words`: with each
+    token's word start), labels aside, and each window's text index in `texts`. RECORD numbers the
+    texts from `first_record`."""
     import pyarrow as pa
 
-    encoded, record = reading.encode(tokenizer, texts, how)
+    encoded, record = reading.encode(tokenizer, texts, how, words)
     # Token ids need int32; masks and segment ids fit int8 (a third of the file, as datasets stores them).
     columns = {
         name: pa.array(values, type=pa.list_(pa.int32() if name == "input_ids" else pa.int8()))
@@ -210,7 +213,8 @@ def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path) 
     with pa.OSFile(str(path), "wb") as sink:
         writer = None
         for batch in in_batches(split.records(), TOKENIZE_BATCH):
-            columns, record = encoded_columns(tokenizer, [text for _, text, _ in batch], how, records)
+            texts = [text for _, text, _ in batch]
+            columns, record = encoded_columns(tokenizer, texts, how, records, split.kind.pretraining)
             columns["labels"] = pa.array(
                 [batch[i][2] for i in record]
             )  # as the task parsed it: a string, a list of them, a number
@@ -285,16 +289,37 @@ class TokenizedSplit:
     up to 2.6% of the step time at accumulation 8 in the benchmark of commit 7a88312.
     """
 
-    def __init__(self, rows, pad_id: int, labels: np.ndarray | None, pool: str = "mean"):
+    def __init__(self, rows, pad_id: int, labels: np.ndarray | None, pool: str = "mean", masking=None):
         """`rows`: a datasets.Dataset of the cache's columns in Arrow format; `labels`: each row's
-        labels as the model's loss takes them, None for unlabelled texts."""
-        self.rows, self.pad_id, self.labels, self.pool = rows, pad_id, labels, pool
+        labels as the model's loss takes them, None for unlabelled texts; `masking` (a
+        masking.Masking): makes a batch's inputs and labels for a masked LM (pretraining)."""
+        self.rows, self.pad_id, self.labels, self.pool, self.masking = rows, pad_id, labels, pool, masking
 
     @classmethod
     def from_cache(cls, path: str | os.PathLike, pad_id: int, label_names: list[str], kind, pool: str = "mean"):
         """The tokenized cache at `path`, memory-mapped; labels encoded once, for every row, by the task."""
         rows = load_tokenized(path).with_format("arrow")
         return cls(rows, pad_id, kind.encode(rows["labels"], label_names), pool)
+
+    @classmethod
+    def held_out(cls, paths: list[str], pad_id: int, masking, fraction: float, seed: int) -> dict:
+        """{"train", "dev"}: the unlabelled caches at `paths` read as one, cut by whole records into a
+        training part and a seeded held-out part of `fraction` of the records (at least one)."""
+        import datasets
+
+        files = [load_tokenized(path).with_format("arrow") for path in paths]
+        record, count = [], 0
+        for file in files:  # each file numbers its records from 0
+            record.append(file[RECORD].to_numpy() + count)
+            count = int(record[-1][-1]) + 1
+        record = np.concatenate(record)
+        rows = datasets.concatenate_datasets(files).with_format("arrow")
+        held = np.random.default_rng([seed]).permutation(count)[: max(1, round(count * fraction))]
+        is_held = np.isin(record, held)
+        return {
+            name: cls(rows.select(np.flatnonzero(keep)), pad_id, None, masking=masking)
+            for name, keep in (("train", ~is_held), ("dev", is_held))
+        }
 
     @classmethod
     def from_texts(cls, tokenizer, texts: list[str], how: reading.Reading):
@@ -322,7 +347,9 @@ class TokenizedSplit:
         first = np.r_[True, self.records[1:] != self.records[:-1]]
         return self.labels[first]
 
-    def batch(self, indices) -> dict:
+    def batch(self, indices, epoch: int | None = None) -> dict:
+        """Rows `indices` padded into tensors; with masking, masked as in training `epoch` (None: as
+        evaluation masks them, the same every time)."""
         import pyarrow.compute as pc
         import torch
 
@@ -335,7 +362,7 @@ class TokenizedSplit:
                 padded = np.full(inside.shape, self.pad_id if name == "input_ids" else 0, dtype=np.int64)
                 padded[inside] = pc.list_flatten(table.column(name)).to_numpy()
                 out[name] = torch.from_numpy(padded)
-        return out
+        return out if self.masking is None else self.masking(out, indices, epoch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,8 +372,11 @@ class TokenizedSplit:
 
 def train_fingerprint(cfg: TrainConfig, train: dict, tokenizer) -> dict:
     """What fixes the training batches and their order: a resume must find all of it unchanged.
-    `train` is the training cache's info: the digest of what was read, not of the file now."""
+    `train` is the training cache's info: the digest of what was read, not of the file now (for
+    pretraining, every text file's, and the held-out share)."""
+    held_out = {"held-out fraction (pretrain)": cfg.heldout_fraction} if cfg.text_file else {}
     return {
+        **held_out,
         "train file content (sha256)": train["sha256"],
         "train records": train["num_records"],
         "held out as dev (val_size)": cfg.val_size,
@@ -394,13 +424,7 @@ def prepare_splits(cfg: TrainConfig, kind, tokenizer_for, cache_dir: str, log) -
     if cfg.threshold.endswith(".json"):
         kind.thresholds(None, None, label_names, cfg.threshold)  # a file for other labels: refused before training
     unk = infos["train"]["unk_fraction"]
-    if unk > cfg.max_unk_fraction:
-        raise ConfigError(
-            f"tokenizer {tokenizer_dir}: {unk:.1%} of the training tokens of {cfg.train_file} are '{tokenizer.unk_token}' "
-            f"(limit max_unk_fraction={cfg.max_unk_fraction:.0%}). The vocabulary does not fit this text; a model "
-            "trained so learns from lengths alone. (transformers 5 ignores BertTokenizerFast(vocab_file=...): "
-            "load tokenizers with from_pretrained(dir).)"
-        )
+    check_unknown(cfg, unk, tokenizer, tokenizer_dir, cfg.train_file)
     return {
         "label_names": label_names,
         "class_weights": dict(zip(label_names, weights)) if weights else {},
@@ -409,4 +433,64 @@ def prepare_splits(cfg: TrainConfig, kind, tokenizer_for, cache_dir: str, log) -
         "train_data": train_fingerprint(cfg, infos["train"], tokenizer),
         "unk_fraction": unk,
         "dev_records": sorted(splits["dev"].rows) if cfg.val_size else None,
+    }
+
+
+def check_unknown(cfg: TrainConfig, unk: float, tokenizer, tokenizer_dir, where: str) -> None:
+    """Refuse a tokenizer that maps more than max_unk_fraction of the training tokens to [UNK]."""
+    if unk > cfg.max_unk_fraction:
+        raise ConfigError(
+            f"tokenizer {tokenizer_dir}: {unk:.1%} of the training tokens of {where} are '{tokenizer.unk_token}' "
+            f"(limit max_unk_fraction={cfg.max_unk_fraction:.0%}). The vocabulary does not fit this text; a model "
+            "trained so learns from lengths alone. (transformers 5 ignores BertTokenizerFast(vocab_file=...): "
+            "load tokenizers with from_pretrained(dir).)"
+        )
+
+
+def text_file_paths(text_file: str) -> list[Path]:
+    """--text-file: one path, or several separated by commas."""
+    return [Path(part.strip()) for part in text_file.split(",") if part.strip()]
+
+
+@dataclass
+class TextFiles:
+    """Unlabelled files read as one text collection: what pretraining builds a vocabulary from."""
+
+    splits: list[Split]
+
+    def texts(self):
+        return (text for split in self.splits for text in split.texts())
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps([split.key for split in self.splits]).encode()).hexdigest()[:20]
+
+
+def prepare_text_files(cfg: TrainConfig, kind, tokenizer_for, cache_dir: str, log) -> dict:
+    """Rank 0's data work for pretraining: a tokenizer, then each --text-file read, checked and
+    tokenized (with word starts, the task being a pretraining one) into the cache, as prepare_splits
+    does for labelled files. Returns what the other ranks need to load the same caches."""
+    files = TextFiles([Split(path, cfg.text_column, None, kind) for path in text_file_paths(cfg.text_file)])
+    tokenizer, tokenizer_dir = tokenizer_for(files)
+    how = reading.Reading.from_config(cfg)
+    paths, infos = [], []
+    for split in files.splits:
+        path, reused = tokenize_cached(split, tokenizer, how, cache_dir)
+        paths.append(str(path))
+        infos.append(cache_info(path))
+        log.info(
+            f"data: text {split.path} ({infos[-1]['num_records']} records in {infos[-1]['num_windows']} windows) -> "
+            f"{'reused' if reused else 'built'} cache {path}"
+        )
+    unk = sum(info["unknown_tokens"] for info in infos) / max(sum(info["tokens"] for info in infos), 1)
+    check_unknown(cfg, unk, tokenizer, tokenizer_dir, cfg.text_file)
+    combined = {"sha256": [info["sha256"] for info in infos], "num_records": sum(info["num_records"] for info in infos)}
+    return {
+        "label_names": [],
+        "class_weights": {},
+        "tokenizer_dir": str(tokenizer_dir),
+        "splits": {"text": paths},
+        "train_data": train_fingerprint(cfg, combined, tokenizer),
+        "unk_fraction": unk,
+        "dev_records": None,  # the held-out part is cut when the caches are loaded (TokenizedSplit.held_out)
     }

@@ -133,6 +133,14 @@ def _jsonl_records(path: Path, file: BinaryIO):
                 raise ConfigError(f"{path}: line {number}, column {e.colno}: invalid JSON ({e.msg})") from None
 
 
+@reader(".txt")
+def _text_records(path: Path, file: BinaryIO):
+    """Plain text (pretraining's unlabelled records): one record per non-blank line, as column 'text'."""
+    for _, line in text_lines(path, file):
+        if line.strip():
+            yield {"text": line.rstrip("\r\n")}
+
+
 @reader(".json")
 def _json_records(path: Path, file: BinaryIO):
     """A JSON array of records (read at once: large data belongs in JSON Lines), or JSON Lines named .json."""

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..core.base import ConfigError
+from . import masking
 
 HEAD_SHARE = 4  # head+tail keeps budget // HEAD_SHARE tokens from the start, the rest from the end
 
@@ -105,23 +106,29 @@ class Template:
         return {"input_ids": ids, "token_type_ids": types, "attention_mask": [1] * len(ids)}
 
 
-def encode(tokenizer, texts: list[str], reading: Reading) -> tuple[dict, list[int]]:
+def encode(tokenizer, texts: list[str], reading: Reading, words: bool = False) -> tuple[dict, list[int]]:
     """Model inputs for `texts`: ({input name: one list per window}, the text index of each window).
 
-    With truncation every text gives one window; with chunks one or more, in order.
+    With truncation every text gives one window; with chunks one or more, in order. `words` adds
+    masking.WORD_START (1 where a token starts a jieba word; special tokens and a window's first
+    token start one), cut into windows as the tokens are: what whole-word masking masks together.
     """
     budget = reading.text_budget(tokenizer)
     template = Template.of(tokenizer)
     names = [name for name in ("input_ids", "token_type_ids", "attention_mask") if name in tokenizer.model_input_names]
-    columns = {name: [] for name in names}
+    columns = {name: [] for name in names + ([masking.WORD_START] if words else [])}
     record = []
     # verbose=False: the whole text is tokenized on purpose; no "longer than max length" warning.
-    all_ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    for index, ids in enumerate(all_ids):
-        for piece in pieces(ids, reading, budget):
+    encoded = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False, return_offsets_mapping=words)
+    for index, ids in enumerate(encoded["input_ids"]):
+        starts = pieces(masking.word_starts(texts[index], encoded["offset_mapping"][index]), reading, budget) if words else []
+        for number, piece in enumerate(pieces(ids, reading, budget)):
             inputs = template.wrap(piece)
             for name in names:
                 columns[name].append(inputs[name])
+            if words:  # the same cuts (pieces() depends on the length alone); a window starts a word
+                window = [1] * min(1, len(piece)) + starts[number][1:]
+                columns[masking.WORD_START].append([1] * len(template.prefix) + window + [1] * len(template.suffix))
             record.append(index)
     return columns, record
 

@@ -15,12 +15,15 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..core.base import ConfigError, build_once
-from ..core.model_dir import has_tokenizer
+from ..core.base import ConfigError, build_once, load_json
+from ..core.model_dir import has_tokenizer, has_weights
 from ..core.options import DEFAULT_MIN_CHAR_COUNT, DEFAULT_VOCABULARY
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDPIECE_VOCAB_SIZE = 8000
+# config.json key of a model trained here: its tokenizer's fingerprint (data.cache.tokenizer_fingerprint),
+# so that its weights are never read with another vocabulary (a pretrain export given to `train`).
+TOKENIZER_KEY = "tokenizer_fingerprint"
 
 
 def load_tokenizer(tokenizer_dir: str, max_length: int):
@@ -110,6 +113,7 @@ def tokenizer_source(cfg, cache_dir: str):
     texts, built once into `cache_dir`."""
 
     def tokenizer_for(train_split):
+        check_model_tokenizer(cfg.model)
         if has_tokenizer(cfg.model):
             return load_tokenizer(cfg.model, cfg.max_length), cfg.model
         directory = build_tokenizer(train_split.texts(), train_split.key, cache_dir, cfg.vocabulary, cfg.min_char_count)
@@ -141,3 +145,28 @@ def write_tokenizer(directory: Path, texts: Iterable[str], vocabulary: str, min_
     )
     named = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIAL_TOKENS))
     PreTrainedTokenizerFast(tokenizer_object=backend, **named).save_pretrained(str(directory))
+
+
+def check_model_tokenizer(model_dir: str) -> None:
+    """A model directory with weights trained here (its config.json names the tokenizer's fingerprint)
+    must come with that tokenizer: with none, a vocabulary built from the data, and with another one,
+    every id would reach an embedding trained for another token. Checked before any rank starts."""
+    from .cache import tokenizer_fingerprint
+
+    config = Path(model_dir) / "config.json"
+    saved = load_json(config).get(TOKENIZER_KEY) if config.is_file() else None
+    if not saved or not has_weights(model_dir):
+        return
+    if not has_tokenizer(model_dir):
+        raise ConfigError(
+            f"model: {model_dir} was trained with its own tokenizer (fingerprint {saved} in {config}) but holds no "
+            "tokenizer files; a vocabulary built from this run's data would give its embeddings other tokens. "
+            "Copy the tokenizer files of its export (tokenizer.json, tokenizer_config.json) back into it"
+        )
+    found = tokenizer_fingerprint(load_tokenizer(model_dir, 8))
+    if found != saved:
+        raise ConfigError(
+            f"model: {model_dir}'s tokenizer files (fingerprint {found}) are not the tokenizer its weights were "
+            f"trained with ({saved} in {config}); every token would reach another token's embedding. Use the "
+            "tokenizer files its export came with"
+        )

@@ -9,13 +9,17 @@ record stays with rank 0's data preparation.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from ..core.base import ConfigError, load_json
 from ..core.model_dir import check_model_dir, has_tokenizer, has_weights
-from ..core.options import TrainConfig
+from ..core.options import TRACKER_INSTALL, TRACKERS, TrainConfig, mlflow_uri
+from ..data.cache import text_file_paths
 from ..data.readers import iter_records, require_columns
 
 
@@ -39,7 +43,8 @@ def check_model(cfg: TrainConfig) -> str:
             "a model directory saved by transformers' save_pretrained has one"
         )
     weights = "pretrained weights" if has_weights(cfg.model) else "no weights (initialised from its config)"
-    tokenizer = "its tokenizer" if has_tokenizer(cfg.model) else f"a {cfg.vocabulary} vocabulary built from the training texts"
+    texts = "text files" if cfg.text_file else "training texts"
+    tokenizer = "its tokenizer" if has_tokenizer(cfg.model) else f"a {cfg.vocabulary} vocabulary built from the {texts}"
     return f"{cfg.model} ({model_type}, {weights}, {tokenizer})"
 
 
@@ -55,11 +60,32 @@ def check_output_dir(path: str) -> str:
     return f"{Path(path).resolve()} (writable)"
 
 
+def check_trackers(cfg: TrainConfig, environ=os.environ) -> None:
+    """The launch's check: each chosen tracker is installed, and an MLflow tracking server answers."""
+    for name in cfg.trackers():
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(f"--report-to {name}: the {TRACKERS[name]} package is not installed ({TRACKER_INSTALL[name]})")
+    uri = mlflow_uri(cfg, environ)
+    if "mlflow" in cfg.trackers() and uri.startswith(("http://", "https://")):
+        try:  # the server's health endpoint; a 401/403 still proves it is there
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+        except urllib.error.HTTPError:
+            pass
+        except (urllib.error.URLError, OSError) as e:
+            raise ConfigError(
+                f"--report-to mlflow: the MLflow tracking server MLFLOW_TRACKING_URI={uri} does not answer "
+                f"({getattr(e, 'reason', e)}); start it (mlflow server --backend-store-uri sqlite:///mlflow.db "
+                "--host 127.0.0.1 --port 5000), fix the variable, or leave mlflow out of --report-to"
+            ) from None
+
+
 def check_inputs(cfg: TrainConfig, label_column: bool = True) -> list[str]:
     """One line per input, or the first ConfigError."""
     columns = [cfg.text_column, *([cfg.label_column] if label_column else [])]
-    files = {"train": cfg.train_file, "dev": "" if cfg.val_size else cfg.dev_file, "test": cfg.test_file}
-    lines = [f"{name} data: {check_data_file(path, columns)}" for name, path in files.items() if path]
+    files = [("train", cfg.train_file), ("dev", "" if cfg.val_size else cfg.dev_file), ("test", cfg.test_file)]
+    if cfg.text_file:  # pretrain reads unlabelled text files, not the labelled ones
+        files, columns = [("text", str(path)) for path in text_file_paths(cfg.text_file)], [cfg.text_column]
+    lines = [f"{name} data: {check_data_file(path, columns)}" for name, path in files if path]
     if cfg.val_size:
         lines.append(f"dev data: --val-size {cfg.val_size} of {cfg.train_file}, stratified by label, seed {cfg.seed}")
     lines.append(f"model: {check_model(cfg)}")

@@ -35,15 +35,16 @@ from ..core.options import (
     HF_ALIASES,
     TrainConfig,
     add_train_options,
+    command_settings,
     read_run_file,
     spellings,
     unknown_options_message,
 )
 from ..core.stop import STOP_FILE
-from ..train.tracking import check_trackers
+from ..data.tokenizer import check_model_tokenizer
 from .doctor import ACCELERATORS, SOCKET_IFNAMES, ops_to_build
 from .hosts import HOSTNAME, active_hosts, is_local, node_address, slurm_allocation
-from .inputs import check_inputs
+from .inputs import check_inputs, check_trackers
 from .probe import gpu_facts
 
 CPU_RANKS = 2  # ranks on a machine without GPUs and without a hostfile
@@ -225,7 +226,10 @@ def run_file_args(path: str, launch: argparse.ArgumentParser, train: argparse.Ar
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Launch options here; the rest must be training options (checked now, not on every rank later)."""
+    """Launch options here; the rest must be training options (checked now, not on every rank later).
+    A leading word `pretrain` makes the ranks run `pipeline pretrain` (args.command) instead of train."""
+    command = "pretrain" if argv[:1] == ["pretrain"] else "train"
+    argv = argv[1:] if command == "pretrain" else argv
     p = launch_parser()
     train = argparse.ArgumentParser(prog="zero-pipeline launch (training options)", allow_abbrev=False, add_help=False)
     add_train_options(train, {"task": tasks.names()})
@@ -234,6 +238,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             p.error(f"{argv[0]}: expected a run file ({', '.join(RUN_FILE_SUFFIXES)}) or options")
         argv = run_file_args(argv[0], p, train) + argv[1:]
     args, train_args = p.parse_known_args(argv)
+    args.command = command
     # Unknown options would otherwise reach every rank and fail there, after the doctor and the runner.
     args.train, unknown = train.parse_known_args(train_args)
     if unknown:
@@ -330,9 +335,10 @@ def visible_devices_include(args: argparse.Namespace, hosts: dict[str, int], env
 def run_config(args: argparse.Namespace) -> TrainConfig:
     """The training config every rank will build, with the task's own options checked."""
     overrides = {key: value for key, value in vars(args.train).items() if key != "config" and value is not None}
-    cfg = TrainConfig.from_sources(args.train.config, {**overrides, "ds_config": args.ds_config})
+    cfg = TrainConfig.from_sources(args.train.config, command_settings(args.command, {**overrides, "ds_config": args.ds_config}))
     tasks.resolve(cfg)  # the task's own options, before any rank starts
     check_trackers(cfg)  # --report-to: installed, and an MLflow server that answers
+    check_model_tokenizer(cfg.model)  # a model trained here comes with its own tokenizer
     return cfg
 
 
@@ -439,7 +445,7 @@ def deepspeed_command(args: argparse.Namespace, hosts: dict[str, int], train_arg
         cmd += ["--enable_each_rank_log", args.rank_logs]
     if launcher_args:
         cmd += ["--launcher_args", launcher_args]
-    return cmd + ["--module", "pipeline", "train", "--ds-config", args.ds_config, *train_args]
+    return cmd + ["--module", "pipeline", args.command, "--ds-config", args.ds_config, *train_args]
 
 
 def slurm_command(args: argparse.Namespace, train_args: list[str], environ: dict[str, str]) -> list[str]:
@@ -456,7 +462,7 @@ def slurm_command(args: argparse.Namespace, train_args: list[str], environ: dict
     if args.rank_logs:
         cmd.append(BACKENDS["slurm"].rank_logs.format(dir=args.rank_logs))
     cmd += args.launcher_args.split()
-    return cmd + [sys.executable, "-u", "-m", "pipeline", "train", "--ds-config", args.ds_config, *train_args]
+    return cmd + [sys.executable, "-u", "-m", "pipeline", args.command, "--ds-config", args.ds_config, *train_args]
 
 
 def launch_hosts(args: argparse.Namespace, env: dict[str, str]) -> dict[str, int]:

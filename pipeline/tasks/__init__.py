@@ -32,6 +32,8 @@ def resolve(cfg) -> Task:
     task = get(cfg.task)
     if cfg.best_metric not in ("", *task.metric_names):
         raise option_error("best_metric", cfg.best_metric, f"{' or '.join(task.metric_names)} (for task {task.name})")
+    if cfg.text_file and not task.pretraining:
+        raise option_error("text_file", cfg.text_file, f"unset with task {task.name} (text files are what pretrain reads)")
     task.check_options(cfg)
     if cfg.class_weights not in ("none", "balanced"):
         if not cfg.class_weights.endswith(".json"):

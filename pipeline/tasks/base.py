@@ -189,6 +189,13 @@ class Task:
     export_files: Callable = label_map  # (names, thresholds) -> {file name: JSON} written beside the export's weights
     export_thresholds: Callable = lambda export_dir, names, override: None  # what `predict` decides with
     scores_in_output: bool = True  # `predict` prints each label's probability
+    # Pretraining (masked_lm): reads unlabelled --text-file records (word starts cached), masks each
+    # batch with `masking(cfg, tokenizer)` (a data.masking.Masking), is scored by its loss on a
+    # held-out part (`metrics(loss sum, tokens, names, thresholds)`) and stores `probe_view` of the
+    # probe's logits for the export to reproduce.
+    pretraining: bool = False
+    masking: Callable | None = None
+    probe_view: Callable = lambda logits: logits
 
     @property
     def metric_names(self) -> tuple[str, ...]:

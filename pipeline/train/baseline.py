@@ -156,7 +156,7 @@ class BaselineJob:
 def start(cfg, task, data, run_dir: Path, log) -> BaselineJob | None:
     """Rank 0: the cached baseline of this data, or a background process that computes it; None
     with a note when --baseline none or the training split is over --baseline-max-records."""
-    if cfg.baseline == "none":
+    if cfg.baseline == "none" or task.pretraining:  # masked-LM pretraining has no labels to predict
         return None
     records = data.train_data["train records"]
     if records > cfg.baseline_max_records:

@@ -19,6 +19,7 @@ import torch.distributed as td
 
 from ..core import dist
 from ..data import reading
+from ..data.masking import IGNORE
 
 FILLER = -1
 
@@ -75,12 +76,36 @@ def record_logits(engine, split, batch_size: int) -> np.ndarray:
     return reading.pool(predict_logits(engine, split, batch_size), split.records, split.pool)
 
 
+@torch.no_grad()
+def masked_token_loss(engine, split, batch_size: int) -> tuple[float, int]:
+    """(cross-entropy summed over every masked token of `split`, the number of masked tokens), over
+    all ranks; the split's held-out masking is the same at every evaluation. Filler rows count nothing."""
+    world, rank = dist.world_size(), dist.rank()
+    totals = torch.zeros(2, dtype=torch.float64)
+    was_training = engine.training
+    engine.eval()
+    try:
+        for batch_indices in eval_index_batches(len(split), world, rank, batch_size):
+            batch = split.batch([i if i != FILLER else 0 for i in batch_indices])
+            labels = batch.pop("labels")
+            labels[[j for j, i in enumerate(batch_indices) if i == FILLER]] = IGNORE
+            logits = engine(**to_device(batch, engine.device)).logits.float().cpu()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+            totals += torch.tensor([loss.item(), (labels != IGNORE).sum().item()], dtype=torch.float64)
+    finally:
+        engine.train(was_training)
+    totals = dist.all_reduce_sum(totals.to(engine.device)).cpu().tolist()
+    return totals[0], int(totals[1])
+
+
 def evaluate(engine, split, batch_size: int, label_names: list[str], kind, thresholds="") -> tuple[dict, np.ndarray]:
     """The task's metrics and per-record predictions over exactly `split`; every rank must call this.
 
     Windows of one record (long records read in chunks) are pooled into one row of logits first.
     Multi-label: `thresholds` is {label: threshold}, or a --threshold setting fitted on this split's
     probabilities (dev); the thresholds used are in the metrics ("thresholds")."""
+    if kind.pretraining:  # a masked LM: scored by its loss over the held-out masked tokens, no predictions
+        return kind.metrics(*masked_token_loss(engine, split, batch_size), label_names, thresholds), None
     scores = kind.scores(record_logits(engine, split, batch_size))
     if not isinstance(thresholds, dict):
         thresholds = kind.thresholds(split.record_labels, scores, label_names, thresholds)

@@ -70,6 +70,7 @@ def build_model(
         unset_hf_deepspeed_config()
     if output_bias is not None:
         set_output_bias(model, output_bias, zero3)
+    model.config.architectures = [type(model).__name__]  # what it is now (a pretrain export is a masked LM)
     if gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise ConfigError(f"model: {model_dir} ({config.model_type}) does not support gradient checkpointing")

@@ -30,9 +30,9 @@ from ..core.ds_config import Hardware, ResolvedConfig, RunShape, ds_precision, r
 from ..core.model_dir import check_model_dir
 from ..core.options import TrainConfig, write_run_file
 from ..core.stop import Stopped, StopRequests, pause_for_test
-from ..data.cache import TokenizedSplit, prepare_splits
+from ..data.cache import TokenizedSplit, prepare_splits, prepare_text_files, tokenizer_fingerprint
 from ..data.reading import Reading
-from ..data.tokenizer import load_tokenizer, tokenizer_source
+from ..data.tokenizer import TOKENIZER_KEY, load_tokenizer, tokenizer_source
 from ..tasks.base import Task
 from . import baseline
 from .evaluate import evaluate, forward_logits
@@ -84,15 +84,22 @@ class PreparedData:
 
 
 def prepare_data(cfg: TrainConfig, task: Task, reading: Reading, cache_dir: str, log) -> PreparedData:
-    """Rank 0 reads, checks and tokenizes into the cache while the others wait; all load the cache."""
+    """Rank 0 reads, checks and tokenizes into the cache while the others wait; all load the cache.
+    Pretraining: the text files' records, cut into a training and a held-out ("dev") part, masked."""
     pause_for_test("data")
-    info = dist.main_first(lambda: prepare_splits(cfg, task, tokenizer_source(cfg, cache_dir), cache_dir, log))
+    prepare = prepare_text_files if task.pretraining else prepare_splits
+    info = dist.main_first(lambda: prepare(cfg, task, tokenizer_source(cfg, cache_dir), cache_dir, log))
     tokenizer = load_tokenizer(info["tokenizer_dir"], cfg.max_length)
     names = info["label_names"]
-    splits = {
-        name: TokenizedSplit.from_cache(path, tokenizer.pad_token_id, names, task, reading.pool)
-        for name, path in info["splits"].items()
-    }
+    if task.pretraining:
+        masking = task.masking(cfg, tokenizer)
+        splits = TokenizedSplit.held_out(info["splits"]["text"], tokenizer.pad_token_id, masking, cfg.heldout_fraction, cfg.seed)
+        log.info(f"pretrain: {len(splits['train'])} training and {len(splits['dev'])} held-out windows, {cfg.masking} masking")
+    else:
+        splits = {
+            name: TokenizedSplit.from_cache(path, tokenizer.pad_token_id, names, task, reading.pool)
+            for name, path in info["splits"].items()
+        }
     return PreparedData(splits, tokenizer, names, info["train_data"], info["class_weights"], info["splits"], info["dev_records"])
 
 
@@ -182,6 +189,7 @@ class Run:
             cfg.model, data.label_names, len(data.tokenizer), ds, cfg.seed, bool(cfg.gradient_checkpointing), task, bias
         )
         model.config.record_reading = reading.as_dict()  # saved with the export; predict reads as training did
+        setattr(model.config, TOKENIZER_KEY, tokenizer_fingerprint(data.tokenizer))  # never read with another one
         state = TrainerState(
             world_size=dist.world_size(),
             train_batch_size=ds["train_batch_size"],
@@ -276,7 +284,7 @@ class Run:
             self.state,
             self.data.tokenizer,
             self.probe,
-            lambda: forward_logits(self.engine, self.probe),
+            lambda: self.task.probe_view(forward_logits(self.engine, self.probe)),
             ds_precision(self.ds.ds),
             self.cfg.keep_checkpoints,
         )
@@ -328,6 +336,8 @@ class Run:
             results[split], predictions = evaluated.get(split) or self.evaluate(split, thresholds)
             if split != "dev":  # dev was logged when it was evaluated at that step
                 self.log.eval(checkpoint.step_of(exported), split, results[split])
+            if predictions is None:  # pretraining predicts nothing
+                continue
             describe, key = self.task.describe, self.task.output_key
             rows = "".join(json.dumps({key: describe(p, self.data.label_names)}, ensure_ascii=False) + "\n" for p in predictions)
             dist.main_first(lambda: write_text(self.run_dir / f"predictions-{split}.jsonl", rows))

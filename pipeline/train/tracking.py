@@ -15,41 +15,12 @@ WANDB_PROJECT, WANDB_MODE=offline (then `wandb sync RUN_DIR/wandb/offline-run-*`
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from ..core.base import ConfigError
-from ..core.options import TRACKERS, TrainConfig
+from ..core.options import TrainConfig, mlflow_uri
 
 PROJECT = "zero-pipeline"  # the MLflow experiment and W&B project unless MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT say
-INSTALL = {"tensorboard": "pip install tensorboard", "mlflow": "pip install '.[mlflow]'", "wandb": "pip install '.[wandb]'"}
-
-
-def mlflow_uri(cfg: TrainConfig, environ=os.environ) -> str:
-    """MLFLOW_TRACKING_URI, else a SQLite store in the output directory (MLflow's file store is deprecated)."""
-    return environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
-
-
-def check_trackers(cfg: TrainConfig, environ=os.environ) -> None:
-    """The launch's check: each chosen tracker is installed, and an MLflow tracking server answers."""
-    for name in cfg.trackers():
-        if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise ConfigError(f"--report-to {name}: the {TRACKERS[name]} package is not installed ({INSTALL[name]})")
-    uri = mlflow_uri(cfg, environ)
-    if "mlflow" in cfg.trackers() and uri.startswith(("http://", "https://")):
-        try:  # the server's health endpoint; a 401/403 still proves it is there
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
-        except urllib.error.HTTPError:
-            pass
-        except (urllib.error.URLError, OSError) as e:
-            raise ConfigError(
-                f"--report-to mlflow: the MLflow tracking server MLFLOW_TRACKING_URI={uri} does not answer "
-                f"({getattr(e, 'reason', e)}); start it (mlflow server --backend-store-uri sqlite:///mlflow.db "
-                "--host 127.0.0.1 --port 5000), fix the variable, or leave mlflow out of --report-to"
-            ) from None
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
