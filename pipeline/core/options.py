@@ -218,6 +218,13 @@ class TrainConfig:
         },
     )
 
+    group_by_length: int = field(
+        default=0,
+        metadata={
+            "help": "1: micro-batches of records of similar length (Hugging Face's group_by_length: seeded mega-batches of 50 optimizer steps sorted by length), far less padding; 0: random micro-batches"
+        },
+    )
+
     def __post_init__(self):
         def need(ok: bool, key: str, expected: str):
             if not ok:
@@ -278,6 +285,7 @@ class TrainConfig:
         need(self.tensorboard in (0, 1), "tensorboard", "0 or 1")
         need(self.gradient_checkpointing in (0, 1), "gradient_checkpointing", "0 or 1")
         need(self.flops_profiler_step >= 0, "flops_profiler_step", ">= 0")
+        need(self.group_by_length in (0, 1), "group_by_length", "0 or 1")
         need(bool(self.train_file), "train_file", "a file path")
         need(bool(self.dev_file), "dev_file", "a file path")
         need(bool(self.text_column), "text_column", "a column name")

@@ -291,6 +291,13 @@ class TokenizedSplit:
         return self.rows[RECORD].to_numpy()
 
     @cached_property
+    def lengths(self) -> np.ndarray:
+        """Each row's tokens (padding is added per batch): what batches are grouped and sorted by."""
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(self.rows["input_ids"]).to_numpy()
+
+    @cached_property
     def record_labels(self) -> np.ndarray:
         """One label (or multi-hot row) per record: its first window's."""
         first = np.r_[True, self.records[1:] != self.records[:-1]]
