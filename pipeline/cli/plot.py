@@ -18,7 +18,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no metrics.jsonl (not a run directory, or the run has not logged a step yet)")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in rows if "loss" in r], [r for r in rows if "split" in r]
+    return [r for r in rows if "split" not in r], [r for r in rows if "split" in r]
 
 
 def pyplot():

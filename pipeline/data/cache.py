@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..core.base import ConfigError, build_once, file_digest, write_json
+from ..core.dist import Progress
 from ..core.options import TrainConfig
 from ..core.stop import pause_for_test, raise_if_requested
 from . import reading
@@ -181,7 +182,8 @@ def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path) 
 
     unknown = tokens = records = windows = 0
     labels = {}
-    with pa.OSFile(str(path), "wb") as sink:
+    # The file is streamed, so the records are not counted ahead: a rate, no ETA.
+    with pa.OSFile(str(path), "wb") as sink, Progress(f"tokenize {split.path.name}", None) as progress:
         writer = None
         for batch in in_batches(split.records(), TOKENIZE_BATCH):
             columns, record = encoded_columns(tokenizer, [text for _, text, _ in batch], how, records)
@@ -199,6 +201,7 @@ def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path) 
             batch_unknown, batch_tokens = count_unknown(tokenizer, columns["input_ids"].flatten().to_numpy())
             unknown, tokens = unknown + batch_unknown, tokens + batch_tokens
             records, windows = records + len(batch), windows + len(record)
+            progress.update(len(batch))
         writer.close()
     return {
         "sha256": split.digest,  # what was read: records() refuses a file that changed

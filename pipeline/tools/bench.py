@@ -430,7 +430,8 @@ def prepare(args, out: Path) -> dict:
         out,
         args.ranks,
     )
-    (tokenized,), (tokenizer,) = (sorted((out / "cache").glob(p)) for p in ("tokenized-train-*", "tokenizer-*"))
+    patterns = (f"tokenized-{Path(args.train_file).stem}-*", "tokenizer-*")
+    (tokenized,), (tokenizer,) = (sorted((out / "cache").glob(p)) for p in patterns)
     return {**common, "train_data": str(tokenized), "tokenizer": str(tokenizer)}
 
 
