@@ -101,7 +101,7 @@ def aggregate(reps: list[dict]) -> dict:
         runs = [rep[stack] for rep in reps]
         out[stack] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         for other in BASELINES:
-            if other in reps[0] and other != stack:
+            if other in reps[0]:
                 out[stack][f"vs_{other}"] = paired_ratio(reps, stack, other)
         out[stack]["spread_pct"] = 100 * (max(r["samples_per_s"] for r in runs) / min(r["samples_per_s"] for r in runs) - 1)
     return out
