@@ -42,7 +42,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> list[float]:
     """The per-optimizer-step training losses a run logged."""
-    return [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss" in row and "split" not in row]
+    return [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "split" not in row]
 
 
 def ds_config(path: Path, stage: int, micro: int, accum: int, lr: float = 1e-3, **extra) -> Path:

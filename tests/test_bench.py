@@ -87,9 +87,9 @@ def test_table_rows_and_goal_lines(tmp_path):
         (1, 1): aggregate([{"pipeline": summary(90, data_wait_pct=2.5), "reference": summary(100), "hf": summary(95)}]),
     }
     table = markdown_table(results).splitlines()
-    assert table[0].startswith("| ZeRO | accum | stack | samples/s | tokens/s | step ms | × reference |")
+    assert table[0].startswith("| ZeRO | accum | stack | samples/s | tokens/s | step ms | × reference | padding eff. |")
     assert len(table) == 2 + 6 and table[2].startswith("| 1 | 1 | pipeline | 90.0 | 9000 | 356 | 0.900 |")
-    assert table[5] == "| 2 | 4 | pipeline | 99.5 | 9950 | 322 | 0.995 | 1.0 | 10.0 | 1.00 | 600 |"
+    assert table[5] == "| 2 | 4 | pipeline | 99.5 | 9950 | 322 | 0.995 | nan | 1.0 | 10.0 | 1.00 | 600 |"  # no padding counted
     pooled = {
         "reference": {"ratio": 0.98, "low": 0.975, "high": 0.985, "pairs": 3},
         "hf": {"ratio": 1.2, "low": 0.9, "high": 1.5, "pairs": 3},

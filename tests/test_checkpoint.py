@@ -199,6 +199,13 @@ def test_resume_with_another_seed_or_best_metric_is_refused_naming_both(tmp_path
         check_same_settings(tmp_path, saved, {"seed": 6, "best_metric": "accuracy"})
 
 
+def test_resume_with_grouping_switched_is_refused(tmp_path):
+    """Grouping by length changes the epoch's order: a resume mid-epoch would repeat and skip samples."""
+    saved = TrainerState(train_config={"seed": 5, "group_by_length": 0})
+    with pytest.raises(CheckpointError, match=r"--group-by-length 0 -> 1"):
+        check_same_settings(tmp_path, saved, {"seed": 5, "group_by_length": 1})
+
+
 def test_resume_on_other_training_data_names_what_changed(tmp_path):
     data = {
         "train file content (sha256)": "aa",

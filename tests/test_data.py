@@ -550,3 +550,59 @@ def test_a_training_file_of_ones_own_never_pairs_with_the_bundled_dev_set():
         TrainConfig(train_file="my.csv", dev_file="dev.csv", val_size=0.1)
     assert TrainConfig(train_file="my.csv", val_size=0.1).dev_file == ""
     assert TrainConfig().dev_file == str(SAMPLE / "dev.jsonl")
+
+
+def _lengths(num, seed=3):
+    """Lengths with a long tail, as real notes have (lognormal, capped at 128 tokens)."""
+    return np.minimum(np.random.default_rng(seed).lognormal(3.8, 0.7, num).astype(int) + 3, 128)
+
+
+def _grouped(num, micro, accum, world, rank, start_step=0, lengths=None, seed=5, epoch=0):
+    lengths = _lengths(num) if lengths is None else lengths
+    return list(RankMicroBatches(num, micro, accum, world, rank, seed, epoch, start_step, lengths))
+
+
+def test_grouped_order_is_seeded_the_same_on_every_rank_and_across_a_resume():
+    num, micro, accum, world = 1000, 4, 2, 2
+    lengths = _lengths(num)
+    ranks = [_grouped(num, micro, accum, world, r) for r in range(world)]
+    assert ranks[0] != _grouped(num, micro, accum, world, 0, seed=6)  # the seed decides the order
+    steps = len(ranks[0]) // accum
+    # The ranks' micro-batches of one micro-step are consecutive runs of a length-sorted mega-batch:
+    # rank 0's then rank 1's lengths read longest first, so no rank waits on another's long batch.
+    for k in range(len(ranks[0])):
+        step_lengths = np.concatenate([lengths[ranks[r][k]] for r in range(world)])
+        assert np.all(np.diff(step_lengths) <= 0), k
+        if k % accum:  # and a window's micro-steps follow each other down the sorted run
+            before = np.concatenate([lengths[ranks[r][k - 1]] for r in range(world)])
+            assert before.min() >= step_lengths.max(), k
+    # Every sample at most once, every micro-batch full, and a resume continues the same order.
+    flat = [i for r in ranks for b in r for i in b]
+    assert len(flat) == len(set(flat)) == steps * micro * accum * world
+    assert {len(b) for r in ranks for b in r} == {micro}
+    for r in range(world):
+        assert _grouped(num, micro, accum, world, r, start_step=7) == ranks[r][7 * accum :]
+    # The global batch with the longest sample runs first (running out of memory shows at once).
+    assert max(lengths[ranks[0][0]].max(), lengths[ranks[1][0]].max()) == lengths[flat].max()
+
+
+def test_grouping_cuts_padding_and_keeps_each_step_independent_of_the_world_size():
+    num, lengths = 2000, _lengths(2000)
+
+    def padded(batches):
+        return sum(len(b) * lengths[b].max() for b in batches)
+
+    plain = list(RankMicroBatches(num, 16, 1, 1, 0, 5, 0))
+    grouped = _grouped(num, 16, 1, 1, 0, lengths=lengths)
+    real = sum(lengths[b].sum() for b in plain)
+    assert real / padded(plain) < 0.6 and sum(lengths[b].sum() for b in grouped) / padded(grouped) > 0.9
+    for step in range(5):  # accumulation stays exact: the step's samples, whatever the layout
+        reference = sorted(i for b in _grouped(num, 16, 1, 1, 0, lengths=lengths)[step : step + 1] for i in b)
+        for micro, accum, world in [(4, 2, 2), (4, 4, 1), (2, 2, 4), (1, 2, 8)]:
+            samples = sorted(
+                i
+                for r in range(world)
+                for b in _grouped(num, micro, accum, world, r, lengths=lengths)[step * accum : (step + 1) * accum]
+                for i in b
+            )
+            assert samples == reference

@@ -4,12 +4,39 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from helpers import export_window_logits, read_jsonl
 
 from pipeline.data.reading import pool
 from pipeline.tasks.single_label import metrics as single_label_metrics
 from pipeline.tasks.single_label import predictions
-from pipeline.train.evaluate import FILLER, eval_index_batches
+from pipeline.train.evaluate import FILLER, eval_index_batches, predict_logits
+
+
+def test_sorted_eval_shards_run_longest_first_and_keep_fillers_last():
+    lengths = np.array([3, 9, 1, 7, 5, 2, 8])
+    shards = [eval_index_batches(7, 2, rank, 2, lengths) for rank in range(2)]
+    assert shards == [[[6, 4], [0, 2]], [[1, 3], [5, FILLER]]]
+
+
+@pytest.mark.slow
+def test_evaluation_and_predict_give_the_same_logits_sorted_by_length_or_not(initial_model, small_data):
+    """Sorting only changes which rows share a batch: logits come back in the input order, equal."""
+    from pipeline.checkpoint.export import load_export
+    from pipeline.data.cache import TokenizedSplit
+    from pipeline.data.reading import Reading
+
+    tokenizer, model = load_export(initial_model)
+    texts = [row["text"] for row in read_jsonl(small_data["dev"])][:60]
+    texts = [text[: 4 + (i * 37) % 120] for i, text in enumerate(texts)]  # lengths that differ a lot
+    split = TokenizedSplit.from_texts(tokenizer, texts, Reading.saved(None, 128))
+    assert len(set(split.lengths)) > 10
+    sorted_logits, sorted_padding = predict_logits(model, split, 8, by_length=True)
+    plain_logits, plain_padding = predict_logits(model, split, 8, by_length=False)
+    np.testing.assert_allclose(sorted_logits, plain_logits, atol=1e-5)
+    assert (sorted_logits.argmax(1) == plain_logits.argmax(1)).all()
+    assert sorted_padding.real == plain_padding.real == split.lengths.sum()
+    assert sorted_padding.efficiency > plain_padding.efficiency
 
 
 @pytest.mark.parametrize("n, world, batch", [(37, 2, 8), (5, 4, 2), (3, 8, 4), (100, 3, 7), (16, 2, 8)])
@@ -32,5 +59,10 @@ def test_pooled_evaluation_on_two_ranks_counts_each_record_once_and_equals_one_p
     assert len(set(predicted)) > 1  # a model that predicts one class would hide a mix-up of records
     assert [row["label"] for row in read_jsonl(chunked_run / "predictions-dev.jsonl")] == [names[p] for p in predicted]
     expected = json.loads(json.dumps(single_label_metrics(split.record_labels, predicted, names)))
-    assert json.loads((chunked_run / "eval_results.json").read_text())["dev"] == expected
+    got = json.loads((chunked_run / "eval_results.json").read_text())["dev"]
+    pooled = torch.from_numpy(pool(logits, split.records, "max"))
+    loss = torch.nn.functional.cross_entropy(pooled, torch.from_numpy(split.record_labels)).item()
+    assert got.pop("loss") == pytest.approx(loss, rel=1e-4)  # the model's loss over every record, all ranks
+    assert 0.5 < got.pop("padding_efficiency") <= 1
+    assert got == expected
     assert expected["num_records"] == 37 and sum(c["support"] for c in expected["per_class"].values()) == 37

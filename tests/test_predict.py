@@ -4,10 +4,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from helpers import export_window_logits, pipeline_command, read_jsonl
 
 from pipeline.cli.main import main
-from pipeline.cli.predict import predict
+from pipeline.cli.predict import check_export_dir, choose_device, predict, read_inputs
 from pipeline.core.base import ConfigError
 from pipeline.data.reading import pool
 from pipeline.tasks.single_label import probabilities
@@ -29,6 +30,38 @@ def test_predict_from_stdin_and_txt_file_agree(initial_model, tmp_path):
 def test_predict_refuses_a_directory_that_is_not_an_export(tmp_path):
     with pytest.raises(ConfigError, match="not an exported model"):
         predict(str(tmp_path), ["x"])
+
+
+def test_a_directory_that_is_not_an_export_is_one_line_naming_what_is_missing_and_where_the_export_is(tmp_path):
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=rf"no config.json, no weights, no tokenizer\); the run's export is {run / 'export'}$"):
+        check_export_dir(str(run))
+    hf = run / "checkpoints" / "step-5" / "hf"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text("{}")
+    (hf / "tokenizer.json").write_text("{}")
+    (hf.parent / "trainer_state.json").write_text("{}")
+    with pytest.raises(
+        ConfigError,
+        match=r"\(no weights\); this is checkpoint .*step-5's hf/ directory: export it with `python -m pipeline export",
+    ):
+        check_export_dir(str(hf))
+    with pytest.raises(ConfigError, match="only.json: model directory not found"):
+        check_export_dir(str(tmp_path / "only.json"))
+
+
+def test_predict_refuses_an_unknown_extension_fp16_on_the_cpu_and_a_missing_gpu_in_one_line(tmp_path):
+    (tmp_path / "in.xml").write_text("<x/>")
+    with pytest.raises(ConfigError, match=r"in.xml: unknown input format '.xml'; predict reads .txt"):
+        read_inputs(str(tmp_path / "in.xml"), "text", "id")
+    with pytest.raises(ConfigError, match="--precision fp16 needs --device cuda"):
+        choose_device("cpu", "fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device cuda: no GPU is visible"):
+            choose_device("cuda", "fp32")
+    assert choose_device(None, "bf16").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run_predict(capsys, monkeypatch, model, *args, stdin="") -> list[dict]:
@@ -134,3 +167,12 @@ def test_predict_reads_every_training_format_with_its_reader(initial_model, tmp_
     assert main(["predict", "--model", str(initial_model), "--input", str(tmp_path / "in.docx")]) == 2
     message = f"error: {tmp_path / 'in.docx'}: unknown input format '.docx'; predict reads .txt (one text per line), .jsonl"
     assert capsys.readouterr().err.startswith(message)
+
+
+@pytest.mark.slow
+def test_predict_in_bf16_on_the_cpu_is_close_to_fp32(initial_model):
+    texts = ["主诉：发热3天，咳嗽。", "主诉：胸痛2小时。", "主诉：多饮多尿半年，体重下降。"]
+    fp32, bf16 = predict(str(initial_model), texts), predict(str(initial_model), texts, precision="bf16")
+    for a, b in zip(fp32, bf16):
+        assert a["probabilities"] != b["probabilities"]  # the weights really ran in bf16
+        np.testing.assert_allclose(list(a["probabilities"].values()), list(b["probabilities"].values()), atol=0.02)

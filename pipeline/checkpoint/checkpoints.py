@@ -180,7 +180,7 @@ def check_same_data(ckpt: Path, saved, current: dict, log) -> None:
         )
 
 
-RESUME_SETTINGS = ("seed", "best_metric")  # the data order; what the saved best value measures
+RESUME_SETTINGS = ("seed", "group_by_length", "best_metric")  # the data order; what the saved best value measures
 
 
 def check_same_settings(ckpt: Path, saved, current: dict) -> None:
@@ -193,7 +193,7 @@ def check_same_settings(ckpt: Path, saved, current: dict) -> None:
     if changed:
         raise CheckpointError(
             f"{ckpt}: resumed with other settings than it was trained with ({'; '.join(changed)}): the seed "
-            "fixes the data order and the saved best value is one of --best-metric; resume with the checkpoint's, or start a new run"
+            "and --group-by-length fix the data order and the saved best value is one of --best-metric; resume with the checkpoint's, or start a new run"
         )
 
 

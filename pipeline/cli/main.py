@@ -61,7 +61,14 @@ def _predict_parser(sub) -> None:
     p.add_argument("--output", help="write JSON lines here instead of stdout")
     p.add_argument("--text-column", default="text")
     p.add_argument("--id-column", default="id", help="copied into each output row where a record has it (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: %(default)s)")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="where the model runs (default: a GPU when there is one)")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="weights and compute (fp16: GPUs only; default: %(default)s)",
+    )
     p.add_argument(
         "--thresholds", help="multi-label models: a .json file {label: threshold} instead of the export's thresholds.json"
     )

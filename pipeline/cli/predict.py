@@ -10,8 +10,9 @@ single-label model the label and all class probabilities; for a multi-label mode
 export's thresholds.json, or --thresholds FILE), and each label's probability. A blank line or empty
 text gets a row with its prediction null, so rows stay aligned with the input. Texts are read,
 batched and pooled by evaluation's code (TokenizedSplit, evaluate.record_logits) with the export's
-`record_reading`: truncation, or windows whose logits are pooled per text (see reading.py). One
-process, no process group.
+`record_reading`: truncation, or windows whose logits are pooled per text (see reading.py), each
+chunk of texts run longest first (less padding; rows still come out in input order). One process,
+no process group: on a GPU when there is one (--device), in fp32 unless --precision says otherwise.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from .. import tasks
 from ..checkpoint.export import load_export
 from ..core.base import ConfigError, load_json
+from ..core.dist import Progress
 from ..data.cache import TOKENIZE_BATCH, TokenizedSplit, in_batches
 from ..data.readers import READERS, iter_records, require_columns, text_lines
 from ..data.reading import Reading
@@ -61,30 +63,90 @@ def _predictable(text) -> bool:
     return isinstance(text, str) and bool(text.strip())
 
 
+DEVICES = ("cuda", "cpu")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+
+def check_export_dir(export_dir: str) -> None:
+    """One line naming what a directory that is not an exported model lacks, and where the export is."""
+    path = Path(export_dir)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: model directory not found (a run's export is RUN_DIR/export)")
+    missing = [
+        what
+        for what, names in (("config.json", ("config.json",)), ("weights", WEIGHTS), ("tokenizer", TOKENIZER_FILES))
+        if not any((path / name).is_file() for name in names)
+    ]
+    if not missing:
+        return
+    if (path / "export" / "config.json").is_file():
+        where = f"the run's export is {path / 'export'}"
+    elif path.name == "hf" and (path.parent / "trainer_state.json").is_file():
+        where = f"this is checkpoint {path.parent}'s hf/ directory: export it with `python -m pipeline export {path.parent} OUT`"
+    else:
+        where = "a run's export is RUN_DIR/export; a checkpoint becomes one with `python -m pipeline export CKPT OUT`"
+    raise ConfigError(f"{path}: not an exported model (no {', no '.join(missing)}); {where}")
+
+
+def choose_device(device: str | None, precision: str) -> torch.device:
+    """--device (default: a GPU when there is one), checked against the machine and --precision."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "--device cuda: no GPU is visible to this process (torch.cuda.is_available() is False); use --device cpu"
+        )
+    if device == "cpu" and precision == "fp16":
+        raise ConfigError(
+            "--precision fp16 needs --device cuda (half-precision matmuls are slow or missing on CPUs); use bf16 or fp32"
+        )
+    return torch.device(device)
+
+
 @torch.no_grad()
-def predict(export_dir: str, texts: list, batch_size: int = 32, thresholds: str | None = None) -> list[dict]:
-    """The task's prediction row for each text (e.g. its label and class probabilities), read as in training."""
-    if not (Path(export_dir) / "config.json").is_file():
-        raise ConfigError(f"{export_dir}: not an exported model (no config.json)")
+def predict(
+    export_dir: str,
+    texts: list,
+    batch_size: int = 32,
+    thresholds: str | None = None,
+    device: str | None = "cpu",
+    precision: str = "fp32",
+    progress=None,
+) -> list[dict]:
+    """The task's prediction row for each text (e.g. its label and class probabilities), read as in training.
+
+    `device` None: a GPU when there is one. `progress` (a dist.Progress) counts the texts."""
+    check_export_dir(export_dir)
     config = load_json(Path(export_dir) / "config.json")  # a syntax error as one line, not a traceback
     kind = tasks.by_problem_type(config.get("problem_type"), export_dir)
     names = kind.config_label_names(config)
     decide = kind.export_thresholds(export_dir, names, thresholds)
+    where = choose_device(device, precision)
     tokenizer, model = load_export(export_dir)
+    model.to(where, PRECISIONS[precision])  # forward_logits moves each batch to the model's device
     how = Reading.saved(getattr(model.config, "record_reading", None), tokenizer.model_max_length)
     rows = [kind.output(None, None, names) for _ in texts]
     todo = [i for i, text in enumerate(texts) if _predictable(text)]
     for chunk in in_batches(todo, TOKENIZE_BATCH):  # memory bounded as when a cache is built
         split = TokenizedSplit.from_texts(tokenizer, [texts[i] for i in chunk], how)
-        scores = kind.scores(record_logits(model, split, batch_size))
+        logits, _ = record_logits(model, split, batch_size)
+        scores = kind.scores(logits)
         for i, prediction, score in zip(chunk, kind.predict(scores, decide), scores):
             rows[i] = kind.output(prediction, score, names)
+        if progress is not None:
+            progress.update(len(chunk))
     return rows
 
 
 def main(args) -> None:
+    check_export_dir(args.model)  # before reading a large input
     inputs = read_inputs(args.input, args.text_column, args.id_column)
-    predictions = predict(args.model, [entry.pop("text") for entry in inputs], args.batch_size, args.thresholds)
+    texts = [entry.pop("text") for entry in inputs]
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: expected at least 1")
+    with Progress("predict", len(texts), "texts", log=lambda line: print(line, file=sys.stderr)) as progress:
+        predictions = predict(args.model, texts, args.batch_size, args.thresholds, args.device, args.precision, progress)
     lines = "".join(json.dumps({**entry, **row}, ensure_ascii=False) + "\n" for entry, row in zip(inputs, predictions))
     if args.output:
         Path(args.output).write_text(lines, encoding="utf-8")

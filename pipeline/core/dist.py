@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -63,6 +64,35 @@ def get_logger() -> logging.Logger:
         logger.setLevel(logging.INFO if is_main() else logging.WARNING)
         logger.propagate = False
     return logger
+
+
+class Progress:
+    """Progress of a long stage on rank 0 (tokenizing, evaluating): a tqdm bar with the rate and ETA
+    on a terminal; into a log file (stderr not a terminal) one line when the stage ends, not a
+    stream of bar redraws (to `log`, default the rank-aware logger). `update(n)` counts items; use as
+    a context manager."""
+
+    def __init__(self, desc: str, total: int | None, unit: str = "records", log=None):
+        from tqdm import tqdm
+
+        self.desc, self.unit, self.count, self.start = desc, unit, 0, time.perf_counter()
+        self.log = log or get_logger().info
+        self.bar = tqdm(total=total, desc=desc, unit=f" {unit}", disable=not (is_main() and sys.stderr.isatty()), leave=False)
+
+    def update(self, n: int) -> None:
+        self.count += n
+        self.bar.update(n)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        if exc[0] is None:
+            elapsed = time.perf_counter() - self.start
+            self.log(
+                f"{self.desc}: {self.count} {self.unit} in {elapsed:.1f} s ({self.count / max(elapsed, 1e-9):.0f} {self.unit}/s)"
+            )
 
 
 # A gloo group with its own, longer timeout, for the other ranks waiting on rank 0's one-off work

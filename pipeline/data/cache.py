@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..core.base import ConfigError, build_once, file_digest, write_json
+from ..core.dist import Progress
 from ..core.options import TrainConfig
 from ..core.stop import pause_for_test, raise_if_requested
 from . import reading
@@ -198,19 +199,21 @@ def encoded_columns(
     return columns, record
 
 
-def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path) -> dict:
+def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path, log=None) -> dict:
     """Read `split` and tokenize it TOKENIZE_BATCH records at a time into an Arrow stream file at `path`.
 
     Each window is a row with its record's label and index. Returns the cache's info: the SHA-256
     of the bytes the records were read from, record and window counts, each label's count and
     first record (the label set and its checks need no second reading), and the unknown-token
-    share, counted here once rather than over every token on every run.
+    share, counted here once rather than over every token on every run. Progress goes to `log`
+    (a logger; default the rank-aware one).
     """
     import pyarrow as pa
 
     unknown = tokens = records = windows = 0
     labels = {}
-    with pa.OSFile(str(path), "wb") as sink:
+    # The file is streamed, so the records are not counted ahead: a rate, no ETA.
+    with pa.OSFile(str(path), "wb") as sink, Progress(f"tokenize {split.path.name}", None, log=log and log.info) as progress:
         writer = None
         for batch in in_batches(split.records(), TOKENIZE_BATCH):
             texts = [text for _, text, _ in batch]
@@ -229,6 +232,7 @@ def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path) 
             batch_unknown, batch_tokens = count_unknown(tokenizer, columns["input_ids"].flatten().to_numpy())
             unknown, tokens = unknown + batch_unknown, tokens + batch_tokens
             records, windows = records + len(batch), windows + len(record)
+            progress.update(len(batch))
         writer.close()
     return {
         "sha256": split.digest,  # what was read: records() refuses a file that changed
@@ -241,7 +245,7 @@ def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path) 
     }
 
 
-def tokenize_cached(split: Split, tokenizer, how: reading.Reading, cache_dir: str):
+def tokenize_cached(split: Split, tokenizer, how: reading.Reading, cache_dir: str, log=None):
     """Tokenize a split once per (content and columns read, tokenizer, reading settings); reuse it afterwards.
 
     Returns (path of the cached dataset, whether it was reused). A reused cache costs one pass of
@@ -258,7 +262,7 @@ def tokenize_cached(split: Split, tokenizer, how: reading.Reading, cache_dir: st
 
     def build(tmp: Path) -> None:
         tmp.mkdir(parents=True)  # a file changed while read is refused here, before the rename
-        write_json(tmp / CACHE_INFO, _write_tokenized(split, tokenizer, how, tmp / CACHE_DATA))
+        write_json(tmp / CACHE_INFO, _write_tokenized(split, tokenizer, how, tmp / CACHE_DATA, log))
 
     build_once(target, CACHE_INFO, build)
     return target, False
@@ -342,6 +346,13 @@ class TokenizedSplit:
         return self.rows[RECORD].to_numpy()
 
     @cached_property
+    def lengths(self) -> np.ndarray:
+        """Each row's tokens (padding is added per batch): what batches are grouped and sorted by."""
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(self.rows["input_ids"]).to_numpy()
+
+    @cached_property
     def record_labels(self) -> np.ndarray:
         """One label (or multi-hot row) per record: its first window's."""
         first = np.r_[True, self.records[1:] != self.records[:-1]]
@@ -407,7 +418,7 @@ def prepare_splits(cfg: TrainConfig, kind, tokenizer_for, cache_dir: str, log) -
     how = reading.Reading.from_config(cfg)
     paths, infos = {}, {}
     for name, split in splits.items():
-        paths[name], reused = tokenize_cached(split, tokenizer, how, cache_dir)
+        paths[name], reused = tokenize_cached(split, tokenizer, how, cache_dir, log)
         infos[name] = cache_info(paths[name])
         windows = f" in {infos[name]['num_windows']} windows" if cfg.long_records == "chunks" else ""
         part = f" (held out: --val-size {cfg.val_size})" if cfg.val_size and name == "dev" else ""

@@ -10,6 +10,9 @@ three stacks, each as its own job under the real `deepspeed` launcher:
 - `hf`: `transformers.Trainer` with `deepspeed=` the same JSON (`use_cpu=True` on CPU ranks, else
   transformers takes the world size as 1 and DeepSpeed's batch assertion fails).
 
+- `pipeline-grouped` and `hf-grouped`: the same two with batches grouped by length (the
+  pipeline's `--group-by-length 1`; HF's `train_sampling_strategy="group_by_length"`).
+
 The reference and HF stacks are the baselines the pipeline is compared with, so they keep their
 own loops on purpose: they must not share the pipeline's code.
 
@@ -18,7 +21,8 @@ order rotating between repetitions and combinations, so that a slow spell of a s
 all stacks alike; the summary takes medians over repetitions. Per run: the median optimizer-step
 time after `warmup` steps (samples/s and tokens/s follow from it), the share of step time spent
 waiting for the next batch, the time from launch to the end of the first optimizer step, and each
-rank's peak RSS (CPU) or peak allocated accelerator memory.
+rank's peak RSS (CPU) or peak allocated accelerator memory, and the padding efficiency (real tokens
+over the tokens of the padded batches, all ranks).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from ..core.options import SAMPLE_DATA_DIR, TINY_MODEL_DIR, TrainConfig
 from ..tasks.single_label import SINGLE_LABEL
 from .common import launch_module, run_worker, sweep_config
 
-STACKS = ("pipeline", "reference", "hf")
+STACKS = ("pipeline", "reference", "hf", "pipeline-grouped", "hf-grouped")
+BASELINES = ("reference", "hf", "hf-grouped")  # what each stack's samples/s is compared with
 QUICK = {"stages": [2], "accum": [1, 4], "reps": 1, "steps": 6, "warmup": 2, "min_micro_batches": 0}
 
 
@@ -48,17 +53,20 @@ QUICK = {"stages": [2], "accum": [1, 4], "reps": 1, "steps": 6, "warmup": 2, "mi
 
 
 def steady_state(steps: list[dict], warmup: int, global_batch: int) -> dict:
-    """Summary of one run from its per-optimizer-step records {time, wait, tokens} after `warmup`."""
+    """Summary of one run from its per-optimizer-step records {time, wait, tokens[, padded]} after `warmup`."""
     kept = steps[warmup:]
     if not kept:
         raise ValueError(f"{len(steps)} steps recorded, none left after {warmup} warm-up steps")
     step_time = statistics.median(s["time"] for s in kept)
-    return {
+    summary = {
         "step_time_s": step_time,
         "samples_per_s": global_batch / step_time,
         "tokens_per_s": statistics.mean(s["tokens"] for s in kept) / step_time,
         "data_wait_pct": 100 * sum(s["wait"] for s in kept) / sum(s["time"] for s in kept),
     }
+    if all("padded" in s for s in kept):
+        summary["padding_efficiency"] = sum(s["tokens"] for s in kept) / sum(s["padded"] for s in kept)
+    return summary
 
 
 def paired_ratio(reps: list[dict], stack: str, other: str) -> dict:
@@ -92,7 +100,7 @@ def aggregate(reps: list[dict]) -> dict:
     for stack in reps[0]:
         runs = [rep[stack] for rep in reps]
         out[stack] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-        for other in ("reference", "hf"):
+        for other in BASELINES:
             if other in reps[0]:
                 out[stack][f"vs_{other}"] = paired_ratio(reps, stack, other)
         out[stack]["spread_pct"] = 100 * (max(r["samples_per_s"] for r in runs) / min(r["samples_per_s"] for r in runs) - 1)
@@ -104,6 +112,7 @@ COLUMNS = [
     ("tokens/s", "tokens_per_s", "{:.0f}"),
     ("step ms", "step_time_s", "{:.0f}", 1000),
     ("× reference", "vs_reference", "{:.3f}"),
+    ("padding eff.", "padding_efficiency", "{:.2f}"),
     ("spread %", "spread_pct", "{:.1f}"),
     ("start-up s", "startup_s", "{:.1f}"),
     ("data wait %", "data_wait_pct", "{:.2f}"),
@@ -116,7 +125,8 @@ def markdown_table(results: dict) -> str:
     lines = ["| ZeRO | accum | stack | " + " | ".join(c[0] for c in COLUMNS) + " |", "| --- " * (3 + len(COLUMNS)) + "|"]
     for (stage, accum), stacks in sorted(results.items()):
         for stack, row in stacks.items():
-            values = [row[c[1]]["ratio"] if c[1].startswith("vs_") else row[c[1]] for c in COLUMNS]
+            values = [row.get(c[1], math.nan) for c in COLUMNS]
+            values = [v["ratio"] if isinstance(v, dict) else v for v in values]
             cells = [c[2].format(v * (c[3] if len(c) > 3 else 1)) for c, v in zip(COLUMNS, values)]
             lines.append(f"| {stage} | {accum} | {stack} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -187,14 +197,14 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def global_tokens(per_step: list[float]) -> list[float]:
-    """This rank's tokens per step, summed over ranks."""
+def global_counts(steps: list[dict]) -> list[dict]:
+    """This rank's real and padded tokens per step, summed over ranks."""
     import torch
     import torch.distributed as td
 
-    total = torch.tensor(per_step, dtype=torch.float64)
+    total = torch.tensor([[s["tokens"], s["padded"]] for s in steps], dtype=torch.float64)
     td.all_reduce(total)
-    return total.tolist()
+    return [{**s, "tokens": t, "padded": p} for s, (t, p) in zip(steps, total.tolist())]
 
 
 def run_pipeline(spec: dict, ds: dict) -> tuple[list[dict], float]:
@@ -215,6 +225,7 @@ def run_pipeline(spec: dict, ds: dict) -> tuple[list[dict], float]:
         output_dir=spec["out"],
         run_name=spec["name"],
         cache_dir=spec["cache_dir"],
+        group_by_length=int(spec["stack"] == "pipeline-grouped"),
     )
     run(cfg)
     if not dist.is_main():
@@ -224,9 +235,14 @@ def run_pipeline(spec: dict, ds: dict) -> tuple[list[dict], float]:
     run_dir = Path(spec["out"]) / spec["name"]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [
-        {"time": r["step_time_s"], "wait": r["data_wait_s"], "tokens": r["tokens_per_s"] * r["step_time_s"]}
+        {
+            "time": r["step_time_s"],
+            "wait": r["data_wait_s"],
+            "tokens": r["tokens_per_s"] * r["step_time_s"],
+            "padded": r["tokens_per_s"] * r["step_time_s"] / r["padding_efficiency"],
+        }
         for r in rows
-        if "loss" in r
+        if "lr" in r  # training rows (evaluation rows carry a loss too)
     ]
     first = EventAccumulator(str(run_dir / "tensorboard")).Reload().Scalars("train/loss")[0].wall_time
     return steps, first
@@ -264,7 +280,7 @@ def run_reference(spec: dict, ds: dict) -> tuple[list[dict], float]:
     )
     steps, first, epoch = [], 0.0, 0
     engine.train()
-    start, wait, tokens = time.perf_counter(), 0.0, 0
+    start, wait, tokens, padded = time.perf_counter(), 0.0, 0, 0
     while len(steps) < spec["steps"]:
         sampler.set_epoch(epoch)
         batches, epoch = iter(loader), epoch + 1
@@ -279,13 +295,12 @@ def run_reference(spec: dict, ds: dict) -> tuple[list[dict], float]:
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             tokens += int(batch["attention_mask"].sum())
+            padded += batch["attention_mask"].numel()
             if boundary:
-                steps.append({"time": time.perf_counter() - start, "wait": wait, "tokens": tokens})
+                steps.append({"time": time.perf_counter() - start, "wait": wait, "tokens": tokens, "padded": padded})
                 first = first or time.time()
-                start, wait, tokens = time.perf_counter(), 0.0, 0
-    for step, total in zip(steps, global_tokens([s["tokens"] for s in steps])):
-        step["tokens"] = total
-    return steps, first
+                start, wait, tokens, padded = time.perf_counter(), 0.0, 0, 0
+    return global_counts(steps), first
 
 
 def run_hf(spec: dict, ds: dict) -> tuple[list[dict], float]:
@@ -321,6 +336,7 @@ def run_hf(spec: dict, ds: dict) -> tuple[list[dict], float]:
         report_to="none",
         disable_tqdm=True,
         dataloader_drop_last=True,
+        train_sampling_strategy="group_by_length" if spec["stack"] == "hf-grouped" else "random",
     )
     steps, clock = [], {"start": 0.0, "first": 0.0}
 
@@ -328,7 +344,14 @@ def run_hf(spec: dict, ds: dict) -> tuple[list[dict], float]:
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             t = time.perf_counter()
             batches, count = super().get_batch_samples(epoch_iterator, num_batches, device)
-            steps.append({"wait": time.perf_counter() - t, "tokens": sum(int(b["attention_mask"].sum()) for b in batches)})
+            masks = [b["attention_mask"] for b in batches]
+            steps.append(
+                {
+                    "wait": time.perf_counter() - t,
+                    "tokens": sum(int(m.sum()) for m in masks),
+                    "padded": sum(m.numel() for m in masks),
+                }
+            )
             return batches, count
 
     class StepTimes(TrainerCallback):
@@ -342,9 +365,7 @@ def run_hf(spec: dict, ds: dict) -> tuple[list[dict], float]:
 
     Timed(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[StepTimes()]).train()
     steps = [s for s in steps if "time" in s]  # a last call that found the data exhausted did not train
-    for step, total in zip(steps, global_tokens([s["tokens"] for s in steps])):
-        step["tokens"] = total
-    return steps, clock["first"]
+    return global_counts(steps), clock["first"]
 
 
 def worker(spec_path: str) -> None:
@@ -352,7 +373,8 @@ def worker(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     ds = load_json(spec["ds_path"])
-    steps, first = {"pipeline": run_pipeline, "reference": run_reference, "hf": run_hf}[spec["stack"]](spec, ds)
+    run_stack = {"pipeline": run_pipeline, "reference": run_reference, "hf": run_hf}[spec["stack"].removesuffix("-grouped")]
+    steps, first = run_stack(spec, ds)
     memory = dist.all_gather_objects(peak_memory_mib())
     if dist.is_main():
         Path(spec["result"]).write_text(
@@ -408,7 +430,8 @@ def prepare(args, out: Path) -> dict:
         out,
         args.ranks,
     )
-    (tokenized,), (tokenizer,) = (sorted((out / "cache").glob(p)) for p in ("tokenized-train-*", "tokenizer-*"))
+    patterns = (f"tokenized-{Path(args.train_file).stem}-*", "tokenizer-*")
+    (tokenized,), (tokenizer,) = (sorted((out / "cache").glob(p)) for p in patterns)
     return {**common, "train_data": str(tokenized), "tokenizer": str(tokenizer)}
 
 
@@ -441,7 +464,7 @@ def run_bench(args) -> tuple[dict, dict]:
     for rep in range(args.reps):
         for i, combo in enumerate(combos):
             shift = rep + i  # rotate the stacks' order: none always runs first or last
-            order = STACKS[shift % 3 :] + STACKS[: shift % 3]
+            order = args.stacks[shift % len(args.stacks) :] + args.stacks[: shift % len(args.stacks)]
             summaries = {}
             for stack in order:
                 name = f"{stack}-zero{combo[0]}-accum{combo[1]}-rep{rep}"
@@ -467,10 +490,10 @@ def run_bench(args) -> tuple[dict, dict]:
                     f"rep {rep} ZeRO-{combo[0]} accum {combo[1]} {stack}: {summaries[stack]['samples_per_s']:.1f} samples/s",
                     flush=True,
                 )
-            raw[combo].append({s: summaries[s] for s in STACKS})
+            raw[combo].append({s: summaries[s] for s in args.stacks})
     results = {c: aggregate(reps) for c, reps in raw.items()}
     every_rep = [rep for reps in raw.values() for rep in reps]
-    pooled = {other: paired_ratio(every_rep, "pipeline", other) for other in ("reference", "hf")}
+    pooled = {other: paired_ratio(every_rep, "pipeline", other) for other in ("reference", "hf") if other in args.stacks}
     combinations = [{"stage": s, "accum": a, "reps": raw[s, a], "summary": results[s, a]} for s, a in combos]
     (out / "bench.json").write_text(json.dumps({"combinations": combinations, "pooled": pooled}, indent=1))
     return results, pooled
@@ -494,6 +517,9 @@ def add_arguments(p) -> None:
     p.add_argument("--micro-batch", type=int, default=0, help="override the config's micro batch")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument(
+        "--stacks", nargs="+", choices=STACKS, default=list(STACKS), help="stacks to run (pipeline first); default: all"
+    )
     p.add_argument("--model", default=str(TINY_MODEL_DIR))
     p.add_argument("--train-file", default=str(SAMPLE_DATA_DIR / "train.jsonl"))
     p.add_argument("--seed", type=int, default=42)

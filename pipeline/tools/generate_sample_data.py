@@ -8,6 +8,7 @@ Run from the repository root:
     python -m pipeline.tools.generate_sample_data --mode multilabel  # multilabel_{train,dev,test}.jsonl
     python -m pipeline.tools.generate_sample_data --mode imbalanced  # imbalanced_{train,dev,test}.jsonl
     python -m pipeline.tools.generate_sample_data --mode realistic --check  # realistic_{train,dev,test}.jsonl
+    python -m pipeline.tools.generate_sample_data --mode varied  # varied_{train,dev,test}.jsonl
 
 Two small variants (a few hundred records a split, no label noise) for the multi-label and
 class-weight features; the default files do not change with them:
@@ -44,6 +45,13 @@ spellings of units (°C, mmhg, bpm), now and then traditional characters or half
 lengths run from one line to a page. ``--check`` prints how many characters training sees once.
 Its own seed and files (realistic_{train,dev,test}.jsonl, 4,000/500/500, train noise as default).
 
+Varied-length mode (``--mode varied``): notes whose lengths vary as real ones do, for measuring
+length grouping. Each record's length is drawn from a lognormal (median about 45 characters, a long
+tail to several hundred: VARIED_LENGTH); a note of its class is cut there at a clause end, or
+followed by further notes of the same class until it is long enough. Capped at 128 tokens this
+gives a mean near 60 tokens and random micro-batches of 16 that compute about 2x the real tokens,
+as the held-out set of real notes measured in issue 24 (mean 62, 2.05x). Own seed.
+
 Label noise: about 3% of *train* labels are replaced by a random other class
 (deterministically).  dev and test are noise-free, so evaluation measures
 accuracy against the generating class.
@@ -78,6 +86,9 @@ TRAIN_LABEL_NOISE = 0.03
 # Long-record mode: its own seed, small splits (a dev size not divisible by 2 ranks).
 LONG_SEED = 20261129
 LONG_SPLITS = [("long_train", 600, True), ("long_dev", 301, False)]
+VARIED_SEED = 20261205
+VARIED_SPLITS = [("varied_train", 3000, True), ("varied_dev", 400, False), ("varied_test", 400, False)]
+VARIED_LENGTH = (3.64, 1.1, 8)  # characters: 8 + lognormal(mu, sigma), i.e. median 46
 LATE_SHARE = 0.7  # long notes whose opening says nothing specific: the exams at the end decide
 
 # Short class keys keep the probability tables below readable.
@@ -847,10 +858,22 @@ def class_sequence(rng: random.Random, size: int, weights: list | None = None) -
     return keys
 
 
-def make_split(index: int, size: int, noisy: bool, long: bool = False, realistic: bool = False) -> list:
-    seed = LONG_SEED if long else REALISTIC_SEED if realistic else SEED
+def varied_record(rng: random.Random, key: str) -> str:
+    """A note of a length drawn from VARIED_LENGTH: cut at the last clause end before it, or
+    continued with further notes of the class (a follow-up visit) until it is that long."""
+    mu, sigma, least = VARIED_LENGTH
+    target = least + int(rng.lognormvariate(mu, sigma))
+    text = make_record(rng, key)
+    while len(text) < target:
+        text += make_record(rng, key)
+    cut = max(text.rfind(mark, 0, target) for mark in "。，；")  # the last clause that fits
+    return text[: cut + 1] if cut + 1 >= 0.8 * target else text[:target]
+
+
+def make_split(index: int, size: int, noisy: bool, mode: str = "default") -> list:
+    seed = {"long": LONG_SEED, "varied": VARIED_SEED, "realistic": REALISTIC_SEED}.get(mode, SEED)
     rng = random.Random(seed + index)  # independent stream per split
-    make = long_record if long else realistic_record if realistic else make_record
+    make = {"long": long_record, "varied": varied_record, "realistic": realistic_record}.get(mode, make_record)
     rows = [{"text": make(rng, key), "label": LABEL_OF[key]} for key in class_sequence(rng, size)]
     if noisy:
         # Separate stream so the noise rate can change without changing the texts.
@@ -955,7 +978,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="print counts, lengths and naive baselines")
     parser.add_argument(
         "--mode",
-        choices=["default", "long", "realistic", *VARIANTS],
+        choices=["default", "long", "varied", "realistic", *VARIANTS],
         default="default",
         help="which set to write (default: the sample data)",
     )
@@ -968,15 +991,15 @@ def main() -> None:
             print(f"wrote {SAMPLE_DATA_DIR / f'{args.mode}_{name}.jsonl'} ({len(rows)} records; {dict(counts.most_common())})")
         return
     data = {}
-    long, realistic = args.mode == "long", args.mode == "realistic"
-    for index, (name, size, noisy) in enumerate(LONG_SPLITS if long else REALISTIC_SPLITS if realistic else SPLITS):
-        rows = make_split(index, size, noisy, long=long, realistic=realistic)
+    splits = {"long": LONG_SPLITS, "varied": VARIED_SPLITS, "realistic": REALISTIC_SPLITS}.get(args.mode, SPLITS)
+    for index, (name, size, noisy) in enumerate(splits):
+        rows = make_split(index, size, noisy, args.mode)
         write_jsonl_atomic(SAMPLE_DATA_DIR / f"{name}.jsonl", rows)
         data[name] = rows
         print(f"wrote {SAMPLE_DATA_DIR / f'{name}.jsonl'} ({len(rows)} records)")
     if args.check:
         check(data)
-        if realistic:
+        if args.mode == "realistic":
             char_statistics(data)
 
 

@@ -9,9 +9,16 @@ and would count them twice).
 The unit spread over ranks is a row of the tokenized split: a record, or one window of a record
 read in chunks (reading.py). Every rank gathers all rows' logits and then pools each record's
 windows, so each record is counted once however its windows fell across ranks.
+
+Inside its share, a rank runs its rows longest first, so each batch holds rows of similar length
+and little padding; logits are gathered by row index, so results come back in the input order and
+do not depend on the sorting. The loss reported with the metrics is the model's own (its
+problem_type's, unweighted) over the pooled records, the same number on every rank.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,12 +31,31 @@ from ..data.masking import IGNORE
 FILLER = -1
 
 
-def eval_index_batches(num_samples: int, world: int, rank: int, batch_size: int) -> list[list[int]]:
-    """This rank's record indices in batches; FILLER marks padding. Same batch count on every rank."""
+def eval_index_batches(num_samples: int, world: int, rank: int, batch_size: int, lengths=None) -> list[list[int]]:
+    """This rank's record indices in batches, longest first when `lengths` are given; FILLER marks
+    padding (at the end). Same batch count on every rank."""
     per_rank = -(-num_samples // world)
     mine = list(range(rank, num_samples, world))
+    if lengths is not None:
+        mine.sort(key=lambda i: -lengths[i])  # stable: equal lengths keep the input order
     mine += [FILLER] * (per_rank - len(mine))
     return [mine[i : i + batch_size] for i in range(0, per_rank, batch_size)]
+
+
+@dataclass
+class Padding:
+    """Real tokens and the tokens computed (padded batches): their ratio is the padding efficiency."""
+
+    real: int = 0
+    padded: int = 0
+
+    def add(self, attention_mask) -> None:
+        self.real += int(attention_mask.sum())
+        self.padded += attention_mask.numel()
+
+    @property
+    def efficiency(self) -> float:
+        return self.real / max(self.padded, 1)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -48,32 +74,39 @@ def forward_logits(engine, batch: dict) -> torch.Tensor:
         engine.train(was_training)
 
 
-def predict_logits(engine, split, batch_size: int) -> np.ndarray:
-    """Logits for every row of `split` (a data.TokenizedSplit), in its order, identical on all ranks.
+def predict_logits(engine, split, batch_size: int, by_length: bool = True, progress=None) -> tuple[np.ndarray, Padding]:
+    """Logits for every row of `split` (a data.TokenizedSplit), in its order, identical on all ranks,
+    and the padding of the batches summed over ranks. `by_length`: each rank's rows longest first.
 
     Without a process group (`predict`: one process, a plain model as `engine`) this process
-    computes every row."""
+    computes every row. `progress` (a dist.Progress) counts the rows of all ranks as batches end."""
     world, rank = (dist.world_size(), dist.rank()) if td.is_initialized() else (1, 0)
-    indices, logits = [], []
-    for batch_indices in eval_index_batches(len(split), world, rank, batch_size):
-        real = [i if i != FILLER else 0 for i in batch_indices]
-        batch_logits = forward_logits(engine, split.batch(real))
+    indices, logits, padding = [], [], Padding()
+    for batch_indices in eval_index_batches(len(split), world, rank, batch_size, split.lengths if by_length else None):
         keep = [j for j, i in enumerate(batch_indices) if i != FILLER]
+        filler = batch_indices[keep[-1]] if keep else 0  # the batch's shortest row: fillers widen nothing
+        batch = split.batch([i if i != FILLER else filler for i in batch_indices])
+        batch_logits = forward_logits(engine, batch)
+        padding.add(batch["attention_mask"][keep])
         indices += [batch_indices[j] for j in keep]
         logits.append(batch_logits[keep].numpy())
-    merged = {}
-    mine = (indices, np.concatenate(logits))
-    for rank_indices, rank_logits in dist.all_gather_objects(mine) if world > 1 else [mine]:
+        if progress is not None:
+            progress.update(min(len(batch_indices) * world, len(split) - progress.count))
+    merged, total = {}, Padding()
+    mine = (indices, np.concatenate(logits), padding)
+    for rank_indices, rank_logits, rank_padding in dist.all_gather_objects(mine) if world > 1 else [mine]:
         merged.update(zip(rank_indices, rank_logits))
+        total.real, total.padded = total.real + rank_padding.real, total.padded + rank_padding.padded
     if sorted(merged) != list(range(len(split))):
         raise RuntimeError(f"evaluation covered {len(merged)} of {len(split)} rows")
-    return np.stack([merged[i] for i in range(len(split))])
+    return np.stack([merged[i] for i in range(len(split))]), total
 
 
-def record_logits(engine, split, batch_size: int) -> np.ndarray:
+def record_logits(engine, split, batch_size: int, by_length: bool = True, progress=None) -> tuple[np.ndarray, Padding]:
     """One row of logits per record of `split`: its windows' rows pooled (`split.pool`) when long
-    records are read in chunks. Evaluation and `predict` both come through here."""
-    return reading.pool(predict_logits(engine, split, batch_size), split.records, split.pool)
+    records are read in chunks; and the batches' padding. Evaluation and `predict` both come through here."""
+    logits, padding = predict_logits(engine, split, batch_size, by_length, progress)
+    return reading.pool(logits, split.records, split.pool), padding
 
 
 @torch.no_grad()
@@ -98,16 +131,30 @@ def masked_token_loss(engine, split, batch_size: int) -> tuple[float, int]:
     return totals[0], int(totals[1])
 
 
-def evaluate(engine, split, batch_size: int, label_names: list[str], kind, thresholds="") -> tuple[dict, np.ndarray]:
+def model_loss(config, logits: np.ndarray, labels: np.ndarray) -> float:
+    """The model's own loss (transformers' sequence-classification loss for its problem_type) over all records."""
+    from transformers.loss.loss_utils import ForSequenceClassificationLoss
+
+    return float(ForSequenceClassificationLoss(torch.from_numpy(labels), torch.from_numpy(logits), config))
+
+
+def evaluate(
+    engine, split, batch_size: int, label_names: list[str], kind, thresholds="", name: str = ""
+) -> tuple[dict, np.ndarray]:
     """The task's metrics and per-record predictions over exactly `split`; every rank must call this.
 
     Windows of one record (long records read in chunks) are pooled into one row of logits first.
     Multi-label: `thresholds` is {label: threshold}, or a --threshold setting fitted on this split's
-    probabilities (dev); the thresholds used are in the metrics ("thresholds")."""
+    probabilities (dev); the thresholds used are in the metrics ("thresholds"). The metrics also hold
+    "loss" (the model's own, over every record) and "padding_efficiency" (real / computed tokens)."""
     if kind.pretraining:  # a masked LM: scored by its loss over the held-out masked tokens, no predictions
         return kind.metrics(*masked_token_loss(engine, split, batch_size), label_names, thresholds), None
-    scores = kind.scores(record_logits(engine, split, batch_size))
+    with dist.Progress(f"eval {name}", len(split), "rows") as progress:
+        logits, padding = record_logits(engine, split, batch_size, progress=progress)
+    scores = kind.scores(logits)
     if not isinstance(thresholds, dict):
         thresholds = kind.thresholds(split.record_labels, scores, label_names, thresholds)
     predictions = kind.predict(scores, thresholds)
-    return kind.metrics(split.record_labels, predictions, label_names, thresholds), predictions
+    metrics = kind.metrics(split.record_labels, predictions, label_names, thresholds)
+    loss = model_loss(getattr(engine, "module", engine).config, logits, split.record_labels)
+    return {"loss": loss, **metrics, "padding_efficiency": padding.efficiency}, predictions

@@ -149,23 +149,26 @@ def out_of_patience(cfg, state) -> bool:
 
 class WindowTotals:
     """What one accumulation window adds up on this rank, summed over ranks in one all-reduce at its
-    boundary: the micro-batch losses, the real tokens, and whether this rank was asked to stop."""
+    boundary: the micro-batch losses, the real tokens, the tokens computed (padded batches) and
+    whether this rank was asked to stop."""
 
-    LOSS, TOKENS, STOP = range(3)
+    LOSS, TOKENS, PADDED, STOP = range(4)
 
     def __init__(self, device):
-        self.values = torch.zeros(3, device=device)
+        self.values = torch.zeros(4, device=device)
 
-    def add(self, loss, tokens) -> None:
+    def add(self, loss, attention_mask) -> None:
         self.values[self.LOSS] += loss.float()
-        self.values[self.TOKENS] += tokens.float()
+        self.values[self.TOKENS] += attention_mask.sum().float()
+        self.values[self.PADDED] += attention_mask.numel()
 
-    def reduce(self, stop_requested: bool) -> tuple[float, float, bool]:
-        """(loss sum, tokens, any rank asked to stop) over every rank; starts the next window at zero."""
+    def reduce(self, stop_requested: bool) -> tuple[float, float, float, bool]:
+        """(loss sum, real tokens, tokens computed, any rank asked to stop) over every rank; starts
+        the next window at zero."""
         self.values[self.STOP] = float(stop_requested)
         totals = dist.all_reduce_sum(self.values).tolist()
         self.values.zero_()
-        return totals[self.LOSS], totals[self.TOKENS], totals[self.STOP] > 0
+        return totals[self.LOSS], totals[self.TOKENS], totals[self.PADDED], totals[self.STOP] > 0
 
 
 def train_loop(run) -> None:
@@ -193,15 +196,19 @@ def train_loop(run) -> None:
         state.dev_evaluation_due = False
     while state.applied_steps < run.total_steps and not out_of_patience(cfg, state):
         epoch = state.epoch
-        batches = train_batches(run.data.splits["train"], micro, accum, world, dist.rank(), cfg.seed, epoch, state.step_in_epoch)
+        batches = train_batches(
+            run.data.splits["train"], micro, accum, world, dist.rank(), cfg.seed, epoch, state.step_in_epoch, cfg.group_by_length
+        )
+        epoch_tokens = [0.0, 0.0]  # real, computed: this run's steps of the epoch
         for batch in timed(batches, stats):
             batch = to_device(batch, engine.device)
             loss, boundary = micro_step(engine, batch, state.optimizer_step + 1 == poison_step, loss_fn)
-            window.add(loss, batch["attention_mask"].sum())
+            window.add(loss, batch["attention_mask"])
             if not boundary:
                 continue
             pause_for_test(f"step-{state.optimizer_step + 1}")
-            loss_sum, tokens, stop = window.reduce(run.stops.pending())
+            loss_sum, tokens, padded, stop = window.reduce(run.stops.pending())
+            epoch_tokens = [epoch_tokens[0] + tokens, epoch_tokens[1] + padded]
             skipped = engine.skipped_steps > state.skipped_steps
             state.advance(run.steps_per_epoch, skipped)
             step = state.optimizer_step
@@ -221,6 +228,7 @@ def train_loop(run) -> None:
                     "lr": engine.get_lr()[0],
                     "samples_per_s": global_batch / elapsed,
                     "tokens_per_s": tokens / elapsed,
+                    "padding_efficiency": tokens / padded,
                     "step_time_s": elapsed,
                     "data_wait_s": waited,
                     **health,
@@ -238,6 +246,8 @@ def train_loop(run) -> None:
             saved = run.save() if save_due else None
             if (eval_due or save_due) and stop_agreed(run.stops):  # asked during them: act now, not a step later
                 raise stopped(step, saved or run.save())
+            if state.epoch != epoch:
+                run.log.epoch(epoch, *epoch_tokens)
             if done or out_of_patience(cfg, state):
                 return
             started += time.perf_counter() - paused

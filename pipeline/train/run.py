@@ -273,6 +273,7 @@ class Run:
             self.data.label_names,
             self.task,
             self.cfg.threshold if thresholds is None else thresholds,
+            split,
         )
 
     def save(self) -> Path:

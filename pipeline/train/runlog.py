@@ -77,14 +77,26 @@ class RunLog:
         if show and dist.is_main():
             self.bar.write(
                 f"step {row['step']:>5}  loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
-                f"{row['samples_per_s']:.1f} samples/s  {row['tokens_per_s']:.0f} tokens/s"
+                f"{row['samples_per_s']:.1f} samples/s  {row['tokens_per_s']:.0f} tokens/s  "
+                f"padding efficiency {row['padding_efficiency']:.2f}"
+            )
+
+    def epoch(self, epoch: int, real: float, padded: float) -> None:
+        """The epoch's padding efficiency (its steps' real tokens over the tokens computed, all ranks)."""
+        if dist.is_main():
+            self.bar.write(
+                f"epoch {epoch}: padding efficiency {real / max(padded, 1):.3f} ({real:.0f} real of {padded:.0f} tokens computed)"
             )
 
     def eval(self, step: int, split: str, metrics: dict) -> None:
-        self.record({"step": step, "split": split, **{k: metrics[k] for k in self.kind.metric_names}})
+        # A classifier's evaluation also has its loss and padding efficiency; pretraining's loss is its metric.
+        shown = [key for key in ("loss", *self.kind.metric_names, "padding_efficiency") if key in metrics]
+        self.record({"step": step, "split": split, **{k: metrics[k] for k in shown}})
         dist.main_first(lambda: write_json(self.run_dir / "eval" / f"{split}-step-{step}.json", metrics))
         if dist.is_main():
-            self.bar.write(f"eval {split} @ step {step}: {self.kind.report(metrics)}")
+            loss = f"loss {metrics['loss']:.4f}  " if "loss" in metrics else ""
+            padding = f"  (padding efficiency {metrics['padding_efficiency']:.2f})" if "padding_efficiency" in metrics else ""
+            self.bar.write(f"eval {split} @ step {step}: {loss}{self.kind.report(metrics)}{padding}")
         if self.trackers:
             self.track_details(step, split, metrics)
 
