@@ -356,6 +356,9 @@ def test_a_run_file_gives_options_and_the_command_line_overrides_it(tmp_path):
     args, train_args = parse_args([str(run), "--epochs", "1"])
     assert args.hostfile == "h" and args.no_doctor and args.train.learning_rate == 3e-5 and args.train.epochs == 1
     assert train_args == ["--learning_rate", "3e-05", "--epochs", "3", "--epochs", "1"]  # the ranks see the same
+    assert args.command == "train"
+    run.write_text("task: masked_lm\ntext_file: notes.txt\n")  # a pretraining run's run.yaml
+    assert parse_args([str(run)])[0].command == "pretrain"
     run.write_text("learning_rat: 3.0e-5\n")
     with pytest.raises(ConfigError, match=r"run.yaml: unknown key 'learning_rat' \(did you mean 'learning_rate'\?\)"):
         parse_args([str(run)])

@@ -210,12 +210,12 @@ def launch_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_file_args(path: str, launch: argparse.ArgumentParser, train: argparse.ArgumentParser) -> list[str]:
+def run_file_args(path: str, values: dict, launch: argparse.ArgumentParser, train: argparse.ArgumentParser) -> list[str]:
     """A run file's options as command-line arguments (they come first, so the command line overrides
     them); a key that is no option is refused naming the file."""
     known = {action.dest for parser in (launch, train) for action in parser._actions} - {"help"}
     args = []
-    for key, value in read_run_file(path).items():
+    for key, value in values.items():
         if key not in known:
             raise ConfigError(unknown_key_message(path, key, known))
         if value is True:
@@ -236,7 +236,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if argv and not argv[0].startswith("-"):
         if not argv[0].endswith(RUN_FILE_SUFFIXES):
             p.error(f"{argv[0]}: expected a run file ({', '.join(RUN_FILE_SUFFIXES)}) or options")
-        argv = run_file_args(argv[0], p, train) + argv[1:]
+        values = read_run_file(argv[0])
+        if values.get("task") == "masked_lm":  # a pretraining run's run.yaml repeats a pretraining run
+            command = "pretrain"
+        argv = run_file_args(argv[0], values, p, train) + argv[1:]
     args, train_args = p.parse_known_args(argv)
     args.command = command
     # Unknown options would otherwise reach every rank and fail there, after the doctor and the runner.
