@@ -99,21 +99,24 @@ def compare(a: dict, b: dict, scale: dict) -> tuple[float, float]:
 def audit(path: str, args) -> bool:
     raw = load_json(path)
     world = dist.world_size()
-    micro = args.micro_batch or raw.get("train_micro_batch_size_per_gpu")
-    accum = args.accumulation or raw.get("gradient_accumulation_steps")
-    if accum in (None, "auto") and isinstance(micro, int):  # from the global batch, as training on these ranks
-        derived = {**raw, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": "auto"}
-        accum = resolve_batch(path, derived, world)[2]
-    if not all(isinstance(v, int) and v >= 1 for v in (micro, accum)):
-        raise ConfigError(
-            f"{path}: micro batch and accumulation must be numbers here (got {micro!r}, {accum!r}); "
-            "give --micro-batch and --accumulation"
-        )
+    # The options replace the JSON's values; what is left "auto" comes from the global batch, as
+    # training on these ranks resolves it.
+    derived = dict(raw)
+    if args.micro_batch:
+        derived.update(train_micro_batch_size_per_gpu=args.micro_batch, gradient_accumulation_steps="auto")
+    if args.accumulation:
+        derived["gradient_accumulation_steps"] = args.accumulation
+        if not args.micro_batch:
+            derived["train_micro_batch_size_per_gpu"] = "auto"
+    if args.micro_batch and args.accumulation:
+        derived["train_batch_size"] = "auto"
+    _, micro, accum = resolve_batch(path, derived, world)
     if accum == 1:
         raise ConfigError(f"{path}: accumulation 1 has nothing to compare; give --accumulation N")
     raw = {k: v for k, v in raw.items() if k not in ("train_batch_size", "scheduler")}
     raw.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
-    ds = resolve_ds_config(path, raw, world, Hardware.detect(), TrainConfig(precision=args.precision)).ds
+    cfg = TrainConfig(precision=args.precision, lr_scheduler_type="constant")  # no scheduler, as above
+    ds = resolve_ds_config(path, raw, world, Hardware.detect(), cfg).ds
     big = {**ds, "train_micro_batch_size_per_gpu": micro * accum, "gradient_accumulation_steps": 1}
     precision, tolerance = ds_precision(ds), TOLERANCE[ds_precision(ds)]
 

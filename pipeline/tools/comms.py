@@ -52,7 +52,11 @@ def measure(spec: dict, stage: int, accum: int) -> list[dict]:
     base = load_json(spec["ds_config"])
     raw = {**sweep_config(base, stage, accum), "comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}
     ds = resolve_ds_config(
-        spec["ds_config"], {k: v for k, v in raw.items() if k != "scheduler"}, dist.world_size(), Hardware.detect(), TrainConfig()
+        spec["ds_config"],
+        {k: v for k, v in raw.items() if k != "scheduler"},
+        dist.world_size(),
+        Hardware.detect(),
+        TrainConfig(lr_scheduler_type="constant"),
     ).ds
     micro = ds["train_micro_batch_size_per_gpu"]
     vocab = AutoConfig.from_pretrained(spec["model"]).vocab_size
