@@ -82,3 +82,22 @@ def test_rank_0s_data_preparation_may_outlast_the_collective_timeout(small_data,
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "data: train" in result.stdout and "(20000 records) -> built cache" in result.stdout
     print(f"run with a 3 s collective timeout took {time.monotonic() - started:.0f} s")
+
+
+def test_a_streamed_stage_gets_its_total_estimated_from_the_share_of_the_file_read(tmp_path):
+    """Tokenizing streams a file of unknown record count: the bytes read so far give the ETA."""
+    from pipeline.core.dist import Progress
+    from pipeline.data.cache import Split
+    from pipeline.tasks.single_label import SINGLE_LABEL
+
+    progress = Progress("tokenize", None)
+    progress.update(10, estimated_total=100)
+    assert progress.bar.total == 100
+    progress.update(90, estimated_total=50)  # never below what was counted
+    assert progress.bar.total == 100
+    split = Split(SAMPLE / "dev.jsonl", "text", "label", SINGLE_LABEL)
+    rows = 0
+    for rows, _, _ in split.records():
+        if rows == 250:  # half the records, about half the bytes
+            assert 0.3 < split.read.bytes / (SAMPLE / "dev.jsonl").stat().st_size < 0.7
+    assert rows == 500 and split.read.bytes == (SAMPLE / "dev.jsonl").stat().st_size

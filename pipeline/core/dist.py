@@ -79,8 +79,11 @@ class Progress:
         self.log = log or get_logger().info
         self.bar = tqdm(total=total, desc=desc, unit=f" {unit}", disable=not (is_main() and sys.stderr.isatty()), leave=False)
 
-    def update(self, n: int) -> None:
+    def update(self, n: int, estimated_total: int | None = None) -> None:
+        """Count `n` more; `estimated_total` revises the total where it is not known ahead (an ETA)."""
         self.count += n
+        if estimated_total is not None:
+            self.bar.total = max(estimated_total, self.count)
         self.bar.update(n)
 
     def __enter__(self) -> Progress:

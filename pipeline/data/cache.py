@@ -66,7 +66,8 @@ class Split:
         after hashing, or while being read) is refused after its last record: what was built from
         it (a tokenizer, a tokenized cache) must not be kept under the old content's key."""
         columns = [self.text_column] if self.label_column is None else [self.text_column, self.label_column]
-        expected, read = self.digest, hashlib.sha256()
+        expected, read = self.digest, CountingDigest()
+        self.read = read  # how far reading has got, for progress
         for row, record in enumerate(iter_records(self.path, read), start=1):
             if row == 1:  # a column missing from the first record is taken for a wrong column name
                 require_columns(self.path, [record], columns)
@@ -108,6 +109,20 @@ class Split:
         if self.rows is not None:
             read.append(hashlib.sha256(json.dumps(sorted(self.rows)).encode()).hexdigest())
         return hashlib.sha256(json.dumps(read).encode()).hexdigest()[:20]
+
+
+class CountingDigest:
+    """SHA-256 that also counts the bytes it has taken: how much of a file its records came from."""
+
+    def __init__(self):
+        self.sha, self.bytes = hashlib.sha256(), 0
+
+    def update(self, data) -> None:
+        self.sha.update(data)
+        self.bytes += len(data)
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
 
 
 def hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -212,7 +227,9 @@ def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path, 
 
     unknown = tokens = records = windows = 0
     labels = {}
-    # The file is streamed, so the records are not counted ahead: a rate, no ETA.
+    # The file is streamed, so the records are not counted ahead: the ETA follows from the share
+    # of the file's bytes read so far.
+    size = split.path.stat().st_size
     with pa.OSFile(str(path), "wb") as sink, Progress(f"tokenize {split.path.name}", None, log=log and log.info) as progress:
         writer = None
         for batch in in_batches(split.records(), TOKENIZE_BATCH):
@@ -232,7 +249,7 @@ def _write_tokenized(split: Split, tokenizer, how: reading.Reading, path: Path, 
             batch_unknown, batch_tokens = count_unknown(tokenizer, columns["input_ids"].flatten().to_numpy())
             unknown, tokens = unknown + batch_unknown, tokens + batch_tokens
             records, windows = records + len(batch), windows + len(record)
-            progress.update(len(batch))
+            progress.update(len(batch), estimated_total=records * size // max(split.read.bytes, 1))
         writer.close()
     return {
         "sha256": split.digest,  # what was read: records() refuses a file that changed
