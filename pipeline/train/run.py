@@ -211,7 +211,7 @@ class Run:
                     f"{resume_from}: DeepSpeed's counters (global_steps {engine.global_steps}, skipped {engine.skipped_steps}) "
                     f"disagree with trainer_state.json (optimizer_step {state.optimizer_step}, skipped {state.skipped_steps})"
                 )
-            apply_optimizer_settings(engine, ds, log)
+            apply_optimizer_settings(engine, ds, saved.ds_config, log)
         stop_before_training(stops, "model build and checkpoint load")
         if saved is not None:
             aside = dist.main_first(lambda: checkpoint.supersede_later(resume_from))
@@ -379,22 +379,23 @@ def stop_before_training(stops: StopRequests, stage: str) -> None:
 OPTIMIZER_SETTINGS = ("lr", "betas", "eps", "weight_decay")
 
 
-def apply_optimizer_settings(engine, ds: dict, log) -> None:
+def apply_optimizer_settings(engine, ds: dict, saved_ds: dict, log) -> None:
     """This run's optimizer settings, not the checkpoint's: DeepSpeed's load restored the saved
     param_groups, which would silently keep the first run's learning rate. With an LR scheduler the
     learning rate is the scheduler's at this step (its parameters come from this run's config;
-    DeepSpeed restores only its position)."""
+    DeepSpeed restores only its position). What differs from the checkpoint's config is said."""
     params = dict(ds.get("optimizer", {}).get("params", {}))
-    groups = engine.optimizer.param_groups
+    before = saved_ds.get("optimizer", {}).get("params", {})
+    changed = [
+        f"{key} {before[key]} -> {params[key]}"
+        for key in OPTIMIZER_SETTINGS
+        if before.get(key, params.get(key)) != params.get(key)
+    ]
     if getattr(engine, "lr_scheduler", None) is not None and hasattr(engine.lr_scheduler, "get_lr"):
         params["lr"] = engine.lr_scheduler.get_lr()[0]
-    changed = []
     for key in (k for k in OPTIMIZER_SETTINGS if k in params):
-        value = tuple(params[key]) if key == "betas" else params[key]
-        if groups[0].get(key) != value:
-            changed.append(f"{key} {groups[0].get(key)} -> {value}")
-        for group in groups:
-            group[key] = value
+        for group in engine.optimizer.param_groups:
+            group[key] = tuple(params[key]) if key == "betas" else params[key]
     if changed:
         log.info(f"resumed optimizer: {', '.join(changed)} (this run's DeepSpeed config applies, not the checkpoint's)")
 
