@@ -104,7 +104,8 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
     single_process = single_label_metrics(
         [names.index(r["label"]) for r in dev], [names.index(p) for p in trained_predictions], names
     )
-    assert results == single_process
+    assert {k: v for k, v in results.items() if k not in ("loss", "padding_efficiency")} == single_process
+    assert 0 < results["loss"] < 10 and 0 < results["padding_efficiency"] <= 1  # what evaluation adds
 
     # ... and the export, loaded in a plain process by `predict`, reproduces those predictions.
     export = run / "export"
