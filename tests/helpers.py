@@ -45,6 +45,13 @@ def losses(run_dir: Path) -> list[float]:
     return [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "split" not in row]
 
 
+def steps_logged(run_dir: Path) -> int:
+    """Training rows in metrics.jsonl so far (evaluation rows, with "split", carry a loss too); the
+    file may be mid-write."""
+    metrics = run_dir / "metrics.jsonl"
+    return sum('"split"' not in line for line in metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+
 def ds_config(path: Path, stage: int, micro: int, accum: int, lr: float = 1e-3, **extra) -> Path:
     """A small fp32 config: AdamW with a constant learning rate (a warmup from lr to lr), ZeRO `stage`."""
     cfg = {

@@ -21,6 +21,7 @@ from helpers import (
     losses,
     read_jsonl,
     run_options,
+    steps_logged,
     write_jsonl,
 )
 from safetensors.numpy import load_file
@@ -39,8 +40,8 @@ def start(tmp_path, data, config, extra=(), env=None):
 
 
 def wait_for_steps(job, tmp_path, steps: int) -> None:
-    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 240
-    while not (metrics.is_file() and metrics.read_text().count('"loss"') >= steps):
+    deadline = time.monotonic() + 240
+    while steps_logged(tmp_path / "run") < steps:
         assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "console.txt").read_text()[-4000:]
         time.sleep(0.2)
 
