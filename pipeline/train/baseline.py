@@ -14,9 +14,11 @@ records it is skipped with a note: fitting grows with the data (see docs/data-an
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -153,6 +155,13 @@ class BaselineJob:
         return load_json(str(self.target / RESULT))
 
 
+def niced_and_tied_to_parent() -> None:
+    """In the child before exec: lower priority, and killed when rank 0 dies (PR_SET_PDEATHSIG), so
+    a killed job leaves no baseline process behind."""
+    os.nice(10)
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 def start(cfg, task, data, run_dir: Path, log) -> BaselineJob | None:
     """Rank 0: the cached baseline of this data, or a background process that computes it; None
     with a note when --baseline none or the training split is over --baseline-max-records."""
@@ -193,7 +202,7 @@ def start(cfg, task, data, run_dir: Path, log) -> BaselineJob | None:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
-                preexec_fn=lambda: os.nice(10),
+                preexec_fn=niced_and_tied_to_parent,
             )
     except OSError as e:
         log.warning(f"warning: the baseline was not started: {e}")
