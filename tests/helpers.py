@@ -45,6 +45,20 @@ def losses(run_dir: Path) -> list[float]:
     return [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "split" not in row]
 
 
+# Every Hugging Face optimizer flag at a value other than its default (test_ds_config, test_loop).
+HF_FLAGS = dict(
+    learning_rate=3e-4,
+    weight_decay=0.05,
+    adam_beta1=0.8,
+    adam_beta2=0.95,
+    adam_epsilon=1e-6,
+    max_grad_norm=0.5,
+    lr_scheduler_type="cosine",
+    gradient_accumulation_steps=8,
+    precision="bf16",
+)
+
+
 def steps_logged(run_dir: Path) -> int:
     """Training rows in metrics.jsonl so far (evaluation rows, with "split", carry a loss too); the
     file may be mid-write."""

@@ -139,19 +139,9 @@ SHIPPED = REPO / "ds_configs" / "small_zero2.json"
 
 
 def test_hf_flags_fill_the_auto_values_of_the_shipped_config():
-    flags = dict(
-        learning_rate=3e-4,
-        weight_decay=0.05,
-        adam_beta1=0.8,
-        adam_beta2=0.95,
-        adam_epsilon=1e-6,
-        max_grad_norm=0.5,
-        lr_scheduler_type="cosine",
-        warmup_steps=7,
-        micro_batch=2,
-        gradient_accumulation_steps=8,
-        precision="bf16",
-    )
+    from helpers import HF_FLAGS
+
+    flags = dict(HF_FLAGS, warmup_steps=7, micro_batch=2)
     resolved = resolve_ds_config(str(SHIPPED), load_json(SHIPPED), 2, CPU, TrainConfig(**flags))
     ds = resolved.ds
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.05}}

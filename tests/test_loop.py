@@ -118,7 +118,7 @@ def test_every_hugging_face_flag_lands_in_the_engine(one_rank, tmp_path):
     """The shipped config's "auto" values filled by the flags, read back from the engine DeepSpeed built."""
     import shutil
 
-    from helpers import REPO
+    from helpers import HF_FLAGS, REPO
 
     shutil.copy(REPO / "ds_configs" / "small_zero2.json", tmp_path / "auto.json")
     run = Run.setup(
@@ -131,19 +131,7 @@ def test_every_hugging_face_flag_lands_in_the_engine(one_rank, tmp_path):
             run_name="run",
             max_length=32,
             report_to="none",
-            **dict(
-                learning_rate=3e-4,
-                weight_decay=0.05,
-                adam_beta1=0.8,
-                adam_beta2=0.95,
-                adam_epsilon=1e-6,
-                max_grad_norm=0.5,
-                lr_scheduler_type="cosine",
-                warmup_steps=3,
-                micro_batch=4,
-                gradient_accumulation_steps=8,
-                precision="bf16",
-            ),
+            **dict(HF_FLAGS, warmup_steps=3, micro_batch=4),
         )
     )
     engine = run.engine
