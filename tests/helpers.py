@@ -82,6 +82,21 @@ def ds_config(path: Path, stage: int, micro: int, accum: int, lr: float = 1e-3, 
     return path
 
 
+def rank_processes(launcher_pid: int, rank: int) -> list:
+    """The processes of local rank `rank` under a deepspeed launcher. A child that already exited (a
+    zombie not yet reaped, like rank 0's finished baseline process) has no command line to read."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if f"--local_rank={rank}" in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            pass
+    return found
+
+
 def deepspeed_command(args: list[str], ranks: int = 2, port: int | None = None) -> list[str]:
     """`deepspeed --num_gpus RANKS --master_port PORT --module pipeline ARGS`: how every test starts
     ranks with the real runner (`launch`, or a Popen of its own where a test signals the job)."""

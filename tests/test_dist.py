@@ -4,9 +4,19 @@ import signal
 import subprocess
 import time
 
-import psutil
 import pytest
-from helpers import REPO, SAMPLE, cpu_env, deepspeed_command, ds_config, launch, read_jsonl, train_args, write_jsonl
+from helpers import (
+    REPO,
+    SAMPLE,
+    cpu_env,
+    deepspeed_command,
+    ds_config,
+    launch,
+    rank_processes,
+    read_jsonl,
+    train_args,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow  # every test here launches ranks or trains
 
@@ -39,7 +49,7 @@ def test_a_frozen_rank_fails_the_job_within_the_collective_timeout(small_data, t
         while "loss" not in log.read_text() and job.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         assert job.poll() is None, log.read_text()[-3000:]
-        frozen = [p for p in psutil.Process(job.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
+        frozen = rank_processes(job.pid, 1)
         for p in frozen:
             p.send_signal(signal.SIGSTOP)  # alive but silent, like a hung node: nothing closes its sockets
         started = time.time()

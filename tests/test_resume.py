@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from helpers import (
     EARLY_STOP_SETTINGS,
@@ -21,6 +20,7 @@ from helpers import (
     launch,
     losses,
     pipeline_command,
+    rank_processes,
     read_jsonl,
     run_options,
     train,
@@ -117,9 +117,8 @@ def test_resume_equals_uninterrupted(reference, small_data, tmp_path, stage, las
 
 
 def kill_rank(launcher: subprocess.Popen, rank: int) -> None:
-    for p in psutil.Process(launcher.pid).children(recursive=True):
-        if f"--local_rank={rank}" in " ".join(p.cmdline()):
-            p.send_signal(signal.SIGKILL)
+    for p in rank_processes(launcher.pid, rank):
+        p.send_signal(signal.SIGKILL)
 
 
 def start_killable_run(config, data, tmp_path, *extra) -> subprocess.Popen:

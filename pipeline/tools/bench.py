@@ -443,9 +443,7 @@ def steps_per_run(args, accum: int) -> int:
 
 def write_config(args, out: Path, stage: int, accum: int) -> str:
     """The resolved JSON every stack gets for this combination: numbers only, scheduler filled."""
-    raw = sweep_config(load_json(args.ds_config), stage, accum)
-    if args.micro_batch:
-        raw["train_micro_batch_size_per_gpu"] = args.micro_batch
+    raw = sweep_config(load_json(args.ds_config), stage, accum, args.micro_batch)
     ds = resolve_ds_config(args.ds_config, raw, args.ranks, Hardware.detect(), TrainConfig()).ds
     ds = fill_schedule(args.ds_config, ds, steps_per_run(args, accum), 0.1)
     path = out / f"ds-zero{stage}-accum{accum}.json"
@@ -514,7 +512,7 @@ def add_arguments(p) -> None:
         help="more steps where needed, so that the steps after warm-up span this many micro-batches",
     )
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the steady state")
-    p.add_argument("--micro-batch", type=int, default=0, help="override the config's micro batch")
+    p.add_argument("--micro-batch", type=int, default=8, help="records per micro-batch on each rank")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument(

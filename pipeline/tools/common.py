@@ -47,9 +47,11 @@ def run_worker(worker) -> None:
     worker(parser.parse_args().worker)
 
 
-def sweep_config(base: dict, stage: int, accum: int) -> dict:
-    """`base` with ZeRO `stage` and `accum` accumulation steps; the global batch follows the world size."""
+def sweep_config(base: dict, stage: int, accum: int, micro: int) -> dict:
+    """`base` with ZeRO `stage`, `micro` records per micro-batch and `accum` accumulation steps; the
+    global batch follows the world size (the shipped configs state a global batch instead)."""
     ds = {k: v for k, v in base.items() if k != "train_batch_size"}
+    ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = accum
     ds["zero_optimization"] = {**base.get("zero_optimization", {}), "stage": stage}
     return ds

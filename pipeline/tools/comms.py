@@ -50,7 +50,10 @@ def measure(spec: dict, stage: int, accum: int) -> list[dict]:
     from ..train.model import build_engine, build_model
 
     base = load_json(spec["ds_config"])
-    raw = {**sweep_config(base, stage, accum), "comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}
+    raw = {
+        **sweep_config(base, stage, accum, spec["micro"]),
+        "comms_logger": {"enabled": True, "prof_all": True, "verbose": False},
+    }
     ds = resolve_ds_config(
         spec["ds_config"],
         {k: v for k, v in raw.items() if k != "scheduler"},
@@ -85,7 +88,14 @@ def worker(spec_path: str) -> None:
 
 
 def measure_all(
-    ds_config: str, stages, accum, ranks: int = 2, steps: int = 2, model: str = str(TINY_MODEL_DIR), seq_len: int = 64
+    ds_config: str,
+    stages,
+    accum,
+    ranks: int = 2,
+    steps: int = 2,
+    model: str = str(TINY_MODEL_DIR),
+    seq_len: int = 64,
+    micro: int = 8,
 ) -> list[dict]:
     """One launch measuring every (stage, accumulation); [{stage, accum, steps: [{kind: (calls, bytes)}]}]."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,6 +104,7 @@ def measure_all(
             "stages": list(stages),
             "accum": list(accum),
             "steps": steps,
+            "micro": micro,
             "model": model,
             "seq_len": seq_len,
             "output": str(Path(tmp) / "comms.json"),

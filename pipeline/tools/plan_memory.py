@@ -6,9 +6,12 @@
 On a GPU it records torch.cuda.max_memory_allocated after the engine is built (model states) and
 after steps of each micro batch, for a BERT-large-shaped model (1024 hidden, 24 layers, 16 heads) at
 seq 512 under ZeRO-2 and ZeRO-3, fp16, each step through the pipeline's `train.micro_step`. On the
-CPU (DeepSpeed's CPU accelerator, bf16) there is no allocator counter, so it records the process's
-peak RSS above what it held before the model was built, with glibc's mmap threshold fixed at 128
-KiB: every tensor then gets its own mapping that goes back to the system when freed, so the peak RSS
+CPU (DeepSpeed's CPU accelerator, bf16) there is no allocator counter, so a thread samples the
+process's anonymous resident memory every millisecond and keeps the peak above what it held before
+the model was built. Anonymous only: the file-backed pages of the mapped libraries (torch alone maps
+hundreds of MB) come and go with the machine's page cache, and once made a CI run's slope 14.8 bytes
+per parameter where the development machine measured 22.1. glibc's mmap threshold is fixed at 128
+KiB: every tensor then gets its own mapping that goes back to the system when freed, so the sample
 follows live memory rather than heap fragmentation (with the adaptive threshold the per-parameter
 slope moved between 23.6 and 25.1 bytes across runs).
 Prints one JSON object per measurement and, with --out, a Markdown table.
@@ -20,7 +23,7 @@ import argparse
 import ctypes
 import json
 import os
-import resource
+import threading
 import time
 
 from ..core import dist
@@ -29,19 +32,34 @@ from .common import collate, fixed_batch, standalone_rank
 GIB = 1024**3
 
 
-def rss() -> int:
+def anon_rss() -> int:
+    """Resident memory not backed by a file: statm's resident minus its shared (file-backed) pages."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+class AnonPeak:
+    """The highest `anon_rss()` seen since `reset()`, sampled by a daemon thread (torch's kernels
+    release the GIL, so the sampler runs while a step computes)."""
+
+    def __init__(self, interval_s: float = 0.001):
+        self.peak = anon_rss()
+        threading.Thread(target=self._sample, args=(interval_s,), daemon=True).start()
+
+    def _sample(self, interval_s: float) -> None:
+        while True:
+            self.peak = max(self.peak, anon_rss())
+            time.sleep(interval_s)
+
+    def reset(self) -> None:
+        self.peak = anon_rss()
 
 
 def fix_mmap_threshold(size: int = 128 * 1024) -> None:
     M_MMAP_THRESHOLD = -3  # from glibc's malloc.h; setting it also turns off the adaptive threshold
     if not ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, size):
         raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: peak RSS would not follow live memory")
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def measure(device: str, stage: int, hidden: int, layers: int, heads: int, micros: list[int], seq: int, steps: int) -> dict:
@@ -64,7 +82,8 @@ def measure(device: str, stage: int, hidden: int, layers: int, heads: int, micro
         num_labels=2,
         attn_implementation="eager",
     )
-    baseline = torch.cuda.memory_allocated() if cuda else rss()
+    sampler = None if cuda else AnonPeak()
+    baseline = torch.cuda.memory_allocated() if cuda else sampler.peak
     torch.manual_seed(0)
     model = BertForSequenceClassification(config)
     shape = ModelShape(
@@ -94,7 +113,7 @@ def measure(device: str, stage: int, hidden: int, layers: int, heads: int, micro
     del model
 
     def used() -> int:
-        return (torch.cuda.max_memory_allocated() if cuda else peak_rss()) - baseline
+        return (torch.cuda.max_memory_allocated() if cuda else max(sampler.peak, anon_rss())) - baseline
 
     estimate_states, _ = model_state_bytes(shape, "zero2" if stage == 2 else "zero3", 1, 1)
     rows, after_init = [], used()
@@ -102,6 +121,8 @@ def measure(device: str, stage: int, hidden: int, layers: int, heads: int, micro
         batch = collate(fixed_batch(config.vocab_size, micro, seq, seed=0, min_len=seq), engine.device)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        else:
+            sampler.reset()
         started = time.perf_counter()
         for _ in range(steps):
             micro_step(engine, batch)
