@@ -9,6 +9,8 @@ Run from the repository root:
     python -m pipeline.tools.generate_sample_data --mode imbalanced  # imbalanced_{train,dev,test}.jsonl
     python -m pipeline.tools.generate_sample_data --mode realistic --check  # realistic_{train,dev,test}.jsonl
     python -m pipeline.tools.generate_sample_data --mode varied  # varied_{train,dev,test}.jsonl
+    python -m pipeline.tools.generate_sample_data --mode long --unlabelled 2000 --out unlabelled.jsonl
+        # 2,000 more notes of that set's kind, text only: "the unlabelled rest" for domain pretraining
 
 Two small variants (a few hundred records a split, no label noise) for the multi-label and
 class-weight features; the default files do not change with them:
@@ -899,6 +901,15 @@ def make_variant_split(mode: str, index: int, size: int) -> list:
 
 
 VARIANTS = ("multilabel", "imbalanced")
+UNLABELLED_INDEX = 50  # a split index no labelled split uses: its own random stream
+
+
+def unlabelled_rows(mode: str, size: int) -> list:
+    """`size` more notes of `mode`'s kind, without their labels (domain-adaptive pretraining's text)."""
+    rows = (
+        make_variant_split(mode, UNLABELLED_INDEX, size) if mode in VARIANTS else make_split(UNLABELLED_INDEX, size, False, mode)
+    )
+    return [{"text": row["text"]} for row in rows]
 
 
 def write_jsonl_atomic(path: Path, rows: list) -> None:
@@ -982,7 +993,15 @@ def main() -> None:
         default="default",
         help="which set to write (default: the sample data)",
     )
+    parser.add_argument("--unlabelled", type=int, default=0, help="write this many notes without labels to --out instead")
+    parser.add_argument("--out", default="", help="the .jsonl file --unlabelled writes")
     args = parser.parse_args()
+    if args.unlabelled:
+        if not args.out:
+            parser.error("--unlabelled needs --out FILE.jsonl")
+        write_jsonl_atomic(Path(args.out), unlabelled_rows(args.mode, args.unlabelled))
+        print(f"wrote {args.out} ({args.unlabelled} unlabelled {args.mode} notes)")
+        return
     if args.mode in VARIANTS:
         for index, (name, size) in enumerate(VARIANT_SPLITS):
             rows = make_variant_split(args.mode, index, size)
