@@ -193,17 +193,26 @@ def test_a_resumed_state_keeps_the_multilabel_thresholds():
 
 
 def test_resume_with_another_seed_or_best_metric_is_refused_naming_both(tmp_path):
-    saved = TrainerState(train_config={"seed": 5, "best_metric": "macro_f1"})
-    check_same_settings(tmp_path, saved, {"seed": 5, "best_metric": "macro_f1", "epochs": 9})
+    saved = TrainerState(train_config={"seed": 5, "best_metric": "macro_f1", "group_by_length": 1})
+    check_same_settings(tmp_path, saved, {"seed": 5, "best_metric": "macro_f1", "group_by_length": 1, "epochs": 9})
     with pytest.raises(CheckpointError, match=r"--seed 5 -> 6; --best-metric 'macro_f1' -> 'accuracy'"):
-        check_same_settings(tmp_path, saved, {"seed": 6, "best_metric": "accuracy"})
+        check_same_settings(tmp_path, saved, {"seed": 6, "best_metric": "accuracy", "group_by_length": 1})
 
 
 def test_resume_with_grouping_switched_is_refused(tmp_path):
     """Grouping by length changes the epoch's order: a resume mid-epoch would repeat and skip samples."""
     saved = TrainerState(train_config={"seed": 5, "group_by_length": 0})
     with pytest.raises(CheckpointError, match=r"--group-by-length 0 -> 1"):
-        check_same_settings(tmp_path, saved, {"seed": 5, "group_by_length": 1})
+        check_same_settings(tmp_path, saved, {"seed": 5, "group_by_length": 1, "best_metric": "macro_f1"})
+
+
+def test_a_checkpoint_from_before_grouping_existed_counts_as_ungrouped(tmp_path):
+    """Its train_config has no group_by_length: it was trained in random order, so today's default
+    (grouped) would change the order mid-epoch; the current best metric is all it can be compared with."""
+    saved = TrainerState(train_config={"seed": 5})
+    check_same_settings(tmp_path, saved, {"seed": 5, "group_by_length": 0, "best_metric": "macro_f1"})
+    with pytest.raises(CheckpointError, match=r"--group-by-length 0 -> 1"):
+        check_same_settings(tmp_path, saved, {"seed": 5, "group_by_length": 1, "best_metric": "macro_f1"})
 
 
 def test_resume_on_other_training_data_names_what_changed(tmp_path):

@@ -181,14 +181,15 @@ def check_same_data(ckpt: Path, saved, current: dict, log) -> None:
 
 
 RESUME_SETTINGS = ("seed", "group_by_length", "best_metric")  # the data order; what the saved best value measures
+# A checkpoint written before one of them existed was trained as with this value (grouping came later, off).
+BEFORE_IT_EXISTED = {"group_by_length": 0}
 
 
 def check_same_settings(ckpt: Path, saved, current: dict) -> None:
     """A resume keeps the settings its saved position and best value depend on (`current`: this run's train_config)."""
+    was = {key: saved.train_config.get(key, BEFORE_IT_EXISTED.get(key, current[key])) for key in RESUME_SETTINGS}
     changed = [
-        f"--{key.replace('_', '-')} {saved.train_config[key]!r} -> {current[key]!r}"
-        for key in RESUME_SETTINGS
-        if key in saved.train_config and saved.train_config[key] != current[key]
+        f"--{key.replace('_', '-')} {was[key]!r} -> {current[key]!r}" for key in RESUME_SETTINGS if was[key] != current[key]
     ]
     if changed:
         raise CheckpointError(
