@@ -1,11 +1,23 @@
 """The benchmark's statistics, table, goals and plot (the benchmark itself is run by hand: docs/benchmarks.md)."""
 
+import json
 import math
 from types import SimpleNamespace
 
 import pytest
+from helpers import REPO
 
-from pipeline.tools.bench import aggregate, goals, markdown_table, paired_ratio, plot, steady_state, steps_per_run, verdict
+from pipeline.tools.bench import (
+    aggregate,
+    goals,
+    markdown_table,
+    paired_ratio,
+    plot,
+    steady_state,
+    steps_per_run,
+    verdict,
+    write_config,
+)
 
 
 def test_steady_state_skips_warmup_and_takes_the_median_step():
@@ -76,6 +88,20 @@ def test_steps_per_run_span_enough_micro_batches():
     assert [steps_per_run(args, a) for a in (1, 2, 4, 8, 16)] == [51, 27, 15, 12, 12]
 
 
+def test_every_stack_gets_a_config_of_numbers_from_a_shipped_one(tmp_path):
+    """The shipped configs leave the micro batch, optimizer and schedule "auto" and state a global
+    batch; a sweep fixes the micro batch and accumulation instead and fills the rest as a run would."""
+    args = SimpleNamespace(
+        ds_config="ds_configs/small_zero2.json", micro_batch=16, ranks=2, steps=10, warmup=2, min_micro_batches=48
+    )
+    ds = json.loads(open(write_config(args, tmp_path, stage=2, accum=2)).read())
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (16, 2, 64)
+    assert ds["zero_optimization"]["stage"] == 2
+    params = ds["scheduler"]["params"]
+    assert (params["total_num_steps"], params["warmup_num_steps"]) == (26, math.ceil(0.1 * 26))
+    assert "auto" not in json.dumps(ds)
+
+
 def test_table_rows_and_goal_lines(tmp_path):
     results = {
         (2, 4): aggregate(
@@ -122,7 +148,7 @@ def test_data_preparation_benchmark_reports_cold_and_warm_numbers(tmp_path):
     import subprocess
     import sys
 
-    from helpers import REPO, cpu_env
+    from helpers import cpu_env
 
     run = subprocess.run(
         [sys.executable, "-m", "pipeline.tools.bench_data", "--records", "300", "--out", str(tmp_path), "--max-length", "64"],

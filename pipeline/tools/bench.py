@@ -37,7 +37,7 @@ from pathlib import Path
 
 from ..core.base import load_json
 from ..core.dist import release_shared_memory
-from ..core.ds_config import Hardware, fill_schedule, resolve_ds_config
+from ..core.ds_config import Hardware, fill_schedule, resolve_ds_config, warmup_steps
 from ..core.options import SAMPLE_DATA_DIR, TINY_MODEL_DIR, TrainConfig
 from ..tasks.single_label import SINGLE_LABEL
 from .common import launch_module, run_worker, sweep_config
@@ -445,7 +445,8 @@ def write_config(args, out: Path, stage: int, accum: int) -> str:
     """The resolved JSON every stack gets for this combination: numbers only, scheduler filled."""
     raw = sweep_config(load_json(args.ds_config), stage, accum, args.micro_batch)
     ds = resolve_ds_config(args.ds_config, raw, args.ranks, Hardware.detect(), TrainConfig()).ds
-    ds = fill_schedule(args.ds_config, ds, steps_per_run(args, accum), 0.1)
+    total_steps = steps_per_run(args, accum)
+    ds = fill_schedule(args.ds_config, ds, total_steps, warmup_steps(TrainConfig(), total_steps))
     path = out / f"ds-zero{stage}-accum{accum}.json"
     path.write_text(json.dumps(ds, indent=1))
     return str(path)
