@@ -29,6 +29,8 @@ def generate(*args: str) -> subprocess.CompletedProcess:
 def test_unlabelled_writes_only_to_out_and_without_out_is_refused_in_one_line(tmp_path):
     result = generate("--unlabelled", "5")
     assert result.returncode == 2 and "--unlabelled needs --out" in result.stderr and "Traceback" not in result.stderr
+    result = generate("--unlabelled", "-3", "--out", str(tmp_path / "never.jsonl"))
+    assert result.returncode == 2 and "--unlabelled must be a number of notes" in result.stderr
     written = tmp_path / "u.jsonl"
     result = generate("--mode", "long", "--unlabelled", "5", "--out", str(written))
     assert result.returncode == 0, result.stderr

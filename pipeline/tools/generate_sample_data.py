@@ -996,6 +996,8 @@ def main() -> None:
     parser.add_argument("--unlabelled", type=int, default=0, help="write this many notes without labels to --out instead")
     parser.add_argument("--out", default="", help="the .jsonl file --unlabelled writes")
     args = parser.parse_args()
+    if args.unlabelled < 0:
+        parser.error(f"--unlabelled must be a number of notes, at least 1 (got {args.unlabelled})")
     if args.unlabelled:
         if not args.out:
             parser.error("--unlabelled needs --out FILE.jsonl")

@@ -62,7 +62,10 @@ def fix_mmap_threshold(size: int = 128 * 1024) -> None:
         raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: peak RSS would not follow live memory")
 
 
-def measure(device: str, stage: int, hidden: int, layers: int, heads: int, micros: list[int], seq: int, steps: int) -> dict:
+def measure(
+    device: str, stage: int, hidden: int, layers: int, heads: int, micros: list[int], seq: int, steps: int, sampler=None
+) -> dict:
+    """`sampler`: the process's one AnonPeak (CPU only)."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -82,7 +85,8 @@ def measure(device: str, stage: int, hidden: int, layers: int, heads: int, micro
         num_labels=2,
         attn_implementation="eager",
     )
-    sampler = None if cuda else AnonPeak()
+    if not cuda:
+        sampler.reset()
     baseline = torch.cuda.memory_allocated() if cuda else sampler.peak
     torch.manual_seed(0)
     model = BertForSequenceClassification(config)
@@ -177,9 +181,10 @@ def main() -> None:
     if args.device == "cpu":
         fix_mmap_threshold()  # before the libraries allocate
     dist.init(timeout_minutes=10)
+    sampler = AnonPeak() if args.device == "cpu" else None  # one sampling thread for every measurement
     rows = []
     for stage in args.stages:
-        rows += measure(args.device, stage, args.hidden, args.layers, args.heads, args.micro, args.seq, args.steps)
+        rows += measure(args.device, stage, args.hidden, args.layers, args.heads, args.micro, args.seq, args.steps, sampler)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(table(rows))
