@@ -161,11 +161,11 @@ def test_thresholds_per_label_maximise_each_labels_dev_f1_and_global_the_micro_f
     probabilities = np.clip(labels * rng.uniform(0.2, 0.9, (60, 3)) + (1 - labels) * rng.uniform(0.0, 0.6, (60, 3)), 0, 1)
     names = ["a", "b", "c"]
     per_label = MULTI_LABEL.thresholds(labels, probabilities, names, "per-label")
+    assert MULTI_LABEL.thresholds(labels, probabilities, names, "") == per_label
     for j, name in enumerate(names):
         best = max(f1_score(labels[:, j], probabilities[:, j] >= t) for t in THRESHOLD_GRID)
         assert f1_score(labels[:, j], probabilities[:, j] >= per_label[name]) == pytest.approx(best)
     one = MULTI_LABEL.thresholds(labels, probabilities, names, "global")
-    assert MULTI_LABEL.thresholds(labels, probabilities, names, "") == one != per_label  # global is the default
     assert len(set(one.values())) == 1
     best = max(f1_score(labels, probabilities >= t, average="micro") for t in THRESHOLD_GRID)
     assert f1_score(labels, probabilities >= one["a"], average="micro") == pytest.approx(best)
@@ -241,7 +241,7 @@ def test_the_task_checks_its_options_at_the_edge(tmp_path):
         ({"best_metric": "micro_f1", "eval_every": 5, "save_every": 5}, "for task single_label"),
         ({"label_separator": ";"}, "'label_separator'.*empty with task single_label"),
         ({"threshold": "0.4"}, "'threshold'.*empty with task single_label"),
-        ({"task": "multi_label", "threshold": "1"}, "global, per-label, a number in \\(0, 1\\) or a .json file"),
+        ({"task": "multi_label", "threshold": "1"}, "per-label, global, a number in \\(0, 1\\) or a .json file"),
         ({"task": "multi_label", "threshold": str(tmp_path / "none.json")}, "none.json: file not found"),
         ({"class_weights": "inverse"}, "none, balanced or a .json file"),
     ]:

@@ -104,8 +104,8 @@ class TrainConfig:
     threshold: str = field(
         default="",
         metadata={
-            "help": "multi_label decision thresholds: global (the default: one threshold maximising micro-F1 on dev), "
-            "per-label (each label's threshold maximises its F1 on dev; needs many dev positives per label), a number in (0, 1), or a .json file {label: threshold}; "
+            "help": "multi_label decision thresholds: per-label (the default: each label's threshold maximises its F1 on dev), "
+            "global (one threshold maximising micro-F1 on dev), a number in (0, 1), or a .json file {label: threshold}; "
             "saved with the export (thresholds.json) and used by predict"
         },
     )

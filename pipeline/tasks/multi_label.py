@@ -131,17 +131,14 @@ def _f1_per_threshold(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarr
 def fit_thresholds(labels, probabilities: np.ndarray, names: list[str], setting: str) -> dict[str, float]:
     """Decision thresholds per label, from `setting` (--threshold):
 
-    global (or "", the default): one threshold for all labels, maximising micro-F1 on these records;
-    per-label: each label's threshold maximises that label's F1 on these records (dev);
+    per-label (or ""): each label's threshold maximises that label's F1 on these records (dev);
+    global: one threshold for all labels, maximising micro-F1 on these records;
     a number in (0, 1): that threshold for every label; a .json file: {label: threshold}."""
     labels = np.asarray(labels)
-    if setting in ("", "global"):
-        # The default: tuned on all labels' dev positives at once. Per label, a dev set of a few
-        # hundred records gives each label a few dozen positives, and its threshold fits their noise
-        # (docs/data-and-models.md, "Measured: multi-label").
-        return dict.fromkeys(names, _best_threshold(_f1_per_threshold(labels, probabilities)))
-    if setting == "per-label":
+    if setting in ("", "per-label"):
         return {name: _best_threshold(_f1_per_threshold(labels[:, [j]], probabilities[:, [j]])) for j, name in enumerate(names)}
+    if setting == "global":
+        return dict.fromkeys(names, _best_threshold(_f1_per_threshold(labels, probabilities)))
     if setting.endswith(".json"):
         return dict(zip(names, label_values(setting, names, "--threshold", valid_threshold, THRESHOLD_EXPECTED)))
     return dict.fromkeys(names, float(setting))
@@ -200,7 +197,7 @@ def export_thresholds(export_dir: str, names: list[str], override: str | None) -
 
 
 def check_options(cfg) -> None:
-    """--threshold: global, per-label, a number in (0, 1) or a .json file (its labels are checked
+    """--threshold: per-label, global, a number in (0, 1) or a .json file (its labels are checked
     against the data's when it is read)."""
     if cfg.threshold.endswith(".json"):
         read_label_values(cfg.threshold, "--threshold", valid_threshold, THRESHOLD_EXPECTED)
@@ -210,7 +207,7 @@ def check_options(cfg) -> None:
         except ValueError:
             number = None
         if number is None or not valid_threshold(number):
-            raise option_error("threshold", cfg.threshold, "global, per-label, a number in (0, 1) or a .json file")
+            raise option_error("threshold", cfg.threshold, "per-label, global, a number in (0, 1) or a .json file")
 
 
 MULTI_LABEL = register(
