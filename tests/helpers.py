@@ -97,9 +97,46 @@ def rank_processes(launcher_pid: int, rank: int) -> list:
     return found
 
 
+def in_ci() -> bool:
+    """CI=true, as GitHub Actions, GitLab and .ci/run set it (also 1 or yes, any case)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+# The test now running (set by conftest.py), so that a launch can check the test is marked for it.
+current_test = None
+# Processes the tests launched, by kind: the count conftest.py reports at the end of the session.
+LAUNCHES: dict[str, int] = {}
+
+
+def note_launch(kind: str) -> None:
+    """Count a launched process, and fail a test that launches one without a `ranks` or `cluster` mark
+    (the in-process tier, `-m "not slow"`, starts no process)."""
+    test = current_test
+    if test is not None:
+        if not any(test.get_closest_marker(mark) for mark in ("ranks", "cluster")):
+            pytest.fail(f"{test.nodeid} launches {kind} but is not marked ranks or cluster", pytrace=False)
+        test.user_properties.append(("launch", kind))
+    LAUNCHES[kind] = LAUNCHES.get(kind, 0) + 1
+
+
+# Launched runs leave out what no test reads unless it asks for it: the TF-IDF baseline (a third
+# process on two cores) and the trackers (TensorBoard events, a confusion-matrix figure per
+# evaluation). They come first, so a test's own --baseline or --report-to wins (argparse: the last).
+CHEAP = ["--baseline", "none", "--report-to", "none"]
+
+
+def cheap(args: list[str]) -> list[str]:
+    """`args` with CHEAP after its leading words (the command: train, pretrain; or a run file)."""
+    words = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
+    return [*args[:words], *CHEAP, *args[words:]]
+
+
 def deepspeed_command(args: list[str], ranks: int = 2, port: int | None = None) -> list[str]:
-    """`deepspeed --num_gpus RANKS --master_port PORT --module pipeline ARGS`: how every test starts
-    ranks with the real runner (`launch`, or a Popen of its own where a test signals the job)."""
+    """`deepspeed --num_gpus RANKS --master_port PORT --module pipeline ARGS` (a free port, CHEAP
+    defaults for train and pretrain): how every test starts ranks with the real runner (`launch`, or
+    a Popen of its own where a test signals the job)."""
+    note_launch("deepspeed")
+    args = cheap(args) if args[:1] in (["train"], ["pretrain"]) else args
     return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port or free_port()), "--module", "pipeline", *args]
 
 
@@ -137,7 +174,12 @@ def train_args(config: Path, data: dict, out: Path, name: str = "run", *extra: s
 
 
 def launch_sh_command(*args: str) -> list[str]:
-    """`./launch.sh ARGS`: for `launch_sh`, or a Popen of its own where a test signals or waits on the job."""
+    """`./launch.sh ARGS` with CHEAP defaults and a free --master-port unless ARGS give one: for
+    `launch_sh`, or a Popen of its own where a test signals or waits on the job."""
+    note_launch("launch.sh")
+    args = cheap(list(args))
+    if "--master-port" not in args:
+        args = [*args, "--master-port", str(free_port())]
     return [str(REPO / "launch.sh"), *args]
 
 
@@ -149,6 +191,7 @@ def launch_sh(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: in
 
 def pipeline_command(*args: str, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` in a plain process (predict, export, plot ...); output captured."""
+    note_launch("python -m pipeline")
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
         cwd=REPO,
@@ -277,6 +320,6 @@ def require(
     elif needs_root and os.geteuid() != 0:
         message = why_root
     if message:
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail(message)
         pytest.skip(message)

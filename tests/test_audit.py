@@ -3,7 +3,7 @@
 import pytest
 from helpers import REPO, pipeline_command
 
-pytestmark = pytest.mark.slow  # every test here launches ranks or trains
+pytestmark = pytest.mark.ranks  # every test here launches ranks or trains
 
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "ds_configs").glob("*.json"))
 

@@ -57,7 +57,7 @@ def test_single_label_baseline_equals_scikit_learn_with_balanced_weights(splits)
     assert 0.5 < expected["macro_f1"] < 1  # a real fit, not a degenerate one
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_multi_label_baseline_is_one_vs_rest_with_pos_weights_and_the_task_thresholds():
     kind = tasks.get("multi_label")
     train, dev, test = (
@@ -119,7 +119,7 @@ def test_verdict_says_plainly_when_the_baseline_wins():
     assert baseline.verdict(regression, {"dev": {"mse": 2.0}}, {"dev": {"mse": 1.0}}, "").startswith("THE BASELINE WINS")
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_rank_zero_fits_it_in_the_background_once_per_data_and_skips_it_past_the_limit(splits, tmp_path, caplog):
     """Real data preparation into a cache, then `start`: a background process writes the cache entry
     (equal to the in-process result); the next start reuses it; over the size limit it is skipped."""

@@ -140,7 +140,7 @@ def test_table_rows_and_goal_lines(tmp_path):
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_data_preparation_benchmark_reports_cold_and_warm_numbers(tmp_path):
     """bench_data end to end on 300 generated records: a cold preparation in its own process (time,
     peak RSS) and a warm 2-rank start that reaches its first step through the cache it built."""

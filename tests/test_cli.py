@@ -38,7 +38,7 @@ def test_train_help_shows_each_options_choices(capsys):
     assert "(choices: char, wordpiece; default: 'char')" in shown
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_the_installed_command_runs_from_the_users_directory_and_its_run_file_repeats_the_run(tmp_path):
     """`zero-pipeline launch` from a directory of one's own, every path relative to it: one training
     file with a held-out dev part, one's own DeepSpeed JSON, HF flags; then RUN_DIR/run.yaml again."""

@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.tools.comms import markdown, measure_all, steady
 
-pytestmark = pytest.mark.slow  # launches 2 ranks
+pytestmark = pytest.mark.ranks  # launches 2 ranks
 
 
 def test_stage_1_reduces_once_per_window_stage_2_once_per_micro_batch():

@@ -18,7 +18,7 @@ from helpers import (
     write_jsonl,
 )
 
-pytestmark = pytest.mark.slow  # every test here launches ranks or trains
+pytestmark = pytest.mark.ranks  # every test here launches ranks or trains
 
 
 def test_a_frozen_rank_fails_the_job_within_the_collective_timeout(small_data, tmp_path):

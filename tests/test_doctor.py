@@ -23,7 +23,7 @@ def doctor(hostfile, *extra):
     return pipeline_command("doctor", "--hostfile", str(hostfile), *extra, timeout=120)
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_doctor_passes_two_live_nodes_with_one_row_each(cluster):
     result = doctor(cluster.hostfile("live", NODES), "--master-port", str(free_port()))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -35,7 +35,7 @@ def test_doctor_passes_two_live_nodes_with_one_row_each(cluster):
         assert cells[2] == hostname and cells[7:9] == ["0", "cpu"] and row.endswith("ok"), row  # no GPUs: CPU ranks
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_doctor_names_the_dead_node(cluster):
     result = doctor(cluster.hostfile("live-and-dead", ["127.0.1.1", DEAD_NODE]))
     assert result.returncode != 0
@@ -45,7 +45,7 @@ def test_doctor_names_the_dead_node(cluster):
     assert "127.0.1.1:" not in result.stderr  # the live node has no problem
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_doctor_finds_the_master_port_taken_on_the_first_node(cluster):
     with socket.socket() as taken:
         taken.bind(("127.0.1.1", 0))
@@ -56,7 +56,7 @@ def test_doctor_finds_the_master_port_taken_on_the_first_node(cluster):
     assert f"doctor: 127.0.1.1: master port {port} is in use" in result.stderr, result.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_launch_on_a_dead_node_fails_fast_with_the_doctors_message(cluster, small_data, tmp_path):
     started = time.monotonic()
     result = launch_sh(
@@ -79,7 +79,7 @@ def test_launch_on_a_dead_node_fails_fast_with_the_doctors_message(cluster, smal
     assert elapsed < 30, elapsed
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_doctor_refuses_cuda_on_hosts_without_gpus(cluster):
     result = doctor(cluster.hostfile("live", NODES), "--master-port", str(free_port()), "--accelerator", "cuda")
     assert result.returncode != 0
@@ -87,7 +87,7 @@ def test_doctor_refuses_cuda_on_hosts_without_gpus(cluster):
         assert f"doctor: {address}: slots=1 but 0 GPUs" in result.stderr, result.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_doctor_finds_an_output_directory_that_is_not_shared(cluster):
     """node2 has its own tmpfs at private-node2: what rank 0 writes there, node2 never sees."""
     private = cluster.root / "private-node2" / "runs"
@@ -101,7 +101,7 @@ def test_doctor_finds_an_output_directory_that_is_not_shared(cluster):
     assert shared.returncode == 0, shared.stdout + shared.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_hostfile_with_one_remote_host_runs_there_not_here(cluster, small_data, tmp_path):
     """DeepSpeed starts one host's ranks locally, whatever its name; the launcher must go over ssh."""
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)

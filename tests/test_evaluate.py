@@ -19,7 +19,7 @@ def test_sorted_eval_shards_run_longest_first_and_keep_fillers_last():
     assert shards == [[[6, 4], [0, 2]], [[1, 3], [5, FILLER]]]
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_evaluation_and_predict_give_the_same_logits_sorted_by_length_or_not(initial_model, small_data):
     """Sorting only changes which rows share a batch: logits come back in the input order, equal."""
     from pipeline.checkpoint.export import load_export
@@ -49,7 +49,7 @@ def test_eval_shards_cover_every_record_once_with_equal_batch_counts(n, world, b
     assert fillers == -(-n // world) * world - n
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_pooled_evaluation_on_two_ranks_counts_each_record_once_and_equals_one_process(chunked_run):
     """Records of 3-14 windows, 37 of them, over 2 ranks: window logits gathered, then pooled."""
     split, logits, names = export_window_logits(chunked_run)

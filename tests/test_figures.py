@@ -3,9 +3,8 @@ where none has, the names given in a legend inside the picture."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
+from helpers import in_ci
 
 from pipeline.train.figures import confusion_figure, font_for, label_font, pyplot, rgb
 
@@ -24,7 +23,7 @@ def test_chinese_label_names_are_drawn_with_an_installed_cjk_font():
     font = label_font(LABELS)
     if font is None:
         message = "no installed font has these Chinese characters: apt-get install fonts-noto-cjk (CI installs it)"
-        pytest.fail(message) if os.environ.get("CI") == "true" else pytest.skip(message)
+        pytest.fail(message) if in_ci() else pytest.skip(message)
     fig = confusion_figure("confusion matrix", MATRIX)
     ticks = fig.axes[0].get_yticklabels()
     assert [t.get_text() for t in ticks] == LABELS

@@ -44,7 +44,7 @@ def test_the_launch_step_runs_without_this_processs_rank_variables_on_its_own_po
     assert port != "29500" and cmd[cmd.index("--accelerator") + 1] == "cuda"
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_gpu_validation_script_runs_on_the_cpu_with_its_launch_step(tmp_path):
     config = ds_config(tmp_path / "fp32.json", 2, micro=4, accum=1)
     result = subprocess.run(

@@ -25,7 +25,7 @@ from pipeline.launch.launcher import (
 )
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_missing_hostfile_is_an_error_not_a_fallback(tmp_path):
     result = launch_sh("--hostfile", str(tmp_path / "nodes"))
     assert result.returncode == 2
@@ -33,7 +33,7 @@ def test_missing_hostfile_is_an_error_not_a_fallback(tmp_path):
     assert "runner.py" not in result.stdout + result.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_malformed_hostfile_line_stops_the_launch(tmp_path):
     hostfile = tmp_path / "nodes"
     hostfile.write_text("# comment\nnode1 slots=8\nnode2 8\n")
@@ -49,7 +49,7 @@ def test_hostfiles_in_the_repository_parse():
     assert read_env_file(REPO / "hostfiles" / "two-nodes.env")["GLOO_SOCKET_IFNAME"] == "eth0"
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_malformed_env_file_line_stops_the_launch(tmp_path):
     hostfile = tmp_path / "nodes"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
@@ -60,7 +60,7 @@ def test_malformed_env_file_line_stops_the_launch(tmp_path):
     assert "runner.py" not in result.stdout + result.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_openmpi_rejects_include_before_launching(tmp_path):
     hostfile = tmp_path / "nodes"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
@@ -69,7 +69,7 @@ def test_openmpi_rejects_include_before_launching(tmp_path):
     assert "--launcher openmpi does not support --include/--exclude" in result.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_include_of_an_unknown_host_is_an_error(tmp_path):
     hostfile = tmp_path / "nodes"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
@@ -123,7 +123,7 @@ def test_cuda_visible_devices_becomes_an_include_for_one_local_host(monkeypatch)
         visible_devices_include(args, {"localhost": 8}, {})
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_cuda_visible_devices_picks_the_ranks_of_a_real_launch(tmp_path, small_data):
     """CUDA_VISIBLE_DEVICES=1 with a 2-slot local hostfile starts one rank (DeepSpeed alone would start two)."""
     hostfile = tmp_path / "local"
@@ -154,7 +154,7 @@ def test_cuda_visible_devices_picks_the_ranks_of_a_real_launch(tmp_path, small_d
     assert "4 per rank x 2 accumulation x 1 ranks" in output
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_fp16_on_cpu_ranks_is_refused_before_launch(tmp_path):
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2, fp16={"enabled": True})
     result = launch_sh("--ds-config", str(config), "--no-doctor", "--accelerator", "cpu")
@@ -290,7 +290,7 @@ def test_hostnames_that_pdsh_or_ssh_would_misread_are_refused(tmp_path, host):
     assert list(read_hostfile(str(path))) == ["node0", "node-1.cluster_a", "10.0.0.7"]
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_master_addr_that_is_not_a_host_name_stops_the_launch(tmp_path):
     hostfile = tmp_path / "nodes"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
@@ -375,7 +375,7 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 @pytest.mark.parametrize("options, message", BAD_INPUTS, ids=[m.split(":")[0][:30] for _, m in BAD_INPUTS])
 def test_bad_inputs_get_one_line_before_any_rank_starts(tmp_path, options, message):
     """From the user's own directory, with relative paths: one line, exit 2, no doctor, no runner."""

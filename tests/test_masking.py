@@ -157,7 +157,7 @@ def test_a_text_file_without_the_text_column_is_refused(tmp_path):
         tasks.resolve(pretrain_config(text_file=f"{notes},{plain}", text_column="note"))
 
 
-@pytest.mark.slow  # builds and saves a model
+@pytest.mark.ranks  # builds and saves a model
 def test_a_model_directory_with_no_masked_lm_head_or_no_config_is_refused(tmp_path):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 

@@ -151,7 +151,7 @@ def test_config_json_that_is_not_json_is_one_clear_error(tmp_path):
         ({"model_type": "bert", "max_position_embeddings": 512}, "--max-length 1024 is more than model"),
     ],
 )
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_train_stops_with_one_line_before_touching_data(tmp_path, config, message):
     """Checked before the process group and the tokenizer: exit 2, one line, no traceback, no cache."""
     result = subprocess.run(

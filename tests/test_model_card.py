@@ -11,7 +11,7 @@ from pipeline.core.options import TrainConfig
 from pipeline.tasks.multi_label import MULTI_LABEL
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_every_export_has_a_model_card_with_data_digests_labels_metrics_and_the_baseline(tracked_run):
     from huggingface_hub import ModelCard
 

@@ -10,7 +10,7 @@ import pytest
 from fixtures_cluster import NODES
 from helpers import REPO, cpu_env, ds_config, free_port, launch_sh_command, losses, run_options, train
 
-pytestmark = pytest.mark.slow  # every test here launches ranks or trains
+pytestmark = pytest.mark.cluster  # every test here launches ranks or trains
 
 SHORT = ["--max-length", "64", "--eval-every", "0", "--seed", "7"]
 OPENMPI_ARGS = "--allow-run-as-root --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo"  # root here; loopback only

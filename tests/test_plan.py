@@ -69,7 +69,7 @@ def test_written_configs_resolve_on_other_clusters(strategy):
         assert resolved["gradient_accumulation_steps"] == 256 // (world * option.micro)
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_plan_write_passes_check_config_and_trains_two_cpu_ranks(tmp_path, small_data, capsys):
     written = tmp_path / "planned.json"
     assert (
@@ -155,7 +155,7 @@ def measure(hidden: int) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_model_state_estimate_matches_measured_peak_memory():
     """Two model sizes: the measured peak grows by DeepSpeed's estimated bytes per parameter (20 for
     ZeRO-2 on one rank) within 25 % (on the 2-core development machine: 22.1-22.2, +11 %, in five

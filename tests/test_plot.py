@@ -6,7 +6,7 @@ import pytest
 from helpers import ds_config, plot, read_jsonl, train
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_run_directory_has_tensorboard_events_flops_profile_and_plots(small_data, tmp_path):
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
     run = train(
@@ -35,7 +35,7 @@ def test_run_directory_has_tensorboard_events_flops_profile_and_plots(small_data
     assert imread(out).shape[:2] == (700, 1100)  # 11 x 7 inches at 100 dpi
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_plot_of_a_directory_without_metrics_says_so(tmp_path):
     result = plot(tmp_path)
     assert result.returncode == 2 and "no metrics.jsonl" in result.stderr

@@ -14,7 +14,7 @@ from pipeline.data.reading import pool
 from pipeline.tasks.single_label import probabilities
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_predict_from_stdin_and_txt_file_agree(initial_model, tmp_path):
     texts = ["主诉：发热3天，咳嗽。", "主诉：胸痛2小时。"]
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
@@ -92,7 +92,7 @@ def test_json_array_input_gives_one_row_per_record_with_its_id(initial_model, tm
     assert [r["label"] is None for r in rows] == [False, True, False]
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_predict_reads_records_as_the_chunked_run_did_and_pools_its_windows(chunked_run):
     config = json.loads((chunked_run / "export" / "config.json").read_text())
     assert config["record_reading"] == {
@@ -111,7 +111,7 @@ def test_predict_reads_records_as_the_chunked_run_did_and_pools_its_windows(chun
     assert [row["label"] for row in rows] == [row["label"] for row in read_jsonl(chunked_run / "predictions-dev.jsonl")]
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_multi_label_predict_gives_label_sets_by_the_exported_thresholds(multilabel_run, tmp_path):
     export = multilabel_run / "export"
     thresholds = json.loads((export / "thresholds.json").read_text())
@@ -169,7 +169,7 @@ def test_predict_reads_every_training_format_with_its_reader(initial_model, tmp_
     assert capsys.readouterr().err.startswith(message)
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_predict_in_bf16_on_the_cpu_is_close_to_fp32(initial_model):
     texts = ["主诉：发热3天，咳嗽。", "主诉：胸痛2小时。", "主诉：多饮多尿半年，体重下降。"]
     fp32, bf16 = predict(str(initial_model), texts), predict(str(initial_model), texts, precision="bf16")

@@ -13,7 +13,7 @@ from test_resume import interrupted_copy
 
 from pipeline.core.options import TINY_MODEL_DIR
 
-pytestmark = pytest.mark.slow  # every test here launches ranks
+pytestmark = pytest.mark.ranks  # every test here launches ranks
 
 # 64 notes as JSONL and 16 as plain text, windows of 64 tokens (long notes give several): 12 steps
 # of 4 x 2 x 2 windows, evaluated every 3 on the held-out records and saved every 4.

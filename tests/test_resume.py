@@ -17,6 +17,7 @@ from helpers import (
     deepspeed_command,
     ds_config,
     early_stop_step,
+    in_ci,
     launch,
     losses,
     pipeline_command,
@@ -30,7 +31,7 @@ from safetensors.numpy import load_file
 
 from pipeline.checkpoint.checkpoints import consolidated_fp32_state_dict, step_of
 
-pytestmark = pytest.mark.slow  # every test here launches ranks or trains
+pytestmark = pytest.mark.ranks  # every test here launches ranks or trains
 
 # 256 records / (4 x 2 x 2 ranks) = 16 optimizer steps per epoch, 2 epochs; dropout on (tiny-bert).
 # Evaluations and saves at their own intervals: neither may change what training does.
@@ -275,7 +276,7 @@ def small_fs(tmp_path):
         path.mkdir()
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
         if done.returncode != 0:
-            (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(f"cannot mount a tmpfs (needs root): {done.stderr}")
+            (pytest.fail if in_ci() else pytest.skip)(f"cannot mount a tmpfs (needs root): {done.stderr}")
         mounts.append(path)
         return path
 

@@ -40,7 +40,7 @@ def sbatch(slurm, *args) -> subprocess.CompletedProcess:
     return subprocess.run(["sbatch", *args], cwd=REPO, env=slurm, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_sbatch_job_trains_like_the_deepspeed_launcher(slurm, uninterrupted, small_data, tmp_path):
     config, expected = uninterrupted
     script = job_script(tmp_path, f"./launch.sh --launcher slurm {' '.join(run_args(tmp_path, small_data, config))}\n")
@@ -100,7 +100,7 @@ def assert_ends_like(run_dir, expected) -> None:
     assert [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl") if "split" not in row] == list(range(1, 13))
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_signalled_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm, uninterrupted, small_data, tmp_path):
     """USR1 mid-run -> checkpoint, exit 75, the template requeues, the job resumes."""
     config, expected = uninterrupted
@@ -116,7 +116,7 @@ def test_signalled_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(s
     assert_ends_like(tmp_path / "run", expected)
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_job_requeued_mid_run_resumes_from_its_last_complete_checkpoint(slurm, uninterrupted, small_data, tmp_path):
     """`scontrol requeue`: the kill-and-requeue path a preemption with PreemptMode=REQUEUE takes. The
     ranks are killed without a stop; the requeued job resumes from the newest complete checkpoint."""
@@ -131,7 +131,7 @@ def test_a_job_requeued_mid_run_resumes_from_its_last_complete_checkpoint(slurm,
     assert_ends_like(tmp_path / "run", expected)
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_job_at_its_time_limit_saves_on_the_signal_sent_ahead_of_it(slurm, small_data, tmp_path):
     """--time=3 with --signal=USR1@60: SLURM signals the ranks when 60-120 s remain (`man sbatch`: up
     to 60 s early), after training has started; they stop after the step and save, and the job ends
@@ -151,7 +151,7 @@ def test_a_job_at_its_time_limit_saves_on_the_signal_sent_ahead_of_it(slurm, sma
     verify_manifest(tmp_path / "run" / "checkpoints" / f"step-{step}")  # complete: a resume would take it
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_batch_config_that_does_not_fit_the_allocation_is_refused_before_training(slurm, small_data, tmp_path):
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2, train_batch_size=12)  # 12 != 4 x 2 x 2 ranks
     script = job_script(tmp_path, f"./launch.sh --launcher slurm {' '.join(run_args(tmp_path, small_data, config))}\n")
@@ -162,7 +162,7 @@ def test_a_batch_config_that_does_not_fit_the_allocation_is_refused_before_train
     assert "rank 0 of" not in output  # no rank ever started
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_launcher_slurm_outside_an_allocation_or_with_a_hostfile_is_an_error():
     env = {key: value for key, value in __import__("os").environ.items() if not key.startswith("SLURM_")}
     outside = subprocess.run(launch_sh_command("--launcher", "slurm"), cwd=REPO, env=env, capture_output=True, text=True)

@@ -26,7 +26,7 @@ from helpers import (
 )
 from safetensors.numpy import load_file
 
-pytestmark = pytest.mark.slow  # every test here launches ranks or trains
+pytestmark = pytest.mark.ranks  # every test here launches ranks or trains
 
 EXIT_STOPPED = 75
 

@@ -128,7 +128,7 @@ def stays(count: int, seed: int) -> list[dict]:
     return rows
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_a_two_rank_regression_run_keeps_the_lowest_dev_mse_and_its_export_predicts_values(tmp_path, capsys):
     from scipy.stats import pearsonr
     from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score

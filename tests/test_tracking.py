@@ -28,7 +28,7 @@ def tracker_runs(run_dir: Path) -> dict:
     return json.loads((run_dir / "checkpoints" / "step-6" / "trainer_state.json").read_text())["tracker_runs"]
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_mlflow_server_holds_the_runs_params_metrics_at_their_steps_and_files_and_the_resumed_run_appends(tracked_run):
     from mlflow import MlflowClient
 
@@ -88,7 +88,7 @@ def wandb_records(path: Path):
     return records
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_wandb_offline_run_files_hold_the_metrics_and_config_of_both_runs_under_one_id(tracked_run):
     run_dir, _ = tracked_run
     run_id = tracker_runs(run_dir)["wandb"]
@@ -109,7 +109,7 @@ def test_wandb_offline_run_files_hold_the_metrics_and_config_of_both_runs_under_
     assert config["train.seed"] == 42 and config["ds.zero_optimization.stage"] == 2
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_tensorboard_events_hold_hparams_per_class_scalars_and_the_confusion_image(tracked_run):
     from matplotlib.image import imread
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -131,7 +131,7 @@ def test_tensorboard_events_hold_hparams_per_class_scalars_and_the_confusion_ima
     assert picture.shape[0] > 300 and picture.shape[1] > 300 and picture.std() > 0.05  # drawn, not blank
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_an_unreachable_mlflow_server_is_refused_in_one_line_before_any_rank_starts(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     out = tmp_path / "out"
@@ -162,7 +162,7 @@ def test_check_trackers_refuses_an_mlflow_server_that_does_not_answer_and_lets_o
     check_trackers(TrainConfig(report_to="none"), {})
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_a_tracker_that_cannot_start_is_reported_once_and_the_others_go_on(tmp_path, monkeypatch, caplog):
     """Started on a rank without the launcher's check: an MLflow server gone away is a warning, not an error."""
     import logging

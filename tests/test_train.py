@@ -51,7 +51,7 @@ def stage_runs(tmp_path_factory, small_data):
     return get
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small_data, stage, tmp_path):
     run = stage_runs(stage)
@@ -118,14 +118,14 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in predicted)
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_every_step_logs_its_gradient_norm(stage_runs):
     rows = [row for row in read_jsonl(stage_runs(2) / "metrics.jsonl") if "split" not in row]
     assert all(np.isfinite(row["grad_norm"]) and row["grad_norm"] > 0 for row in rows), rows[:3]
     assert "loss_scale" not in rows[0]  # fp32: no loss scaler
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_a_nan_loss_stops_training_naming_the_step(small_data, tmp_path):
     """The documented hook PIPELINE_TEST_NAN_AT_STEP makes step 3's loss NaN (fp32 has no loss scaler to skip it)."""
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
@@ -140,7 +140,7 @@ def test_a_nan_loss_stops_training_naming_the_step(small_data, tmp_path):
     assert [row["step"] for row in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_console_shows_each_line_once(stage_runs):
     run = stage_runs(2)
     console = (run.parent / "run.console.txt").read_text(encoding="utf-8")
@@ -149,13 +149,13 @@ def test_console_shows_each_line_once(stage_runs):
     assert "[rank 1]" not in console
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_same_seed_same_config_gives_identical_loss_curve(stage_runs, small_data, tmp_path):
     again = train(tmp_path, "again", small_data, scheduled_config(tmp_path, 2), extra=TRAIN_ARGS)
     assert losses(again) == losses(stage_runs(2))
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_accumulation_equals_the_big_batch(initial_model, small_data, tmp_path):
     """2 ranks x micro 4 x accum 2 == 1 rank x micro 4 x accum 4 == 1 rank x micro 16 x accum 1, on ZeRO-2
     and ZeRO-3: the same weights after 5 optimizer steps from the same initial weights (fp32, no dropout).
@@ -191,7 +191,7 @@ def test_accumulation_equals_the_big_batch(initial_model, small_data, tmp_path):
         assert np.allclose(curves[key], curves[2, "1x16x1"], rtol=0, atol=1e-5), (key, curves[key], curves[2, "1x16x1"])
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_bad_input_stops_every_rank_before_training(small_data, tmp_path):
     dev = write_jsonl(tmp_path / "dev.jsonl", read_jsonl(small_data["dev"])[:3] + [{"text": "头痛三天", "label": "偏头痛"}])
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
@@ -202,7 +202,7 @@ def test_bad_input_stops_every_rank_before_training(small_data, tmp_path):
     assert not re.search(r"step +\d+ +loss", output) and "Traceback" not in output
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_config_syntax_error_stops_before_the_process_group(small_data, tmp_path):
     config = tmp_path / "ds.json"
     config.write_text('{\n  "train_micro_batch_size_per_gpu": 4\n  "zero_optimization": {"stage": 2}\n}\n')
@@ -241,7 +241,7 @@ def test_metrics_of_an_interrupted_run_drop_a_cut_short_last_line(tmp_path):
         metrics_up_to(path, 2, log)
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_multi_label_run_evaluates_every_record_once_and_exports_its_dev_thresholds(multilabel_run):
     """2 ranks, --task multi_label --class-weights balanced: metrics over exactly the 37 dev records,
     per-label recall and 2x2 counts, the weights recorded, thresholds tuned on dev and exported."""
@@ -277,7 +277,7 @@ def test_multi_label_run_evaluates_every_record_once_and_exports_its_dev_thresho
     assert console.count("recall per class:") == len(evals) and "class weights (balanced)" in console
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_a_run_reports_the_tfidf_baseline_beside_the_model(multilabel_run):
     """The baseline, fitted in rank 0's background process with the run's class weights and dev-tuned
     thresholds, is in eval/baseline.json and eval_results.json, and the console sets it beside the model."""
@@ -302,7 +302,7 @@ def test_a_run_reports_the_tfidf_baseline_beside_the_model(multilabel_run):
     assert console.count(f"{verdict}: test macro-F1 {model:.4f} for the model, {base:.4f} for the baseline") == 1
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_class_weighted_accumulation_equals_the_big_batch(initial_model, small_data, tmp_path):
     """With --class-weights balanced the loss is the weighted sum over the records divided by their
     count (not by their weight sum), so 2 ranks x micro 4 x accum 2 still equals 1 rank x micro 16."""
@@ -322,7 +322,7 @@ def test_class_weighted_accumulation_equals_the_big_batch(initial_model, small_d
     assert np.allclose(curves["2x4x2"], curves["1x16x1"], rtol=0, atol=1e-5), curves
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 @pytest.mark.parametrize("stage", [2, 3])
 def test_early_stopping_ends_the_run_and_exports_the_best_checkpoint(early_stopped, small_data, tmp_path, stage):
     """Stopped after 3 checkpointed evaluations without a new best dev macro-F1; the export, the

@@ -37,6 +37,7 @@ import torch
 
 from ..core import dist
 from ..core.base import ConfigError, file_digest, write_json
+from ..core.stop import pause_for_test
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -261,6 +262,7 @@ def save(engine, run_dir: Path, state, tokenizer, probe: dict, probe_logits, pre
                 "inputs": {k: v.tolist() for k, v in probe.items() if k != "labels"},
             },
         )
+        pause_for_test("saved")  # every rank's files written, the manifest not yet
         write_manifest(ckpt, reported)
         prune(root, keep, state.best_step)
 

@@ -77,7 +77,7 @@ def raise_if_requested(stage: str) -> None:
 
 # Test hook (documented in docs/troubleshooting.md): "STAGE:PATH" makes rank 0, the first time it
 # reaches STAGE (data, tokenize: after the first batch of records is tokenized, evaluate, save,
-# step-N: before step N's stop vote), write its pid to PATH and
+# saved: a save's files all written but not its manifest, step-N: before step N's stop vote), write its pid to PATH and
 # wait until PATH is removed, so a test can send a signal at that stage.
 PAUSE_AT = "PIPELINE_TEST_PAUSE_AT"
 
