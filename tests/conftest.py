@@ -12,7 +12,7 @@ from pathlib import Path
 import helpers
 import pytest
 from fixtures_cluster import cluster, slurm
-from fixtures_runs import chunked_run, early_stopped, initial_model, multilabel_run, small_data, uninterrupted
+from fixtures_runs import chunked_run, early_stopped, initial_model, multilabel_run, one_rank, small_data, uninterrupted
 from fixtures_tracking import mlflow_server, tracked_run
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "initial_model",
     "mlflow_server",
     "multilabel_run",
+    "one_rank",
     "slurm",
     "small_data",
     "tracked_run",

@@ -12,6 +12,7 @@ from helpers import (
     SAMPLE,
     STOP_SETTINGS,
     ds_config,
+    free_port,
     long_notes,
     read_jsonl,
     train,
@@ -111,3 +112,23 @@ def early_stopped(tmp_path_factory, small_data):
         return runs[stage]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """A world of one rank in this process, as a launcher would describe it (for `Run.setup`, the
+    in-process tier's engine), and small data whose tokenizer and tokenized cache are built once per
+    test module: {"train", "dev", "cache"}."""
+    root = tmp_path_factory.mktemp("loop")
+    env = pytest.MonkeyPatch()
+    for key, value in dict(
+        DS_ACCELERATOR="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    ).items():
+        env.setenv(key, value)
+    data = {
+        "train": write_jsonl(root / "train.jsonl", read_jsonl(SAMPLE / "train.jsonl")[:64]),
+        "dev": write_jsonl(root / "dev.jsonl", read_jsonl(SAMPLE / "dev.jsonl")[:16]),
+        "cache": root / "cache",
+    }
+    yield data
+    env.undo()

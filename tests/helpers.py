@@ -20,8 +20,11 @@ SAMPLE = REPO / "pipeline" / "sample_data"
 
 
 def cpu_env() -> dict:
+    """This environment for a launched process, on DeepSpeed's CPU accelerator, without the rank
+    variables of the in-process tier's world of one (the `one_rank` fixture)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
     return env
 
 
@@ -323,3 +326,21 @@ def require(
         if in_ci():
             pytest.fail(message)
         pytest.skip(message)
+
+
+def setup_run(one_rank: dict, tmp_path: Path, micro=2, accum=2, lr=1e-3, stage=2, **options):
+    """A `Run` of the tiny model on `one_rank`'s data (the fixture's world of one rank in this
+    process), ZeRO `stage`, set up in this process: the in-process tier's real engine."""
+    from pipeline.core.options import TrainConfig
+    from pipeline.train.run import Run
+
+    cfg = TrainConfig(
+        ds_config=str(ds_config(tmp_path / "ds.json", stage, micro=micro, accum=accum, lr=lr)),
+        train_file=str(one_rank["train"]),
+        dev_file=str(one_rank["dev"]),
+        cache_dir=str(one_rank["cache"]),
+        output_dir=str(tmp_path),
+        run_name="run",
+        **{"max_length": 32, "eval_every": 0, "log_every": 1, "report_to": "none", "baseline": "none", **options},
+    )
+    return Run.setup(cfg)

@@ -1,5 +1,5 @@
 """The training loop in this process: `Run.setup` builds a real DeepSpeed engine for a world of one
-CPU rank (gloo), and `train_loop` runs on it directly, without a launcher. What needs several ranks
+CPU rank (gloo; the `one_rank` fixture), and `train_loop` runs on it directly, without a launcher. What needs several ranks
 (exact evaluation, the stop vote across ranks, resume) is in test_train.py, test_stop.py and
 test_resume.py."""
 
@@ -7,7 +7,7 @@ import os
 import signal
 
 import pytest
-from helpers import SAMPLE, ds_config, free_port, read_jsonl, write_jsonl
+from helpers import read_jsonl, setup_run
 
 from pipeline.checkpoint.checkpoints import MANIFEST
 from pipeline.checkpoint.export import export_checkpoint
@@ -15,39 +15,6 @@ from pipeline.core.options import TrainConfig
 from pipeline.core.stop import Stopped
 from pipeline.train.loop import NAN_AT_STEP, TrainingStopped
 from pipeline.train.run import Run
-
-
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    """A world of one rank on this machine, as a launcher would describe it, and small data whose
-    tokenizer and tokenized cache are built once for every test here."""
-    root = tmp_path_factory.mktemp("loop")
-    env = pytest.MonkeyPatch()
-    for key, value in dict(
-        DS_ACCELERATOR="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-    ).items():
-        env.setenv(key, value)
-    data = {
-        "train": write_jsonl(root / "train.jsonl", read_jsonl(SAMPLE / "train.jsonl")[:64]),
-        "dev": write_jsonl(root / "dev.jsonl", read_jsonl(SAMPLE / "dev.jsonl")[:16]),
-        "cache": root / "cache",
-    }
-    yield data
-    env.undo()
-
-
-def setup_run(one_rank, tmp_path, micro=2, accum=2, lr=1e-3, **options) -> Run:
-    """A run of the tiny model on the small data, ZeRO-2, set up in this process."""
-    cfg = TrainConfig(
-        ds_config=str(ds_config(tmp_path / "ds.json", 2, micro=micro, accum=accum, lr=lr)),
-        train_file=str(one_rank["train"]),
-        dev_file=str(one_rank["dev"]),
-        cache_dir=str(one_rank["cache"]),
-        output_dir=str(tmp_path),
-        run_name="run",
-        **{"max_length": 32, "eval_every": 0, "log_every": 1, "report_to": "none", **options},
-    )
-    return Run.setup(cfg)
 
 
 def forward_count(run: Run) -> list[int]:
