@@ -236,6 +236,11 @@ def shutdown(wait_for_others: bool = True) -> None:
             with contextlib.suppress(Exception):  # a rank that never arrives: leave anyway
                 td.monitored_barrier(group=_rank0_work, timeout=timedelta(seconds=10))
         td.destroy_process_group()
+        # DeepSpeed keeps its clone of the world group past it: a process that starts another run
+        # (an in-process test after a refusal) would build its engine on the destroyed group.
+        from deepspeed.utils import groups
+
+        groups._WORLD_GROUP = None
 
 
 def barrier() -> None:
