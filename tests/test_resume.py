@@ -1,8 +1,8 @@
 """Checkpoints and resume with real ranks: a resumed run equals the uninterrupted one, bit for bit."""
 
-import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,7 +20,6 @@ from helpers import (
     in_ci,
     launch,
     losses,
-    pipeline_command,
     rank_processes,
     read_jsonl,
     run_options,
@@ -77,17 +76,24 @@ def assert_same_run(run, reference):
 
 
 def interrupted_copy(reference, target, last_step):
-    """The reference run as it would be if it had died right after saving step `last_step`."""
-    shutil.copytree(reference, target)
-    shutil.rmtree(target / "export")
+    """The reference run as it would be if it had died right after saving step `last_step`: its
+    checkpoints, metrics and evaluations up to that step, and none of the outputs written later
+    (export, eval_results.json, predictions): the resumed run must write every one of them, so a
+    resume that wrote nothing or the wrong thing cannot pass by the reference's copies."""
+    shutil.copytree(reference, target, ignore=shutil.ignore_patterns("export", "eval_results.json", "predictions-*.jsonl"))
     for ckpt in (target / "checkpoints").glob("step-*"):
         if step_of(ckpt) > last_step:
             shutil.rmtree(ckpt)
+    for evaluation in (target / "eval").glob("*.json"):
+        if int(re.fullmatch(r".*-step-(\d+)\.json", evaluation.name).group(1)) > last_step:
+            evaluation.unlink()
+    write_jsonl(target / "metrics.jsonl", [row for row in read_jsonl(target / "metrics.jsonl") if row["step"] <= last_step])
     return target
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, small_data):
+    """reference(stage): (run directory, DeepSpeed config) of RUN_ARGS on 2 CPU ranks, tiny-bert with dropout."""
     runs = {}
 
     def get(stage):
@@ -102,18 +108,24 @@ def reference(tmp_path_factory, small_data):
     return get
 
 
-@pytest.mark.parametrize("stage, last_step", [(2, 20), (3, 20), (2, 16)], ids=["mid-epoch-2", "mid-epoch-3", "epoch-boundary-2"])
-def test_resume_equals_uninterrupted(reference, small_data, tmp_path, stage, last_step):
-    """From step 20 the updates of a restarted DeepSpeed CPU Adam used to differ in the last bits
-    (see checkpoint.replay_cpu_adam_steps); from 16 they happened not to. The epoch boundary is the
-    data order's case, the same code under either stage: ZeRO-2 only (CI time)."""
-    ref, config = reference(stage)
-    copy = interrupted_copy(ref, tmp_path / "interrupted", last_step)
-    result = launch(train_args(config, small_data, tmp_path, "--resume", str(copy / "checkpoints" / f"step-{last_step}")))
+def position(ckpt) -> tuple[int, int]:
+    """(epoch, step in the epoch) a checkpoint resumes at."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    return state["epoch"], state["step_in_epoch"]
+
+
+def test_resume_under_zero3_equals_uninterrupted(reference, small_data, tmp_path):
+    """Resumed mid-epoch from step 20 of ZeRO-3's partitioned state: from step 20 the updates of a
+    restarted DeepSpeed CPU Adam used to differ in the last bits (see checkpoint.replay_cpu_adam_steps).
+    ZeRO-2's resumes, mid-epoch from step 20 and at the epoch boundary (step 16, the data order's case),
+    are the SIGKILL tests'."""
+    ref, config = reference(3)
+    copy = interrupted_copy(ref, tmp_path / "interrupted", 20)
+    ckpt = copy / "checkpoints" / "step-20"
+    result = launch(train_args(config, small_data, tmp_path, "--resume", str(ckpt)))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    state = json.loads((copy / "checkpoints" / f"step-{last_step}" / "trainer_state.json").read_text())
-    assert (state["epoch"], state["step_in_epoch"]) == ((1, 4) if last_step == 20 else (1, 0))
-    assert f"resumed from {copy / 'checkpoints' / f'step-{last_step}'}" in result.stdout
+    assert position(ckpt) == (1, 4)
+    assert f"resumed from {ckpt}" in result.stdout
     assert_same_run(copy, ref)
 
 
@@ -122,69 +134,65 @@ def kill_rank(launcher: subprocess.Popen, rank: int) -> None:
         p.send_signal(signal.SIGKILL)
 
 
-def start_killable_run(config, data, tmp_path, *extra) -> subprocess.Popen:
-    """A training run named 'killed', in the background; its console goes to killed.log."""
+def start_killable_run(config, data, tmp_path, pause_at, *extra) -> tuple[subprocess.Popen, Path]:
+    """A training run named 'killed', in the background, whose rank 0 pauses at `pause_at` (the
+    PIPELINE_TEST_PAUSE_AT stage); its console goes to killed.log. Returns (the job, the hook's marker)."""
     cmd = deepspeed_command(train_args(config, data, tmp_path, "--run-name", "killed", "--dist-timeout-minutes", "0.5", *extra))
-    return subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=open(tmp_path / "killed.log", "w"), stderr=subprocess.STDOUT)
+    marker = tmp_path / "paused"
+    env = {**cpu_env(), "PIPELINE_TEST_PAUSE_AT": f"{pause_at}:{marker}"}
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(tmp_path / "killed.log", "w"), stderr=subprocess.STDOUT)
+    return job, marker
+
+
+def wait_until_paused(job, marker, tmp_path) -> None:
+    """Until rank 0 has written its pid to the hook's marker (it then waits there for the kill)."""
+    deadline = time.time() + 240
+    while not (marker.is_file() and marker.read_text()):
+        ended = job.poll() is not None
+        assert not ended and time.time() < deadline, "the run never paused:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+        time.sleep(0.1)
 
 
 def test_sigkill_during_a_save_leaves_a_partial_that_resume_auto_skips(reference, small_data, tmp_path):
-    """Kill rank 1 while a checkpoint is being written: the job fails fast, the half-written
-    checkpoint is never resumed from, and `--resume auto` finishes the run exactly as if uninterrupted."""
+    """Kill rank 1 while step 18's checkpoint is being written (rank 0 paused with its files written,
+    its manifest not): the job fails fast, the half-written checkpoint is never resumed from, and
+    `--resume auto` finishes the run from step 16 (the epoch boundary) exactly as if uninterrupted."""
     ref, config = reference(2)
-    job = start_killable_run(config, small_data, tmp_path, "--save-every", "1")
-    ckpts = tmp_path / "killed" / "checkpoints"
-
-    def being_written():
-        return [p for p in ckpts.glob("step-*") if step_of(p) >= 10 and not (p / "manifest.json").exists()]
-
-    deadline = time.time() + 240
-    while not being_written() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.001)
-    assert job.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+    job, marker = start_killable_run(config, small_data, tmp_path, "saved-step-18")
+    wait_until_paused(job, marker, tmp_path)
     killed_at = time.time()
     kill_rank(job, 1)
     assert job.wait(timeout=60) != 0
     assert time.time() - killed_at < 60
-    partial = [p for p in ckpts.glob("step-*") if not (p / "manifest.json").exists()]
-    assert len(partial) == 1, "the kill did not land inside a save"
-    newest_complete = ckpts / f"step-{step_of(partial[0]) - 1}"
-    assert (newest_complete / "manifest.json").exists()
+    ckpts = tmp_path / "killed" / "checkpoints"
+    partial = ckpts / "step-18"
+    assert [p for p in ckpts.glob("step-*") if not (p / "manifest.json").exists()] == [partial]
+    newest_complete = ckpts / "step-16"
+    assert (newest_complete / "manifest.json").exists() and position(newest_complete) == (1, 0)
 
     result = launch(train_args(config, small_data, tmp_path, "--run-name", "killed", "--resume", "auto"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"ignoring incomplete checkpoint {partial[0]}" in result.stdout + result.stderr
+    assert f"ignoring incomplete checkpoint {partial}" in result.stdout + result.stderr
     assert f"resumed from {newest_complete}" in result.stdout
     assert_same_run(tmp_path / "killed", ref)
 
 
-def last_logged_step(metrics) -> int:
-    """The newest training step in a metrics.jsonl being written (its last line may be incomplete)."""
-    steps = [0]
-    for line in metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []:
-        with contextlib.suppress(json.JSONDecodeError):
-            steps.append(json.loads(line)["step"])
-    return max(steps)
-
-
 def test_sigkill_of_rank_0_between_saves_then_resume_auto_is_exact(reference, small_data, tmp_path):
-    """Kill rank 0 in the middle of training, after an odd step >= 19 (the save of the next even
-    step has not begun), leaving metrics.jsonl with a cut-short last line: `--resume auto` from
-    step 18 or later (where a restarted CPU Adam used to drift) finishes the run exactly as if uninterrupted."""
+    """Kill rank 0 in the middle of training, paused before step 22's vote: step 21 is logged and
+    evaluated, step 22's save has not begun. With metrics.jsonl left with a cut-short last line,
+    `--resume auto` from step 20 (mid-epoch, where a restarted CPU Adam used to drift) finishes the
+    run exactly as if uninterrupted."""
     ref, config = reference(2)
-    job = start_killable_run(config, small_data, tmp_path)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (last_logged_step(metrics) >= 19 and last_logged_step(metrics) % 2) and job.poll() is None:
-        assert time.time() < deadline, "training did not reach step 19"
-        time.sleep(0.001)
-    assert job.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+    job, marker = start_killable_run(config, small_data, tmp_path, "step-22")
+    wait_until_paused(job, marker, tmp_path)
     kill_rank(job, 0)
     assert job.wait(timeout=60) != 0
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    assert max(row["step"] for row in read_jsonl(metrics)) == 21
     ckpts = tmp_path / "killed" / "checkpoints"
-    assert all((p / "manifest.json").exists() for p in ckpts.glob("step-*")), "the kill landed inside a save"
+    assert all((p / "manifest.json").exists() for p in ckpts.glob("step-*"))
     newest = max(ckpts.glob("step-*"), key=step_of)
-    assert step_of(newest) >= 18
+    assert newest == ckpts / "step-20" and position(newest) == (1, 4)
     with open(metrics, "a", encoding="utf-8") as f:
         f.write('{"step": 99, "epoch": 1, "lo')  # a kill in the middle of writing a line
 
@@ -210,60 +218,95 @@ def test_resume_on_changed_training_data_is_refused(reference, small_data, tmp_p
     assert "train records 256 -> 96" in result.stderr and "Traceback" not in result.stdout + result.stderr
 
 
-def test_export_from_zero3_shards_reproduces_the_training_predictions(reference, small_data, tmp_path):
+def test_export_from_zero3_shards_reproduces_the_training_predictions(reference, small_data, tmp_path, capsys):
+    """`export` and `predict` are one-process tools: called in this process, on a launched ZeRO-3 run."""
+    from pipeline.cli.main import main
+
     ref, _ = reference(3)
     out = tmp_path / "exported"
-    pipeline_command("export", str(ref / "checkpoints" / "step-32"), str(out), check=True)
+    assert main(["export", str(ref / "checkpoints" / "step-32"), str(out)]) == 0
     # Into the run directory itself: refused, and nothing deleted.
     before = sorted(p.relative_to(ref) for p in ref.rglob("*"))
-    refused = pipeline_command("export", str(ref / "checkpoints" / "step-32"), str(ref))
-    assert refused.returncode == 2 and f"error: export: {ref} exists and is not an export" in refused.stderr, refused.stderr
+    capsys.readouterr()
+    assert main(["export", str(ref / "checkpoints" / "step-32"), str(ref)]) == 2
+    assert f"error: export: {ref} exists and is not an export" in capsys.readouterr().err
     assert sorted(p.relative_to(ref) for p in ref.rglob("*")) == before
     mine, theirs = load_file(out / "model.safetensors"), load_file(ref / "export" / "model.safetensors")
     assert mine.keys() == theirs.keys() and all((mine[k] == theirs[k]).all() for k in theirs)
-    predicted = pipeline_command("predict", "--model", str(out), "--input", str(small_data["dev"]), check=True)
-    labels = [json.loads(line)["label"] for line in predicted.stdout.splitlines()]
+    assert main(["predict", "--model", str(out), "--input", str(small_data["dev"])]) == 0
+    labels = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()]
     assert labels == [row["label"] for row in read_jsonl(ref / "predictions-dev.jsonl")]
 
 
-@pytest.mark.parametrize(
-    "stage, before, after",
-    [(2, 2, 1), (2, 1, 2), (3, 2, 1)],
-    ids=["zero2-2-to-1-ranks", "zero2-1-to-2-ranks", "zero3-2-to-1-ranks"],
-)
-def test_resume_on_another_world_size_keeps_the_global_batch(initial_model, small_data, tmp_path, stage, before, after):
-    """ZeRO-2 (which DeepSpeed's own universal-checkpoint tests do not cover) and ZeRO-3, through the
-    universal format.
+# World-size changes: the model has no dropout (initial_model), so the only difference from the
+# uninterrupted run left is the order of floating-point reductions: losses and weights must agree
+# to float32 rounding. 16 steps of 16 records; checkpoints every 2 steps.
+ACCUMULATION = {2: 2, 1: 4}  # 4 per rank x accumulation x ranks = 16
+WORLD_ARGS = ("--epochs", "1")
 
-    The model has no dropout, so the only difference from the uninterrupted run left is the order
-    of floating-point reductions: losses and weights must agree to float32 rounding."""
-    accum = {2: 2, 1: 4}  # 4 per rank x accum x ranks = 16
-    config = ds_config(tmp_path / "ds.json", stage, micro=4, accum=accum[before])
-    args = ("--model", str(initial_model), "--epochs", "1")
-    result = launch(train_args(config, small_data, tmp_path, "--run-name", "ref", *args), ranks=before)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ref = tmp_path / "ref"
-    copy = interrupted_copy(ref, tmp_path / "interrupted", 6)
-    # The same JSON on the new world size: the run must re-derive accumulation to keep 16.
-    result = launch(
-        train_args(config, small_data, tmp_path, "--resume", str(copy / "checkpoints" / "step-6"), *args), ranks=after
-    )
+
+@pytest.fixture(scope="module")
+def two_to_one(tmp_path_factory, initial_model, small_data):
+    """two_to_one(stage): (the 2-rank uninterrupted run, its copy interrupted at step 6 and resumed on
+    1 rank with the 2-rank JSON, that launch's result)."""
+    runs = {}
+
+    def get(stage):
+        if stage not in runs:
+            tmp = tmp_path_factory.mktemp(f"world-zero{stage}")
+            config = ds_config(tmp / "ds.json", stage, micro=4, accum=ACCUMULATION[2])
+            args = ("--model", str(initial_model), *WORLD_ARGS)
+            result = launch(train_args(config, small_data, tmp, "--run-name", "ref", *args))
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            copy = interrupted_copy(tmp / "ref", tmp / "interrupted", 6)
+            resume = ("--run-name", "interrupted", "--resume", str(copy / "checkpoints" / "step-6"))
+            result = launch(train_args(config, small_data, tmp, *resume, *args), ranks=1)
+            runs[stage] = tmp / "ref", copy, result
+        return runs[stage]
+
+    return get
+
+
+def assert_resumed_on(world, stage, copy, ref, resumed_from, result) -> None:
+    """The resumed run re-derived accumulation for `world` ranks, kept the global batch of 16, and
+    ended where the uninterrupted run `ref` did, to float32 rounding."""
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert f"global batch kept at 16 = 4 x {accum[after]} accumulation x {after}" in output
+    assert f"global batch kept at 16 = 4 x {ACCUMULATION[world]} accumulation x {world}" in output
     assert "not carried over: each rank's RNG state" in output
     resolved = json.loads((copy / "ds_config.json").read_text())
     assert (resolved["train_batch_size"], resolved["gradient_accumulation_steps"], resolved["world_size"]) == (
         16,
-        accum[after],
-        after,
+        ACCUMULATION[world],
+        world,
     )
-    assert resolved["zero_optimization"]["stage"] == stage and (copy / "checkpoints" / "step-6.universal").is_dir()
+    assert resolved["zero_optimization"]["stage"] == stage
+    assert (copy / "checkpoints" / f"step-{resumed_from}.universal").is_dir()
     resumed, reference_curve = losses(copy), losses(ref)
     assert len(resumed) == len(reference_curve) == 16
     assert max(abs(a - b) for a, b in zip(resumed, reference_curve)) < 1e-5, (resumed, reference_curve)
     mine, theirs = load_file(copy / "export" / "model.safetensors"), load_file(ref / "export" / "model.safetensors")
     assert max(abs(mine[k] - theirs[k]).max() for k in theirs) < 1e-5
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_resume_from_2_ranks_on_1_keeps_the_global_batch(two_to_one, stage):
+    """ZeRO-2 (which DeepSpeed's own universal-checkpoint tests do not cover) and ZeRO-3, through the
+    universal format; the same JSON on the new world size: the run must re-derive accumulation."""
+    ref, copy, result = two_to_one(stage)
+    assert_resumed_on(1, stage, copy, ref, 6, result)
+
+
+def test_resume_from_1_rank_on_2_keeps_the_global_batch(two_to_one, initial_model, small_data, tmp_path):
+    """ZeRO-2 the other way: step 10 of the 1-rank leg above (its checkpoints from step 8 on written
+    by one rank), resumed on 2 ranks with that leg's 1-rank JSON (accumulation 4)."""
+    ref, one_rank_run, _ = two_to_one(2)
+    assert json.loads((one_rank_run / "ds_config.json").read_text())["world_size"] == 1
+    copy = interrupted_copy(one_rank_run, tmp_path / "interrupted", 10)
+    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=ACCUMULATION[1])
+    resume = ("--run-name", "interrupted", "--resume", str(copy / "checkpoints" / "step-10"), "--model", str(initial_model))
+    result = launch(train_args(config, small_data, tmp_path, *resume, *WORLD_ARGS))
+    assert_resumed_on(2, 2, copy, ref, 10, result)
 
 
 @pytest.fixture()
@@ -354,7 +397,6 @@ def test_a_resumed_run_keeps_the_patience_count_and_stops_where_the_uninterrupte
         json.loads((ref / "checkpoints" / f"step-{last_step}" / "trainer_state.json").read_text())["evaluations_since_best"] == 2
     )
     copy = interrupted_copy(ref, tmp_path / "interrupted", last_step)
-    (copy / "eval_results.json").unlink()
     args = ["train", "--ds-config", str(config), *run_options(small_data, tmp_path), *EARLY_STOP_SETTINGS]
     result = launch([*args, "--resume", str(copy / "checkpoints" / f"step-{last_step}")])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -381,33 +423,44 @@ def finished(tmp_path_factory, small_data):
 
 def resume_copy(run_dir, tmp_path, data, config, resume):
     """Resume a copy of `run_dir` (as tmp_path/run) with `config`, from `resume` ("auto" or a
-    checkpoint name, "step-N"); returns (the launch's result, the copy)."""
+    checkpoint name, "step-N"); returns (the launch's result, the copy). The copy has none of the
+    finished run's outputs (export, eval_results.json, predictions): what a test reads of them is the
+    resumed run's."""
     copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export", "eval_results.json", "predictions-*.jsonl"))
     where = resume if resume == "auto" else str(copy / "checkpoints" / resume)
     args = ["train", "--ds-config", str(config), *run_options(data, tmp_path), *BRANCH_SETTINGS, "--resume", where]
     return launch(args), copy
 
 
-def test_resuming_an_older_checkpoint_owns_the_later_steps(finished, small_data, tmp_path):
+@pytest.fixture(scope="module")
+def branched(finished, small_data, tmp_path_factory):
+    """(result, run directory) of the finished run resumed from its step 2 with a new learning rate
+    (4e-3): one launch for the two tests of resuming an older checkpoint."""
+    _, first = finished
+    tmp = tmp_path_factory.mktemp("branched")
+    faster = ds_config(tmp / "ds-faster.json", 2, micro=4, accum=2, lr=4e-3)
+    return resume_copy(first, tmp, small_data, faster, "step-2")
+
+
+def test_resuming_an_older_checkpoint_owns_the_later_steps(branched):
     """Resumed from step 2 (to go on another way): the old step 4 is moved aside, named; the new
-    step 4 is saved; the export holds this run's weights."""
-    config, first = finished
-    result, copy = resume_copy(first, tmp_path, small_data, config, "step-2")
+    step 4 is saved, with other weights (the new learning rate); the export holds this run's weights."""
+    result, copy = branched
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (aside,) = (copy / "checkpoints").glob("superseded-after-step-2-*")
     assert f"moved aside to {aside}" in result.stdout + result.stderr
     assert (aside / "step-4" / "manifest.json").is_file() and (copy / "checkpoints" / "step-4" / "manifest.json").is_file()
+    old, new = consolidated_fp32_state_dict(aside / "step-4"), consolidated_fp32_state_dict(copy / "checkpoints" / "step-4")
+    assert any((old[k] != new[k]).any() for k in new)
     exported = json.loads((copy / "eval_results.json").read_text())["step"]
     mine = load_file(copy / "export" / "model.safetensors")
     theirs = consolidated_fp32_state_dict(copy / "checkpoints" / f"step-{exported}")
     assert all((mine[k] == theirs[k].numpy()).all() for k in theirs)
 
 
-def test_a_new_learning_rate_on_resume_is_applied_and_said(finished, small_data, tmp_path):
-    _, first = finished
-    faster = ds_config(tmp_path / "ds-faster.json", 2, micro=4, accum=2, lr=4e-3)
-    result, copy = resume_copy(first, tmp_path, small_data, faster, "step-2")
+def test_a_new_learning_rate_on_resume_is_applied_and_said(branched):
+    result, copy = branched
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [row["lr"] for row in read_jsonl(copy / "metrics.jsonl") if "split" not in row] == [1e-3, 1e-3, 4e-3, 4e-3]
     assert "resumed optimizer: lr 0.001 -> 0.004 (this run's DeepSpeed config applies, not the checkpoint's)" in result.stdout
@@ -434,10 +487,14 @@ def test_every_file_of_a_run_follows_the_umask(finished):
 
 
 def test_an_export_that_cannot_delete_the_earlier_one_keeps_one_in_place(finished, tmp_path, monkeypatch):
-    """Files busy on NFS: the earlier export cannot be deleted entirely. One export stays, complete."""
+    """Files busy on NFS: the earlier export (step 2's), once renamed aside, cannot be deleted
+    entirely. The new export (step 4's) is in place, complete, and the call succeeds; what is left of
+    the old one stays aside, under its own name."""
     from pipeline.checkpoint import export as export_module
 
     _, run_dir = finished
+    step_2, step_4 = (consolidated_fp32_state_dict(run_dir / "checkpoints" / f"step-{n}") for n in (2, 4))
+    assert any((step_2[k] != step_4[k]).any() for k in step_4)  # so the weights tell which export is in place
     target = export_module.export_checkpoint(run_dir / "checkpoints" / "step-2", tmp_path / "export")
     real_rmtree = shutil.rmtree
 
@@ -449,10 +506,13 @@ def test_an_export_that_cannot_delete_the_earlier_one_keeps_one_in_place(finishe
             raise OSError(16, "Device or resource busy", str(path))
 
     monkeypatch.setattr(export_module.shutil, "rmtree", busy_rmtree)
-    with contextlib.suppress(OSError):
-        export_module.export_checkpoint(run_dir / "checkpoints" / "step-4", target, overwrite=True)
-    assert export_module.is_export(target) and (target / "model.safetensors").is_file()
+    assert export_module.export_checkpoint(run_dir / "checkpoints" / "step-4", target, overwrite=True) == target
+    assert export_module.is_export(target)
     export_module.check_export_weights(target)
+    weights = load_file(target / "model.safetensors")
+    assert weights.keys() == step_4.keys() and all((weights[k] == step_4[k].numpy()).all() for k in step_4)
+    (left,) = tmp_path.glob("export.old*")
+    assert not (left / "model.safetensors").exists()  # the part the busy file system did delete
 
 
 def test_a_full_disk_outside_a_save_stops_every_rank_with_one_line(initial_model, small_data, tmp_path, small_fs):

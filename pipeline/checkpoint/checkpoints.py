@@ -262,7 +262,7 @@ def save(engine, run_dir: Path, state, tokenizer, probe: dict, probe_logits, pre
                 "inputs": {k: v.tolist() for k, v in probe.items() if k != "labels"},
             },
         )
-        pause_for_test("saved")  # every rank's files written, the manifest not yet
+        pause_for_test("saved", f"saved-step-{state.optimizer_step}")  # every rank's files written, the manifest not yet
         write_manifest(ckpt, reported)
         prune(root, keep, state.best_step)
 

@@ -77,14 +77,16 @@ def raise_if_requested(stage: str) -> None:
 
 # Test hook (documented in docs/troubleshooting.md): "STAGE:PATH" makes rank 0, the first time it
 # reaches STAGE (data, tokenize: after the first batch of records is tokenized, evaluate, save,
-# saved: a save's files all written but not its manifest, step-N: before step N's stop vote), write its pid to PATH and
-# wait until PATH is removed, so a test can send a signal at that stage.
+# saved: a save's files all written but not its manifest, saved-step-N: the same in step N's save,
+# step-N: before step N's stop vote), write its pid to PATH and wait until PATH is removed, so a
+# test can send a signal at that stage.
 PAUSE_AT = "PIPELINE_TEST_PAUSE_AT"
 
 
-def pause_for_test(stage: str) -> None:
+def pause_for_test(*stages: str) -> None:
+    """Pause here if the hook names one of `stages` (a point can have a plain and a step's name)."""
     wanted, _, marker = os.environ.get(PAUSE_AT, "").partition(":")
-    if stage != wanted or not dist.is_main():
+    if wanted not in stages or not dist.is_main():
         return
     del os.environ[PAUSE_AT]  # once
     Path(marker).write_text(str(os.getpid()), encoding="utf-8")
