@@ -116,7 +116,7 @@ def test_a_hostfile_with_one_remote_host_runs_there_not_here(cluster, small_data
         "--max-length",
         "64",
         "--max-steps",
-        "2",
+        "1",  # one step shows the rank trained there
         "--eval-every",
         "0",
         timeout=300,
@@ -124,7 +124,7 @@ def test_a_hostfile_with_one_remote_host_runs_there_not_here(cluster, small_data
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "rank 0 of 1: host node2," in output, output[-4000:]  # hostname inside node2's UTS namespace
-    assert len(losses(tmp_path / "run")) == 2
+    assert len(losses(tmp_path / "run")) == 1
 
 
 def test_accelerator_is_decided_per_host_not_by_the_launching_machine():
