@@ -1,5 +1,8 @@
 """launch.sh's checks that need no host: each bad input stops it before the deepspeed runner starts,
-with the file and line named; the env file for remote ranks merges the user's own files, unchanged."""
+with the file and line named; the env file for remote ranks merges the user's own files, unchanged.
+
+The refusals run `zero-pipeline launch` (what ./launch.sh execs) in this process; one test runs the
+script itself, to see that it passes arguments, working directory and exit code through."""
 
 import os
 import subprocess
@@ -10,6 +13,7 @@ from helpers import REPO, cpu_env, ds_config, free_port, launch_sh, run_options
 from pipeline.core.base import ConfigError
 from pipeline.core.dist import device_index
 from pipeline.core.options import DEFAULT_DS_CONFIG
+from pipeline.launch import doctor, launcher
 from pipeline.launch.hosts import parse_node_address, read_hostfile
 from pipeline.launch.launcher import (
     deepspeed_command,
@@ -25,21 +29,45 @@ from pipeline.launch.launcher import (
 )
 
 
-@pytest.mark.ranks
-def test_missing_hostfile_is_an_error_not_a_fallback(tmp_path):
-    result = launch_sh("--hostfile", str(tmp_path / "nodes"))
-    assert result.returncode == 2
-    assert f"launch: error: {tmp_path / 'nodes'}: hostfile not found" in result.stderr
-    assert "runner.py" not in result.stdout + result.stderr
+@pytest.fixture
+def refuse(monkeypatch, capsys):
+    """`refuse(*ARGV)`: `zero-pipeline launch ARGV` in this process, with CPU ranks' environment, which
+    must stop with exit 2 (a ConfigError, or argparse's usage error) before the doctor or the runner
+    starts a process: reaching either fails the test there. Returns (stdout, stderr)."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+    def reached(what):
+        def stop(*args, **kwargs):
+            pytest.fail(f"the launch reached {what} instead of being refused", pytrace=False)
+
+        return stop
+
+    monkeypatch.setattr(doctor, "check", reached("the doctor"))
+    monkeypatch.setattr(launcher, "deepspeed_command", reached("the deepspeed runner"))
+    monkeypatch.setattr(launcher, "slurm_command", reached("srun"))
+
+    def run(*argv: str) -> tuple[str, str]:
+        try:
+            code = launcher.main(list(argv))
+        except SystemExit as e:  # argparse's errors: the exit code the script returns
+            code = e.code
+        out = capsys.readouterr()
+        assert code == 2, out.out + out.err
+        return out.out, out.err
+
+    return run
 
 
-@pytest.mark.ranks
-def test_malformed_hostfile_line_stops_the_launch(tmp_path):
+def test_missing_hostfile_is_an_error_not_a_fallback(tmp_path, refuse):
+    _, err = refuse("--hostfile", str(tmp_path / "nodes"))
+    assert f"launch: error: {tmp_path / 'nodes'}: hostfile not found" in err
+
+
+def test_malformed_hostfile_line_stops_the_launch(tmp_path, refuse):
     hostfile = tmp_path / "nodes"
     hostfile.write_text("# comment\nnode1 slots=8\nnode2 8\n")
-    result = launch_sh("--hostfile", str(hostfile))
-    assert result.returncode == 2
-    assert f"launch: error: {hostfile}, line 3:" in result.stderr, result.stderr
+    _, err = refuse("--hostfile", str(hostfile))
+    assert f"launch: error: {hostfile}, line 3:" in err, err
 
 
 def test_hostfiles_in_the_repository_parse():
@@ -49,33 +77,26 @@ def test_hostfiles_in_the_repository_parse():
     assert read_env_file(REPO / "hostfiles" / "two-nodes.env")["GLOO_SOCKET_IFNAME"] == "eth0"
 
 
-@pytest.mark.ranks
-def test_malformed_env_file_line_stops_the_launch(tmp_path):
+def test_malformed_env_file_line_stops_the_launch(tmp_path, refuse):
     hostfile = tmp_path / "nodes"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
     (tmp_path / "nodes.env").write_text("# NCCL settings\nNCCL_DEBUG=INFO\nNCCL_SOCKET_IFNAME eth0\n")
-    result = launch_sh("--hostfile", str(hostfile))
-    assert result.returncode == 2
-    assert f"launch: error: {tmp_path / 'nodes.env'}, line 3: expected KEY=VALUE" in result.stderr, result.stderr
-    assert "runner.py" not in result.stdout + result.stderr
+    _, err = refuse("--hostfile", str(hostfile))
+    assert f"launch: error: {tmp_path / 'nodes.env'}, line 3: expected KEY=VALUE" in err, err
 
 
-@pytest.mark.ranks
-def test_openmpi_rejects_include_before_launching(tmp_path):
+def test_openmpi_rejects_include_before_launching(tmp_path, refuse):
     hostfile = tmp_path / "nodes"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
-    result = launch_sh("--hostfile", str(hostfile), "--launcher", "openmpi", "--include", "node1")
-    assert result.returncode == 2
-    assert "--launcher openmpi does not support --include/--exclude" in result.stderr
+    _, err = refuse("--hostfile", str(hostfile), "--launcher", "openmpi", "--include", "node1")
+    assert "--launcher openmpi does not support --include/--exclude" in err
 
 
-@pytest.mark.ranks
-def test_include_of_an_unknown_host_is_an_error(tmp_path):
+def test_include_of_an_unknown_host_is_an_error(tmp_path, refuse):
     hostfile = tmp_path / "nodes"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
-    result = launch_sh("--hostfile", str(hostfile), "--include", "node3")
-    assert result.returncode == 2
-    assert f"launch: error: {hostfile}: --include node3: Hostname 'node3' not found" in result.stderr, result.stderr
+    _, err = refuse("--hostfile", str(hostfile), "--include", "node3")
+    assert f"launch: error: {hostfile}: --include node3: Hostname 'node3' not found" in err, err
 
 
 def test_rank_env_merges_the_users_deepspeed_env_and_the_cluster_env_file(tmp_path, monkeypatch):
@@ -154,13 +175,10 @@ def test_cuda_visible_devices_picks_the_ranks_of_a_real_launch(tmp_path, small_d
     assert "4 per rank x 2 accumulation x 1 ranks" in output
 
 
-@pytest.mark.ranks
-def test_fp16_on_cpu_ranks_is_refused_before_launch(tmp_path):
+def test_fp16_on_cpu_ranks_is_refused_before_launch(tmp_path, refuse):
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2, fp16={"enabled": True})
-    result = launch_sh("--ds-config", str(config), "--no-doctor", "--accelerator", "cpu")
-    assert result.returncode == 2
-    assert "fp16 requested but CPU" in result.stderr, result.stderr
-    assert "runner.py" not in result.stdout + result.stderr
+    _, err = refuse("--ds-config", str(config), "--no-doctor", "--accelerator", "cpu")
+    assert "fp16 requested but CPU" in err, err
 
 
 def test_deepspeed_command_per_launcher():
@@ -216,12 +234,11 @@ def test_options_take_underscores_and_hugging_face_names():
     assert train_args[:2] == ["--output_dir", "out"]  # passed on unchanged: `train` takes the same spellings
 
 
-def test_unknown_option_is_refused_before_the_doctor_and_the_ranks():
-    result = launch_sh("--max-steps", "2", "--learning_rat", "3e-5")
-    assert result.returncode == 2
-    assert "unrecognized arguments: --learning_rat 3e-5" in result.stderr, result.stderr
-    assert "did you mean --learning_rate?" in result.stderr, result.stderr
-    assert "host" not in result.stdout and "runner.py" not in result.stdout + result.stderr  # no doctor table, no runner
+def test_unknown_option_is_refused_before_the_doctor_and_the_ranks(refuse):
+    out, err = refuse("--max-steps", "2", "--learning_rat", "3e-5")
+    assert "unrecognized arguments: --learning_rat 3e-5" in err, err
+    assert "did you mean --learning_rate?" in err, err
+    assert "host" not in out  # no doctor table
 
 
 def pdsh_rank_value(key: str, value: str) -> str:
@@ -290,13 +307,11 @@ def test_hostnames_that_pdsh_or_ssh_would_misread_are_refused(tmp_path, host):
     assert list(read_hostfile(str(path))) == ["node0", "node-1.cluster_a", "10.0.0.7"]
 
 
-@pytest.mark.ranks
-def test_master_addr_that_is_not_a_host_name_stops_the_launch(tmp_path):
+def test_master_addr_that_is_not_a_host_name_stops_the_launch(tmp_path, refuse):
     hostfile = tmp_path / "nodes"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
-    result = launch_sh("--hostfile", str(hostfile), "--master-addr", "node1;id")
-    assert result.returncode == 2
-    assert "launch: error: --master-addr 'node1;id' is not a host name" in result.stderr, result.stderr
+    _, err = refuse("--hostfile", str(hostfile), "--master-addr", "node1;id")
+    assert "launch: error: --master-addr 'node1;id' is not a host name" in err, err
 
 
 def test_each_rank_binds_the_gpu_it_was_given():
@@ -375,15 +390,34 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.ranks
+def users_directory(path):
+    """A user's directory with a one-row CSV, a directory that is no model and a concrete DeepSpeed config."""
+    (path / "data.csv").write_text("text,label\n胸痛三天,冠心病\n", encoding="utf-8")
+    (path / "nomodel").mkdir()
+    ds_config(path / "concrete.json", 2, micro=4, accum=2)
+
+
+def one_error_line(err: str, message: str) -> None:
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert len(errors) == 1 and message in errors[0], err
+
+
 @pytest.mark.parametrize("options, message", BAD_INPUTS, ids=[m.split(":")[0][:30] for _, m in BAD_INPUTS])
-def test_bad_inputs_get_one_line_before_any_rank_starts(tmp_path, options, message):
+def test_bad_inputs_get_one_line_before_any_rank_starts(tmp_path, monkeypatch, refuse, options, message):
     """From the user's own directory, with relative paths: one line, exit 2, no doctor, no runner."""
-    (tmp_path / "data.csv").write_text("text,label\n胸痛三天,冠心病\n", encoding="utf-8")
-    (tmp_path / "nomodel").mkdir()
-    ds_config(tmp_path / "concrete.json", 2, micro=4, accum=2)
-    result = launch_sh(*options, "--master-port", str(free_port()), cwd=tmp_path)
+    users_directory(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    out, err = refuse(*options)
+    one_error_line(err, message)
+    assert "host " not in out
+
+
+@pytest.mark.ranks
+def test_launch_sh_passes_arguments_directory_and_exit_code_through(tmp_path):
+    """./launch.sh itself, from the user's directory: a relative path reaches the checks, and their one
+    line and exit 2 come back unchanged, without a traceback, a doctor table or the runner."""
+    users_directory(tmp_path)
+    result = launch_sh("--train-file", "data.csv", "--val-size", "0.1", "--label-column", "diagnosis", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and message in errors[0], result.stderr
+    one_error_line(result.stderr, "data.csv: no column 'diagnosis'")
     assert "Traceback" not in result.stderr and "host " not in result.stdout and "runner.py" not in result.stdout
