@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, cpu_env, free_port, train
+from helpers import REPO, cpu_env, free_port, note_launch, train
 
 from pipeline.cli.main import main
 from pipeline.cli.plan import ModelShape, activation_bytes, ds_config_for, model_shape, model_state_bytes, plan, recommend
@@ -118,7 +118,7 @@ def test_plan_write_passes_check_config_and_trains_two_cpu_ranks(tmp_path, small
     out = capsys.readouterr().out
     assert "world size 2" in out and "ok: no errors" in out and "memory per GPU" in out
     run_dir = train(
-        tmp_path, "planned", small_data, written, extra=["--max-steps", "3", "--max-length", "64", "--eval-every", "0"]
+        tmp_path, "planned", small_data, written, extra=["--max-steps", "1", "--max-length", "64", "--eval-every", "0"]
     )
     used = json.loads((run_dir / "ds_config.json").read_text())
     assert used["train_batch_size"] == 16 and used["world_size"] == 2
@@ -126,33 +126,33 @@ def test_plan_write_passes_check_config_and_trains_two_cpu_ranks(tmp_path, small
     assert "batch: " in (tmp_path / "planned.console.txt").read_text()
 
 
-def measure(hidden: int) -> list[dict]:
-    """Peak RSS of real ZeRO-2 bf16 steps (1 rank, CPU, micro 1) for a 4-layer BERT of this width."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.tools.plan_memory",
-        "--device",
-        "cpu",
-        "--stages",
-        "2",
-        "--hidden",
-        str(hidden),
-        "--layers",
-        "4",
-        "--heads",
-        "4",
-        "--micro",
-        "1",
-        "--seq",
-        "64",
-        "--steps",
-        "2",
+def measure(*widths: int) -> list[list[dict]]:
+    """Peak anonymous RSS of real ZeRO-2 bf16 steps (1 rank, CPU, micro 1) for a 4-layer BERT of each
+    width: one process each (a process's own memory is the measure), all at once."""
+    procs = [
+        subprocess.Popen(
+            plan_memory(hidden),
+            cwd=REPO,
+            env=dict(cpu_env(), MASTER_PORT=str(free_port())),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for hidden in widths
     ]
-    env = dict(cpu_env(), MASTER_PORT=str(free_port()))
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    rows = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+        rows.append([json.loads(line) for line in out.splitlines() if line.startswith("{")])
+    return rows
+
+
+def plan_memory(hidden: int) -> list[str]:
+    """`python -m pipeline.tools.plan_memory` for one width: a launch, counted."""
+    note_launch("plan_memory")
+    options = f"--device cpu --stages 2 --hidden {hidden} --layers 4 --heads 4 --micro 1 --seq 64 --steps 2"
+    return [sys.executable, "-m", "pipeline.tools.plan_memory", *options.split()]
 
 
 @pytest.mark.ranks
@@ -163,7 +163,7 @@ def test_model_state_estimate_matches_measured_peak_memory():
     why plan_memory samples anonymous memory only). The
     slope cancels what does not scale with the model (interpreter, libraries, gloo, the 5e7-element
     gradient bucket). Each peak is at least the estimate: the estimator does not over-promise."""
-    small, large = measure(256), measure(512)
+    small, large = measure(256, 512)
     for rows in (small, large):
         assert rows[0]["measured_peak"] >= 0.95 * rows[0]["estimate_states"]
     measured = (large[0]["measured_peak"] - small[0]["measured_peak"]) / (large[0]["params"] - small[0]["params"])
