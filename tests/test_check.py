@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from test_ds_config import wild_configs
 
 from pipeline.cli.main import main
 from pipeline.core.base import ConfigError
@@ -15,7 +16,6 @@ from pipeline.core.options import TrainConfig
 from pipeline.launch.hosts import read_hostfile, world_from_hostfile
 
 REPO = Path(__file__).resolve().parent.parent
-WILD = REPO.parent / "shared" / "wild_ds_configs"
 V100, A100, CPU = Hardware.named("v100"), Hardware.named("a100"), Hardware.named("cpu")
 
 
@@ -201,9 +201,8 @@ def test_shipped_configs_pass_check_config(capsys):
             assert "ok: no errors" in out and "ZeRO stage" in out and "optimizer: AdamW" in out and batch in out, out
 
 
-@pytest.mark.skipif(not WILD.is_dir(), reason="shared/wild_ds_configs is not next to this checkout")
 def test_real_world_configs_pass_check_config_for_8_slots(capsys):
-    for path in sorted(WILD.glob("*.json")):
+    for path in wild_configs():
         raw = json.loads(path.read_text())
         # HF Trainer fills an all-"auto" batch from its per-device batch size; --micro-batch does that here
         unset = all(raw.get(k, "auto") == "auto" for k in ("train_batch_size", "train_micro_batch_size_per_gpu"))
