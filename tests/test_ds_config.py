@@ -13,13 +13,13 @@ CPU = Hardware("cpu", fp16=False, bf16=True, name="CPU")
 V100 = Hardware("cuda", fp16=True, bf16=False, name="Tesla V100-SXM2-16GB")
 A100 = Hardware("cuda", fp16=True, bf16=True, name="A100")
 REPO = Path(__file__).resolve().parent.parent
-WILD = REPO.parent / "shared" / "wild_ds_configs"
+WILD = REPO / "tests" / "wild_ds_configs"  # real-world configs as stored upstream (SOURCES.md: repo, path, commit)
 AUTO = TrainConfig()  # precision auto, no global/micro batch options, no lr scaling
 
 
 def wild_configs() -> list[Path]:
-    """Every real-world config SOURCES.md lists (../shared/wild_ds_configs, NOTES.md: nineteen), each
-    present. Without the folder next to this checkout the test is skipped, and fails under CI."""
+    """Every real-world config SOURCES.md lists (tests/wild_ds_configs, a copy of the shared folder
+    NOTES.md describes: nineteen), each present. A checkout without it skips, and fails under CI."""
     if not WILD.is_dir():
         message = f"{WILD} is not next to this checkout (the real-world DeepSpeed configs)"
         if in_ci():

@@ -85,8 +85,7 @@ def test_two_rank_run_trains_evaluates_checkpoints_and_exports(stage_runs, small
         == (48, 0)
     )
     assert engine_state["lr_scheduler"]["last_batch_iteration"] == 48 - 0 - 1  # applied steps, counted from -1
-    assert sorted(p.name for p in (run / "eval").iterdir()) == [
-        "baseline.json",  # the TF-IDF baseline beside the model's evaluations
+    assert sorted(p.name for p in (run / "eval").iterdir()) == [  # --baseline none: no baseline.json (multilabel_run has one)
         "dev-step-16.json",
         "dev-step-32.json",
         "dev-step-48.json",
