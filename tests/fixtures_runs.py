@@ -43,20 +43,7 @@ def multilabel_run(tmp_path_factory) -> Path:
     }
     test = write_jsonl(root / "test.jsonl", read_jsonl(SAMPLE / "multilabel_test.jsonl")[:21])
     options = ["--task", "multi_label", "--class-weights", "balanced", "--test-file", str(test), "--max-length", "64"]
-    options += [
-        "--epochs",
-        "2",
-        "--eval-every",
-        "4",
-        "--log-every",
-        "4",
-        "--eval-batch-size",
-        "8",
-        "--report-to",
-        "none",
-        "--baseline",
-        "tfidf",
-    ]
+    options += "--epochs 2 --eval-every 4 --log-every 4 --eval-batch-size 8 --report-to none --baseline tfidf".split()
     return train(root, "run", data, ds_config(root / "ds.json", 2, micro=4, accum=2), extra=options)
 
 

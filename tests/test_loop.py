@@ -7,7 +7,7 @@ import os
 import signal
 
 import pytest
-from helpers import read_jsonl, setup_run
+from helpers import ds_config, read_jsonl, setup_run, write_jsonl
 
 from pipeline.checkpoint.checkpoints import MANIFEST
 from pipeline.checkpoint.export import export_checkpoint
@@ -114,3 +114,25 @@ def test_every_hugging_face_flag_lands_in_the_engine(one_rank, tmp_path):
         32,
     )
     assert "run.yaml" in {p.name for p in (tmp_path / "run").iterdir()}
+
+
+def test_a_run_after_one_refused_in_the_same_process_builds_its_engine(one_rank, tmp_path, capsys):
+    """A refusal after the process group started leaves through dist.shutdown; the next run in this
+    process (as the in-process tier does) must get a working group, not DeepSpeed's cached copy of the old one."""
+    import torch.distributed as td
+
+    from pipeline.cli.main import main
+
+    for name in ("first", "next"):
+        (tmp_path / name).mkdir()
+    setup_run(one_rank, tmp_path / "first", max_steps=1).train()  # an engine: DeepSpeed caches its groups
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"text": "头痛三天", "label": "偏头痛"}])
+    args = ["train", "--ds-config", str(ds_config(tmp_path / "ds.json", 2, micro=2, accum=2))]
+    args += ["--train-file", str(one_rank["train"]), "--dev-file", str(dev), "--cache-dir", str(one_rank["cache"])]
+    args += ["--output-dir", str(tmp_path), "--max-length", "32", "--report-to", "none", "--baseline", "none"]
+    assert main(args) == 2
+    assert "label '偏头痛' never appears in the training file" in capsys.readouterr().err
+    assert not td.is_initialized()  # the refusal came after the group started, and left it
+    run = setup_run(one_rank, tmp_path / "next", max_steps=1)
+    run.train()
+    assert run.state.optimizer_step == 1

@@ -235,12 +235,12 @@ def shutdown(wait_for_others: bool = True) -> None:
         elif _rank0_work is not None:
             with contextlib.suppress(Exception):  # a rank that never arrives: leave anyway
                 td.monitored_barrier(group=_rank0_work, timeout=timedelta(seconds=10))
-        td.destroy_process_group()
-        # DeepSpeed keeps its clone of the world group past it: a process that starts another run
-        # (an in-process test after a refusal) would build its engine on the destroyed group.
-        from deepspeed.utils import groups
+        # DeepSpeed's own teardown also drops its cached groups (its clone of the world group among
+        # them): a process that starts another run (an in-process test after a refusal) would otherwise
+        # build its engine on the destroyed group.
+        import deepspeed.comm
 
-        groups._WORLD_GROUP = None
+        deepspeed.comm.destroy_process_group()
 
 
 def barrier() -> None:
