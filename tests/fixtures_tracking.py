@@ -50,20 +50,7 @@ def tracked_run(tmp_path_factory, small_data, mlflow_server) -> tuple[Path, dict
     tmp = tmp_path_factory.mktemp("tracked")
     config = ds_config(tmp / "ds.json", 2, micro=4, accum=2)
     env = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "tracked", "WANDB_MODE": "offline"}
-    options = [
-        "--max-length",
-        "64",
-        "--eval-every",
-        "2",
-        "--save-every",
-        "2",
-        "--log-every",
-        "1",
-        "--report-to",
-        "all",
-        "--baseline",
-        "tfidf",
-    ]
+    options = "--max-length 64 --eval-every 2 --save-every 2 --log-every 1 --report-to all --baseline tfidf".split()
     for extra in (["--max-steps", "4"], ["--max-steps", "6", "--resume", "auto"]):
         result = launch(train_args(config, small_data, tmp, "run", *options, *extra), env=env)
         assert result.returncode == 0, f"training failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"

@@ -14,18 +14,7 @@ def test_run_directory_has_tensorboard_events_flops_profile_and_plots(small_data
         "run",
         small_data,
         config,
-        extra=[
-            "--max-length",
-            "64",
-            "--max-steps",
-            "6",
-            "--eval-every",
-            "3",
-            "--flops-profiler-step",
-            "2",
-            "--report-to",
-            "tensorboard",
-        ],
+        extra="--max-length 64 --max-steps 6 --eval-every 3 --flops-profiler-step 2 --report-to tensorboard".split(),
     )
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
