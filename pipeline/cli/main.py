@@ -16,6 +16,7 @@ import sys
 from .. import tasks
 from ..core import dist
 from ..core.base import ConfigError
+from ..core.launch_file import read_launch_file
 from ..core.options import TrainConfig, add_train_options, command_settings, unknown_options_message
 from . import check, plan, plot
 
@@ -49,6 +50,11 @@ TRAIN_COMMANDS = {
 def _train_parser(sub, command: str):
     parser = sub.add_parser(command, help=TRAIN_COMMANDS[command], allow_abbrev=False)
     add_train_options(parser, {"task": tasks.names()})
+    parser.add_argument(
+        "--launch-file",
+        dest="launch_file",
+        help="the whole run, as `zero-pipeline launch` resolved it (what its ranks are given)",
+    )
     return parser
 
 
@@ -88,12 +94,19 @@ def _doctor_parser(sub) -> None:
 
 
 def _train(args) -> int:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    if args.launch_file and (overrides or args.config):
+        raise ConfigError(f"--launch-file holds the whole run: no other training options with it (got {', '.join(overrides)})")
+    if args.launch_file:  # its environment values are set before the engine's libraries read them
+        cfg = read_launch_file(args.launch_file, args.command)
+    else:
+        cfg = TrainConfig.from_sources(args.config, command_settings(args.command, overrides))
+
     from ..core.stop import EXIT_CODE, Stopped, exit_as_stopped
     from ..train.run import run
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     try:
-        run(TrainConfig.from_sources(args.config, command_settings(args.command, overrides)))
+        run(cfg)
     except Stopped as e:
         exit_as_stopped()
         dist.get_logger().info(str(e))

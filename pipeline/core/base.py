@@ -57,6 +57,13 @@ def follow_umask(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
+def free_port() -> int:
+    """A port no one listens on now (the kernel's choice), as torchrun --standalone takes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def disk_full(error: BaseException) -> bool:
     """Whether `error` is the file system running out of space (or of the user's quota)."""
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -453,32 +453,43 @@ class TrainConfig:
         values.update(overrides or {})
         return cls(**values)
 
+    def with_absolute_paths(self) -> TrainConfig:
+        """This config with every file and directory absolute, against this process's working directory:
+        the launcher resolves them once, for ranks that may start in another directory or on another host."""
+        return dataclasses.replace(self, **{name: absolute_paths(name, getattr(self, name)) for name in PATH_FIELDS})
+
     def run_file(self) -> dict:
         """The options that repeat this run (`launch RUN_DIR/run.yaml`): every field set, with
         absolute paths; not the run's name or a checkpoint to resume (a repeat is a new run)."""
-        values = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("run_name", "resume") or value is None:
-                continue
-            if f.name in PATH_FIELDS and value and Path(value).exists():
-                value = str(Path(value).resolve())
-            values[f.name] = value
-        return values
+        values = dataclasses.asdict(self.with_absolute_paths())
+        return {key: value for key, value in values.items() if key not in ("run_name", "resume") and value is not None}
 
 
-# Fields that name files or directories: written absolute into a run's run.yaml.
+# Fields that name files or directories (some also take a word: per-label, balanced, auto).
 PATH_FIELDS = (
     "ds_config",
     "train_file",
     "dev_file",
     "test_file",
+    "text_file",
     "model",
     "output_dir",
     "cache_dir",
     "class_weights",
     "threshold",
+    "resume",
 )
+
+
+def absolute_paths(name: str, value: str) -> str:
+    """A path field's value with its path(s) absolute: text_file's comma-separated files each, the
+    JSON files threshold and class_weights may name, resume's checkpoint (not auto or if-present)."""
+    if not value or (name in ("threshold", "class_weights") and not value.endswith(".json")):
+        return value
+    if name == "resume" and value in ("auto", "if-present"):
+        return value
+    parts = value.split(",") if name == "text_file" else [value]
+    return ",".join(os.path.abspath(os.path.expanduser(part.strip())) for part in parts)
 
 
 def write_run_file(path: Path, values: dict) -> None:

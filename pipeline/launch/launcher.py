@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import tasks
-from ..core.base import ConfigError, load_json, unknown_key_message
+from ..core.base import ConfigError, free_port, load_json, unknown_key_message
 from ..core.ds_config import Hardware, resolve_ds_config
+from ..core.launch_file import SHELL_PLAIN, write_launch_file
 from ..core.options import (
     DEFAULT_DS_CONFIG,
     HF_ALIASES,
@@ -51,21 +52,29 @@ CPU_RANKS = 2  # ranks on a machine without GPUs and without a hostfile
 RUN_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# What a rank's process needs when it starts, before it reads the launch file: these alone go on the
+# runner's command line (DS_ENV_FILE, and the PYTHON* variables DeepSpeed exports from this
+# environment). Every other value travels in the launch file, secrets among them.
+STARTUP = re.compile(r"DS_ACCELERATOR|OMP_NUM_THREADS|PATH|LD_\w+|PYTHON\w*")
+# Variables DeepSpeed's runner copies from its own environment onto the remote command line
+# (runner.py EXPORT_ENVS, and the CUDA accelerator's NCCL): moved into the launch file instead.
+RUNNER_EXPORTS = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
 # The pdsh runner writes `export KEY="VALUE";` for a shell on every node, where these characters
 # would expand or end the quoting; local ranks would get them verbatim.
 SHELL_ACTIVE = re.compile(r'["$`\\]')
-# DeepSpeed's runner wraps any value with other characters in double quotes, which mpirun -x
-# passes on literally (`-x FOO="a b"` gives remote ranks "a b" with the quotes).
-RUNNER_PLAIN = re.compile(r"[\w@%+=:,./-]*")
+DEFAULT_PORT = 29500  # DeepSpeed's, for a rendezvous on another host (its port cannot be chosen free from here)
 # The runner reads these two files, then ours replaces them (DS_ENV_FILE): they are merged in.
 USER_ENV_FILES = (Path("~/.deepspeed_env").expanduser(), Path(".deepspeed_env"))
 
 
 def env_value(path: Path, number: int, key: str, value: str, launcher: str) -> str:
-    """The value every rank sees, local or remote: one layer of matching quotes removed, and
-    refused where the runner would change it on the way to remote ranks."""
+    """The value every rank sees, local or remote: one layer of matching quotes removed. A start-up
+    variable (STARTUP) goes on the runner's command line: refused where the runner would change it
+    on the way to remote ranks. Others travel in the launch file as they are."""
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
         value = value[1:-1]
+    if not STARTUP.fullmatch(key):
+        return value
     if value != value.strip():
         raise ConfigError(
             f"{path}, line {number}: {key}'s quoted value starts or ends with a space, which DeepSpeed's "
@@ -75,10 +84,11 @@ def env_value(path: Path, number: int, key: str, value: str, launcher: str) -> s
     if bad:
         raise ConfigError(
             f"{path}, line {number}: {key}'s value contains {bad[0]!r}, which the pdsh runner's shell would "
-            "interpret on remote nodes but local ranks would not; env-file values may not contain "
-            "double quotes, $, backticks or backslashes (one layer of surrounding quotes is removed)"
+            "interpret on remote nodes but local ranks would not; the values of DS_ACCELERATOR, OMP_NUM_THREADS, "
+            "PATH, LD_* and PYTHON*, which every rank needs as it starts and so go on the runner's command line, "
+            "may not contain double quotes, $, backticks or backslashes (one layer of surrounding quotes is removed)"
         )
-    if launcher == "openmpi" and not RUNNER_PLAIN.fullmatch(value):
+    if launcher == "openmpi" and not SHELL_PLAIN.fullmatch(value):
         raise ConfigError(
             f"{path}, line {number}: {key}={value!r}: with --launcher openmpi, DeepSpeed passes a value with "
             "characters other than letters, digits and @%+=:,./-_ to remote ranks in literal double quotes"
@@ -184,8 +194,9 @@ def launch_parser() -> argparse.ArgumentParser:
         *spellings("master-port"),
         dest="master_port",
         type=int,
-        default=int(os.environ.get("MASTER_PORT", 29500)),
-        help="rendezvous port (default: $MASTER_PORT or 29500)",
+        default=int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT") else None,
+        help="rendezvous port (default: $MASTER_PORT; else, as torchrun --standalone, a free port when the "
+        f"rendezvous is on this machine, {DEFAULT_PORT} when it is on another host)",
     )
     p.add_argument(
         *spellings("env-file"),
@@ -225,9 +236,9 @@ def run_file_args(path: str, values: dict, launch: argparse.ArgumentParser, trai
     return args
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Launch options here; the rest must be training options (checked now, not on every rank later).
-    A leading word `pretrain` makes the ranks run `pipeline pretrain` (args.command) instead of train."""
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Launch options here; the rest must be training options (args.train, checked now, not on every
+    rank later). A leading word `pretrain` makes the ranks run `pipeline pretrain` (args.command)."""
     command = "pretrain" if argv[:1] == ["pretrain"] else "train"
     argv = argv[1:] if command == "pretrain" else argv
     p = launch_parser()
@@ -249,7 +260,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             f"{unknown_options_message(unknown, train)} (launch options: zero-pipeline launch --help; "
             "training options: zero-pipeline train --help)"
         )
-    return args, train_args
+    return args
 
 
 def user_env(args: argparse.Namespace, hostfile: Path | None) -> dict[str, str]:
@@ -287,6 +298,47 @@ def rank_env(args: argparse.Namespace, env: dict[str, str], accelerator: str) ->
         # Neither DeepSpeed's OpenMPI runner nor srun passes them; pipeline.core.dist keeps them over MPI discovery's guesses.
         ranks.update(MASTER_ADDR=args.master_addr, MASTER_PORT=str(args.master_port))
     return {**ranks, **env, "DS_ACCELERATOR": accelerator}
+
+
+def split_env(env: dict[str, str], environ: dict[str, str]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """(the runner's environment, the start-up values for its command line, the launch file's values).
+
+    The variables DeepSpeed's runner would copy from `environ` onto the command line (MLFLOW_TRACKING_PASSWORD
+    among them) are taken out of its environment and carried in the launch file, with `env`'s others."""
+    moved = {key: value for key, value in environ.items() if key.startswith(RUNNER_EXPORTS) and not STARTUP.fullmatch(key)}
+    startup = {key: value for key, value in env.items() if STARTUP.fullmatch(key)}
+    carried = {**moved, **{key: value for key, value in env.items() if not STARTUP.fullmatch(key)}}
+    runner = {key: value for key, value in environ.items() if key not in moved}
+    runner.update(startup)
+    return {**runner, "PYTHONPATH": ranks_pythonpath(runner)}, startup, carried
+
+
+def ranks_pythonpath(environ: dict[str, str]) -> str:
+    """PYTHONPATH with this package's directory first: the ranks start in the output directory."""
+    return os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), environ.get("PYTHONPATH")]))
+
+
+def check_command_line(environ: dict[str, str], output_dir: str, rank_logs: str) -> None:
+    """What a remote launch still puts on the runner's command line, for a shell on every node: the
+    launch file's path (in the output directory), the per-rank log directory and the PYTHON*
+    variables must be taken literally there."""
+    if not SHELL_PLAIN.fullmatch(output_dir):
+        raise ConfigError(
+            f"output directory {output_dir}: the ranks on remote hosts are told the launch file in it on a "
+            "command line that DeepSpeed's runner gives their shell unquoted; choose an --output-dir whose path "
+            "has only letters, digits and @%+=:,./-_"
+        )
+    if rank_logs and not SHELL_PLAIN.fullmatch(rank_logs):
+        raise ConfigError(
+            f"--rank-logs {rank_logs}: DeepSpeed's runner passes it to remote shells unquoted; use a path of letters, digits and @%+=:,./-_"
+        )
+    for key, value in environ.items():
+        bad = SHELL_ACTIVE.search(value) if key.startswith("PYTHON") else None
+        if bad:
+            raise ConfigError(
+                f"{key} contains {bad[0]!r}: DeepSpeed's runner exports it to remote hosts on a shell command line, "
+                "where it would be interpreted"
+            )
 
 
 def visible_devices_include(args: argparse.Namespace, hosts: dict[str, int], env: dict[str, str]) -> str:
@@ -429,7 +481,7 @@ def check_launcher(args: argparse.Namespace, hosts: dict[str, int]) -> None:
         raise ConfigError(f"running as root: {backend.program} refuses to start without --launcher-args '{backend.as_root}'")
 
 
-def deepspeed_command(args: argparse.Namespace, hosts: dict[str, int], train_args: list[str], ssh_checked: bool) -> list[str]:
+def deepspeed_command(args: argparse.Namespace, hosts: dict[str, int], launch_file: Path, ssh_checked: bool) -> list[str]:
     cmd = ["deepspeed", "--hostfile", args.hostfile, "--master_addr", args.master_addr, "--master_port", str(args.master_port)]
     if ssh_checked:
         cmd.append("--no_ssh_check")  # the doctor reached every host, the runner would only try the first
@@ -448,10 +500,10 @@ def deepspeed_command(args: argparse.Namespace, hosts: dict[str, int], train_arg
         cmd += ["--enable_each_rank_log", args.rank_logs]
     if launcher_args:
         cmd += ["--launcher_args", launcher_args]
-    return cmd + ["--module", "pipeline", args.command, "--ds-config", args.ds_config, *train_args]
+    return cmd + ["--module", "pipeline", args.command, "--launch-file", str(launch_file)]
 
 
-def slurm_command(args: argparse.Namespace, train_args: list[str], environ: dict[str, str]) -> list[str]:
+def slurm_command(args: argparse.Namespace, launch_file: Path, environ: dict[str, str]) -> list[str]:
     """One srun task per rank over the whole allocation.
 
     --kill-on-bad-exit=0: after a stop every rank exits 75 having saved, and SLURM would kill the
@@ -465,7 +517,7 @@ def slurm_command(args: argparse.Namespace, train_args: list[str], environ: dict
     if args.rank_logs:
         cmd.append(BACKENDS["slurm"].rank_logs.format(dir=args.rank_logs))
     cmd += args.launcher_args.split()
-    return cmd + [sys.executable, "-u", "-m", "pipeline", args.command, "--ds-config", args.ds_config, *train_args]
+    return cmd + [sys.executable, "-u", "-m", "pipeline", args.command, "--launch-file", str(launch_file)]
 
 
 def launch_hosts(args: argparse.Namespace, env: dict[str, str]) -> dict[str, int]:
@@ -483,12 +535,15 @@ def launch_hosts(args: argparse.Namespace, env: dict[str, str]) -> dict[str, int
 
 
 def run(argv: list[str]) -> int:
-    args, train_args = parse_args(argv)
+    args = parse_args(argv)
     if args.num_gpus and (args.hostfile or args.launcher == "slurm"):
         raise ConfigError("--num-gpus counts this machine's ranks without a hostfile; with a hostfile its slots decide")
     if not Path(args.ds_config).is_file():
         raise ConfigError(f"DeepSpeed config {args.ds_config} not found")
-    cfg = run_config(args)
+    # Resolved once, here: the ranks may start in another directory, on another host.
+    cfg = run_config(args).with_absolute_paths()
+    args.ds_config = cfg.ds_config
+    args.rank_logs = os.path.abspath(args.rank_logs) if args.rank_logs else ""
     for line in check_inputs(cfg):
         print(f"launch: {line}")
     with tempfile.TemporaryDirectory(prefix="zero-pipeline-launch-") as scratch:
@@ -497,20 +552,26 @@ def run(argv: list[str]) -> int:
             args.hostfile = str(Path(scratch) / "hostfile")
             Path(args.hostfile).write_text(f"localhost slots={ranks}\n")
             print(f"launch: no --hostfile: {ranks} ranks on this machine, {why}")
-        return launch(args, train_args, cfg, Path(scratch))
+        return launch(args, cfg, Path(scratch))
 
 
-def launch(args: argparse.Namespace, train_args: list[str], cfg: TrainConfig, scratch: Path) -> int:
+def launch(args: argparse.Namespace, cfg: TrainConfig, scratch: Path) -> int:
     slurm = args.launcher == "slurm"
     env = user_env(args, Path(args.hostfile) if args.hostfile else None)
     hosts = launch_hosts(args, env)
     check_launcher(args, hosts)
     local = not slurm and all(is_local(host) for host in hosts)
+    given_addr = args.master_addr
     if not args.master_addr:
         # Under SLURM the node's NodeAddr, not its name: a name may resolve to loopback on the node itself.
         args.master_addr = "127.0.0.1" if local else node_address(next(iter(hosts))) if slurm else next(iter(hosts))
     if not HOSTNAME.fullmatch(args.master_addr):  # it goes into the command line pdsh runs on every node
         raise ConfigError(f"--master-addr {args.master_addr!r} is not a host name or IPv4 address")
+    if args.master_port is None:  # a port of its own, so no other job on the node joins this rendezvous
+        here = local or (not given_addr and is_local(next(iter(hosts))))
+        args.master_port = free_port() if here else DEFAULT_PORT
+    if not local and not slurm:  # the runner gives remote ranks their command through a shell
+        check_command_line({**os.environ, "PYTHONPATH": ranks_pythonpath(os.environ)}, cfg.output_dir, args.rank_logs)
     accelerator, capabilities = requested_accelerator(args, env), []
     check_run_config(cfg, sum(hosts.values()), accelerator, capabilities)  # before the doctor's minute
     if not args.no_doctor:
@@ -547,40 +608,44 @@ def launch(args: argparse.Namespace, train_args: list[str], cfg: TrainConfig, sc
         f"launch: ranks use {'CUDA (NCCL)' if accelerator == 'cuda' else 'DeepSpeed CPU accelerator (gloo)'} "
         f"on {len(hosts)} host(s): DS_ACCELERATOR={accelerator}"
     )
-    stop_file = Path(cfg.output_dir).resolve() / f".stop-request-{os.getpid()}"  # on the shared file system, seen by rank 0
-    env = {**rank_env(args, env, accelerator), STOP_FILE: str(stop_file)}
-    if args.rank_logs:  # neither srun nor mpirun creates a missing log directory
-        Path(args.rank_logs).mkdir(parents=True, exist_ok=True)
-    if slurm:
-        # Under SLURM the ranks get the --signal signal from slurmd themselves.
-        return exit_code(subprocess.call(slurm_command(args, train_args, dict(os.environ)), env={**os.environ, **env}))
-
-    # An absolute DS_ENV_FILE replaces the runner's ~/.deepspeed_env and ./.deepspeed_env (merged
-    # above), so the user's files are never written. Local ranks inherit the same values directly.
-    env_file = scratch / "deepspeed_env.txt"
-    env_file.write_text("".join(f"{key}={value}\n" for key, value in env.items()))
+    stop_file = Path(cfg.output_dir) / f".stop-request-{os.getpid()}"  # on the shared file system, seen by rank 0
+    runner_env, startup, carried = split_env({**rank_env(args, env, accelerator), STOP_FILE: str(stop_file)}, dict(os.environ))
+    launch_file = write_launch_file(Path(cfg.output_dir), args.command, cfg, carried)
     try:
-        runner_env = {**os.environ, **env, "DS_ENV_FILE": str(env_file)}
-        cmd = deepspeed_command(args, hosts, train_args, ssh_checked=local or not args.no_doctor)
-        # Its own session: Ctrl-C reaches this process only, which asks for a graceful stop first.
-        proc = subprocess.Popen(cmd, env=runner_env, start_new_session=True)
-        requests = []
-
-        def on_interrupt(signum, frame):
-            requests.append(signum)
-            if len(requests) == 1:
-                stop_file.parent.mkdir(parents=True, exist_ok=True)
-                stop_file.touch()
-                print("\nlaunch: stopping after the current optimizer step, with a checkpoint (again to abort)", flush=True)
-            else:  # DeepSpeed's runner tears every rank down on SIGINT
-                os.killpg(proc.pid, signal.SIGINT)
-
-        signal.signal(signal.SIGINT, on_interrupt)
-        signal.signal(signal.SIGTERM, on_interrupt)
-        code = proc.wait()
+        if args.rank_logs:  # neither srun nor mpirun creates a missing log directory
+            Path(args.rank_logs).mkdir(parents=True, exist_ok=True)
+        if slurm:  # srun hands its environment to the ranks (no shell); they get --signal from slurmd themselves
+            return exit_code(subprocess.call(slurm_command(args, launch_file, runner_env), env=runner_env))
+        return run_deepspeed(
+            args, hosts, launch_file, scratch, runner_env, startup, stop_file, ssh_checked=local or not args.no_doctor
+        )
     finally:
+        launch_file.unlink(missing_ok=True)
         stop_file.unlink(missing_ok=True)
-    return exit_code(code)
+
+
+def run_deepspeed(args, hosts, launch_file, scratch, runner_env, startup, stop_file, ssh_checked) -> int:
+    """The deepspeed runner, in its own session, in the launch file's directory (it tells remote ranks
+    to `cd` there, unquoted). An absolute DS_ENV_FILE replaces the runner's ~/.deepspeed_env and
+    ./.deepspeed_env (merged into the launch already), so the user's files are never written."""
+    env_file = scratch / "deepspeed_env.txt"
+    env_file.write_text("".join(f"{key}={value}\n" for key, value in startup.items()))
+    cmd = deepspeed_command(args, hosts, launch_file, ssh_checked)
+    # Its own session: Ctrl-C reaches this process only, which asks for a graceful stop first.
+    proc = subprocess.Popen(cmd, env={**runner_env, "DS_ENV_FILE": str(env_file)}, cwd=launch_file.parent, start_new_session=True)
+    requests = []
+
+    def on_interrupt(signum, frame):
+        requests.append(signum)
+        if len(requests) == 1:
+            stop_file.touch()
+            print("\nlaunch: stopping after the current optimizer step, with a checkpoint (again to abort)", flush=True)
+        else:  # DeepSpeed's runner tears every rank down on SIGINT
+            os.killpg(proc.pid, signal.SIGINT)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    signal.signal(signal.SIGTERM, on_interrupt)
+    return exit_code(proc.wait())
 
 
 def exit_code(code: int) -> int:

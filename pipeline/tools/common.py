@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 from pathlib import Path
 
+from ..core.base import free_port
 from ..core.ds_config import Hardware
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = ["a", "b"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def standalone_rank() -> None:

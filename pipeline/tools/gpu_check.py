@@ -31,8 +31,9 @@ import statistics
 import sys
 import time
 
+from ..core.base import free_port
 from ..core.options import PACKAGE_DIR
-from .common import LABELS, REPO, free_port, standalone_rank
+from .common import LABELS, REPO, standalone_rank
 
 SHAPE = PACKAGE_DIR / "models" / "roberta-wwm-ext-large-shape"
 PEAK_16BIT_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense fp16/bf16 tensor-core peak (SXM)
