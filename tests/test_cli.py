@@ -47,7 +47,7 @@ def test_the_installed_command_runs_from_the_users_directory_and_its_run_file_re
     import subprocess
     from collections import Counter
 
-    from helpers import REPO, SAMPLE, cpu_env, free_port, losses, read_jsonl, require, write_jsonl
+    from helpers import REPO, SAMPLE, cheap, cpu_env, free_port, losses, note_launch, read_jsonl, require, write_jsonl
 
     require("zero-pipeline", install="pip install -e . (the console script)", why_root="")
     records = read_jsonl(SAMPLE / "train.jsonl")[:200]
@@ -56,7 +56,8 @@ def test_the_installed_command_runs_from_the_users_directory_and_its_run_file_re
     shutil.copy(REPO / "ds_configs" / "small_zero2.json", tmp_path / "my_ds.json")
 
     def zero_pipeline(*args):
-        command = ["zero-pipeline", "launch", *args, "--no-doctor", "--master-port", str(free_port())]
+        note_launch("zero-pipeline")
+        command = ["zero-pipeline", *cheap(["launch", *args]), "--no-doctor", "--master-port", str(free_port())]
         result = subprocess.run(command, cwd=tmp_path, env=cpu_env(), capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result.stdout + result.stderr
