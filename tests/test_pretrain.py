@@ -1,19 +1,21 @@
 """`pretrain` with real ranks: `./launch.sh pretrain` trains a masked LM on unlabelled records, a
 resumed run equals the uninterrupted one bit for bit, and its export fine-tunes with `train --model`
-(encoder and tokenizer kept); a pretrain export without its tokenizer is refused before any rank."""
+(encoder and tokenizer kept, on one rank in this process); a pretrain export without its tokenizer is
+refused before any rank (the launcher in this process)."""
 
 import json
 import shutil
 
 import numpy as np
 import pytest
-from helpers import SAMPLE, ds_config, free_port, launch, launch_sh, losses, output_options, read_jsonl, train, write_jsonl
+from helpers import SAMPLE, ds_config, free_port, launch, launch_sh, losses, output_options, read_jsonl, setup_run, write_jsonl
 from safetensors.numpy import load_file
+from test_launcher import refuse  # noqa: F401 (a fixture: the launcher run in this process, refusing)
 from test_resume import interrupted_copy
 
 from pipeline.core.options import TINY_MODEL_DIR
 
-pytestmark = pytest.mark.ranks  # every test here launches ranks
+pytestmark = pytest.mark.ranks  # every test here launches ranks, or reads the launched reference run
 
 # 64 notes as JSONL and 16 as plain text, windows of 64 tokens (long notes give several): 12 steps
 # of 4 x 2 x 2 windows, evaluated every 3 on the held-out records and saved every 4.
@@ -71,38 +73,35 @@ def test_pretrain_resumed_equals_uninterrupted(reference, texts, tmp_path):
     assert json.loads((copy / "eval_results.json").read_text()) == json.loads((ref / "eval_results.json").read_text())
 
 
-def test_the_export_fine_tunes_with_its_encoder_and_tokenizer(reference, small_data, tmp_path):
+def test_the_export_fine_tunes_with_its_encoder_and_tokenizer(reference, one_rank, tmp_path):
+    """`train --model EXPORT` on the in-process engine of one rank: what the export gives the model
+    and the tokenizer does not depend on the world size."""
     ref, _, _ = reference
-    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2, lr=1e-4)
-    run = train(
-        tmp_path,
-        "finetuned",
-        small_data,
-        config,
-        extra=["--model", str(ref / "export"), "--max-length", "64", "--max-steps", "8"],
-    )
-    pretrained, finetuned = load_file(ref / "export" / "model.safetensors"), load_file(run / "export" / "model.safetensors")
+    run = setup_run(one_rank, tmp_path, micro=4, accum=2, lr=1e-4, model=str(ref / "export"), max_length=64, max_steps=8)
+    run.train()
+    run.finish()
+    export = tmp_path / "run" / "export"
+    pretrained, finetuned = load_file(ref / "export" / "model.safetensors"), load_file(export / "model.safetensors")
     name = "bert.embeddings.word_embeddings.weight"
     assert pretrained[name].shape == finetuned[name].shape
     # The encoder starts from the pretrained weights (a fresh one would be uncorrelated with them).
     assert np.corrcoef(pretrained[name].ravel(), finetuned[name].ravel())[0, 1] > 0.9
     assert "classifier.weight" in finetuned
-    assert (run / "export" / "tokenizer.json").read_text() == (ref / "export" / "tokenizer.json").read_text()
+    assert (export / "tokenizer.json").read_text() == (ref / "export" / "tokenizer.json").read_text()
 
 
-def test_a_pretrain_export_without_its_tokenizer_is_refused_before_the_ranks(reference, small_data, tmp_path):
+def test_a_pretrain_export_without_its_tokenizer_is_refused_before_the_ranks(reference, small_data, tmp_path, refuse):  # noqa: F811 (the fixture)
+    """`./launch.sh` refuses it in this process (reaching the doctor or the runner fails the test)."""
     ref, _, _ = reference
     model = tmp_path / "model"
     shutil.copytree(ref / "export", model)
     (model / "tokenizer.json").unlink(), (model / "tokenizer_config.json").unlink()
-    result = launch_sh(
-        "--no-doctor", "--accelerator", "cpu", "--model", str(model),
+    _, err = refuse(
+        "--accelerator", "cpu", "--model", str(model),
         "--train-file", str(small_data["train"]), "--dev-file", str(small_data["dev"]), "--output-dir", str(tmp_path),
     )  # fmt: skip
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
-    assert f"launch: error: model: {model} was trained with its own tokenizer" in result.stderr
-    assert "runner.py" not in result.stdout + result.stderr and "rank 0" not in result.stdout
+    assert err.strip().splitlines() == [err.strip()]  # one line
+    assert f"launch: error: model: {model} was trained with its own tokenizer" in err
 
 
 def test_pretrain_resumes_on_another_world_size(texts, tmp_path):
