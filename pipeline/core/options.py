@@ -54,6 +54,7 @@ TRACKER_INSTALL = {
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup", "constant")
 BASELINES = ("tfidf", "none")
 MASKINGS = ("whole-word", "token")  # data/masking.py
+FILE_ACCESS = ("group", "owner", "umask")  # core/base.py: close_new_files
 
 
 @dataclass
@@ -197,6 +198,13 @@ class TrainConfig:
     output_dir: str = field(default="runs", metadata={"help": "parent directory of run directories"})
     run_name: str = field(default="", metadata={"help": "run directory name (default: chosen by rank 0 from the clock)"})
     cache_dir: str = field(default="", metadata={"help": "tokenized-data cache (default: OUTPUT_DIR/cache)"})
+    file_access: str = field(
+        default="group",
+        metadata={
+            "help": "who may read what the run writes (run directory, cache: patients' text): group (owner and group, "
+            "whatever the umask: directories 0750, files 0640 under umask 022), owner (owner only) or umask (as the umask says)"
+        },
+    )
     max_unk_fraction: float = field(
         default=0.02, metadata={"help": "refuse to train when more of the training tokens than this are the unknown token"}
     )
@@ -380,6 +388,7 @@ class TrainConfig:
             "0 unless best_metric is set (early stopping watches the best_metric's dev value)",
         )
         need(self.eval_batch_size >= 1, "eval_batch_size", "at least 1")
+        need(self.file_access in FILE_ACCESS, "file_access", " or ".join(FILE_ACCESS))
         need(0.0 <= self.max_unk_fraction <= 1.0, "max_unk_fraction", "between 0 and 1")
         need(self.learning_rate is None or self.learning_rate > 0, "learning_rate", "> 0")
         need(self.weight_decay is None or self.weight_decay >= 0, "weight_decay", ">= 0")
