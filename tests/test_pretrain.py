@@ -113,7 +113,7 @@ def test_pretrain_resumes_on_another_world_size(texts, tmp_path):
     config = json.loads((TINY_MODEL_DIR / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
     accum = {2: 2, 1: 4}  # 4 per rank x accum x ranks = 16
-    settings = ("--model", str(model))
+    settings = ("--model", str(model), "--eval-every", "0", "--save-every", "8")  # no evaluation read; step 8 saved
     ds = ds_config(tmp_path / "ds.json", 2, micro=4, accum=accum[2])
     result = launch(["pretrain", *pretrain_args(ds, texts, tmp_path, "ref", *settings)], ranks=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
