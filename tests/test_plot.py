@@ -1,21 +1,21 @@
-"""Watching a run: TensorBoard events, `plot`, and the flops profiler's output, from a real 2-rank run."""
+"""Watching a run: TensorBoard events, `plot`, and the flops profiler's output, from a real run (one rank in this process)."""
 
 import json
 
 import pytest
-from helpers import ds_config, plot, read_jsonl, train
+from helpers import read_jsonl, setup_run
+
+from pipeline.cli.main import main
 
 
-@pytest.mark.ranks
-def test_run_directory_has_tensorboard_events_flops_profile_and_plots(small_data, tmp_path):
-    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
-    run = train(
-        tmp_path,
-        "run",
-        small_data,
-        config,
-        extra="--max-length 64 --max-steps 6 --eval-every 3 --flops-profiler-step 2 --report-to tensorboard".split(),
-    )
+@pytest.mark.slow
+def test_run_directory_has_tensorboard_events_flops_profile_and_plots(one_rank, tmp_path, capsys):
+    """Rank 0 writes all of these: a run on the in-process engine of one rank, then `plot` in this process."""
+    options = dict(max_length=64, max_steps=6, eval_every=3, flops_profiler_step=2, report_to="tensorboard")
+    run = setup_run(one_rank, tmp_path, micro=4, accum=2, **options)
+    run.train()
+    run.finish()
+    run = tmp_path / "run"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -27,18 +27,16 @@ def test_run_directory_has_tensorboard_events_flops_profile_and_plots(small_data
     assert "Flops Profiler" in (run / "flops_profile.txt").read_text()
 
     out = tmp_path / "plot.png"
-    result = plot(run, "--output", str(out))
-    assert result.returncode == 0, result.stderr[-2000:]
+    capsys.readouterr()
+    assert main(["plot", str(run), "--output", str(out)]) == 0, capsys.readouterr().err[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from matplotlib.image import imread
 
     assert imread(out).shape[:2] == (700, 1100)  # 11 x 7 inches at 100 dpi
 
 
-@pytest.mark.ranks
-def test_plot_of_a_directory_without_metrics_says_so(tmp_path):
-    result = plot(tmp_path)
-    assert result.returncode == 2 and "no metrics.jsonl" in result.stderr
+def test_plot_of_a_directory_without_metrics_says_so(tmp_path, capsys):
+    assert main(["plot", str(tmp_path)]) == 2 and "no metrics.jsonl" in capsys.readouterr().err
 
 
 def test_confusion_png_key_goes_to_the_terminal_only_where_no_installed_font_draws_the_names(tmp_path, capsys):
