@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 from pathlib import Path
@@ -24,14 +25,35 @@ def load_json(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     return data
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """The text of a configuration file (a run file, hostfile, env file, JSON config): these are UTF-8
+    whatever the data's --encoding, and one that is not is refused naming the line and byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); configuration files "
+            f"must be UTF-8: save it as UTF-8 (e.g. iconv -f gb18030 -t utf-8 {path} > NEW_FILE)"
+        ) from None
+
+
+def is_text_encoding(name: str) -> bool:
+    """Whether Python decodes bytes to text under this name (utf-8, gb18030; not rot13 or a typo)."""
+    try:
+        "a".encode(name)  # (an empty string is encoded without looking the codec up)
+    except LookupError:
+        return False
+    return True
 
 
 def unknown_key_message(where: str, key: str, known) -> str:
@@ -42,11 +64,17 @@ def unknown_key_message(where: str, key: str, known) -> str:
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file atomically: a reader (or a crash) sees the old file or the new one, never half.
 
-    The temporary name carries the pid, so concurrent writers never share one."""
+    Concurrent writers, on this host or another sharing the file system, never share a temporary name."""
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp = path.with_name(path.name + f".tmp-{unique_suffix()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def unique_suffix() -> str:
+    """HOST-PID-RANDOM: a name no other process uses, on this host or another sharing the file system
+    (a pid alone repeats across hosts, and on one host after a restart)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def follow_umask(path: str | os.PathLike) -> None:
@@ -89,7 +117,7 @@ def build_once(target: Path, done: str, build) -> None:
     later one fails with ENOTEMPTY; finding the entry complete (its file `done` present), the loser
     keeps the winner's copy. The temporary directory goes in every case, so none is left behind.
     """
-    tmp = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # unique on a shared file system
+    tmp = target.with_name(f"{target.name}.tmp-{unique_suffix()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         build(tmp)

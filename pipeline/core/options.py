@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base import ConfigError, load_json, unknown_key_message, write_text
+from .base import ConfigError, is_text_encoding, load_json, read_utf8, unknown_key_message, write_text
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # pipeline/
 TINY_MODEL_DIR = PACKAGE_DIR / "models" / "tiny-bert"
@@ -81,6 +81,13 @@ class TrainConfig:
         },
     )
     test_file: str = field(default="", metadata={"help": "optional test data, evaluated once after training"})
+    encoding: str = field(
+        default="utf-8",
+        metadata={
+            "help": "text encoding of the data files (.jsonl, .json, .csv, .tsv, .txt), e.g. gb18030 for files exported as GBK; "
+            "run files, hostfiles, env files and DeepSpeed JSON are always UTF-8"
+        },
+    )
     text_column: str = field(default="text", metadata={"help": "name of the text column"})
     label_column: str = field(
         default="label",
@@ -430,6 +437,7 @@ class TrainConfig:
                 "(--dev-file) or hold part of it out (--val-size 0.1)",
             )
             self.dev_file = str(SAMPLE_DATA_DIR / "dev.jsonl")
+        need(is_text_encoding(self.encoding), "encoding", "a text encoding Python knows, e.g. utf-8 or gb18030")
         need(bool(self.text_column), "text_column", "a column name")
         need(bool(self.label_column), "label_column", "a column name")
         need(0.0 < self.heldout_fraction < 1.0, "heldout_fraction", "in (0, 1)")
@@ -516,7 +524,7 @@ def read_run_file(path: str) -> dict:
         import yaml
 
         try:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            values = yaml.safe_load(read_utf8(path))
         except FileNotFoundError:
             raise ConfigError(f"run file {path} not found") from None
         except yaml.YAMLError as e:

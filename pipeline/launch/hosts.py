@@ -11,7 +11,7 @@ import subprocess
 from collections import OrderedDict
 from pathlib import Path
 
-from ..core.base import ConfigError
+from ..core.base import ConfigError, read_utf8
 
 # DeepSpeed's runner matches `^(\S+)\s+slots=(\d+)` and ignores the rest of the line, so
 # "gpu1 slots=4x" counts 4 and "slots=0" a host with no ranks; this pattern is strict.
@@ -32,7 +32,7 @@ def read_hostfile(path: str) -> OrderedDict[str, int]:
 
     if not Path(path).is_file():
         raise ConfigError(f"{path}: hostfile not found (the deepspeed runner would silently use this machine's GPUs)")
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = read_utf8(path).splitlines()
     try:
         pool = fetch_hostfile(path)
     except ValueError as e:

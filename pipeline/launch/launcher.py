@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import tasks
-from ..core.base import ConfigError, free_port, load_json, unknown_key_message
+from ..core.base import ConfigError, free_port, load_json, read_utf8, unknown_key_message
 from ..core.ds_config import Hardware, resolve_ds_config
 from ..core.launch_file import SHELL_PLAIN, write_launch_file
 from ..core.options import (
@@ -99,7 +99,7 @@ def env_value(path: Path, number: int, key: str, value: str, launcher: str) -> s
 def read_env_file(path: Path, launcher: str = "pdsh") -> dict[str, str]:
     """KEY=VALUE lines; blank lines and # comments are allowed here (the runner crashes on them)."""
     env = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_utf8(path).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
