@@ -1,6 +1,7 @@
 """The training options and JSON files of them (pipeline/core/options.py, pipeline/core/base.py)."""
 
 import json
+import os
 
 import pytest
 
@@ -40,3 +41,22 @@ def test_vocabulary_and_early_stopping_options_are_checked():
     assert (
         TrainConfig(early_stopping_patience=2, best_metric="macro_f1", eval_every=5, save_every=10).early_stopping_patience == 2
     )
+
+
+def test_paths_are_made_absolute_once_and_words_stay_words(tmp_path, monkeypatch):
+    """The launcher resolves every path against the directory it runs in (the ranks may start elsewhere),
+    and run.yaml repeats the run from anywhere: text_file's comma-separated files each, the JSON files
+    threshold and class_weights may name, a checkpoint to resume; per-label, balanced, auto stay words."""
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(
+        task="masked_lm", text_file="a.txt, notes/b.txt", output_dir="runs", cache_dir="~/cache", class_weights="w.json"
+    ).with_absolute_paths()
+    assert cfg.text_file == f"{tmp_path / 'a.txt'},{tmp_path / 'notes' / 'b.txt'}"
+    assert (cfg.output_dir, cfg.class_weights) == (str(tmp_path / "runs"), str(tmp_path / "w.json"))
+    assert cfg.cache_dir == os.path.expanduser("~/cache") and os.path.isabs(cfg.cache_dir)
+    assert TrainConfig(resume="runs/r/checkpoints/step-4").with_absolute_paths().resume == str(
+        tmp_path / "runs/r/checkpoints/step-4"
+    )
+    words = TrainConfig(resume="auto", threshold="per-label", class_weights="balanced", output_dir="/abs").with_absolute_paths()
+    assert (words.resume, words.threshold, words.class_weights, words.output_dir) == ("auto", "per-label", "balanced", "/abs")
+    assert cfg.run_file()["text_file"] == cfg.text_file and "resume" not in TrainConfig(resume="auto").run_file()
