@@ -142,16 +142,17 @@ def test_table_rows_and_goal_lines(tmp_path):
 
 @pytest.mark.ranks
 def test_data_preparation_benchmark_reports_cold_and_warm_numbers(tmp_path):
-    """bench_data end to end on 300 generated records: a cold preparation in its own process (time,
+    """bench_data end to end on 100 generated records: a cold preparation in its own process (time,
     peak RSS) and a warm 2-rank start that reaches its first step through the cache it built."""
     import json
     import subprocess
     import sys
 
-    from helpers import cpu_env
+    from helpers import cpu_env, note_launch
 
+    note_launch("bench_data")
     run = subprocess.run(
-        [sys.executable, "-m", "pipeline.tools.bench_data", "--records", "300", "--out", str(tmp_path), "--max-length", "64"],
+        [sys.executable, "-m", "pipeline.tools.bench_data", "--records", "100", "--out", str(tmp_path), "--max-length", "32"],
         cwd=REPO,
         env=cpu_env(),
         capture_output=True,
@@ -159,8 +160,8 @@ def test_data_preparation_benchmark_reports_cold_and_warm_numbers(tmp_path):
         timeout=600,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    result = json.loads((tmp_path / "result-300.json").read_text())
-    assert result["records"] == 300 and sum(1 for _ in open(tmp_path / "train-300.jsonl", encoding="utf-8")) == 300
+    result = json.loads((tmp_path / "result-100.json").read_text())
+    assert result["records"] == 100 and sum(1 for _ in open(tmp_path / "train-100.jsonl", encoding="utf-8")) == 100
     assert result["cold"]["seconds"] > 0 and 0 < result["cold"]["peak_rss_bytes"] < 4 * 2**30
     assert 0 < result["warm_first_step_seconds"] < 600
     assert "cold preparation:" in run.stdout and "warm start:" in run.stdout
