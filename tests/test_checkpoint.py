@@ -264,3 +264,61 @@ def test_the_manifest_lists_the_files_the_ranks_report_when_a_listing_misses_the
     monkeypatch.undo()
     verify_manifest(ckpt)
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in read_json(ckpt / "manifest.json")["files"]
+
+
+@pytest.fixture(scope="module")
+def saved_run(one_rank, tmp_path_factory):
+    """A finished run directory with checkpoints step-1 and step-2 and its export (the one-rank
+    engine, in this process)."""
+    from helpers import setup_run
+
+    root = tmp_path_factory.mktemp("saved")
+    run = setup_run(one_rank, root, max_steps=2, save_every=1)
+    run.train()
+    run.finish()
+    return root / "run"
+
+
+def export_command(capsys, *args) -> tuple[int, str]:
+    """`export ARGS` through the command line's entry point: (exit code, what it printed to stderr)."""
+    from pipeline.cli.main import main
+
+    code = main(["export", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+def test_export_overwrite_replaces_an_export_and_never_a_checkpoint_or_a_run(saved_run, tmp_path, capsys):
+    """--overwrite replaces only a directory the export marked as its own: a checkpoint's manifest
+    lists all its files too, and the run directory has none."""
+    step_1, step_2 = (saved_run / "checkpoints" / f"step-{n}" for n in (1, 2))
+    before = sorted(p.name for p in step_1.iterdir())
+    for target in (step_1, saved_run):
+        code, err = export_command(capsys, step_2, target, "--overwrite")
+        assert code == 2 and f"export: {target} exists and is not an export" in err
+    assert sorted(p.name for p in step_1.iterdir()) == before
+    verify_manifest(step_1)  # every shard and the trainer state still there, unchanged
+    target = tmp_path / "export"
+    assert export_command(capsys, step_1, target)[0] == 0
+    assert read_json(target / MANIFEST)["export_of"] == {"checkpoint": str(step_1.resolve()), "step": 1}
+    assert export_command(capsys, step_2, target, "--overwrite")[0] == 0
+    assert read_json(target / MANIFEST)["export_of"]["step"] == 2
+
+
+def test_export_of_an_export_or_a_mistyped_step_names_the_checkpoints_there(saved_run, capsys):
+    listing = f"complete checkpoints in {saved_run / 'checkpoints'}: step-1, step-2"
+    missing = saved_run / "checkpoints" / "step-999"
+    code, err = export_command(capsys, missing, saved_run / "new")
+    assert code == 2 and f"export {missing}: does not exist; {listing}" in err
+    code, err = export_command(capsys, saved_run / "export", saved_run / "new")  # the run's own export
+    assert code == 2 and f"export {saved_run / 'export'}: is an export (a model directory), not a checkpoint" in err
+    assert listing in err
+    code, err = export_command(capsys, saved_run, saved_run / "new")
+    assert code == 2 and f"is not a checkpoint (it has no trainer_state.json); {listing}" in err
+    partial = saved_run / "checkpoints" / "step-3"
+    shutil.copytree(saved_run / "checkpoints" / "step-2", partial, ignore=shutil.ignore_patterns(MANIFEST))
+    try:
+        code, err = export_command(capsys, partial, saved_run / "new")
+        assert code == 2 and "incomplete checkpoint (no manifest.json: its save was interrupted)" in err
+    finally:
+        shutil.rmtree(partial)
+    assert not (saved_run / "new").exists()

@@ -91,14 +91,15 @@ def _files(ckpt: Path) -> list[str]:
     return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(ckpt: Path, reported: tuple[str, ...] | list[str] = ()) -> None:
-    """The manifest of the files the ranks `reported` writing, and those this rank sees (its own).
+def write_manifest(ckpt: Path, reported: tuple[str, ...] | list[str] = (), **fields) -> None:
+    """The manifest of the files the ranks `reported` writing, and those this rank sees (its own),
+    plus `fields` (an export's marker).
 
     Not a listing alone: on NFS this node's cached directory listing can miss another node's
     shards for tens of seconds, while opening a file by its name finds it."""
     names = sorted(set(reported) | set(_files(ckpt)))
     files = {name: {"size": (ckpt / name).stat().st_size, "sha256": file_digest(ckpt / name)} for name in names}
-    write_json(ckpt / MANIFEST, {"files": files})
+    write_json(ckpt / MANIFEST, {"files": files, **fields})
 
 
 def require_manifest(ckpt: Path) -> None:
@@ -123,6 +124,25 @@ def verify_manifest(ckpt: Path) -> None:
 def step_of(ckpt: Path) -> int:
     match = re.fullmatch(r"step-(\d+)", ckpt.name)
     return int(match.group(1)) if match else -1
+
+
+def require_checkpoint(ckpt: Path, what: str) -> None:
+    """`ckpt` is a complete checkpoint, else a clear error: no such directory or not a checkpoint
+    (naming the complete checkpoints beside it or in it), or a save that was interrupted."""
+    if (ckpt / STATE).is_file() or (ckpt.is_dir() and step_of(ckpt) >= 0):
+        require_manifest(ckpt)  # a checkpoint, complete or not; verify_manifest checks its files
+        return
+    problem = "does not exist" if not ckpt.exists() else "is not a checkpoint (it has no trainer_state.json)"
+    raise CheckpointError(f"{what} {ckpt}: {problem}; {checkpoints_near(ckpt)}")
+
+
+def checkpoints_near(path: Path) -> str:
+    """The complete checkpoints beside `path` or in it (a run directory's), for a message."""
+    for root in (path.parent, path.parent / CHECKPOINTS, path / CHECKPOINTS):
+        complete = scan(root)[0]
+        if complete:
+            return f"complete checkpoints in {root}: {', '.join(p.name for p in reversed(complete))}"
+    return f"no complete checkpoint (RUN_DIR/{CHECKPOINTS}/step-N) in {path.parent}"
 
 
 def scan(root: Path) -> tuple[list[Path], list[Path]]:

@@ -21,16 +21,20 @@ from .checkpoints import (
     MANIFEST,
     PROBE,
     STATE,
+    CheckpointError,
     _files,
+    checkpoints_near,
     consolidated_fp32_state_dict,
     logits_tolerance,
     read_json,
+    require_checkpoint,
     verify_manifest,
     write_manifest,
 )
 from .model_card import write_model_card
 
 EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_OF = "export_of"  # the manifest field that marks an export: {"checkpoint": path, "step": N}
 
 
 class ExportError(Exception):
@@ -84,8 +88,27 @@ def verify_probe(export_dir: Path, probe: dict) -> None:
 
 
 def is_export(directory: Path) -> bool:
-    """Whether `directory` holds an export and nothing else: every file is listed in its manifest."""
-    return (directory / MANIFEST).is_file() and set(_files(directory)) <= set(read_json(directory / MANIFEST)["files"])
+    """Whether `directory` holds an export and nothing else: its manifest marks it as one (EXPORT_OF)
+    and lists every file in it.
+
+    An export written before the marker existed counts when its manifest lists a model
+    (config.json, model.safetensors) and no trainer_state.json, which every checkpoint's lists."""
+    if not (directory / MANIFEST).is_file():
+        return False
+    manifest = read_json(directory / MANIFEST)
+    listed = set(manifest["files"])
+    unmarked_export = {"config.json", EXPORT_WEIGHTS} <= listed and STATE not in listed
+    return (EXPORT_OF in manifest or unmarked_export) and set(_files(directory)) <= listed
+
+
+def require_export_source(ckpt: Path) -> None:
+    """`export` reads a complete checkpoint, not an export nor a mistyped path."""
+    if is_export(ckpt):
+        raise CheckpointError(
+            f"export {ckpt}: is an export (a model directory), not a checkpoint; export reads RUN_DIR/checkpoints/step-N; "
+            f"{checkpoints_near(ckpt)}"
+        )
+    require_checkpoint(ckpt, "export")
 
 
 def check_export_target(export_dir: Path, overwrite: bool) -> None:
@@ -94,7 +117,8 @@ def check_export_target(export_dir: Path, overwrite: bool) -> None:
         return
     if not is_export(export_dir):
         raise ConfigError(
-            f"export: {export_dir} exists and is not an export (it holds files no export writes); choose a new or empty directory"
+            f"export: {export_dir} exists and is not an export (no manifest.json marks it as one and lists all its files: "
+            "a checkpoint, a run directory, files of your own); choose a new or empty directory"
         )
     if not overwrite:
         raise ConfigError(
@@ -114,6 +138,7 @@ def export_checkpoint(ckpt: Path, export_dir: Path, overwrite: bool = False, thr
     """
     from transformers import AutoConfig
 
+    require_export_source(ckpt)
     check_export_target(export_dir, overwrite)
     verify_manifest(ckpt)
     config = AutoConfig.from_pretrained(ckpt / HF_DIR)
@@ -146,4 +171,4 @@ def _write_export(ckpt: Path, config, tmp: Path, thresholds: dict | None) -> Non
     check_export_weights(tmp)
     verify_probe(tmp, read_json(ckpt / PROBE))
     write_model_card(tmp, ckpt, task, thresholds)
-    write_manifest(tmp)
+    write_manifest(tmp, **{EXPORT_OF: {"checkpoint": str(ckpt.resolve()), "step": read_json(ckpt / STATE)["optimizer_step"]}})
