@@ -7,7 +7,7 @@ import sys
 
 import pytest
 from deepspeed.runtime.fp16 import loss_scaler
-from helpers import REPO, cpu_env, ds_config
+from helpers import REPO, cpu_env, ds_config, note_launch
 
 from pipeline.tools import gpu_check
 
@@ -47,6 +47,7 @@ def test_the_launch_step_runs_without_this_processs_rank_variables_on_its_own_po
 @pytest.mark.ranks
 def test_gpu_validation_script_runs_on_the_cpu_with_its_launch_step(tmp_path):
     config = ds_config(tmp_path / "fp32.json", 2, micro=4, accum=1)
+    note_launch("gpu_check")  # and its ./launch.sh step
     result = subprocess.run(
         [
             sys.executable,
