@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from pipeline.core.base import ConfigError, file_digest
 from pipeline.core.options import TrainConfig
 from pipeline.data.batching import RankMicroBatches, epoch_global_batches
 from pipeline.data.cache import Split, TokenizedSplit, cache_info, load_tokenized, prepare_splits, read_split, tokenize_cached
+from pipeline.data.readers import iter_records
 from pipeline.data.reading import Reading
 from pipeline.data.tokenizer import build_tokenizer, load_tokenizer, tokenizer_source
 from pipeline.tasks.multi_label import MULTI_LABEL
@@ -66,9 +68,92 @@ def test_bad_data_files_name_file_and_place(tmp_path, content, message):
 
 
 def test_an_unknown_format_is_refused_naming_the_file_and_the_known_formats(tmp_path):
-    (tmp_path / "a.xlsx").write_bytes(b"x")
-    with pytest.raises(ConfigError, match=r"a\.xlsx: unknown data format '\.xlsx'; known formats: \.jsonl, .*\.parquet"):
-        read_split(str(tmp_path / "a.xlsx"), "text", "label", SINGLE_LABEL)
+    (tmp_path / "a.xls").write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"a\.xls: unknown data format '\.xls'; known formats: \.jsonl, .*\.parquet, \.xlsx"):
+        read_split(str(tmp_path / "a.xls"), "text", "label", SINGLE_LABEL)
+
+
+def test_a_gb18030_file_is_refused_as_utf8_naming_the_option_then_read_with_it(tmp_path):
+    """Hospital systems in China export GBK/GB18030: as UTF-8 one error with file, line and the way
+    forward; with --encoding the same records as the UTF-8 file, in training, the launch's check and predict."""
+    from pipeline.cli.predict import read_inputs
+    from pipeline.launch.inputs import check_data_file
+
+    rows = ROWS * 3  # every character seen at least twice: none is unknown to the vocabulary built from them
+    text = "text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows)
+    gbk, utf8 = tmp_path / "gbk.csv", tmp_path / "utf8.csv"
+    gbk.write_bytes(text.encode("gb18030"))
+    utf8.write_text(text, encoding="utf-8")
+    jsonl = tmp_path / "gbk.jsonl"
+    jsonl.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("gb18030"))
+    for path in (gbk, jsonl):
+        with pytest.raises(
+            ConfigError, match=r"line \d, column \d+: not UTF-8 text \(byte 0x[0-9a-f]{2}\).*--encoding gb18030"
+        ) as e:
+            read_split(str(path), "text", "label", SINGLE_LABEL)
+        assert str(path) in str(e.value)
+        assert read_split(str(path), "text", "label", SINGLE_LABEL, encoding="gb18030").texts == [r["text"] for r in rows]
+    as_utf8 = read_split(str(utf8), "text", "label", SINGLE_LABEL)
+    assert read_split(str(gbk), "text", "label", SINGLE_LABEL, encoding="gb18030")[1:] == as_utf8[1:]
+    with pytest.raises(ConfigError, match=r"line 2, column \d+: not ascii text .*check --encoding"):
+        read_split(str(gbk), "text", "label", SINGLE_LABEL, encoding="ascii")
+    cfg = TrainConfig(train_file=str(gbk), dev_file=str(gbk), encoding="gb18030")
+    assert prepare(cfg, tmp_path / "c")["label_names"] == sorted(r["label"] for r in ROWS)
+    assert "columns text, label present" in check_data_file(str(gbk), ["text", "label"], cfg.encoding)
+    assert [entry["text"] for entry in read_inputs(str(gbk), "text", "id", "gb18030")] == [r["text"] for r in rows]
+    # The same bytes decoded otherwise are other texts: the key says how they were decoded.
+    ascii_text = tmp_path / "ascii.csv"
+    ascii_text.write_text("text,label\nfever,a\n", encoding="utf-8")
+    keys = {enc: Split(ascii_text, "text", "label", SINGLE_LABEL, encoding=enc).key for enc in ("utf-8", "UTF8", "gb18030")}
+    assert keys["utf-8"] == keys["UTF8"] != keys["gb18030"]
+    with pytest.raises(ConfigError, match=r"'encoding' = 'gbk2', expected a text encoding"):
+        TrainConfig(encoding="gbk2")
+
+
+def write_xlsx(path: Path, rows: list[list]) -> Path:
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    for row in rows:
+        book.active.append(row)
+    book.create_sheet("second")["A1"] = "not read: the first sheet is the data"
+    book.save(path)
+    return path
+
+
+def test_an_excel_workbook_gives_the_records_of_its_csv_export(tmp_path):
+    """Its first sheet, the header row naming the columns, each value as the CSV export writes it."""
+    rows = [{**r, "age": str(40 + i)} for i, r in enumerate(ROWS * 3)]
+    (tmp_path / "a.csv").write_text(
+        "text,label,age\n" + "".join(f"{r['text']},{r['label']},{r['age']}\n" for r in rows), encoding="utf-8"
+    )
+    # Numbers as Excel stores them (a whole float too), a blank row, an empty formatted cell past the header.
+    sheet = [["text", "label", "age", None]] + [
+        [r["text"], r["label"], float(r["age"]) if i % 2 else int(r["age"])] for i, r in enumerate(rows)
+    ]
+    sheet.insert(3, [None, None, None])
+    xlsx = write_xlsx(tmp_path / "a.xlsx", sheet)
+    records = lambda path: [dict(record) for record in iter_records(path)]  # noqa: E731
+    assert records(xlsx) == records(tmp_path / "a.csv")
+    info = prepare(TrainConfig(train_file=str(xlsx), dev_file=str(tmp_path / "a.csv")), tmp_path / "c")
+    assert info["label_names"] == sorted({r["label"] for r in ROWS})
+    for bad, message in (
+        ([["text", None, "label"], ["a", "", "b"]], r"sheet 'Sheet', row 1: column 2 of the header is empty"),
+        ([["text", "label"], ["a", "b", "extra"]], r"sheet 'Sheet', row 2: a value right of the header's 2 columns"),
+        ([["text", "text"], ["a", "b"]], r"column 'text' appears twice"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            read_split(str(write_xlsx(tmp_path / "bad.xlsx", bad)), "text", "label", SINGLE_LABEL)
+    (tmp_path / "broken.xlsx").write_bytes(b"PK not really a workbook")
+    with pytest.raises(ConfigError, match=r"broken\.xlsx: not a readable \.xlsx workbook"):
+        read_split(str(tmp_path / "broken.xlsx"), "text", "label", SINGLE_LABEL)
+
+
+def test_an_excel_workbook_without_openpyxl_is_refused_with_the_export_steps(tmp_path, monkeypatch):
+    xlsx = write_xlsx(tmp_path / "a.xlsx", [["text", "label"], ["a", "b"]])
+    monkeypatch.setitem(sys.modules, "openpyxl", None)  # what `import openpyxl` meets where it is not installed
+    with pytest.raises(ConfigError, match=r"a\.xlsx: reading \.xlsx needs openpyxl .*\[excel\].*CSV UTF-8 \(Comma delimited\)"):
+        read_split(str(xlsx), "text", "label", SINGLE_LABEL)
 
 
 def write_parquet(path: Path, rows: list[dict], row_group_size: int = 2) -> Path:

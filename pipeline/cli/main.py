@@ -66,6 +66,7 @@ def _predict_parser(sub) -> None:
     )
     p.add_argument("--output", help="write JSON lines here instead of stdout")
     p.add_argument("--text-column", default="text")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of --input or stdin, e.g. gb18030 (default: %(default)s)")
     p.add_argument("--id-column", default="id", help="copied into each output row where a record has it (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: %(default)s)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="where the model runs (default: a GPU when there is one)")

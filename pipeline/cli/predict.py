@@ -1,7 +1,7 @@
 """Predict with an exported model: `python -m pipeline predict --model RUN_DIR/export`.
 
 Input: a data file with a text column (any format training reads: .jsonl, .json, .csv, .tsv,
-.parquet), a .txt file with one text per line, or texts on stdin (one per line). Lines end at \n,
+.parquet, .xlsx; text decoded with --encoding, UTF-8 by default), a .txt file with one text per line, or texts on stdin (one per line). Lines end at \n,
 \r\n or \r only (see readers.text_lines), so line numbers are the ones an editor shows. Output: one
 JSON line per input line or record, in input order, with its line number (.txt, stdin) or record
 number and id (data files) and what the model's task predicts (tasks.base.Task.output): e.g. for a
@@ -25,7 +25,7 @@ import torch
 
 from .. import tasks
 from ..checkpoint.export import load_export
-from ..core.base import ConfigError, load_json
+from ..core.base import ConfigError, is_text_encoding, load_json
 from ..core.dist import Progress
 from ..data.cache import TOKENIZE_BATCH, TokenizedSplit, in_batches
 from ..data.readers import READERS, iter_records, require_columns, text_lines
@@ -33,25 +33,26 @@ from ..data.reading import Reading
 from ..train.evaluate import record_logits
 
 
-def _numbered_lines(path, file) -> list[dict]:
-    return [{"line": number, "text": line.rstrip("\r\n")} for number, line in text_lines(path, file)]
+def _numbered_lines(path, file, encoding: str) -> list[dict]:
+    return [{"line": number, "text": line.rstrip("\r\n")} for number, line in text_lines(path, file, encoding)]
 
 
-def read_inputs(input_path: str | None, text_column: str, id_column: str) -> list[dict]:
-    """One entry per input line or record: where it is ({"line": n} or {"record": n, "id": ...}) and its text."""
+def read_inputs(input_path: str | None, text_column: str, id_column: str, encoding: str = "utf-8") -> list[dict]:
+    """One entry per input line or record: where it is ({"line": n} or {"record": n, "id": ...}) and its text,
+    text formats decoded with `encoding` (--encoding)."""
     if input_path is None:
-        return _numbered_lines("<stdin>", sys.stdin.buffer)
+        return _numbered_lines("<stdin>", sys.stdin.buffer, encoding)
     path = Path(input_path)
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise ConfigError(f"{path}: input file not found")
         with open(path, "rb") as file:
-            return _numbered_lines(path, file)
+            return _numbered_lines(path, file, encoding)
     if path.suffix.lower() not in READERS:
         raise ConfigError(
             f"{path}: unknown input format '{path.suffix}'; predict reads .txt (one text per line), {', '.join(e for e in READERS if e != '.txt')}"
         )
-    records = list(iter_records(path))
+    records = list(iter_records(path, encoding=encoding))
     require_columns(path, records, [text_column])
     return [
         {"record": n, **({"id": r[id_column]} if id_column in r else {}), "text": r.get(text_column)}
@@ -141,7 +142,9 @@ def predict(
 
 def main(args) -> None:
     check_export_dir(args.model)  # before reading a large input
-    inputs = read_inputs(args.input, args.text_column, args.id_column)
+    if not is_text_encoding(args.encoding):
+        raise ConfigError(f"--encoding {args.encoding}: expected a text encoding Python knows, e.g. utf-8 or gb18030")
+    inputs = read_inputs(args.input, args.text_column, args.id_column, args.encoding)
     texts = [entry.pop("text") for entry in inputs]
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: expected at least 1")

@@ -14,6 +14,7 @@ each time (at most global batch - 1 per epoch).
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import itertools
@@ -58,6 +59,7 @@ class Split:
     kind: object = None  # the task (tasks.base.Task): how labels are read; None without a label column
     label_separator: str = ""
     rows: frozenset | None = None  # record numbers taken (--val-size); None: all
+    encoding: str = "utf-8"  # of a text format (--encoding)
 
     def records(self):
         """(record number, text, label or None), every record checked as it is read.
@@ -68,7 +70,7 @@ class Split:
         columns = [self.text_column] if self.label_column is None else [self.text_column, self.label_column]
         expected, read = self.digest, CountingDigest()
         self.read = read  # how far reading has got, for progress
-        for row, record in enumerate(iter_records(self.path, read), start=1):
+        for row, record in enumerate(iter_records(self.path, read, self.encoding), start=1):
             if row == 1:  # a column missing from the first record is taken for a wrong column name
                 require_columns(self.path, [record], columns)
             text = record.get(self.text_column)
@@ -104,8 +106,10 @@ class Split:
     @property
     def key(self) -> str:
         """What is read, without reading it: the file's content (not its mtime), the columns taken and
-        how labels are read."""
+        how labels are read (and decoded: the same bytes read in another encoding are other texts)."""
         read = [self.digest, self.text_column, self.label_column, self.kind.name, self.label_separator]
+        if codecs.lookup(self.encoding).name != "utf-8":  # appended only then: UTF-8 runs keep their caches
+            read.append(codecs.lookup(self.encoding).name)
         if self.rows is not None:
             read.append(hashlib.sha256(json.dumps(sorted(self.rows)).encode()).hexdigest())
         return hashlib.sha256(json.dumps(read).encode()).hexdigest()[:20]
@@ -150,9 +154,11 @@ class Records(NamedTuple):
     labels: list
 
 
-def read_split(path: str, text_column: str, label_column: str | None, kind, label_separator: str = "") -> Records:
-    """A small file's records, all read and checked at once (tests and tools; training streams)."""
-    split = Split(Path(path), text_column, label_column, kind, label_separator)
+def read_split(
+    path: str, text_column: str, label_column: str | None, kind, label_separator: str = "", encoding: str = "utf-8"
+) -> Records:
+    """A small file's records, all read and checked at once (tests, tools, the baseline; training streams)."""
+    split = Split(Path(path), text_column, label_column, kind, label_separator, encoding=encoding)
     rows = list(split.records())
     return Records(split, [text for _, text, _ in rows], [label for _, _, label in rows])
 
@@ -424,13 +430,17 @@ def prepare_splits(cfg: TrainConfig, kind, tokenizer_for, cache_dir: str, log) -
     not read again (only hashed), so a warm start of a million-record run takes seconds. Returns a
     small, picklable description the other ranks use to load the same cached data.
     """
-    splits = {"train": Split(Path(cfg.train_file), cfg.text_column, cfg.label_column, kind, cfg.label_separator)}
+
+    def split(path: str) -> Split:
+        return Split(Path(path), cfg.text_column, cfg.label_column, kind, cfg.label_separator, encoding=cfg.encoding)
+
+    splits = {"train": split(cfg.train_file)}
     if cfg.val_size:
         splits["train"], splits["dev"] = hold_out(splits["train"], cfg.val_size, cfg.seed)
     else:
-        splits["dev"] = Split(Path(cfg.dev_file), cfg.text_column, cfg.label_column, kind, cfg.label_separator)
+        splits["dev"] = split(cfg.dev_file)
     if cfg.test_file:
-        splits["test"] = Split(Path(cfg.test_file), cfg.text_column, cfg.label_column, kind, cfg.label_separator)
+        splits["test"] = split(cfg.test_file)
     tokenizer, tokenizer_dir = tokenizer_for(splits["train"])
     how = reading.Reading.from_config(cfg)
     paths, infos = {}, {}
@@ -498,7 +508,9 @@ def prepare_text_files(cfg: TrainConfig, kind, tokenizer_for, cache_dir: str, lo
     """Rank 0's data work for pretraining: a tokenizer, then each --text-file read, checked and
     tokenized (with word starts, the task being a pretraining one) into the cache, as prepare_splits
     does for labelled files. Returns what the other ranks need to load the same caches."""
-    files = TextFiles([Split(path, cfg.text_column, None, kind) for path in text_file_paths(cfg.text_file)])
+    files = TextFiles(
+        [Split(path, cfg.text_column, None, kind, encoding=cfg.encoding) for path in text_file_paths(cfg.text_file)]
+    )
     tokenizer, tokenizer_dir = tokenizer_for(files)
     how = reading.Reading.from_config(cfg)
     paths, infos = [], []

@@ -23,9 +23,9 @@ from ..data.cache import text_file_paths
 from ..data.readers import iter_records, require_columns
 
 
-def check_data_file(path: str, columns: list[str]) -> str:
+def check_data_file(path: str, columns: list[str], encoding: str) -> str:
     """The file exists, its format is known and its first record has the columns."""
-    first = next(iter_records(path))  # the generator closes the file when dropped
+    first = next(iter_records(path, encoding=encoding))  # the generator closes the file when dropped
     require_columns(Path(path), [first], columns)
     return f"{path} (columns {', '.join(columns)} present)"
 
@@ -85,7 +85,7 @@ def check_inputs(cfg: TrainConfig, label_column: bool = True) -> list[str]:
     files = [("train", cfg.train_file), ("dev", "" if cfg.val_size else cfg.dev_file), ("test", cfg.test_file)]
     if cfg.text_file:  # pretrain reads unlabelled text files, not the labelled ones
         files, columns = [("text", str(path)) for path in text_file_paths(cfg.text_file)], [cfg.text_column]
-    lines = [f"{name} data: {check_data_file(path, columns)}" for name, path in files if path]
+    lines = [f"{name} data: {check_data_file(path, columns, cfg.encoding)}" for name, path in files if path]
     if cfg.val_size:
         lines.append(f"dev data: --val-size {cfg.val_size} of {cfg.train_file}, stratified by label, seed {cfg.seed}")
     lines.append(f"model: {check_model(cfg)}")

@@ -83,7 +83,7 @@ def check_head(model_dir: str) -> None:
 def check_text_files(cfg: TrainConfig) -> None:
     """Every --text-file exists and its first record has the text column (before any rank starts)."""
     for path in text_file_paths(cfg.text_file):
-        first = next(iter_records(path), None)
+        first = next(iter_records(path, encoding=cfg.encoding), None)
         require_columns(path, [first], [cfg.text_column])
 
 

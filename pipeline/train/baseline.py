@@ -111,6 +111,7 @@ def cache_key(cfg, task, splits: dict[str, str], names: list[str], weights: dict
         cfg.text_column,
         cfg.label_column,
         cfg.label_separator,
+        cfg.encoding,  # the same bytes decoded otherwise are other texts
         {name: cache_info(path)["sha256"] for name, path in sorted(splits.items())},
         names,
         weights,
@@ -187,6 +188,7 @@ def start(cfg, task, data, run_dir: Path, log) -> BaselineJob | None:
         "task": task.name,
         "files": {"train": cfg.train_file, "dev": cfg.dev_file, "test": cfg.test_file},
         "columns": [cfg.text_column, cfg.label_column, cfg.label_separator],
+        "encoding": cfg.encoding,
         "names": data.label_names,
         "weights": list(data.class_weights.values()) or None,
         "threshold": cfg.threshold,
@@ -218,7 +220,9 @@ def main(spec_path: str) -> None:
     spec = load_json(spec_path)
     kind = tasks.get(spec["task"])
     text, label, separator = spec["columns"]
-    train, dev, test = (read_split(path, text, label, kind, separator) if path else None for path in spec["files"].values())
+    train, dev, test = (
+        read_split(path, text, label, kind, separator, spec["encoding"]) if path else None for path in spec["files"].values()
+    )
     start_time = time.perf_counter()
     result = evaluate_baseline(kind, train, dev, test, spec["names"], spec["weights"], spec["threshold"])
     print(f"baseline fitted and scored in {time.perf_counter() - start_time:.1f} s: {json.dumps(result, ensure_ascii=False)}")
