@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,28 @@ def test_paths_are_made_absolute_once_and_words_stay_words(tmp_path, monkeypatch
     words = TrainConfig(resume="auto", threshold="per-label", class_weights="balanced", output_dir="/abs").with_absolute_paths()
     assert (words.resume, words.threshold, words.class_weights, words.output_dir) == ("auto", "per-label", "balanced", "/abs")
     assert cfg.run_file()["text_file"] == cfg.text_file and "resume" not in TrainConfig(resume="auto").run_file()
+
+
+def test_config_files_that_are_not_utf8_are_refused_naming_file_line_and_utf8(tmp_path):
+    """A run file, DeepSpeed JSON, hostfile or env file saved as GBK (a Chinese comment, a Chinese
+    run name) is one message naming the file and line, not a UnicodeDecodeError traceback; the same
+    file saved as UTF-8 is read."""
+    from pipeline.launch.hosts import read_hostfile
+    from pipeline.launch.launcher import read_env_file
+
+    cases = [  # file, its text, the line with the first non-ASCII byte, how the launch reads it
+        ("run.yaml", "# 胸痛分诊\nepochs: 1\n", 1, TrainConfig.from_sources),
+        ("run.json", '{\n  "run_name": "胸痛"\n}\n', 2, TrainConfig.from_sources),
+        ("ds.json", '{\n  "train_batch_size": 8\n, "comment": "八卡"}\n', 3, load_json),
+        ("hostfile", "# 二号机房\nnode-1 slots=1\n", 1, read_hostfile),
+        ("nodes.env", "# 代理\nHTTPS_PROXY=http://proxy:3128\n", 1, lambda path: read_env_file(Path(path))),
+    ]
+    for name, text, line, read in cases:
+        path = tmp_path / name
+        path.write_bytes(text.encode("gb18030"))
+        with pytest.raises(ConfigError) as e:
+            read(str(path))
+        assert str(e.value).startswith(f"{path}: line {line}: not UTF-8 text (byte 0x")
+        assert "configuration files must be UTF-8" in str(e.value)
+        path.write_text(text, encoding="utf-8")
+        read(str(path))
