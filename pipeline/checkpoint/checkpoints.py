@@ -152,7 +152,7 @@ def scan(root: Path) -> tuple[list[Path], list[Path]]:
 
 
 def find_resume_checkpoint(spec: str, output_dir: str, run_name: str, log) -> Path | None:
-    """The checkpoint `--resume` names: a path, or 'auto'/'if-present' for the newest complete one.
+    """The checkpoint `--resume` names: a path, or 'auto'/'if-present' for the newest complete one of run `run_name`.
 
     'auto' with nothing to resume is an error (DeepSpeed alone would silently start from scratch);
     'if-present' then starts a fresh run.
@@ -163,20 +163,22 @@ def find_resume_checkpoint(spec: str, output_dir: str, run_name: str, log) -> Pa
             raise CheckpointError(f"--resume {spec}: no such checkpoint directory")
         require_manifest(ckpt)  # the full checksum check runs once, in load()
         return ckpt
-    runs = [Path(output_dir) / run_name] if run_name else sorted(Path(output_dir).glob("*"))
-    complete, partial = [], []
-    for run in runs:
-        found = scan(run / CHECKPOINTS)
-        complete += found[0]
-        partial += found[1]
+    if not run_name:
+        # As Hugging Face's resume_from_checkpoint=True looks in its own output_dir (one run's), 'auto'
+        # resumes one named run: the newest checkpoint in a shared runs/ may be a colleague's run.
+        runs = sorted(p.parent.name for p in Path(output_dir).glob(f"*/{CHECKPOINTS}") if scan(p)[0])
+        raise CheckpointError(
+            f"--resume {spec} needs --run-name, the run to continue; runs with complete checkpoints in {output_dir}: "
+            f"{', '.join(runs) or 'none'}"
+        )
+    complete, partial = scan(Path(output_dir) / run_name / CHECKPOINTS)
     for p in partial:
         log.warning(f"ignoring incomplete checkpoint {p} (no manifest: its save was interrupted)")
     if complete:
         return max(complete, key=lambda p: (p / MANIFEST).stat().st_mtime)
     if spec == "auto":
-        where = Path(output_dir) / run_name if run_name else Path(output_dir)
         raise CheckpointError(
-            f"--resume auto: no complete checkpoint under {where}"
+            f"--resume auto: no complete checkpoint under {Path(output_dir) / run_name}"
             f"{f' ({len(partial)} incomplete ones ignored)' if partial else ''}; "
             "use --resume if-present to start fresh when there is none"
         )

@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 from pathlib import Path
 
 
@@ -78,11 +79,37 @@ def unique_suffix() -> str:
 
 
 def follow_umask(path: str | os.PathLike) -> None:
-    """Give a file the mode a plain open() would have: writers that go through a private temporary
-    file (safetensors) leave it 0600, unreadable to the group the umask would let in."""
-    mask = os.umask(0)  # the only way to read the umask is to set it
+    """Give a file the mode a plain open() would give it in its directory: writers that go through a
+    private temporary file (safetensors) leave it 0600, unreadable to the group the umask would let in.
+
+    The mode is taken from a plain file created beside it, not from the umask: reading the umask
+    means setting it, and a file another thread created in that moment would get that mode."""
+    path = Path(path)
+    probe = path.with_name(f".{path.name}.mode-{socket.gethostname()}-{os.getpid()}")
+    probe.touch()
+    try:
+        os.chmod(path, stat.S_IMODE(probe.stat().st_mode))
+    finally:
+        probe.unlink()
+
+
+# --file-access: the permission bits a run takes away from everything it creates, on top of the umask.
+CLOSED_TO = {"group": 0o027, "owner": 0o077, "umask": 0o000}
+
+
+def close_new_files(access: str) -> int:
+    """From now on this process (and the processes it starts) creates files and directories no more
+    open than `access` allows, whatever the umask: group, others get nothing and the group reads
+    (directories 0750, files 0640 under umask 022); owner, the owner alone; umask, as it says. A
+    stricter umask stays. Returns the umask now in force.
+
+    One call at the start of a run covers every writer in it (ours, DeepSpeed's torch.save, datasets,
+    tokenizers, TensorBoard, the baseline's process) without a chmod after each; the umask belongs to
+    the process, and a run is its own process. Reading the umask means setting it: for that moment it
+    is 0o077, so a file another thread creates meanwhile is more closed, never open."""
+    mask = os.umask(0o077) | CLOSED_TO[access]
     os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    return mask
 
 
 def free_port() -> int:

@@ -13,7 +13,13 @@ all-reduce, checkpoint saves) run on every rank.
 
 from __future__ import annotations
 
+import fnmatch
+import itertools
 import json
+import os
+import shlex
+import socket
+import stat
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -25,12 +31,12 @@ from .. import tasks
 from ..checkpoint import checkpoints as checkpoint
 from ..checkpoint.export import export_checkpoint
 from ..core import dist
-from ..core.base import ConfigError, load_json, write_json, write_text
+from ..core.base import ConfigError, close_new_files, load_json, write_json, write_text
 from ..core.ds_config import Hardware, ResolvedConfig, RunShape, ds_precision, resolve_ds_config
 from ..core.model_dir import check_model_dir
 from ..core.options import TrainConfig, write_run_file
 from ..core.stop import Stopped, StopRequests, pause_for_test
-from ..data.cache import TokenizedSplit, prepare_splits, prepare_text_files, tokenizer_fingerprint
+from ..data.cache import CACHE_DATA, TokenizedSplit, prepare_splits, prepare_text_files, tokenizer_fingerprint
 from ..data.reading import Reading
 from ..data.tokenizer import TOKENIZER_KEY, load_tokenizer, tokenizer_source
 from ..tasks.base import Task
@@ -44,20 +50,97 @@ from .tracking import Trackers
 
 PROBE_SIZE = 8  # dev records whose logits the export must reproduce
 RUN_DS_CONFIG = "ds_config.given.json"  # the DeepSpeed JSON as the run was given it
+VAL_SPLIT = "val_split.json"  # --val-size: the training records held out as dev
+
+
+OWNER = "owner.json"  # who claimed the run directory, written the moment it is created
+FINISHED = ("eval_results.json", "export", "predictions-*.jsonl")  # what only a finished run leaves
 
 
 def new_run_dir(cfg: TrainConfig) -> str:
-    """Rank 0 names the run once (the others receive it): never two clocks, never two names.
+    """Rank 0 names and claims the run directory once (the others receive it): never two clocks, never two names.
 
-    An existing run directory is only reused by `--resume if-present` (a retried job whose first
-    attempt died before its first checkpoint); otherwise it is an error, so no run is overwritten.
+    The directory is created exclusively and claimed at once (OWNER: host, pid, uid), before the
+    data are prepared: a second launch of the same --run-name is refused, whether the first still
+    runs or has finished, and a name from the clock that is taken (two runs started in the same
+    second) becomes NAME-2, NAME-3, ... Only `--resume if-present` reuses its own directory (a
+    retried job whose first attempt died before its first checkpoint), and not a finished run's.
     """
-    name = cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.output_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()) and cfg.resume != "if-present":
-        raise ConfigError(f"run directory {run_dir} already exists and is not empty; choose another run_name")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    output = Path(cfg.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("run-%Y%m%d-%H%M%S")
+    names = [cfg.run_name] if cfg.run_name else (stamp if n == 1 else f"{stamp}-{n}" for n in itertools.count(1))
+    for name in names:
+        run_dir = output / name
+        try:
+            run_dir.mkdir()
+            break
+        except FileExistsError:
+            if not cfg.run_name:
+                continue
+            if cfg.resume != "if-present":
+                raise ConfigError(
+                    f"run directory {run_dir} already exists ({claimed_by(run_dir)}); choose another --run-name, "
+                    "or --resume auto to continue it"
+                ) from None
+            refuse_finished(run_dir)
+    write_json(
+        run_dir / OWNER,
+        {"host": socket.gethostname(), "pid": os.getpid(), "uid": os.getuid(), "claimed": time.strftime("%Y-%m-%d %H:%M:%S")},
+    )
     return str(run_dir)
+
+
+def claimed_by(run_dir: Path) -> str:
+    """Who claimed `run_dir`, for a message."""
+    try:
+        owner = load_json(run_dir / OWNER)
+    except ConfigError:
+        return f"no {OWNER}: not claimed by a run of this version"
+    return f"claimed by pid {owner.get('pid')} on {owner.get('host')} at {owner.get('claimed')}"
+
+
+def refuse_finished(run_dir: Path) -> None:
+    """`--resume if-present` found no checkpoint in `run_dir`: a fresh start there must not replace a finished run's results."""
+    found = sorted(p.name for pattern in FINISHED for p in run_dir.glob(pattern))
+    if found:
+        raise ConfigError(
+            f"--resume if-present: {run_dir} holds a finished run ({', '.join(found)}) and no complete checkpoint to "
+            "resume; starting it afresh would replace them: choose another --run-name, or move that directory away"
+        )
+
+
+# Files that hold patients' text, verbatim or tokenized: what other users of the machine must not read.
+PATIENT_TEXT = (CACHE_DATA, "predictions-*.jsonl", checkpoint.PROBE, VAL_SPLIT)
+
+
+def readable_by_others(directory: Path) -> Path | None:
+    """A file of patients' text under `directory` that any user can read (readable by others, and every
+    directory down to it searchable by them: a name is enough, no listing needed), or None."""
+    for root, dirs, files in os.walk(directory):
+        if not os.stat(root).st_mode & stat.S_IXOTH:
+            dirs.clear()  # others cannot get in: nothing below is theirs to read
+            continue
+        for name in files:
+            if (
+                any(fnmatch.fnmatch(name, pattern) for pattern in PATIENT_TEXT)
+                and os.stat(Path(root) / name).st_mode & stat.S_IROTH
+            ):
+                return Path(root) / name
+    return None
+
+
+def warn_readable_by_others(cfg: TrainConfig, log) -> None:
+    """One warning line per existing output or cache directory whose patients' text other users can read
+    (written before --file-access, or with --file-access umask): what this run writes is closed, not what is there."""
+    output, cache = Path(cfg.output_dir).resolve(), Path(cfg.cache_directory()).resolve()
+    for directory in [output] + ([] if cache.is_relative_to(output) else [cache]):
+        found = readable_by_others(directory)
+        if found:
+            log.warning(
+                f"warning: {directory} holds patients' text that other users can read ({found.relative_to(directory)}); "
+                f"close it with: chmod -R o-rwx {shlex.quote(str(directory))}"
+            )
 
 
 def quiet_libraries() -> None:
@@ -155,7 +238,8 @@ class Run:
         """Check what needs no process group, start it, then data -> model -> engine -> state (or resume).
 
         A stop requested during setup ends it at the next stage with Stopped: nothing to save yet."""
-        stops = StopRequests()  # first: a signal during data preparation must not kill a rank
+        close_new_files(cfg.file_access)  # before anything is written; the process is this run's alone
+        stops = StopRequests()  # a signal during data preparation must not kill a rank
         quiet_libraries()
         log = dist.get_logger()
         task = tasks.resolve(cfg)
@@ -168,6 +252,8 @@ class Run:
         dist.init(cfg.dist_timeout_minutes, cfg.rank0_wait_minutes)
         torch.manual_seed(cfg.seed)
 
+        if dist.is_main() and cfg.file_access != "umask":  # open by choice: nothing to warn of
+            warn_readable_by_others(cfg, log)
         run_dir, resume_from = start_or_resume(cfg, log)
         data = prepare_data(cfg, task, reading, cfg.cache_directory(), log)
         stop_before_training(stops, "data preparation")
@@ -231,7 +317,7 @@ class Run:
             write_run_file(run_dir / "run.yaml", {**cfg.run_file(), "ds_config": str((run_dir / RUN_DS_CONFIG).resolve())})
             if data.dev_records is not None:
                 write_json(
-                    run_dir / "val_split.json",
+                    run_dir / VAL_SPLIT,
                     {"train_file": cfg.train_file, "val_size": cfg.val_size, "seed": cfg.seed, "dev_records": data.dev_records},
                 )
             if data.class_weights:  # the weights --class-weights resolved to (also in every checkpoint's trainer state)

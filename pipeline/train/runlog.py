@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from ..core import dist
@@ -15,15 +16,20 @@ ROW_KEYS = ("step", "epoch", "split")  # what a metrics.jsonl row says about its
 
 
 def metrics_up_to(path: Path, step: int, log) -> list[str]:
-    """The lines of metrics.jsonl for steps up to `step`.
+    """The lines of metrics.jsonl for steps up to `step` (see split_metrics)."""
+    return split_metrics(path, step, log)[0]
+
+
+def split_metrics(path: Path, step: int, log) -> tuple[list[str], list[str]]:
+    """The lines of metrics.jsonl for steps up to `step`, and those after it.
 
     A last line that is cut short (the run was killed, or the disk filled, while writing it) is
     dropped with a warning; an unreadable line anywhere else is an error naming it.
     """
     if not path.exists():
-        return []
+        return [], []
     lines = path.read_bytes().splitlines()
-    kept = []
+    kept, later = [], []
     for number, raw in enumerate(lines, start=1):
         try:
             row = json.loads(raw.decode("utf-8"))
@@ -32,9 +38,22 @@ def metrics_up_to(path: Path, step: int, log) -> list[str]:
                 raise ConfigError(f"{path}: line {number} is not a JSON metrics record; repair or remove that line") from None
             log.warning(f"{path}: dropped its incomplete last line (cut short when the run was interrupted)")
             break
-        if row["step"] <= step:
-            kept.append(raw.decode("utf-8") + "\n")
-    return kept
+        (kept if row["step"] <= step else later).append(raw.decode("utf-8") + "\n")
+    return kept, later
+
+
+def continue_metrics(path: Path, step: int, log) -> None:
+    """Make metrics.jsonl read as one uninterrupted run up to `step`, where this run continues.
+
+    The rows after it (what an interrupted run logged after its checkpoint, or the branch a run resumed
+    from an older checkpoint abandons) are kept beside it, in metrics.superseded-after-step-N-TIME.jsonl,
+    as the checkpoints after it are (checkpoint.supersede_later): nothing logged is lost."""
+    kept, later = split_metrics(path, step, log)
+    if later:
+        aside = path.with_name(f"metrics.superseded-after-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        write_text(aside, "".join(later))
+        log.info(f"metrics.jsonl: {len(later)} rows after step {step} (which this run logs again) moved to {aside.name}")
+    write_text(path, "".join(kept))
 
 
 class RunLog:
@@ -55,9 +74,8 @@ class RunLog:
             mininterval=0.5 if sys.stderr.isatty() else 60,
         )  # a log file gets few bar lines
         path = run_dir / "metrics.jsonl"
-        # A resumed run drops what the interrupted one logged after its checkpoint: the file then
-        # reads as one uninterrupted run. On rank 0 alone, but a failure reaches every rank.
-        dist.main_first(lambda: write_text(path, "".join(metrics_up_to(path, start_step, self.log))))
+        # A resumed run sets aside what was logged after its checkpoint. On rank 0 alone, but a failure reaches every rank.
+        dist.main_first(lambda: continue_metrics(path, start_step, self.log))
         dist.main_first(lambda: (run_dir / "eval").mkdir(exist_ok=True))
 
     def record(self, row: dict) -> None:
