@@ -147,3 +147,44 @@ def test_rank_zero_fits_it_in_the_background_once_per_data_and_skips_it_past_the
         assert baseline.start(limited, SINGLE_LABEL, data, tmp_path, log) is None
         assert baseline.start(TrainConfig(**{**vars(cfg), "baseline": "none"}), SINGLE_LABEL, data, tmp_path, log) is None
     assert "baseline: skipped, 600 training records is over --baseline-max-records 599" in caplog.text
+
+
+def test_the_cache_key_follows_the_records_val_size_holds_out(splits, tmp_path):
+    """--val-size and the seed choose the held-out records, whose digest is the whole training file's:
+    the key must tell them apart. With a dev file the seed changes nothing the baseline reads."""
+    log = logging.getLogger("baseline-test")
+
+    def key(**settings):
+        cfg = TrainConfig(train_file=str(splits["train"]), output_dir=str(tmp_path), max_length=64, **settings)
+        info = prepare_splits(cfg, SINGLE_LABEL, tokenizer_source(cfg, cfg.cache_directory()), cfg.cache_directory(), log)
+        return baseline.cache_key(cfg, SINGLE_LABEL, info["splits"], info["label_names"], {})
+
+    held_out = [key(val_size=0.2, seed=1), key(val_size=0.3, seed=1), key(val_size=0.2, seed=2)]
+    assert len(set(held_out)) == 3
+    assert key(dev_file=str(splits["dev"]), seed=1) == key(dev_file=str(splits["dev"]), seed=2)
+
+
+@pytest.mark.ranks
+def test_a_val_size_run_has_its_baseline_fitted_and_scored_on_the_held_out_records(splits, tmp_path):
+    """2 ranks, no dev file: the background baseline reads the same held-out records as the run."""
+    from dataclasses import replace
+
+    from helpers import ds_config, launch, output_options
+
+    from pipeline.data.cache import Records, Split, hold_out
+
+    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=1)
+    args = ["train", "--ds-config", str(config), "--train-file", str(splits["train"]), *output_options(tmp_path, "run")]
+    result = launch([*args, "--val-size", "0.2", "--baseline", "tfidf", "--max-steps", "2", "--max-length", "32"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the baseline failed" not in result.stdout + result.stderr
+    run_dir = tmp_path / "run"
+    held_out = json.loads((run_dir / "val_split.json").read_text())
+    split = Split(splits["train"], "text", "label", SINGLE_LABEL)
+    train = Records.of(hold_out(split, 0.2, held_out["seed"])[0])
+    dev = Records.of(replace(split, rows=frozenset(held_out["dev_records"])))
+    assert len(dev.texts) == 120 and len(train.texts) == 480  # a fifth of the 600 records held out
+    expected = baseline.evaluate_baseline(SINGLE_LABEL, train, dev, None, sorted(set(train.labels)), None, "")
+    written = json.loads((run_dir / "eval" / "baseline.json").read_text())
+    assert written["dev"] == pytest.approx(expected["dev"], abs=1e-12) and "test" not in written
+    assert json.loads((run_dir / "eval_results.json").read_text())["baseline"] == written

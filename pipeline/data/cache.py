@@ -153,14 +153,49 @@ class Records(NamedTuple):
     texts: list[str]
     labels: list
 
+    @classmethod
+    def of(cls, split: Split) -> Records:
+        """A small split's records, all read and checked at once (tests, tools, the baseline; training streams)."""
+        rows = list(split.records())
+        return cls(split, [text for _, text, _ in rows], [label for _, _, label in rows])
+
 
 def read_split(
     path: str, text_column: str, label_column: str | None, kind, label_separator: str = "", encoding: str = "utf-8"
 ) -> Records:
-    """A small file's records, all read and checked at once (tests, tools, the baseline; training streams)."""
-    split = Split(Path(path), text_column, label_column, kind, label_separator, encoding=encoding)
-    rows = list(split.records())
-    return Records(split, [text for _, text, _ in rows], [label for _, _, label in rows])
+    """A small file's records (Records.of)."""
+    return Records.of(Split(Path(path), text_column, label_column, kind, label_separator, encoding=encoding))
+
+
+# What `run_splits` reads of a run's configuration: all that decides which records each split holds.
+SPLIT_SETTINGS = (
+    "train_file",
+    "dev_file",
+    "test_file",
+    "val_size",
+    "seed",
+    "text_column",
+    "label_column",
+    "label_separator",
+    "encoding",
+)
+
+
+def run_splits(cfg, kind) -> dict[str, Split]:
+    """The splits a run reads (not yet read): train; dev, its own file or held out of train
+    (--val-size); test if given. `cfg`: a TrainConfig, or any object with its SPLIT_SETTINGS."""
+
+    def split(path: str) -> Split:
+        return Split(Path(path), cfg.text_column, cfg.label_column, kind, cfg.label_separator, encoding=cfg.encoding)
+
+    splits = {"train": split(cfg.train_file)}
+    if cfg.val_size:
+        splits["train"], splits["dev"] = hold_out(splits["train"], cfg.val_size, cfg.seed)
+    else:
+        splits["dev"] = split(cfg.dev_file)
+    if cfg.test_file:
+        splits["test"] = split(cfg.test_file)
+    return splits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,17 +465,7 @@ def prepare_splits(cfg: TrainConfig, kind, tokenizer_for, cache_dir: str, log) -
     not read again (only hashed), so a warm start of a million-record run takes seconds. Returns a
     small, picklable description the other ranks use to load the same cached data.
     """
-
-    def split(path: str) -> Split:
-        return Split(Path(path), cfg.text_column, cfg.label_column, kind, cfg.label_separator, encoding=cfg.encoding)
-
-    splits = {"train": split(cfg.train_file)}
-    if cfg.val_size:
-        splits["train"], splits["dev"] = hold_out(splits["train"], cfg.val_size, cfg.seed)
-    else:
-        splits["dev"] = split(cfg.dev_file)
-    if cfg.test_file:
-        splits["test"] = split(cfg.test_file)
+    splits = run_splits(cfg, kind)
     tokenizer, tokenizer_dir = tokenizer_for(splits["train"])
     how = reading.Reading.from_config(cfg)
     paths, infos = {}, {}

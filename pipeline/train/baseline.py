@@ -5,8 +5,9 @@ scored on dev and test with the task's own metrics, thresholds and class weights
 It never holds up training. Rank 0 starts it in a background process once the data is prepared
 (`start`) and picks up its result after the final evaluation (`BaselineJob.collect`), waiting only
 if it is still running. The result is cached in the data cache directory, keyed by what was read
-(each split's content and columns, the label set, class weights, thresholds setting), so a resumed
-run, another seed or another model on the same data reuses it. Past --baseline-max-records training
+(each split's content and columns, the records --val-size holds out, the label set, class weights,
+thresholds setting), so a resumed run, another model, or another seed without --val-size, on the
+same data reuses it. Past --baseline-max-records training
 records it is skipped with a note: fitting grows with the data (see docs/data-and-models.md).
 
     python -m pipeline.train.baseline SPEC.json     # the background process (SPEC written by `start`)
@@ -24,11 +25,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from ..core.base import build_once, load_json, write_json
-from ..data.cache import cache_info, read_split
+from ..data.cache import SPLIT_SETTINGS, Records, cache_info, run_splits
 
 BASELINE_FORMAT = 1  # part of the cache key: bump when the features, classifier or output change
 RESULT = "baseline.json"
@@ -104,7 +106,9 @@ def evaluate_baseline(kind, train, dev, test, names: list[str], weights: list[fl
 
 def cache_key(cfg, task, splits: dict[str, str], names: list[str], weights: dict) -> str:
     """What the baseline depends on: each split's content (the tokenized caches' digests, not
-    hashed again), the columns and label reading, the label set, weights and thresholds setting."""
+    hashed again), the columns and label reading, the records held out as dev (--val-size and the
+    seed draw them from the training file, whose digest the dev split's cache carries), the label
+    set, weights and thresholds setting."""
     read = [
         BASELINE_FORMAT,
         task.name,
@@ -117,6 +121,8 @@ def cache_key(cfg, task, splits: dict[str, str], names: list[str], weights: dict
         weights,
         cfg.threshold,
     ]
+    if cfg.val_size:  # appended only then: runs with a dev file keep their cached baselines
+        read.append({"val_size": cfg.val_size, "seed": cfg.seed})
     return hashlib.sha256(json.dumps(read, ensure_ascii=False).encode()).hexdigest()[:20]
 
 
@@ -186,9 +192,7 @@ def start(cfg, task, data, run_dir: Path, log) -> BaselineJob | None:
         return BaselineJob(target, None, log_path, time.time())
     spec = {
         "task": task.name,
-        "files": {"train": cfg.train_file, "dev": cfg.dev_file, "test": cfg.test_file},
-        "columns": [cfg.text_column, cfg.label_column, cfg.label_separator],
-        "encoding": cfg.encoding,
+        "data": {name: getattr(cfg, name) for name in SPLIT_SETTINGS},  # the run's splits, read again
         "names": data.label_names,
         "weights": list(data.class_weights.values()) or None,
         "threshold": cfg.threshold,
@@ -219,10 +223,8 @@ def main(spec_path: str) -> None:
 
     spec = load_json(spec_path)
     kind = tasks.get(spec["task"])
-    text, label, separator = spec["columns"]
-    train, dev, test = (
-        read_split(path, text, label, kind, separator, spec["encoding"]) if path else None for path in spec["files"].values()
-    )
+    splits = run_splits(SimpleNamespace(**spec["data"]), kind)  # --val-size: the same held-out records as the run's
+    train, dev, test = (Records.of(splits[name]) if name in splits else None for name in ("train", "dev", "test"))
     start_time = time.perf_counter()
     result = evaluate_baseline(kind, train, dev, test, spec["names"], spec["weights"], spec["threshold"])
     print(f"baseline fitted and scored in {time.perf_counter() - start_time:.1f} s: {json.dumps(result, ensure_ascii=False)}")
