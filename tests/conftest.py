@@ -7,6 +7,7 @@ those marks fails (helpers.note_launch); and the session ends with each tier's t
 launched processes, also written as tiers.json beside `--junitxml`'s file."""
 
 import json
+import os
 from pathlib import Path
 
 import helpers
@@ -28,6 +29,17 @@ __all__ = [
     "tracked_run",
     "uninterrupted",
 ]
+
+
+@pytest.fixture(autouse=True)
+def keep_umask():
+    """A run closes its process's umask (--file-access): an in-process run or launch must not pass it on
+    to the tests after it, or to the processes they start."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    yield
+    os.umask(mask)
+
 
 TIERS = ("in-process", "slow", "ranks", "cluster")  # in-process: `-m "not slow"`
 _durations = {tier: [0, 0.0] for tier in TIERS}  # tier: [tests, seconds of setup, call and teardown]

@@ -391,7 +391,7 @@ BAD_INPUTS = [
     (["--train-file", "missing.jsonl", "--val-size", "0.1"], "missing.jsonl: data file not found"),
     (["--train-file", "data.csv"], "give its dev set (--dev-file) or hold part of it out (--val-size 0.1)"),
     (["--train-file", "data.csv", "--val-size", "0.1", "--label-column", "diagnosis"], "data.csv: no column 'diagnosis'"),
-    (["--train-file", "notes.xlsx", "--val-size", "0.1"], "notes.xlsx: unknown data format '.xlsx'"),
+    (["--train-file", "notes.docx", "--val-size", "0.1"], "notes.docx: unknown data format '.docx'"),
     (["--model", "nomodel"], "nomodel is not a model directory (no config.json)"),
     (["--output-dir", "data.csv/runs"], "data.csv/runs is not writable"),
     (["--learning-rate", "2e-5", "--ds-config", "concrete.json"], "optimizer.params.lr=0.001 contradicts --learning-rate 2e-05"),

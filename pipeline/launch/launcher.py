@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import tasks
-from ..core.base import ConfigError, free_port, load_json, read_utf8, unknown_key_message
+from ..core.base import ConfigError, close_new_files, free_port, load_json, read_utf8, unknown_key_message
 from ..core.ds_config import Hardware, resolve_ds_config
 from ..core.launch_file import SHELL_PLAIN, write_launch_file
 from ..core.options import (
@@ -542,6 +542,7 @@ def run(argv: list[str]) -> int:
         raise ConfigError(f"DeepSpeed config {args.ds_config} not found")
     # Resolved once, here: the ranks may start in another directory, on another host.
     cfg = run_config(args).with_absolute_paths()
+    close_new_files(cfg.file_access)  # the output and cache directories, the rank logs, the launch file
     args.ds_config = cfg.ds_config
     args.rank_logs = os.path.abspath(args.rank_logs) if args.rank_logs else ""
     for line in check_inputs(cfg):
