@@ -5,11 +5,12 @@ and one of a dev evaluation's confusion matrix: the exported weights' once the r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .. import tasks
+from ..core import dist
 from ..core.base import ConfigError, load_json
+from ..train import runlog
 from ..train.figures import NO_FONT, confusion_figure, label_font, pyplot
 
 SMOOTHING = 0.9  # weight of the loss curve's moving average
@@ -20,7 +21,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no metrics.jsonl (not a run directory, or the run has not logged a step yet)")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [row for _, row in runlog.read_metrics(path, dist.get_logger())]  # a running job's last line may be cut
     return [r for r in rows if "split" not in r], [r for r in rows if "split" in r]
 
 

@@ -21,25 +21,32 @@ def metrics_up_to(path: Path, step: int, log) -> list[str]:
 
 
 def split_metrics(path: Path, step: int, log) -> tuple[list[str], list[str]]:
-    """The lines of metrics.jsonl for steps up to `step`, and those after it.
+    """The lines of metrics.jsonl for steps up to `step`, and those after it (see read_metrics)."""
+    kept, later = [], []
+    for line, row in read_metrics(path, log):
+        (kept if row["step"] <= step else later).append(line + "\n")
+    return kept, later
+
+
+def read_metrics(path: Path, log) -> list[tuple[str, dict]]:
+    """(line, row) of each record of metrics.jsonl; none if there is no such file.
 
     A last line that is cut short (the run was killed, or the disk filled, while writing it) is
     dropped with a warning; an unreadable line anywhere else is an error naming it.
     """
     if not path.exists():
-        return [], []
+        return []
     lines = path.read_bytes().splitlines()
-    kept, later = [], []
+    records = []
     for number, raw in enumerate(lines, start=1):
         try:
-            row = json.loads(raw.decode("utf-8"))
+            line = raw.decode("utf-8")
+            records.append((line, json.loads(line)))
         except (UnicodeDecodeError, json.JSONDecodeError):
             if number < len(lines):
                 raise ConfigError(f"{path}: line {number} is not a JSON metrics record; repair or remove that line") from None
             log.warning(f"{path}: dropped its incomplete last line (cut short when the run was interrupted)")
-            break
-        (kept if row["step"] <= step else later).append(raw.decode("utf-8") + "\n")
-    return kept, later
+    return records
 
 
 def continue_metrics(path: Path, step: int, log) -> None:
