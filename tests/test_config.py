@@ -86,3 +86,16 @@ def test_config_files_that_are_not_utf8_are_refused_naming_file_line_and_utf8(tm
         assert "configuration files must be UTF-8" in str(e.value)
         path.write_text(text, encoding="utf-8")
         read(str(path))
+
+
+def test_a_run_file_reads_2e_5_as_a_number_for_train_and_launch_alike(tmp_path):
+    """PyYAML (YAML 1.1) takes 2e-5 and 1.0e-8 for strings; JSON, argparse and DeepSpeed read numbers.
+    `train --config` and `launch` read the same file through read_run_file: both get the numbers."""
+    from pipeline.launch.launcher import parse_args
+
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text('learning_rate: 2e-5\nadam_epsilon: 1.0e-8\nweight_decay: 1E2\nrun_name: "3e5"\n', encoding="utf-8")
+    cfg = TrainConfig.from_sources(str(run_file))
+    assert (cfg.learning_rate, cfg.adam_epsilon, cfg.weight_decay, cfg.run_name) == (2e-5, 1e-8, 100.0, "3e5")
+    launched = parse_args([str(run_file)]).train
+    assert (launched.learning_rate, launched.adam_epsilon, launched.weight_decay) == (2e-5, 1e-8, 100.0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -516,6 +517,19 @@ def write_run_file(path: Path, values: dict) -> None:
     write_text(path, yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
 
 
+def yaml_loader():
+    """PyYAML's safe loader, reading numbers with an exponent as YAML 1.2 (and JSON, argparse) do:
+    PyYAML follows YAML 1.1, where 2e-5 (no dot) and 1.0e5 (no sign) are strings."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # a subclass: PyYAML's own loader is left as it is
+        pass
+
+    exponent = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789"))
+    return Loader
+
+
 def read_run_file(path: str) -> dict:
     """A run file: YAML (.yaml/.yml) or JSON (.json) mapping option names to values."""
     if Path(path).suffix.lower() not in (".yaml", ".yml"):
@@ -524,7 +538,7 @@ def read_run_file(path: str) -> dict:
         import yaml
 
         try:
-            values = yaml.safe_load(read_utf8(path))
+            values = yaml.load(read_utf8(path), Loader=yaml_loader())
         except FileNotFoundError:
             raise ConfigError(f"run file {path} not found") from None
         except yaml.YAMLError as e:
