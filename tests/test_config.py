@@ -99,3 +99,11 @@ def test_a_run_file_reads_2e_5_as_a_number_for_train_and_launch_alike(tmp_path):
     assert (cfg.learning_rate, cfg.adam_epsilon, cfg.weight_decay, cfg.run_name) == (2e-5, 1e-8, 100.0, "3e5")
     launched = parse_args([str(run_file)]).train
     assert (launched.learning_rate, launched.adam_epsilon, launched.weight_decay) == (2e-5, 1e-8, 100.0)
+
+
+def test_a_run_name_is_a_name_not_a_path():
+    for path in ("/tmp/elsewhere", "../colleague", "..", ".", "a/b", "runs/"):
+        with pytest.raises(ConfigError, match=r"'run_name' = .*expected a name, not a path \(no '/', not '..'\)"):
+            TrainConfig(run_name=path)
+    for name in ("exp-1", "x$(touch PWNED)", "a..b", "胸痛 分诊", ".hidden"):  # shell characters are harmless in a name
+        assert TrainConfig(run_name=name).run_name == name

@@ -427,6 +427,11 @@ class TrainConfig:
         need(self.baseline_max_records >= 0, "baseline_max_records", ">= 0")
         need(self.group_by_length in (0, 1), "group_by_length", "0 or 1")
         need(bool(self.train_file), "train_file", "a file path")
+        need(  # the run directory is OUTPUT_DIR/RUN_NAME: a path would put it (and its deletions) elsewhere
+            self.run_name in ("", Path(self.run_name).name) and self.run_name != "..",
+            "run_name",
+            "a name, not a path (no '/', not '..'): the run directory is OUTPUT_DIR/RUN_NAME",
+        )
         need(0.0 <= self.val_size < 1.0, "val_size", "a fraction in [0, 1) of the training records")
         need(not (self.val_size and self.dev_file), "val_size", "0 when a dev_file is given (one dev set)")
         if not self.dev_file and not self.val_size:
