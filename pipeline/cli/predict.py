@@ -140,7 +140,18 @@ def predict(
     return rows
 
 
+def check_output(input_path: str | None, output_path: str | None) -> None:
+    """--output must not be the --input file (any path to it): the predictions would replace the texts."""
+    output = Path(output_path) if output_path else None
+    if input_path and output and output.exists() and Path(input_path).exists() and output.samefile(input_path):
+        raise ConfigError(
+            f"--output {output_path} is the --input file {input_path}: writing the predictions would replace the "
+            "records they come from; choose another --output"
+        )
+
+
 def main(args) -> None:
+    check_output(args.input, args.output)
     check_export_dir(args.model)  # before reading a large input
     if not is_text_encoding(args.encoding):
         raise ConfigError(f"--encoding {args.encoding}: expected a text encoding Python knows, e.g. utf-8 or gb18030")
