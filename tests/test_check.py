@@ -94,6 +94,9 @@ def test_global_and_micro_batch_options_fill_auto_values_like_hf_trainer():
         ("a slots=4\nb slots=four\n", r"hostfile, line 2: 'b slots=four' is not 'HOSTNAME slots=N'"),
         ("a slots=4\nb slots=4x\n", r"hostfile, line 2: 'b slots=4x' is not 'HOSTNAME slots=N'"),
         ("# nothing\n", r"hostfile: no 'HOSTNAME slots=N' lines"),
+        # pdsh -w takes "2001" for a remote-command type; DeepSpeed's --include splits "::1:0" at each ':'
+        ("a slots=4\n2001:db8::1 slots=4\n", r"hostfile, line 2: '2001:db8::1' is an IPv6 address; give the host's name"),
+        ("::1 slots=2\n", r"hostfile, line 1: '::1' is an IPv6 address; give the host's name"),
     ],
 )
 def test_hostfile_errors_name_file_and_line(tmp_path, text, message):

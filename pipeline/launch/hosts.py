@@ -53,6 +53,12 @@ def read_hostfile(path: str) -> OrderedDict[str, int]:
         match = HOSTFILE_LINE.fullmatch(text)
         if not match:
             raise ConfigError(f"{path}, line {n}: {text!r} is not 'HOSTNAME slots=N' (text after the slot count)")
+        if ":" in match[1]:
+            raise ConfigError(
+                f"{path}, line {n}: {match[1]!r} is an IPv6 address; give the host's name (from DNS or /etc/hosts) "
+                "or its IPv4 address: pdsh reads what precedes a single ':' as its remote-command type, and the "
+                "deepspeed runner's --include/--exclude split a host from its slots at ':'"
+            )
         if not HOSTNAME.fullmatch(match[1]):
             raise ConfigError(
                 f"{path}, line {n}: {match[1]!r} is not a host name (letters, digits, '.', '-' and '_', "
@@ -96,8 +102,9 @@ def is_local(host: str) -> bool:
     """A hostfile name for this machine: DeepSpeed would start its ranks here without ssh.
 
     Names only, not addresses: another loopback address (the test cluster's 127.0.1.x) or an
-    alias is treated as a remote host and reached over ssh, which works either way."""
-    return host in ("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn())
+    alias is treated as a remote host and reached over ssh, which works either way. No IPv6
+    address: a hostfile may not name one (read_hostfile)."""
+    return host in ("localhost", "127.0.0.1", socket.gethostname(), socket.getfqdn())
 
 
 def slurm_allocation() -> dict[str, int]:
