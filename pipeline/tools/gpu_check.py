@@ -196,8 +196,6 @@ def launch_command(tmp: str, config: str, device: str) -> list[str]:
         "5",
         "--max-length",
         "128",
-        "--baseline",  # the TF-IDF fit is a CPU job in a process of its own, not the GPU path checked here
-        "none",
     ]
 
 
