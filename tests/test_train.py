@@ -7,7 +7,19 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from helpers import ds_config, early_stop_step, launch, losses, pipeline_command, plot, read_jsonl, train, train_args, write_jsonl
+from helpers import (
+    ds_config,
+    early_stop_step,
+    launch,
+    losses,
+    pipeline_command,
+    plot,
+    read_jsonl,
+    setup_run,
+    train,
+    train_args,
+    write_jsonl,
+)
 from safetensors.numpy import load_file
 
 from pipeline.tasks.multi_label import MULTI_LABEL
@@ -154,33 +166,47 @@ def test_same_seed_same_config_gives_identical_loss_curve(stage_runs, small_data
     assert losses(again) == losses(stage_runs(2))
 
 
+def accumulation_leg(tmp_path, name, data, model, stage, layout, **options):
+    """(exported weights, loss curve) of a run from `model` on `data`, ZeRO `stage`, `layout` (ranks,
+    micro-batch, accumulation) and `options` (TrainConfig fields, the same for both kinds of leg): 2
+    ranks launched; 1 rank in this process, on a real one-rank engine (the test must request the
+    `one_rank` fixture, whose world of one it runs in), trained and exported as `train` does."""
+    ranks, micro, accum = layout
+    options = {"model": str(model), "max_length": 64, "eval_batch_size": 8, "eval_every": 0, **options}
+    if ranks == 1:
+        out = tmp_path / name
+        out.mkdir()
+        run = setup_run({**data, "cache": tmp_path / "cache"}, out, micro, accum, stage=stage, **options)
+        run.train()
+        run.finish()
+        run_dir = run.run_dir
+    else:
+        flags = [word for key, value in options.items() for word in (f"--{key.replace('_', '-')}", str(value))]
+        run_dir = train(tmp_path, name, data, ds_config(tmp_path / f"{name}.json", stage, micro, accum), ranks=ranks, extra=flags)
+    return load_file(run_dir / "export" / "model.safetensors"), losses(run_dir)
+
+
 @pytest.mark.ranks
-def test_accumulation_equals_the_big_batch(initial_model, small_data, tmp_path):
+def test_accumulation_equals_the_big_batch(one_rank, initial_model, small_data, tmp_path):
     """2 ranks x micro 4 x accum 2 == 1 rank x micro 4 x accum 4 == 1 rank x micro 16 x accum 1, on ZeRO-2
     and ZeRO-3: the same weights after 5 optimizer steps from the same initial weights (fp32, no dropout).
     Gradient checkpointing (recomputing activations in backward) changes nothing either. One rank's
     accumulation is checked under ZeRO-2 and recomputation under ZeRO-3 (its parameter hooks), which
-    keeps the 2-rank partitioned reductions of both stages at two runs less (CI time)."""
+    keeps the 2-rank partitioned reductions of both stages at two runs less (CI time). The 2-rank legs
+    are launched (their ranks are the point); the 1-rank legs run in this process."""
     layouts = {
         2: {"2x4x2": (2, 4, 2), "1x4x4": (1, 4, 4), "1x16x1": (1, 16, 1)},
         3: {"2x4x2": (2, 4, 2), "1x16x1": (1, 16, 1), "2x4x2-recompute": (2, 4, 2)},
     }
     weights, curves = {}, {}
     for stage in (2, 3):
-        for name, (ranks, micro, accum) in layouts[stage].items():
-            config = ds_config(tmp_path / f"z{stage}-{name}.json", stage, micro, accum)
-            recompute = ["--gradient-checkpointing", "1"] if name.endswith("recompute") else []
-            run = train(
-                tmp_path,
-                f"z{stage}-{name}",
-                small_data,
-                config,
-                ranks=ranks,
-                extra=[*SHORT, "--model", str(initial_model), "--max-steps", "5", "--eval-every", "0", *recompute],
+        for name, layout in layouts[stage].items():
+            recompute = {"gradient_checkpointing": 1} if name.endswith("recompute") else {}
+            leg = accumulation_leg(
+                tmp_path, f"z{stage}-{name}", small_data, initial_model, stage, layout, max_steps=5, **recompute
             )
-            if recompute:
-                assert "gradient checkpointing: on" in (tmp_path / f"z{stage}-{name}.console.txt").read_text()
-            weights[stage, name], curves[stage, name] = load_file(run / "export" / "model.safetensors"), losses(run)
+            weights[stage, name], curves[stage, name] = leg
+    assert "gradient checkpointing: on" in (tmp_path / "z3-2x4x2-recompute.console.txt").read_text()
     reference = weights[2, "1x16x1"]
     initial = load_file(initial_model / "model.safetensors")
     assert max(np.abs(reference[k] - initial[k]).max() for k in initial) > 1e-3  # the runs did train
