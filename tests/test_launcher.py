@@ -6,11 +6,12 @@ script itself, to see that it passes arguments, working directory and exit code 
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO, SAMPLE, cpu_env, ds_config, free_port, launch_sh, read_jsonl, run_options, write_jsonl
+from helpers import REPO, SAMPLE, cheap, cpu_env, ds_config, launch_sh, note_launch, read_jsonl, run_options, write_jsonl
 
 from pipeline.core.base import ConfigError
 from pipeline.core.dist import device_index
@@ -146,34 +147,30 @@ def test_cuda_visible_devices_becomes_an_include_for_one_local_host(monkeypatch)
 
 
 @pytest.mark.ranks
-def test_cuda_visible_devices_picks_the_ranks_of_a_real_launch(tmp_path, small_data):
-    """CUDA_VISIBLE_DEVICES=1 with a 2-slot local hostfile starts one rank (DeepSpeed alone would start two)."""
+def test_a_real_launch_takes_the_ranks_cuda_visible_devices_gives_and_a_port_of_its_own(tmp_path, small_data):
+    """CUDA_VISIBLE_DEVICES=1 with a 2-slot local hostfile starts one rank (DeepSpeed alone would start
+    two). No --master-port while another job listens on 29500 (DeepSpeed's default): the launch takes a
+    free port, as torchrun --standalone does, instead of joining or colliding with that rendezvous."""
     hostfile = tmp_path / "local"
     hostfile.write_text("localhost slots=2\n")
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
     env = {**cpu_env(), "CUDA_VISIBLE_DEVICES": "1"}
-    result = launch_sh(
-        "--hostfile",
-        str(hostfile),
-        "--ds-config",
-        str(config),
-        "--master-port",
-        str(free_port()),
-        *run_options(small_data, tmp_path),
-        "--max-length",
-        "64",
-        "--max-steps",
-        "1",
-        "--eval-every",
-        "0",
-        timeout=300,
-        env=env,
-    )
+    options = ["--hostfile", str(hostfile), "--ds-config", str(config), *run_options(small_data, tmp_path)]
+    note_launch("launch.sh")  # not launch_sh: it would choose the port
+    with socket.socket() as other_job:
+        other_job.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other_job.bind(("127.0.0.1", 29500))
+        other_job.listen()
+        result = subprocess.run(
+            [str(REPO / "launch.sh"), *cheap([*options, "--max-length", "64", "--max-steps", "1", "--eval-every", "0"])],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "CUDA_VISIBLE_DEVICES=1 -> --include localhost:1" in output
     assert "rank 0 of 1:" in output and "rank 1 of" not in output
     assert "4 per rank x 2 accumulation x 1 ranks" in output
+    assert "--master_port 29500" not in output and "--master_port=29500" not in output
 
 
 def test_fp16_on_cpu_ranks_is_refused_before_launch(tmp_path, refuse):
