@@ -107,3 +107,30 @@ def test_a_run_name_is_a_name_not_a_path():
             TrainConfig(run_name=path)
     for name in ("exp-1", "x$(touch PWNED)", "a..b", "胸痛 分诊", ".hidden"):  # shell characters are harmless in a name
         assert TrainConfig(run_name=name).run_name == name
+
+
+def test_concurrent_writers_of_one_file_never_share_a_temporary_name(tmp_path):
+    """write_text's temporary name is host-pid-random: writers in one process (threads), in several,
+    or on several hosts of a shared file system (the same pid elsewhere) never replace each other's."""
+    import threading
+
+    from pipeline.core.base import unique_suffix, write_text
+
+    assert unique_suffix() != unique_suffix()
+    path, errors = tmp_path / "state.json", []
+
+    def writer(text):
+        try:
+            for _ in range(300):
+                write_text(path, text)
+        except OSError as e:
+            errors.append(e)
+
+    texts = ["a" * 100_000, "b" * 100_000]
+    threads = [threading.Thread(target=writer, args=(text,)) for text in texts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and path.read_text(encoding="utf-8") in texts
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]

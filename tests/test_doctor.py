@@ -2,12 +2,13 @@
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
 from fixtures_cluster import DEAD_NODE, NODES
 from helpers import REPO, ds_config, free_port, launch_sh, losses, pipeline_command, run_options
 
-from pipeline.core.base import load_json
+from pipeline.core.base import load_json, unique_suffix
 from pipeline.launch.doctor import (
     arch_problem,
     build_problem,
@@ -229,3 +230,25 @@ def test_the_probe_reads_build_and_network_facts_here():
     assert set(facts) >= {"cuda_home", "nvcc", "ninja", "cxx", "built_ops", "interfaces", "addresses", "shm_gb"}
     assert "lo" in facts["interfaces"] and facts["shm_gb"] > 0 and isinstance(facts["built_ops"], list)
     assert isinstance(facts["ninja"], bool) and isinstance(facts["cxx"], bool)
+
+
+def test_shared_directory_markers_of_concurrent_doctors_never_collide_and_none_is_left(tmp_path):
+    """Two launches into one team directory, their doctors at once (on one host or two): each reads back
+    its own marker, whatever the other wrote meanwhile; a doctor's check leaves no marker behind."""
+    from pipeline.launch import doctor as doctor_module
+    from pipeline.launch import probe as probe_module
+
+    dirs = [str(tmp_path / "runs"), str(tmp_path / "runs" / "cache")]
+    first, second = unique_suffix(), unique_suffix()
+    assert first != second and first.startswith(f"{socket.gethostname()}-")
+    assert probe_module.shared_dirs("/", dirs, first, write=True) == dict.fromkeys(dirs, True)
+    assert probe_module.shared_dirs("/", dirs, second, write=True) == dict.fromkeys(dirs, True)
+    assert probe_module.shared_dirs("/", dirs, first, write=False) == dict.fromkeys(dirs, True)
+    probe_module.probe({"repo": "/", "dirs": dirs, "token": first, "remove": True})
+    assert probe_module.shared_dirs("/", dirs, first, write=False) == dict.fromkeys(dirs, False)
+    assert probe_module.shared_dirs("/", dirs, second, write=False) == dict.fromkeys(dirs, True)
+    probe_module.probe({"repo": "/", "dirs": dirs, "token": second, "remove": True})
+    # Two names of this host: the first writes, the second reads, all in this process; nothing stays.
+    _, _, facts = doctor_module.check({"localhost": 1, "127.0.0.1": 1}, dirs[0], dirs[1], free_port())
+    assert facts["127.0.0.1"]["shared"] == dict.fromkeys(dirs, True)
+    assert not [path.name for directory in dirs for path in Path(directory).iterdir() if path.name.startswith(".pipeline")]

@@ -1,5 +1,7 @@
-"""What every stage shares, and nothing else: the user-error type, JSON read with located errors,
-atomic writes of files and of cache directories, and file digests. It imports nothing from the package, so anything may import it.
+"""What every stage shares, and nothing else: the user-error type, configuration files read as UTF-8
+and JSON with located errors, atomic writes of files and of cache directories under names unique across
+hosts, file digests, URIs shown without their credentials, and which file systems are network ones.
+It imports nothing from the package, so anything may import it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -55,6 +58,41 @@ def is_text_encoding(name: str) -> bool:
     except LookupError:
         return False
     return True
+
+
+CREDENTIALS = re.compile(r"(?<=://)[^/\s]*@")  # a URI's user:password@ (or token@), up to its last @: a password may hold one
+
+
+def mask_credentials(text: str) -> str:
+    """`text` with every URI's user:password@ shown as ***@ (MLflow's own errors repeat the URI)."""
+    return CREDENTIALS.sub("***@", text)
+
+
+# File systems shared over the network, as /proc/mounts names them: SQLite's locking is not
+# reliable there (sqlite.org: howtocorrupt.html, section 2.1; wal.html: WAL does not work over one).
+NETWORK_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "afs", "9p")
+
+
+MOUNTS = "/proc/mounts"  # Linux's table of mounted file systems
+
+
+def network_file_system(path: str | os.PathLike, mounts: str | None = None) -> str:
+    """The type of the network file system holding `path` (which need not exist yet), or "" for a
+    local one or where the mount table (`mounts`, else MOUNTS) cannot be read: the deepest mount
+    point above it decides."""
+    try:
+        lines = Path(mounts or MOUNTS).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    target, best, kind = Path(path).resolve(), "", ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")  # /proc/mounts writes a space in a path as \040
+        if target.is_relative_to(point) and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind if kind.removeprefix("fuse.") in NETWORK_FILE_SYSTEMS else ""
 
 
 def unknown_key_message(where: str, key: str, known) -> str:

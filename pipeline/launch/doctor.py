@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..core.base import unique_suffix
 from ..core.options import cache_directory
 from . import probe as probe_module
 from .hosts import active_hosts, is_local, slurm_allocation
@@ -243,7 +243,7 @@ def problems(facts: dict, here: dict, min_free_gb: float, port: int) -> list[str
     for name, seen in facts["shared"].items():
         if not seen:
             found.append(
-                f"{name} is not the first host's directory (its marker {MARKER} is missing here): rank 0 writes "
+                f"{name} is not the first host's directory (the marker {MARKER}* the first host wrote there is missing here): rank 0 writes "
                 "the tokenized cache, tokenizer and checkpoints there for every rank, so every host needs the "
                 "same shared file system (NFS, Lustre, ...) at the same path; give --output-dir/--cache-dir on it"
             )
@@ -271,7 +271,7 @@ def check(
     probed all at once, must read them."""
     repo = str(Path(__file__).resolve().parents[2])  # the checkout: pipeline/launch/doctor.py
     first = next(iter(hosts))
-    token = secrets.token_hex(8)
+    token = unique_suffix()
     request = {
         "repo": repo,
         "output_dir": output_dir,
@@ -285,6 +285,8 @@ def check(
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
         futures = {host: pool.submit(probe_on, host, request, timeout, transport) for host in hosts if host != first}
         facts.update({host: future.result() for host, future in futures.items()})
+    if request["dirs"]:
+        probe_on(first, {**request, "remove": True}, timeout, transport)
     accelerator, accelerator_problems = choose_accelerator(requested, facts, hosts)
 
     rows = [("host", "slots", "hostname", "python", *PACKAGES, "GPUs", "accelerator", "free GB", "status")]

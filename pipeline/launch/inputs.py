@@ -12,11 +12,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from ..core.base import ConfigError, load_json
+from ..core.base import ConfigError, load_json, mask_credentials, network_file_system
 from ..core.model_dir import check_model_dir, has_tokenizer, has_weights
 from ..core.options import TRACKER_INSTALL, TRACKERS, TrainConfig, mlflow_uri
 from ..data.cache import text_file_paths
@@ -61,22 +59,66 @@ def check_output_dir(path: str) -> str:
 
 
 def check_trackers(cfg: TrainConfig, environ=os.environ) -> None:
-    """The launch's check: each chosen tracker is installed, and an MLflow tracking server answers."""
+    """The launch's check: each chosen tracker is installed, an MLflow tracking server answers, and
+    a warning where the MLflow store is a SQLite file on a network file system."""
     for name in cfg.trackers():
         if importlib.util.find_spec(TRACKERS[name]) is None:
             raise ConfigError(f"--report-to {name}: the {TRACKERS[name]} package is not installed ({TRACKER_INSTALL[name]})")
+    if "mlflow" not in cfg.trackers():
+        return
     uri = mlflow_uri(cfg, environ)
-    if "mlflow" in cfg.trackers() and uri.startswith(("http://", "https://")):
-        try:  # the server's health endpoint; a 401/403 still proves it is there
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
-        except urllib.error.HTTPError:
-            pass
-        except (urllib.error.URLError, OSError) as e:
-            raise ConfigError(
-                f"--report-to mlflow: the MLflow tracking server MLFLOW_TRACKING_URI={uri} does not answer "
-                f"({getattr(e, 'reason', e)}); start it (mlflow server --backend-store-uri sqlite:///mlflow.db "
-                "--host 127.0.0.1 --port 5000), fix the variable, or leave mlflow out of --report-to"
-            ) from None
+    if uri.startswith(("http://", "https://")):
+        check_mlflow_server(uri, environ)
+    elif uri.startswith("sqlite:///") and (kind := network_file_system(uri.removeprefix("sqlite:///"))):
+        print(
+            f"launch: warning: --report-to mlflow: the MLflow store {mask_credentials(uri)} is a SQLite file on a network "
+            f"file system ({kind}), where SQLite's locking is not reliable and concurrent runs can corrupt it; on a shared "
+            "cluster, run one MLflow server per team (its store on the server's own disk or a database) and set "
+            "MLFLOW_TRACKING_URI=http(s)://that-server"
+        )
+
+
+def check_mlflow_server(uri: str, environ) -> None:
+    """The tracking server answers its health endpoint, asked through MLflow's own request helper as a
+    rank's MLflow client will ask it: TLS verified with MLFLOW_TRACKING_SERVER_CERT_PATH (else with
+    REQUESTS_CA_BUNDLE, which requests reads, else the system's CAs), not at all with
+    MLFLOW_TRACKING_INSECURE_TLS=true, a client certificate from MLFLOW_TRACKING_CLIENT_CERT_PATH.
+    Any HTTP answer, a 401 or 403 too, proves the server is there. No message shows the URI's credentials."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.rest_utils import MlflowHostCreds, http_request
+
+    shown = mask_credentials(uri)
+    for name in ("MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH"):
+        if environ.get(name) and not Path(environ[name]).is_file():
+            raise ConfigError(f"--report-to mlflow: {name}={environ[name]}: file not found")
+    try:
+        creds = MlflowHostCreds(
+            uri,
+            ignore_tls_verification=environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1"),
+            client_cert_path=environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None,
+            server_cert_path=environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None,
+        )
+    except MlflowException:
+        raise ConfigError(
+            "--report-to mlflow: MLFLOW_TRACKING_INSECURE_TLS and MLFLOW_TRACKING_SERVER_CERT_PATH are both set; "
+            "MLflow takes one of them: the CA certificate to verify the server with, or no verification"
+        ) from None
+    try:
+        http_request(creds, "/health", "GET", max_retries=0, timeout=10, raise_on_status=False).close()
+    except MlflowException as e:
+        cause = e.__context__ or e  # MLflow wraps the requests error without chaining it explicitly
+        hint = ""
+        if isinstance(cause, requests.exceptions.SSLError):
+            hint = (
+                "its TLS certificate is not trusted here: set MLFLOW_TRACKING_SERVER_CERT_PATH (or REQUESTS_CA_BUNDLE) "
+                "to the PEM file of the certificate authority that signed it; "
+            )
+        raise ConfigError(
+            f"--report-to mlflow: the MLflow tracking server MLFLOW_TRACKING_URI={shown} does not answer "
+            f"({mask_credentials(str(cause))}); {hint}start it (mlflow server --backend-store-uri sqlite:///mlflow.db "
+            "--host 127.0.0.1 --port 5000), fix the variable, or leave mlflow out of --report-to"
+        ) from None
 
 
 def check_inputs(cfg: TrainConfig, label_column: bool = True) -> list[str]:

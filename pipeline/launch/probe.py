@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 
 PACKAGES = ("torch", "deepspeed", "transformers")
-MARKER = ".pipeline-doctor-marker"  # written by the doctor into the output and cache directories
+# Written by the doctor into the output and cache directories as MARKER + its token (host-pid-random):
+# doctors of other launches, on this host or another, never read or replace each other's marker.
+MARKER = ".pipeline-doctor-marker-"
 
 
 def gpu_facts() -> dict:
@@ -101,7 +103,7 @@ def shared_dirs(repo: str, dirs: list[str], token: str, write: bool) -> dict:
     """Write `token` into each directory's marker (the first host), or read it back (every other host)."""
     seen = {}
     for name in dirs:
-        marker = Path(repo, name) / MARKER
+        marker = Path(repo, name) / f"{MARKER}{token}"
         if write:
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(f"{token}\nwritten by `python -m pipeline doctor` to check for a shared file system\n")
@@ -113,7 +115,11 @@ def shared_dirs(repo: str, dirs: list[str], token: str, write: bool) -> dict:
 
 def probe(request: dict) -> dict:
     """Facts about the host this runs on. `request`: repo, output_dir, port (0: not checked), and
-    dirs/token/write for the shared file-system marker."""
+    dirs/token/write for the shared file-system marker; with remove, only that marker is removed."""
+    if request.get("remove"):  # the doctor's last word to the first host, once every host has read it
+        for name in request["dirs"]:
+            Path(request["repo"], name, f"{MARKER}{request['token']}").unlink(missing_ok=True)
+        return {}
     import importlib.metadata
     import importlib.util
 

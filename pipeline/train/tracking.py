@@ -10,7 +10,8 @@ continues the same tracker runs: their ids are kept in the trainer state of ever
 
 Standard variables work as users know them: MLFLOW_TRACKING_URI (default: a SQLite store in
 OUTPUT_DIR, `mlflow ui --backend-store-uri sqlite:///OUTPUT_DIR/mlflow.db`), MLFLOW_EXPERIMENT_NAME,
-WANDB_PROJECT, WANDB_MODE=offline (then `wandb sync RUN_DIR/wandb/offline-run-*`).
+WANDB_PROJECT, WANDB_MODE=offline (then `wandb sync RUN_DIR/wandb/offline-run-*`). A tracking URI's
+credentials (https://user:password@host) never reach a message or log: `mask_credentials`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..core.base import mask_credentials
 from ..core.options import TrainConfig, mlflow_uri
 
 PROJECT = "zero-pipeline"  # the MLflow experiment and W&B project unless MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT say
@@ -178,7 +180,8 @@ class Trackers:
                 tracker = KINDS[name](cfg, run_dir, start_step, run_ids.get(name))
             except Exception as e:  # any failure of a tracker's library: a tracker never stops training
                 log.warning(
-                    f"warning: --report-to {name}: could not start ({type(e).__name__}: {e}); training goes on without it"
+                    f"warning: --report-to {name}: could not start ({type(e).__name__}: {mask_credentials(str(e))}); "
+                    "training goes on without it"
                 )
                 continue
             self.active.append(tracker)
@@ -201,7 +204,8 @@ class Trackers:
             except Exception as e:  # a tracker's failure must not stop training: report it once, drop it
                 self.active.remove(tracker)
                 self.log.warning(
-                    f"warning: --report-to {tracker.name} failed ({type(e).__name__}: {e}); no more reports go to it, training goes on"
+                    f"warning: --report-to {tracker.name} failed ({type(e).__name__}: {mask_credentials(str(e))}); "
+                    "no more reports go to it, training goes on"
                 )
 
     def params(self, params: dict) -> None:
