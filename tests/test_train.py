@@ -2,6 +2,7 @@
 
 import json
 import re
+import signal
 from collections import Counter
 
 import numpy as np
@@ -218,6 +219,8 @@ def test_accumulation_equals_the_big_batch(one_rank, initial_model, small_data, 
 
 @pytest.mark.ranks
 def test_bad_input_stops_every_rank_before_training(small_data, tmp_path):
+    """Launched: the data check runs on rank 0 after the process group started (dist.main_first), and
+    its refusal must reach rank 1, which would otherwise wait for the data: every rank exits, one line."""
     dev = write_jsonl(tmp_path / "dev.jsonl", read_jsonl(small_data["dev"])[:3] + [{"text": "头痛三天", "label": "偏头痛"}])
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
     result = launch(train_args(config, {**small_data, "dev": dev}, tmp_path, "run", *SHORT))
@@ -227,14 +230,34 @@ def test_bad_input_stops_every_rank_before_training(small_data, tmp_path):
     assert not re.search(r"step +\d+ +loss", output) and "Traceback" not in output
 
 
-@pytest.mark.ranks
-def test_config_syntax_error_stops_before_the_process_group(small_data, tmp_path):
+@pytest.fixture
+def sigusr1_kept():
+    """A run set up in this process installs its stop handler for SIGUSR1 (core.stop.StopRequests):
+    pytest's own comes back after the test."""
+    before = signal.getsignal(signal.SIGUSR1)
+    yield
+    signal.signal(signal.SIGUSR1, before)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_config_syntax_error_stops_before_the_process_group(
+    one_rank, small_data, tmp_path, capsys, monkeypatch, sigusr1_kept, rank
+):
+    """Every rank reads the DeepSpeed JSON before the process group starts, so each rank of a 2-rank
+    job refuses on its own, waiting on no other: rank 0 says it in one line, rank 1 says nothing.
+    (Had the group started first, rank 1 alone would fail to reach rank 0 within the 6 s timeout.)"""
+    from pipeline.cli.main import main
+
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
     config = tmp_path / "ds.json"
     config.write_text('{\n  "train_micro_batch_size_per_gpu": 4\n  "zero_optimization": {"stage": 2}\n}\n')
-    result = launch(train_args(config, small_data, tmp_path))
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert output.count(f"{config}: JSON syntax error at line 3") == 1, output[-3000:]
+    assert main(train_args(config, small_data, tmp_path, "run", "--dist-timeout-minutes", "0.1")) == 2
+    out, err = capsys.readouterr()
+    assert f"rank {rank} of 2:" not in out  # dist.init prints that line as it starts the group
+    said = [f"error: {config}: JSON syntax error at line 3, column 3: Expecting ',' delimiter"]
+    assert err.splitlines() == (said if rank == 0 else []), err
+    assert "Traceback" not in out + err
 
 
 def test_progress_check_stops_on_what_the_loss_scaler_did_not_catch():
