@@ -169,6 +169,49 @@ def test_prune_keeps_newest_and_best(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-6", "step-8"]
 
 
+@pytest.fixture()
+def visible_gpus(monkeypatch):
+    """A stand-in for CUDA on this CPU build: `use(count, current)` makes torch see `count` devices
+    whose generators are CPU generators (the same get_state/set_state); torch.cuda's own RNG
+    functions (get_rng_state, set_rng_state, ..._all) run unchanged on them."""
+
+    def use(count: int, current: int = 0) -> tuple[torch.Generator, ...]:
+        generators = tuple(torch.Generator().manual_seed(100 + i) for i in range(count))
+        monkeypatch.setattr(torch.cuda, "_initialized", True)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "default_generators", generators)
+        for module in (torch.cuda, torch.cuda.random):  # random.py imported these by name
+            monkeypatch.setattr(module, "device_count", lambda: count)
+            monkeypatch.setattr(module, "current_device", lambda: current)
+        return generators
+
+    return use
+
+
+def test_a_cuda_rng_record_of_more_gpus_than_visible_restores_this_devices_state(visible_gpus):
+    """Saved by a rank that saw 2 GPUs (the deepspeed launcher), resumed by one that sees 1 (srun
+    --gpus-per-task=1): restoring the whole list raised IndexError."""
+    saved = [torch.Generator().manual_seed(seed).get_state().tolist() for seed in (1, 2)]
+    record = {**checkpoints.rng_state(), "cuda": saved}  # the format of older checkpoints
+    (gpu,) = visible_gpus(1)
+    checkpoints.set_rng_state(record)
+    assert gpu.get_state().tolist() == saved[0]
+    gpus = visible_gpus(4, current=3)  # a list too short for this rank's device: nothing restored
+    checkpoints.set_rng_state(record)
+    assert [g.get_state().tolist() for g in gpus] == [
+        torch.Generator().manual_seed(100 + i).get_state().tolist() for i in range(4)
+    ]
+
+
+def test_a_rank_saves_and_restores_its_own_devices_cuda_rng_state(visible_gpus):
+    gpus = visible_gpus(2, current=1)
+    record = checkpoints.rng_state()
+    assert "cuda" not in record and record["cuda_device"] == gpus[1].get_state().tolist()
+    (gpu,) = visible_gpus(1)  # resumed on another layout: the state goes to this rank's device
+    checkpoints.set_rng_state(record)
+    assert gpu.get_state().tolist() == gpus[1].get_state().tolist()
+
+
 def test_a_skipped_fp16_step_moves_the_data_on_but_not_the_schedule():
     """DeepSpeed counts a skipped window in global_steps but does not step the LR scheduler."""
     state = TrainerState()

@@ -68,7 +68,9 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state().tolist(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        # The rank's own device only: a list of every visible GPU's state (get_rng_state_all) would
+        # not fit a resume that sees another set of GPUs (srun --gpus-per-task, other nodes).
+        state["cuda_device"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
@@ -78,8 +80,23 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    if torch.cuda.is_available() and (cuda := cuda_rng_state(state)) is not None:
+        torch.cuda.set_rng_state(torch.tensor(cuda, dtype=torch.uint8))
+
+
+def cuda_rng_state(state: dict) -> list[int] | None:
+    """This rank's CUDA RNG state in a saved record, or None where it holds none for this device.
+
+    Older checkpoints hold "cuda", one state per GPU the rank saw, its own at its device index: the
+    entry at the current device index is that one under the same layout. A list too short for that
+    index (saved under srun --gpus-per-task, resumed by a rank on device 3) restores none: dropout on
+    the GPU then differs from an uninterrupted run, nothing else does."""
+    if "cuda_device" in state:
+        return state["cuda_device"]
+    per_device, index = state.get("cuda", []), torch.cuda.current_device()
+    if index < len(per_device):
+        return per_device[index]
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
