@@ -27,6 +27,7 @@ from .. import tasks
 from ..checkpoint.export import load_export
 from ..core.base import ConfigError, is_text_encoding, load_json
 from ..core.dist import Progress
+from ..core.ds_config import native_bf16
 from ..data.cache import TOKENIZE_BATCH, TokenizedSplit, in_batches
 from ..data.readers import READERS, iter_records, require_columns, text_lines
 from ..data.reading import Reading
@@ -101,6 +102,12 @@ def choose_device(device: str | None, precision: str) -> torch.device:
     if device == "cpu" and precision == "fp16":
         raise ConfigError(
             "--precision fp16 needs --device cuda (half-precision matmuls are slow or missing on CPUs); use bf16 or fp32"
+        )
+    if device == "cuda" and precision == "bf16" and not native_bf16():
+        major, minor = torch.cuda.get_device_capability()
+        raise ConfigError(
+            f"--precision bf16: {torch.cuda.get_device_name()} (compute capability {major}.{minor}) has no native bf16 "
+            "(needs 8.0+; emulated, it is slower and less precise than fp16); use fp16 or fp32"
         )
     return torch.device(device)
 

@@ -60,6 +60,17 @@ WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 GPU_CAPABILITY = {"v100": 7.0, "t4": 7.5, "a100": 8.0, "a10": 8.6, "a40": 8.6, "l4": 8.9, "h100": 9.0, "h200": 9.0}
 
 
+def native_bf16() -> bool:
+    """Whether the current GPU computes bf16 natively (compute capability 8.0+).
+
+    torch.cuda.is_bf16_supported() also counts emulation (its default including_emulation=True,
+    which DeepSpeed's CUDA accelerator uses): True on a V100, where bf16 is slower and less precise
+    than fp16 and SDPA falls back to its math kernel, storing whole attention matrices."""
+    import torch
+
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 @dataclass(frozen=True)
 class Hardware:
     """What precision the accelerator can run: DeepSpeed's CPU accelerator has no fp16."""
@@ -74,8 +85,7 @@ class Hardware:
         import torch
 
         if os.environ.get("DS_ACCELERATOR", "") != "cpu" and torch.cuda.is_available():
-            major, _ = torch.cuda.get_device_capability(0)
-            return cls("cuda", fp16=True, bf16=major >= 8, name=torch.cuda.get_device_name(0))
+            return cls("cuda", fp16=True, bf16=native_bf16(), name=torch.cuda.get_device_name(0))
         return cls("cpu", fp16=False, bf16=True, name="CPU (DeepSpeed CPU accelerator, gloo)")
 
     @classmethod

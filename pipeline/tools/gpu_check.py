@@ -32,6 +32,7 @@ import sys
 import time
 
 from ..core.base import free_port
+from ..core.ds_config import native_bf16
 from ..core.options import PACKAGE_DIR
 from .common import LABELS, REPO, standalone_rank
 
@@ -284,8 +285,6 @@ def report(name: str, ok: bool, detail: str) -> bool:
 def main(argv=None) -> int:
     import tempfile
 
-    import torch
-
     from ..core import dist
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -304,7 +303,7 @@ def main(argv=None) -> int:
     if args.steps < 2 * DISTINCT or args.warmup >= args.steps:
         p.error(f"--steps must be at least {2 * DISTINCT} (two passes over the repeated batches) and more than --warmup")
     cuda = args.device == "cuda"
-    args.precisions = args.precisions or ["fp16", *(["bf16"] if cuda and torch.cuda.is_bf16_supported() else [])]
+    args.precisions = args.precisions or ["fp16", *(["bf16"] if cuda and native_bf16() else [])]
     standalone_rank()
     dist.init(timeout_minutes=10)
     results, passed = [], True
