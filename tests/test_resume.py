@@ -1,6 +1,9 @@
-"""Checkpoints and resume with real ranks: a resumed run equals the uninterrupted one, bit for bit."""
+"""Checkpoints and resume: with real ranks (kills, ZeRO-3, world-size changes, a full disk), a resumed
+run equals the uninterrupted one, bit for bit; what ranks do not change (a branch, a new learning
+rate, a finished run, other data) on the in-process engine of one rank."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,14 +26,14 @@ from helpers import (
     rank_processes,
     read_jsonl,
     run_options,
-    train,
+    setup_run,
     write_jsonl,
 )
 from safetensors.numpy import load_file
 
 from pipeline.checkpoint.checkpoints import consolidated_fp32_state_dict, step_of
-
-pytestmark = pytest.mark.ranks  # every test here launches ranks or trains
+from pipeline.cli.main import main
+from pipeline.core.base import CLOSED_TO
 
 # 256 records / (4 x 2 x 2 ranks) = 16 optimizer steps per epoch, 2 epochs; dropout on (tiny-bert).
 # Evaluations and saves at their own intervals: neither may change what training does.
@@ -114,6 +117,7 @@ def position(ckpt) -> tuple[int, int]:
     return state["epoch"], state["step_in_epoch"]
 
 
+@pytest.mark.ranks
 def test_resume_under_zero3_equals_uninterrupted(reference, small_data, tmp_path):
     """Resumed mid-epoch from step 20 of ZeRO-3's partitioned state: from step 20 the updates of a
     restarted DeepSpeed CPU Adam used to differ in the last bits (see checkpoint.replay_cpu_adam_steps).
@@ -153,6 +157,7 @@ def wait_until_paused(job, marker, tmp_path) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.ranks
 def test_sigkill_during_a_save_leaves_a_partial_that_resume_auto_skips(reference, small_data, tmp_path):
     """Kill rank 1 while step 18's checkpoint is being written (rank 0 paused with its files written,
     its manifest not): the job fails fast, the half-written checkpoint is never resumed from, and
@@ -177,6 +182,7 @@ def test_sigkill_during_a_save_leaves_a_partial_that_resume_auto_skips(reference
     assert_same_run(tmp_path / "killed", ref)
 
 
+@pytest.mark.ranks
 def test_sigkill_of_rank_0_between_saves_then_resume_auto_is_exact(reference, small_data, tmp_path):
     """Kill rank 0 in the middle of training, paused before step 22's vote: step 21 is logged and
     evaluated, step 22's save has not begun. With metrics.jsonl left with a cut-short last line,
@@ -203,25 +209,22 @@ def test_sigkill_of_rank_0_between_saves_then_resume_auto_is_exact(reference, sm
     assert_same_run(tmp_path / "killed", ref)
 
 
-def test_resume_on_changed_training_data_is_refused(reference, small_data, tmp_path):
-    """Fewer records put the saved position (step 8 of 16) beyond the new epoch's end (6 steps):
-    without a check the loop got no batches and spun forever, calling no collective that could time out.
-    (The checkpoint's own tokenizer is given as the model, so the vocabulary, which would otherwise
-    be rebuilt from the new data, does not change.)"""
-    ref, config = reference(2)
-    copy = interrupted_copy(ref, tmp_path / "interrupted", 8)
-    ckpt = copy / "checkpoints" / "step-8"
-    fewer = {**small_data, "train": write_jsonl(tmp_path / "train.jsonl", read_jsonl(small_data["train"])[:96])}
-    result = launch(train_args(config, fewer, tmp_path, "--resume", str(ckpt), "--model", str(ckpt / "hf")), timeout=120)
-    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "the training data differs from the checkpoint's" in result.stderr
-    assert "train records 256 -> 96" in result.stderr and "Traceback" not in result.stdout + result.stderr
+@pytest.mark.ranks
+def test_every_file_of_a_run_follows_the_umask_and_file_access(reference):
+    """Every rank's files (rank 1 writes its optimizer shards) are no more open than the umask and
+    the default --file-access group allow: others get nothing."""
+    run_dir, _ = reference(2)
+    mask = os.umask(0)
+    os.umask(mask)
+    # Read and write bits (DeepSpeed adds execute to its zero_to_fp32.py scripts).
+    modes = {str(p.relative_to(run_dir)): p.stat().st_mode & 0o666 for p in run_dir.rglob("*") if p.is_file()}
+    assert "export/model.safetensors" in modes and any("zero_pp_rank_1" in name for name in modes)
+    assert {name: mode for name, mode in modes.items() if mode != 0o666 & ~(mask | CLOSED_TO["group"])} == {}
 
 
+@pytest.mark.ranks
 def test_export_from_zero3_shards_reproduces_the_training_predictions(reference, small_data, tmp_path, capsys):
     """`export` and `predict` are one-process tools: called in this process, on a launched ZeRO-3 run."""
-    from pipeline.cli.main import main
-
     ref, _ = reference(3)
     out = tmp_path / "exported"
     assert main(["export", str(ref / "checkpoints" / "step-32"), str(out)]) == 0
@@ -289,6 +292,7 @@ def assert_resumed_on(world, stage, copy, ref, resumed_from, result) -> None:
     assert max(abs(mine[k] - theirs[k]).max() for k in theirs) < 1e-5
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
 def test_resume_from_2_ranks_on_1_keeps_the_global_batch(two_to_one, stage):
     """ZeRO-2 (which DeepSpeed's own universal-checkpoint tests do not cover) and ZeRO-3, through the
@@ -297,6 +301,7 @@ def test_resume_from_2_ranks_on_1_keeps_the_global_batch(two_to_one, stage):
     assert_resumed_on(1, stage, copy, ref, 6, result)
 
 
+@pytest.mark.ranks
 def test_resume_from_1_rank_on_2_keeps_the_global_batch(two_to_one, initial_model, small_data, tmp_path):
     """ZeRO-2 the other way: step 10 of the 1-rank leg above (its checkpoints from step 8 on written
     by one rank), resumed on 2 ranks with that leg's 1-rank JSON (accumulation 4)."""
@@ -328,6 +333,7 @@ def small_fs(tmp_path):
         subprocess.run(["umount", str(path)], check=True)
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("when", ["before-save", "mid-save"])
 def test_a_full_disk_stops_every_rank_with_one_clear_error(initial_model, small_data, tmp_path, small_fs, when):
     """before-save: room for one checkpoint, not two; the check against the last checkpoint's size
@@ -386,6 +392,7 @@ def test_a_full_disk_stops_every_rank_with_one_clear_error(initial_model, small_
         verify_manifest(ckpts / name)
 
 
+@pytest.mark.ranks
 def test_a_resumed_run_keeps_the_patience_count_and_stops_where_the_uninterrupted_one_did(early_stopped, small_data, tmp_path):
     """Interrupted after a checkpointed evaluation that did not improve on the best: the count of such
     evaluations comes back from trainer_state.json, so the resumed run stops at the same step."""
@@ -405,51 +412,85 @@ def test_a_resumed_run_keeps_the_patience_count_and_stops_where_the_uninterrupte
     assert_same_run(copy, ref)
 
 
-# A run that finishes all 4 steps with a dev evaluation and a checkpoint every 2; patience 1 makes a
-# final evaluation counted twice (a resumed finished run) end it "early".
-BRANCH_SETTINGS = (
-    "--max-length 64 --max-steps 4 --epochs 2 --eval-every 2 --save-every 2 --keep-checkpoints 10 "
-    "--best-metric macro_f1 --early-stopping-patience 1 --log-every 1 --report-to none"
-).split()
+# Resumes that ranks do not change (the branch a resume abandons, a new learning rate, a finished run,
+# a refusal of other data) run on the in-process engine of one rank (the one_rank fixture): a run
+# that finishes all 4 steps with a dev evaluation and a checkpoint every 2; patience 1 makes a final
+# evaluation counted twice (a resumed finished run) end it "early".
+BRANCH_SETTINGS = dict(
+    max_length=32,
+    max_steps=4,
+    epochs=2,
+    eval_every=2,
+    save_every=2,
+    keep_checkpoints=10,
+    best_metric="macro_f1",
+    early_stopping_patience=1,
+)
+
+
+class PipelineLog(logging.Handler):
+    """The lines the pipeline's logger writes while installed (its console handler keeps the stdout
+    of the test that first used it, which capsys does not see)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("pipeline").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("pipeline").removeHandler(self)
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def run_in_process(one_rank, out, lr=1e-3, **options) -> Path:
+    """A run named 'run' in `out` of BRANCH_SETTINGS (and `options`: resume=...) on one rank in this
+    process, trained, evaluated, checkpointed and exported as `train` does; returns its directory."""
+    run = setup_run(one_rank, out, micro=4, accum=2, lr=lr, **{**BRANCH_SETTINGS, **options})
+    run.train()
+    run.finish()
+    return out / "run"
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, small_data):
-    """(DeepSpeed config, run directory) of BRANCH_SETTINGS at lr 1e-3 on 2 CPU ranks."""
-    tmp = tmp_path_factory.mktemp("finished")
-    config = ds_config(tmp / "ds.json", 2, micro=4, accum=2)
-    return config, train(tmp, "run", small_data, config, extra=BRANCH_SETTINGS)
+def finished(one_rank, tmp_path_factory):
+    """The run directory of BRANCH_SETTINGS at lr 1e-3 (64 records, 8 steps per epoch)."""
+    return run_in_process(one_rank, tmp_path_factory.mktemp("finished"))
 
 
-def resume_copy(run_dir, tmp_path, data, config, resume):
-    """Resume a copy of `run_dir` (as tmp_path/run) with `config`, from `resume` ("auto" or a
-    checkpoint name, "step-N"); returns (the launch's result, the copy). The copy has none of the
+def resume_copy(run_dir, one_rank, tmp_path, resume, lr=1e-3) -> tuple[Path, str]:
+    """Resume a copy of `run_dir` (as tmp_path/run) from `resume` ("auto" or a checkpoint name,
+    "step-N") at `lr`; returns (the copy, what the pipeline logged). The copy has none of the
     finished run's outputs (export, eval_results.json, predictions): what a test reads of them is the
     resumed run's."""
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("export", "eval_results.json", "predictions-*.jsonl"))
     where = resume if resume == "auto" else str(copy / "checkpoints" / resume)
-    args = ["train", "--ds-config", str(config), *run_options(data, tmp_path), *BRANCH_SETTINGS, "--resume", where]
-    return launch(args), copy
+    with PipelineLog() as log:
+        run_in_process(one_rank, tmp_path, lr=lr, resume=where)
+    return copy, log.text()
 
 
 @pytest.fixture(scope="module")
-def branched(finished, small_data, tmp_path_factory):
-    """(result, run directory) of the finished run resumed from its step 2 with a new learning rate
-    (4e-3): one launch for the two tests of resuming an older checkpoint."""
-    _, first = finished
-    tmp = tmp_path_factory.mktemp("branched")
-    faster = ds_config(tmp / "ds-faster.json", 2, micro=4, accum=2, lr=4e-3)
-    return resume_copy(first, tmp, small_data, faster, "step-2")
+def branched(finished, one_rank, tmp_path_factory):
+    """(run directory, log) of the finished run resumed from its step 2 with a new learning rate
+    (4e-3): one run for the two tests of resuming an older checkpoint."""
+    return resume_copy(finished, one_rank, tmp_path_factory.mktemp("branched"), "step-2", lr=4e-3)
 
 
 def test_resuming_an_older_checkpoint_owns_the_later_steps(branched):
     """Resumed from step 2 (to go on another way): the old step 4 is moved aside, named; the new
     step 4 is saved, with other weights (the new learning rate); the export holds this run's weights."""
-    result, copy = branched
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    copy, log = branched
     (aside,) = (copy / "checkpoints").glob("superseded-after-step-2-*")
-    assert f"moved aside to {aside}" in result.stdout + result.stderr
+    assert f"moved aside to {aside}" in log
     assert (aside / "step-4" / "manifest.json").is_file() and (copy / "checkpoints" / "step-4" / "manifest.json").is_file()
     old, new = consolidated_fp32_state_dict(aside / "step-4"), consolidated_fp32_state_dict(copy / "checkpoints" / "step-4")
     assert any((old[k] != new[k]).any() for k in new)
@@ -460,30 +501,46 @@ def test_resuming_an_older_checkpoint_owns_the_later_steps(branched):
 
 
 def test_a_new_learning_rate_on_resume_is_applied_and_said(branched):
-    result, copy = branched
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    copy, log = branched
     assert [row["lr"] for row in read_jsonl(copy / "metrics.jsonl") if "split" not in row] == [1e-3, 1e-3, 4e-3, 4e-3]
-    assert "resumed optimizer: lr 0.001 -> 0.004 (this run's DeepSpeed config applies, not the checkpoint's)" in result.stdout
+    assert "resumed optimizer: lr 0.001 -> 0.004 (this run's DeepSpeed config applies, not the checkpoint's)" in log
 
 
-def test_resuming_a_finished_run_counts_its_final_evaluation_once(finished, small_data, tmp_path):
-    config, first = finished
-    results = json.loads((first / "eval_results.json").read_text())
+def test_resuming_a_finished_run_counts_its_final_evaluation_once(finished, one_rank, tmp_path):
+    results = json.loads((finished / "eval_results.json").read_text())
     assert results["stopped_early"] is False and results["last_step"] == 4  # it ran all its steps
-    result, copy = resume_copy(first, tmp_path, small_data, config, "auto")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "early stopping" not in result.stdout
+    copy, log = resume_copy(finished, one_rank, tmp_path, "auto")
+    assert "early stopping" not in log
     assert json.loads((copy / "eval_results.json").read_text()) == results
 
 
-def test_every_file_of_a_run_follows_the_umask(finished):
-    _, run_dir = finished
-    mask = os.umask(0)
-    os.umask(mask)
-    # Read and write bits (DeepSpeed adds execute to its zero_to_fp32.py scripts).
-    modes = {str(p.relative_to(run_dir)): p.stat().st_mode & 0o666 for p in run_dir.rglob("*") if p.is_file()}
-    assert "export/model.safetensors" in modes
-    assert {name: mode for name, mode in modes.items() if mode != 0o666 & ~mask} == {}
+def test_resume_on_changed_training_data_is_refused(finished, one_rank, tmp_path, capsys):
+    """Fewer records put the saved position (step 2 of 8) beyond the new epoch's end (1 step):
+    without a check the loop got no batches and spun forever, calling no collective that could time
+    out. The refusal comes before the engine is built: `train` in this process. (The checkpoint's own
+    tokenizer is given as the model, so the vocabulary, which would otherwise be rebuilt from the new
+    data, does not change.)"""
+    copy = interrupted_copy(finished, tmp_path / "interrupted", 2)
+    ckpt = copy / "checkpoints" / "step-2"
+    fewer = write_jsonl(tmp_path / "train.jsonl", read_jsonl(one_rank["train"])[:8])
+    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
+    # Their own dev set: the 16 dev records have labels that 8 training records lack.
+    args = ["train", "--ds-config", str(config), "--train-file", str(fewer), "--dev-file", str(fewer)]
+    args += [
+        "--output-dir",
+        str(tmp_path),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--resume",
+        str(ckpt),
+        "--model",
+        str(ckpt / "hf"),
+    ]
+    args += [f"--{key.replace('_', '-')}={value}" for key, value in BRANCH_SETTINGS.items()]
+    assert main([*args, "--baseline", "none", "--report-to", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "the training data differs from the checkpoint's" in err
+    assert "train records 64 -> 8" in err and "Traceback" not in err
 
 
 def test_an_export_that_cannot_delete_the_earlier_one_keeps_one_in_place(finished, tmp_path, monkeypatch):
@@ -492,7 +549,7 @@ def test_an_export_that_cannot_delete_the_earlier_one_keeps_one_in_place(finishe
     the old one stays aside, under its own name."""
     from pipeline.checkpoint import export as export_module
 
-    _, run_dir = finished
+    run_dir = finished
     step_2, step_4 = (consolidated_fp32_state_dict(run_dir / "checkpoints" / f"step-{n}") for n in (2, 4))
     assert any((step_2[k] != step_4[k]).any() for k in step_4)  # so the weights tell which export is in place
     target = export_module.export_checkpoint(run_dir / "checkpoints" / "step-2", tmp_path / "export")
@@ -515,6 +572,7 @@ def test_an_export_that_cannot_delete_the_earlier_one_keeps_one_in_place(finishe
     assert not (left / "model.safetensors").exists()  # the part the busy file system did delete
 
 
+@pytest.mark.ranks
 def test_a_full_disk_outside_a_save_stops_every_rank_with_one_line(initial_model, small_data, tmp_path, small_fs):
     """A 16 KB output file system fills while metrics.jsonl grows (no checkpoint is due)."""
     out = small_fs(16 * 1024)
