@@ -30,6 +30,7 @@ TOOLS = {
     ),
     "comms": ("comms", "collectives per optimizer step by kind (DeepSpeed comms logger), per ZeRO stage and accumulation"),
     "bench": ("bench", "throughput, start-up, data wait and memory: this pipeline vs a minimal DeepSpeed loop vs HF Trainer"),
+    "smoke": ("smoke", "CI check on 2 CPU ranks: a config and hostfile resolve, train, save, resume and export a tiny model"),
 }
 
 
