@@ -66,3 +66,46 @@ def test_pooled_evaluation_on_two_ranks_counts_each_record_once_and_equals_one_p
     assert 0.5 < got.pop("padding_efficiency") <= 1
     assert got == expected
     assert expected["num_records"] == 37 and sum(c["support"] for c in expected["per_class"].values()) == 37
+
+
+def test_the_held_out_masked_lm_loss_is_the_cross_entropy_of_every_masked_token(one_rank, tmp_path):
+    """Computed on the device at the masked positions: the same sum as the cross-entropy of the whole
+    logits on the host with the unmasked positions ignored, on a one-rank pretraining run's held-out part."""
+    from helpers import SAMPLE, ds_config, write_jsonl
+
+    from pipeline.core.options import TrainConfig, command_settings
+    from pipeline.data.masking import IGNORE
+    from pipeline.train.evaluate import evaluate, masked_token_loss
+    from pipeline.train.run import Run
+
+    notes = write_jsonl(tmp_path / "notes.jsonl", [{"text": row["text"]} for row in read_jsonl(SAMPLE / "train.jsonl")[:40]])
+    settings = dict(
+        ds_config=str(ds_config(tmp_path / "ds.json", 2, micro=2, accum=1)),
+        text_file=str(notes),
+        heldout_fraction=0.25,
+        cache_dir=str(one_rank["cache"]),
+        output_dir=str(tmp_path),
+        run_name="pretrain",
+        max_length=32,
+        report_to="none",
+    )
+    run = Run.setup(TrainConfig(**command_settings("pretrain", settings)))
+    held_out = run.data.splits["dev"]
+    batch_size = 3  # the last batch of the held-out rows is padded with a filler
+    assert len(held_out) % batch_size
+    loss_sum, tokens = masked_token_loss(run.engine, held_out, batch_size)
+
+    run.engine.eval()
+    expected, masked = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(held_out)):  # the old way: the whole logits on the host, unmasked positions ignored
+            batch = held_out.batch([i])
+            labels = batch.pop("labels")
+            logits = run.engine(**batch).logits.float().cpu()
+            expected += float(torch.nn.functional.cross_entropy(logits[0], labels[0], ignore_index=IGNORE, reduction="sum"))
+            masked += int((labels != IGNORE).sum())
+    assert tokens == masked > 0
+    assert loss_sum == pytest.approx(expected, rel=1e-5)
+    metrics, _ = evaluate(run.engine, held_out, batch_size, [], run.task)
+    assert metrics["mlm_loss"] == pytest.approx(expected / masked, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(np.exp(expected / masked), rel=1e-5)

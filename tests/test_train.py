@@ -171,7 +171,7 @@ def accumulation_leg(tmp_path, name, data, model, stage, layout, **options):
     """(exported weights, loss curve) of a run from `model` on `data`, ZeRO `stage`, `layout` (ranks,
     micro-batch, accumulation) and `options` (TrainConfig fields, the same for both kinds of leg): 2
     ranks launched; 1 rank in this process, on a real one-rank engine (the test must request the
-    `one_rank` fixture, whose world of one it runs in), trained and exported as `train` does."""
+    `one_rank` fixture, whose world of one it runs in, and `sigusr1_kept`), trained and exported as `train` does."""
     ranks, micro, accum = layout
     options = {"model": str(model), "max_length": 64, "eval_batch_size": 8, "eval_every": 0, **options}
     if ranks == 1:
@@ -188,7 +188,7 @@ def accumulation_leg(tmp_path, name, data, model, stage, layout, **options):
 
 
 @pytest.mark.ranks
-def test_accumulation_equals_the_big_batch(one_rank, initial_model, small_data, tmp_path):
+def test_accumulation_equals_the_big_batch(one_rank, sigusr1_kept, initial_model, small_data, tmp_path):
     """2 ranks x micro 4 x accum 2 == 1 rank x micro 4 x accum 4 == 1 rank x micro 16 x accum 1, on ZeRO-2
     and ZeRO-3: the same weights after 5 optimizer steps from the same initial weights (fp32, no dropout).
     Gradient checkpointing (recomputing activations in backward) changes nothing either. One rank's
@@ -245,7 +245,7 @@ def test_config_syntax_error_stops_before_the_process_group(
 ):
     """Every rank reads the DeepSpeed JSON before the process group starts, so each rank of a 2-rank
     job refuses on its own, waiting on no other: rank 0 says it in one line, rank 1 says nothing.
-    (Had the group started first, rank 1 alone would fail to reach rank 0 within the 6 s timeout.)"""
+    (Had the group started first, each rank alone would time out waiting for the other, in 6 s.)"""
     from pipeline.cli.main import main
 
     monkeypatch.setenv("RANK", str(rank))
@@ -351,7 +351,7 @@ def test_a_run_reports_the_tfidf_baseline_beside_the_model(multilabel_run):
 
 
 @pytest.mark.ranks
-def test_class_weighted_accumulation_equals_the_big_batch(one_rank, initial_model, small_data, tmp_path):
+def test_class_weighted_accumulation_equals_the_big_batch(one_rank, sigusr1_kept, initial_model, small_data, tmp_path):
     """With --class-weights balanced the loss is the weighted sum over the records divided by their
     count (not by their weight sum), so 2 ranks x micro 4 x accum 2 (launched) still equals 1 rank x
     micro 16 (in this process)."""

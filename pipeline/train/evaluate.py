@@ -114,7 +114,9 @@ def masked_token_loss(engine, split, batch_size: int) -> tuple[float, int]:
     """(cross-entropy summed over every masked token of `split`, the number of masked tokens), over
     all ranks; the split's held-out masking is the same at every evaluation. Filler rows count nothing."""
     world, rank = dist.world_size(), dist.rank()
-    totals = torch.zeros(2, dtype=torch.float64)
+    # Summed on the device over the masked positions only: the batch's logits (B x L x vocabulary,
+    # ~0.7 GB in fp32 at 32 x 256 x 21,128) never leave it, and nothing waits on the GPU until the end.
+    totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
     was_training = engine.training
     engine.eval()
     try:
@@ -122,12 +124,14 @@ def masked_token_loss(engine, split, batch_size: int) -> tuple[float, int]:
             batch = split.batch([i if i != FILLER else 0 for i in batch_indices])
             labels = batch.pop("labels")
             labels[[j for j, i in enumerate(batch_indices) if i == FILLER]] = IGNORE
-            logits = engine(**to_device(batch, engine.device)).logits.float().cpu()
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-            totals += torch.tensor([loss.item(), (labels != IGNORE).sum().item()], dtype=torch.float64)
+            labels = labels.to(engine.device)
+            masked = labels != IGNORE
+            logits = engine(**to_device(batch, engine.device)).logits[masked].float()
+            loss = torch.nn.functional.cross_entropy(logits, labels[masked], reduction="sum")
+            totals += torch.stack([loss.double(), masked.sum().double()])
     finally:
         engine.train(was_training)
-    totals = dist.all_reduce_sum(totals.to(engine.device)).cpu().tolist()
+    totals = dist.all_reduce_sum(totals).cpu().tolist()
     return totals[0], int(totals[1])
 
 
