@@ -96,19 +96,12 @@ def interrupted_copy(reference, target, last_step):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, small_data):
-    """reference(stage): (run directory, DeepSpeed config) of RUN_ARGS on 2 CPU ranks, tiny-bert with dropout."""
-    runs = {}
-
-    def get(stage):
-        if stage not in runs:
-            tmp = tmp_path_factory.mktemp(f"ref-zero{stage}")
-            config = ds_config(tmp / "ds.json", stage, micro=4, accum=2, lr=3e-3)
-            result = launch(train_args(config, small_data, tmp, "--run-name", "ref"))
-            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-            runs[stage] = (tmp / "ref", config)
-        return runs[stage]
-
-    return get
+    """(run directory, DeepSpeed config) of RUN_ARGS under ZeRO-2 on 2 CPU ranks, tiny-bert with dropout."""
+    tmp = tmp_path_factory.mktemp("ref-zero2")
+    config = ds_config(tmp / "ds.json", 2, micro=4, accum=2, lr=3e-3)
+    result = launch(train_args(config, small_data, tmp, "--run-name", "ref"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp / "ref", config
 
 
 def position(ckpt) -> tuple[int, int]:
@@ -117,85 +110,55 @@ def position(ckpt) -> tuple[int, int]:
     return state["epoch"], state["step_in_epoch"]
 
 
-@pytest.mark.ranks
-def test_resume_under_zero3_equals_uninterrupted(reference, small_data, tmp_path):
-    """Resumed mid-epoch from step 20 of ZeRO-3's partitioned state: from step 20 the updates of a
-    restarted DeepSpeed CPU Adam used to differ in the last bits (see checkpoint.replay_cpu_adam_steps).
-    ZeRO-2's resumes, mid-epoch from step 20 and at the epoch boundary (step 16, the data order's case),
-    are the SIGKILL tests'."""
-    ref, config = reference(3)
-    copy = interrupted_copy(ref, tmp_path / "interrupted", 20)
-    ckpt = copy / "checkpoints" / "step-20"
-    result = launch(train_args(config, small_data, tmp_path, "--resume", str(ckpt)))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert position(ckpt) == (1, 4)
-    assert f"resumed from {ckpt}" in result.stdout
-    assert_same_run(copy, ref)
-
-
 def kill_rank(launcher: subprocess.Popen, rank: int) -> None:
     for p in rank_processes(launcher.pid, rank):
         p.send_signal(signal.SIGKILL)
 
 
-def start_killable_run(config, data, tmp_path, pause_at, *extra) -> tuple[subprocess.Popen, Path]:
-    """A training run named 'killed', in the background, whose rank 0 pauses at `pause_at` (the
-    PIPELINE_TEST_PAUSE_AT stage); its console goes to killed.log. Returns (the job, the hook's marker)."""
+def start_paused_run(config, data, tmp_path, pause_at, *extra) -> tuple[subprocess.Popen, Path]:
+    """A training run named 'killed' in the background, started, and waited for until its rank 0
+    pauses at `pause_at` (the PIPELINE_TEST_PAUSE_AT stage: it then waits there for the kill); its
+    console goes to PAUSE_AT.log. Returns (the job, that log)."""
     cmd = deepspeed_command(train_args(config, data, tmp_path, "--run-name", "killed", "--dist-timeout-minutes", "0.5", *extra))
-    marker = tmp_path / "paused"
+    marker, log = tmp_path / f"paused-{pause_at}", tmp_path / f"{pause_at}.log"
     env = {**cpu_env(), "PIPELINE_TEST_PAUSE_AT": f"{pause_at}:{marker}"}
-    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(tmp_path / "killed.log", "w"), stderr=subprocess.STDOUT)
-    return job, marker
-
-
-def wait_until_paused(job, marker, tmp_path) -> None:
-    """Until rank 0 has written its pid to the hook's marker (it then waits there for the kill)."""
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 240
-    while not (marker.is_file() and marker.read_text()):
+    while not (marker.is_file() and marker.read_text()):  # rank 0's pid, once it pauses
         ended = job.poll() is not None
-        assert not ended and time.time() < deadline, "the run never paused:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+        assert not ended and time.time() < deadline, "the run never paused:\n" + log.read_text()[-3000:]
         time.sleep(0.1)
+    return job, log
 
 
 @pytest.mark.ranks
-def test_sigkill_during_a_save_leaves_a_partial_that_resume_auto_skips(reference, small_data, tmp_path):
-    """Kill rank 1 while step 18's checkpoint is being written (rank 0 paused with its files written,
-    its manifest not): the job fails fast, the half-written checkpoint is never resumed from, and
-    `--resume auto` finishes the run from step 16 (the epoch boundary) exactly as if uninterrupted."""
-    ref, config = reference(2)
-    job, marker = start_killable_run(config, small_data, tmp_path, "saved-step-18")
-    wait_until_paused(job, marker, tmp_path)
+def test_sigkills_during_a_save_and_between_saves_then_resume_auto_is_exact(reference, small_data, tmp_path):
+    """One run killed twice, each time resumed with `--resume auto`, ends exactly as if uninterrupted.
+    1. Rank 1 killed while step 18's checkpoint is being written (rank 0 paused with its files
+       written, its manifest not): the job fails fast, and the half-written checkpoint is never
+       resumed from: the resume starts from step 16 (the epoch boundary, the data order's case).
+    2. That resumed run's rank 0 killed before step 22's vote: step 21 is logged and evaluated,
+       step 22's save has not begun. With metrics.jsonl left with a cut-short last line, the resume
+       starts from step 20 (mid-epoch, where a restarted CPU Adam used to drift) and runs to the end.
+    The final run's losses, export and predictions equal the uninterrupted reference's: every step
+    after 16 comes from a resumed run."""
+    ref, config = reference
+    ckpts, metrics = tmp_path / "killed" / "checkpoints", tmp_path / "killed" / "metrics.jsonl"
+    job, _ = start_paused_run(config, small_data, tmp_path, "saved-step-18")
     killed_at = time.time()
     kill_rank(job, 1)
     assert job.wait(timeout=60) != 0
     assert time.time() - killed_at < 60
-    ckpts = tmp_path / "killed" / "checkpoints"
-    partial = ckpts / "step-18"
+    partial, newest_complete = ckpts / "step-18", ckpts / "step-16"
     assert [p for p in ckpts.glob("step-*") if not (p / "manifest.json").exists()] == [partial]
-    newest_complete = ckpts / "step-16"
     assert (newest_complete / "manifest.json").exists() and position(newest_complete) == (1, 0)
 
-    result = launch(train_args(config, small_data, tmp_path, "--run-name", "killed", "--resume", "auto"))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"ignoring incomplete checkpoint {partial}" in result.stdout + result.stderr
-    assert f"resumed from {newest_complete}" in result.stdout
-    assert_same_run(tmp_path / "killed", ref)
-
-
-@pytest.mark.ranks
-def test_sigkill_of_rank_0_between_saves_then_resume_auto_is_exact(reference, small_data, tmp_path):
-    """Kill rank 0 in the middle of training, paused before step 22's vote: step 21 is logged and
-    evaluated, step 22's save has not begun. With metrics.jsonl left with a cut-short last line,
-    `--resume auto` from step 20 (mid-epoch, where a restarted CPU Adam used to drift) finishes the
-    run exactly as if uninterrupted."""
-    ref, config = reference(2)
-    job, marker = start_killable_run(config, small_data, tmp_path, "step-22")
-    wait_until_paused(job, marker, tmp_path)
+    job, log = start_paused_run(config, small_data, tmp_path, "step-22", "--resume", "auto")
     kill_rank(job, 0)
     assert job.wait(timeout=60) != 0
-    metrics = tmp_path / "killed" / "metrics.jsonl"
+    output = log.read_text()
+    assert f"ignoring incomplete checkpoint {partial}" in output and f"resumed from {newest_complete}" in output
     assert max(row["step"] for row in read_jsonl(metrics)) == 21
-    ckpts = tmp_path / "killed" / "checkpoints"
     assert all((p / "manifest.json").exists() for p in ckpts.glob("step-*"))
     newest = max(ckpts.glob("step-*"), key=step_of)
     assert newest == ckpts / "step-20" and position(newest) == (1, 4)
@@ -213,7 +176,7 @@ def test_sigkill_of_rank_0_between_saves_then_resume_auto_is_exact(reference, sm
 def test_every_file_of_a_run_follows_the_umask_and_file_access(reference):
     """Every rank's files (rank 1 writes its optimizer shards) are no more open than the umask and
     the default --file-access group allow: others get nothing."""
-    run_dir, _ = reference(2)
+    run_dir, _ = reference
     mask = os.umask(0)
     os.umask(mask)
     # Read and write bits (DeepSpeed adds execute to its zero_to_fp32.py scripts).
@@ -222,16 +185,58 @@ def test_every_file_of_a_run_follows_the_umask_and_file_access(reference):
     assert {name: mode for name, mode in modes.items() if mode != 0o666 & ~(mask | CLOSED_TO["group"])} == {}
 
 
+# ZeRO-3 and world-size changes, from a model without dropout (initial_model): 16 steps of 16
+# records in one epoch, checkpoints every 2 steps. Resumed on the same ranks, a run is bit for bit
+# the uninterrupted one; on another world size the only difference left is the order of
+# floating-point reductions: losses and weights must agree to float32 rounding.
+ACCUMULATION = {2: 2, 1: 4}  # 4 per rank x accumulation x ranks = 16
+WORLD_ARGS = ("--epochs", "1")
+
+
+@pytest.fixture(scope="module")
+def world_reference(tmp_path_factory, initial_model, small_data):
+    """world_reference(stage): (run directory, DeepSpeed config) of WORLD_ARGS from initial_model on 2 CPU ranks."""
+    runs = {}
+
+    def get(stage):
+        if stage not in runs:
+            tmp = tmp_path_factory.mktemp(f"world-zero{stage}")
+            config = ds_config(tmp / "ds.json", stage, micro=4, accum=ACCUMULATION[2])
+            result = launch(train_args(config, small_data, tmp, "--run-name", "ref", "--model", str(initial_model), *WORLD_ARGS))
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            runs[stage] = tmp / "ref", config
+        return runs[stage]
+
+    return get
+
+
 @pytest.mark.ranks
-def test_export_from_zero3_shards_reproduces_the_training_predictions(reference, small_data, tmp_path, capsys):
+def test_resume_under_zero3_equals_uninterrupted(world_reference, initial_model, small_data, tmp_path):
+    """Resumed mid-epoch from step 8 of ZeRO-3's partitioned state on the same 2 ranks, bit for bit:
+    from step 8 the updates of a restarted DeepSpeed CPU Adam used to differ in the last bits (see
+    checkpoint.replay_cpu_adam_steps). ZeRO-2's resumes, with dropout, at the epoch boundary and
+    mid-epoch, are the SIGKILL test's."""
+    ref, config = world_reference(3)
+    copy = interrupted_copy(ref, tmp_path / "interrupted", 8)
+    ckpt = copy / "checkpoints" / "step-8"
+    resume = ("--run-name", "interrupted", "--resume", str(ckpt), "--model", str(initial_model))
+    result = launch(train_args(config, small_data, tmp_path, *resume, *WORLD_ARGS))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert position(ckpt) == (0, 8)
+    assert f"resumed from {ckpt}" in result.stdout
+    assert_same_run(copy, ref)
+
+
+@pytest.mark.ranks
+def test_export_from_zero3_shards_reproduces_the_training_predictions(world_reference, small_data, tmp_path, capsys):
     """`export` and `predict` are one-process tools: called in this process, on a launched ZeRO-3 run."""
-    ref, _ = reference(3)
+    ref, _ = world_reference(3)
     out = tmp_path / "exported"
-    assert main(["export", str(ref / "checkpoints" / "step-32"), str(out)]) == 0
+    assert main(["export", str(ref / "checkpoints" / "step-16"), str(out)]) == 0
     # Into the run directory itself: refused, and nothing deleted.
     before = sorted(p.relative_to(ref) for p in ref.rglob("*"))
     capsys.readouterr()
-    assert main(["export", str(ref / "checkpoints" / "step-32"), str(ref)]) == 2
+    assert main(["export", str(ref / "checkpoints" / "step-16"), str(ref)]) == 2
     assert f"error: export: {ref} exists and is not an export" in capsys.readouterr().err
     assert sorted(p.relative_to(ref) for p in ref.rglob("*")) == before
     mine, theirs = load_file(out / "model.safetensors"), load_file(ref / "export" / "model.safetensors")
@@ -241,30 +246,26 @@ def test_export_from_zero3_shards_reproduces_the_training_predictions(reference,
     assert labels == [row["label"] for row in read_jsonl(ref / "predictions-dev.jsonl")]
 
 
-# World-size changes: the model has no dropout (initial_model), so the only difference from the
-# uninterrupted run left is the order of floating-point reductions: losses and weights must agree
-# to float32 rounding. 16 steps of 16 records; checkpoints every 2 steps.
-ACCUMULATION = {2: 2, 1: 4}  # 4 per rank x accumulation x ranks = 16
-WORLD_ARGS = ("--epochs", "1")
-
-
 @pytest.fixture(scope="module")
-def two_to_one(tmp_path_factory, initial_model, small_data):
+def two_to_one(world_reference, small_data, initial_model):
     """two_to_one(stage): (the 2-rank uninterrupted run, its copy interrupted at step 6 and resumed on
     1 rank with the 2-rank JSON, that launch's result)."""
     runs = {}
 
     def get(stage):
         if stage not in runs:
-            tmp = tmp_path_factory.mktemp(f"world-zero{stage}")
-            config = ds_config(tmp / "ds.json", stage, micro=4, accum=ACCUMULATION[2])
-            args = ("--model", str(initial_model), *WORLD_ARGS)
-            result = launch(train_args(config, small_data, tmp, "--run-name", "ref", *args))
-            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-            copy = interrupted_copy(tmp / "ref", tmp / "interrupted", 6)
-            resume = ("--run-name", "interrupted", "--resume", str(copy / "checkpoints" / "step-6"))
-            result = launch(train_args(config, small_data, tmp, *resume, *args), ranks=1)
-            runs[stage] = tmp / "ref", copy, result
+            ref, config = world_reference(stage)
+            copy = interrupted_copy(ref, ref.parent / "interrupted", 6)
+            resume = (
+                "--run-name",
+                "interrupted",
+                "--resume",
+                str(copy / "checkpoints" / "step-6"),
+                "--model",
+                str(initial_model),
+            )
+            result = launch(train_args(config, small_data, ref.parent, *resume, *WORLD_ARGS), ranks=1)
+            runs[stage] = ref, copy, result
         return runs[stage]
 
     return get
