@@ -9,7 +9,9 @@ are tools (`pipeline.tools`): this front door imports one only when its command 
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
+import gc
 import importlib
 import sys
 
@@ -19,6 +21,12 @@ from ..core.base import ConfigError
 from ..core.launch_file import read_launch_file
 from ..core.options import TrainConfig, add_train_options, command_settings, unknown_options_message
 from . import check, plan, plot
+
+# At exit the interpreter's last collections walk the millions of objects torch, DeepSpeed and
+# transformers made at import: 3-4 s per rank on a 2-core machine, 0.2 s with them frozen. The memory
+# goes back with the process; files and trackers are closed explicitly before. Registered at import,
+# so it runs after every exit handler registered later (atexit is last in, first out).
+atexit.register(gc.freeze)
 
 # Tool commands: (module in pipeline.tools, help). The module is imported only for its own command,
 # so `train` and the other runtime commands never load the tools.
