@@ -365,3 +365,44 @@ def test_export_of_an_export_or_a_mistyped_step_names_the_checkpoints_there(save
     finally:
         shutil.rmtree(partial)
     assert not (saved_run / "new").exists()
+
+
+def test_an_export_leaves_another_hosts_export_in_progress_alone(saved_run, tmp_path, capsys):
+    """Another login node's export to the same place, under this process's pid (pids repeat across
+    hosts), is building EXPORT.tmpPID: ours builds under a name of its own and neither deletes nor
+    trips over that one."""
+    import os
+
+    target = tmp_path / "export"
+    theirs = [target.with_name(f"export.{kind}{os.getpid()}") for kind in ("tmp", "old")]
+    for directory in theirs:
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(b"their half-written weights")
+    assert export_command(capsys, saved_run / "checkpoints" / "step-2", target)[0] == 0
+    assert read_json(target / MANIFEST)["export_of"]["step"] == 2
+    assert all((d / "model.safetensors").read_bytes() == b"their half-written weights" for d in theirs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", *(d.name for d in theirs)])
+
+
+@pytest.mark.slow
+def test_a_universal_conversion_leaves_another_jobs_conversion_alone(saved_run, tmp_path):
+    """Two jobs resuming one checkpoint on a new world size convert it at the same time: each builds
+    under its own name (the first one in place is used), and neither deletes the other's."""
+    from pipeline.checkpoint.checkpoints import to_universal
+
+    ckpt = tmp_path / "step-2"
+    shutil.copytree(saved_run / "checkpoints" / "step-2", ckpt)
+    theirs = tmp_path / "step-2.universal.tmp"
+    theirs.mkdir()
+    (theirs / "zero").mkdir()
+    target = to_universal(ckpt)
+    assert target == tmp_path / "step-2.universal" and (target / "zero").is_dir()
+    assert (theirs / "zero").is_dir()  # not deleted
+    # ours renamed into place (latest_universal is ds_to_universal's own marker)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest_universal",
+        "step-2",
+        "step-2.universal",
+        "step-2.universal.tmp",
+    ]
+    assert to_universal(ckpt) == target  # converted once

@@ -88,3 +88,21 @@ def test_the_installed_command_runs_from_the_users_directory_and_its_run_file_re
     again = zero_pipeline(str(run / "run.yaml"), "--run-name", "again")
     assert "lr 0.0005 (--learning-rate)" in again
     assert losses(tmp_path / "out" / "again") == losses(run) and len(losses(run)) == 4
+
+
+@pytest.mark.ranks
+def test_a_rank_imports_deepspeed_without_mlflow_and_can_still_track_with_it():
+    """DeepSpeed's autotuner imports mlflow when it is installed; a rank's DeepSpeed import leaves it
+    out (a new interpreter, as a rank starts), and mlflow still imports for a run that tracks with it."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, cpu_env
+
+    code = (
+        "import sys; from pipeline.cli.main import import_deepspeed; import_deepspeed(); "
+        "assert 'deepspeed' in sys.modules and 'mlflow' not in sys.modules, sorted(m for m in sys.modules if 'mlflow' in m); "
+        "import mlflow; print('mlflow', mlflow.__version__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("mlflow "), done.stderr[-2000:]

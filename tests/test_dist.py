@@ -11,11 +11,8 @@ from helpers import (
     cpu_env,
     deepspeed_command,
     ds_config,
-    launch,
     rank_processes,
-    read_jsonl,
     train_args,
-    write_jsonl,
 )
 
 pytestmark = pytest.mark.ranks  # every test here launches ranks or trains
@@ -80,18 +77,34 @@ def test_the_first_runs_op_build_is_announced(tmp_path, monkeypatch):
 
 
 def test_rank_0s_data_preparation_may_outlast_the_collective_timeout(small_data, tmp_path):
-    """20,000 records to read and tokenize take rank 0 longer than a 3 s collective timeout; the other
-    rank waits in main_first's own group (--rank0-wait-minutes) instead of failing."""
-    rows = read_jsonl(SAMPLE / "train.jsonl")
-    big = write_jsonl(tmp_path / "train.jsonl", [{**row, "text": f"{row['text']} 第{i}例"} for i, row in enumerate(rows * 5)])
-    config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
-    started = time.monotonic()
-    data = {"train": big, "dev": small_data["dev"]}
+    """Rank 0 held in its data preparation (the pause hook, while tokenizing) for twice the 3 s
+    collective timeout: the other rank waits in main_first's own group (--rank0-wait-minutes) instead
+    of failing, and the run trains to the end."""
+    config, marker, log = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2), tmp_path / "paused", tmp_path / "job.log"
     extra = ["--max-length", "64", "--max-steps", "2", "--eval-every", "0", "--dist-timeout-minutes", "0.05"]
-    result = launch(train_args(config, data, tmp_path, "run", *extra))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "data: train" in result.stdout and "(20000 records) -> built cache" in result.stdout
-    print(f"run with a 3 s collective timeout took {time.monotonic() - started:.0f} s")
+    env = {**cpu_env(), "PIPELINE_TEST_PAUSE_AT": f"tokenize:{marker}"}
+    job = subprocess.Popen(
+        deepspeed_command(train_args(config, small_data, tmp_path, "run", *extra)),
+        cwd=REPO,
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (marker.is_file() and marker.read_text()):  # rank 0's pid, once it holds
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        held = time.monotonic()
+        time.sleep(6)  # twice the collective timeout
+        assert job.poll() is None, log.read_text()[-3000:]
+        marker.unlink()
+        assert job.wait(timeout=180) == 0, log.read_text()[-3000:]
+        assert time.monotonic() - held > 6
+        assert "data: train" in log.read_text() and "built cache" in log.read_text()
+    finally:
+        if job.poll() is None:
+            job.kill()
 
 
 def test_a_streamed_stage_gets_its_total_estimated_from_the_share_of_the_file_read(tmp_path):

@@ -95,12 +95,14 @@ def test_a_second_ctrl_c_aborts(small_data, tmp_path):
     assert "stopped on request" not in console and not (tmp_path / "run" / "checkpoints").exists()
 
 
-def signal_at(job, tmp_path, marker) -> None:
-    """Wait until rank 0 pauses at the test hook's stage (PIPELINE_TEST_PAUSE_AT), send it SIGUSR1, let it go on."""
+def signal_at(job, tmp_path, marker, while_paused=lambda: None) -> None:
+    """Wait until rank 0 pauses at the test hook's stage (PIPELINE_TEST_PAUSE_AT), call `while_paused`,
+    send it SIGUSR1, let it go on."""
     deadline = time.monotonic() + 240
     while not (marker.is_file() and marker.read_text()):
         assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "console.txt").read_text()[-4000:]
         time.sleep(0.2)
+    while_paused()
     os.kill(int(marker.read_text()), signal.SIGUSR1)
     marker.unlink()
 
@@ -146,16 +148,25 @@ def test_a_stop_at_any_stage_ends_in_a_checkpoint_within_one_step_and_one_save(s
 
 def test_a_stop_while_rank_0_tokenizes_ends_the_preparation_at_once(small_data, tmp_path):
     """3,000 training records take three tokenizer batches: SIGUSR1 after the first ends the data
-    preparation there (not after the whole file), every rank exits 75, and no half-built cache is left."""
+    preparation there, every rank exits 75, and no half-built cache is left. Not after the whole
+    file: while rank 0 is held after the first batch the last record is rewritten, which reading on
+    to the end would refuse ("the file changed while it was read", exit 2)."""
     rows = read_jsonl(SAMPLE / "train.jsonl")
     big = write_jsonl(
         tmp_path / "big.jsonl", [{**row, "text": f"{row['text']} 第{i}例"} for i, row in enumerate((rows * 3)[:3000])]
     )
+
+    def rewrite_the_last_record():
+        data = big.read_bytes()
+        assert "第2999例".encode() in data[-500:]  # in the last record, far past the first batch's bytes
+        big.write_bytes(data.replace("第2999例".encode(), "第9999例".encode()))
+
     config, marker = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2), tmp_path / "paused"
     job = start(tmp_path, {**small_data, "train": big}, config, env={"PIPELINE_TEST_PAUSE_AT": f"tokenize:{marker}"})
-    signal_at(job, tmp_path, marker)
+    signal_at(job, tmp_path, marker, while_paused=rewrite_the_last_record)
     code = job.wait(timeout=240)
     console = (tmp_path / "console.txt").read_text()
     assert code == EXIT_STOPPED and "Traceback" not in console, console[-4000:]
+    assert "changed while it was read" not in console
     assert console.count("stopped on request during data preparation, before the first optimizer step: nothing to save") >= 1
     assert not list((tmp_path / "cache").glob("tokenized-big-*")), list((tmp_path / "cache").iterdir())

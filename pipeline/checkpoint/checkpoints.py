@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..core import dist
-from ..core.base import ConfigError, file_digest, write_json
+from ..core.base import ConfigError, file_digest, unique_suffix, write_json
 from ..core.stop import pause_for_test
 
 CHECKPOINTS = "checkpoints"
@@ -416,13 +416,13 @@ def prune(root: Path, keep: int, best_step: int | None) -> None:
 def to_universal(ckpt: Path) -> Path:
     """The checkpoint in DeepSpeed's universal format, which loads on any world size.
 
-    Converted once by `ds_to_universal` into a sibling directory (STEP.universal; built as .tmp
-    and renamed, so an interrupted conversion is redone, never used).
+    Converted once by `ds_to_universal` into a sibling directory (STEP.universal; built under a
+    name of this process's own and renamed, so an interrupted conversion is redone, never used, and
+    a conversion another job runs at the same time is left alone: the first one in place is used).
     """
     target = ckpt.with_name(ckpt.name + ".universal")
     if not target.is_dir():
-        tmp = ckpt.with_name(ckpt.name + ".universal.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = ckpt.with_name(f"{ckpt.name}.universal.tmp-{unique_suffix()}")
         # --inject_missing_state: the version marker Megatron-style clients store; ours has none.
         done = subprocess.run(
             [
@@ -443,8 +443,14 @@ def to_universal(ckpt: Path) -> Path:
             text=True,
         )
         if done.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"{ckpt}: conversion to DeepSpeed's universal format failed:\n{done.stderr[-2000:]}")
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another job's conversion got there first
+            if not target.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

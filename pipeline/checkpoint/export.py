@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import tasks
-from ..core.base import ConfigError, follow_umask, write_json
+from ..core.base import ConfigError, follow_umask, unique_suffix, write_json
 from ..tasks.base import Task
 from .checkpoints import (
     HF_DIR,
@@ -142,8 +142,9 @@ def export_checkpoint(ckpt: Path, export_dir: Path, overwrite: bool = False, thr
     check_export_target(export_dir, overwrite)
     verify_manifest(ckpt)
     config = AutoConfig.from_pretrained(ckpt / HF_DIR)
-    tmp = export_dir.with_name(f"{export_dir.name}.tmp{os.getpid()}")
-    old = export_dir.with_name(f"{export_dir.name}.old{os.getpid()}")
+    # Names of this process alone: another host's export to the same place may use the same pid.
+    suffix = unique_suffix()
+    tmp, old = export_dir.with_name(f"{export_dir.name}.tmp-{suffix}"), export_dir.with_name(f"{export_dir.name}.old-{suffix}")
     try:
         _write_export(ckpt, config, tmp, thresholds or read_json(ckpt / STATE).get("thresholds"))
         if export_dir.exists():
@@ -151,7 +152,7 @@ def export_checkpoint(ckpt: Path, export_dir: Path, overwrite: bool = False, thr
         os.replace(tmp, export_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)  # a file it cannot delete yet (NFS) leaves EXPORT.oldPID, never a gap
+    shutil.rmtree(old, ignore_errors=True)  # a file it cannot delete yet (NFS) leaves EXPORT.old-SUFFIX, never a gap
     return export_dir
 
 

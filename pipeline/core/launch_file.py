@@ -15,11 +15,9 @@ import dataclasses
 import json
 import os
 import re
-import secrets
-import socket
 from pathlib import Path
 
-from .base import ConfigError
+from .base import ConfigError, unique_suffix
 from .options import TrainConfig
 
 # Characters a shell takes literally, and that DeepSpeed's runner passes on unquoted.
@@ -29,7 +27,7 @@ SHELL_PLAIN = re.compile(r"[\w@%+=:,./-]+")
 def write_launch_file(directory: Path, command: str, cfg: TrainConfig, env: dict[str, str]) -> Path:
     """A new launch file in `directory` for `command` (train or pretrain), mode 0600 from its creation."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f".launch-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.json"
+    path = directory / f".launch-{unique_suffix()}.json"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump({"command": command, "config": dataclasses.asdict(cfg), "env": env}, f, ensure_ascii=False)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import tasks
-from ..core.base import ConfigError, close_new_files, free_port, load_json, read_utf8, unknown_key_message
+from ..core.base import ConfigError, close_new_files, free_port, load_json, read_utf8, unique_suffix, unknown_key_message
 from ..core.ds_config import Hardware, resolve_ds_config
 from ..core.launch_file import SHELL_PLAIN, write_launch_file
 from ..core.options import (
@@ -609,7 +609,7 @@ def launch(args: argparse.Namespace, cfg: TrainConfig, scratch: Path) -> int:
         f"launch: ranks use {'CUDA (NCCL)' if accelerator == 'cuda' else 'DeepSpeed CPU accelerator (gloo)'} "
         f"on {len(hosts)} host(s): DS_ACCELERATOR={accelerator}"
     )
-    stop_file = Path(cfg.output_dir) / f".stop-request-{os.getpid()}"  # on the shared file system, seen by rank 0
+    stop_file = Path(cfg.output_dir) / f".stop-request-{unique_suffix()}"  # on the shared file system, seen by rank 0
     runner_env, startup, carried = split_env({**rank_env(args, env, accelerator), STOP_FILE: str(stop_file)}, dict(os.environ))
     launch_file = write_launch_file(Path(cfg.output_dir), args.command, cfg, carried)
     try:
