@@ -406,3 +406,39 @@ def test_a_universal_conversion_leaves_another_jobs_conversion_alone(saved_run, 
         "step-2.universal.tmp",
     ]
     assert to_universal(ckpt) == target  # converted once
+
+
+def test_the_best_checkpoint_goes_into_zero3_partitions_one_parameter_at_a_time(one_rank, tmp_path, monkeypatch):
+    """load_weights (early stopping's best checkpoint, in finish) gathers one ZeRO-3 parameter at a
+    time, never the whole model as engine.load_module_state_dict(fetch_z3_params=True) does, and
+    leaves exactly the checkpoint's weights in the partitions; a model the weights do not fit is
+    refused before any collective."""
+    import deepspeed
+    from helpers import setup_run
+
+    from pipeline.checkpoint.checkpoints import consolidated_fp32_state_dict, load_weights, weights_for
+
+    run = setup_run(one_rank, tmp_path, stage=3, max_steps=2, save_every=1)  # saves step 1 (finish saves the last)
+    run.train()
+    params = dict(run.engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        last = {name: param.detach().clone() for name, param in params.items()}
+    ckpt = tmp_path / "run" / "checkpoints" / "step-1"
+    gathered, enter = [], deepspeed.zero.GatheredParameters.__enter__
+
+    def counting_enter(self):
+        gathered.append(len(self.params) if self.enabled else 0)
+        return enter(self)
+
+    monkeypatch.setattr(deepspeed.zero.GatheredParameters, "__enter__", counting_enter)
+    run.engine.empty_partition_cache()  # every parameter back in its partition, as in a big model's run
+    load_weights(run.engine, ckpt)
+    monkeypatch.undo()
+    assert max(gathered) == 1 and len(gathered) == len(params)
+    step_1 = consolidated_fp32_state_dict(ckpt)
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        for name, param in params.items():
+            assert torch.equal(param.detach(), step_1[name]), name
+    assert any(not torch.equal(step_1[name], last[name]) for name in params)  # step 1's were not there already
+    with pytest.raises(CheckpointError, match=r"its weights do not fit this model: .*\['bias', 'weight'\]"):
+        weights_for(torch.nn.Linear(2, 2), ckpt)

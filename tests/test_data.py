@@ -11,7 +11,7 @@ from helpers import SAMPLE, read_jsonl, write_jsonl
 from pipeline import tasks
 from pipeline.core.base import ConfigError, file_digest
 from pipeline.core.options import TrainConfig
-from pipeline.data.batching import RankMicroBatches, epoch_global_batches
+from pipeline.data.batching import RankMicroBatches, epoch_global_batches, pinned_for, pins_memory
 from pipeline.data.cache import Split, TokenizedSplit, cache_info, load_tokenized, prepare_splits, read_split, tokenize_cached
 from pipeline.data.readers import iter_records
 from pipeline.data.reading import Reading
@@ -492,6 +492,17 @@ def test_a_position_beyond_the_epoch_is_an_error_not_an_empty_epoch():
     assert len(RankMicroBatches(256, 4, 2, 2, 0, seed=0, epoch=0, start_step=15)) == 2
     with pytest.raises(ValueError, match="start step 16 is outside the epoch's 16 optimizer steps"):
         RankMicroBatches(256, 4, 2, 2, 0, seed=0, epoch=0, start_step=16)
+
+
+def test_training_batches_are_pinned_only_for_a_cuda_device():
+    """Pinned batches let a GPU run's host-to-device copies go without waiting for the GPU; on the
+    CPU pinning would only be an extra copy."""
+    assert pins_memory("cuda:3") and pins_memory(torch.device("cuda", 0))
+    assert not pins_memory("cpu") and not pins_memory(torch.device("cpu"))
+    batches = [{"input_ids": torch.ones(2, 3, dtype=torch.int64)}]
+    assert pinned_for("cpu", batches) is batches
+    with pytest.raises(RuntimeError, match="accelerator"):  # it pins: this CPU build of torch cannot
+        next(iter(pinned_for("cuda:0", batches)))
 
 
 def test_epoch_order_is_seeded_and_drops_the_short_last_window():

@@ -29,9 +29,18 @@ def forward_count(run: Run) -> list[int]:
 
 
 def test_one_optimizer_step_per_accumulation_window(one_rank, tmp_path):
-    run = setup_run(one_rank, tmp_path, micro=2, accum=4, max_steps=3)
+    """Also with class weights: the weighted loss is built once, its weights already on the engine's
+    device (logits elsewhere are refused, not met by a copy of the weights at every micro-batch)."""
+    import torch
+
+    run = setup_run(one_rank, tmp_path, micro=2, accum=4, max_steps=3, class_weights="balanced")
     calls = forward_count(run)
     run.train()
+    assert run.loss_fn is run.loss_fn
+    logits, labels = torch.zeros(2, len(run.data.label_names)), torch.tensor([0, 1])
+    assert run.loss_fn(logits.to(run.engine.device), labels).item() > 0
+    with pytest.raises(RuntimeError, match="device"):
+        run.loss_fn(logits.to("meta"), labels.to("meta"))
     assert calls[0] == 3 * 4  # every micro-batch through the engine, none more
     assert (run.state.optimizer_step, run.engine.global_steps, run.state.applied_steps) == (3, 3, 3)
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")

@@ -530,12 +530,40 @@ def load_weights(engine, ckpt: Path) -> None:
     """Put a complete checkpoint's weights into the live engine (every rank), to evaluate them.
 
     Consolidated from its ZeRO shards as the export is, so any stage and any world size will do
-    (also a checkpoint saved before a resume on another world size); under ZeRO-3 DeepSpeed gathers
-    each partitioned parameter and scatters rank 0's values. Only the module changes: the optimizer
-    keeps the last step's state, so this is for after training.
+    (also a checkpoint saved before a resume on another world size). Only rank 0 reads them, and
+    lazily: under ZeRO-3 each parameter is assembled from the shards as it is copied
+    (zero_to_fp32's lazy mode), under ZeRO-1/2 zero_to_fp32 concatenates the fp32 partitions once.
+    The parameters go in one at a time: under ZeRO-3 each is gathered, set on rank 0 and partitioned
+    again from rank 0's values (GatheredParameters with modifier_rank=0), so no GPU holds more than
+    one whole parameter beyond its partitions; below ZeRO-3 every rank holds it whole and rank 0's
+    is broadcast. Buffers are not trained and stay the engine's. Only the module changes: the
+    optimizer keeps the last step's state, so this is for after training.
     """
-    dist.main_first(lambda: verify_manifest(ckpt))
-    engine.load_module_state_dict({"module": consolidated_fp32_state_dict(ckpt)}, fetch_z3_params=True)
+    import deepspeed
+    import torch.distributed as td
+
+    saved = {}
+    dist.main_first(lambda: saved.update(weights_for(engine.module, ckpt)))  # an error reaches every rank
+    with torch.no_grad():
+        for name, param in engine.module.named_parameters():  # the same order on every rank
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # no-op below ZeRO-3
+                if dist.is_main():
+                    param.data.copy_(saved[name].contiguous())
+            if not hasattr(param, "ds_id"):  # not a ZeRO-3 parameter: rank 0's values to the others
+                td.broadcast(param.data.view(-1).view(torch.uint8), src=0)  # as bytes, as DeepSpeed does: any dtype
+
+
+def weights_for(module, ckpt: Path) -> dict:
+    """Rank 0's: `ckpt`'s fp32 weights (lazy, see load_weights), verified and checked against
+    `module`'s parameters before any collective copies them."""
+    verify_manifest(ckpt)
+    saved = fp32_state_dict(ckpt, lazy=True)
+    wanted = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters()}
+    found = {name: tuple(saved[name].shape) for name in wanted if name in saved}
+    if found != wanted:
+        differ = sorted(name for name in wanted if found.get(name) != wanted[name])
+        raise CheckpointError(f"{ckpt}: its weights do not fit this model: missing or other shapes for {differ[:5]}")
+    return saved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,11 +571,17 @@ def load_weights(engine, ckpt: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def consolidated_fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a ZeRO checkpoint directory (one tag), any original world size."""
+def fp32_state_dict(ckpt: Path, lazy: bool = False) -> dict:
+    """fp32 weights from a ZeRO checkpoint directory (one tag), any original world size; `lazy`:
+    zero_to_fp32's lazy mode (ZeRO-3 values assembled by `.contiguous()`)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # zero_to_fp32 prints its progress unconditionally; keep the console to our own lines.
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    return {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=lazy)
+
+
+def consolidated_fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights, each its own tensor (ZeRO-1/2's are views of one vector; safetensors
+    refuses shared memory)."""
+    return {name: tensor.detach().clone().contiguous() for name, tensor in fp32_state_dict(ckpt).items()}

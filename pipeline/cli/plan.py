@@ -5,11 +5,26 @@ memory less a safety margin (CUDA context, allocator fragmentation, temporaries)
 - Model states: DeepSpeed's own estimators (the functions behind
   `estimate_zero2/3_model_states_mem_needs_all_cold`): 16-bit weights and gradients, fp32 master
   weights and Adam moments, i.e. 2P + 18P/N bytes for ZeRO-2, 4 x largest layer + 18P/N for ZeRO-3.
+  DeepSpeed has none for ZeRO-1; by the same count (its estimator's 18 = 2 for 16-bit gradients +
+  16 for fp32 gradients, master weights and moments, stage_1_and_2.py:4029-4031) ZeRO-1, which keeps
+  the 16-bit gradients whole, needs 4P + 16P/N.
 - Activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
   Models"), per layer s*b*(15h + 4i) + 5*a*s^2*b bytes in 16-bit without recomputation, i = the MLP
-  width (34*s*b*h + 5*a*s^2*b for i = 4h). The s^2 term is eager attention; fused SDPA kernels
-  keep less, so this is an upper bound there.
+  width (34*s*b*h + 5*a*s^2*b for i = 4h). The s^2 term is eager attention's (the softmax, its
+  dropout mask and output). The model's own attention is what counts: transformers 5 gives BERT
+  and most models SDPA unless told otherwise (modeling_utils.py:1856, get_correct_attn_implementation),
+  whose fused kernels (memory-efficient, flash) keep their output and a logsumexp per head and
+  position instead, 2*s*b*h + 4*a*s*b bytes, and recompute the scores in backward. (SDPA's math
+  fallback, e.g. bf16 below compute capability 8.0, keeps the s^2 matrices; training refuses bf16 there.)
+- Communication buckets: with overlap_comm DeepSpeed holds about 4.5x the reduce and allgather
+  bucket sizes (Hugging Face's DeepSpeed guide: 5e8-element buckets cost 9 GB; DeepSpeed
+  double-buffers the reduce bucket, stage_1_and_2.py:3262-3278).
 - The parameter count comes from building the model on the meta device: no weights are allocated.
+
+Strategies run from ZeRO-1 up: the lowest stage that fits communicates least (DeepSpeed's autotuner
+found ZeRO-1 ~9% faster than ZeRO-2 for BERT-large). ZeRO-0 is not offered: training refuses it
+(core/ds_config.py: the export is consolidated from ZeRO shards), and ZeRO-1 keeps plain data
+parallelism's communication volume (the ZeRO paper's P_os, Rajbhandari et al. 2020) in less memory.
 """
 
 from __future__ import annotations
@@ -23,7 +38,9 @@ from ..core.base import ConfigError, load_json
 
 GIB = 1024**3
 BUCKET = int(5e7)  # reduce/allgather/prefetch bucket elements in the configs written here (DeepSpeed's default is 5e8)
-STRATEGIES = ("zero2", "zero3", "zero3_offload")
+OVERLAP_COMM_FACTOR = 4.5  # overlap_comm's memory in bucket sizes (module docstring)
+STRATEGIES = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}  # name: ZeRO stage
+WHOLE = {"zero0": 18, "zero1": 2, "zero2": 0}  # of ZeRO-2's 18 partitioned bytes per parameter, those kept whole
 
 
 @dataclass(frozen=True)
@@ -34,6 +51,7 @@ class ModelShape:
     intermediate: int
     layers: int
     heads: int
+    attention: str = "sdpa"  # the model's attention implementation (config._attn_implementation)
 
 
 def model_shape(model: str) -> ModelShape:
@@ -58,6 +76,7 @@ def model_shape(model: str) -> ModelShape:
         getattr(config, "intermediate_size", 4 * hidden),
         config.num_hidden_layers,
         config.num_attention_heads,
+        net.config._attn_implementation,  # as transformers resolved it for this model, as in training
     )
 
 
@@ -68,7 +87,8 @@ def activation_bytes(shape: ModelShape, micro: int, seq: int, bytes_per_value: i
     terms) each layer keeps only its input, s*b*h values, and one layer's activations are rebuilt
     at a time during backward."""
     s, b, h, i, a = seq, micro, shape.hidden, shape.intermediate, shape.heads
-    per_layer = s * b * (15 * h + 4 * i) + 5 * a * s * s * b  # bytes at 2 bytes per value
+    scores = 5 * a * s * s * b if shape.attention == "eager" else 2 * s * b * h + 4 * a * s * b  # module docstring
+    per_layer = s * b * (15 * h + 4 * i) + scores  # bytes at 2 bytes per value
     kept = shape.layers * 2 * s * b * h + per_layer if recompute else shape.layers * per_layer
     return int(kept * bytes_per_value / 2)
 
@@ -78,8 +98,9 @@ def model_state_bytes(shape: ModelShape, strategy: str, nodes: int, gpus_per_nod
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    if strategy == "zero2":
+    if strategy in WHOLE:
         cpu, gpu = estimate_zero2_model_states_mem_needs(shape.params, gpus_per_node, nodes, cpu_offload=False)
+        gpu += int(WHOLE[strategy] * shape.params * (1 - 1 / (nodes * gpus_per_node)))
     else:
         offload = strategy == "zero3_offload"
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
@@ -126,7 +147,7 @@ def plan(
     options = []
     for strategy in STRATEGIES:
         states, cpu = model_state_bytes(shape, strategy, nodes, gpus_per_node)
-        buffers = 2 * BUCKET * 2  # a reduce bucket and an allgather/prefetch bucket of 16-bit values
+        buffers = int(OVERLAP_COMM_FACTOR * 2 * BUCKET * 2)  # a reduce and an allgather/prefetch bucket, 16-bit
         room = budget - states - buffers
         per_sample = activation_bytes(shape, 1, seq, recompute=recompute)
         max_micro = max(0, int(room // per_sample))
@@ -156,14 +177,14 @@ def recommend(options: list[Option]) -> Option | None:
 def ds_config_for(option: Option, global_batch: int, lr: float) -> dict:
     """A DeepSpeed JSON for `option`: the global batch fixed, accumulation derived at run time."""
     zero = {
-        "stage": 2 if option.strategy == "zero2" else 3,
+        "stage": STRATEGIES[option.strategy],
         "overlap_comm": True,
         "contiguous_gradients": True,
         "reduce_bucket_size": BUCKET,
         "allgather_bucket_size": BUCKET,
     }
-    if option.strategy != "zero2":
-        del zero["allgather_bucket_size"]  # a stage-2 setting
+    if STRATEGIES[option.strategy] == 3:
+        del zero["allgather_bucket_size"]  # a stage-1/2 setting
         zero.update(stage3_prefetch_bucket_size=BUCKET, stage3_param_persistence_threshold=int(1e5))
     if option.strategy == "zero3_offload":
         zero.update(offload_optimizer={"device": "cpu", "pin_memory": True}, offload_param={"device": "cpu", "pin_memory": True})
@@ -211,7 +232,7 @@ def memory_for_config(model: str, ds: dict, nodes: int, gpus_per_node: int, seq:
     shape = model_shape(model)
     zero = ds.get("zero_optimization") or {}
     offloaded = (zero.get("offload_param") or {}).get("device", "none") != "none"
-    strategy = "zero2" if zero.get("stage", 0) < 3 else "zero3_offload" if offloaded else "zero3"
+    strategy = f"zero{zero.get('stage', 0)}" if zero.get("stage", 0) < 3 else "zero3_offload" if offloaded else "zero3"
     states, _ = model_state_bytes(shape, strategy, nodes, gpus_per_node)
     micro = ds["train_micro_batch_size_per_gpu"]
     acts = activation_bytes(shape, micro, seq, 2 if ds["fp16"]["enabled"] or ds["bf16"]["enabled"] else 4)
@@ -234,7 +255,7 @@ def run_plan(args) -> int:
         f"({args.margin:.0%} margin)"
     )
     print(
-        f"activations: {_gib(activation_bytes(shape, 1, args.seq_len, recompute=recompute))} per sample (16-bit, "
+        f"activations: {_gib(activation_bytes(shape, 1, args.seq_len, recompute=recompute))} per sample (16-bit, {shape.attention} attention, "
         f"{'gradient checkpointing: each layer keeps its input only' if recompute else 'no recomputation'})"
     )
     print(
@@ -267,7 +288,7 @@ def run_plan(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plan", help="per-GPU memory for ZeRO-2/3/3+offload, the largest micro batch, a DeepSpeed JSON")
+    p = sub.add_parser("plan", help="per-GPU memory for ZeRO-1/2/3/3+offload, the largest micro batch, a DeepSpeed JSON")
     p.add_argument("--model", required=True, help="model directory or config.json (weights are not loaded)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)

@@ -108,3 +108,23 @@ def train_batches(
     lengths = split.lengths if group_by_length else None
     for indices in RankMicroBatches(len(split), micro, accum, world, rank, seed, epoch, start_step, lengths):
         yield split.batch(indices, epoch)
+
+
+def pins_memory(device) -> bool:
+    """Whether batches for `device` are built in pinned (page-locked) memory: only for a CUDA device.
+
+    From pinned memory a `.to(device, non_blocking=True)` is one cudaMemcpyAsync on the stream;
+    from pageable memory torch copies with memcpy_and_sync, which waits for everything queued on
+    the GPU (the previous micro-batch's backward) before each batch (aten/src/ATen/native/cuda/
+    Copy.cu, copy_kernel_cuda; c10/cuda/CUDAFunctions.h:79-109). On the CPU there is no copy to
+    overlap, and torch's DataLoader drops pin_memory without an accelerator (dataloader.py:656-665)."""
+    import torch
+
+    return torch.device(device).type == "cuda"
+
+
+def pinned_for(device, batches):
+    """`batches` (dicts of tensors) in pinned memory where `device` gains from it, else as they are."""
+    if not pins_memory(device):
+        return batches
+    return ({key: value.pin_memory() for key, value in batch.items()} for batch in batches)

@@ -182,7 +182,7 @@ class Task:
     config_label_names: Callable = config_label_names  # saved config.json -> label names (predict, export)
     classes_of: Callable = lambda label: [label]  # a parsed label -> the label names it counts toward (data)
     balanced_weights: Callable | None = None  # (training label counts, records, names) -> a weight per label
-    weighted_loss: Callable | None = None  # weights tensor -> (logits, labels) -> the micro-batch's mean loss
+    weighted_loss: Callable | None = None  # weights on the logits' device -> (logits, labels) -> the micro-batch's mean loss
     thresholds: Callable = lambda labels, scores, names, setting: None  # -> {label: threshold} or None
     initial_bias: Callable | None = None  # (training targets, class weights or None) -> the output layer's starting bias
     details: Callable = recall_per_class  # metrics -> what the console shows after the summary line

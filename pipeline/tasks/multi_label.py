@@ -97,7 +97,7 @@ def weighted_bce(weights):
     def loss(logits, labels):
         import torch.nn.functional as F
 
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=weights.to(logits.device))
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=weights)
 
     return loss
 

@@ -76,7 +76,7 @@ def weighted_cross_entropy(weights):
     def loss(logits, labels):
         import torch.nn.functional as F
 
-        return F.cross_entropy(logits.float(), labels, weight=weights.to(logits.device), reduction="none").mean()
+        return F.cross_entropy(logits.float(), labels, weight=weights, reduction="none").mean()
 
     return loss
 

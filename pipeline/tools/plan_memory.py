@@ -97,6 +97,7 @@ def measure(
         4 * hidden,
         layers,
         heads,
+        model.config._attn_implementation,  # eager, as built above: measured with the s^2 term
     )
     ds = {
         "train_micro_batch_size_per_gpu": micros[0],

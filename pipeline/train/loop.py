@@ -12,7 +12,7 @@ import torch
 from ..core import dist
 from ..core.base import ConfigError
 from ..core.stop import Stopped, StopRequests, pause_for_test
-from ..data.batching import train_batches
+from ..data.batching import pinned_for, train_batches
 from .evaluate import to_device
 
 
@@ -187,7 +187,7 @@ def train_loop(run) -> None:
     world, global_batch = dist.world_size(), engine.train_batch_size()
     fp16 = engine.fp16_enabled()
     poison_step = int(os.environ.get(NAN_AT_STEP, 0))
-    loss_fn = run.loss_fn  # built once: the class weights do not change during training
+    loss_fn = run.loss_fn  # built once, its class weights on the device: they do not change during training
     window = WindowTotals(engine.device)
     stats, started, at_min_scale = {"data_wait": 0.0}, time.perf_counter(), 0
     engine.train()
@@ -199,6 +199,7 @@ def train_loop(run) -> None:
         batches = train_batches(
             run.data.splits["train"], micro, accum, world, dist.rank(), cfg.seed, epoch, state.step_in_epoch, cfg.group_by_length
         )
+        batches = pinned_for(engine.device, batches)  # to_device then copies without waiting for the GPU
         epoch_tokens = [0.0, 0.0]  # real, computed: this run's steps of the epoch
         for batch in timed(batches, stats):
             batch = to_device(batch, engine.device)

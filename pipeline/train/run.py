@@ -23,6 +23,7 @@ import stat
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -226,12 +227,14 @@ class Run:
     def steps_per_epoch(self) -> int:
         return self.ds.steps_per_epoch
 
-    @property
+    @cached_property
     def loss_fn(self):
-        """The class-weighted loss, or None for the model's own."""
+        """The class-weighted loss, or None for the model's own; its weights are put on the engine's
+        device once, here, not copied there at every micro-batch."""
         if not self.state.class_weights:
             return None
-        return self.task.weighted_loss(torch.tensor(list(self.state.class_weights.values()), dtype=torch.float32))
+        weights = torch.tensor(list(self.state.class_weights.values()), dtype=torch.float32, device=self.engine.device)
+        return self.task.weighted_loss(weights)
 
     @classmethod
     def setup(cls, cfg: TrainConfig) -> Run:
