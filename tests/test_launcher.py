@@ -495,6 +495,9 @@ def test_user_strings_and_secrets_reach_the_ranks_in_the_launch_file_not_on_a_co
     assert seen["startup"]["LD_LIBRARY_PATH"] == "/opt/cuda/lib64" and "MLFLOW_TRACKING_PASSWORD" not in seen["startup"]
     assert seen["env"]["WANDB_API_KEY"] == "wandb-secret-1"  # not exported by the runner: it stays where it is
     assert seen["cmd"][seen["cmd"].index("--master_port") + 1] == "29500"  # the rendezvous is on node1, not here
+    # The runner starts in the launch file's directory: a relative hostfile would not be found there,
+    # and DeepSpeed's runner then only warns and trains on this machine's resources.
+    assert seen["cmd"][seen["cmd"].index("--hostfile") + 1] == str(tmp_path / "nodes")
 
 
 def test_a_launch_on_this_machine_takes_a_free_port_and_master_port_still_chooses(tmp_path, monkeypatch, handed_over):

@@ -545,6 +545,9 @@ def run(argv: list[str]) -> int:
     close_new_files(cfg.file_access)  # the output and cache directories, the rank logs, the launch file
     args.ds_config = cfg.ds_config
     args.rank_logs = os.path.abspath(args.rank_logs) if args.rank_logs else ""
+    # The runner starts in the launch file's directory, where a relative hostfile is not found (its
+    # runner then only warns, and trains on this machine).
+    args.hostfile = os.path.abspath(args.hostfile) if args.hostfile else args.hostfile
     for line in check_inputs(cfg):
         print(f"launch: {line}")
     with tempfile.TemporaryDirectory(prefix="zero-pipeline-launch-") as scratch:
