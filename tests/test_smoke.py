@@ -1,6 +1,6 @@
 """`zero-pipeline smoke` (pipeline/tools/smoke.py): bad input refused in one line before any rank starts,
 the JUnit file, the CPU run each shipped and real-world config maps to, the configs CPU ranks cannot
-train; two launched smoke runs of the installed command, one per most different CPU run."""
+train; one launched smoke run of the installed command, the shipped config most unlike the README's."""
 
 import json
 import subprocess
@@ -18,7 +18,7 @@ from pipeline.tools import smoke
 SMALL = REPO / "ds_configs" / "small_zero2.json"
 LOCALHOST = REPO / "hostfiles" / "localhost"
 V100X8 = REPO / "hostfiles" / "v100x8"
-FULL_OFFLOAD_BF16 = WILD / "axolotl-ai-cloud__axolotl__deepspeed_configs__zero3_bf16_cpuoffload_all.json"
+ZERO3_OFFLOAD = REPO / "ds_configs" / "v100x8_fp16_zero3_offload.json"
 
 
 @pytest.fixture(autouse=True)
@@ -111,24 +111,22 @@ def cpu_runs(tmp_path: Path) -> dict[smoke.CpuRun, list[str]]:
     return runs
 
 
-# What each launched smoke run below stands for: the configs whose CPU run is the same. The other
-# CPU runs (`cpu_runs`: 15 in all) are not launched, to keep CI's budget (an open item, docs/ci.md).
-LAUNCHED = {
-    "small_zero2.json": ["small_zero2.json", "v100x8_fp16_zero2.json"],
-    FULL_OFFLOAD_BF16.name: [FULL_OFFLOAD_BF16.name, "hiyouga__LLaMA-Factory__examples__deepspeed__ds_z3_offload_config.json"],
-}
+# The one launched smoke run (CI's budget allows one: about 100 s on 2 shared cores) and the
+# configs whose CPU run it is. small_zero2.json's run (the README's command) was launched by hand;
+# the other 13 of the 15 CPU runs are not launched by the tests (open, docs/ci.md).
+LAUNCHED = ZERO3_OFFLOAD.name
+STANDS_FOR = [ZERO3_OFFLOAD.name]
 
 
-def test_every_shipped_and_trainable_real_world_config_passes_the_config_check_and_the_launches_stand_for_theirs(tmp_path):
+def test_every_shipped_and_trainable_real_world_config_passes_the_config_check_and_the_launch_stands_for_its_run(tmp_path):
     runs = cpu_runs(tmp_path)
-    stands_for = {names[0] if names[0] in LAUNCHED else name: names for names in runs.values() for name in names}
-    for launched, configs in LAUNCHED.items():
-        assert sorted(stands_for[launched]) == sorted(configs), launched
-    launched_runs = [run for run, names in runs.items() if set(names) & set(LAUNCHED)]
-    assert len(launched_runs) == 2 and len(runs) == 15, runs
-    # The two differ in stage, offload, precision and accumulation.
-    a, b = launched_runs
-    assert (a.stage, a.offload, a.precision, a.accumulates) != (b.stage, b.offload, b.precision, b.accumulates)
+    assert len(runs) == 15, runs
+    (launched,) = [run for run, names in runs.items() if LAUNCHED in names]
+    assert runs[launched] == STANDS_FOR
+    # As different as it gets from the README's small_zero2.json: ZeRO-3, everything offloaded.
+    (readme,) = [run for run, names in runs.items() if "small_zero2.json" in names]
+    assert (launched.stage, readme.stage, readme.offload) == (3, 2, ())
+    assert launched.offload == ("optimizer -> cpu", "parameters -> cpu") and launched.accumulates
 
 
 @pytest.mark.parametrize(
@@ -178,30 +176,26 @@ def run_smoke(tmp_path: Path, *args: str) -> list[str]:
 
 
 @pytest.mark.ranks
-def test_smoke_passes_on_the_readme_config(tmp_path):
-    """The README's command: small_zero2.json (ZeRO-2, accumulation 2, fp16 as fp32, AdamW and
-    WarmupDecayLR filled in), the bundled sample; stands for LAUNCHED's configs of its CPU run."""
-    lines = run_smoke(tmp_path, "--ds-config", str(SMALL), "--hostfile", str(LOCALHOST))
-    config, data, train, resume, export = lines[:5]
-    assert "2 ranks on 1 node(s)" in config and "the first 128 records" in data
-    assert "fp16 as fp32 (DeepSpeed's CPU accelerator has no fp16)" in train and "checkpoints at steps 2 and 4" in train
-    assert "steps 3-4 equal the uninterrupted run's" in resume
-    assert "consolidated and verified" in export and '"label":' in export
-
-
-@pytest.mark.ranks
-def test_smoke_on_a_teams_csv_with_its_own_columns_and_the_most_different_config(tmp_path):
-    """ZeRO-3 with optimizer and parameters offloaded, bf16, no accumulation (axolotl's config for
-    8 A100s, micro batch 4 filled as HF's Trainer would) on a CSV whose columns are `note` and
-    `diagnosis`, its first 24 records; the JUnit file lists five passing checks."""
-    records = read_jsonl(SAMPLE / "train.jsonl")[:60]
+def test_smoke_of_a_shipped_zero3_offload_config_on_a_teams_csv_with_its_own_columns(tmp_path):
+    """The installed command on v100x8_fp16_zero3_offload.json for 8 V100s (ZeRO-3, optimizer and
+    parameters offloaded, 8 per rank x 4 accumulation, fp16 as fp32 on the CPU ranks) and a CSV whose
+    columns are `note` and `diagnosis`, its first 192 records (3 steps an epoch: the resume starts
+    mid-epoch); five ok lines, and the JUnit file lists five passing checks."""
+    records = read_jsonl(SAMPLE / "train.jsonl")[:300]
     csv = tmp_path / "sample.csv"
     rows = ['"{}",{}'.format(r["text"].replace('"', '""'), r["label"]) for r in records]
     csv.write_text("note,diagnosis\n" + "\n".join(rows) + "\n", encoding="utf-8")
     junit = tmp_path / "smoke.xml"
-    common = ["--hostfile", str(V100X8), "--gpu", "a100", "--micro-batch", "4", "--junit", str(junit)]
-    data = ["--train-file", str(csv), "--text-column", "note", "--label-column", "diagnosis", "--records", "24"]
-    lines = run_smoke(tmp_path, "--ds-config", str(FULL_OFFLOAD_BF16), *common, *data)
-    assert f"the first 24 records of {csv} (columns note, diagnosis" in lines[1]
-    assert "ZeRO stage 3, offload optimizer -> cpu, parameters -> cpu, bf16" in lines[2]
+    hosts = ["--ds-config", str(ZERO3_OFFLOAD), "--hostfile", str(V100X8), "--gpu", "v100", "--junit", str(junit)]
+    data = ["--train-file", str(csv), "--text-column", "note", "--label-column", "diagnosis", "--records", "192"]
+    config, data_line, train, resume, export = run_smoke(tmp_path, *hosts, *data)[:5]
+    assert "8 per rank x 4 accumulation x 8 ranks = 256" in config and "fp16 on V100" in config
+    assert f"the first 192 records of {csv} (columns note, diagnosis" in data_line
+    assert "8 per rank x 4 accumulation x 2 ranks (the hosts: 8) = 64 per step" in train
+    assert (
+        "ZeRO stage 3, offload optimizer -> cpu, parameters -> cpu, fp16 as fp32 (DeepSpeed's CPU accelerator has no fp16)"
+        in train
+    )
+    assert "steps 3-4 equal the uninterrupted run's" in resume
+    assert "consolidated and verified" in export and '"label":' in export
     assert junit_cases(junit) == dict.fromkeys(smoke.CHECKS, "ok")

@@ -120,7 +120,7 @@ class CpuRun:
 
     stage: int
     offload: tuple[str, ...]
-    precision: str  # as the hosts run it, then on the CPU ranks
+    precision: str  # the CPU ranks', and the hosts' where it differs ("fp16 as fp32 ...")
     optimizer: str
     scheduler: str
     accumulates: bool
@@ -274,9 +274,12 @@ class Smoke:
         )
 
     def export(self) -> str:
+        from transformers.utils import logging as hf_logging
+
         from ..checkpoint.export import export_checkpoint
         from ..cli.predict import predict
 
+        hf_logging.disable_progress_bar()  # "Loading weights" bars between the checks' lines
         ckpt = self.run_dir / "checkpoints" / f"step-{STEPS}"
         export_dir = export_checkpoint(ckpt, self.out / "export")
         (row,) = predict(str(export_dir), [self.records[0][self.args.text_column]], device="cpu")
@@ -389,7 +392,7 @@ def output_dir(path: str) -> Path:
     """--output-dir, new or empty (the run in it must be this smoke's), or a new temporary directory."""
     if not path:
         return Path(tempfile.mkdtemp(prefix="zero-pipeline-smoke-"))
-    out = Path(path)
+    out = Path(path).resolve()  # the launcher runs deepspeed's runner in the run's directory
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--output-dir {path}: not an empty directory; the smoke writes a fresh run there")
     out.mkdir(parents=True, exist_ok=True)
