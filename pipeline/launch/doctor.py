@@ -193,6 +193,13 @@ def network_problems(facts: dict, ifnames: dict[str, str], ranks: int, multi_hos
     return found
 
 
+def counted(facts: dict) -> str:
+    """A host's GPU count and who counted it: torch sees only the GPUs CUDA_VISIBLE_DEVICES leaves it."""
+    if facts.get("gpu_source") == "torch":
+        return f"{facts['gpus']} GPUs (counted by torch: no nvidia-smi there; CUDA_VISIBLE_DEVICES narrows torch's count)"
+    return f"{facts['gpus']} GPUs"
+
+
 def choose_accelerator(requested: str, facts: dict[str, dict], hosts: dict[str, int]) -> tuple[str, list[str]]:
     """The accelerator every rank uses, from what each host has; with the problems that forbid it.
 
@@ -214,9 +221,7 @@ def choose_accelerator(requested: str, facts: dict[str, dict], hosts: dict[str, 
     if choice == "cuda":
         for host, f in alive.items():
             if f["gpus"] < hosts[host]:
-                problems.append(
-                    f"{host}: slots={hosts[host]} but {f['gpus']} GPUs (fix the hostfile's slots, or --accelerator cpu)"
-                )
+                problems.append(f"{host}: slots={hosts[host]} but {counted(f)} (fix the hostfile's slots, or --accelerator cpu)")
             if f["gpus"] and driver_problem(f):
                 problems.append(f"{host}: {driver_problem(f)}")
                 continue
@@ -306,7 +311,9 @@ def check(
                 f["hostname"],
                 f["python"],
                 *(str(f[p]) for p in PACKAGES),
-                f"{f['gpus']}" + (f" (sm {','.join(f['capabilities'])})" if f["capabilities"] else ""),
+                f"{f['gpus']}"
+                + (f" (sm {','.join(f['capabilities'])})" if f["capabilities"] else "")
+                + (f" via {f['gpu_source']}" if f.get("gpu_source") == "torch" else ""),
             )
         )
         free = "-" if "error" in f else f"{f['free_gb']:.1f}"
