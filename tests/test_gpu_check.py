@@ -9,6 +9,9 @@ import pytest
 from deepspeed.runtime.fp16 import loss_scaler
 from helpers import REPO, cpu_env, ds_config, note_launch
 
+from pipeline.core.base import ConfigError
+from pipeline.launch import launcher
+from pipeline.launch.hosts import world_from_hostfile
 from pipeline.tools import gpu_check
 
 
@@ -33,15 +36,30 @@ def test_the_scale_halves_on_the_first_overflow_only_with_the_checks_hysteresis(
     assert default.cur_scale == 2.0**15
 
 
-def test_the_launch_step_runs_without_this_processs_rank_variables_on_its_own_port():
+def test_the_launch_step_runs_without_this_processs_rank_variables_on_its_own_port(tmp_path):
     mine = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     assert gpu_check.launch_env({**mine, "PATH": "/usr/bin", "CUDA_HOME": "/usr/local/cuda"}) == {
         "PATH": "/usr/bin",
         "CUDA_HOME": "/usr/local/cuda",
     }
-    cmd = gpu_check.launch_command("/tmp", gpu_check.V100_CONFIG, "cuda")
+    cmd = gpu_check.launch_command(str(tmp_path), gpu_check.V100_CONFIG, "cuda", {})
     port = cmd[cmd.index("--master-port") + 1]
     assert port != "29500" and cmd[cmd.index("--accelerator") + 1] == "cuda"
+
+
+def test_the_launch_step_uses_the_free_gpu_cuda_visible_devices_names(tmp_path, monkeypatch):
+    """CUDA_VISIBLE_DEVICES=3, how a shared node's free GPU is picked: the launcher, given the step's
+    command and environment, starts one rank on GPU 3 (DeepSpeed's launch.py then sets the rank's
+    CUDA_VISIBLE_DEVICES=3), where `localhost slots=1` was refused (or, bypassed, would take GPU 0)."""
+    environ = {"CUDA_VISIBLE_DEVICES": "3,5", "PATH": "/usr/bin"}
+    cmd = gpu_check.launch_command(str(tmp_path), gpu_check.V100_CONFIG, "cuda", environ)
+    assert "CUDA_VISIBLE_DEVICES" not in gpu_check.launch_env(environ)  # the launcher refuses it beside --include
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    args = launcher.parse_args(cmd[1:])
+    assert launcher.launch_hosts(args, {}) == {"localhost": 1}
+    assert world_from_hostfile(args.hostfile, args.include, args.exclude) == {"localhost": [3]}
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=GPU-5f1c: the launch step passes its GPU .* as an index"):
+        gpu_check.launch_command(str(tmp_path), gpu_check.V100_CONFIG, "cuda", {"CUDA_VISIBLE_DEVICES": "GPU-5f1c"})
 
 
 @pytest.mark.ranks

@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 
-from ..core.base import free_port
+from ..core.base import ConfigError, free_port
 from ..core.ds_config import native_bf16
 from ..core.options import PACKAGE_DIR
 from .common import LABELS, REPO, standalone_rank
@@ -166,21 +166,39 @@ def run_config(args, path: str, precision: str, stage: int, recompute: bool = Fa
 
 
 def launch_env(environ: dict[str, str]) -> dict[str, str]:
-    """This environment without the rank variables `standalone_rank` set for this process: ./launch.sh
-    would read MASTER_PORT as its default and find the port taken by this process's own store."""
-    return {key: value for key, value in environ.items() if key not in RANK_VARIABLES}
+    """This environment without the rank variables `standalone_rank` set for this process (./launch.sh
+    would read MASTER_PORT as its default and find the port taken by this process's own store), and
+    without CUDA_VISIBLE_DEVICES: the launch names its GPU with --include instead (`launch_command`)."""
+    return {key: value for key, value in environ.items() if key not in (*RANK_VARIABLES, "CUDA_VISIBLE_DEVICES")}
 
 
-def launch_command(tmp: str, config: str, device: str) -> list[str]:
-    """./launch.sh on one slot of this machine, on its own free port; CPU ranks for a smoke test."""
+def launch_gpu(environ: dict[str, str]) -> int:
+    """The GPU the launch step uses: this process's own cuda:0, the first CUDA_VISIBLE_DEVICES names."""
+    first = environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or "0"
+    if not first.isdigit():
+        raise ConfigError(
+            f"CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']}: the launch step passes its GPU to DeepSpeed's "
+            "launcher as an index (--include localhost:N); name the GPU by its index, not its UUID or MIG name"
+        )
+    return int(first)
+
+
+def launch_command(tmp: str, config: str, device: str, environ: dict[str, str]) -> list[str]:
+    """./launch.sh on one GPU of this machine (CPU ranks for a smoke test), on its own free port.
+
+    With a hostfile DeepSpeed's launcher ignores CUDA_VISIBLE_DEVICES and gives local rank N GPU N
+    (runner.py main: the variable is read only without a hostfile; launch.py sets it to the slots'
+    ids): the GPU goes in as `--include localhost:N`, with slots up to N in the hostfile."""
     from pathlib import Path
 
-    hostfile = Path(tmp, "one-slot")
-    hostfile.write_text("localhost slots=1\n")
+    gpu = launch_gpu(environ) if device == "cuda" else 0
+    hostfile = Path(tmp, "one-gpu")
+    hostfile.write_text(f"localhost slots={gpu + 1}\n")
     return [
         str(REPO / "launch.sh"),
         "--hostfile",
         str(hostfile),
+        *(["--include", f"localhost:{gpu}"] if device == "cuda" else []),
         "--accelerator",
         device,
         "--master-port",
@@ -205,7 +223,10 @@ def launch_check(tmp: str, config: str, device: str) -> dict:
     import os
     import subprocess
 
-    cmd = launch_command(tmp, config, device)
+    try:
+        cmd = launch_command(tmp, config, device, dict(os.environ))
+    except ConfigError as e:
+        return {"exit_code": None, "ok": False, "tail": str(e)}
     try:
         done = subprocess.run(
             cmd, cwd=REPO, env=launch_env(dict(os.environ)), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
