@@ -9,6 +9,7 @@ from fixtures_cluster import DEAD_NODE, NODES
 from helpers import REPO, ds_config, fake_nvidia_smi, free_port, launch_sh, losses, pipeline_command, run_options
 
 from pipeline.core.base import load_json, unique_suffix
+from pipeline.core.ds_config import ops_to_build
 from pipeline.launch import probe
 from pipeline.launch.doctor import (
     arch_problem,
@@ -16,7 +17,6 @@ from pipeline.launch.doctor import (
     choose_accelerator,
     driver_problem,
     network_problems,
-    ops_to_build,
 )
 from pipeline.launch.probe import build_facts, gpu_facts, network_facts
 
@@ -266,6 +266,40 @@ def test_without_nvidia_smi_torch_counts_the_gpus_and_says_so(tmp_path, monkeypa
         "535.104.05",
         "nvidia-smi",
     )
+
+
+def test_a_lock_left_by_an_interrupted_op_build_is_reported_with_how_to_clear_it(tmp_path, monkeypatch, capsys):
+    """A build killed mid-way leaves `lock` in its extension directory, and torch then waits on it
+    forever (file_baton.py): the doctor (here, on this host, in this process) fails and says what to remove."""
+    from pipeline.launch import doctor as doctor_module
+
+    extensions = tmp_path / "extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    interrupted, built = extensions / "fused_adam", extensions / "deepspeed_shm_comm"
+    for op in (interrupted, built):
+        op.mkdir(parents=True)
+        (op / "lock").touch()
+    (built / "deepspeed_shm_comm.so").write_bytes(b"")
+
+    def doctor_here():
+        ok, _, _ = doctor_module.check({"localhost": 1}, str(tmp_path / "out"), str(tmp_path / "cache"), free_port())
+        return ok, capsys.readouterr().err
+
+    ok, err = doctor_here()
+    assert not ok
+    assert (
+        f"doctor: localhost: {interrupted / 'lock'}: a lock left 0 min ago by a build of DeepSpeed's fused_adam op that "
+        "did not finish (and no built fused_adam); every run that builds or loads fused_adam here waits on it forever "
+        "(torch/utils/file_baton.py has no timeout). Unless a build is running on this host now, remove it: "
+        f"rm {interrupted / 'lock'}"
+    ) in err.splitlines()
+    assert (
+        f"{built / 'lock'}: a lock left 0 min ago by a build of DeepSpeed's deepspeed_shm_comm op that did not finish (beside a built deepspeed_shm_comm)"
+        in err
+    )
+    for op in (interrupted, built):
+        (op / "lock").unlink()
+    assert doctor_here() == (True, "")
 
 
 def test_shared_directory_markers_of_concurrent_doctors_never_collide_and_none_is_left(tmp_path):

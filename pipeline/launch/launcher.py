@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .. import tasks
 from ..core.base import ConfigError, close_new_files, free_port, load_json, read_utf8, unknown_key_message
-from ..core.ds_config import Hardware, resolve_ds_config
+from ..core.ds_config import Hardware, ops_to_build, resolve_ds_config
 from ..core.launch_file import SHELL_PLAIN, write_launch_file
 from ..core.options import (
     DEFAULT_DS_CONFIG,
@@ -43,7 +43,7 @@ from ..core.options import (
 )
 from ..core.stop import STOP_FILE
 from ..data.tokenizer import check_model_tokenizer
-from .doctor import ACCELERATORS, SOCKET_IFNAMES, counted, ops_to_build
+from .doctor import ACCELERATORS, SOCKET_IFNAMES, counted
 from .hosts import HOSTNAME, active_hosts, is_local, node_address, slurm_allocation
 from .inputs import check_inputs, check_trackers
 from .probe import gpu_facts

@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 PACKAGES = ("torch", "deepspeed", "transformers")
@@ -118,6 +119,25 @@ def build_facts(torch) -> dict:
     }
 
 
+def extension_locks() -> list[dict]:
+    """The `lock` files in torch's JIT extension directories (TORCH_EXTENSIONS_DIR, else
+    ~/.cache/torch_extensions/<python>_<accelerator>: cpp_extension.py `_get_build_directory`), with
+    their age and whether the op beside them is built. A build killed before it ends leaves its lock
+    (`_jit_compile` removes it in a `finally`, which a SIGKILL skips), and every later build or load of
+    that op waits on it with no timeout (torch/utils/file_baton.py `FileBaton.wait`)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "torch_extensions"
+    )
+    locks = []
+    for lock in sorted({*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")}):
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # a build that ended meanwhile
+            continue
+        locks.append({"path": str(lock), "age_s": round(age), "built": any(lock.parent.glob("*.so"))})
+    return locks
+
+
 def network_facts() -> dict:
     """This host's network interfaces, the addresses its name resolves to (gloo listens on them
     unless GLOO_SOCKET_IFNAME names an interface), and the size of /dev/shm."""
@@ -185,6 +205,7 @@ def probe(request: dict) -> dict:
         "project": spec.origin if spec else None,
         **gpu_facts(),
         **network_facts(),
+        "extension_locks": extension_locks(),
         "free_gb": shutil.disk_usage(out).free / 1e9,
         "port_free": port_free,
         "shared": shared,
