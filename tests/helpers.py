@@ -28,6 +28,15 @@ def cpu_env() -> dict:
     return env
 
 
+def fake_nvidia_smi(bin_dir, gpus: int) -> str:
+    """A PATH on which `nvidia-smi` answers the probe's query as a node with `gpus` V100s would."""
+    bin_dir.mkdir()
+    script = bin_dir / "nvidia-smi"
+    script.write_text("#!/bin/sh\n" + "".join("echo '7.0, 535.104.05'\n" for _ in range(gpus)))
+    script.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path

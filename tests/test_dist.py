@@ -63,17 +63,22 @@ def test_a_frozen_rank_fails_the_job_within_the_collective_timeout(small_data, t
             job.kill()
 
 
-def test_the_first_runs_op_build_is_announced(tmp_path, monkeypatch):
-    """DeepSpeed builds its CPU communication op silently on a machine's first run: we must know when."""
-    from pipeline.core.dist import unbuilt_comm_op
+def test_the_first_runs_op_builds_are_announced(tmp_path, monkeypatch):
+    """DeepSpeed builds its CPU communication op (init_distributed) and the optimizer's op (initialize)
+    silently on a machine's first run: we must know when, and where to look if the build never ends."""
+    from pipeline.core.dist import build_note, comm_ops
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a machine that never built it
-    assert unbuilt_comm_op()
-    built = tmp_path / "deepspeed_shm_comm"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a machine that never built them
+    assert comm_ops() == ["deepspeed_shm_comm"]
+    note = build_note(["deepspeed_shm_comm", "fused_adam"])
+    assert note.startswith("note: first DeepSpeed run here: building its deepspeed_shm_comm, fused_adam op")
+    assert note.endswith("a lock left by an interrupted build: `python -m pipeline doctor` names it")
+    built = tmp_path / "fused_adam"
     built.mkdir(exist_ok=True)
-    (built / "deepspeed_shm_comm.so").write_bytes(b"")
-    assert not unbuilt_comm_op()
+    (built / "fused_adam.so").write_bytes(b"")
+    assert "building its deepspeed_shm_comm op" in build_note(["deepspeed_shm_comm", "fused_adam"])
+    assert build_note(["fused_adam"]) is None and build_note([]) is None
 
 
 def test_rank_0s_data_preparation_may_outlast_the_collective_timeout(small_data, tmp_path):

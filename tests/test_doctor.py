@@ -6,18 +6,19 @@ from pathlib import Path
 
 import pytest
 from fixtures_cluster import DEAD_NODE, NODES
-from helpers import REPO, ds_config, free_port, launch_sh, losses, pipeline_command, run_options
+from helpers import REPO, ds_config, fake_nvidia_smi, free_port, launch_sh, losses, pipeline_command, run_options
 
 from pipeline.core.base import load_json, unique_suffix
+from pipeline.core.ds_config import ops_to_build
+from pipeline.launch import probe
 from pipeline.launch.doctor import (
     arch_problem,
     build_problem,
     choose_accelerator,
     driver_problem,
     network_problems,
-    ops_to_build,
 )
-from pipeline.launch.probe import build_facts, network_facts
+from pipeline.launch.probe import build_facts, gpu_facts, network_facts
 
 
 def doctor(hostfile, *extra):
@@ -230,6 +231,75 @@ def test_the_probe_reads_build_and_network_facts_here():
     assert set(facts) >= {"cuda_home", "nvcc", "ninja", "cxx", "built_ops", "interfaces", "addresses", "shm_gb"}
     assert "lo" in facts["interfaces"] and facts["shm_gb"] > 0 and isinstance(facts["built_ops"], list)
     assert isinstance(facts["ninja"], bool) and isinstance(facts["cxx"], bool)
+
+
+def test_without_nvidia_smi_torch_counts_the_gpus_and_says_so(tmp_path, monkeypatch):
+    """A container given GPUs but not nvidia-smi: the probe asks torch (public torch.cuda calls,
+    stand-ins here) instead of reporting no GPU, which would start CPU ranks on a GPU machine."""
+    import torch
+
+    from pipeline.launch.launcher import local_world, parse_args
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no nvidia-smi
+    monkeypatch.setattr(probe, "NVIDIA_DEVICES", str(tmp_path / "nvidia[0-9]*"))
+    assert (gpu_facts()["gpus"], gpu_facts()["gpu_source"]) == (0, None)  # and no NVIDIA device: no GPU
+    for name in ("nvidia0", "nvidia1", "nvidiactl"):
+        (tmp_path / name).touch()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    facts = gpu_facts()
+    assert (facts["gpus"], facts["capabilities"], facts["gpu_source"]) == (2, ["9.0"], "torch")
+    assert local_world(parse_args([])) == (
+        2,
+        "every GPU of this machine (2 GPUs (counted by torch: no nvidia-smi there; CUDA_VISIBLE_DEVICES narrows torch's count))",
+    )
+    _, problems = choose_accelerator("cuda", {"gpu1": {**V100_NODE, "gpus": 2, "gpu_source": "torch"}}, {"gpu1": 4})
+    assert problems == [
+        "gpu1: slots=4 but 2 GPUs (counted by torch: no nvidia-smi there; CUDA_VISIBLE_DEVICES narrows torch's count) "
+        "(fix the hostfile's slots, or --accelerator cpu)"
+    ]
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path / "bin", 8))  # nvidia-smi counts every GPU of the host
+    facts = gpu_facts()
+    assert (facts["gpus"], facts["capabilities"], facts["driver"], facts["gpu_source"]) == (
+        8,
+        ["7.0"],
+        "535.104.05",
+        "nvidia-smi",
+    )
+
+
+def test_a_lock_left_by_an_interrupted_op_build_is_reported_with_how_to_clear_it(tmp_path, monkeypatch, capsys):
+    """A build killed mid-way leaves `lock` in its extension directory, and torch then waits on it
+    forever (file_baton.py): the doctor (here, on this host, in this process) fails and says what to remove."""
+    from pipeline.launch import doctor as doctor_module
+
+    extensions = tmp_path / "extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    interrupted, built = extensions / "fused_adam", extensions / "deepspeed_shm_comm"
+    for op in (interrupted, built):
+        op.mkdir(parents=True)
+        (op / "lock").touch()
+    (built / "deepspeed_shm_comm.so").write_bytes(b"")
+
+    def doctor_here():
+        ok, _, _ = doctor_module.check({"localhost": 1}, str(tmp_path / "out"), str(tmp_path / "cache"), free_port())
+        return ok, capsys.readouterr().err
+
+    ok, err = doctor_here()
+    assert not ok
+    assert (
+        f"doctor: localhost: {interrupted / 'lock'}: a lock left 0 min ago by a build of DeepSpeed's fused_adam op that "
+        "did not finish (and no built fused_adam); every run that builds or loads fused_adam here waits on it forever "
+        "(torch/utils/file_baton.py has no timeout). Unless a build is running on this host now, remove it: "
+        f"rm {interrupted / 'lock'}"
+    ) in err.splitlines()
+    assert (
+        f"{built / 'lock'}: a lock left 0 min ago by a build of DeepSpeed's deepspeed_shm_comm op that did not finish (beside a built deepspeed_shm_comm)"
+        in err
+    )
+    for op in (interrupted, built):
+        (op / "lock").unlink()
+    assert doctor_here() == (True, "")
 
 
 def test_shared_directory_markers_of_concurrent_doctors_never_collide_and_none_is_left(tmp_path):

@@ -11,7 +11,19 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO, SAMPLE, cheap, cpu_env, ds_config, launch_sh, note_launch, read_jsonl, run_options, write_jsonl
+from helpers import (
+    REPO,
+    SAMPLE,
+    cheap,
+    cpu_env,
+    ds_config,
+    fake_nvidia_smi,
+    launch_sh,
+    note_launch,
+    read_jsonl,
+    run_options,
+    write_jsonl,
+)
 
 from pipeline.core.base import ConfigError
 from pipeline.core.dist import device_index
@@ -19,6 +31,7 @@ from pipeline.launch import doctor, launcher
 from pipeline.launch.hosts import parse_node_address, read_hostfile
 from pipeline.launch.launcher import (
     deepspeed_command,
+    local_slots,
     local_world,
     parse_args,
     rank_env,
@@ -144,6 +157,9 @@ def test_cuda_visible_devices_becomes_an_include_for_one_local_host(monkeypatch)
     args.include = "localhost:0"
     with pytest.raises(ConfigError, match="both choose GPUs"):
         visible_devices_include(args, {"localhost": 8}, {})
+    # Without a hostfile, this machine's slots reach the GPUs named (torch counts 2 of 2,3 without nvidia-smi).
+    assert (local_slots(2, {"CUDA_VISIBLE_DEVICES": "2,3"}), local_slots(8, {"CUDA_VISIBLE_DEVICES": "2,3"})) == (4, 8)
+    assert local_slots(2, {}) == 2
 
 
 @pytest.mark.ranks
@@ -340,15 +356,6 @@ def test_srun_gets_the_allocations_cpus_per_task_and_the_nodes_address():
     shown = "NodeName=gpu1 Arch=x86_64 CoresPerSocket=16 NodeAddr=10.1.2.3 NodeHostName=gpu1 Version=22.05.8\n"
     assert parse_node_address(shown, "gpu1") == "10.1.2.3"
     assert parse_node_address("NodeName=gpu1 Arch=x86_64\n", "gpu1") == "gpu1"
-
-
-def fake_nvidia_smi(bin_dir, gpus: int) -> str:
-    """A PATH on which `nvidia-smi` answers the probe's query as a node with `gpus` V100s would."""
-    bin_dir.mkdir()
-    script = bin_dir / "nvidia-smi"
-    script.write_text("#!/bin/sh\n" + "".join("echo '7.0, 535.104.05'\n" for _ in range(gpus)))
-    script.chmod(0o755)
-    return f"{bin_dir}:{os.environ['PATH']}"
 
 
 def test_without_a_hostfile_every_gpu_is_a_rank_and_without_gpus_two_cpu_ranks(tmp_path, monkeypatch):

@@ -116,12 +116,9 @@ def init(timeout_minutes: float, rank0_wait_minutes: float | None = None) -> Non
         # DeepSpeed's init_distributed reads these (MASTER_ADDR/PORT come from `launch.sh --launcher slurm`).
         os.environ.update({name: str(_env_int(name, default=0)) for name in RANK_VARIABLES})
     device = bind_device()
-    if is_main() and unbuilt_comm_op():
-        print(
-            "note: first DeepSpeed run here: building its CPU communication op (about a minute, once per machine; "
-            "prebuilding: docs/troubleshooting.md)",
-            flush=True,
-        )
+    note = build_note(comm_ops()) if is_main() else None
+    if note:
+        print(note, flush=True)
     # One line per rank (in its rank log when the launcher keeps them): where each rank runs.
     print(f"rank {rank()} of {world_size()}: host {socket.gethostname()}, pid {os.getpid()}, device {device}", flush=True)
     timeout = timedelta(minutes=timeout_minutes)
@@ -183,14 +180,41 @@ def device_index(local: int, visible: int, slurm_step: bool) -> int | None:
     return None
 
 
-def unbuilt_comm_op() -> bool:
-    """Whether DeepSpeed's CPU accelerator will JIT-compile its shared-memory all-reduce op now: it
-    does so silently in `init_distributed` on a machine's first run, into TORCH_EXTENSIONS_DIR."""
+def comm_ops() -> list[str]:
+    """The op DeepSpeed's CPU accelerator JIT-builds in `init_distributed`: its shared-memory all-reduce."""
     from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    return [accelerator.create_op_builder("ShareMemCommBuilder").NAME] if accelerator.device_name() == "cpu" else []
+
+
+def unbuilt_ops(names: list[str]) -> list[str]:
+    """Those of DeepSpeed's ops `names` that loading will JIT-build now: neither installed prebuilt
+    (`DS_BUILD_*=1 pip install deepspeed`) nor built in torch's extension directory (ops/op_builder/builder.py `load`)."""
+    from deepspeed.git_version_info import installed_ops
     from torch.utils.cpp_extension import _get_build_directory  # the directory torch's JIT loader uses
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder") if get_accelerator().device_name() == "cpu" else None
-    return builder is not None and not Path(_get_build_directory(builder.NAME, verbose=False), f"{builder.NAME}.so").is_file()
+    return [
+        name
+        for name in names
+        if not installed_ops.get(name) and not Path(_get_build_directory(name, verbose=False), f"{name}.so").is_file()
+    ]
+
+
+def build_note(names: list[str]) -> str | None:
+    """The line rank 0 prints before DeepSpeed builds any of `names`, which it does silently for a minute or more.
+
+    A build killed before it ends leaves its `lock`, on which every later load of the op waits with no
+    timeout (torch/utils/file_baton.py `FileBaton.wait`, from cpp_extension's `_jit_compile`): the
+    note says where to look if the wait does not end."""
+    missing = unbuilt_ops(names)
+    if not missing:
+        return None
+    return (
+        f"note: first DeepSpeed run here: building its {', '.join(missing)} op (a minute or a few, once per machine; "
+        "prebuilding: docs/troubleshooting.md); far longer means a lock left by an interrupted build: "
+        "`python -m pipeline doctor` names it"
+    )
 
 
 def release_shared_memory() -> None:

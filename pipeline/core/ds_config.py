@@ -552,3 +552,20 @@ def fill_schedule(path: str, ds: dict, total_steps: int, warmup: int) -> dict:
 
 def ds_precision(ds: dict) -> str:
     return "fp16" if ds["fp16"]["enabled"] else "bf16" if ds["bf16"]["enabled"] else "fp32"
+
+
+def ops_to_build(ds: dict) -> list[str]:
+    """The DeepSpeed ops this config's optimizer JIT-builds in `deepspeed.initialize`, unless prebuilt
+    (runtime/engine.py `_configure_basic_optimizer`: Adam/AdamW is FusedAdam without offload,
+    DeepSpeedCPUAdam with it; `torch_adam` uses torch's own; ops/adam/fused_adam.py loads its op in
+    the constructor). CPU ranks build a C++ `fused_adam` of the same name (op_builder/cpu/fused_adam.py)."""
+    optimizer = ds.get("optimizer") or {}
+    name = str(optimizer.get("type", "")).lower()
+    offload = ((ds.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+    if name in ("adam", "adamw") and not (optimizer.get("params") or {}).get("torch_adam"):
+        return ["cpu_adam" if offload else "fused_adam"]
+    if name in ("lion", "adagrad") and offload:
+        return [f"cpu_{name}"]
+    if name in ("lion", "lamb"):
+        return [f"fused_{name}"]
+    return []

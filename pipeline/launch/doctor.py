@@ -122,22 +122,6 @@ def driver_problem(facts: dict) -> str | None:
     return None
 
 
-def ops_to_build(ds: dict) -> list[str]:
-    """The DeepSpeed ops this config's optimizer builds at the first step on a GPU, unless prebuilt
-    (runtime/engine.py `_configure_basic_optimizer`: Adam/AdamW is FusedAdam without offload,
-    DeepSpeedCPUAdam with it; `torch_adam` uses torch's own)."""
-    optimizer = ds.get("optimizer") or {}
-    name = str(optimizer.get("type", "")).lower()
-    offload = ((ds.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
-    if name in ("adam", "adamw") and not (optimizer.get("params") or {}).get("torch_adam"):
-        return ["cpu_adam" if offload else "fused_adam"]
-    if name in ("lion", "adagrad") and offload:
-        return [f"cpu_{name}"]
-    if name in ("lion", "lamb"):
-        return [f"fused_{name}"]
-    return []
-
-
 def build_problem(ops: list[str], facts: dict) -> str | None:
     """What stops this host from building `ops` at the first step (then every rank dies inside
     `deepspeed.initialize`), or None: JIT builds need ninja and a C++ compiler, CUDA ops also
@@ -193,6 +177,13 @@ def network_problems(facts: dict, ifnames: dict[str, str], ranks: int, multi_hos
     return found
 
 
+def counted(facts: dict) -> str:
+    """A host's GPU count and who counted it: torch sees only the GPUs CUDA_VISIBLE_DEVICES leaves it."""
+    if facts.get("gpu_source") == "torch":
+        return f"{facts['gpus']} GPUs (counted by torch: no nvidia-smi there; CUDA_VISIBLE_DEVICES narrows torch's count)"
+    return f"{facts['gpus']} GPUs"
+
+
 def choose_accelerator(requested: str, facts: dict[str, dict], hosts: dict[str, int]) -> tuple[str, list[str]]:
     """The accelerator every rank uses, from what each host has; with the problems that forbid it.
 
@@ -214,9 +205,7 @@ def choose_accelerator(requested: str, facts: dict[str, dict], hosts: dict[str, 
     if choice == "cuda":
         for host, f in alive.items():
             if f["gpus"] < hosts[host]:
-                problems.append(
-                    f"{host}: slots={hosts[host]} but {f['gpus']} GPUs (fix the hostfile's slots, or --accelerator cpu)"
-                )
+                problems.append(f"{host}: slots={hosts[host]} but {counted(f)} (fix the hostfile's slots, or --accelerator cpu)")
             if f["gpus"] and driver_problem(f):
                 problems.append(f"{host}: {driver_problem(f)}")
                 continue
@@ -225,6 +214,17 @@ def choose_accelerator(requested: str, facts: dict[str, dict], hosts: dict[str, 
                 if issue:
                     problems.append(f"{host}: {issue}")
     return choice, problems
+
+
+def lock_problem(lock: dict) -> str:
+    """A lock left in torch's extension directory (probe.extension_locks), and how to clear it."""
+    op = Path(lock["path"]).parent
+    state = f"beside a built {op.name}" if lock["built"] else f"and no built {op.name}"
+    return (
+        f"{lock['path']}: a lock left {lock['age_s'] // 60} min ago by a build of DeepSpeed's {op.name} op that did not "
+        f"finish ({state}); every run that builds or loads {op.name} here waits on it forever (torch/utils/file_baton.py "
+        f"has no timeout). Unless a build is running on this host now, remove it: rm {lock['path']}"
+    )
 
 
 def problems(facts: dict, here: dict, min_free_gb: float, port: int) -> list[str]:
@@ -240,6 +240,7 @@ def problems(facts: dict, here: dict, min_free_gb: float, port: int) -> list[str
         found.append(f"{facts['free_gb']:.1f} GB free for the output directory, less than {min_free_gb:g} GB")
     if facts["port_free"] is False:
         found.append(f"master port {port} is in use (another job? choose --master-port)")
+    found += [lock_problem(lock) for lock in facts.get("extension_locks", [])]
     for name, seen in facts["shared"].items():
         if not seen:
             found.append(
@@ -306,7 +307,9 @@ def check(
                 f["hostname"],
                 f["python"],
                 *(str(f[p]) for p in PACKAGES),
-                f"{f['gpus']}" + (f" (sm {','.join(f['capabilities'])})" if f["capabilities"] else ""),
+                f"{f['gpus']}"
+                + (f" (sm {','.join(f['capabilities'])})" if f["capabilities"] else "")
+                + (f" via {f['gpu_source']}" if f.get("gpu_source") == "torch" else ""),
             )
         )
         free = "-" if "error" in f else f"{f['free_gb']:.1f}"

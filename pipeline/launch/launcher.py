@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .. import tasks
 from ..core.base import ConfigError, close_new_files, free_port, load_json, read_utf8, unique_suffix, unknown_key_message
-from ..core.ds_config import Hardware, resolve_ds_config
+from ..core.ds_config import Hardware, ops_to_build, resolve_ds_config
 from ..core.launch_file import SHELL_PLAIN, write_launch_file
 from ..core.options import (
     DEFAULT_DS_CONFIG,
@@ -43,7 +43,7 @@ from ..core.options import (
 )
 from ..core.stop import STOP_FILE
 from ..data.tokenizer import check_model_tokenizer
-from .doctor import ACCELERATORS, SOCKET_IFNAMES, ops_to_build
+from .doctor import ACCELERATORS, SOCKET_IFNAMES, counted
 from .hosts import HOSTNAME, active_hosts, is_local, node_address, slurm_allocation
 from .inputs import check_inputs, check_trackers
 from .probe import gpu_facts
@@ -419,16 +419,25 @@ def check_run_config(cfg: TrainConfig, world: int, accelerator: str, capabilitie
 
 
 def local_world(args: argparse.Namespace) -> tuple[int, str]:
-    """Ranks on this machine without a hostfile, as `deepspeed` counts them: every GPU (nvidia-smi,
-    the doctor's probe), --num-gpus to choose; CPU_RANKS where there is none."""
-    gpus = gpu_facts()["gpus"] if args.accelerator != "cpu" else 0
+    """Ranks on this machine without a hostfile, as `deepspeed` counts them: every GPU (the doctor's
+    probe: nvidia-smi, else torch), --num-gpus to choose; CPU_RANKS where there is none."""
+    facts = gpu_facts() if args.accelerator != "cpu" else {"gpus": 0}
+    gpus = facts["gpus"]
     if args.num_gpus:
         if gpus and args.num_gpus > gpus:
-            raise ConfigError(f"--num-gpus {args.num_gpus}, but this machine has {gpus} GPUs")
+            raise ConfigError(f"--num-gpus {args.num_gpus}, but this machine has {counted(facts)}")
         return args.num_gpus, f"--num-gpus {args.num_gpus}"
     if gpus:
-        return gpus, f"every GPU of this machine ({gpus})"
+        return gpus, f"every GPU of this machine ({counted(facts)})"
     return CPU_RANKS, f"no GPU on this machine: {CPU_RANKS} CPU ranks (--num-gpus N for another number)"
+
+
+def local_slots(ranks: int, environ: dict[str, str]) -> int:
+    """This machine's hostfile slots: its ranks, and up to the highest GPU index CUDA_VISIBLE_DEVICES
+    names, which `visible_devices_include` makes the --include (torch, counting the GPUs where there is
+    no nvidia-smi, sees only those: CUDA_VISIBLE_DEVICES=2,3 is 2 ranks on slots 0-3)."""
+    ids = [int(i) for i in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if i.strip().isdigit()]
+    return max([ranks, *(i + 1 for i in ids)])
 
 
 def warn_idle_gpus(args: argparse.Namespace, hosts: dict[str, int], facts: dict[str, dict]) -> None:
@@ -554,7 +563,7 @@ def run(argv: list[str]) -> int:
         if not args.hostfile and args.launcher != "slurm":
             ranks, why = local_world(args)
             args.hostfile = str(Path(scratch) / "hostfile")
-            Path(args.hostfile).write_text(f"localhost slots={ranks}\n")
+            Path(args.hostfile).write_text(f"localhost slots={local_slots(ranks, dict(os.environ))}\n")
             print(f"launch: no --hostfile: {ranks} ranks on this machine, {why}")
         return launch(args, cfg, Path(scratch))
 

@@ -7,6 +7,7 @@ this to answer (a missing torch is one of the facts). `doctor.py` compares the a
 from __future__ import annotations
 
 import ast
+import glob
 import importlib.util
 import json
 import os
@@ -15,45 +16,78 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 PACKAGES = ("torch", "deepspeed", "transformers")
 # Written by the doctor into the output and cache directories as MARKER + its token (host-pid-random):
 # doctors of other launches, on this host or another, never read or replace each other's marker.
 MARKER = ".pipeline-doctor-marker-"
+# The device nodes CUDA opens: a container given GPUs has them even where nvidia-smi is not installed
+# (the NVIDIA container toolkit adds nvidia-smi only with the `utility` driver capability).
+NVIDIA_DEVICES = "/dev/nvidia[0-9]*"
 
 
 def gpu_facts() -> dict:
-    """GPUs of this host (nvidia-smi), its driver, whether torch can use them, and the CUDA
-    architectures its torch build has kernels for."""
-    gpus, capabilities, driver = 0, [], None
-    if shutil.which("nvidia-smi"):
-        query = subprocess.run(
-            ["nvidia-smi", "--query-gpu=compute_cap,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        if query.returncode == 0:
-            rows = [[cell.strip() for cell in line.split(",")] for line in query.stdout.splitlines() if line.strip()]
-            capabilities, driver, gpus = [row[0] for row in rows], rows[0][1] if rows else None, len(rows)
-        else:  # drivers older than 510 have no compute_cap field
-            listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
-            gpus = sum(line.startswith("GPU ") for line in listing.splitlines())
+    """GPUs of this host, its driver, whether torch can use them, and the CUDA architectures its torch
+    build has kernels for. Counted by nvidia-smi (every GPU of the host), else by torch (`gpu_source`)."""
+    smi = nvidia_smi_gpus()
+    torch = importable_torch() if (smi[0] if smi else glob.glob(NVIDIA_DEVICES)) else None
+    if smi:
+        (gpus, capabilities, driver), source = smi, "nvidia-smi"
+    elif torch:
+        (gpus, capabilities), driver, source = torch_gpus(torch), kernel_driver(), "torch"
+    else:
+        gpus, capabilities, driver, source = 0, [], None, None
     facts = {"arch_list": [], "torch_cuda": None, "cuda_available": None}
-    if gpus:
-        try:
-            import torch
+    if gpus and torch:
+        facts = {
+            "arch_list": torch.cuda.get_arch_list(),  # empty when the driver is too old for the build
+            "torch_cuda": torch.version.cuda,
+            "cuda_available": torch.cuda.is_available(),
+            **build_facts(torch),
+        }
+    return {"gpus": gpus, "capabilities": sorted(set(capabilities)), "driver": driver, "gpu_source": source, **facts}
 
-            facts = {
-                "arch_list": torch.cuda.get_arch_list(),  # empty when the driver is too old for the build
-                "torch_cuda": torch.version.cuda,
-                "cuda_available": torch.cuda.is_available(),
-                **build_facts(torch),
-            }
-        except ImportError:
-            pass  # reported as a missing torch by the version check
-    return {"gpus": gpus, "capabilities": sorted(set(capabilities)), "driver": driver, **facts}
+
+def importable_torch():
+    """torch, or None where it is not installed (reported as missing by the version check)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def nvidia_smi_gpus() -> tuple[int, list[str], str | None] | None:
+    """(GPUs, their compute capabilities, the driver) as nvidia-smi lists them; None without nvidia-smi."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    query = subprocess.run(
+        ["nvidia-smi", "--query-gpu=compute_cap,driver_version", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    if query.returncode == 0:
+        rows = [[cell.strip() for cell in line.split(",")] for line in query.stdout.splitlines() if line.strip()]
+        return len(rows), [row[0] for row in rows], rows[0][1] if rows else None
+    # drivers older than 510 have no compute_cap field
+    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    return sum(line.startswith("GPU ") for line in listing.splitlines()), [], None
+
+
+def torch_gpus(torch) -> tuple[int, list[str]]:
+    """The GPUs torch sees (those CUDA_VISIBLE_DEVICES leaves) and their compute capabilities."""
+    count = torch.cuda.device_count()
+    return count, ["{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(count)]
+
+
+def kernel_driver() -> str | None:
+    """The NVIDIA kernel driver's version, as its /proc file states it (nvidia-smi reports the same)."""
+    path = Path("/proc/driver/nvidia/version")
+    found = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d[\d.]*)", path.read_text()) if path.is_file() else None
+    return found[1] if found else None
 
 
 def build_facts(torch) -> dict:
@@ -83,6 +117,25 @@ def build_facts(torch) -> dict:
         "cxx": shutil.which(os.environ.get("CXX", "c++")) is not None,
         "built_ops": sorted(set(built)),
     }
+
+
+def extension_locks() -> list[dict]:
+    """The `lock` files in torch's JIT extension directories (TORCH_EXTENSIONS_DIR, else
+    ~/.cache/torch_extensions/<python>_<accelerator>: cpp_extension.py `_get_build_directory`), with
+    their age and whether the op beside them is built. A build killed before it ends leaves its lock
+    (`_jit_compile` removes it in a `finally`, which a SIGKILL skips), and every later build or load of
+    that op waits on it with no timeout (torch/utils/file_baton.py `FileBaton.wait`)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "torch_extensions"
+    )
+    locks = []
+    for lock in sorted({*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")}):
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # a build that ended meanwhile
+            continue
+        locks.append({"path": str(lock), "age_s": round(age), "built": any(lock.parent.glob("*.so"))})
+    return locks
 
 
 def network_facts() -> dict:
@@ -152,6 +205,7 @@ def probe(request: dict) -> dict:
         "project": spec.origin if spec else None,
         **gpu_facts(),
         **network_facts(),
+        "extension_locks": extension_locks(),
         "free_gb": shutil.disk_usage(out).free / 1e9,
         "port_free": port_free,
         "shared": shared,

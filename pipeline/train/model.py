@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 
 from ..core.base import ConfigError
+from ..core.dist import build_note, is_main
+from ..core.ds_config import ops_to_build
 from ..core.model_dir import has_weights
 from ..tasks.base import Task
 from ..tasks.single_label import SINGLE_LABEL
@@ -19,6 +21,9 @@ from ..tasks.single_label import SINGLE_LABEL
 def build_engine(model, ds_config: dict):
     import deepspeed
 
+    note = build_note(ops_to_build(ds_config)) if is_main() else None
+    if note:  # the optimizer's op, built in `initialize` on GPUs and CPU ranks alike
+        print(note, flush=True)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
