@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from helpers import SAMPLE, ds_config, free_port, launch, launch_sh, losses, output_options, read_jsonl, setup_run, write_jsonl
 from safetensors.numpy import load_file
-from test_launcher import refuse  # noqa: F401 (a fixture: the launcher run in this process, refusing)
 from test_resume import interrupted_copy
 
 from pipeline.core.options import TINY_MODEL_DIR
