@@ -89,7 +89,7 @@ def test_the_export_fine_tunes_with_its_encoder_and_tokenizer(reference, one_ran
     assert (export / "tokenizer.json").read_text() == (ref / "export" / "tokenizer.json").read_text()
 
 
-def test_a_pretrain_export_without_its_tokenizer_is_refused_before_the_ranks(reference, small_data, tmp_path, refuse):  # noqa: F811 (the fixture)
+def test_a_pretrain_export_without_its_tokenizer_is_refused_before_the_ranks(reference, small_data, tmp_path, refuse):
     """`./launch.sh` refuses it in this process (reaching the doctor or the runner fails the test)."""
     ref, _, _ = reference
     model = tmp_path / "model"
