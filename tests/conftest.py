@@ -41,6 +41,37 @@ def keep_umask():
     os.umask(mask)
 
 
+@pytest.fixture
+def refuse(monkeypatch, capsys):
+    """`refuse(*ARGV)`: `zero-pipeline launch ARGV` in this process, with CPU ranks' environment, which
+    must stop with exit 2 (a ConfigError, or argparse's usage error) before the doctor or the runner
+    starts a process: reaching either fails the test there. Returns (stdout, stderr)."""
+    from pipeline.launch import doctor, launcher
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+    def reached(what):
+        def stop(*args, **kwargs):
+            pytest.fail(f"the launch reached {what} instead of being refused", pytrace=False)
+
+        return stop
+
+    monkeypatch.setattr(doctor, "check", reached("the doctor"))
+    monkeypatch.setattr(launcher, "deepspeed_command", reached("the deepspeed runner"))
+    monkeypatch.setattr(launcher, "slurm_command", reached("srun"))
+
+    def run(*argv: str) -> tuple[str, str]:
+        try:
+            code = launcher.main(list(argv))
+        except SystemExit as e:  # argparse's errors: the exit code the script returns
+            code = e.code
+        out = capsys.readouterr()
+        assert code == 2, out.out + out.err
+        return out.out, out.err
+
+    return run
+
+
 TIERS = ("in-process", "slow", "ranks", "cluster")  # in-process: `-m "not slow"`
 _durations = {tier: [0, 0.0] for tier in TIERS}  # tier: [tests, seconds of setup, call and teardown]
 

@@ -100,7 +100,7 @@ def test_a_rank_imports_deepspeed_without_mlflow_and_can_still_track_with_it():
     from helpers import REPO, cpu_env
 
     code = (
-        "import sys; from pipeline.cli.main import import_deepspeed; import_deepspeed(); "
+        "import sys; from pipeline.core.dist import import_deepspeed; import_deepspeed(); "
         "assert 'deepspeed' in sys.modules and 'mlflow' not in sys.modules, sorted(m for m in sys.modules if 'mlflow' in m); "
         "import mlflow; print('mlflow', mlflow.__version__)"
     )

@@ -27,7 +27,7 @@ from helpers import (
 
 from pipeline.core.base import ConfigError
 from pipeline.core.dist import device_index
-from pipeline.launch import doctor, launcher
+from pipeline.launch import launcher
 from pipeline.launch.hosts import parse_node_address, read_hostfile
 from pipeline.launch.launcher import (
     deepspeed_command,
@@ -42,35 +42,6 @@ from pipeline.launch.launcher import (
     visible_devices_include,
     warn_idle_gpus,
 )
-
-
-@pytest.fixture
-def refuse(monkeypatch, capsys):
-    """`refuse(*ARGV)`: `zero-pipeline launch ARGV` in this process, with CPU ranks' environment, which
-    must stop with exit 2 (a ConfigError, or argparse's usage error) before the doctor or the runner
-    starts a process: reaching either fails the test there. Returns (stdout, stderr)."""
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-
-    def reached(what):
-        def stop(*args, **kwargs):
-            pytest.fail(f"the launch reached {what} instead of being refused", pytrace=False)
-
-        return stop
-
-    monkeypatch.setattr(doctor, "check", reached("the doctor"))
-    monkeypatch.setattr(launcher, "deepspeed_command", reached("the deepspeed runner"))
-    monkeypatch.setattr(launcher, "slurm_command", reached("srun"))
-
-    def run(*argv: str) -> tuple[str, str]:
-        try:
-            code = launcher.main(list(argv))
-        except SystemExit as e:  # argparse's errors: the exit code the script returns
-            code = e.code
-        out = capsys.readouterr()
-        assert code == 2, out.out + out.err
-        return out.out, out.err
-
-    return run
 
 
 def test_missing_hostfile_is_an_error_not_a_fallback(tmp_path, refuse):

@@ -1,11 +1,10 @@
 import json
-import subprocess
-import sys
+import logging
 from collections import Counter
 
 import numpy as np
 import pytest
-from helpers import REPO, cpu_env, write_jsonl
+from helpers import REPO, write_jsonl
 
 from pipeline.core.base import ConfigError
 from pipeline.core.model_dir import check_model_dir, has_tokenizer, has_weights
@@ -151,32 +150,19 @@ def test_config_json_that_is_not_json_is_one_clear_error(tmp_path):
         ({"model_type": "bert", "max_position_embeddings": 512}, "--max-length 1024 is more than model"),
     ],
 )
-@pytest.mark.ranks
-def test_train_stops_with_one_line_before_touching_data(tmp_path, config, message):
-    """Checked before the process group and the tokenizer: exit 2, one line, no traceback, no cache."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "train",
-            "--model",
-            model_dir(tmp_path, config),
-            "--max-length",
-            "1024",
-            "--output-dir",
-            str(tmp_path / "runs"),
-        ],
-        cwd=REPO,
-        env=cpu_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+def test_train_stops_with_one_line_before_touching_data(tmp_path, config, message, capsys, monkeypatch):
+    """Checked before the process group and the tokenizer (`zero-pipeline train` in this process): exit
+    2, one line, no traceback, no cache."""
+    from pipeline.cli.main import main
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(logging.getLogger("pipeline"), "handlers", [])  # the console logger anew, on this test's stdout
+    argv = ["train", "--model", model_dir(tmp_path, config), "--max-length", "1024", "--output-dir", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
 
 
 def test_config_json_that_is_not_json_is_one_error_for_predict_and_plan(tmp_path):

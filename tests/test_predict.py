@@ -15,15 +15,15 @@ from pipeline.tasks.single_label import probabilities
 
 
 @pytest.mark.ranks
-def test_predict_from_stdin_and_txt_file_agree(initial_model, tmp_path):
+def test_predict_from_stdin_and_txt_file_agree(initial_model, tmp_path, capsys, monkeypatch):
+    """The command's own stdin (a pipe, in a process of its own) against a .txt file read in this process."""
     texts = ["主诉：发热3天，咳嗽。", "主诉：胸痛2小时。"]
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
     from_stdin = pipeline_command("predict", "--model", str(initial_model), input="\n".join(texts), check=True).stdout
     rows = [json.loads(line) for line in from_stdin.splitlines()]
     assert [{k: v for k, v in r.items() if k != "line"} for r in rows] == predict(str(initial_model), texts)
     assert [r["line"] for r in rows] == [1, 2]
-    from_file = pipeline_command("predict", "--model", str(initial_model), "--input", str(tmp_path / "in.txt"), check=True)
-    assert from_file.stdout == from_stdin
+    assert run_predict(capsys, monkeypatch, initial_model, "--input", str(tmp_path / "in.txt")) == rows
     assert all(set(r["probabilities"]) == set(json.loads((initial_model / "config.json").read_text())["label2id"]) for r in rows)
 
 

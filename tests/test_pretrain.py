@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from helpers import SAMPLE, ds_config, free_port, launch, launch_sh, losses, output_options, read_jsonl, setup_run, write_jsonl
 from safetensors.numpy import load_file
-from test_launcher import refuse  # noqa: F401 (a fixture: the launcher run in this process, refusing)
 from test_resume import interrupted_copy
 
 from pipeline.core.options import TINY_MODEL_DIR
@@ -90,7 +89,7 @@ def test_the_export_fine_tunes_with_its_encoder_and_tokenizer(reference, one_ran
     assert (export / "tokenizer.json").read_text() == (ref / "export" / "tokenizer.json").read_text()
 
 
-def test_a_pretrain_export_without_its_tokenizer_is_refused_before_the_ranks(reference, small_data, tmp_path, refuse):  # noqa: F811 (the fixture)
+def test_a_pretrain_export_without_its_tokenizer_is_refused_before_the_ranks(reference, small_data, tmp_path, refuse):
     """`./launch.sh` refuses it in this process (reaching the doctor or the runner fails the test)."""
     ref, _, _ = reference
     model = tmp_path / "model"

@@ -1,6 +1,6 @@
-"""Training under a real SLURM (munged, slurmctld, slurmd on this machine): an sbatch job trains like
-the deepspeed launcher; a job signalled mid-run checkpoints, requeues itself and ends with the
-uninterrupted run's losses and weights, as does a job requeued (killed) mid-run; a job at its time
+"""Training under a real SLURM (munged, slurmctld, slurmd on this machine): the shipped template's
+job trains like the deepspeed launcher: signalled mid-run it checkpoints, requeues itself and ends
+with the uninterrupted run's losses and weights, as does a job requeued (killed) mid-run; a job at its time
 limit saves on the signal sent ahead; what does not fit the allocation is refused before training.
 The jobs run with the reference's settings (STOP_SETTINGS and the cheap defaults, as `uninterrupted`
 was trained), so their weights must equal its weights exactly; the signal and the kill come while
@@ -69,16 +69,6 @@ def run_job(slurm, tmp_path, command: str, *sbatch_args) -> tuple[int, str]:
     return wait_until_gone(slurm, job, tmp_path)
 
 
-@pytest.mark.cluster
-def test_sbatch_job_trains_like_the_deepspeed_launcher(slurm, uninterrupted, small_data, tmp_path):
-    config, expected = uninterrupted
-    code, output = run_job(slurm, tmp_path, f"./launch.sh --launcher slurm {' '.join(run_args(tmp_path, small_data, config))}")
-    assert code == 0, output[-4000:]
-    assert "rank 0 of 2:" in output and "rank 1 of 2:" in output  # two srun tasks, ranks from SLURM_PROCID
-    assert len(losses(expected)) == 12
-    assert_ends_like(tmp_path / "run", expected)  # the same losses and the same exported weights
-
-
 def submit_template(slurm, tmp_path, data, config, pause_at: str) -> tuple[str, Path]:
     """The shipped template (GPU lines dropped) on 2 tasks, rank 0 pausing at `pause_at` (the hook's
     stage); returns the job id and the hook's marker. A requeued job pauses there again if it gets there."""
@@ -126,7 +116,9 @@ def assert_ends_like(run_dir, expected) -> None:
 
 @pytest.mark.cluster
 def test_signalled_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm, uninterrupted, small_data, tmp_path):
-    """USR1 mid-run -> checkpoint, exit 75, the template requeues, the job resumes."""
+    """The shipped template trains like the deepspeed launcher (two srun tasks, ranks from
+    SLURM_PROCID): USR1 mid-run -> checkpoint, exit 75, the template requeues, the job resumes and
+    ends with the uninterrupted run's losses and exported weights."""
     config, expected = uninterrupted
     job, marker = submit_template(slurm, tmp_path, small_data, config, "step-6")  # past the step-4 checkpoint
     wait_until_paused(marker, tmp_path)
@@ -138,6 +130,8 @@ def test_signalled_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(s
     assert len(stopped) == 1 and "exited with exit code 75" in output.lower(), output[-4000:]
     assert stopped[0].startswith("stopped on request after optimizer step 6:"), stopped
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'step-6'}" in output, output[-4000:]
+    assert output.count("rank 0 of 2:") == 2 and output.count("rank 1 of 2:") == 2, output[-4000:]  # each start
+    assert len(losses(expected)) == 12
     assert_ends_like(tmp_path / "run", expected)
 
 

@@ -46,41 +46,6 @@ def wait_for_steps(job, tmp_path, steps: int) -> None:
         time.sleep(0.2)
 
 
-def test_ctrl_c_saves_stops_and_the_resumed_run_equals_an_uninterrupted_one(uninterrupted, small_data, tmp_path):
-    config, expected = uninterrupted
-    job = start(tmp_path, small_data, config)
-    wait_for_steps(job, tmp_path, 5)
-    job.send_signal(signal.SIGINT)  # the terminal's Ctrl-C reaches launch.sh alone: the runner has its own session
-    code = job.wait(timeout=240)
-    console = (tmp_path / "console.txt").read_text()
-    assert code == EXIT_STOPPED, console[-4000:]
-    assert "launch: stopping after the current optimizer step" in console
-    step = int(console.split("stopped on request after optimizer step ")[1].split(":")[0])
-    assert (tmp_path / "run" / "checkpoints" / f"step-{step}" / "manifest.json").is_file()
-    assert not list(tmp_path.glob(".stop-request-*"))  # the launcher removed its stop file
-
-    resumed = launch(
-        [
-            "train",
-            "--ds-config",
-            str(config),
-            *run_options(small_data, tmp_path),
-            *STOP_SETTINGS,
-            "--resume",
-            "auto",
-        ]
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step-{step}'}" in resumed.stdout
-    assert losses(tmp_path / "run") == losses(expected)
-    ours, theirs = (
-        load_file(tmp_path / "run" / "export" / "model.safetensors"),
-        load_file(expected / "export" / "model.safetensors"),
-    )
-    assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)
-    assert [row["step"] for row in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "split" not in row] == list(range(1, 13))
-
-
 def test_a_second_ctrl_c_aborts(small_data, tmp_path):
     """Long optimizer steps (8 x 8 records of up to 512 tokens per rank): the second Ctrl-C comes mid-step."""
     config = ds_config(tmp_path / "ds.json", 2, micro=8, accum=8)
@@ -107,14 +72,63 @@ def signal_at(job, tmp_path, marker, while_paused=lambda: None) -> None:
     marker.unlink()
 
 
+def test_ctrl_c_and_stops_at_step_boundaries_save_and_the_resumed_run_equals_an_uninterrupted_one(
+    uninterrupted, small_data, tmp_path
+):
+    """One run stopped three times and resumed with --resume auto each time: Ctrl-C to launch.sh
+    after step 3 (the step it is in ends, its checkpoint is saved, exit 75); SIGUSR1 to rank 0 held
+    at step 8's boundary, where an evaluation is due (saved without it: the resumed run evaluates);
+    SIGUSR1 at the last step, 12 (not dropped). The last resume finishes, and the whole run equals an
+    uninterrupted one: the same losses, evaluations and exported weights."""
+    config, expected = uninterrupted
+    run = tmp_path / "run"
+
+    def stopped_at(job, step=None) -> int:
+        code = job.wait(timeout=240)
+        console = (tmp_path / "console.txt").read_text()
+        assert code == EXIT_STOPPED and "Traceback" not in console, console[-4000:]
+        said = int(console.split("stopped on request after optimizer step ")[1].split(":")[0])
+        assert step in (None, said), console[-4000:]
+        assert f"checkpoint {run / 'checkpoints' / f'step-{said}'} saved" in console
+        assert max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")) == said
+        assert (run / "checkpoints" / f"step-{said}" / "manifest.json").is_file()
+        assert [row["step"] for row in read_jsonl(run / "metrics.jsonl") if "split" not in row] == list(range(1, said + 1))
+        return said
+
+    job = start(tmp_path, small_data, config)
+    wait_for_steps(job, tmp_path, 3)
+    job.send_signal(signal.SIGINT)  # the terminal's Ctrl-C reaches launch.sh alone: the runner has its own session
+    step = stopped_at(job)
+    assert step < 8, step
+    assert "launch: stopping after the current optimizer step" in (tmp_path / "console.txt").read_text()
+    assert not list(tmp_path.glob(".stop-request-*"))  # the launcher removed its stop file
+
+    for step, marker in ((8, tmp_path / "paused-8"), (12, tmp_path / "paused-12")):
+        job = start(tmp_path, small_data, config, ["--resume", "auto"], env={"PIPELINE_TEST_PAUSE_AT": f"step-{step}:{marker}"})
+        signal_at(job, tmp_path, marker)
+        stopped_at(job, step)
+        if step == 8:  # the evaluation due at step 8 is left to the resumed run
+            assert not (run / "eval" / "dev-step-8.json").exists()
+
+    resumed = launch(
+        ["train", "--ds-config", str(config), *run_options(small_data, tmp_path), *STOP_SETTINGS, "--resume", "auto"]
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'step-12'}" in resumed.stdout
+    assert json.loads((run / "eval_results.json").read_text())["last_step"] == 12
+    assert [row["step"] for row in read_jsonl(run / "metrics.jsonl") if row.get("split") == "dev"] == [4, 8, 12]
+    assert losses(run) == losses(expected)
+    ours, theirs = load_file(run / "export" / "model.safetensors"), load_file(expected / "export" / "model.safetensors")
+    assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+    assert [row["step"] for row in read_jsonl(run / "metrics.jsonl") if "split" not in row] == list(range(1, 13))
+
+
 @pytest.mark.parametrize(
     "stage, extra, step",
     [
         ("data", [], None),  # before the first step: exit 75, nothing to save
         ("evaluate", ["--eval-every", "2"], 2),  # a dev evaluation with no save due: saved right after it
         ("save", [], 4),  # the save at step 4: no step 5, no second save
-        ("step-4", [], 4),  # known at the boundary of a step with an evaluation due: saved without it
-        ("step-12", [], 12),  # the last step: not dropped; the resumed run finishes
     ],
 )
 def test_a_stop_at_any_stage_ends_in_a_checkpoint_within_one_step_and_one_save(small_data, tmp_path, stage, extra, step):
@@ -135,15 +149,6 @@ def test_a_stop_at_any_stage_ends_in_a_checkpoint_within_one_step_and_one_save(s
     assert max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")) == step
     assert (run / "checkpoints" / f"step-{step}" / "manifest.json").is_file()
     assert [row["step"] for row in read_jsonl(run / "metrics.jsonl") if "split" not in row] == list(range(1, step + 1))
-    if stage == "step-4":  # the evaluation due at step 4 is left to the resumed run
-        assert not (run / "eval" / "dev-step-4.json").exists()
-    if stage in ("step-4", "step-12"):
-        resumed = launch(
-            ["train", "--ds-config", str(config), *run_options(small_data, tmp_path), *STOP_SETTINGS, "--resume", "auto"]
-        )
-        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-        assert json.loads((run / "eval_results.json").read_text())["last_step"] == 12
-        assert [row["step"] for row in read_jsonl(run / "metrics.jsonl") if row.get("split") == "dev"] == [4, 8, 12]
 
 
 def test_a_stop_while_rank_0_tokenizes_ends_the_preparation_at_once(small_data, tmp_path):

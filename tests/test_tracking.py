@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from helpers import free_port, launch_sh, read_jsonl
+from helpers import free_port, read_jsonl
 
 from pipeline.core.base import ConfigError
 from pipeline.core.options import TrainConfig
@@ -131,27 +131,16 @@ def test_tensorboard_events_hold_hparams_per_class_scalars_and_the_confusion_ima
     assert picture.shape[0] > 300 and picture.shape[1] > 300 and picture.std() > 0.05  # drawn, not blank
 
 
-@pytest.mark.ranks
-def test_an_unreachable_mlflow_server_is_refused_in_one_line_before_any_rank_starts(tmp_path):
+def test_an_unreachable_mlflow_server_is_refused_in_one_line_before_any_rank_starts(tmp_path, monkeypatch, refuse):
     uri = f"http://127.0.0.1:{free_port()}"
     out = tmp_path / "out"
-    result = launch_sh(
-        "--no-doctor",
-        "--accelerator",
-        "cpu",
-        "--report-to",
-        "tensorboard,mlflow",
-        "--output-dir",
-        str(out),
-        env={"MLFLOW_TRACKING_URI": uri},
-        timeout=120,
-    )
-    assert result.returncode == 2, result.stdout + result.stderr
-    (line,) = result.stderr.strip().splitlines()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    stdout, stderr = refuse("--no-doctor", "--accelerator", "cpu", "--report-to", "tensorboard,mlflow", "--output-dir", str(out))
+    (line,) = stderr.strip().splitlines()
     assert line.startswith(
         f"launch: error: --report-to mlflow: the MLflow tracking server MLFLOW_TRACKING_URI={uri} does not answer"
     )
-    assert "ranks use" not in result.stdout and not out.exists()
+    assert "ranks use" not in stdout and not out.exists()
 
 
 def test_check_trackers_refuses_an_mlflow_server_that_does_not_answer_and_lets_others_through():

@@ -103,21 +103,8 @@ def _doctor_parser(sub) -> None:
     add_arguments(sub.add_parser("doctor", help="check every host of a hostfile before launching (ssh, versions, disk, port)"))
 
 
-def import_deepspeed() -> None:
-    """Import DeepSpeed without the mlflow its autotuner imports when mlflow is installed (1-2 s of
-    every rank's start on a 2-core machine): it serves only `deepspeed --autotuning`'s own trial
-    logging, in DeepSpeed's runner process. A run that tracks with MLflow imports it later as usual."""
-    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
-        return
-    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which the autotuner expects
-    try:
-        import deepspeed  # noqa: F401
-    finally:
-        del sys.modules["mlflow"]
-
-
 def _train(args) -> int:
-    import_deepspeed()  # before the config's checks, the first to import it
+    dist.import_deepspeed()  # before the config's checks, the first to import it
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     if args.launch_file and (overrides or args.config):
         raise ConfigError(f"--launch-file holds the whole run: no other training options with it (got {', '.join(overrides)})")

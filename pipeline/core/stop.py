@@ -79,19 +79,23 @@ def raise_if_requested(stage: str) -> None:
 # reaches STAGE (data, tokenize: after the first batch of records is tokenized, evaluate, save,
 # saved: a save's files all written but not its manifest, saved-step-N: the same in step N's save,
 # step-N: before step N's stop vote), write its pid to PATH and wait until PATH is removed, so a
-# test can send a signal at that stage.
+# test can send a signal at that stage. Several hooks are separated by commas, each used once.
 PAUSE_AT = "PIPELINE_TEST_PAUSE_AT"
 
 
 def pause_for_test(*stages: str) -> None:
-    """Pause here if the hook names one of `stages` (a point can have a plain and a step's name)."""
-    wanted, _, marker = os.environ.get(PAUSE_AT, "").partition(":")
-    if wanted not in stages or not dist.is_main():
+    """Pause here if a hook names one of `stages` (a point can have a plain and a step's name)."""
+    if not dist.is_main():
         return
-    del os.environ[PAUSE_AT]  # once
-    Path(marker).write_text(str(os.getpid()), encoding="utf-8")
-    while os.path.exists(marker):
-        time.sleep(0.1)
+    hooks = [hook for hook in os.environ.get(PAUSE_AT, "").split(",") if hook]
+    for hook in hooks:
+        wanted, _, marker = hook.partition(":")
+        if wanted in stages:
+            os.environ[PAUSE_AT] = ",".join(h for h in hooks if h != hook)  # once
+            Path(marker).write_text(str(os.getpid()), encoding="utf-8")
+            while os.path.exists(marker):
+                time.sleep(0.1)
+            return
 
 
 def exit_as_stopped() -> None:

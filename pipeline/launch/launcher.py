@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .. import tasks
 from ..core.base import ConfigError, close_new_files, free_port, load_json, read_utf8, unique_suffix, unknown_key_message
+from ..core.dist import import_deepspeed
 from ..core.ds_config import Hardware, ops_to_build, resolve_ds_config
 from ..core.launch_file import SHELL_PLAIN, write_launch_file
 from ..core.options import (
@@ -644,6 +645,7 @@ def run_deepspeed(args, hosts, launch_file, scratch, runner_env, startup, stop_f
     env_file = scratch / "deepspeed_env.txt"
     env_file.write_text("".join(f"{key}={value}\n" for key, value in startup.items()))
     cmd = deepspeed_command(args, hosts, launch_file, ssh_checked)
+    cmd = [sys.executable, "-m", "pipeline.launch.runner", *cmd[1:]]  # the `deepspeed` command's main, 1.6 s sooner
     # Its own session: Ctrl-C reaches this process only, which asks for a graceful stop first.
     proc = subprocess.Popen(cmd, env={**runner_env, "DS_ENV_FILE": str(env_file)}, cwd=launch_file.parent, start_new_session=True)
     requests = []
@@ -667,6 +669,7 @@ def exit_code(code: int) -> int:
 
 
 def main(argv: list[str]) -> int:
+    import_deepspeed()  # hostfiles are read with the runner's own functions: DeepSpeed without mlflow
     try:
         return run(argv)
     except ConfigError as e:
