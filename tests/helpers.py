@@ -137,13 +137,19 @@ def cheap(args: list[str]) -> list[str]:
     return [*args[:words], *CHEAP, *args[words:]]
 
 
+# DeepSpeed's runner as ./launch.sh starts it: the `deepspeed` command's own main, without the mlflow
+# import of DeepSpeed's autotuner (1.3-1.6 s of each start). The plain `deepspeed` command starts the
+# ranks of the tools' launches (pipeline.tools.common: smoke, gpu_check, comms, bench_data).
+RUNNER = [sys.executable, "-m", "pipeline.launch.runner"]
+
+
 def deepspeed_command(args: list[str], ranks: int = 2, port: int | None = None) -> list[str]:
     """`deepspeed --num_gpus RANKS --master_port PORT --module pipeline ARGS` (a free port, CHEAP
     defaults for train and pretrain): how every test starts ranks with the real runner (`launch`, or
     a Popen of its own where a test signals the job)."""
     note_launch("deepspeed")
     args = cheap(args) if args[:1] in (["train"], ["pretrain"]) else args
-    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port or free_port()), "--module", "pipeline", *args]
+    return [*RUNNER, "--num_gpus", str(ranks), "--master_port", str(port or free_port()), "--module", "pipeline", *args]
 
 
 def launch(

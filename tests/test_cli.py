@@ -106,3 +106,26 @@ def test_a_rank_imports_deepspeed_without_mlflow_and_can_still_track_with_it():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("mlflow "), done.stderr[-2000:]
+
+
+@pytest.mark.ranks
+def test_the_launchers_runner_is_deepspeeds_own_without_mlflow():
+    """`python -m pipeline.launch.runner`, as ./launch.sh starts DeepSpeed's runner: DeepSpeed's own
+    main (its help), and none of mlflow's modules among those it imported (python -X importtime lists each)."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, RUNNER, cpu_env
+
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", *RUNNER[1:], "--help"],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+    assert done.returncode == 0 and "DeepSpeed runner to help launch distributed multi-node" in done.stdout, done.stdout[-2000:]
+    # `mlflow` itself is listed, refused at once (the guard's None in sys.modules); none of its 500 modules loads (the plain runner loads 508)
+    assert "deepspeed.launcher.runner" in imported and not [name for name in imported if name.startswith("mlflow.")]
