@@ -72,6 +72,17 @@ def refuse(monkeypatch, capsys):
     return run
 
 
+@pytest.fixture
+def sigusr1_kept():
+    """A run set up in this process installs its stop handler for SIGUSR1 (core.stop.StopRequests):
+    pytest's own comes back after the test."""
+    import signal
+
+    before = signal.getsignal(signal.SIGUSR1)
+    yield
+    signal.signal(signal.SIGUSR1, before)
+
+
 TIERS = ("in-process", "slow", "ranks", "cluster")  # in-process: `-m "not slow"`
 _durations = {tier: [0, 0.0] for tier in TIERS}  # tier: [tests, seconds of setup, call and teardown]
 

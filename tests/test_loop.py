@@ -47,7 +47,7 @@ def test_one_optimizer_step_per_accumulation_window(one_rank, tmp_path):
     assert [row["step"] for row in rows] == [1, 2, 3] and all(row["grad_norm"] > 0 for row in rows)
 
 
-def test_same_seed_same_config_gives_identical_loss_curve(one_rank, tmp_path):
+def test_same_seed_same_config_gives_identical_loss_curve(one_rank, sigusr1_kept, tmp_path):
     """Twice with seed 42, once with seed 7 (initial weights, data order and dropout all follow the
     seed). On 2 ranks the same holds across launches: test_stop's and test_slurm's interrupted runs
     log the uninterrupted run's losses before their stop."""

@@ -1,5 +1,4 @@
 import json
-import logging
 from collections import Counter
 
 import numpy as np
@@ -156,7 +155,6 @@ def test_train_stops_with_one_line_before_touching_data(tmp_path, config, messag
     from pipeline.cli.main import main
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setattr(logging.getLogger("pipeline"), "handlers", [])  # the console logger anew, on this test's stdout
     argv = ["train", "--model", model_dir(tmp_path, config), "--max-length", "1024", "--output-dir", str(tmp_path / "runs")]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -2,7 +2,6 @@
 with train/runlog.py's reader, the one resume uses)."""
 
 import json
-import logging
 
 from pipeline.cli.main import main
 
@@ -13,8 +12,7 @@ def write_metrics(run_dir, tail: str):
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows) + tail, encoding="utf-8")
 
 
-def test_plot_drops_a_cut_last_line_with_a_warning(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(logging.getLogger("pipeline"), "handlers", [])  # the console logger anew, on this test's stdout
+def test_plot_drops_a_cut_last_line_with_a_warning(tmp_path, capsys):
     run_dir = tmp_path / "run"
     write_metrics(run_dir, '{"step": 4, "epoch": 0, "lo')  # killed while writing step 4's row
     assert main(["plot", str(run_dir)]) == 0

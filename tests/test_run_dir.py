@@ -171,17 +171,13 @@ def test_a_resume_sets_aside_the_metrics_rows_after_its_checkpoint(tmp_path, one
 
 @pytest.mark.ranks
 def test_a_second_launch_of_a_run_name_is_refused_while_the_first_prepares_its_data(
-    small_data, tmp_path, one_rank, capsys, monkeypatch
+    small_data, tmp_path, one_rank, sigusr1_kept, capsys
 ):
     """The first launch (2 ranks) is held while it prepares its data, its directory still without
     results; the second, with the same --run-name (one rank, in this process), is refused before
     training; the first then finishes."""
-    import signal
-
     from pipeline.cli.main import main
 
-    monkeypatch.setattr(logging.getLogger("pipeline"), "handlers", [])  # the console logger anew, on this test's stdout
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     config, marker = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2), tmp_path / "paused"
     args = train_args(config, small_data, tmp_path, "run", "--max-steps", "2")
     with open(tmp_path / "first.txt", "w") as console:
@@ -204,8 +200,6 @@ def test_a_second_launch_of_a_run_name_is_refused_while_the_first_prepares_its_d
         assert first.wait(timeout=240) == 0, (tmp_path / "first.txt").read_text()[-4000:]
     finally:
         first.kill()
-        for signum, handler in handlers.items():  # the second run's stop handlers
-            signal.signal(signum, handler)
     assert code == 2 and "Traceback" not in second.out + second.err
     assert f"run directory {tmp_path / 'run'} already exists (claimed by pid " in second.out + second.err
     assert [row["step"] for row in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "split" not in row] == [1, 2]

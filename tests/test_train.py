@@ -2,7 +2,6 @@
 
 import json
 import re
-import signal
 from collections import Counter
 
 import numpy as np
@@ -140,11 +139,8 @@ def test_every_step_logs_its_gradient_norm(stage_runs):
 def test_a_nan_loss_stops_training_naming_the_step(one_rank, sigusr1_kept, tmp_path, capsys, monkeypatch):
     """`zero-pipeline train` in this process (one rank): the documented hook PIPELINE_TEST_NAN_AT_STEP
     makes step 3's loss NaN (fp32 has no loss scaler to skip it): exit 2, one line, steps 1 and 2 logged."""
-    import logging
-
     from pipeline.cli.main import main
 
-    monkeypatch.setattr(logging.getLogger("pipeline"), "handlers", [])  # the console logger anew, on this test's stdout
     monkeypatch.setenv("PIPELINE_TEST_NAN_AT_STEP", "3")
     config = ds_config(tmp_path / "ds.json", 2, micro=4, accum=2)
     data = {"train": one_rank["train"], "dev": one_rank["dev"]}
@@ -226,15 +222,6 @@ def test_bad_input_stops_every_rank_before_training(small_data, tmp_path):
     assert result.returncode != 0
     assert output.count("label '偏头痛' never appears in the training file") == 1, output[-3000:]
     assert not re.search(r"step +\d+ +loss", output) and "Traceback" not in output
-
-
-@pytest.fixture
-def sigusr1_kept():
-    """A run set up in this process installs its stop handler for SIGUSR1 (core.stop.StopRequests):
-    pytest's own comes back after the test."""
-    before = signal.getsignal(signal.SIGUSR1)
-    yield
-    signal.signal(signal.SIGUSR1, before)
 
 
 @pytest.mark.parametrize("rank", [0, 1])

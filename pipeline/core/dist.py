@@ -68,11 +68,24 @@ def import_deepspeed() -> None:
         del sys.modules["mlflow"]
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to the `sys.stdout` of the moment, not the one the handler was made with: a caller
+    that replaces stdout (a test's capture, a second command in one process) gets the lines."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def get_logger() -> logging.Logger:
     """INFO on rank 0, warnings and errors only on the others, so console lines are not repeated."""
     logger = logging.getLogger("pipeline")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s" if is_main() else f"[rank {rank()}] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO if is_main() else logging.WARNING)

@@ -546,6 +546,7 @@ def launch_hosts(args: argparse.Namespace, env: dict[str, str]) -> dict[str, int
 
 def run(argv: list[str]) -> int:
     args = parse_args(argv)
+    import_deepspeed()  # hostfiles are read with the runner's own functions: DeepSpeed without mlflow
     if args.num_gpus and (args.hostfile or args.launcher == "slurm"):
         raise ConfigError("--num-gpus counts this machine's ranks without a hostfile; with a hostfile its slots decide")
     if not Path(args.ds_config).is_file():
@@ -669,7 +670,6 @@ def exit_code(code: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    import_deepspeed()  # hostfiles are read with the runner's own functions: DeepSpeed without mlflow
     try:
         return run(argv)
     except ConfigError as e:
